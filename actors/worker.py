@@ -1,0 +1,144 @@
+"""The agent-worker actor: a stateless shell that runs `AgentLoop`s concurrently.
+
+Stateless: everything a task needs arrives in its `Dispatch`, and everything it produces
+leaves through Redis and the return value, so any worker can run any task and a restarted
+worker has nothing to recover.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from typing import Any
+
+import anthropic
+import httpx2
+import ray
+
+from actors.agent_loop import AgentLoop
+from actors.backoff import Backoff
+from actors.llm import LLMClient
+from agentpool.config import PoolConfig
+from agentpool.models import AgentResult, ErrorInfo, Timings
+from agentpool.pricing import PriceTable
+from agentpool.protocol import Dispatch, ToolCall, ToolOutcome
+from cluster.keys import Keys
+from cluster.store import ResultStore
+
+
+@ray.remote
+class AgentWorker:
+    """Runs agent loops; tool calls go to the tool-executor actors."""
+
+    def __init__(
+        self,
+        config: PoolConfig,
+        *,
+        redis_url: str,
+        base_url: str | None,
+        api_key: str,
+        tool_defs: dict[str, dict[str, Any]],
+        executors: list[Any],
+    ) -> None:
+        self.config = config
+        self._base_url = base_url
+        self._api_key = api_key
+        self._tool_defs = tool_defs
+        self._executors = executors
+        self._next_executor = itertools.cycle(range(len(executors)))
+        self._prices = PriceTable(config.prices)
+        self._store = ResultStore(redis_url, keys=Keys(config.key_prefix),
+                                  result_ttl_s=config.result_ttl_s, stream_maxlen=config.stream_maxlen)
+        self._llm: LLMClient | None = None
+        self.in_flight = 0
+
+    def _client(self) -> LLMClient:
+        # Built on first use, inside the actor's event loop, and shared by all its loops:
+        # one connection pool per process rather than per task.
+        if self._llm is None:
+            limits = httpx2.Limits(max_connections=self.config.worker_concurrency * 2,
+                                   max_keepalive_connections=self.config.worker_concurrency)
+            client = anthropic.AsyncAnthropic(
+                api_key=self._api_key,
+                base_url=self._base_url,
+                max_retries=0,
+                timeout=self.config.llm_request_timeout_s,
+                http_client=httpx2.AsyncClient(limits=limits, timeout=self.config.llm_request_timeout_s),
+            )
+            self._llm = LLMClient(client, Backoff(self.config.retry), clock=time.monotonic)
+        return self._llm
+
+    async def run(self, dispatch: Dispatch) -> AgentResult:
+        """Runs one task to its final record, writes it to Redis once, and returns it."""
+        self.in_flight += 1
+        started = time.monotonic()
+        task = dispatch.task
+
+        async def emit(event: str, **fields: Any) -> None:
+            await self._store.emit(task.tenant, event, task_id=task.task_id,
+                                   trace_id=dispatch.trace_id, **fields)
+
+        try:
+            allowed = self._allowed_tools(task.tenant, task.tools)
+            loop = AgentLoop(
+                task,
+                call_llm=self._client().create,
+                run_tools=lambda calls: self._run_tools(calls, allowed),
+                tool_defs=[self._tool_defs[name] for name in task.tools if name in allowed],
+                models=self._models(task.tenant, task.model, task.fallback_models),
+                prices=self._prices,
+                emit=emit,
+                trace_id=dispatch.trace_id,
+            )
+            result = await loop.run()
+        except Exception as exc:  # a bug of ours must cost this task, never the actor
+            result = AgentResult(
+                task_id=task.task_id, tenant=task.tenant, status="failed", trace_id=dispatch.trace_id,
+                error=ErrorInfo(type="InternalError", message=f"{type(exc).__name__}: {exc}"[:4000]),
+            )
+        finally:
+            self.in_flight -= 1
+        run_ms = (time.monotonic() - started) * 1000
+        total_ms = max(run_ms, (time.time() - dispatch.admitted_at_unix) * 1000)
+        result.timings = Timings(queued_ms=round(dispatch.queued_ms, 3), run_ms=round(run_ms, 3),
+                                 total_ms=round(total_ms, 3))
+        stored, created = await self._store.write_result(result)
+        if created:
+            await emit("task_end", status=stored.status, iterations=stored.iterations,
+                       usage=stored.usage.model_dump(), timings=stored.timings.model_dump(),
+                       error=stored.error.model_dump() if stored.error else None)
+        return stored
+
+    def _allowed_tools(self, tenant: str, requested: list[str]) -> set[str]:
+        policy = self.config.policy_for(tenant)
+        allowed = set(requested) & set(self._tool_defs)
+        if policy is not None and policy.allowed_tools is not None:
+            allowed &= set(policy.allowed_tools)
+        return allowed
+
+    def _models(self, tenant: str, model: str | None, fallbacks: list[str] | None) -> list[str]:
+        chain = self.config.model_chain(model, fallbacks)
+        policy = self.config.policy_for(tenant)
+        if policy is not None and policy.allowed_models is not None:
+            chain = [m for m in chain if m in policy.allowed_models]
+        return chain
+
+    async def _run_tools(self, calls: list[ToolCall], allowed: set[str]) -> list[ToolOutcome]:
+        return list(await asyncio.gather(*(self._run_tool(c, allowed) for c in calls)))
+
+    async def _run_tool(self, call: ToolCall, allowed: set[str]) -> ToolOutcome:
+        if call.name not in allowed:
+            # The model asked for a tool this task was not given (or invented one).
+            return ToolOutcome(tool_use_id=call.tool_use_id, name=call.name, is_error=True,
+                               error_kind="not_allowed",
+                               content=f"tool {call.name!r} is not available; use one of {sorted(allowed)}")
+        executor = self._executors[next(self._next_executor)]
+        try:
+            return await executor.execute.remote(call)
+        except ray.exceptions.RayError as exc:
+            return ToolOutcome(tool_use_id=call.tool_use_id, name=call.name, is_error=True,
+                               error_kind="crashed", content=f"tool executor failed: {type(exc).__name__}")
+
+    def ping(self) -> int:
+        return self.in_flight

@@ -1,0 +1,207 @@
+"""Public data models: what a user submits (`AgentTask`) and gets back (`AgentResult`).
+
+Everything that enters the pool is validated here, at the edge, with every size bounded, so
+nothing malformed or unbounded ever reaches a queue, an actor or Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+# Tenant names end up inside Redis keys and ACL patterns (`agentpool:{acme}:*`): no braces,
+# globs, colons or spaces, so one tenant's name can never address another tenant's keys.
+TenantName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+TaskId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")]
+ToolName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+ModelName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:@/-]{1,128}$")]
+MetaValue = str | int | float | bool | None
+
+Priority = Literal["critical", "standard", "sheddable"]
+TaskStatus = Literal[
+    "succeeded", "failed", "rejected", "timed_out", "iteration_cap", "budget_exhausted", "cancelled"
+]
+TERMINAL_STATUSES: tuple[TaskStatus, ...] = (
+    "succeeded",
+    "failed",
+    "rejected",
+    "timed_out",
+    "iteration_cap",
+    "budget_exhausted",
+    "cancelled",
+)
+
+MAX_PROMPT_CHARS = 200_000
+MAX_SYSTEM_CHARS = 100_000
+MAX_SCHEMA_BYTES = 32_768
+MAX_SCHEMA_DEPTH = 12
+MAX_METADATA_ITEMS = 32
+
+
+def _new_task_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _depth(node: Any, level: int = 0) -> int:
+    if isinstance(node, dict):
+        return max((_depth(v, level + 1) for v in node.values()), default=level + 1)
+    if isinstance(node, list):
+        return max((_depth(v, level + 1) for v in node), default=level + 1)
+    return level
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class AgentTask(_Model):
+    """One unit of agent work.
+
+    `task_id` doubles as the idempotency key: submitting the same id twice yields one final
+    record in Redis, never two.
+    """
+
+    task_id: TaskId = Field(default_factory=_new_task_id)
+    tenant: TenantName
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    system: str | None = Field(default=None, max_length=MAX_SYSTEM_CHARS)
+    tools: list[ToolName] = Field(default_factory=list, max_length=64)
+    model: ModelName | None = None
+    fallback_models: list[ModelName] | None = Field(default=None, max_length=4)
+    max_tokens: int = Field(default=1024, ge=1, le=64_000)
+    max_iterations: int = Field(default=10, ge=1, le=100)
+    token_budget: int | None = Field(default=None, ge=1, le=10_000_000)
+    timeout_s: float = Field(default=120.0, gt=0, le=86_400)
+    output_schema: dict[str, Any] | None = None
+    priority: Priority = "standard"
+    metadata: dict[Annotated[str, StringConstraints(max_length=64)], MetaValue] = Field(
+        default_factory=dict
+    )
+
+    @field_validator("tools")
+    @classmethod
+    def _unique_tools(cls, tools: list[str]) -> list[str]:
+        return list(dict.fromkeys(tools))
+
+    @field_validator("metadata")
+    @classmethod
+    def _bounded_metadata(cls, meta: dict[str, MetaValue]) -> dict[str, MetaValue]:
+        if len(meta) > MAX_METADATA_ITEMS:
+            raise ValueError(f"metadata has {len(meta)} items; at most {MAX_METADATA_ITEMS}")
+        for key, value in meta.items():
+            if isinstance(value, str) and len(value) > 1024:
+                raise ValueError(f"metadata[{key!r}] is longer than 1024 characters")
+        return meta
+
+    @field_validator("output_schema")
+    @classmethod
+    def _valid_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        if schema is None:
+            return None
+        size = len(json.dumps(schema))
+        if size > MAX_SCHEMA_BYTES:
+            raise ValueError(f"output_schema is {size} bytes; at most {MAX_SCHEMA_BYTES}")
+        if _depth(schema) > MAX_SCHEMA_DEPTH:
+            raise ValueError(f"output_schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
+        from jsonschema import Draft202012Validator
+        from jsonschema.exceptions import SchemaError
+
+        try:
+            Draft202012Validator.check_schema(schema)
+        except SchemaError as exc:
+            raise ValueError(f"output_schema is not a valid JSON Schema: {exc.message}") from exc
+        return schema
+
+
+class Usage(_Model):
+    """Tokens and money spent; input/cache fields follow Anthropic's `usage` object."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cost_usd: float = 0.0
+
+    @property
+    def total_tokens(self) -> int:
+        """All tokens processed: every input kind (cached or not) plus output."""
+        return (
+            self.input_tokens
+            + self.cache_read_input_tokens
+            + self.cache_creation_input_tokens
+            + self.output_tokens
+        )
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            input_tokens=self.input_tokens + other.input_tokens,
+            output_tokens=self.output_tokens + other.output_tokens,
+            cache_read_input_tokens=self.cache_read_input_tokens + other.cache_read_input_tokens,
+            cache_creation_input_tokens=self.cache_creation_input_tokens
+            + other.cache_creation_input_tokens,
+            cost_usd=round(self.cost_usd + other.cost_usd, 10),
+        )
+
+
+class ErrorInfo(_Model):
+    """Why a task did not succeed, in a form a program can branch on."""
+
+    type: str
+    message: str = Field(max_length=4096)
+    retryable: bool = False
+
+
+class ToolCallSummary(_Model):
+    """One tool call the agent made, without its (possibly large or sensitive) payloads."""
+
+    tool_use_id: str
+    name: str
+    ok: bool
+    error_kind: str | None = None
+    duration_ms: float = 0.0
+    iteration: int = 0
+
+
+class Timings(_Model):
+    """Where the time went, in milliseconds: waiting in the queue, running, end to end."""
+
+    queued_ms: float = 0.0
+    run_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+class AgentResult(_Model):
+    """The final record of one task; `ray.get` on a submitted ref returns one of these."""
+
+    task_id: str
+    tenant: str
+    status: TaskStatus
+    answer: Any = None
+    error: ErrorInfo | None = None
+    usage: Usage = Field(default_factory=Usage)
+    iterations: int = 0
+    tool_calls: list[ToolCallSummary] = Field(default_factory=list)
+    timings: Timings = Field(default_factory=Timings)
+    attempts: int = 1
+    trace_id: str = ""
+    model: str | None = None
+    stop_reason: str | None = None
+    retry_after_s: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "succeeded"
+
+
+class TenantPolicy(_Model):
+    """What one tenant may do. Unknown tenants get `PoolConfig.default_tenant_policy`.
+
+    `allowed_tools` / `allowed_models` of None mean "anything the pool offers".
+    """
+
+    max_concurrency: int | None = Field(default=None, ge=1, le=100_000)
+    allowed_tools: list[ToolName] | None = None
+    allowed_models: list[ModelName] | None = None

@@ -1,0 +1,205 @@
+"""`AgentPool`: the front door that starts (or finds) every part of a pool and submits work."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import ray
+
+from agentpool.config import PoolConfig
+from agentpool.errors import ConfigError, PoolNotRunning
+from agentpool.models import AgentResult, AgentTask
+from agentpool.protocol import new_trace_id
+from cluster.keys import Keys
+from cluster.redis_server import EmbeddedRedis
+from cluster.store import ResultsReader
+
+log = logging.getLogger("agentpool")
+
+NAMESPACE = "agentpool"
+#: Our actors wait on I/O, not on CPU: they reserve none, so a 2-core machine can hold the
+#: scheduler, the workers, the executors and the simulator at once.
+_ACTOR_OPTIONS: dict[str, Any] = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": -1}
+# Placeholder credential for the bundled simulator; it accepts any key and this is not secret.
+_SIMULATOR_KEY = "sim-local-no-secret"
+
+
+class AgentPool:
+    """A running pool: a scheduler, agent workers, tool executors, Redis and a provider.
+
+    Use `AgentPool.start(config)` to create one and `pool.shutdown()` to stop it.
+    """
+
+    def __init__(
+        self,
+        config: PoolConfig,
+        *,
+        scheduler: Any,
+        redis_url: str,
+        actors: list[Any],
+        embedded_redis: EmbeddedRedis | None = None,
+        started_ray: bool = False,
+        simulator: Any = None,
+        provider_url: str | None = None,
+    ) -> None:
+        self.config = config
+        self._scheduler = scheduler
+        self._redis_url = redis_url
+        self._actors = actors
+        self._embedded_redis = embedded_redis
+        self._started_ray = started_ray
+        self._simulator = simulator
+        self.provider_url = provider_url
+        self._running = True
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    @classmethod
+    def start(cls, config: PoolConfig | None = None) -> AgentPool:
+        """Starts a pool: Ray (joined or local), Redis (configured or embedded), the provider
+        (Anthropic with a key, else the simulator), tool executors, workers and the scheduler.
+
+        Raises:
+            ConfigError: If a part cannot start (bad tool module, no redis-server, ...).
+        """
+        from actors.simulator_host import SimulatorHost
+        from actors.tool_executor import ToolExecutor
+        from actors.worker import AgentWorker
+        from scheduler.scheduler import Scheduler
+
+        config = config or PoolConfig()
+        started_ray = False
+        if not ray.is_initialized():
+            ray.init(address=config.ray_address, namespace=NAMESPACE, log_to_driver=False,
+                     include_dashboard=False, configure_logging=False)
+            started_ray = True
+        embedded = None
+        actors: list[Any] = []
+        try:
+            redis_url = config.redis_url
+            if redis_url is None:
+                embedded = EmbeddedRedis()
+                redis_url = embedded.start()
+            simulator, base_url, api_key = None, config.anthropic_base_url, _SIMULATOR_KEY
+            if config.anthropic_api_key is not None:
+                api_key = config.anthropic_api_key.get_secret_value()
+            if config.uses_simulator:
+                simulator = SimulatorHost.options(num_cpus=0, namespace=NAMESPACE).remote(config.simulator)
+                actors.append(simulator)
+                base_url = ray.get(simulator.start.remote())
+            executors = [
+                ToolExecutor.options(**_ACTOR_OPTIONS, max_concurrency=config.executor_concurrency,
+                                     namespace=NAMESPACE).remote(config.all_tool_modules, config.tool_output_max_chars)
+                for _ in range(config.num_tool_executors)
+            ]
+            actors.extend(executors)
+            try:
+                tool_defs = ray.get(executors[0].definitions.remote())
+            except ray.exceptions.RayActorError as exc:
+                raise ConfigError(f"tool executors could not start: {exc}") from None
+            workers = [
+                AgentWorker.options(**_ACTOR_OPTIONS, max_concurrency=config.worker_concurrency + 8,
+                                    namespace=NAMESPACE).remote(
+                    config, redis_url=redis_url, base_url=base_url, api_key=api_key,
+                    tool_defs=tool_defs, executors=executors)
+                for _ in range(config.num_workers)
+            ]
+            actors.extend(workers)
+            scheduler = Scheduler.options(
+                **_ACTOR_OPTIONS, name=f"{config.name}-scheduler", namespace=NAMESPACE,
+                max_concurrency=max(1000, config.max_queued + config.worker_concurrency * config.num_workers + 100),
+            ).remote(config, redis_url=redis_url, workers=workers, tool_names=list(tool_defs))
+            actors.append(scheduler)
+            ray.get([scheduler.status.remote(), *(w.ping.remote() for w in workers)])
+        except BaseException:
+            for actor in actors:
+                ray.kill(actor)
+            if embedded is not None:
+                embedded.stop()
+            if started_ray:
+                ray.shutdown()
+            raise
+        return cls(config, scheduler=scheduler, redis_url=redis_url, actors=actors, embedded_redis=embedded,
+                   started_ray=started_ray, simulator=simulator, provider_url=base_url)
+
+    @classmethod
+    def connect(cls, name: str = "agentpool", *, address: str | None = None) -> AgentPool:
+        """Attaches to a pool already running on this Ray cluster, by its `PoolConfig.name`.
+
+        Raises:
+            PoolNotRunning: If no scheduler of that name exists.
+        """
+        if not ray.is_initialized():
+            ray.init(address=address or "auto", namespace=NAMESPACE, log_to_driver=False)
+        try:
+            scheduler = ray.get_actor(f"{name}-scheduler", namespace=NAMESPACE)
+        except ValueError:
+            raise PoolNotRunning(f"no pool named {name!r} is running on this cluster") from None
+        info = ray.get(scheduler.info.remote())
+        config = PoolConfig.model_validate(info["config"])
+        return cls(config, scheduler=scheduler, redis_url=info["redis_url"], actors=[])
+
+    def shutdown(self) -> None:
+        """Stops the actors this pool started, its embedded Redis, and Ray if it started it."""
+        if not self._running:
+            return
+        self._running = False
+        for actor in self._actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # already gone: nothing left to stop
+                pass
+        if self._embedded_redis is not None:
+            self._embedded_redis.stop()
+        if self._started_ray:
+            ray.shutdown()
+
+    def __enter__(self) -> AgentPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # --- work ------------------------------------------------------------------------
+
+    def submit(self, tasks: Iterable[AgentTask | dict[str, Any]]) -> list[ray.ObjectRef]:
+        """Submits tasks; returns one ref per task, in input order.
+
+        Each ref resolves to that task's `AgentResult` as soon as the task ends; `ray.get`
+        never raises for task-level outcomes (rejection, failure and timeout are statuses).
+
+        Raises:
+            pydantic.ValidationError: If a dict is not a valid `AgentTask` (nothing is
+                submitted then: the batch is validated before the first task is sent).
+            PoolNotRunning: After `shutdown()`.
+        """
+        self._check_running()
+        validated = [t if isinstance(t, AgentTask) else AgentTask.model_validate(t) for t in tasks]
+        return [self._scheduler.run.remote(task, new_trace_id()) for task in validated]
+
+    def run(self, tasks: Iterable[AgentTask | dict[str, Any]]) -> list[AgentResult]:
+        """Submits tasks and waits for all their results (`ray.get(pool.submit(tasks))`)."""
+        return list(ray.get(self.submit(tasks)))
+
+    def results(self, tenant: str) -> ResultsReader:
+        """A reader over the tenant's results stream in Redis (`read()`, `follow()`, `get()`)."""
+        return ResultsReader(self._redis_url, tenant, keys=Keys(self.config.key_prefix))
+
+    def status(self) -> dict[str, Any]:
+        """Queue depth, in-flight tasks and outcomes so far, from the scheduler."""
+        self._check_running()
+        return dict(ray.get(self._scheduler.status.remote()))
+
+    def simulator_stats(self) -> dict[str, Any] | None:
+        """The simulated provider's counters (requests, statuses, 429s), if it is in use."""
+        return ray.get(self._simulator.stats.remote()) if self._simulator is not None else None
+
+    @property
+    def redis_url(self) -> str:
+        return self._redis_url
+
+    def _check_running(self) -> None:
+        if not self._running:
+            raise PoolNotRunning("this pool has been shut down")

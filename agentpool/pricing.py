@@ -1,0 +1,63 @@
+"""Prices per model, in USD per million tokens, and the cost of one response's `usage`.
+
+Models are matched by the longest known prefix, so dated ids (`claude-sonnet-4-5-20250929`)
+price like their family. Cache writes cost 1.25x input and cache reads 0.1x input, as
+Anthropic bills 5-minute ephemeral caching.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from agentpool.models import Usage
+
+
+class ModelPrice(BaseModel):
+    """USD per million tokens of each kind."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    cache_write: float | None = Field(default=None, ge=0)
+    cache_read: float | None = Field(default=None, ge=0)
+
+    def cost_usd(self, usage: Usage) -> float:
+        write = self.cache_write if self.cache_write is not None else self.input * 1.25
+        read = self.cache_read if self.cache_read is not None else self.input * 0.1
+        total = (
+            usage.input_tokens * self.input
+            + usage.output_tokens * self.output
+            + usage.cache_creation_input_tokens * write
+            + usage.cache_read_input_tokens * read
+        )
+        return round(total / 1_000_000, 10)
+
+
+DEFAULT_PRICES: dict[str, ModelPrice] = {
+    "claude-opus-4-5": ModelPrice(input=5.0, output=25.0),
+    "claude-opus-4": ModelPrice(input=15.0, output=75.0),
+    "claude-sonnet-4": ModelPrice(input=3.0, output=15.0),
+    "claude-3-7-sonnet": ModelPrice(input=3.0, output=15.0),
+    "claude-haiku-4-5": ModelPrice(input=1.0, output=5.0),
+    "claude-3-5-haiku": ModelPrice(input=0.8, output=4.0),
+    "claude-3-haiku": ModelPrice(input=0.25, output=1.25),
+}
+
+
+class PriceTable:
+    """Looks up a model's price by longest matching prefix; unknown models cost nothing."""
+
+    def __init__(self, overrides: dict[str, ModelPrice] | None = None) -> None:
+        self._prices = {**DEFAULT_PRICES, **(overrides or {})}
+        self._by_length = sorted(self._prices, key=len, reverse=True)
+
+    def price(self, model: str) -> ModelPrice | None:
+        for prefix in self._by_length:
+            if model.startswith(prefix):
+                return self._prices[prefix]
+        return None
+
+    def priced(self, model: str, usage: Usage) -> Usage:
+        """Returns `usage` with `cost_usd` filled in for `model`."""
+        price = self.price(model)
+        cost = price.cost_usd(usage) if price else 0.0
+        return usage.model_copy(update={"cost_usd": cost})

@@ -1,0 +1,68 @@
+"""Internal messages that cross actor boundaries (scheduler -> worker -> tool executor).
+
+Not part of the public API, but as strictly typed as it: each one must pickle, and each one
+carries the trace context so one task is one trace across processes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from agentpool.models import AgentTask
+
+
+def new_trace_id() -> str:
+    return os.urandom(16).hex()
+
+
+def traceparent(trace_id: str) -> str:
+    """A W3C `traceparent` header value for a fresh span in `trace_id`."""
+    return f"00-{trace_id}-{os.urandom(8).hex()}-01"
+
+
+class Dispatch(BaseModel):
+    """A task as the scheduler hands it to a worker."""
+
+    task: AgentTask
+    trace_id: str
+    traceparent: str
+    admitted_at_unix: float
+    queued_ms: float = 0.0
+    attempt: int = 1
+
+
+class ToolCall(BaseModel):
+    """One tool_use block to execute, with who asked for it."""
+
+    task_id: str
+    tenant: str
+    tool_use_id: str
+    name: str
+    arguments: Any = None
+    trace_id: str = ""
+
+
+class ToolOutcome(BaseModel):
+    """What a tool call produced, ready to become a `tool_result` block."""
+
+    tool_use_id: str
+    name: str
+    content: str
+    is_error: bool = False
+    #: None when ok; else one of: invalid_arguments, unknown_tool, not_allowed, timeout,
+    #: error, crashed.
+    error_kind: str | None = None
+    duration_ms: float = Field(default=0.0, ge=0)
+
+    def as_block(self) -> dict[str, Any]:
+        block: dict[str, Any] = {
+            "type": "tool_result",
+            "tool_use_id": self.tool_use_id,
+            "content": self.content,
+        }
+        if self.is_error:
+            block["is_error"] = True
+        return block

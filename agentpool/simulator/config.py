@@ -1,0 +1,29 @@
+"""How the simulated provider behaves: latency, injected faults and server-side limits."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class SimulatorConfig(BaseModel):
+    """Knobs of the simulated Anthropic Messages API.
+
+    Latency of one response is `latency_ms * lognormal(0, latency_sigma) +
+    per_output_token_ms * output_tokens`: a long right tail like a real provider's. Limits
+    are per model, enforced like Anthropic's: continuously replenished token buckets, 429
+    with `retry-after` when one is empty.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = 0
+    latency_ms: float = Field(default=20.0, ge=0, le=600_000)
+    latency_sigma: float = Field(default=0.3, ge=0, le=3)
+    per_output_token_ms: float = Field(default=0.0, ge=0, le=1_000)
+    #: Probability per request of answering with that HTTP status (e.g. {529: 0.01}).
+    fault_rates: dict[int, float] = Field(default_factory=dict)
+    rpm: int | None = Field(default=None, ge=1)
+    itpm: int | None = Field(default=None, ge=1)
+    otpm: int | None = Field(default=None, ge=1)
+    #: Largest request body accepted before answering 413, like the real API's 32 MB.
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)

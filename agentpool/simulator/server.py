@@ -1,0 +1,402 @@
+"""The simulated Anthropic Messages API over HTTP.
+
+It speaks the wire format the official SDK parses (message objects, content blocks, usage
+with cache fields, error JSON, `request-id`, `retry-after`, `anthropic-ratelimit-*`), so
+every test that uses it exercises the real client stack. Behaviour comes from
+`script.py`; latency, faults and limits from `SimulatorConfig`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import random
+import threading
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+from aiohttp import web
+
+from agentpool.simulator.config import SimulatorConfig
+from agentpool.simulator.limits import ModelLimits
+from agentpool.simulator.script import (
+    DirectiveError,
+    Reply,
+    estimate_tokens,
+    fail_key,
+    parse_directives,
+    plan_reply,
+    system_text,
+)
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "api_error",
+    529: "overloaded_error",
+}
+
+
+class _ApiError(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+class Simulator:
+    """The provider's state: config, per-model limits, prompt cache, fault counters, stats."""
+
+    def __init__(self, config: SimulatorConfig | None = None) -> None:
+        self.configure(config or SimulatorConfig())
+
+    def configure(self, config: SimulatorConfig) -> None:
+        self.config = config
+        self._rng = random.Random(config.seed)
+        self._limits: dict[str, ModelLimits] = {}
+        self._cache: set[str] = set()
+        self._fails: Counter[str] = Counter()
+        self.stats: Counter[str] = Counter()
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    def stats_json(self) -> dict[str, Any]:
+        responses = {k.removeprefix("status_"): v for k, v in self.stats.items() if "status_" in k}
+        return {
+            "requests": self.stats["requests"],
+            "responses": responses,
+            "rate_limited": self.stats["status_429"],
+            "input_tokens": self.stats["input_tokens"],
+            "output_tokens": self.stats["output_tokens"],
+            "in_flight": self.in_flight,
+            "max_in_flight": self.max_in_flight,
+        }
+
+    def limits_for(self, model: str) -> ModelLimits:
+        if model not in self._limits:
+            c = self.config
+            self._limits[model] = ModelLimits(c.rpm, c.itpm, c.otpm, time.monotonic)
+        return self._limits[model]
+
+    # --- request handling ------------------------------------------------------------
+
+    def validate(self, body: Any) -> None:
+        if not isinstance(body, dict):
+            raise _ApiError(400, "request body must be a JSON object")
+        if not isinstance(body.get("model"), str) or not body["model"]:
+            raise _ApiError(400, "model: field required")
+        max_tokens = body.get("max_tokens")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise _ApiError(400, "max_tokens: must be a positive integer")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _ApiError(400, "messages: at least one message is required")
+        for i, msg in enumerate(messages):
+            if not isinstance(msg, dict) or msg.get("role") not in ("user", "assistant"):
+                raise _ApiError(400, f"messages.{i}.role: must be 'user' or 'assistant'")
+            if not isinstance(msg.get("content"), str | list):
+                raise _ApiError(400, f"messages.{i}.content: must be a string or a list")
+        if messages[0]["role"] != "user":
+            raise _ApiError(400, "messages: the first message must use the user role")
+        tools = body.get("tools", [])
+        if not isinstance(tools, list) or any(
+            not isinstance(t, dict) or "name" not in t for t in tools
+        ):
+            raise _ApiError(400, "tools: each tool needs a name")
+
+    def count_input(self, body: dict[str, Any]) -> tuple[int, int]:
+        """Returns (cacheable prefix tokens, other input tokens)."""
+        prefix = estimate_tokens(body.get("tools")) if body.get("tools") else 0
+        prefix += estimate_tokens(system_text(body)) if body.get("system") else 0
+        rest = sum(estimate_tokens(m.get("content")) for m in body["messages"])
+        return prefix, rest
+
+    def usage_for(self, body: dict[str, Any]) -> dict[str, int]:
+        prefix, rest = self.count_input(body)
+        usage = {"input_tokens": rest, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+        if prefix and _wants_cache(body):
+            key = hashlib.sha256(
+                (body["model"] + json.dumps([body.get("tools"), body.get("system")])).encode()
+            ).hexdigest()
+            hit = key in self._cache
+            self._cache.add(key)
+            usage["cache_read_input_tokens" if hit else "cache_creation_input_tokens"] = prefix
+        else:
+            usage["input_tokens"] += prefix
+        return usage
+
+    def maybe_fail(self, body: dict[str, Any], directives: Any) -> None:
+        for spec in directives.fails:
+            if spec.model is not None and spec.model != body["model"]:
+                continue
+            key = f"{spec.status}:{spec.model}:{fail_key(body)}"
+            if spec.times is None or self._fails[key] < spec.times:
+                self._fails[key] += 1
+                raise _ApiError(spec.status, f"simulated failure ({spec.status})", _retry_hdr(1))
+        for status, rate in sorted(self.config.fault_rates.items()):
+            if self._rng.random() < rate:
+                raise _ApiError(status, f"injected fault ({status})", _retry_hdr(1))
+
+    def latency_s(self, output_tokens: int, extra_ms: float) -> float:
+        c = self.config
+        base = c.latency_ms * (self._rng.lognormvariate(0, c.latency_sigma) if c.latency_sigma else 1)
+        return (base + c.per_output_token_ms * output_tokens + extra_ms) / 1000.0
+
+
+def _wants_cache(body: dict[str, Any]) -> bool:
+    tools = body.get("tools") or []
+    system = body.get("system")
+    marked = any(isinstance(t, dict) and "cache_control" in t for t in tools)
+    if isinstance(system, list):
+        marked = marked or any(isinstance(b, dict) and "cache_control" in b for b in system)
+    return marked
+
+
+def _retry_hdr(seconds: float) -> dict[str, str]:
+    return {"retry-after": str(max(1, math.ceil(seconds)))}
+
+
+def _error_response(err: _ApiError, request_id: str) -> web.Response:
+    payload = {
+        "type": "error",
+        "error": {"type": ERROR_TYPES.get(err.status, "api_error"), "message": err.message},
+        "request_id": request_id,
+    }
+    headers = {"request-id": request_id, **err.headers}
+    if err.status in (400, 401, 403, 404, 413):
+        headers["x-should-retry"] = "false"
+    return web.json_response(payload, status=err.status, headers=headers)
+
+
+def build_app(sim: Simulator) -> web.Application:
+    app = web.Application(client_max_size=sim.config.max_body_bytes)
+
+    async def messages(request: web.Request) -> web.StreamResponse:
+        request_id = f"req_sim_{uuid.uuid4().hex[:24]}"
+        sim.stats["requests"] += 1
+        sim.in_flight += 1
+        sim.max_in_flight = max(sim.max_in_flight, sim.in_flight)
+        try:
+            response = await _messages(request, request_id)
+        except _ApiError as err:
+            response = _error_response(err, request_id)
+        finally:
+            sim.in_flight -= 1
+        sim.stats[f"status_{response.status}"] += 1
+        return response
+
+    async def _read_json(request: web.Request) -> dict[str, Any]:
+        if not request.headers.get("x-api-key") and not request.headers.get("authorization"):
+            raise _ApiError(401, "x-api-key header is required")
+        try:
+            body = await request.json()
+        except web.HTTPRequestEntityTooLarge as exc:
+            raise _ApiError(413, "request exceeds the maximum allowed size") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise _ApiError(400, f"request body is not valid JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise _ApiError(400, "request body must be a JSON object")
+        return body
+
+    async def _read_body(request: web.Request) -> dict[str, Any]:
+        body = await _read_json(request)
+        sim.validate(body)
+        return body
+
+    async def _messages(request: web.Request, request_id: str) -> web.StreamResponse:
+        body = await _read_body(request)
+        try:
+            anchor = _anchor_text(body)
+            directives = parse_directives(anchor)
+        except (DirectiveError, ValueError) as exc:
+            raise _ApiError(400, str(exc)) from exc
+        sim.maybe_fail(body, directives)
+        usage = sim.usage_for(body)
+        limits = sim.limits_for(body["model"])
+        billable_input = usage["input_tokens"] + usage["cache_creation_input_tokens"]
+        verdict = limits.admit(billable_input, body["max_tokens"])
+        if not verdict.allowed:
+            headers = {**_retry_hdr(verdict.retry_after_s), **limits.headers(time.time())}
+            raise _ApiError(429, f"rate limit exceeded: {verdict.dimension} per minute", headers)
+        reply = plan_reply(body, directives, uuid.uuid4().hex[:24])
+        limits.settle(body["max_tokens"], reply.output_tokens)
+        usage["output_tokens"] = reply.output_tokens
+        sim.stats["input_tokens"] += billable_input
+        sim.stats["output_tokens"] += reply.output_tokens
+        await asyncio.sleep(sim.latency_s(reply.output_tokens, directives.delay_ms))
+        message = {
+            "id": f"msg_sim_{uuid.uuid4().hex[:24]}",
+            "type": "message",
+            "role": "assistant",
+            "model": body["model"],
+            "content": reply.content,
+            "stop_reason": reply.stop_reason,
+            "stop_sequence": None,
+            "usage": usage,
+        }
+        headers = {"request-id": request_id, **limits.headers(time.time())}
+        if body.get("stream"):
+            return await _stream(request, message, reply, headers)
+        return web.json_response(message, headers=headers)
+
+    async def count_tokens(request: web.Request) -> web.Response:
+        request_id = f"req_sim_{uuid.uuid4().hex[:24]}"
+        try:
+            body = await _read_body_for_count(request)
+        except _ApiError as err:
+            return _error_response(err, request_id)
+        prefix, rest = sim.count_input(body)
+        return web.json_response({"input_tokens": prefix + rest}, headers={"request-id": request_id})
+
+    async def _read_body_for_count(request: web.Request) -> dict[str, Any]:
+        body = await _read_json(request)
+        body.setdefault("max_tokens", 1)
+        sim.validate(body)
+        return body
+
+    async def stats(_: web.Request) -> web.Response:
+        return web.json_response(sim.stats_json())
+
+    async def reset(_: web.Request) -> web.Response:
+        sim.configure(sim.config)
+        return web.json_response({"ok": True})
+
+    async def configure(request: web.Request) -> web.Response:
+        try:
+            sim.configure(SimulatorConfig.model_validate(await request.json()))
+        except Exception as exc:  # any bad config is the caller's error, reported as 400
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response(sim.config.model_dump(mode="json"))
+
+    app.router.add_post("/v1/messages", messages)
+    app.router.add_post("/v1/messages/count_tokens", count_tokens)
+    app.router.add_get("/sim/stats", stats)
+    app.router.add_post("/sim/reset", reset)
+    app.router.add_put("/sim/config", configure)
+    return app
+
+
+def _anchor_text(body: dict[str, Any]) -> str:
+    from agentpool.simulator.script import conversation_state
+
+    return conversation_state(body["messages"])[0]
+
+
+async def _stream(
+    request: web.Request, message: dict[str, Any], reply: Reply, headers: dict[str, str]
+) -> web.StreamResponse:
+    """Server-sent events in the order the Messages API streams them."""
+    resp = web.StreamResponse(headers={**headers, "content-type": "text/event-stream"})
+    await resp.prepare(request)
+
+    async def send(event: str, data: dict[str, Any]) -> None:
+        await resp.write(f"event: {event}\ndata: {json.dumps({'type': event, **data})}\n\n".encode())
+
+    start = {**message, "content": [], "stop_reason": None}
+    start["usage"] = {**message["usage"], "output_tokens": 1}
+    await send("message_start", {"message": start})
+    for index, block in enumerate(reply.content):
+        if block["type"] == "text":
+            await send("content_block_start", {"index": index, "content_block": {"type": "text", "text": ""}})
+            delta = {"type": "text_delta", "text": block["text"]}
+        else:
+            empty = {**block, "input": {}}
+            await send("content_block_start", {"index": index, "content_block": empty})
+            delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}
+        await send("content_block_delta", {"index": index, "delta": delta})
+        await send("content_block_stop", {"index": index})
+    await send(
+        "message_delta",
+        {
+            "delta": {"stop_reason": reply.stop_reason, "stop_sequence": None},
+            "usage": {"output_tokens": reply.output_tokens},
+        },
+    )
+    await send("message_stop", {})
+    await resp.write_eof()
+    return resp
+
+
+class SimulatorServer:
+    """Runs the simulator on a loopback port, in this process.
+
+    `start()` serves from a background thread with its own event loop (for drivers, tests
+    and the CLI); `await start_async()` serves on the running loop (inside an async actor).
+    """
+
+    def __init__(
+        self, config: SimulatorConfig | None = None, *, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
+        self.sim = Simulator(config)
+        self.host = host
+        self.port = port
+        self._runner: web.AppRunner | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start_async(self) -> str:
+        self._runner = web.AppRunner(build_app(self.sim), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
+        self.port = sockets[0].getsockname()[1]
+        return self.url
+
+    async def stop_async(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def start(self) -> str:
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def serve() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            try:
+                loop.run_until_complete(self.start_async())
+            except BaseException as exc:  # reported to the starting thread below
+                failure.append(exc)
+                ready.set()
+                return
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self.stop_async())
+            loop.close()
+
+        self._thread = threading.Thread(target=serve, name="agentpool-simulator", daemon=True)
+        self._thread.start()
+        ready.wait(timeout=30)
+        if failure:
+            raise failure[0]
+        return self.url
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            self._thread = None
+            self._loop = None
+
+    def __enter__(self) -> SimulatorServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

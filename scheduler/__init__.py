@@ -1,0 +1,1 @@
+"""The scheduler: admission, queueing and dispatch of tasks to agent workers."""
