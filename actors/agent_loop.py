@@ -201,7 +201,7 @@ class AgentLoop:
             usage=self.usage,
             iterations=self.iterations,
             tool_calls=self.tool_calls,
-            attempts=max(1, self.attempts),
+            llm_attempts=self.attempts,
             trace_id=self.trace_id,
             model=self.model,
             stop_reason=self.stop_reason,

@@ -39,14 +39,17 @@ class AgentWorker:
         base_url: str | None,
         api_key: str,
         tool_defs: dict[str, dict[str, Any]],
-        executors: list[Any],
+        executor_names: list[str],
+        namespace: str,
     ) -> None:
         self.config = config
         self._base_url = base_url
         self._api_key = api_key
         self._tool_defs = tool_defs
-        self._executors = executors
-        self._next_executor = itertools.cycle(range(len(executors)))
+        # Looked up by name, not passed as handles: constructor arguments stay plain data,
+        # so a restarted worker never depends on objects that may have left the store.
+        self._executors = [ray.get_actor(n, namespace=namespace) for n in executor_names]
+        self._next_executor = itertools.cycle(range(len(executor_names)))
         self._prices = PriceTable(config.prices)
         self._store = ResultStore(redis_url, keys=Keys(config.key_prefix),
                                   result_ttl_s=config.result_ttl_s, stream_maxlen=config.stream_maxlen)
@@ -92,6 +95,7 @@ class AgentWorker:
                 trace_id=dispatch.trace_id,
             )
             result = await loop.run()
+            result.attempts = dispatch.attempt
         except Exception as exc:  # a bug of ours must cost this task, never the actor
             result = AgentResult(
                 task_id=task.task_id, tenant=task.tenant, status="failed", trace_id=dispatch.trace_id,

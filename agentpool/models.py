@@ -185,7 +185,10 @@ class AgentResult(_Model):
     iterations: int = 0
     tool_calls: list[ToolCallSummary] = Field(default_factory=list)
     timings: Timings = Field(default_factory=Timings)
+    #: How many times the task was run (more than 1 after a crash and re-delivery).
     attempts: int = 1
+    #: LLM requests sent, retries and fallbacks included (iterations counts only successes).
+    llm_attempts: int = 0
     trace_id: str = ""
     model: str | None = None
     stop_reason: str | None = None

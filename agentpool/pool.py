@@ -89,10 +89,11 @@ class AgentPool:
                 simulator = SimulatorHost.options(num_cpus=0, namespace=NAMESPACE).remote(config.simulator)
                 actors.append(simulator)
                 base_url = ray.get(simulator.start.remote())
+            executor_names = [f"{config.name}-executor-{i}" for i in range(config.num_tool_executors)]
             executors = [
-                ToolExecutor.options(**_ACTOR_OPTIONS, max_concurrency=config.executor_concurrency,
+                ToolExecutor.options(**_ACTOR_OPTIONS, name=name, max_concurrency=config.executor_concurrency,
                                      namespace=NAMESPACE).remote(config.all_tool_modules, config.tool_output_max_chars)
-                for _ in range(config.num_tool_executors)
+                for name in executor_names
             ]
             actors.extend(executors)
             try:
@@ -103,7 +104,7 @@ class AgentPool:
                 AgentWorker.options(**_ACTOR_OPTIONS, max_concurrency=config.worker_concurrency + 8,
                                     namespace=NAMESPACE).remote(
                     config, redis_url=redis_url, base_url=base_url, api_key=api_key,
-                    tool_defs=tool_defs, executors=executors)
+                    tool_defs=tool_defs, executor_names=executor_names, namespace=NAMESPACE)
                 for _ in range(config.num_workers)
             ]
             actors.extend(workers)

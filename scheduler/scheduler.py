@@ -60,13 +60,12 @@ class Scheduler:
         # and one submitted again while running shares the first run.
         if task.task_id in self._running:
             return await asyncio.shield(self._running[task.task_id])
-        existing = await self._store.get_result(task.tenant, task.task_id)
-        if existing is not None:
-            return existing
+        # Registered before the first await, so a duplicate arriving meanwhile joins this run.
         future: asyncio.Future[AgentResult] = asyncio.get_running_loop().create_future()
         self._running[task.task_id] = future
         try:
-            result = await self._admit_and_run(task, trace_id)
+            existing = await self._store.get_result(task.tenant, task.task_id)
+            result = existing if existing is not None else await self._admit_and_run(task, trace_id)
             future.set_result(result)
             return result
         except BaseException as exc:
@@ -84,13 +83,15 @@ class Scheduler:
         )
         if rejection is not None:
             return await self._reject(task, trace_id, rejection)
-        await self._store.emit(task.tenant, "task_admitted", task_id=task.task_id, trace_id=trace_id,
-                               priority=task.priority, queued=len(self._queue))
+        # No await between the bound check and the enqueue: concurrent arrivals must not all
+        # pass the check before any of them is counted.
         waiting = _Waiting(task, time.monotonic())
         if not self._queue.offer(waiting):  # unreachable while admission checks the bound
             return await self._reject(task, trace_id, Overloaded("queue is full", retry_after_s=1.0))
         self._pump()
         try:
+            await self._store.emit(task.tenant, "task_admitted", task_id=task.task_id, trace_id=trace_id,
+                                   priority=task.priority, queued=len(self._queue))
             worker = await waiting.slot
         except asyncio.CancelledError:
             if not self._queue.remove(waiting) and waiting.slot.done() and not waiting.slot.cancelled():

@@ -1,0 +1,110 @@
+"""The Redis store against a real redis-server: exactly-once final records, streams, readers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agentpool.models import AgentResult
+from cluster.keys import Keys
+from cluster.store import ResultsReader, ResultStore
+
+
+def result(task_id: str, tenant: str = "acme", status: str = "succeeded", answer: str = "a") -> AgentResult:
+    return AgentResult(task_id=task_id, tenant=tenant, status=status, answer=answer)  # type: ignore[arg-type]
+
+
+def test_key_layout_matches_the_contract() -> None:
+    k = Keys()
+    assert k.result("acme", "t1") == "agentpool:{acme}:result:t1"
+    assert k.results("acme") == "agentpool:{acme}:results"
+    assert k.events("acme") == "agentpool:{acme}:events"
+    assert k.checkpoint("acme", "t1") == "agentpool:{acme}:checkpoint:t1"
+    assert k.usage("acme", "2026-11-21") == "agentpool:{acme}:usage:2026-11-21"
+
+
+async def test_same_task_twice_gives_one_record_and_one_entry(redis_url: str, key_prefix: str,
+                                                              redis_client: redis.Redis) -> None:
+    store = ResultStore(redis_url, keys=Keys(key_prefix), result_ttl_s=60)
+    first, created1 = await store.write_result(result("t1", answer="first"))
+    second, created2 = await store.write_result(result("t1", answer="second"))
+    assert (created1, created2) == (True, False)
+    assert second.answer == "first" == first.answer
+    assert redis_client.xlen(Keys(key_prefix).results("acme")) == 1
+    assert 0 < redis_client.ttl(Keys(key_prefix).result("acme", "t1")) <= 60
+    await store.close()
+
+
+async def test_concurrent_writers_race_to_one_record(redis_url: str, key_prefix: str,
+                                                     redis_client: redis.Redis) -> None:
+    stores = [ResultStore(redis_url, keys=Keys(key_prefix)) for _ in range(5)]
+    outs = await asyncio.gather(*(s.write_result(result("race", answer=str(i))) for i, s in enumerate(stores * 4)))
+    assert sum(created for _, created in outs) == 1
+    assert len({stored.answer for stored, _ in outs}) == 1
+    assert redis_client.xlen(Keys(key_prefix).results("acme")) == 1
+    for s in stores:
+        await s.close()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ids=st.lists(st.sampled_from(["a", "b", "c", "d", "e"]), max_size=30),
+       tenants=st.lists(st.sampled_from(["acme", "beta"]), min_size=30, max_size=30))
+def test_writes_are_idempotent_per_task_id(redis_url: str, ids: list[str], tenants: list[str]) -> None:
+    import uuid
+
+    keys = Keys(f"h{uuid.uuid4().hex[:8]}")
+
+    async def go() -> None:
+        store = ResultStore(redis_url, keys=keys)
+        for task_id, tenant in zip(ids, tenants):
+            await store.write_result(result(task_id, tenant=tenant))
+        await store.close()
+
+    asyncio.run(go())
+    client = redis.Redis.from_url(redis_url)
+    written = {(t, i) for i, t in zip(ids, tenants)}
+    for tenant in ("acme", "beta"):
+        # one entry per distinct (tenant, task_id), and never another tenant's task in a stream
+        assert client.xlen(keys.results(tenant)) == len({i for t, i in written if t == tenant})
+    client.close()
+
+
+async def test_events_are_structured(redis_url: str, key_prefix: str, redis_client: redis.Redis) -> None:
+    store = ResultStore(redis_url, keys=Keys(key_prefix))
+    await store.emit("acme", "llm_call", task_id="t1", trace_id="abc", iteration=1, model="m")
+    (_, fields), = redis_client.xrange(Keys(key_prefix).events("acme"))
+    assert fields["event"] == "llm_call" and fields["trace_id"] == "abc" and fields["task_id"] == "t1"
+    assert '"iteration":1' in fields["data"]
+    await store.close()
+
+
+async def test_reader_pages_through_everything(redis_url: str, key_prefix: str) -> None:
+    store = ResultStore(redis_url, keys=Keys(key_prefix))
+    for i in range(2500):
+        await store.write_result(result(f"t{i}"))
+    await store.close()
+    reader = ResultsReader(redis_url, "acme", keys=Keys(key_prefix))
+    ids = [r.task_id for r in reader.read()]
+    assert ids == [f"t{i}" for i in range(2500)]
+    assert [r.task_id for r in reader.read(count=3)] == ["t0", "t1", "t2"]
+    assert reader.get("t7").task_id == "t7" and reader.get("missing") is None
+
+
+async def test_follow_is_at_least_once_per_group(redis_url: str, key_prefix: str) -> None:
+    store = ResultStore(redis_url, keys=Keys(key_prefix))
+    for i in range(5):
+        await store.write_result(result(f"t{i}"))
+    reader = ResultsReader(redis_url, "acme", keys=Keys(key_prefix))
+    stream = reader.follow(group="g", consumer="c1", block_ms=100, idle_timeout_s=0.2)
+    got = [next(stream).task_id for _ in range(3)]  # the third is delivered but not yet acked
+    stream.close()
+    # consumer c1 comes back: its unacknowledged entry is redelivered first, then the rest
+    again = [r.task_id for r in reader.follow(group="g", consumer="c1", block_ms=100, idle_timeout_s=0.2)]
+    assert got == ["t0", "t1", "t2"] and again == ["t2", "t3", "t4"]
+    # a different group sees everything
+    other = [r.task_id for r in reader.follow(group="g2", block_ms=100, idle_timeout_s=0.2)]
+    assert other == [f"t{i}" for i in range(5)]
+    await store.close()
