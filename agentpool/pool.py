@@ -100,18 +100,20 @@ class AgentPool:
                 tool_defs = ray.get(executors[0].definitions.remote())
             except ray.exceptions.RayActorError as exc:
                 raise ConfigError(f"tool executors could not start: {exc}") from None
+            worker_names = [f"{config.name}-worker-{i}" for i in range(config.num_workers)]
             workers = [
-                AgentWorker.options(**_ACTOR_OPTIONS, max_concurrency=config.worker_concurrency + 8,
+                AgentWorker.options(**_ACTOR_OPTIONS, name=name, max_concurrency=config.worker_concurrency + 8,
                                     namespace=NAMESPACE).remote(
                     config, redis_url=redis_url, base_url=base_url, api_key=api_key,
                     tool_defs=tool_defs, executor_names=executor_names, namespace=NAMESPACE)
-                for _ in range(config.num_workers)
+                for name in worker_names
             ]
             actors.extend(workers)
             scheduler = Scheduler.options(
                 **_ACTOR_OPTIONS, name=f"{config.name}-scheduler", namespace=NAMESPACE,
                 max_concurrency=max(1000, config.max_queued + config.worker_concurrency * config.num_workers + 100),
-            ).remote(config, redis_url=redis_url, workers=workers, tool_names=list(tool_defs))
+            ).remote(config, redis_url=redis_url, worker_names=worker_names, namespace=NAMESPACE,
+                     tool_names=list(tool_defs))
             actors.append(scheduler)
             ray.get([scheduler.status.remote(), *(w.ping.remote() for w in workers)])
         except BaseException:

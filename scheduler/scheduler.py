@@ -36,9 +36,12 @@ class _Waiting:
 class Scheduler:
     """Named async actor; one per pool."""
 
-    def __init__(self, config: PoolConfig, *, redis_url: str, workers: list[Any], tool_names: list[str]) -> None:
+    def __init__(self, config: PoolConfig, *, redis_url: str, worker_names: list[str], namespace: str,
+                 tool_names: list[str]) -> None:
         self.config = config
         self.redis_url = redis_url
+        # Handles by name, so constructor arguments are plain data a restart can always reuse.
+        workers = [ray.get_actor(name, namespace=namespace) for name in worker_names]
         self._workers = workers
         self._admission = Admission(config, set(tool_names))
         self._queue: BoundedFifo[_Waiting] = BoundedFifo(config.max_queued)

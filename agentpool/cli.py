@@ -1,0 +1,215 @@
+"""The `agentpool` command: demo, submit, results, simulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from agentpool.models import AgentResult, AgentTask
+
+app = typer.Typer(help="A distributed pool of LLM agent workers on Ray.", no_args_is_help=True,
+                  add_completion=False)
+# Wide enough for the summary table even when output is piped (CI logs, files).
+console = Console(width=None if sys.stdout.isatty() else 110)
+
+DEMO_PROMPTS: list[tuple[str, list[str], dict[str, object]]] = [
+    ("What is {a}*{b}?", ["calculator"], {}),
+    ("Search the web: what is a token bucket? ({i})", ["web_search"], {}),
+    ("What is ({a}+{b})^2 - {a}?", ["calculator"], {}),
+    ("Summarise what Redis streams are, in one line. ({i})", [], {}),
+    ('sim: tool web_search {{"query": "capital of France"}}\nsim: answer Paris ({i})', ["web_search"], {}),
+    ("Give the speed of light as structured data. ({i})", [],
+     {"output_schema": {"type": "object", "properties": {"quantity": {"type": "string"},
+                                                         "value": {"type": "number"}},
+                        "required": ["quantity", "value"]}}),
+    ("sim: fail 529\nsim: answer recovered after a retry ({i})", [], {}),
+]
+
+
+def demo_tasks(n: int, tenants: list[str]) -> list[AgentTask]:
+    tasks = []
+    for i in range(n):
+        prompt, tools, extra = DEMO_PROMPTS[i % len(DEMO_PROMPTS)]
+        tasks.append(AgentTask(tenant=tenants[i % len(tenants)], prompt=prompt.format(i=i, a=1000 + i, b=37 + i),
+                               tools=tools, **extra))  # type: ignore[arg-type]
+    return tasks
+
+
+def _run_with_progress(pool: object, tasks: list[AgentTask]) -> list[AgentResult]:
+    import ray
+
+    refs = pool.submit(tasks)  # type: ignore[attr-defined]
+    index = {ref: i for i, ref in enumerate(refs)}
+    results: list[AgentResult | None] = [None] * len(refs)
+    pending = list(refs)
+    columns = (TextColumn("[bold]agents"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        bar = progress.add_task("run", total=len(refs))
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=min(len(pending), 50), timeout=0.2)
+            for ref, value in zip(ready, ray.get(ready)):
+                results[index[ref]] = value
+            progress.update(bar, advance=len(ready))
+    return [r for r in results if r is not None]
+
+
+def summary_table(results: list[AgentResult]) -> Table:
+    by_tenant: dict[str, list[AgentResult]] = defaultdict(list)
+    for r in results:
+        by_tenant[r.tenant].append(r)
+    table = Table(title="Results by tenant")
+    for column in ("tenant", "tasks", "ok", "other", "tools", "tok in/out", "USD", "p50 ms", "p95 ms"):
+        table.add_column(column, justify="left" if column in ("tenant", "other") else "right", no_wrap=True)
+    for tenant, rs in sorted(by_tenant.items()):
+        statuses: dict[str, int] = defaultdict(int)
+        for r in rs:
+            statuses[r.status] += 1
+        ok = statuses.pop("succeeded", 0)
+        latencies = sorted(r.timings.total_ms for r in rs)
+        tokens_in = sum(r.usage.input_tokens + r.usage.cache_read_input_tokens + r.usage.cache_creation_input_tokens
+                        for r in rs)
+        table.add_row(
+            tenant, str(len(rs)), str(ok), ", ".join(f"{k}={v}" for k, v in sorted(statuses.items())) or "-",
+            str(sum(len(r.tool_calls) for r in rs)), f"{tokens_in}/{sum(r.usage.output_tokens for r in rs)}",
+            f"{sum(r.usage.cost_usd for r in rs):.4f}", f"{statistics.median(latencies):.0f}",
+            f"{latencies[int(0.95 * (len(latencies) - 1))]:.0f}",
+        )
+    return table
+
+
+def _where_in_redis(pool: object, tenants: list[str], embedded: bool) -> None:
+    url = pool.redis_url  # type: ignore[attr-defined]
+    prefix = pool.config.key_prefix  # type: ignore[attr-defined]
+    console.print(f"\n[bold]Results in Redis[/] at {url}")
+    for tenant in tenants:
+        console.print(f"  {prefix}:{{{tenant}}}:results   (stream)   {prefix}:{{{tenant}}}:result:<task_id>   "
+                      f"{prefix}:{{{tenant}}}:events")
+    host_port = url.split("//", 1)[1].split("/", 1)[0]
+    host, port = host_port.rsplit(":", 1)
+    console.print(f"  read them: redis-cli -h {host} -p {port} XREAD COUNT 5 STREAMS '{prefix}:{{{tenants[0]}}}:results' 0")
+    if embedded:
+        console.print("  (this demo's Redis is embedded and stops with it; set AGENTPOOL_REDIS_URL to keep results)")
+
+
+@app.command()
+def demo(
+    tasks: Annotated[int, typer.Option(help="How many tasks to run.")] = 100,
+    tenants: Annotated[str, typer.Option(help="Comma-separated tenant names.")] = "acme,globex,initech",
+    latency_ms: Annotated[float, typer.Option(help="Simulated provider's median latency.")] = 40.0,
+) -> None:
+    """Runs a demo batch through a local pool (simulated provider unless ANTHROPIC_API_KEY is set)."""
+    from agentpool import AgentPool, PoolConfig
+
+    names = [t.strip() for t in tenants.split(",") if t.strip()]
+    config = PoolConfig()
+    if config.uses_simulator and "AGENTPOOL_SIMULATOR__LATENCY_MS" not in os.environ:
+        config.simulator.latency_ms = latency_ms
+    provider = "the simulated provider" if config.uses_simulator else "the Anthropic API"
+    console.print(f"[bold]agentpool demo[/]: {tasks} tasks, tenants {', '.join(names)}, against {provider}")
+    started = time.monotonic()
+    with AgentPool.start(config) as pool:
+        console.print(f"pool up in {time.monotonic() - started:.1f}s: {config.num_workers} workers x "
+                      f"{config.worker_concurrency} loops, {config.num_tool_executors} tool executor(s)")
+        batch_started = time.monotonic()
+        results = _run_with_progress(pool, demo_tasks(tasks, names))
+        wall = time.monotonic() - batch_started
+        console.print(summary_table(results))
+        console.print(f"{len(results)} tasks in {wall:.2f}s ({len(results) / wall:.1f} tasks/s)")
+        example = next((r for r in results if r.tool_calls), results[0])
+        console.print(f"example: [cyan]{example.task_id}[/] {example.status}: {str(example.answer)[:100]!r}")
+        _where_in_redis(pool, names, embedded=config.redis_url is None)
+
+
+@app.command()
+def submit(
+    file: Annotated[Path, typer.Argument(help="JSON Lines, one AgentTask per line ('-' for stdin).")],
+    output: Annotated[Path | None, typer.Option(help="Write results here as JSON Lines.")] = None,
+) -> None:
+    """Submits a batch of tasks from a JSONL file, shows progress and a summary."""
+    from agentpool import AgentPool, PoolConfig
+
+    lines = sys.stdin.read().splitlines() if str(file) == "-" else file.read_text().splitlines()
+    tasks: list[AgentTask] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            tasks.append(AgentTask.model_validate_json(line))
+        except ValidationError as exc:
+            console.print(f"[red]line {number}: invalid task[/]\n{exc}")
+            raise typer.Exit(2) from None
+    if not tasks:
+        console.print("[yellow]no tasks in the file[/]")
+        raise typer.Exit(1)
+    config = PoolConfig()
+    with AgentPool.start(config) as pool:
+        results = _run_with_progress(pool, tasks)
+        console.print(summary_table(results))
+        if output is not None:
+            output.write_text("".join(r.model_dump_json() + "\n" for r in results))
+            console.print(f"results written to {output}")
+        _where_in_redis(pool, sorted({t.tenant for t in tasks}), embedded=config.redis_url is None)
+
+
+@app.command()
+def results(
+    tenant: Annotated[str, typer.Argument(help="Whose results to read.")],
+    follow: Annotated[bool, typer.Option("--follow", help="Keep reading new results (consumer group).")] = False,
+    group: Annotated[str, typer.Option(help="Consumer group used with --follow.")] = "agentpool-cli",
+    redis_url: Annotated[str | None, typer.Option(envvar="AGENTPOOL_REDIS_URL", help="Redis URL.")] = None,
+    prefix: Annotated[str, typer.Option(envvar="AGENTPOOL_KEY_PREFIX", help="Key prefix.")] = "agentpool",
+) -> None:
+    """Prints a tenant's results from Redis as JSON Lines."""
+    from cluster.keys import Keys
+    from cluster.store import ResultsReader
+
+    if not redis_url:
+        console.print("[red]set AGENTPOOL_REDIS_URL or pass --redis-url[/]")
+        raise typer.Exit(2)
+    reader = ResultsReader(redis_url, tenant, keys=Keys(prefix))
+    stream = reader.follow(group=group) if follow else reader.read()
+    try:
+        for result in stream:
+            print(json.dumps(result.model_dump(mode="json")), flush=True)
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def simulator(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8765,
+    latency_ms: Annotated[float, typer.Option(help="Median latency per response.")] = 20.0,
+    rpm: Annotated[int | None, typer.Option(help="Requests per minute per model.")] = None,
+    itpm: Annotated[int | None, typer.Option(help="Input tokens per minute per model.")] = None,
+    otpm: Annotated[int | None, typer.Option(help="Output tokens per minute per model.")] = None,
+    fault: Annotated[list[str] | None, typer.Option(help="STATUS=RATE, e.g. 529=0.01; repeatable.")] = None,
+) -> None:
+    """Serves the simulated Anthropic Messages API until interrupted."""
+    from agentpool.simulator import SimulatorConfig, SimulatorServer
+
+    rates = {int(k): float(v) for k, v in (f.split("=", 1) for f in fault or [])}
+    config = SimulatorConfig(latency_ms=latency_ms, rpm=rpm, itpm=itpm, otpm=otpm, fault_rates=rates)
+    server = SimulatorServer(config, port=port)
+    url = server.start()
+    console.print(f"simulated Anthropic API at {url}  (ANTHROPIC_BASE_URL={url}; stats at {url}/sim/stats)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.stop()
+
+
+if __name__ == "__main__":
+    app()
