@@ -67,8 +67,9 @@ class AgentLoop:
         except TimeoutError:
             return self._result(
                 "timed_out",
-                error=ErrorInfo(type="Timeout", message=f"task exceeded timeout_s={self.task.timeout_s}",
-                                retryable=True),
+                error=ErrorInfo(
+                    type="Timeout", message=f"task exceeded timeout_s={self.task.timeout_s}", retryable=True
+                ),
             )
         except ProviderError as exc:
             self.attempts += int(exc.fields.get("attempts") or 0)
@@ -105,15 +106,21 @@ class AgentLoop:
             if problem is None:
                 return self._result("succeeded", answer=answer)
             # Tell the model what was wrong so that the next turn can fix it.
-            self.messages.append({"role": "user", "content": (
-                f"Your answer did not match the required JSON Schema: {problem}. "
-                "Reply again with only the corrected JSON value."
-            )})
+            self.messages.append(
+                {
+                    "role": "user",
+                    "content": (
+                        f"Your answer did not match the required JSON Schema: {problem}. "
+                        "Reply again with only the corrected JSON value."
+                    ),
+                }
+            )
             await self._emit("output_invalid", iteration=iteration, problem=problem[:500])
         return self._result(
             "iteration_cap",
-            error=ErrorInfo(type="IterationCap",
-                            message=f"no final answer within max_iterations={self.task.max_iterations}"),
+            error=ErrorInfo(
+                type="IterationCap", message=f"no final answer within max_iterations={self.task.max_iterations}"
+            ),
         )
 
     def _request(self, max_tokens: int) -> dict[str, Any]:
@@ -121,8 +128,9 @@ class AgentLoop:
         system = self.task.system or ""
         if self.task.output_schema is not None:
             schema = json.dumps(self.task.output_schema, separators=(",", ":"))
-            system += (f"\n\nRespond with a single JSON value that {SCHEMA_MARKER}, "
-                       f"and nothing else:\n{schema}").lstrip()
+            system += (
+                f"\n\nRespond with a single JSON value that {SCHEMA_MARKER}, and nothing else:\n{schema}"
+            ).lstrip()
         if system:
             # The system prompt and the tool list are the stable prefix of every turn:
             # marking their ends lets the provider serve them from its prompt cache.
@@ -137,48 +145,74 @@ class AgentLoop:
         """Folds one response into the loop's state; returns the `llm_call` event fields."""
         message = response.message
         raw = message.get("usage") or {}
-        usage = self._prices.priced(response.model, Usage(
-            input_tokens=raw.get("input_tokens") or 0,
-            output_tokens=raw.get("output_tokens") or 0,
-            cache_read_input_tokens=raw.get("cache_read_input_tokens") or 0,
-            cache_creation_input_tokens=raw.get("cache_creation_input_tokens") or 0,
-        ))
+        usage = self._prices.priced(
+            response.model,
+            Usage(
+                input_tokens=raw.get("input_tokens") or 0,
+                output_tokens=raw.get("output_tokens") or 0,
+                cache_read_input_tokens=raw.get("cache_read_input_tokens") or 0,
+                cache_creation_input_tokens=raw.get("cache_creation_input_tokens") or 0,
+            ),
+        )
         self.usage = self.usage + usage
         self.iterations = iteration
         self.attempts += response.attempts
         # After a fallback, stay on the model that works for the rest of the task.
-        self._models = self._models[self._models.index(response.model):]
+        self._models = self._models[self._models.index(response.model) :]
         self.model = response.model
         self.stop_reason = message.get("stop_reason")
         text = "".join(b.get("text", "") for b in message.get("content", []) if b.get("type") == "text")
         if text:
             self.last_text = text
         return {
-            "iteration": iteration, "model": response.model, "stop_reason": self.stop_reason,
-            "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
+            "iteration": iteration,
+            "model": response.model,
+            "stop_reason": self.stop_reason,
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
             "cache_read_input_tokens": usage.cache_read_input_tokens,
             "cache_creation_input_tokens": usage.cache_creation_input_tokens,
-            "cost_usd": usage.cost_usd, "latency_ms": round(response.latency_ms, 2),
+            "cost_usd": usage.cost_usd,
+            "latency_ms": round(response.latency_ms, 2),
             "attempts": response.attempts,
         }
 
     async def _tools_turn(self, iteration: int, content: list[dict[str, Any]]) -> None:
         calls = [
-            ToolCall(task_id=self.task.task_id, tenant=self.task.tenant, tool_use_id=b["id"],
-                     name=b["name"], arguments=b.get("input"), trace_id=self.trace_id)
-            for b in content if b.get("type") == "tool_use"
+            ToolCall(
+                task_id=self.task.task_id,
+                tenant=self.task.tenant,
+                tool_use_id=b["id"],
+                name=b["name"],
+                arguments=b.get("input"),
+                trace_id=self.trace_id,
+            )
+            for b in content
+            if b.get("type") == "tool_use"
         ]
         for call in calls:
             await self._emit("tool_call", iteration=iteration, tool=call.name, tool_use_id=call.tool_use_id)
         outcomes = await self._run_tools(calls)
         for outcome in outcomes:
-            self.tool_calls.append(ToolCallSummary(
-                tool_use_id=outcome.tool_use_id, name=outcome.name, ok=not outcome.is_error,
-                error_kind=outcome.error_kind, duration_ms=round(outcome.duration_ms, 2), iteration=iteration,
-            ))
-            await self._emit("tool_result", iteration=iteration, tool=outcome.name,
-                             tool_use_id=outcome.tool_use_id, ok=not outcome.is_error,
-                             error_kind=outcome.error_kind, duration_ms=round(outcome.duration_ms, 2))
+            self.tool_calls.append(
+                ToolCallSummary(
+                    tool_use_id=outcome.tool_use_id,
+                    name=outcome.name,
+                    ok=not outcome.is_error,
+                    error_kind=outcome.error_kind,
+                    duration_ms=round(outcome.duration_ms, 2),
+                    iteration=iteration,
+                )
+            )
+            await self._emit(
+                "tool_result",
+                iteration=iteration,
+                tool=outcome.name,
+                tool_use_id=outcome.tool_use_id,
+                ok=not outcome.is_error,
+                error_kind=outcome.error_kind,
+                duration_ms=round(outcome.duration_ms, 2),
+            )
         self.messages.append({"role": "user", "content": [o.as_block() for o in outcomes]})
 
     def _over_budget(self) -> bool:
@@ -186,10 +220,13 @@ class AgentLoop:
         return budget is not None and self.usage.total_tokens >= budget
 
     def _budget_exhausted(self) -> AgentResult:
-        return self._result("budget_exhausted", error=ErrorInfo(
-            type="TokenBudgetExhausted",
-            message=f"used {self.usage.total_tokens} of token_budget={self.task.token_budget}",
-        ))
+        return self._result(
+            "budget_exhausted",
+            error=ErrorInfo(
+                type="TokenBudgetExhausted",
+                message=f"used {self.usage.total_tokens} of token_budget={self.task.token_budget}",
+            ),
+        )
 
     def _result(self, status: TaskStatus, *, answer: Any = None, error: ErrorInfo | None = None) -> AgentResult:
         return AgentResult(

@@ -55,8 +55,9 @@ class LLMClient:
         max_attempts = self._backoff.policy.max_attempts_per_model
         for index, model in enumerate(models):
             if index > 0:
-                await emit("fallback", from_model=models[index - 1], to_model=model,
-                           reason=last.message if last else "")
+                await emit(
+                    "fallback", from_model=models[index - 1], to_model=model, reason=last.message if last else ""
+                )
             for attempt in range(1, max_attempts + 1):
                 attempts += 1
                 started = self._clock()
@@ -77,8 +78,14 @@ class LLMClient:
                     if decision.action == "fallback" or attempt == max_attempts:
                         break
                     delay = self._backoff.delay_s(attempt, decision.retry_after_s)
-                    await emit("retry", model=model, attempt=attempt, status=decision.status_code,
-                               error_type=decision.error_type, delay_s=round(delay, 3))
+                    await emit(
+                        "retry",
+                        model=model,
+                        attempt=attempt,
+                        status=decision.status_code,
+                        error_type=decision.error_type,
+                        delay_s=round(delay, 3),
+                    )
                     await self._sleep(delay)
                     continue
                 latency_ms = (self._clock() - started) * 1000

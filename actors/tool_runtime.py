@@ -42,8 +42,7 @@ class ToolRunner:
             return self._outcome(call, exc.message, started, kind=exc.fields.get("kind", "error"))
         except TimeoutError:
             spec = self.tools[call.name]
-            return self._outcome(call, f"tool {call.name} timed out after {spec.timeout_s}s",
-                                 started, kind="timeout")
+            return self._outcome(call, f"tool {call.name} timed out after {spec.timeout_s}s", started, kind="timeout")
         except Exception as exc:  # a tool's own bug: reported to the model, never raised
             return self._outcome(call, f"{type(exc).__name__}: {exc}", started, kind="error")
         return self._outcome(call, content, started, kind=None)

@@ -51,8 +51,12 @@ class AgentWorker:
         self._executors = [ray.get_actor(n, namespace=namespace) for n in executor_names]
         self._next_executor = itertools.cycle(range(len(executor_names)))
         self._prices = PriceTable(config.prices)
-        self._store = ResultStore(redis_url, keys=Keys(config.key_prefix),
-                                  result_ttl_s=config.result_ttl_s, stream_maxlen=config.stream_maxlen)
+        self._store = ResultStore(
+            redis_url,
+            keys=Keys(config.key_prefix),
+            result_ttl_s=config.result_ttl_s,
+            stream_maxlen=config.stream_maxlen,
+        )
         self._llm: LLMClient | None = None
         self.in_flight = 0
 
@@ -60,8 +64,10 @@ class AgentWorker:
         # Built on first use, inside the actor's event loop, and shared by all its loops:
         # one connection pool per process rather than per task.
         if self._llm is None:
-            limits = httpx2.Limits(max_connections=self.config.worker_concurrency * 2,
-                                   max_keepalive_connections=self.config.worker_concurrency)
+            limits = httpx2.Limits(
+                max_connections=self.config.worker_concurrency * 2,
+                max_keepalive_connections=self.config.worker_concurrency,
+            )
             client = anthropic.AsyncAnthropic(
                 api_key=self._api_key,
                 base_url=self._base_url,
@@ -79,8 +85,7 @@ class AgentWorker:
         task = dispatch.task
 
         async def emit(event: str, **fields: Any) -> None:
-            await self._store.emit(task.tenant, event, task_id=task.task_id,
-                                   trace_id=dispatch.trace_id, **fields)
+            await self._store.emit(task.tenant, event, task_id=task.task_id, trace_id=dispatch.trace_id, **fields)
 
         try:
             allowed = self._allowed_tools(task.tenant, task.tools)
@@ -98,20 +103,29 @@ class AgentWorker:
             result.attempts = dispatch.attempt
         except Exception as exc:  # a bug of ours must cost this task, never the actor
             result = AgentResult(
-                task_id=task.task_id, tenant=task.tenant, status="failed", trace_id=dispatch.trace_id,
+                task_id=task.task_id,
+                tenant=task.tenant,
+                status="failed",
+                trace_id=dispatch.trace_id,
                 error=ErrorInfo(type="InternalError", message=f"{type(exc).__name__}: {exc}"[:4000]),
             )
         finally:
             self.in_flight -= 1
         run_ms = (time.monotonic() - started) * 1000
         total_ms = max(run_ms, (time.time() - dispatch.admitted_at_unix) * 1000)
-        result.timings = Timings(queued_ms=round(dispatch.queued_ms, 3), run_ms=round(run_ms, 3),
-                                 total_ms=round(total_ms, 3))
+        result.timings = Timings(
+            queued_ms=round(dispatch.queued_ms, 3), run_ms=round(run_ms, 3), total_ms=round(total_ms, 3)
+        )
         stored, created = await self._store.write_result(result)
         if created:
-            await emit("task_end", status=stored.status, iterations=stored.iterations,
-                       usage=stored.usage.model_dump(), timings=stored.timings.model_dump(),
-                       error=stored.error.model_dump() if stored.error else None)
+            await emit(
+                "task_end",
+                status=stored.status,
+                iterations=stored.iterations,
+                usage=stored.usage.model_dump(),
+                timings=stored.timings.model_dump(),
+                error=stored.error.model_dump() if stored.error else None,
+            )
         return stored
 
     def _allowed_tools(self, tenant: str, requested: list[str]) -> set[str]:
@@ -134,15 +148,24 @@ class AgentWorker:
     async def _run_tool(self, call: ToolCall, allowed: set[str]) -> ToolOutcome:
         if call.name not in allowed:
             # The model asked for a tool this task was not given (or invented one).
-            return ToolOutcome(tool_use_id=call.tool_use_id, name=call.name, is_error=True,
-                               error_kind="not_allowed",
-                               content=f"tool {call.name!r} is not available; use one of {sorted(allowed)}")
+            return ToolOutcome(
+                tool_use_id=call.tool_use_id,
+                name=call.name,
+                is_error=True,
+                error_kind="not_allowed",
+                content=f"tool {call.name!r} is not available; use one of {sorted(allowed)}",
+            )
         executor = self._executors[next(self._next_executor)]
         try:
             return await executor.execute.remote(call)
         except ray.exceptions.RayError as exc:
-            return ToolOutcome(tool_use_id=call.tool_use_id, name=call.name, is_error=True,
-                               error_kind="crashed", content=f"tool executor failed: {type(exc).__name__}")
+            return ToolOutcome(
+                tool_use_id=call.tool_use_id,
+                name=call.name,
+                is_error=True,
+                error_kind="crashed",
+                content=f"tool executor failed: {type(exc).__name__}",
+            )
 
     def ping(self) -> int:
         return self.in_flight

@@ -1,8 +1,8 @@
 """agentpool: a distributed pool of LLM agent workers on Ray.
 
-    pool = AgentPool.start(PoolConfig())
-    results = ray.get(pool.submit([AgentTask(tenant="acme", prompt="What is 1234*5678?",
-                                             tools=["calculator"])]))
+pool = AgentPool.start(PoolConfig())
+results = ray.get(pool.submit([AgentTask(tenant="acme", prompt="What is 1234*5678?",
+                                         tools=["calculator"])]))
 """
 
 from agentpool.config import PoolConfig, RetryPolicy

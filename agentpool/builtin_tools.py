@@ -108,21 +108,57 @@ def calculator(expression: str) -> str:
 
 
 CORPUS: list[tuple[str, str]] = [
-    ("Ray (distributed computing)", "Ray is an open-source framework for scaling Python applications with tasks and actors across a cluster."),
-    ("Ray actors", "A Ray actor is a stateful worker process; method calls on an actor run in order unless the actor is async or threaded."),
-    ("Redis streams", "Redis streams are append-only logs with consumer groups, XADD to append, XREADGROUP to consume and XACK to acknowledge."),
-    ("Token bucket", "A token bucket refills at a fixed rate up to a capacity; a request proceeds when enough tokens are available."),
-    ("Circuit breaker", "A circuit breaker stops calls to a failing dependency after a failure threshold and retries after a wait in the half-open state."),
-    ("Anthropic Messages API", "The Messages API takes a list of user and assistant messages and returns content blocks such as text and tool_use."),
-    ("Prompt caching", "Prompt caching reuses a prefix of tools, system prompt and messages; cache reads are billed at a tenth of the input price."),
-    ("Exponential backoff", "Exponential backoff with jitter spreads retries out in time so that clients do not retry in lockstep after a failure."),
-    ("Load shedding", "Load shedding rejects work early when a system is overloaded so that the work it admits still finishes on time."),
-    ("OpenTelemetry", "OpenTelemetry is a vendor-neutral standard for traces, metrics and logs, with semantic conventions for generative AI."),
+    (
+        "Ray (distributed computing)",
+        "Ray is an open-source framework for scaling Python applications with tasks and actors across a cluster.",
+    ),
+    (
+        "Ray actors",
+        "A Ray actor is a stateful worker process; method calls on an actor run in order unless the actor is async or threaded.",
+    ),
+    (
+        "Redis streams",
+        "Redis streams are append-only logs with consumer groups, XADD to append, XREADGROUP to consume and XACK to acknowledge.",
+    ),
+    (
+        "Token bucket",
+        "A token bucket refills at a fixed rate up to a capacity; a request proceeds when enough tokens are available.",
+    ),
+    (
+        "Circuit breaker",
+        "A circuit breaker stops calls to a failing dependency after a failure threshold and retries after a wait in the half-open state.",
+    ),
+    (
+        "Anthropic Messages API",
+        "The Messages API takes a list of user and assistant messages and returns content blocks such as text and tool_use.",
+    ),
+    (
+        "Prompt caching",
+        "Prompt caching reuses a prefix of tools, system prompt and messages; cache reads are billed at a tenth of the input price.",
+    ),
+    (
+        "Exponential backoff",
+        "Exponential backoff with jitter spreads retries out in time so that clients do not retry in lockstep after a failure.",
+    ),
+    (
+        "Load shedding",
+        "Load shedding rejects work early when a system is overloaded so that the work it admits still finishes on time.",
+    ),
+    (
+        "OpenTelemetry",
+        "OpenTelemetry is a vendor-neutral standard for traces, metrics and logs, with semantic conventions for generative AI.",
+    ),
     ("Paris", "Paris is the capital and most populous city of France, on the Seine river."),
-    ("Mount Everest", "Mount Everest is Earth's highest mountain above sea level, at 8,849 metres, on the border of Nepal and China."),
+    (
+        "Mount Everest",
+        "Mount Everest is Earth's highest mountain above sea level, at 8,849 metres, on the border of Nepal and China.",
+    ),
     ("Python", "Python is a high-level programming language created by Guido van Rossum and first released in 1991."),
     ("Speed of light", "The speed of light in vacuum is exactly 299,792,458 metres per second."),
-    ("Jain's fairness index", "Jain's index measures fairness of allocations: 1 when all shares are equal, 1/n when one party gets everything."),
+    (
+        "Jain's fairness index",
+        "Jain's index measures fairness of allocations: 1 when all shares are equal, 1/n when one party gets everything.",
+    ),
 ]
 _WORD = re.compile(r"[a-z0-9]+")
 

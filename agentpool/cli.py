@@ -19,8 +19,7 @@ from rich.table import Table
 
 from agentpool.models import AgentResult, AgentTask
 
-app = typer.Typer(help="A distributed pool of LLM agent workers on Ray.", no_args_is_help=True,
-                  add_completion=False)
+app = typer.Typer(help="A distributed pool of LLM agent workers on Ray.", no_args_is_help=True, add_completion=False)
 # Wide enough for the summary table even when output is piped (CI logs, files).
 console = Console(width=None if sys.stdout.isatty() else 110)
 
@@ -30,10 +29,17 @@ DEMO_PROMPTS: list[tuple[str, list[str], dict[str, object]]] = [
     ("What is ({a}+{b})^2 - {a}?", ["calculator"], {}),
     ("Summarise what Redis streams are, in one line. ({i})", [], {}),
     ('sim: tool web_search {{"query": "capital of France"}}\nsim: answer Paris ({i})', ["web_search"], {}),
-    ("Give the speed of light as structured data. ({i})", [],
-     {"output_schema": {"type": "object", "properties": {"quantity": {"type": "string"},
-                                                         "value": {"type": "number"}},
-                        "required": ["quantity", "value"]}}),
+    (
+        "Give the speed of light as structured data. ({i})",
+        [],
+        {
+            "output_schema": {
+                "type": "object",
+                "properties": {"quantity": {"type": "string"}, "value": {"type": "number"}},
+                "required": ["quantity", "value"],
+            }
+        },
+    ),
     ("sim: fail 529\nsim: answer recovered after a retry ({i})", [], {}),
 ]
 
@@ -42,8 +48,11 @@ def demo_tasks(n: int, tenants: list[str]) -> list[AgentTask]:
     tasks = []
     for i in range(n):
         prompt, tools, extra = DEMO_PROMPTS[i % len(DEMO_PROMPTS)]
-        tasks.append(AgentTask(tenant=tenants[i % len(tenants)], prompt=prompt.format(i=i, a=1000 + i, b=37 + i),
-                               tools=tools, **extra))  # type: ignore[arg-type]
+        tasks.append(
+            AgentTask(
+                tenant=tenants[i % len(tenants)], prompt=prompt.format(i=i, a=1000 + i, b=37 + i), tools=tools, **extra
+            )
+        )  # type: ignore[arg-type]
     return tasks
 
 
@@ -59,7 +68,7 @@ def _run_with_progress(pool: object, tasks: list[AgentTask]) -> list[AgentResult
         bar = progress.add_task("run", total=len(refs))
         while pending:
             ready, pending = ray.wait(pending, num_returns=min(len(pending), 50), timeout=0.2)
-            for ref, value in zip(ready, ray.get(ready)):
+            for ref, value in zip(ready, ray.get(ready), strict=True):
                 results[index[ref]] = value
             progress.update(bar, advance=len(ready))
     return [r for r in results if r is not None]
@@ -78,12 +87,18 @@ def summary_table(results: list[AgentResult]) -> Table:
             statuses[r.status] += 1
         ok = statuses.pop("succeeded", 0)
         latencies = sorted(r.timings.total_ms for r in rs)
-        tokens_in = sum(r.usage.input_tokens + r.usage.cache_read_input_tokens + r.usage.cache_creation_input_tokens
-                        for r in rs)
+        tokens_in = sum(
+            r.usage.input_tokens + r.usage.cache_read_input_tokens + r.usage.cache_creation_input_tokens for r in rs
+        )
         table.add_row(
-            tenant, str(len(rs)), str(ok), ", ".join(f"{k}={v}" for k, v in sorted(statuses.items())) or "-",
-            str(sum(len(r.tool_calls) for r in rs)), f"{tokens_in}/{sum(r.usage.output_tokens for r in rs)}",
-            f"{sum(r.usage.cost_usd for r in rs):.4f}", f"{statistics.median(latencies):.0f}",
+            tenant,
+            str(len(rs)),
+            str(ok),
+            ", ".join(f"{k}={v}" for k, v in sorted(statuses.items())) or "-",
+            str(sum(len(r.tool_calls) for r in rs)),
+            f"{tokens_in}/{sum(r.usage.output_tokens for r in rs)}",
+            f"{sum(r.usage.cost_usd for r in rs):.4f}",
+            f"{statistics.median(latencies):.0f}",
             f"{latencies[int(0.95 * (len(latencies) - 1))]:.0f}",
         )
     return table
@@ -94,11 +109,15 @@ def _where_in_redis(pool: object, tenants: list[str], embedded: bool) -> None:
     prefix = pool.config.key_prefix  # type: ignore[attr-defined]
     console.print(f"\n[bold]Results in Redis[/] at {url}")
     for tenant in tenants:
-        console.print(f"  {prefix}:{{{tenant}}}:results   (stream)   {prefix}:{{{tenant}}}:result:<task_id>   "
-                      f"{prefix}:{{{tenant}}}:events")
+        console.print(
+            f"  {prefix}:{{{tenant}}}:results   (stream)   {prefix}:{{{tenant}}}:result:<task_id>   "
+            f"{prefix}:{{{tenant}}}:events"
+        )
     host_port = url.split("//", 1)[1].split("/", 1)[0]
     host, port = host_port.rsplit(":", 1)
-    console.print(f"  read them: redis-cli -h {host} -p {port} XREAD COUNT 5 STREAMS '{prefix}:{{{tenants[0]}}}:results' 0")
+    console.print(
+        f"  read them: redis-cli -h {host} -p {port} XREAD COUNT 5 STREAMS '{prefix}:{{{tenants[0]}}}:results' 0"
+    )
     if embedded:
         console.print("  (this demo's Redis is embedded and stops with it; set AGENTPOOL_REDIS_URL to keep results)")
 
@@ -120,8 +139,10 @@ def demo(
     console.print(f"[bold]agentpool demo[/]: {tasks} tasks, tenants {', '.join(names)}, against {provider}")
     started = time.monotonic()
     with AgentPool.start(config) as pool:
-        console.print(f"pool up in {time.monotonic() - started:.1f}s: {config.num_workers} workers x "
-                      f"{config.worker_concurrency} loops, {config.num_tool_executors} tool executor(s)")
+        console.print(
+            f"pool up in {time.monotonic() - started:.1f}s: {config.num_workers} workers x "
+            f"{config.worker_concurrency} loops, {config.num_tool_executors} tool executor(s)"
+        )
         batch_started = time.monotonic()
         results = _run_with_progress(pool, demo_tasks(tasks, names))
         wall = time.monotonic() - batch_started

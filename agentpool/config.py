@@ -38,9 +38,7 @@ class PoolConfig(BaseSettings):
 
     name: str = Field(default="agentpool", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
     # --- infrastructure
-    ray_address: str | None = Field(
-        default=None, validation_alias=AliasChoices("ray_address", "RAY_ADDRESS")
-    )
+    ray_address: str | None = Field(default=None, validation_alias=AliasChoices("ray_address", "RAY_ADDRESS"))
     redis_url: str | None = None
     key_prefix: str = Field(default="agentpool", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     result_ttl_s: int | None = Field(default=7 * 24 * 3600, ge=1)

@@ -21,9 +21,7 @@ ModelName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:@/-]{1,128}
 MetaValue = str | int | float | bool | None
 
 Priority = Literal["critical", "standard", "sheddable"]
-TaskStatus = Literal[
-    "succeeded", "failed", "rejected", "timed_out", "iteration_cap", "budget_exhausted", "cancelled"
-]
+TaskStatus = Literal["succeeded", "failed", "rejected", "timed_out", "iteration_cap", "budget_exhausted", "cancelled"]
 TERMINAL_STATUSES: tuple[TaskStatus, ...] = (
     "succeeded",
     "failed",
@@ -77,9 +75,7 @@ class AgentTask(_Model):
     timeout_s: float = Field(default=120.0, gt=0, le=86_400)
     output_schema: dict[str, Any] | None = None
     priority: Priority = "standard"
-    metadata: dict[Annotated[str, StringConstraints(max_length=64)], MetaValue] = Field(
-        default_factory=dict
-    )
+    metadata: dict[Annotated[str, StringConstraints(max_length=64)], MetaValue] = Field(default_factory=dict)
 
     @field_validator("tools")
     @classmethod
@@ -128,20 +124,14 @@ class Usage(_Model):
     @property
     def total_tokens(self) -> int:
         """All tokens processed: every input kind (cached or not) plus output."""
-        return (
-            self.input_tokens
-            + self.cache_read_input_tokens
-            + self.cache_creation_input_tokens
-            + self.output_tokens
-        )
+        return self.input_tokens + self.cache_read_input_tokens + self.cache_creation_input_tokens + self.output_tokens
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
             input_tokens=self.input_tokens + other.input_tokens,
             output_tokens=self.output_tokens + other.output_tokens,
             cache_read_input_tokens=self.cache_read_input_tokens + other.cache_read_input_tokens,
-            cache_creation_input_tokens=self.cache_creation_input_tokens
-            + other.cache_creation_input_tokens,
+            cache_creation_input_tokens=self.cache_creation_input_tokens + other.cache_creation_input_tokens,
             cost_usd=round(self.cost_usd + other.cost_usd, 10),
         )
 

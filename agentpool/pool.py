@@ -72,8 +72,13 @@ class AgentPool:
         config = config or PoolConfig()
         started_ray = False
         if not ray.is_initialized():
-            ray.init(address=config.ray_address, namespace=NAMESPACE, log_to_driver=False,
-                     include_dashboard=False, configure_logging=False)
+            ray.init(
+                address=config.ray_address,
+                namespace=NAMESPACE,
+                log_to_driver=False,
+                include_dashboard=False,
+                configure_logging=False,
+            )
             started_ray = True
         embedded = None
         actors: list[Any] = []
@@ -91,8 +96,9 @@ class AgentPool:
                 base_url = ray.get(simulator.start.remote())
             executor_names = [f"{config.name}-executor-{i}" for i in range(config.num_tool_executors)]
             executors = [
-                ToolExecutor.options(**_ACTOR_OPTIONS, name=name, max_concurrency=config.executor_concurrency,
-                                     namespace=NAMESPACE).remote(config.all_tool_modules, config.tool_output_max_chars)
+                ToolExecutor.options(
+                    **_ACTOR_OPTIONS, name=name, max_concurrency=config.executor_concurrency, namespace=NAMESPACE
+                ).remote(config.all_tool_modules, config.tool_output_max_chars)
                 for name in executor_names
             ]
             actors.extend(executors)
@@ -102,18 +108,28 @@ class AgentPool:
                 raise ConfigError(f"tool executors could not start: {exc}") from None
             worker_names = [f"{config.name}-worker-{i}" for i in range(config.num_workers)]
             workers = [
-                AgentWorker.options(**_ACTOR_OPTIONS, name=name, max_concurrency=config.worker_concurrency + 8,
-                                    namespace=NAMESPACE).remote(
-                    config, redis_url=redis_url, base_url=base_url, api_key=api_key,
-                    tool_defs=tool_defs, executor_names=executor_names, namespace=NAMESPACE)
+                AgentWorker.options(
+                    **_ACTOR_OPTIONS, name=name, max_concurrency=config.worker_concurrency + 8, namespace=NAMESPACE
+                ).remote(
+                    config,
+                    redis_url=redis_url,
+                    base_url=base_url,
+                    api_key=api_key,
+                    tool_defs=tool_defs,
+                    executor_names=executor_names,
+                    namespace=NAMESPACE,
+                )
                 for name in worker_names
             ]
             actors.extend(workers)
             scheduler = Scheduler.options(
-                **_ACTOR_OPTIONS, name=f"{config.name}-scheduler", namespace=NAMESPACE,
+                **_ACTOR_OPTIONS,
+                name=f"{config.name}-scheduler",
+                namespace=NAMESPACE,
                 max_concurrency=max(1000, config.max_queued + config.worker_concurrency * config.num_workers + 100),
-            ).remote(config, redis_url=redis_url, worker_names=worker_names, namespace=NAMESPACE,
-                     tool_names=list(tool_defs))
+            ).remote(
+                config, redis_url=redis_url, worker_names=worker_names, namespace=NAMESPACE, tool_names=list(tool_defs)
+            )
             actors.append(scheduler)
             ray.get([scheduler.status.remote(), *(w.ping.remote() for w in workers)])
         except BaseException:
@@ -124,8 +140,16 @@ class AgentPool:
             if started_ray:
                 ray.shutdown()
             raise
-        return cls(config, scheduler=scheduler, redis_url=redis_url, actors=actors, embedded_redis=embedded,
-                   started_ray=started_ray, simulator=simulator, provider_url=base_url)
+        return cls(
+            config,
+            scheduler=scheduler,
+            redis_url=redis_url,
+            actors=actors,
+            embedded_redis=embedded,
+            started_ray=started_ray,
+            simulator=simulator,
+            provider_url=base_url,
+        )
 
     @classmethod
     def connect(cls, name: str = "agentpool", *, address: str | None = None) -> AgentPool:

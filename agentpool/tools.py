@@ -53,9 +53,7 @@ class ToolSpec:
         try:
             parsed = self.args_model.model_validate(args)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()
-            )
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors())
             raise ToolError(
                 f"invalid arguments for {self.name}: {problems}", tool=self.name, kind="invalid_arguments"
             ) from None
@@ -99,9 +97,7 @@ def tool(
     return register(fn) if fn is not None else register
 
 
-def build_spec(
-    func: Callable[..., Any], *, name: str | None, description: str | None, timeout_s: float
-) -> ToolSpec:
+def build_spec(func: Callable[..., Any], *, name: str | None, description: str | None, timeout_s: float) -> ToolSpec:
     tool_name = name or func.__name__
     if not _NAME.match(tool_name):
         raise ConfigError(f"tool name {tool_name!r} must match {_NAME.pattern}", tool=tool_name)
@@ -114,9 +110,7 @@ def build_spec(
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             raise ConfigError(f"tool {tool_name}: *args/**kwargs are not supported", tool=tool_name)
         if param.name not in hints:
-            raise ConfigError(
-                f"tool {tool_name}: parameter {param.name!r} needs a type hint", tool=tool_name
-            )
+            raise ConfigError(f"tool {tool_name}: parameter {param.name!r} needs a type hint", tool=tool_name)
         default = ... if param.default is param.empty else param.default
         fields[param.name] = (hints[param.name], Field(default, description=arg_docs.get(param.name)))
     model = create_model(  # type: ignore[call-overload]

@@ -30,8 +30,11 @@ async def _direct(url: str, n: int, concurrency: int) -> tuple[float, list[float
     async def one(i: int) -> None:
         async with gate:
             started = time.monotonic()
-            await client.messages.create(model="claude-sonnet-4-5", max_tokens=64,
-                                         messages=[{"role": "user", "content": f"sim: answer direct {i}"}])
+            await client.messages.create(
+                model="claude-sonnet-4-5",
+                max_tokens=64,
+                messages=[{"role": "user", "content": f"sim: answer direct {i}"}],
+            )
             latencies.append((time.monotonic() - started) * 1000)
 
     started = time.monotonic()
@@ -50,8 +53,13 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
     n = 200 if quick else 2000
     sim_config = SimulatorConfig(latency_ms=20, latency_sigma=0.3, seed=7)
     with SimulatorServer(sim_config) as sim:
-        config = PoolConfig(name="bench-batch", anthropic_base_url=sim.url, anthropic_api_key="bench",
-                            num_workers=2, worker_concurrency=64)
+        config = PoolConfig(
+            name="bench-batch",
+            anthropic_base_url=sim.url,
+            anthropic_api_key="bench",
+            num_workers=2,
+            worker_concurrency=64,
+        )
         concurrency = config.num_workers * config.worker_concurrency
         direct_wall, direct_lat = asyncio.run(_direct(sim.url, n, concurrency))
         with AgentPool.start(config) as pool:
@@ -74,10 +82,18 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
     }
     out.mkdir(parents=True, exist_ok=True)
     plot = _plot(out, pool_lat, direct_lat)
-    notes = ("Latency is end to end per task (pool: admission to final record in Redis; direct: one "
-             "SDK call). Both at the same concurrency against the same in-process simulator.")
-    write(out, "batch", figures=figures, notes=notes, plots=[plot],
-          config={"n": n, "quick": quick, "simulator": sim_config.model_dump(), "concurrency": concurrency})
+    notes = (
+        "Latency is end to end per task (pool: admission to final record in Redis; direct: one "
+        "SDK call). Both at the same concurrency against the same in-process simulator."
+    )
+    write(
+        out,
+        "batch",
+        figures=figures,
+        notes=notes,
+        plots=[plot],
+        config={"n": n, "quick": quick, "simulator": sim_config.model_dump(), "concurrency": concurrency},
+    )
     return figures
 
 

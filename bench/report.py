@@ -26,8 +26,9 @@ def machine() -> dict[str, Any]:
     except (ValueError, OSError):
         pass
     try:
-        facts["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                             check=False).stdout.strip()
+        facts["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
     except OSError:
         pass
     return facts
@@ -40,12 +41,18 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def write(out: Path, name: str, *, figures: dict[str, float], config: dict[str, Any],
-          notes: str = "", plots: list[str] | None = None) -> Path:
+def write(
+    out: Path,
+    name: str,
+    *,
+    figures: dict[str, float],
+    config: dict[str, Any],
+    notes: str = "",
+    plots: list[str] | None = None,
+) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
-    path.write_text(json.dumps({"name": name, "figures": figures, "config": config, "machine": machine()},
-                               indent=2))
+    path.write_text(json.dumps({"name": name, "figures": figures, "config": config, "machine": machine()}, indent=2))
     lines = [f"# bench: {name}", "", "| figure | value |", "|---|---|"]
     lines += [f"| `{k}` | {v:.4g} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in figures.items()]
     lines += ["", notes, ""]

@@ -38,9 +38,7 @@ return {1, ARGV[1]}
 class ResultStore:
     """Async access to one pool's keys, for the scheduler and the workers."""
 
-    def __init__(
-        self, url: str, *, keys: Keys, result_ttl_s: int | None = None, stream_maxlen: int = 100_000
-    ) -> None:
+    def __init__(self, url: str, *, keys: Keys, result_ttl_s: int | None = None, stream_maxlen: int = 100_000) -> None:
         self.keys = keys
         self._url = url
         self._ttl = result_ttl_s or 0

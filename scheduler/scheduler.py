@@ -36,8 +36,9 @@ class _Waiting:
 class Scheduler:
     """Named async actor; one per pool."""
 
-    def __init__(self, config: PoolConfig, *, redis_url: str, worker_names: list[str], namespace: str,
-                 tool_names: list[str]) -> None:
+    def __init__(
+        self, config: PoolConfig, *, redis_url: str, worker_names: list[str], namespace: str, tool_names: list[str]
+    ) -> None:
         self.config = config
         self.redis_url = redis_url
         # Handles by name, so constructor arguments are plain data a restart can always reuse.
@@ -48,8 +49,12 @@ class Scheduler:
         self._slots = LeastLoaded(len(workers), config.worker_concurrency)
         self._tenant_running: Counter[str] = Counter()
         self._running: dict[str, asyncio.Future[AgentResult]] = {}
-        self._store = ResultStore(redis_url, keys=Keys(config.key_prefix),
-                                  result_ttl_s=config.result_ttl_s, stream_maxlen=config.stream_maxlen)
+        self._store = ResultStore(
+            redis_url,
+            keys=Keys(config.key_prefix),
+            result_ttl_s=config.result_ttl_s,
+            stream_maxlen=config.stream_maxlen,
+        )
         self._mean_run_s = 1.0
         self._counts: Counter[str] = Counter()
 
@@ -81,8 +86,11 @@ class Scheduler:
     async def _admit_and_run(self, task: AgentTask, trace_id: str) -> AgentResult:
         admitted_unix = time.time()
         rejection = self._admission.check(
-            task, queued=len(self._queue), in_flight=self._slots.in_flight,
-            capacity=self._slots.capacity, mean_run_s=self._mean_run_s,
+            task,
+            queued=len(self._queue),
+            in_flight=self._slots.in_flight,
+            capacity=self._slots.capacity,
+            mean_run_s=self._mean_run_s,
         )
         if rejection is not None:
             return await self._reject(task, trace_id, rejection)
@@ -93,8 +101,14 @@ class Scheduler:
             return await self._reject(task, trace_id, Overloaded("queue is full", retry_after_s=1.0))
         self._pump()
         try:
-            await self._store.emit(task.tenant, "task_admitted", task_id=task.task_id, trace_id=trace_id,
-                                   priority=task.priority, queued=len(self._queue))
+            await self._store.emit(
+                task.tenant,
+                "task_admitted",
+                task_id=task.task_id,
+                trace_id=trace_id,
+                priority=task.priority,
+                queued=len(self._queue),
+            )
             worker = await waiting.slot
         except asyncio.CancelledError:
             if not self._queue.remove(waiting) and waiting.slot.done() and not waiting.slot.cancelled():
@@ -103,8 +117,13 @@ class Scheduler:
         queued_ms = (time.monotonic() - waiting.enqueued_at) * 1000
         started = time.monotonic()
         try:
-            dispatch = Dispatch(task=task, trace_id=trace_id, traceparent=traceparent(trace_id),
-                                admitted_at_unix=admitted_unix, queued_ms=queued_ms)
+            dispatch = Dispatch(
+                task=task,
+                trace_id=trace_id,
+                traceparent=traceparent(trace_id),
+                admitted_at_unix=admitted_unix,
+                queued_ms=queued_ms,
+            )
             result: AgentResult = await self._workers[worker].run.remote(dispatch)
         except (ray.exceptions.RayError, AgentPoolError) as exc:
             result = await self._fail(task, trace_id, exc, queued_ms)
@@ -143,21 +162,34 @@ class Scheduler:
     async def _reject(self, task: AgentTask, trace_id: str, error: AgentPoolError) -> AgentResult:
         retry_after = error.fields.get("retry_after_s")
         result = AgentResult(
-            task_id=task.task_id, tenant=task.tenant, status="rejected", trace_id=trace_id,
+            task_id=task.task_id,
+            tenant=task.tenant,
+            status="rejected",
+            trace_id=trace_id,
             error=ErrorInfo(type=error.type_name, message=error.message, retryable=error.retryable),
-            retry_after_s=retry_after, attempts=0,
+            retry_after_s=retry_after,
+            attempts=0,
         )
         stored, created = await self._store.write_result(result)
         if created:
-            await self._store.emit(task.tenant, "shed" if error.retryable else "task_rejected",
-                                   task_id=task.task_id, trace_id=trace_id, error_type=error.type_name,
-                                   reason=error.fields.get("reason", error.message), retry_after_s=retry_after)
+            await self._store.emit(
+                task.tenant,
+                "shed" if error.retryable else "task_rejected",
+                task_id=task.task_id,
+                trace_id=trace_id,
+                error_type=error.type_name,
+                reason=error.fields.get("reason", error.message),
+                retry_after_s=retry_after,
+            )
         self._counts["rejected"] += 1
         return stored
 
     async def _fail(self, task: AgentTask, trace_id: str, exc: BaseException, queued_ms: float) -> AgentResult:
         result = AgentResult(
-            task_id=task.task_id, tenant=task.tenant, status="failed", trace_id=trace_id,
+            task_id=task.task_id,
+            tenant=task.tenant,
+            status="failed",
+            trace_id=trace_id,
             error=ErrorInfo(type=type(exc).__name__, message=str(exc)[:4000], retryable=True),
             timings=Timings(queued_ms=queued_ms),
         )

@@ -18,8 +18,9 @@ from cluster.redis_server import EmbeddedRedis
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
     if not ray.is_initialized():
-        ray.init(num_cpus=2, namespace="agentpool", include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        ray.init(
+            num_cpus=2, namespace="agentpool", include_dashboard=False, log_to_driver=False, configure_logging=False
+        )
     yield
     ray.shutdown()
 

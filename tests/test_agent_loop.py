@@ -29,8 +29,9 @@ class Harness:
         self.events: list[tuple[str, dict[str, Any]]] = []
         self.sleeps: list[float] = []
         sdk = anthropic.AsyncAnthropic(api_key="k", base_url=sim.url, max_retries=0)
-        self.llm = LLMClient(sdk, Backoff(retry or RetryPolicy(base_delay_s=0.5)),
-                             clock=time.monotonic, sleep=self._sleep)
+        self.llm = LLMClient(
+            sdk, Backoff(retry or RetryPolicy(base_delay_s=0.5)), clock=time.monotonic, sleep=self._sleep
+        )
         self.runner = ToolRunner(TOOLS, output_max_chars=1000)
 
     async def _sleep(self, seconds: float) -> None:
@@ -47,10 +48,14 @@ class Harness:
         t = AgentTask(**task)
         config = PoolConfig()
         loop = AgentLoop(
-            t, call_llm=self.llm.create, run_tools=self.run_tools,
+            t,
+            call_llm=self.llm.create,
+            run_tools=self.run_tools,
             tool_defs=[TOOLS[name].definition() for name in t.tools],
-            models=config.model_chain(t.model, t.fallback_models), prices=PriceTable(),
-            emit=self.emit, trace_id="trace",
+            models=config.model_chain(t.model, t.fallback_models),
+            prices=PriceTable(),
+            emit=self.emit,
+            trace_id="trace",
         )
         return await loop.run()
 
@@ -122,18 +127,25 @@ async def test_transient_errors_are_retried_honouring_retry_after(sim: Simulator
 
 async def test_fallback_to_next_model_after_attempts_run_out(sim: SimulatorServer) -> None:
     h = Harness(sim, RetryPolicy(max_attempts_per_model=2))
-    r = await h.run(prompt="sim: fail 529 always model=claude-sonnet-4-5\nsim: answer from backup",
-                    model="claude-sonnet-4-5", fallback_models=["claude-haiku-4-5"])
+    r = await h.run(
+        prompt="sim: fail 529 always model=claude-sonnet-4-5\nsim: answer from backup",
+        model="claude-sonnet-4-5",
+        fallback_models=["claude-haiku-4-5"],
+    )
     assert r.status == "succeeded" and r.model == "claude-haiku-4-5" and r.answer == "from backup"
     assert r.llm_attempts == 3
-    assert h.named("fallback") == [{"from_model": "claude-sonnet-4-5", "to_model": "claude-haiku-4-5",
-                                    "reason": h.named("fallback")[0]["reason"]}]
+    assert h.named("fallback") == [
+        {"from_model": "claude-sonnet-4-5", "to_model": "claude-haiku-4-5", "reason": h.named("fallback")[0]["reason"]}
+    ]
 
 
 async def test_model_not_found_falls_back_without_retrying(sim: SimulatorServer) -> None:
     h = Harness(sim)
-    r = await h.run(prompt="sim: fail 404 always model=claude-gone\nsim: answer ok",
-                    model="claude-gone", fallback_models=["claude-haiku-4-5"])
+    r = await h.run(
+        prompt="sim: fail 404 always model=claude-gone\nsim: answer ok",
+        model="claude-gone",
+        fallback_models=["claude-haiku-4-5"],
+    )
     assert r.status == "succeeded" and r.model == "claude-haiku-4-5" and r.llm_attempts == 2
 
 
@@ -143,8 +155,11 @@ async def test_every_model_failing_is_a_retryable_failure(sim: SimulatorServer) 
     assert r.status == "failed" and r.error.retryable and r.llm_attempts == 4
 
 
-SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
-          "required": ["city", "population"]}
+SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+    "required": ["city", "population"],
+}
 
 
 async def test_structured_output_is_validated(sim: SimulatorServer) -> None:
@@ -170,10 +185,15 @@ async def test_structured_output_that_never_validates_hits_the_cap(sim: Simulato
 
 async def test_tool_errors_go_back_to_the_model(sim: SimulatorServer) -> None:
     h = Harness(sim)
-    prompt = ('sim: tool explode {}\nsim: tool calculator {"expr": 1}\nsim: tool hang_async {}\n'
-              'sim: tool nosuch {}\nsim: answer survived')
+    prompt = (
+        'sim: tool explode {}\nsim: tool calculator {"expr": 1}\nsim: tool hang_async {}\n'
+        "sim: tool nosuch {}\nsim: answer survived"
+    )
     r = await h.run(prompt=prompt, tools=["explode", "calculator", "hang_async"])
     assert r.status == "succeeded" and r.answer == "survived"
     assert [(c.name, c.error_kind) for c in r.tool_calls] == [
-        ("explode", "error"), ("calculator", "invalid_arguments"), ("hang_async", "timeout"),
-        ("nosuch", "unknown_tool")]
+        ("explode", "error"),
+        ("calculator", "invalid_arguments"),
+        ("hang_async", "timeout"),
+        ("nosuch", "unknown_tool"),
+    ]

@@ -37,14 +37,18 @@ def test_errors_round_trip(cls: type[AgentPoolError], dumps) -> None:  # type: i
 TASK = AgentTask(tenant="acme", prompt="hi", tools=["calculator"], output_schema={"type": "object"})
 MODELS = [
     TASK,
-    AgentResult(task_id="t", tenant="acme", status="rejected", retry_after_s=2.0,
-                error=ErrorInfo(type="Overloaded", message="full", retryable=True),
-                usage=Usage(input_tokens=3, cost_usd=0.1),
-                tool_calls=[ToolCallSummary(tool_use_id="x", name="calc", ok=False, error_kind="timeout")]),
+    AgentResult(
+        task_id="t",
+        tenant="acme",
+        status="rejected",
+        retry_after_s=2.0,
+        error=ErrorInfo(type="Overloaded", message="full", retryable=True),
+        usage=Usage(input_tokens=3, cost_usd=0.1),
+        tool_calls=[ToolCallSummary(tool_use_id="x", name="calc", ok=False, error_kind="timeout")],
+    ),
     TenantPolicy(max_concurrency=3, allowed_tools=["calculator"]),
     PoolConfig(tool_modules=["x.y"], anthropic_api_key="sk-secret"),
-    Dispatch(task=TASK, trace_id="a" * 32, traceparent="00-" + "a" * 32 + "-" + "b" * 16 + "-01",
-             admitted_at_unix=1.0),
+    Dispatch(task=TASK, trace_id="a" * 32, traceparent="00-" + "a" * 32 + "-" + "b" * 16 + "-01", admitted_at_unix=1.0),
     ToolCall(task_id="t", tenant="acme", tool_use_id="u", name="calc", arguments={"a": 1}),
     ToolOutcome(tool_use_id="u", name="calc", content="3"),
 ]

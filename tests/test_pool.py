@@ -63,7 +63,7 @@ def test_a_batch_across_two_tenants(pool: AgentPool, redis_url: str) -> None:
     results: list[AgentResult] = ray.get(refs)
     assert [r.task_id for r in results] == [t.task_id for t in tasks]  # input order
     assert {r.status for r in results} == {"succeeded"}, [r.error for r in results if not r.ok]
-    for task, r in zip(tasks, results):
+    for task, r in zip(tasks, results, strict=True):
         assert r.tenant == task.tenant and r.trace_id and len(r.trace_id) == 32
         assert r.usage.cost_usd > 0 and r.timings.total_ms >= r.timings.run_ms > 0
         if task.prompt.startswith("What is"):
@@ -97,26 +97,38 @@ def test_the_same_task_id_twice_runs_once(pool: AgentPool, redis_url: str) -> No
 
 
 def test_tenant_tool_allowlist_and_invented_tools(pool: AgentPool) -> None:
-    denied, invented = pool.run([
-        AgentTask(tenant="beta", prompt="search", tools=["web_search"]),
-        AgentTask(tenant="acme", prompt='sim: tool explode {}\nsim: answer ok', tools=["calculator"]),
-    ])
+    denied, invented = pool.run(
+        [
+            AgentTask(tenant="beta", prompt="search", tools=["web_search"]),
+            AgentTask(tenant="acme", prompt="sim: tool explode {}\nsim: answer ok", tools=["calculator"]),
+        ]
+    )
     assert denied.status == "rejected" and denied.error.type == "UnknownTool" and not denied.error.retryable
     assert invented.status == "succeeded" and invented.tool_calls[0].error_kind == "not_allowed"
 
 
 def test_each_stop_reason_surfaces_through_the_pool(pool: AgentPool) -> None:
     tool_loop = "\n".join(['sim: tool shout {"text": "a"}'] * 5)
-    results = pool.run([
-        AgentTask(tenant="acme", prompt=tool_loop, tools=["shout"], max_iterations=2),
-        AgentTask(tenant="acme", prompt=tool_loop + "\nsim: output_tokens 50", tools=["shout"], token_budget=200),
-        AgentTask(tenant="acme", prompt="sim: delay 3000\nsim: answer late", timeout_s=0.5),
-        AgentTask(tenant="acme", prompt="sim: fail 400 always"),
-        AgentTask(tenant="acme", prompt="sim: fail 529\nsim: answer recovered"),
-        AgentTask(tenant="acme", prompt='sim: answer {"n": 3}', output_schema={"type": "object", "required": ["n"]}),
-    ])
+    results = pool.run(
+        [
+            AgentTask(tenant="acme", prompt=tool_loop, tools=["shout"], max_iterations=2),
+            AgentTask(tenant="acme", prompt=tool_loop + "\nsim: output_tokens 50", tools=["shout"], token_budget=200),
+            AgentTask(tenant="acme", prompt="sim: delay 3000\nsim: answer late", timeout_s=0.5),
+            AgentTask(tenant="acme", prompt="sim: fail 400 always"),
+            AgentTask(tenant="acme", prompt="sim: fail 529\nsim: answer recovered"),
+            AgentTask(
+                tenant="acme", prompt='sim: answer {"n": 3}', output_schema={"type": "object", "required": ["n"]}
+            ),
+        ]
+    )
     assert [r.status for r in results] == [
-        "iteration_cap", "budget_exhausted", "timed_out", "failed", "succeeded", "succeeded"]
+        "iteration_cap",
+        "budget_exhausted",
+        "timed_out",
+        "failed",
+        "succeeded",
+        "succeeded",
+    ]
     assert results[4].llm_attempts == 2 and results[5].answer == {"n": 3}
     assert results[2].timings.run_ms < 2000
 
@@ -129,8 +141,14 @@ def test_invalid_input_is_refused_before_anything_is_sent(pool: AgentPool) -> No
 
 
 def test_strict_tenants_and_full_queue_reject_fast(redis_url: str) -> None:
-    cfg = config(redis_url, strict_tenants=True, tenants={"acme": TenantPolicy()}, num_workers=1,
-                 worker_concurrency=1, max_queued=2)
+    cfg = config(
+        redis_url,
+        strict_tenants=True,
+        tenants={"acme": TenantPolicy()},
+        num_workers=1,
+        worker_concurrency=1,
+        max_queued=2,
+    )
     with AgentPool.start(cfg) as p:
         slow = [AgentTask(tenant="acme", prompt=f"sim: delay 300\nsim: answer {i}") for i in range(6)]
         refs = p.submit(slow)
@@ -142,8 +160,13 @@ def test_strict_tenants_and_full_queue_reject_fast(redis_url: str) -> None:
         shed = [r for r in results if r.status == "rejected"]
         assert all(r.error.type == "Overloaded" and r.error.retryable and r.retry_after_s > 0 for r in shed)
         assert {r.task_id for r in p.results("acme").read()} == {t.task_id for t in slow}
-        shed_events = [json.loads(f["data"]) for _, f in redis.Redis.from_url(redis_url, decode_responses=True)
-                       .xrange(f"{cfg.key_prefix}:{{acme}}:events") if f["event"] == "shed"]
+        shed_events = [
+            json.loads(f["data"])
+            for _, f in redis.Redis.from_url(redis_url, decode_responses=True).xrange(
+                f"{cfg.key_prefix}:{{acme}}:events"
+            )
+            if f["event"] == "shed"
+        ]
         assert len(shed_events) == len(shed) and shed_events[0]["reason"] == "queue_full"
     with pytest.raises(PoolNotRunning):
         p.submit([AgentTask(tenant="acme", prompt="late")])

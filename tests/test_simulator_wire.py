@@ -35,17 +35,23 @@ async def test_text_answer_with_usage_and_ids(sim: SimulatorServer) -> None:
 async def test_tool_use_then_answer_quotes_result_and_caches_prefix(sim: SimulatorServer) -> None:
     c = client(sim)
     tools = [{**CALC, "cache_control": {"type": "ephemeral"}}]
-    first = await c.messages.create(model="m", max_tokens=100, tools=tools,
-                                    messages=[{"role": "user", "content": "What is 6*7?"}])
+    first = await c.messages.create(
+        model="m", max_tokens=100, tools=tools, messages=[{"role": "user", "content": "What is 6*7?"}]
+    )
     assert first.stop_reason == "tool_use"
     call = first.content[0]
     assert call.type == "tool_use" and call.name == "calculator" and call.input == {"expression": "6*7"}
     assert first.usage.cache_creation_input_tokens > 0
-    second = await c.messages.create(model="m", max_tokens=100, tools=tools, messages=[
-        {"role": "user", "content": "What is 6*7?"},
-        {"role": "assistant", "content": [call.model_dump(exclude_none=True)]},
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "42"}]},
-    ])
+    second = await c.messages.create(
+        model="m",
+        max_tokens=100,
+        tools=tools,
+        messages=[
+            {"role": "user", "content": "What is 6*7?"},
+            {"role": "assistant", "content": [call.model_dump(exclude_none=True)]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "42"}]},
+        ],
+    )
     assert second.stop_reason == "end_turn" and "42" in second.content[0].text
     assert second.usage.cache_read_input_tokens == first.usage.cache_creation_input_tokens
 
@@ -61,8 +67,10 @@ async def test_tool_directives_run_in_order(sim: SimulatorServer) -> None:
             break
         block = msg.content[0]
         names.append((block.name, block.input))
-        messages += [{"role": "assistant", "content": [block.model_dump(exclude_none=True)]},
-                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": block.id, "content": "ok"}]}]
+        messages += [
+            {"role": "assistant", "content": [block.model_dump(exclude_none=True)]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": block.id, "content": "ok"}]},
+        ]
     assert names == [("a", {"x": 1}), ("b", {"y": 2})]
     assert msg.content[0].text == "done"
 
@@ -96,14 +104,17 @@ async def test_each_error_status_has_anthropic_shape(
     if status in (400, 401, 403, 404, 413):
         assert headers["x-should-retry"] == "false"
     # "fail the first attempt": the same request now succeeds
-    again = await c.messages.create(model="m", max_tokens=10, messages=[{"role": "user", "content": f"sim: fail {status}"}])
+    again = await c.messages.create(
+        model="m", max_tokens=10, messages=[{"role": "user", "content": f"sim: fail {status}"}]
+    )
     assert again.stop_reason == "end_turn"
 
 
 def test_missing_api_key_is_401(sim: SimulatorServer) -> None:
     body = json.dumps({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
-    request = urllib.request.Request(f"{sim.url}/v1/messages", data=body.encode(), method="POST",
-                                     headers={"content-type": "application/json"})
+    request = urllib.request.Request(
+        f"{sim.url}/v1/messages", data=body.encode(), method="POST", headers={"content-type": "application/json"}
+    )
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(request)
     assert info.value.code == 401
@@ -112,8 +123,7 @@ def test_missing_api_key_is_401(sim: SimulatorServer) -> None:
 
 async def test_invalid_request_is_400(sim: SimulatorServer) -> None:
     with pytest.raises(anthropic.BadRequestError, match="first message"):
-        await client(sim).messages.create(model="m", max_tokens=10,
-                                          messages=[{"role": "assistant", "content": "hi"}])
+        await client(sim).messages.create(model="m", max_tokens=10, messages=[{"role": "assistant", "content": "hi"}])
 
 
 async def test_server_side_rpm_limit_answers_429_with_headers(sim: SimulatorServer) -> None:
@@ -121,7 +131,8 @@ async def test_server_side_rpm_limit_answers_429_with_headers(sim: SimulatorServ
     c = client(sim)
     for _ in range(2):
         ok = await c.messages.with_raw_response.create(
-            model="m", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
+            model="m", max_tokens=10, messages=[{"role": "user", "content": "hi"}]
+        )
         assert ok.headers["anthropic-ratelimit-requests-limit"] == "2"
         assert "anthropic-ratelimit-input-tokens-remaining" in ok.headers
     with pytest.raises(anthropic.RateLimitError) as info:
@@ -129,7 +140,7 @@ async def test_server_side_rpm_limit_answers_429_with_headers(sim: SimulatorServ
     headers = info.value.response.headers
     assert headers["anthropic-ratelimit-requests-remaining"] == "0"
     assert 1 <= int(headers["retry-after"]) <= 30
-    stats = json.loads(urllib.request.urlopen(f"{sim.url}/sim/stats").read())
+    stats = sim.sim.stats_json()
     assert stats["rate_limited"] == 1 and stats["responses"]["200"] == 2
 
 
@@ -145,14 +156,16 @@ async def test_output_tokens_limit_counts_max_tokens_then_refunds(sim: Simulator
 
 async def test_max_tokens_truncates(sim: SimulatorServer) -> None:
     msg = await client(sim).messages.create(
-        model="m", max_tokens=2, messages=[{"role": "user", "content": "sim: answer " + "word " * 50}])
+        model="m", max_tokens=2, messages=[{"role": "user", "content": "sim: answer " + "word " * 50}]
+    )
     assert msg.stop_reason == "max_tokens" and msg.usage.output_tokens == 2
 
 
 async def test_streaming_and_count_tokens(sim: SimulatorServer) -> None:
     c = client(sim)
-    async with c.messages.stream(model="m", max_tokens=50,
-                                 messages=[{"role": "user", "content": "sim: answer streamed"}]) as stream:
+    async with c.messages.stream(
+        model="m", max_tokens=50, messages=[{"role": "user", "content": "sim: answer streamed"}]
+    ) as stream:
         final = await stream.get_final_message()
     assert final.content[0].text == "streamed" and final.usage.output_tokens > 0
     count = await c.messages.count_tokens(model="m", messages=[{"role": "user", "content": "hello world!"}])
@@ -161,8 +174,9 @@ async def test_streaming_and_count_tokens(sim: SimulatorServer) -> None:
 
 async def test_bad_directive_is_400(sim: SimulatorServer) -> None:
     with pytest.raises(anthropic.BadRequestError, match="not JSON"):
-        await client(sim).messages.create(model="m", max_tokens=10,
-                                          messages=[{"role": "user", "content": "sim: tool calc {oops"}])
+        await client(sim).messages.create(
+            model="m", max_tokens=10, messages=[{"role": "user", "content": "sim: tool calc {oops"}]
+        )
 
 
 def test_fault_injection_is_seeded_and_counted() -> None:

@@ -26,8 +26,9 @@ def test_key_layout_matches_the_contract() -> None:
     assert k.usage("acme", "2026-11-21") == "agentpool:{acme}:usage:2026-11-21"
 
 
-async def test_same_task_twice_gives_one_record_and_one_entry(redis_url: str, key_prefix: str,
-                                                              redis_client: redis.Redis) -> None:
+async def test_same_task_twice_gives_one_record_and_one_entry(
+    redis_url: str, key_prefix: str, redis_client: redis.Redis
+) -> None:
     store = ResultStore(redis_url, keys=Keys(key_prefix), result_ttl_s=60)
     first, created1 = await store.write_result(result("t1", answer="first"))
     second, created2 = await store.write_result(result("t1", answer="second"))
@@ -38,8 +39,9 @@ async def test_same_task_twice_gives_one_record_and_one_entry(redis_url: str, ke
     await store.close()
 
 
-async def test_concurrent_writers_race_to_one_record(redis_url: str, key_prefix: str,
-                                                     redis_client: redis.Redis) -> None:
+async def test_concurrent_writers_race_to_one_record(
+    redis_url: str, key_prefix: str, redis_client: redis.Redis
+) -> None:
     stores = [ResultStore(redis_url, keys=Keys(key_prefix)) for _ in range(5)]
     outs = await asyncio.gather(*(s.write_result(result("race", answer=str(i))) for i, s in enumerate(stores * 4)))
     assert sum(created for _, created in outs) == 1
@@ -50,8 +52,10 @@ async def test_concurrent_writers_race_to_one_record(redis_url: str, key_prefix:
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ids=st.lists(st.sampled_from(["a", "b", "c", "d", "e"]), max_size=30),
-       tenants=st.lists(st.sampled_from(["acme", "beta"]), min_size=30, max_size=30))
+@given(
+    ids=st.lists(st.sampled_from(["a", "b", "c", "d", "e"]), max_size=30),
+    tenants=st.lists(st.sampled_from(["acme", "beta"]), min_size=30, max_size=30),
+)
 def test_writes_are_idempotent_per_task_id(redis_url: str, ids: list[str], tenants: list[str]) -> None:
     import uuid
 
@@ -59,13 +63,13 @@ def test_writes_are_idempotent_per_task_id(redis_url: str, ids: list[str], tenan
 
     async def go() -> None:
         store = ResultStore(redis_url, keys=keys)
-        for task_id, tenant in zip(ids, tenants):
+        for task_id, tenant in zip(ids, tenants[: len(ids)], strict=True):
             await store.write_result(result(task_id, tenant=tenant))
         await store.close()
 
     asyncio.run(go())
     client = redis.Redis.from_url(redis_url)
-    written = {(t, i) for i, t in zip(ids, tenants)}
+    written = {(t, i) for i, t in zip(ids, tenants[: len(ids)], strict=True)}
     for tenant in ("acme", "beta"):
         # one entry per distinct (tenant, task_id), and never another tenant's task in a stream
         assert client.xlen(keys.results(tenant)) == len({i for t, i in written if t == tenant})
@@ -75,7 +79,7 @@ def test_writes_are_idempotent_per_task_id(redis_url: str, ids: list[str], tenan
 async def test_events_are_structured(redis_url: str, key_prefix: str, redis_client: redis.Redis) -> None:
     store = ResultStore(redis_url, keys=Keys(key_prefix))
     await store.emit("acme", "llm_call", task_id="t1", trace_id="abc", iteration=1, model="m")
-    (_, fields), = redis_client.xrange(Keys(key_prefix).events("acme"))
+    ((_, fields),) = redis_client.xrange(Keys(key_prefix).events("acme"))
     assert fields["event"] == "llm_call" and fields["trace_id"] == "abc" and fields["task_id"] == "t1"
     assert '"iteration":1' in fields["data"]
     await store.close()

@@ -50,9 +50,7 @@ class Verdict:
 class ModelLimits:
     """The three buckets of one model; `admit` takes from all or from none."""
 
-    def __init__(
-        self, rpm: int | None, itpm: int | None, otpm: int | None, clock: Callable[[], float]
-    ) -> None:
+    def __init__(self, rpm: int | None, itpm: int | None, otpm: int | None, clock: Callable[[], float]) -> None:
         self.buckets: dict[str, ServerBucket] = {}
         for dim, limit in (("requests", rpm), ("input-tokens", itpm), ("output-tokens", otpm)):
             if limit is not None:
@@ -81,7 +79,7 @@ class ModelLimits:
 
         out: dict[str, str] = {}
         for dim, bucket in self.buckets.items():
-            reset = dt.datetime.fromtimestamp(now_unix + bucket.full_in_s(), tz=dt.timezone.utc)
+            reset = dt.datetime.fromtimestamp(now_unix + bucket.full_in_s(), tz=dt.UTC)
             out[f"anthropic-ratelimit-{dim}-limit"] = str(bucket.limit)
             out[f"anthropic-ratelimit-{dim}-remaining"] = str(max(0, math.floor(bucket.level())))
             out[f"anthropic-ratelimit-{dim}-reset"] = reset.isoformat().replace("+00:00", "Z")

@@ -114,9 +114,7 @@ def _parse_fail(rest: str) -> FailSpec:
 def _text_of(content: Any) -> str:
     if isinstance(content, str):
         return content
-    return "\n".join(
-        b.get("text", "") for b in content if isinstance(b, dict) and b.get("type") == "text"
-    )
+    return "\n".join(b.get("text", "") for b in content if isinstance(b, dict) and b.get("type") == "text")
 
 
 def system_text(body: dict[str, Any]) -> str:

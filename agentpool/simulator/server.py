@@ -109,9 +109,7 @@ class Simulator:
         if messages[0]["role"] != "user":
             raise _ApiError(400, "messages: the first message must use the user role")
         tools = body.get("tools", [])
-        if not isinstance(tools, list) or any(
-            not isinstance(t, dict) or "name" not in t for t in tools
-        ):
+        if not isinstance(tools, list) or any(not isinstance(t, dict) or "name" not in t for t in tools):
             raise _ApiError(400, "tools: each tool needs a name")
 
     def count_input(self, body: dict[str, Any]) -> tuple[int, int]:
@@ -334,9 +332,7 @@ class SimulatorServer:
     and the CLI); `await start_async()` serves on the running loop (inside an async actor).
     """
 
-    def __init__(
-        self, config: SimulatorConfig | None = None, *, host: str = "127.0.0.1", port: int = 0
-    ) -> None:
+    def __init__(self, config: SimulatorConfig | None = None, *, host: str = "127.0.0.1", port: int = 0) -> None:
         self.sim = Simulator(config)
         self.host = host
         self.port = port
