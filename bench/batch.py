@@ -28,8 +28,8 @@ async def _direct(url: str, n: int, concurrency: int) -> tuple[float, list[float
     latencies: list[float] = []
 
     async def one(i: int) -> None:
+        started = time.monotonic()  # from submission, like the pool's total_ms: queue wait included
         async with gate:
-            started = time.monotonic()
             await client.messages.create(
                 model="claude-sonnet-4-5",
                 max_tokens=64,

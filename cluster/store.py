@@ -49,8 +49,13 @@ class ResultStore:
     @property
     def redis(self) -> aioredis.Redis:
         # Created lazily, on first use, so that the client binds to the actor's event loop.
+        # A blocking pool: under a burst (thousands of tasks admitted at once) callers wait for
+        # a free connection instead of failing with "Too many connections".
         if self._redis is None:
-            self._redis = aioredis.from_url(self._url, decode_responses=True)
+            pool = aioredis.BlockingConnectionPool.from_url(
+                self._url, decode_responses=True, max_connections=64, timeout=60
+            )
+            self._redis = aioredis.Redis(connection_pool=pool)
             self._script = self._redis.register_script(_WRITE_ONCE)
         return self._redis
 

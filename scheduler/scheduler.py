@@ -72,8 +72,11 @@ class Scheduler:
         future: asyncio.Future[AgentResult] = asyncio.get_running_loop().create_future()
         self._running[task.task_id] = future
         try:
-            existing = await self._store.get_result(task.tenant, task.task_id)
-            result = existing if existing is not None else await self._admit_and_run(task, trace_id)
+            try:
+                existing = await self._store.get_result(task.tenant, task.task_id)
+                result = existing if existing is not None else await self._admit_and_run(task, trace_id)
+            except Exception as exc:  # ray.get must never raise for a task: report it as a result
+                result = await self._fail(task, trace_id, exc, 0.0)
             future.set_result(result)
             return result
         except BaseException as exc:
@@ -193,7 +196,10 @@ class Scheduler:
             error=ErrorInfo(type=type(exc).__name__, message=str(exc)[:4000], retryable=True),
             timings=Timings(queued_ms=queued_ms),
         )
-        stored, _ = await self._store.write_result(result)
+        try:
+            stored, _ = await self._store.write_result(result)
+        except Exception:  # Redis itself failed: the caller still gets the result
+            return result
         return stored
 
     def status(self) -> dict[str, Any]:
