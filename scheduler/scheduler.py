@@ -113,7 +113,7 @@ class Scheduler:
                 queued=len(self._queue),
             )
             worker = await waiting.slot
-        except asyncio.CancelledError:
+        except BaseException:  # cancelled, or the event write failed: give back place and slot
             if not self._queue.remove(waiting) and waiting.slot.done() and not waiting.slot.cancelled():
                 self._release(task.tenant, waiting.slot.result())
             raise
