@@ -148,24 +148,14 @@ class AgentWorker:
     async def _run_tool(self, call: ToolCall, allowed: set[str]) -> ToolOutcome:
         if call.name not in allowed:
             # The model asked for a tool this task was not given (or invented one).
-            return ToolOutcome(
-                tool_use_id=call.tool_use_id,
-                name=call.name,
-                is_error=True,
-                error_kind="not_allowed",
-                content=f"tool {call.name!r} is not available; use one of {sorted(allowed)}",
+            return ToolOutcome.failure(
+                call, "not_allowed", f"tool {call.name!r} is not available; use one of {sorted(allowed)}"
             )
         executor = self._executors[next(self._next_executor)]
         try:
             return await executor.execute.remote(call)
         except ray.exceptions.RayError as exc:
-            return ToolOutcome(
-                tool_use_id=call.tool_use_id,
-                name=call.name,
-                is_error=True,
-                error_kind="crashed",
-                content=f"tool executor failed: {type(exc).__name__}",
-            )
+            return ToolOutcome.failure(call, "crashed", f"tool executor failed: {type(exc).__name__}")
 
     def ping(self) -> int:
         return self.in_flight

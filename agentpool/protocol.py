@@ -57,6 +57,11 @@ class ToolOutcome(BaseModel):
     error_kind: str | None = None
     duration_ms: float = Field(default=0.0, ge=0)
 
+    @classmethod
+    def failure(cls, call: ToolCall, kind: str, content: str) -> ToolOutcome:
+        """An error outcome for a call that never produced a result of its own."""
+        return cls(tool_use_id=call.tool_use_id, name=call.name, content=content, is_error=True, error_kind=kind)
+
     def as_block(self) -> dict[str, Any]:
         block: dict[str, Any] = {
             "type": "tool_result",
