@@ -17,7 +17,7 @@ from typing import Any
 from jsonschema import Draft202012Validator
 
 from actors.llm import Emit, LLMResponse
-from agentpool.errors import ProviderError
+from agentpool.errors import BudgetExceeded, ProviderError
 from agentpool.models import AgentResult, AgentTask, ErrorInfo, TaskStatus, ToolCallSummary, Usage
 from agentpool.pricing import PriceTable
 from agentpool.protocol import ToolCall, ToolOutcome
@@ -71,6 +71,12 @@ class AgentLoop:
                     type="Timeout", message=f"task exceeded timeout_s={self.task.timeout_s}", retryable=True
                 ),
             )
+        except BudgetExceeded as exc:  # the tenant's daily budget ran out between two calls
+            result = self._result(
+                "budget_exhausted", error=ErrorInfo(type=exc.type_name, message=exc.message, retryable=True)
+            )
+            result.retry_after_s = exc.fields.get("retry_after_s")
+            return result
         except ProviderError as exc:
             self.attempts += int(exc.fields.get("attempts") or 0)
             return self._result(

@@ -7,9 +7,9 @@ and, later, through the rate limiter; the retry rules live in `backoff.py`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import anthropic
 
@@ -18,6 +18,28 @@ from agentpool.errors import ProviderError
 
 Emit = Callable[..., Awaitable[None]]
 Sleep = Callable[[float], Awaitable[None]]
+
+
+class CallGate(Protocol):
+    """What every attempt passes through: rate permits and budget reservations.
+
+    `before` may wait (rate limits) or raise `BudgetExceeded`; exactly one of `after` (the
+    attempt ended, with the response's usage or without one) and `abandon` (cancelled
+    mid-flight) follows every `before` that returned.
+    """
+
+    async def before(self, model: str, request: dict[str, Any]) -> Any: ...
+
+    async def after(
+        self,
+        ticket: Any,
+        *,
+        usage: dict[str, Any] | None,
+        headers: Mapping[str, str] | None,
+        retry_after_s: float | None,
+    ) -> None: ...
+
+    def abandon(self, ticket: Any) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -44,11 +66,16 @@ class LLMClient:
         self._clock = clock
         self._sleep = sleep
 
-    async def create(self, request: dict[str, Any], models: list[str], emit: Emit) -> LLMResponse:
+    async def create(
+        self, request: dict[str, Any], models: list[str], emit: Emit, gate: CallGate | None = None
+    ) -> LLMResponse:
         """Returns the first successful response along the model chain.
+
+        Every attempt, retries included, passes `gate` (rate permits, budgets) before it is sent.
 
         Raises:
             ProviderError: When the error is not retryable, or every model's attempts failed.
+            BudgetExceeded: When the gate finds the tenant's daily budget spent.
         """
         attempts = 0
         last: ProviderError | None = None
@@ -60,11 +87,21 @@ class LLMClient:
                 )
             for attempt in range(1, max_attempts + 1):
                 attempts += 1
+                ticket = await gate.before(model, request) if gate is not None else None
                 started = self._clock()
                 try:
-                    message = await self._client.messages.create(**request, model=model)
+                    raw = await self._client.messages.with_raw_response.create(**request, model=model)
+                    message = await raw.parse()
                 except (anthropic.APIError, OSError) as exc:
                     decision = classify(exc)
+                    if gate is not None:
+                        response = getattr(exc, "response", None)
+                        await gate.after(
+                            ticket,
+                            usage=None,
+                            headers=response.headers if response is not None else None,
+                            retry_after_s=(decision.retry_after_s or 1.0) if decision.status_code == 429 else None,
+                        )
                     last = ProviderError(
                         f"{decision.error_type}: {decision.message}",
                         status_code=decision.status_code,
@@ -88,7 +125,14 @@ class LLMClient:
                     )
                     await self._sleep(delay)
                     continue
+                except BaseException:  # cancelled (task timeout) while the request was in flight
+                    if gate is not None:
+                        gate.abandon(ticket)
+                    raise
                 latency_ms = (self._clock() - started) * 1000
-                return LLMResponse(message.model_dump(mode="json", exclude_none=True), model, attempts, latency_ms)
+                body = message.model_dump(mode="json", exclude_none=True)
+                if gate is not None:
+                    await gate.after(ticket, usage=body.get("usage"), headers=raw.headers, retry_after_s=None)
+                return LLMResponse(body, model, attempts, latency_ms)
         assert last is not None  # the loop ran at least once and only breaks after a failure
         raise last

@@ -8,6 +8,7 @@ worker has nothing to recover.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import time
 from typing import Any
@@ -18,6 +19,7 @@ import ray
 
 from actors.agent_loop import AgentLoop
 from actors.backoff import Backoff
+from actors.gate import TaskGate
 from actors.llm import LLMClient
 from agentpool.config import PoolConfig
 from agentpool.models import AgentResult, ErrorInfo, Timings
@@ -25,6 +27,7 @@ from agentpool.pricing import PriceTable
 from agentpool.protocol import Dispatch, ToolCall, ToolOutcome
 from cluster.keys import Keys
 from cluster.store import ResultStore
+from scheduler.budgets import BudgetLedger
 
 
 @ray.remote
@@ -41,6 +44,7 @@ class AgentWorker:
         tool_defs: dict[str, dict[str, Any]],
         executor_names: list[str],
         namespace: str,
+        limiter_name: str,
     ) -> None:
         self.config = config
         self._base_url = base_url
@@ -57,6 +61,11 @@ class AgentWorker:
             result_ttl_s=config.result_ttl_s,
             stream_maxlen=config.stream_maxlen,
         )
+        self._limiter = ray.get_actor(limiter_name, namespace=namespace)
+        self._ledger = BudgetLedger(
+            lambda: self._store.redis, self._store.keys, reservation_ttl_s=config.lease_expiry_s
+        )
+        self._holder = ray.get_runtime_context().get_actor_id() or "worker"
         self._llm: LLMClient | None = None
         self.in_flight = 0
 
@@ -89,9 +98,19 @@ class AgentWorker:
 
         try:
             allowed = self._allowed_tools(task.tenant, task.tools)
+            gate = TaskGate(
+                limiter=self._limiter,
+                ledger=self._ledger,
+                prices=self._prices,
+                tenant=task.tenant,
+                policy=self.config.policy_for(task.tenant) or self.config.default_tenant_policy,
+                priority=task.priority,
+                chars_per_token=self.config.input_chars_per_token,
+                holder=self._holder,
+            )
             loop = AgentLoop(
                 task,
-                call_llm=self._client().create,
+                call_llm=functools.partial(self._client().create, gate=gate),
                 run_tools=lambda calls: self._run_tools(calls, allowed),
                 tool_defs=[self._tool_defs[name] for name in task.tools if name in allowed],
                 models=self._models(task.tenant, task.model, task.fallback_models),

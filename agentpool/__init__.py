@@ -20,7 +20,16 @@ from agentpool.errors import (
     UnknownTenant,
     UnknownTool,
 )
-from agentpool.models import AgentResult, AgentTask, ErrorInfo, TenantPolicy, Timings, ToolCallSummary, Usage
+from agentpool.models import (
+    AgentResult,
+    AgentTask,
+    ErrorInfo,
+    RateLimit,
+    TenantPolicy,
+    Timings,
+    ToolCallSummary,
+    Usage,
+)
 from agentpool.pool import AgentPool
 from agentpool.simulator.config import SimulatorConfig
 from agentpool.tools import tool
@@ -39,6 +48,7 @@ __all__ = [
     "PoolNotRunning",
     "ProviderError",
     "QuotaExceeded",
+    "RateLimit",
     "RetryLater",
     "RetryPolicy",
     "SimulatorConfig",

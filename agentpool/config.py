@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import AliasChoices, BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from agentpool.models import ModelName, TenantName, TenantPolicy
+from agentpool.models import ModelName, RateLimit, TenantName, TenantPolicy
 from agentpool.pricing import ModelPrice
 from agentpool.simulator.config import SimulatorConfig
 
@@ -23,6 +25,23 @@ class RetryPolicy(BaseModel):
     base_delay_s: float = Field(default=0.5, ge=0, le=60)
     max_delay_s: float = Field(default=20.0, ge=0, le=600)
     jitter: float = Field(default=0.5, ge=0, le=1)
+
+
+class AdmissionConfig(BaseModel):
+    """Load shedding at admission and in the queue.
+
+    A task is rejected at once when its predicted queue wait exceeds its `deadline_s` or
+    `max_queue_wait_s`. Overload is detected CoDel-style: when even the shortest queue wait
+    seen over `interval_s` stays above `target_wait_s`, a standing queue has formed; new
+    `sheddable` tasks are then rejected, and after `escalate_intervals` such intervals in a
+    row `standard` ones too. `critical` tasks are refused only when the queue is full, and
+    then a queued task of a lower class makes room for them.
+    """
+
+    max_queue_wait_s: float = Field(default=60.0, gt=0, le=86_400)
+    target_wait_s: float = Field(default=0.5, gt=0, le=3600)
+    interval_s: float = Field(default=2.0, gt=0, le=3600)
+    escalate_intervals: int = Field(default=3, ge=1, le=1000)
 
 
 class PoolConfig(BaseSettings):
@@ -56,6 +75,18 @@ class PoolConfig(BaseSettings):
     fallback_models: list[ModelName] = Field(default_factory=lambda: ["claude-haiku-4-5"])
     llm_request_timeout_s: float = Field(default=120.0, gt=0)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    #: Global provider limits: a model name, or a prefix naming a class of models that share
+    #: one set of buckets ("claude-sonnet-4" covers "claude-sonnet-4-5"); the longest match wins.
+    limits: dict[str, RateLimit] = Field(default_factory=dict)
+    #: What an LLM call reserves on the output-token bucket before it is sent: its whole
+    #: `max_tokens` (never over the limit), or an estimate from recent calls of that model
+    #: (higher throughput; a rare underestimate is repaid before later calls proceed).
+    output_reservation: Literal["max_tokens", "estimate"] = "max_tokens"
+    #: Characters per token assumed when estimating a request's input tokens before sending
+    #: it; below the real ratio on purpose (reservations are reconciled with `usage` after).
+    input_chars_per_token: float = Field(default=3.0, gt=0.5, le=10)
+    #: A rate permit not released within this many seconds is reclaimed (its holder is dead).
+    lease_ttl_s: float | None = Field(default=None, gt=0, le=86_400)
     prices: dict[str, ModelPrice] = Field(default_factory=dict)
     # --- pool shape
     num_workers: int = Field(default=2, ge=1, le=1024)
@@ -63,6 +94,7 @@ class PoolConfig(BaseSettings):
     num_tool_executors: int = Field(default=1, ge=1, le=1024)
     executor_concurrency: int = Field(default=64, ge=1, le=10_000)
     max_queued: int = Field(default=10_000, ge=1, le=10_000_000)
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     # --- tools and tenants
     tool_modules: list[str] = Field(default_factory=list)
     tool_output_max_chars: int = Field(default=20_000, ge=100, le=1_000_000)
@@ -83,6 +115,17 @@ class PoolConfig(BaseSettings):
         if tenant in self.tenants:
             return self.tenants[tenant]
         return None if self.strict_tenants else self.default_tenant_policy
+
+    @property
+    def lease_expiry_s(self) -> float:
+        return self.lease_ttl_s if self.lease_ttl_s is not None else self.llm_request_timeout_s + 30.0
+
+    def limit_key(self, model: str) -> str | None:
+        """The `limits` entry governing `model`: exact name, else the longest matching prefix."""
+        if model in self.limits:
+            return model
+        matches = [key for key in self.limits if model.startswith(key)]
+        return max(matches, key=len) if matches else None
 
     def model_chain(self, model: str | None, fallbacks: list[str] | None) -> list[str]:
         first = model or self.default_model

@@ -75,6 +75,9 @@ class AgentTask(_Model):
     timeout_s: float = Field(default=120.0, gt=0, le=86_400)
     output_schema: dict[str, Any] | None = None
     priority: Priority = "standard"
+    #: Longest acceptable wait in the queue before the task starts; a task that cannot start
+    #: in time is rejected at once (or dropped from the queue) instead of running late.
+    deadline_s: float | None = Field(default=None, gt=0, le=86_400)
     metadata: dict[Annotated[str, StringConstraints(max_length=64)], MetaValue] = Field(default_factory=dict)
 
     @field_validator("tools")
@@ -189,12 +192,35 @@ class AgentResult(_Model):
         return self.status == "succeeded"
 
 
+class RateLimit(_Model):
+    """Per-minute limits on the three dimensions Anthropic enforces; None means no limit.
+
+    Input tokens count `input_tokens + cache_creation_input_tokens`, never cache reads.
+    """
+
+    rpm: int | None = Field(default=None, ge=1, le=10**9)
+    itpm: int | None = Field(default=None, ge=1, le=10**12)
+    otpm: int | None = Field(default=None, ge=1, le=10**12)
+
+    def per_minute(self) -> dict[str, int]:
+        """The configured dimensions, by the names used in buckets and status."""
+        dims = {"requests": self.rpm, "input_tokens": self.itpm, "output_tokens": self.otpm}
+        return {dim: limit for dim, limit in dims.items() if limit is not None}
+
+
 class TenantPolicy(_Model):
     """What one tenant may do. Unknown tenants get `PoolConfig.default_tenant_policy`.
 
-    `allowed_tools` / `allowed_models` of None mean "anything the pool offers".
+    `allowed_tools` / `allowed_models` of None mean "anything the pool offers". `weight` is the
+    tenant's share under contention (served in proportion, in token units); `limits` caps the
+    tenant's own rate across all models (calls over it wait in the tenant's queue); the daily
+    budgets (UTC days) reject work once spent, with the time they reset.
     """
 
+    weight: float = Field(default=1.0, gt=0, le=1000)
     max_concurrency: int | None = Field(default=None, ge=1, le=100_000)
+    limits: RateLimit = Field(default_factory=RateLimit)
+    daily_token_budget: int | None = Field(default=None, ge=1, le=10**13)
+    daily_cost_budget_usd: float | None = Field(default=None, gt=0, le=10**9)
     allowed_tools: list[ToolName] | None = None
     allowed_models: list[ModelName] | None = None

@@ -67,6 +67,7 @@ class AgentPool:
         from actors.simulator_host import SimulatorHost
         from actors.tool_executor import ToolExecutor
         from actors.worker import AgentWorker
+        from scheduler.limiter import RateLimiter
         from scheduler.scheduler import Scheduler
 
         config = config or PoolConfig()
@@ -106,6 +107,16 @@ class AgentPool:
                 tool_defs = ray.get(executors[0].definitions.remote())
             except ray.exceptions.RayActorError as exc:
                 raise ConfigError(f"tool executors could not start: {exc}") from None
+            limiter_name = f"{config.name}-limiter"
+            # Every LLM attempt of every worker waits here: its concurrency is bounded only by
+            # the attempts that can be in flight at once.
+            limiter = RateLimiter.options(
+                **_ACTOR_OPTIONS,
+                name=limiter_name,
+                namespace=NAMESPACE,
+                max_concurrency=config.worker_concurrency * config.num_workers * 2 + 100,
+            ).remote(config)
+            actors.append(limiter)
             worker_names = [f"{config.name}-worker-{i}" for i in range(config.num_workers)]
             workers = [
                 AgentWorker.options(
@@ -118,6 +129,7 @@ class AgentPool:
                     tool_defs=tool_defs,
                     executor_names=executor_names,
                     namespace=NAMESPACE,
+                    limiter_name=limiter_name,
                 )
                 for name in worker_names
             ]
@@ -128,7 +140,12 @@ class AgentPool:
                 namespace=NAMESPACE,
                 max_concurrency=max(1000, config.max_queued + config.worker_concurrency * config.num_workers + 100),
             ).remote(
-                config, redis_url=redis_url, worker_names=worker_names, namespace=NAMESPACE, tool_names=list(tool_defs)
+                config,
+                redis_url=redis_url,
+                worker_names=worker_names,
+                namespace=NAMESPACE,
+                tool_names=list(tool_defs),
+                limiter_name=limiter_name,
             )
             actors.append(scheduler)
             ray.get([scheduler.status.remote(), *(w.ping.remote() for w in workers)])
@@ -215,7 +232,13 @@ class AgentPool:
         return ResultsReader(self._redis_url, tenant, keys=Keys(self.config.key_prefix))
 
     def status(self) -> dict[str, Any]:
-        """Queue depth, in-flight tasks and outcomes so far, from the scheduler."""
+        """The pool's live state, from the scheduler and the rate limiter.
+
+        Keys: `queued` and `queued_by_tenant` (tenant -> priority -> count), `in_flight` and
+        `in_flight_by_tenant`, `capacity`, `finished_by_status`, `shed_by_reason`,
+        `overload_level`, `limits` (bucket levels per model and dimension, leases
+        outstanding and waiting) and `budgets_today` (tokens and cost per tenant).
+        """
         self._check_running()
         return dict(ray.get(self._scheduler.status.remote()))
 

@@ -1,26 +1,24 @@
-"""Admission: accept a task into the queue, or reject it now with a typed reason.
+"""Admission's static checks: may this tenant run this task here at all?
 
-This is the seam the admission-control work replaces with quotas, rate buckets and
-shedding: `check` returns an error (the rejection) or None (admit).
+`check` returns the rejection (an error) or None. Budgets, queue bounds and shedding are
+decided after it, in the scheduler, from live state.
 """
 
 from __future__ import annotations
 
 from agentpool.config import PoolConfig
-from agentpool.errors import AgentPoolError, InvalidTask, Overloaded, UnknownTenant, UnknownTool
+from agentpool.errors import AgentPoolError, InvalidTask, UnknownTenant, UnknownTool
 from agentpool.models import AgentTask
 
 
 class Admission:
-    """Bounded-queue admission with tenant, tool and model checks."""
+    """Tenant, tool and model checks."""
 
     def __init__(self, config: PoolConfig, tool_names: set[str]) -> None:
         self.config = config
         self.tool_names = tool_names
 
-    def check(
-        self, task: AgentTask, *, queued: int, in_flight: int, capacity: int, mean_run_s: float
-    ) -> AgentPoolError | None:
+    def check(self, task: AgentTask) -> AgentPoolError | None:
         policy = self.config.policy_for(task.tenant)
         if policy is None:
             return UnknownTenant(f"tenant {task.tenant!r} has no policy and strict_tenants is set", tenant=task.tenant)
@@ -43,13 +41,4 @@ class Admission:
                     tenant=task.tenant,
                     models=chain,
                 )
-        if queued >= self.config.max_queued:
-            # Expected time for the queue ahead to drain through every slot of the pool.
-            wait_s = max(0.1, mean_run_s * (queued + in_flight) / max(1, capacity))
-            return Overloaded(
-                f"queue is full ({queued} tasks waiting)",
-                tenant=task.tenant,
-                retry_after_s=round(wait_s, 3),
-                reason="queue_full",
-            )
         return None

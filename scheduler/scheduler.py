@@ -2,11 +2,18 @@
 
 It returns `AgentResult` values, never refs: the client calls `run.remote`, so the client
 owns each task's ref, and the scheduler awaits the worker itself (see DESIGN.md).
+
+Admission, in order: static checks (tenant, tools, models), the tenant's daily budgets
+(Redis), then shedding from live state: overload level, the predicted wait at the tenant's
+fair share against the task's deadline, and the queue bound. Waiting tasks are served by
+weighted fair queueing across tenants (`FairQueue`) and dropped, not run late, once they
+have waited longer than they may.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -15,20 +22,29 @@ from typing import Any
 import ray
 
 from agentpool.config import PoolConfig
-from agentpool.errors import AgentPoolError, Overloaded
+from agentpool.errors import AgentPoolError, Overloaded, RetryLater
 from agentpool.models import AgentResult, AgentTask, ErrorInfo, Timings
 from agentpool.protocol import Dispatch, traceparent
 from cluster.keys import Keys
 from cluster.store import ResultStore
 from scheduler.admission import Admission
+from scheduler.budgets import BudgetLedger
 from scheduler.dispatch import LeastLoaded
-from scheduler.queue import BoundedFifo
+from scheduler.fair import FairQueue, token_cost
+from scheduler.shedding import DispatchRate, OverloadDetector, WaitForecast, sheds
+
+#: How often queued tasks are checked against their deadlines and the queue for a standing wait.
+_TICK_S = 0.25
+#: Tenants whose budgets `status()` reports besides the configured ones.
+_MAX_SEEN_TENANTS = 1000
 
 
 @dataclass(eq=False)
 class _Waiting:
     task: AgentTask
     enqueued_at: float
+    max_wait_s: float
+    estimate: float
     slot: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -37,15 +53,23 @@ class Scheduler:
     """Named async actor; one per pool."""
 
     def __init__(
-        self, config: PoolConfig, *, redis_url: str, worker_names: list[str], namespace: str, tool_names: list[str]
+        self,
+        config: PoolConfig,
+        *,
+        redis_url: str,
+        worker_names: list[str],
+        namespace: str,
+        tool_names: list[str],
+        limiter_name: str,
     ) -> None:
         self.config = config
         self.redis_url = redis_url
         # Handles by name, so constructor arguments are plain data a restart can always reuse.
         workers = [ray.get_actor(name, namespace=namespace) for name in worker_names]
         self._workers = workers
+        self._limiter = ray.get_actor(limiter_name, namespace=namespace)
         self._admission = Admission(config, set(tool_names))
-        self._queue: BoundedFifo[_Waiting] = BoundedFifo(config.max_queued)
+        self._queue: FairQueue[_Waiting] = FairQueue(self._weight)
         self._slots = LeastLoaded(len(workers), config.worker_concurrency)
         self._tenant_running: Counter[str] = Counter()
         self._running: dict[str, asyncio.Future[AgentResult]] = {}
@@ -55,8 +79,19 @@ class Scheduler:
             result_ttl_s=config.result_ttl_s,
             stream_maxlen=config.stream_maxlen,
         )
+        self._ledger = BudgetLedger(
+            lambda: self._store.redis, self._store.keys, reservation_ttl_s=config.lease_expiry_s
+        )
+        a = config.admission
+        self._detector = OverloadDetector(a.target_wait_s, a.interval_s, a.escalate_intervals)
+        self._rate = DispatchRate()
+        self._clock = time.monotonic
         self._mean_run_s = 1.0
+        self._task_cost: dict[str, float] = {}
+        self._seen: dict[str, None] = {}
         self._counts: Counter[str] = Counter()
+        self._shed: Counter[str] = Counter()
+        self._ticker: asyncio.Task[None] | None = None
 
     def info(self) -> dict[str, Any]:
         """What `AgentPool.connect` needs to attach to this pool."""
@@ -87,21 +122,21 @@ class Scheduler:
             del self._running[task.task_id]
 
     async def _admit_and_run(self, task: AgentTask, trace_id: str) -> AgentResult:
+        self._start_ticker()
         admitted_unix = time.time()
-        rejection = self._admission.check(
-            task,
-            queued=len(self._queue),
-            in_flight=self._slots.in_flight,
-            capacity=self._slots.capacity,
-            mean_run_s=self._mean_run_s,
-        )
+        self._note_tenant(task.tenant)
+        rejection = self._admission.check(task)
+        policy = self.config.policy_for(task.tenant)
+        if rejection is None and policy is not None:
+            rejection = await self._ledger.check(task.tenant, policy)
+        # No await between the shedding decision and the enqueue: concurrent arrivals must
+        # not all pass the check before any of them is counted.
+        if rejection is None:
+            rejection = self._shed_or_make_room(task)
         if rejection is not None:
             return await self._reject(task, trace_id, rejection)
-        # No await between the bound check and the enqueue: concurrent arrivals must not all
-        # pass the check before any of them is counted.
-        waiting = _Waiting(task, time.monotonic())
-        if not self._queue.offer(waiting):  # unreachable while admission checks the bound
-            return await self._reject(task, trace_id, Overloaded("queue is full", retry_after_s=1.0))
+        waiting = _Waiting(task, self._clock(), self._max_wait_s(task), self._estimate(task))
+        self._queue.push(task.tenant, task.priority, waiting)
         self._pump()
         try:
             await self._store.emit(
@@ -113,12 +148,16 @@ class Scheduler:
                 queued=len(self._queue),
             )
             worker = await waiting.slot
+        except RetryLater as dropped:  # it waited past its deadline, or made room for other work
+            return await self._reject(task, trace_id, dropped)
         except BaseException:  # cancelled, or the event write failed: give back place and slot
-            if not self._queue.remove(waiting) and waiting.slot.done() and not waiting.slot.cancelled():
-                self._release(task.tenant, waiting.slot.result())
+            slot = waiting.slot
+            if not self._queue.remove(task.tenant, waiting) and slot.done() and not slot.cancelled():
+                if slot.exception() is None:
+                    self._release(task.tenant, slot.result())
             raise
-        queued_ms = (time.monotonic() - waiting.enqueued_at) * 1000
-        started = time.monotonic()
+        queued_ms = (self._clock() - waiting.enqueued_at) * 1000
+        started = self._clock()
         try:
             dispatch = Dispatch(
                 task=task,
@@ -132,28 +171,153 @@ class Scheduler:
             result = await self._fail(task, trace_id, exc, queued_ms)
         finally:
             self._release(task.tenant, worker)
-        run_s = time.monotonic() - started
+        run_s = self._clock() - started
         self._mean_run_s = 0.9 * self._mean_run_s + 0.1 * run_s
+        self._account(task.tenant, waiting.estimate, result)
         self._counts[result.status] += 1
         return result
 
+    # --- shedding ----------------------------------------------------------------------
+
+    def _max_wait_s(self, task: AgentTask) -> float:
+        limit = self.config.admission.max_queue_wait_s
+        return min(limit, task.deadline_s) if task.deadline_s is not None else limit
+
+    def _forecast(self, task: AgentTask) -> WaitForecast:
+        tenant = task.tenant
+        backlogged = set(self._queue.backlogged()) | {tenant}
+        share = self._weight(tenant) / sum(self._weight(t) for t in backlogged)
+        rate = self._slots.capacity / max(self._mean_run_s, 1e-3)
+        policy = self.config.policy_for(tenant)
+        if policy is not None and policy.max_concurrency is not None:
+            # A tenant at its concurrency cap is served no faster than its cap allows.
+            share = min(share, policy.max_concurrency / max(self._mean_run_s, 1e-3) / rate)
+        return WaitForecast(self._queue.length(tenant, at_least=task.priority), share, rate)
+
+    def _shed_or_make_room(self, task: AgentTask) -> Overloaded | None:
+        now = self._clock()
+        level = self._detector.level(now)
+        if sheds(task.priority, level):
+            return Overloaded(
+                f"the pool is overloaded: {task.priority} work is shed until the queue drains",
+                tenant=task.tenant,
+                reason="overload",
+                retry_after_s=self.config.admission.interval_s,
+            )
+        must_queue = self._slots.in_flight >= self._slots.capacity or not self._tenant_has_room(task.tenant)
+        if must_queue or self._queue.length(task.tenant):
+            wait = self._forecast(task).seconds()
+            limit = self._max_wait_s(task)
+            if wait > limit:
+                return Overloaded(
+                    f"predicted queue wait {wait:.1f}s exceeds the {limit:.1f}s this task may wait",
+                    tenant=task.tenant,
+                    reason="predicted_wait",
+                    retry_after_s=round(min(wait - limit, 3600.0), 3) if math.isfinite(wait) else 60.0,
+                )
+        if len(self._queue) >= self.config.max_queued:
+            victim = self._queue.evict_for(task.tenant, task.priority)
+            if victim is None:
+                return Overloaded(
+                    f"queue is full ({len(self._queue)} tasks waiting)",
+                    tenant=task.tenant,
+                    reason="queue_full",
+                    retry_after_s=round(max(0.1, self._forecast(task).seconds()), 3),
+                )
+            self._drop(victim[1], "evicted", f"made room for {task.priority} work of another tenant")
+        return None
+
+    def _drop(self, waiting: _Waiting, reason: str, why: str) -> None:
+        """Ends a queued task with a rejection (its `run` call writes the record)."""
+        if not waiting.slot.done():
+            waiting.slot.set_exception(
+                Overloaded(
+                    f"dropped from the queue: {why}",
+                    tenant=waiting.task.tenant,
+                    reason=reason,
+                    retry_after_s=self.config.admission.interval_s,
+                )
+            )
+
+    def _start_ticker(self) -> None:
+        if self._ticker is None or self._ticker.done():
+            self._ticker = asyncio.get_running_loop().create_task(self._tick())
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(_TICK_S)
+            self._expire_waiting(self._clock())
+
+    def _expire_waiting(self, now: float) -> None:
+        oldest = 0.0
+        for tenant, _, waiting in self._queue.items():
+            waited = now - waiting.enqueued_at
+            if waited > waiting.max_wait_s:
+                self._queue.remove(tenant, waiting)
+                self._drop(waiting, "queue_timeout", f"waited {waited:.1f}s, longer than its {waiting.max_wait_s:.1f}s")
+            else:
+                oldest = max(oldest, waited)
+        if len(self._queue):
+            self._detector.observe(oldest, now)
+        else:
+            self._detector.idle()
+
+    # --- fair sharing --------------------------------------------------------------------
+
+    def _weight(self, tenant: str) -> float:
+        policy = self.config.policy_for(tenant)
+        return policy.weight if policy is not None else 1.0
+
+    def _estimate(self, task: AgentTask) -> float:
+        """Service a task will receive, in VTC units, until its real usage is known."""
+        known = self._task_cost.get(task.tenant)
+        return known if known is not None else token_cost(len(task.prompt) / 4, task.max_tokens)
+
+    def _account(self, tenant: str, estimate: float, result: AgentResult) -> None:
+        u = result.usage
+        actual = token_cost(u.input_tokens + u.cache_creation_input_tokens + u.cache_read_input_tokens, u.output_tokens)
+        self._queue.charge(tenant, actual - estimate)
+        if result.iterations:
+            known = self._task_cost.get(tenant)
+            self._task_cost[tenant] = actual if known is None else 0.8 * known + 0.2 * actual
+
+    def _note_tenant(self, tenant: str) -> None:
+        self._seen.pop(tenant, None)
+        self._seen[tenant] = None
+        if len(self._seen) > _MAX_SEEN_TENANTS:
+            del self._seen[next(iter(self._seen))]
+
+    # --- dispatch ----------------------------------------------------------------------
+
     def _pump(self) -> None:
-        """Hands free worker slots to the oldest waiting tasks whose tenant has room."""
+        """Hands free worker slots to waiting tasks in fair order, skipping tenants at their
+        concurrency cap and dropping tasks that have waited longer than they may."""
         while len(self._queue):
             worker = self._slots.acquire()
             if worker is None:
                 return
-            waiting = self._queue.pop_first(self._tenant_has_room)
-            if waiting is None:
+            popped = self._queue.pop(lambda tenant, _: self._tenant_has_room(tenant))
+            if popped is None:
                 self._slots.release(worker)
                 return
-            self._tenant_running[waiting.task.tenant] += 1
+            tenant, waiting = popped
+            now = self._clock()
+            waited = now - waiting.enqueued_at
+            if waited > waiting.max_wait_s:
+                self._slots.release(worker)
+                self._drop(waiting, "queue_timeout", f"waited {waited:.1f}s, longer than its {waiting.max_wait_s:.1f}s")
+                continue
+            self._detector.observe(waited, now)
+            self._rate.record(now)
+            self._queue.charge(tenant, waiting.estimate)
+            self._tenant_running[tenant] += 1
             waiting.slot.set_result(worker)
+        self._detector.idle()
 
-    def _tenant_has_room(self, waiting: _Waiting) -> bool:
-        policy = self.config.policy_for(waiting.task.tenant)
+    def _tenant_has_room(self, tenant: str) -> bool:
+        policy = self.config.policy_for(tenant)
         cap = policy.max_concurrency if policy is not None else None
-        return cap is None or self._tenant_running[waiting.task.tenant] < cap
+        return cap is None or self._tenant_running[tenant] < cap
 
     def _release(self, tenant: str, worker: int) -> None:
         self._slots.release(worker)
@@ -185,6 +349,7 @@ class Scheduler:
                 retry_after_s=retry_after,
             )
         self._counts["rejected"] += 1
+        self._shed[str(error.fields.get("reason") or error.type_name)] += 1
         return stored
 
     async def _fail(self, task: AgentTask, trace_id: str, exc: BaseException, queued_ms: float) -> AgentResult:
@@ -202,17 +367,27 @@ class Scheduler:
             return result
         return stored
 
-    def status(self) -> dict[str, Any]:
-        queued_by_tenant: Counter[str] = Counter()
-        for waiting in self._queue:
-            queued_by_tenant[waiting.task.tenant] += 1
+    async def status(self) -> dict[str, Any]:
+        """Queues, in-flight work, shedding, the global buckets and today's budgets."""
+        now = self._clock()
+        try:
+            limits = await self._limiter.status.remote()
+        except ray.exceptions.RayError as exc:
+            limits = {"error": f"rate limiter unavailable: {type(exc).__name__}"}
+        tenants = dict.fromkeys([*self.config.tenants, *self._seen])
         return {
             "queued": len(self._queue),
-            "queued_by_tenant": dict(queued_by_tenant),
+            "queued_by_tenant": self._queue.depth(),
             "in_flight": self._slots.in_flight,
             "in_flight_by_tenant": dict(self._tenant_running),
             "capacity": self._slots.capacity,
             "worker_load": list(self._slots.load),
             "finished_by_status": dict(self._counts),
+            "shed_by_reason": dict(self._shed),
+            "overload_level": self._detector.level(now),
+            "dispatch_per_s": round(self._rate.per_s(now), 3),
             "mean_run_s": round(self._mean_run_s, 4),
+            "fair_counters": {t: round(c, 1) for t, c in self._queue.counters.items() if t in tenants},
+            "limits": limits,
+            "budgets_today": await self._ledger.usage_today(tenants),
         }

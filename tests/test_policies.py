@@ -1,4 +1,4 @@
-"""Pure scheduling and retry policies: the FIFO, least-loaded dispatch, backoff."""
+"""Pure dispatch and retry policies: least-loaded dispatch, backoff."""
 
 from __future__ import annotations
 
@@ -12,48 +12,6 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from actors.backoff import Backoff, retry_after_s
 from agentpool.config import RetryPolicy
 from scheduler.dispatch import LeastLoaded
-from scheduler.queue import BoundedFifo
-
-
-class FifoMachine(RuleBasedStateMachine):
-    """The queue never exceeds its bound, never loses or duplicates an item, and serves the
-    oldest eligible item first."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.queue: BoundedFifo[int] = BoundedFifo(5)
-        self.model: list[int] = []
-        self.next = 0
-
-    @rule()
-    def offer(self) -> None:
-        accepted = self.queue.offer(self.next)
-        assert accepted == (len(self.model) < 5)
-        if accepted:
-            self.model.append(self.next)
-        self.next += 1
-
-    @rule(parity=st.sampled_from([0, 1, None]))
-    def pop(self, parity: int | None) -> None:
-        eligible = (lambda x: True) if parity is None else (lambda x: x % 2 == parity)
-        expected = next((x for x in self.model if eligible(x)), None)
-        assert self.queue.pop_first(eligible) == expected
-        if expected is not None:
-            self.model.remove(expected)
-
-    @precondition(lambda self: bool(self.model))
-    @rule(data=st.data())
-    def remove(self, data: st.DataObject) -> None:
-        item = data.draw(st.sampled_from(self.model))
-        assert self.queue.remove(item)
-        self.model.remove(item)
-
-    @invariant()
-    def matches_model(self) -> None:
-        assert list(self.queue) == self.model and len(self.queue) <= self.queue.bound
-
-
-TestFifo = FifoMachine.TestCase
 
 
 class DispatchMachine(RuleBasedStateMachine):

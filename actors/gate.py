@@ -1,0 +1,156 @@
+"""The per-task gate every LLM attempt passes: budget reservation, then a rate permit.
+
+Runs inside the worker. The budget is reserved in Redis first (a spent budget fails fast,
+without queueing for a permit), then the worker waits for a lease from the pool's
+rate-limiter actor. After the attempt the lease is released without waiting for a reply
+and the reservation is replaced by the actual usage (or refunded when the attempt failed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from agentpool.models import TenantPolicy, Usage
+from agentpool.pricing import PriceTable
+from scheduler.budgets import BudgetLedger, Reservation
+
+#: `anthropic-ratelimit-<name>-remaining` header names, by our bucket dimension.
+_REMAINING_HEADERS = {
+    "requests": "anthropic-ratelimit-requests-remaining",
+    "input_tokens": "anthropic-ratelimit-input-tokens-remaining",
+    "output_tokens": "anthropic-ratelimit-output-tokens-remaining",
+}
+
+_BACKGROUND: set[asyncio.Future[Any]] = set()
+
+
+def estimate_input_tokens(request: Mapping[str, Any], chars_per_token: float) -> int:
+    """A deliberately generous count of a request's input tokens, before sending it."""
+    parts = [request.get("messages"), request.get("system"), request.get("tools")]
+    chars = sum(len(json.dumps(p, separators=(",", ":"))) for p in parts if p)
+    return max(1, math.ceil(chars / chars_per_token))
+
+
+def remaining_from_headers(headers: Mapping[str, str] | None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if headers is None:
+        return out
+    for dim, name in _REMAINING_HEADERS.items():
+        raw = headers.get(name)
+        if raw is None:
+            continue
+        try:
+            out[dim] = float(raw)
+        except ValueError:
+            continue
+    return out
+
+
+@dataclass
+class Ticket:
+    lease_id: str
+    model: str
+    reservation: Reservation | None
+    waited_s: float
+
+
+class TaskGate:
+    """One task's gate (tenant and priority fixed); the limiter and ledger are the worker's."""
+
+    def __init__(
+        self,
+        *,
+        limiter: Any,
+        ledger: BudgetLedger,
+        prices: PriceTable,
+        tenant: str,
+        policy: TenantPolicy,
+        priority: str,
+        chars_per_token: float,
+        holder: str,
+    ) -> None:
+        self._limiter = limiter
+        self._ledger = ledger
+        self._prices = prices
+        self._tenant = tenant
+        self._policy = policy
+        self._priority = priority
+        self._chars_per_token = chars_per_token
+        self._holder = holder
+        self.waited_s = 0.0
+
+    async def before(self, model: str, request: dict[str, Any]) -> Ticket:
+        lease_id = uuid.uuid4().hex
+        input_tokens = estimate_input_tokens(request, self._chars_per_token)
+        max_tokens = int(request["max_tokens"])
+        reservation = await self._ledger.reserve(
+            self._tenant,
+            self._policy,
+            lease_id,
+            input_tokens + max_tokens,
+            self._worst_cost(model, input_tokens, max_tokens),
+        )
+        try:
+            lease = await self._limiter.acquire.remote(
+                lease_id, self._tenant, model, input_tokens, max_tokens, self._holder, self._priority
+            )
+        except BaseException:  # cancelled (or the limiter failed) while waiting: nothing may stay held
+            self._limiter.cancel.remote(lease_id)
+            self._spawn(self._ledger.refund(reservation))
+            raise
+        self.waited_s += lease["waited_s"]
+        return Ticket(lease_id, model, reservation, lease["waited_s"])
+
+    async def after(
+        self,
+        ticket: Ticket,
+        *,
+        usage: dict[str, Any] | None,
+        headers: Mapping[str, str] | None,
+        retry_after_s: float | None,
+    ) -> None:
+        remaining = remaining_from_headers(headers)
+        if usage is None:
+            self._limiter.release.remote(ticket.lease_id, None, remaining or None, retry_after_s, ticket.model)
+            await self._ledger.refund(ticket.reservation)
+            return
+        counted = {
+            # Anthropic's input limit counts cache writes, never cache reads.
+            "input_tokens": (usage.get("input_tokens") or 0) + (usage.get("cache_creation_input_tokens") or 0),
+            "output_tokens": usage.get("output_tokens") or 0,
+        }
+        self._limiter.release.remote(ticket.lease_id, counted, remaining or None, None, ticket.model)
+        priced = self._prices.priced(
+            ticket.model,
+            Usage(
+                input_tokens=usage.get("input_tokens") or 0,
+                output_tokens=usage.get("output_tokens") or 0,
+                cache_read_input_tokens=usage.get("cache_read_input_tokens") or 0,
+                cache_creation_input_tokens=usage.get("cache_creation_input_tokens") or 0,
+            ),
+        )
+        await self._ledger.settle(self._tenant, ticket.reservation, priced)
+
+    def abandon(self, ticket: Ticket) -> None:
+        # The rate permit goes back at once. The budget reservation stays: the request may
+        # already have been billed, so it turns into spending when it expires.
+        self._limiter.cancel.remote(ticket.lease_id)
+
+    def _worst_cost(self, model: str, input_tokens: int, output_tokens: int) -> float:
+        price = self._prices.price(model)
+        if price is None:
+            return 0.0
+        input_rate = max(price.input, price.cache_write if price.cache_write is not None else price.input * 1.25)
+        return (input_tokens * input_rate + output_tokens * price.output) / 1_000_000
+
+    @staticmethod
+    def _spawn(coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        _BACKGROUND.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(_BACKGROUND.discard)

@@ -1,0 +1,233 @@
+"""Daily tenant budgets (tokens and USD), reserved atomically in Redis.
+
+Before an LLM call the worker reserves the call's worst case (estimated input plus the
+output reservation, priced at the dearer of input and cache-write rates); after it the
+reservation is replaced by the actual usage, or refunded when the call failed. The check
+and the reservation are one Lua script, so concurrent calls cannot overspend together, and
+the state lives in the tenant's `usage:<yyyy-mm-dd>` hash, so it survives any restart.
+
+A reservation whose holder died is swept once it is older than the lease TTL, and counted
+as spent: the call may have reached the provider. Days are UTC days.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from agentpool.errors import BudgetExceeded
+from agentpool.models import TenantPolicy, Usage
+from cluster.keys import Keys
+
+_DAY_KEY_TTL_S = 3 * 24 * 3600
+
+_OVER = """
+local function over(key, tb, cb, t, c)
+  local v = redis.call('HMGET', key, 'tokens', 'reserved_tokens', 'cost_usd', 'reserved_cost_usd')
+  local tokens = (tonumber(v[1]) or 0) + (tonumber(v[2]) or 0)
+  local cost = (tonumber(v[3]) or 0) + (tonumber(v[4]) or 0)
+  if tb >= 0 and tokens + t > tb then return 'daily_token_budget' end
+  if cb >= 0 and cost + c > cb then return 'daily_cost_budget' end
+  return false
+end
+"""
+
+# KEYS[1] usage hash. ARGV: lease id, tokens, cost, token budget (-1: none), cost budget
+# (-1: none), now (unix s), lease expiry (unix s), key TTL (s).
+_RESERVE = (
+    _OVER
+    + """
+local key = KEYS[1]
+local t, c = tonumber(ARGV[2]), tonumber(ARGV[3])
+local tb, cb, now = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local why = over(key, tb, cb, t, c)
+if why then
+  local all = redis.call('HGETALL', key)
+  for i = 1, #all, 2 do
+    if string.sub(all[i], 1, 6) == 'lease:' then
+      local lt, lc, exp = string.match(all[i + 1], '([^|]+)|([^|]+)|([^|]+)')
+      if tonumber(exp) <= now then
+        redis.call('HDEL', key, all[i])
+        redis.call('HINCRBY', key, 'reserved_tokens', -tonumber(lt))
+        redis.call('HINCRBYFLOAT', key, 'reserved_cost_usd', -tonumber(lc))
+        redis.call('HINCRBY', key, 'tokens', tonumber(lt))
+        redis.call('HINCRBYFLOAT', key, 'cost_usd', tonumber(lc))
+        redis.call('HINCRBY', key, 'expired_reservations', 1)
+      end
+    end
+  end
+  why = over(key, tb, cb, t, c)
+  if why then return why end
+end
+redis.call('HINCRBY', key, 'reserved_tokens', t)
+redis.call('HINCRBYFLOAT', key, 'reserved_cost_usd', c)
+redis.call('HSET', key, 'lease:' .. ARGV[1], ARGV[2] .. '|' .. ARGV[3] .. '|' .. ARGV[7])
+redis.call('EXPIRE', key, ARGV[8])
+return ''
+"""
+)
+
+# KEYS[1] usage hash. ARGV: lease id ('' when nothing was reserved), then input, output,
+# cache read and cache write tokens and cost, or nothing at all for a refund; key TTL last.
+_SETTLE = """
+local key = KEYS[1]
+local lease = ARGV[1]
+local swept = false
+if lease ~= '' then
+  local v = redis.call('HGET', key, 'lease:' .. lease)
+  if v then
+    local lt, lc = string.match(v, '([^|]+)|([^|]+)|')
+    redis.call('HDEL', key, 'lease:' .. lease)
+    redis.call('HINCRBY', key, 'reserved_tokens', -tonumber(lt))
+    redis.call('HINCRBYFLOAT', key, 'reserved_cost_usd', -tonumber(lc))
+  else
+    swept = true
+  end
+end
+if #ARGV == 7 then
+  if not swept then
+    local i, o, cr, cw = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+    redis.call('HINCRBY', key, 'tokens', i + o + cr + cw)
+    redis.call('HINCRBY', key, 'input_tokens', i)
+    redis.call('HINCRBY', key, 'output_tokens', o)
+    redis.call('HINCRBY', key, 'cache_read_input_tokens', cr)
+    redis.call('HINCRBY', key, 'cache_creation_input_tokens', cw)
+    redis.call('HINCRBYFLOAT', key, 'cost_usd', tonumber(ARGV[6]))
+  end
+  redis.call('HINCRBY', key, 'calls', 1)
+end
+redis.call('EXPIRE', key, ARGV[#ARGV])
+return 1
+"""
+
+
+def utc_day(now_unix: float) -> str:
+    return dt.datetime.fromtimestamp(now_unix, tz=dt.UTC).strftime("%Y-%m-%d")
+
+
+def seconds_to_reset(now_unix: float) -> float:
+    """Seconds until the next UTC midnight, when daily budgets start again."""
+    today = dt.datetime.fromtimestamp(now_unix, tz=dt.UTC).date()
+    midnight = dt.datetime.combine(today + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
+    return midnight.timestamp() - now_unix
+
+
+def _budget_error(tenant: str, reason: str, now_unix: float, spent: dict[str, float]) -> BudgetExceeded:
+    wait = seconds_to_reset(now_unix)
+    resets_at = dt.datetime.fromtimestamp(now_unix + wait, tz=dt.UTC).isoformat()
+    what = "token" if reason == "daily_token_budget" else "cost"
+    return BudgetExceeded(
+        f"tenant {tenant!r} has spent its daily {what} budget; it resets at {resets_at}",
+        tenant=tenant,
+        reason=reason,
+        retry_after_s=round(wait, 3),
+        resets_at=resets_at,
+        spent=spent,
+    )
+
+
+@dataclass(frozen=True)
+class Reservation:
+    key: str
+    lease_id: str
+
+
+class BudgetLedger:
+    """Reserve, settle and refund against a tenant's daily usage hash."""
+
+    def __init__(
+        self,
+        redis: Callable[[], aioredis.Redis],
+        keys: Keys,
+        *,
+        reservation_ttl_s: float,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._ttl = reservation_ttl_s
+        self._now = wall_clock
+        self._scripts: dict[str, Any] = {}
+
+    def _script(self, name: str, source: str) -> Any:
+        if name not in self._scripts:
+            self._scripts[name] = self._redis().register_script(source)
+        return self._scripts[name]
+
+    async def reserve(
+        self, tenant: str, policy: TenantPolicy, lease_id: str, tokens: int, cost_usd: float
+    ) -> Reservation | None:
+        """Reserves a call's worst case; None when the tenant has no budget to reserve against.
+
+        Raises:
+            BudgetExceeded: If the reservation would take the tenant over a daily budget.
+        """
+        if policy.daily_token_budget is None and policy.daily_cost_budget_usd is None:
+            return None
+        now = self._now()
+        key = self._keys.usage(tenant, utc_day(now))
+        why = await self._script("reserve", _RESERVE)(
+            keys=[key],
+            args=[
+                lease_id,
+                int(tokens),
+                repr(float(cost_usd)),
+                policy.daily_token_budget if policy.daily_token_budget is not None else -1,
+                repr(float(policy.daily_cost_budget_usd)) if policy.daily_cost_budget_usd is not None else -1,
+                repr(now),
+                repr(now + self._ttl),
+                _DAY_KEY_TTL_S,
+            ],
+        )
+        if why:
+            raise _budget_error(tenant, why, now, await self.spent(tenant))
+        return Reservation(key, lease_id)
+
+    async def settle(self, tenant: str, reservation: Reservation | None, usage: Usage) -> None:
+        """Records a call's actual usage, releasing its reservation (if any)."""
+        key = reservation.key if reservation else self._keys.usage(tenant, utc_day(self._now()))
+        args = [
+            reservation.lease_id if reservation else "",
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.cache_read_input_tokens,
+            usage.cache_creation_input_tokens,
+            repr(float(usage.cost_usd)),
+            _DAY_KEY_TTL_S,
+        ]
+        await self._script("settle", _SETTLE)(keys=[key], args=args)
+
+    async def refund(self, reservation: Reservation | None) -> None:
+        """Gives a failed or abandoned call's reservation back."""
+        if reservation is not None:
+            await self._script("settle", _SETTLE)(keys=[reservation.key], args=[reservation.lease_id, _DAY_KEY_TTL_S])
+
+    async def spent(self, tenant: str) -> dict[str, float]:
+        """Today's usage of `tenant`: tokens, cost and what is reserved by calls in flight."""
+        raw = await self._redis().hgetall(self._keys.usage(tenant, utc_day(self._now())))
+        return {k: float(v) for k, v in raw.items() if not k.startswith("lease:")}
+
+    async def check(self, tenant: str, policy: TenantPolicy) -> BudgetExceeded | None:
+        """At admission: the rejection when a daily budget is already spent, else None."""
+        if policy.daily_token_budget is None and policy.daily_cost_budget_usd is None:
+            return None
+        now = self._now()
+        spent = await self.spent(tenant)
+        if policy.daily_token_budget is not None and spent.get("tokens", 0) >= policy.daily_token_budget:
+            return _budget_error(tenant, "daily_token_budget", now, spent)
+        if policy.daily_cost_budget_usd is not None and spent.get("cost_usd", 0) >= policy.daily_cost_budget_usd:
+            return _budget_error(tenant, "daily_cost_budget", now, spent)
+        return None
+
+    async def usage_today(self, tenants: Iterable[str]) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        for tenant in tenants:
+            spent = await self.spent(tenant)
+            if spent:
+                out[tenant] = spent
+        return out

@@ -1,0 +1,169 @@
+"""Weighted fair queueing across tenants by service received, in token units.
+
+This is the Virtual Token Counter of "Fairness in Serving Large Language Models" (Sheng et
+al., OSDI 2024): each tenant has a counter of the service it received, in tokens divided by
+its weight (input + 2 x output, as output tokens cost the provider about twice as much);
+the next item served is the head of the backlogged tenant with the smallest counter. A
+tenant that returns from idle has its counter lifted to the smallest counter among the
+backlogged tenants (or to the last served counter when none is), so credit saved up while
+idle cannot become a burst. It is work-conserving: whoever is backlogged is served.
+
+Within a tenant, items go by priority class (`critical`, then `standard`, then
+`sheddable`) and first-in first-out within a class. Pure: no clock, no asyncio, no Ray.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+PRIORITIES: tuple[str, ...] = ("critical", "standard", "sheddable")
+#: Idle tenants whose counters no longer matter are forgotten beyond this many.
+MAX_REMEMBERED_TENANTS = 10_000
+
+
+def token_cost(input_tokens: float, output_tokens: float) -> float:
+    """Service in VTC units: output tokens weigh twice as much as input tokens."""
+    return input_tokens + 2.0 * output_tokens
+
+
+class FairQueue(Generic[T]):
+    """Per-tenant, per-priority FIFOs served by smallest weighted service counter."""
+
+    def __init__(self, weight: Callable[[str], float]) -> None:
+        self._weight = weight
+        self._queues: dict[str, dict[str, deque[T]]] = {}
+        self.counters: dict[str, float] = {}
+        self._last_served = 0.0
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def backlogged(self) -> list[str]:
+        return list(self._queues)
+
+    def push(self, tenant: str, priority: str, item: T) -> None:
+        if tenant not in self._queues:
+            self._lift(tenant)
+            self._queues[tenant] = {p: deque() for p in PRIORITIES}
+        self._queues[tenant][priority].append(item)
+        self._len += 1
+
+    def _lift(self, tenant: str) -> None:
+        active = [self.counters[t] for t in self._queues]
+        floor = min(active) if active else self._last_served
+        self.counters[tenant] = max(self.counters.get(tenant, 0.0), floor)
+
+    def head(self, eligible: Callable[[str, T], bool] | None = None) -> tuple[str, T] | None:
+        """The next item to serve without removing it: the smallest-counter tenant among those
+        whose head item is eligible (ties go to the tenant backlogged longest)."""
+        best: tuple[str, T] | None = None
+        best_counter = 0.0
+        for tenant, classes in self._queues.items():
+            item = _first(classes)
+            if eligible is not None and not eligible(tenant, item):
+                continue
+            counter = self.counters[tenant]
+            if best is None or counter < best_counter:
+                best, best_counter = (tenant, item), counter
+        return best
+
+    def heads(self) -> list[tuple[str, T]]:
+        """The next item of every backlogged tenant."""
+        return [(tenant, _first(classes)) for tenant, classes in self._queues.items()]
+
+    def pop(self, eligible: Callable[[str, T], bool] | None = None) -> tuple[str, T] | None:
+        chosen = self.head(eligible)
+        if chosen is not None:
+            self.remove(chosen[0], chosen[1])
+        return chosen
+
+    def charge(self, tenant: str, cost: float) -> None:
+        """Adds `cost` tokens of service (negative to correct an estimate) to `tenant`."""
+        value = self.counters.get(tenant, self._last_served) + cost / self._weight(tenant)
+        self.counters[tenant] = value
+        if cost > 0:
+            self._last_served = value
+
+    def remove(self, tenant: str, item: T) -> bool:
+        classes = self._queues.get(tenant)
+        if classes is None:
+            return False
+        for queue in classes.values():
+            try:
+                queue.remove(item)
+            except ValueError:
+                continue
+            self._len -= 1
+            if not any(classes.values()):
+                del self._queues[tenant]
+                self._forget_idle()
+            return True
+        return False
+
+    def evict_for(self, tenant: str, priority: str) -> tuple[str, T] | None:
+        """Makes room in a full queue for an arrival of `tenant` at `priority`, or returns None.
+
+        The victim is the newest item of the least important class below the arrival's,
+        from the tenant holding the most weighted queue space; failing that, the newest item
+        of the arrival's own class from a tenant holding more weighted queue space than the
+        arrival's tenant would: a flood fills the queue, but cannot keep others out of it.
+        """
+        rank = PRIORITIES.index(priority)
+        for lower in reversed(PRIORITIES[rank + 1 :]):
+            holders = [t for t, classes in self._queues.items() if classes[lower]]
+            if holders:
+                return self._pop_newest(max(holders, key=self.weighted_length), lower)
+        hog = max(self._queues, key=self.weighted_length, default=None)
+        mine = (self.length(tenant) + 1) / self._weight(tenant)
+        if hog is None or hog == tenant or self.weighted_length(hog) <= mine or not self._queues[hog][priority]:
+            return None
+        return self._pop_newest(hog, priority)
+
+    def length(self, tenant: str, *, at_least: str | None = None) -> int:
+        """Items `tenant` has waiting; with `at_least`, only those of that class or a more important one."""
+        classes = self._queues.get(tenant)
+        if classes is None:
+            return 0
+        top = len(PRIORITIES) if at_least is None else PRIORITIES.index(at_least) + 1
+        return sum(len(classes[p]) for p in PRIORITIES[:top])
+
+    def weighted_length(self, tenant: str) -> float:
+        return self.length(tenant) / self._weight(tenant)
+
+    def weight(self, tenant: str) -> float:
+        return self._weight(tenant)
+
+    def _pop_newest(self, tenant: str, priority: str) -> tuple[str, T]:
+        item = self._queues[tenant][priority][-1]
+        self.remove(tenant, item)
+        return tenant, item
+
+    def items(self) -> Iterator[tuple[str, str, T]]:
+        for tenant, classes in list(self._queues.items()):
+            for priority, queue in classes.items():
+                for item in list(queue):
+                    yield tenant, priority, item
+
+    def depth(self) -> dict[str, dict[str, int]]:
+        """Waiting items per tenant and priority class (empty classes left out)."""
+        return {tenant: {p: len(q) for p, q in classes.items() if q} for tenant, classes in self._queues.items()}
+
+    def _forget_idle(self) -> None:
+        if len(self.counters) <= MAX_REMEMBERED_TENANTS:
+            return
+        # An idle tenant at or below the backlogged minimum would be lifted on return anyway.
+        floor = min((self.counters[t] for t in self._queues), default=self._last_served)
+        for tenant in [t for t, c in self.counters.items() if t not in self._queues and c <= floor]:
+            del self.counters[tenant]
+
+
+def _first(classes: dict[str, deque[T]]) -> T:
+    for priority in PRIORITIES:
+        if classes[priority]:
+            return classes[priority][0]
+    raise AssertionError("a backlogged tenant has an item")  # removed tenants leave _queues

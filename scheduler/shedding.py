@@ -1,0 +1,89 @@
+"""Load shedding: when to refuse work at the door, and how to tell a standing queue.
+
+Pure logic; the caller passes `now` (monotonic seconds).
+
+`OverloadDetector` follows CoDel's rule: a queue is healthy if, at least once per interval,
+some task waited less than the target. When every wait seen over a whole interval stays
+above the target, a standing queue has formed and the pool is overloaded: level 1 sheds
+`sheddable` arrivals, and if it lasts `escalate_intervals` intervals, level 2 sheds
+`standard` ones too. `critical` work is refused only when it cannot start in time or the
+queue is full of work at least as important.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from scheduler.fair import PRIORITIES
+
+
+class OverloadDetector:
+    def __init__(self, target_s: float, interval_s: float, escalate_intervals: int) -> None:
+        self.target_s = target_s
+        self.interval_s = interval_s
+        self.escalate_intervals = escalate_intervals
+        self._above_until: float | None = None  # when a wait above target becomes a standing queue
+        self._overloaded_since: float | None = None
+
+    def observe(self, wait_s: float, now: float) -> None:
+        """A queue wait: of a task just dispatched, or the age of the oldest one still waiting."""
+        if wait_s < self.target_s:
+            self._above_until = None
+            self._overloaded_since = None
+            return
+        if self._above_until is None:
+            self._above_until = now + self.interval_s
+        elif now >= self._above_until and self._overloaded_since is None:
+            self._overloaded_since = now
+
+    def idle(self) -> None:
+        """The queue is empty: no standing queue."""
+        self._above_until = None
+        self._overloaded_since = None
+
+    def level(self, now: float) -> int:
+        """0 healthy, 1 shed `sheddable`, 2 shed `standard` too."""
+        if self._overloaded_since is None:
+            return 0
+        if now - self._overloaded_since >= self.interval_s * (self.escalate_intervals - 1):
+            return 2
+        return 1
+
+
+def sheds(priority: str, level: int) -> bool:
+    """Whether an arrival of `priority` is refused at overload `level`."""
+    return PRIORITIES.index(priority) >= len(PRIORITIES) - level
+
+
+class DispatchRate:
+    """Tasks started per second over a sliding window, for predicting queue waits."""
+
+    def __init__(self, window_s: float = 10.0, max_events: int = 100_000) -> None:
+        self.window_s = window_s
+        self._times: deque[float] = deque(maxlen=max_events)
+
+    def record(self, now: float) -> None:
+        self._times.append(now)
+
+    def per_s(self, now: float) -> float:
+        while self._times and self._times[0] < now - self.window_s:
+            self._times.popleft()
+        if len(self._times) < 2:
+            return 0.0
+        span = max(now - self._times[0], 1e-3)
+        return len(self._times) / span
+
+
+@dataclass(frozen=True)
+class WaitForecast:
+    ahead: int  # waiting items of this tenant that go first (same or higher priority)
+    share: float  # the tenant's weight over the weights of all backlogged tenants, itself included
+    rate_per_s: float  # the pool's dispatch rate
+
+    def seconds(self) -> float:
+        """Predicted wait for one more item: the work ahead of it at the tenant's fair share."""
+        if self.rate_per_s <= 0 or self.share <= 0:
+            return math.inf if self.ahead > 0 else 0.0
+        return (self.ahead + 1) / (self.rate_per_s * self.share)
