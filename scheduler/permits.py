@@ -48,6 +48,7 @@ class Lease:
     model: str
     holder: str
     limit_key: str
+    reserved: dict[str, float]
     model_taken: dict[str, float]
     tenant_taken: dict[str, float]
     cost: float
@@ -59,7 +60,7 @@ class Lease:
         return {
             "lease_id": self.lease_id,
             "limit_key": self.limit_key,
-            "reserved": {d: self.model_taken.get(d, self.tenant_taken.get(d, 0.0)) for d in DIMENSIONS},
+            "reserved": self.reserved,
             "expires_at": self.expires_at,
             "waited_s": round(self.waited_s, 6),
         }
@@ -212,6 +213,7 @@ class PermitBroker:
             model=req.model,
             holder=req.holder,
             limit_key=waiting.key,
+            reserved=dict(waiting.amounts),
             model_taken=model_taken,
             tenant_taken=tenant_taken,
             cost=cost,
