@@ -73,7 +73,10 @@ class AgentLoop:
             )
         except BudgetExceeded as exc:  # the tenant's daily budget ran out between two calls
             result = self._result(
-                "budget_exhausted", error=ErrorInfo(type=exc.type_name, message=exc.message, retryable=True)
+                "budget_exhausted",
+                error=ErrorInfo(
+                    type=exc.type_name, message=exc.message, retryable=True, reason=exc.fields.get("reason")
+                ),
             )
             result.retry_after_s = exc.fields.get("retry_after_s")
             return result

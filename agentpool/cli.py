@@ -1,4 +1,4 @@
-"""The `agentpool` command: demo, submit, results, simulator."""
+"""The `agentpool` command: demo, submit, results, status, simulator."""
 
 from __future__ import annotations
 
@@ -206,6 +206,79 @@ def results(
             print(json.dumps(result.model_dump(mode="json")), flush=True)
     except KeyboardInterrupt:
         pass
+
+
+def status_tables(status: dict[str, object]) -> list[Table]:
+    """The pool's status as tables: queues and shedding, buckets, budgets."""
+    queues = Table(title="queues", show_header=True)
+    for column in ("tenant", "critical", "standard", "sheddable", "in flight"):
+        queues.add_column(column, justify="right" if column != "tenant" else "left")
+    depth: dict[str, dict[str, int]] = status.get("queued_by_tenant", {})  # type: ignore[assignment]
+    running: dict[str, int] = status.get("in_flight_by_tenant", {})  # type: ignore[assignment]
+    for tenant in sorted(set(depth) | set(running)):
+        by_class = depth.get(tenant, {})
+        queues.add_row(
+            tenant,
+            *(str(by_class.get(p, 0)) for p in ("critical", "standard", "sheddable")),
+            str(running.get(tenant, 0)),
+        )
+    queues.caption = (
+        f"queued {status.get('queued')}, in flight {status.get('in_flight')}/{status.get('capacity')}, "
+        f"overload level {status.get('overload_level')}, shed {status.get('shed_by_reason') or {}}"
+    )
+    buckets = Table(title="global rate limits", show_header=True)
+    for column in ("limit", "dimension", "level", "capacity", "waiting", "paused s"):
+        buckets.add_column(column)
+    limits: dict[str, object] = status.get("limits", {})  # type: ignore[assignment]
+    for key, model in (limits.get("models") or {}).items():  # type: ignore[union-attr]
+        for dim, level in model["dimensions"].items():
+            buckets.add_row(
+                key,
+                dim,
+                f"{level['level']:.0f}",
+                f"{level['capacity']:.0f}",
+                str(model["waiting"]),
+                str(model["paused_for_s"]),
+            )
+    buckets.caption = f"leases outstanding {limits.get('outstanding')}, waiting {limits.get('waiting')}"
+    budgets = Table(title="usage today (UTC)", show_header=True)
+    for column in ("tenant", "tokens", "cost USD", "reserved tokens", "calls"):
+        budgets.add_column(column)
+    for tenant, spent in (status.get("budgets_today") or {}).items():  # type: ignore[union-attr]
+        budgets.add_row(
+            tenant,
+            f"{spent.get('tokens', 0):.0f}",
+            f"{spent.get('cost_usd', 0):.4f}",
+            f"{spent.get('reserved_tokens', 0):.0f}",
+            f"{spent.get('calls', 0):.0f}",
+        )
+    return [queues, buckets, budgets]
+
+
+@app.command()
+def status(
+    name: Annotated[str, typer.Option(envvar="AGENTPOOL_NAME", help="The pool's PoolConfig.name.")] = "agentpool",
+    address: Annotated[str | None, typer.Option(envvar="RAY_ADDRESS", help="Ray cluster address.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw status as JSON.")] = False,
+) -> None:
+    """Shows a running pool's queues, shedding, rate-limit buckets and today's budgets."""
+    from agentpool import AgentPool
+    from agentpool.errors import PoolNotRunning
+
+    try:
+        pool = AgentPool.connect(name, address=address)
+    except PoolNotRunning as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+    except ConnectionError as exc:
+        console.print(f"[red]no Ray cluster to connect to: {exc}[/]")
+        raise typer.Exit(1) from None
+    snapshot = pool.status()
+    if as_json:
+        print(json.dumps(snapshot, indent=2, default=str))
+        return
+    for table in status_tables(snapshot):
+        console.print(table)
 
 
 @app.command()

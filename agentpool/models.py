@@ -145,6 +145,9 @@ class ErrorInfo(_Model):
     type: str
     message: str = Field(max_length=4096)
     retryable: bool = False
+    #: For rejections, why: `overload`, `predicted_wait`, `queue_full`, `queue_timeout`,
+    #: `evicted`, `daily_token_budget` or `daily_cost_budget`.
+    reason: str | None = None
 
 
 class ToolCallSummary(_Model):

@@ -212,13 +212,16 @@ class BudgetLedger:
         raw = await self._redis().hgetall(self._keys.usage(tenant, utc_day(self._now())))
         return {k: float(v) for k, v in raw.items() if not k.startswith("lease:")}
 
-    async def check(self, tenant: str, policy: TenantPolicy) -> BudgetExceeded | None:
-        """At admission: the rejection when a daily budget is already spent, else None."""
+    async def check(self, tenant: str, policy: TenantPolicy, first_call_tokens: int = 0) -> BudgetExceeded | None:
+        """At admission: the rejection when what is left of a daily budget cannot cover even
+        the task's first call (`first_call_tokens`), else None. Reservations of calls in
+        flight are not counted here: they may yet be refunded."""
         if policy.daily_token_budget is None and policy.daily_cost_budget_usd is None:
             return None
         now = self._now()
         spent = await self.spent(tenant)
-        if policy.daily_token_budget is not None and spent.get("tokens", 0) >= policy.daily_token_budget:
+        tokens = spent.get("tokens", 0) + first_call_tokens
+        if policy.daily_token_budget is not None and tokens > policy.daily_token_budget:
             return _budget_error(tenant, "daily_token_budget", now, spent)
         if policy.daily_cost_budget_usd is not None and spent.get("cost_usd", 0) >= policy.daily_cost_budget_usd:
             return _budget_error(tenant, "daily_cost_budget", now, spent)

@@ -128,7 +128,8 @@ class Scheduler:
         rejection = self._admission.check(task)
         policy = self.config.policy_for(task.tenant)
         if rejection is None and policy is not None:
-            rejection = await self._ledger.check(task.tenant, policy)
+            first_call = math.ceil((len(task.prompt) + len(task.system or "")) / self.config.input_chars_per_token)
+            rejection = await self._ledger.check(task.tenant, policy, first_call + task.max_tokens)
         # No await between the shedding decision and the enqueue: concurrent arrivals must
         # not all pass the check before any of them is counted.
         if rejection is None:
@@ -333,7 +334,12 @@ class Scheduler:
             tenant=task.tenant,
             status="rejected",
             trace_id=trace_id,
-            error=ErrorInfo(type=error.type_name, message=error.message, retryable=error.retryable),
+            error=ErrorInfo(
+                type=error.type_name,
+                message=error.message,
+                retryable=error.retryable,
+                reason=error.fields.get("reason"),
+            ),
             retry_after_s=retry_after,
             attempts=0,
         )

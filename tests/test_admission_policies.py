@@ -226,7 +226,7 @@ def test_a_large_request_is_not_overtaken_by_small_ones() -> None:
         broker.request(PermitRequest(f"small{i}", "a", "claude-sonnet-4-5", 10, 1), 0.0)
     assert broker.grant_ready(1.0) == []  # 100 tokens refilled: the small ones would fit
     assert broker.next_wake_s(1.0) == pytest.approx(49.0)
-    assert [lease.lease_id for lease in broker.grant_ready(50.0)][0] == "big"
+    assert [lease.lease_id for lease in broker.grant_ready(50.0)] == ["big"]
 
 
 def test_a_tenant_at_its_own_cap_waits_without_blocking_others() -> None:
@@ -243,7 +243,7 @@ def test_a_tenant_at_its_own_cap_waits_without_blocking_others() -> None:
 def test_release_reconciles_and_a_429_pauses_the_model_for_everyone() -> None:
     broker = make_broker()
     broker.request(PermitRequest("x", "a", "claude-sonnet-4-5", 1000, 3000), 0.0)
-    (lease,) = broker.grant_ready(0.0)
+    assert len(broker.grant_ready(0.0)) == 1
     out = broker.models["claude-sonnet-4"].buckets["output_tokens"]
     assert out.level(0.0) == 0  # reserved max_tokens
     broker.release("x", 0.0, usage={"input_tokens": 400, "output_tokens": 100})
@@ -335,7 +335,9 @@ def test_priority_within_a_tenant_and_fifo_within_a_class(ops: list[tuple[str, s
             model[tenant].append((tenant, priority, n))
     assert len(queue) == sum(map(len, model.values()))
     assert queue.depth() == {
-        t: {p: c for p in PRIORITIES if (c := sum(1 for x in items if x[1] == p))} for t, items in model.items() if items
+        t: {p: c for p in PRIORITIES if (c := sum(1 for x in items if x[1] == p))}
+        for t, items in model.items()
+        if items
     }
 
 
