@@ -85,6 +85,10 @@ class PoolConfig(BaseSettings):
     #: Characters per token assumed when estimating a request's input tokens before sending
     #: it; below the real ratio on purpose (reservations are reconciled with `usage` after).
     input_chars_per_token: float = Field(default=3.0, gt=0.5, le=10)
+    #: A call is granted only when the bucket holds its amount plus this many seconds of
+    #: refill: the provider counts a request when it arrives, a little after we grant it,
+    #: so its bucket can lag ours by that long.
+    limit_margin_s: float = Field(default=0.25, ge=0, le=10)
     #: A rate permit not released within this many seconds is reclaimed (its holder is dead).
     lease_ttl_s: float | None = Field(default=None, gt=0, le=86_400)
     prices: dict[str, ModelPrice] = Field(default_factory=dict)

@@ -8,9 +8,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import batch
+from bench import batch, ratelimit
 
-BENCHMARKS: dict[str, Callable[[Path, bool], dict[str, Any]]] = {"batch": batch.run}
+BENCHMARKS: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
+    "batch": batch.run,
+    "ratelimit": ratelimit.run,
+}
 
 
 def main() -> None:

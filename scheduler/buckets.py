@@ -19,11 +19,14 @@ from dataclasses import dataclass, field
 class TokenBucket:
     """One dimension (requests, input tokens or output tokens) of one limit."""
 
-    def __init__(self, per_minute: float, now: float, *, full: bool = True) -> None:
+    def __init__(self, per_minute: float, now: float, *, full: bool = True, margin_s: float = 0.0) -> None:
         if per_minute <= 0:
             raise ValueError("per_minute must be positive")
         self.capacity = float(per_minute)
         self.rate = self.capacity / 60.0
+        # Our grant happens before the provider counts the request (the request is still on
+        # its way), so the provider's bucket may be up to `margin_s` of refill behind ours.
+        self.margin = self.rate * margin_s
         self._level = self.capacity if full else 0.0
         self._at = now
 
@@ -39,7 +42,7 @@ class TokenBucket:
 
     def wait_s(self, amount: float, now: float) -> float:
         """Seconds until `amount` (clamped) fits; 0 when it fits now."""
-        missing = self.clamp(amount) - self.level(now)
+        missing = min(self.clamp(amount) + self.margin, self.capacity) - self.level(now)
         return 0.0 if missing <= 1e-9 else missing / self.rate
 
     def take(self, amount: float, now: float) -> None:
@@ -73,8 +76,10 @@ class BucketSet:
     granted: dict[str, float] = field(default_factory=lambda: dict.fromkeys(DIMENSIONS, 0.0))
 
     @classmethod
-    def from_limits(cls, per_minute: Mapping[str, int], now: float, *, full: bool = True) -> BucketSet:
-        return cls({dim: TokenBucket(limit, now, full=full) for dim, limit in per_minute.items()})
+    def from_limits(
+        cls, per_minute: Mapping[str, int], now: float, *, full: bool = True, margin_s: float = 0.0
+    ) -> BucketSet:
+        return cls({dim: TokenBucket(limit, now, full=full, margin_s=margin_s) for dim, limit in per_minute.items()})
 
     def wait_s(self, amounts: Mapping[str, float], now: float) -> float:
         """Seconds until every dimension covers its amount (and any pause is over)."""
@@ -117,4 +122,8 @@ class BucketSet:
             dim: {"level": round(bucket.level(now), 3), "capacity": bucket.capacity}
             for dim, bucket in self.buckets.items()
         }
-        return {"dimensions": dims, "paused_for_s": round(max(0.0, self.paused_until - now), 3)}
+        return {
+            "dimensions": dims,
+            "paused_for_s": round(max(0.0, self.paused_until - now), 3),
+            "granted": {dim: round(amount, 3) for dim, amount in self.granted.items()},
+        }

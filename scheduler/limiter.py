@@ -37,6 +37,7 @@ def broker_for(config: PoolConfig, now: float, *, full: bool) -> PermitBroker:
         now=now,
         full=full,
         output_reservation=config.output_reservation,
+        margin_s=config.limit_margin_s,
     )
 
 

@@ -120,6 +120,7 @@ class PermitBroker:
         now: float,
         full: bool = True,
         output_reservation: str = "max_tokens",
+        margin_s: float = 0.0,
     ) -> None:
         self._limit_key = limit_key
         self._tenant_limits = tenant_limits
@@ -128,7 +129,8 @@ class PermitBroker:
         self._full = full
         self._output_mode = output_reservation
         self.models: dict[str, BucketSet] = {
-            key: BucketSet.from_limits(limits, now, full=full) for key, limits in model_limits.items()
+            key: BucketSet.from_limits(limits, now, full=full, margin_s=margin_s)
+            for key, limits in model_limits.items()
         }
         self.tenants: dict[str, BucketSet | None] = {}
         self._queues: dict[str, FairQueue[_Waiting]] = {}

@@ -5,6 +5,16 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class ModelLimitsConfig(BaseModel):
+    """Server-side per-minute limits of one model, overriding the simulator-wide ones."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rpm: int | None = Field(default=None, ge=1)
+    itpm: int | None = Field(default=None, ge=1)
+    otpm: int | None = Field(default=None, ge=1)
+
+
 class SimulatorConfig(BaseModel):
     """Knobs of the simulated Anthropic Messages API.
 
@@ -25,5 +35,7 @@ class SimulatorConfig(BaseModel):
     rpm: int | None = Field(default=None, ge=1)
     itpm: int | None = Field(default=None, ge=1)
     otpm: int | None = Field(default=None, ge=1)
+    #: Limits for particular models (exact ids), in place of rpm/itpm/otpm above.
+    model_limits: dict[str, ModelLimitsConfig] = Field(default_factory=dict)
     #: Largest request body accepted before answering 413, like the real API's 32 MB.
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)

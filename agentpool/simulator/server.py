@@ -67,6 +67,8 @@ class Simulator:
         self._cache: set[str] = set()
         self._fails: Counter[str] = Counter()
         self.stats: Counter[str] = Counter()
+        #: Per model: what passed the limits (admitted requests, counted input, output tokens).
+        self.admitted: dict[str, Counter[str]] = {}
         self.in_flight = 0
         self.max_in_flight = 0
 
@@ -80,11 +82,15 @@ class Simulator:
             "output_tokens": self.stats["output_tokens"],
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
+            "admitted_by_model": {model: dict(counts) for model, counts in self.admitted.items()},
+            "rate_limited_by": {
+                k.removeprefix("limited:"): v for k, v in self.stats.items() if k.startswith("limited:")
+            },
         }
 
     def limits_for(self, model: str) -> ModelLimits:
         if model not in self._limits:
-            c = self.config
+            c = self.config.model_limits.get(model) or self.config
             self._limits[model] = ModelLimits(c.rpm, c.itpm, c.otpm, time.monotonic)
         return self._limits[model]
 
@@ -224,6 +230,7 @@ def build_app(sim: Simulator) -> web.Application:
         billable_input = usage["input_tokens"] + usage["cache_creation_input_tokens"]
         verdict = limits.admit(billable_input, body["max_tokens"])
         if not verdict.allowed:
+            sim.stats[f"limited:{body['model']}:{verdict.dimension}"] += 1
             headers = {**_retry_hdr(verdict.retry_after_s), **limits.headers(time.time())}
             raise _ApiError(429, f"rate limit exceeded: {verdict.dimension} per minute", headers)
         reply = plan_reply(body, directives, uuid.uuid4().hex[:24])
@@ -231,6 +238,8 @@ def build_app(sim: Simulator) -> web.Application:
         usage["output_tokens"] = reply.output_tokens
         sim.stats["input_tokens"] += billable_input
         sim.stats["output_tokens"] += reply.output_tokens
+        admitted = sim.admitted.setdefault(body["model"], Counter())
+        admitted.update(requests=1, input_tokens=billable_input, output_tokens=reply.output_tokens)
         await asyncio.sleep(sim.latency_s(reply.output_tokens, directives.delay_ms))
         message = {
             "id": f"msg_sim_{uuid.uuid4().hex[:24]}",
