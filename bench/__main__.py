@@ -8,11 +8,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import batch, ratelimit
+from bench import batch, fairness, ratelimit
 
 BENCHMARKS: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
     "batch": batch.run,
     "ratelimit": ratelimit.run,
+    "fairness": fairness.run,
 }
 
 

@@ -158,23 +158,30 @@ class Scheduler:
                     self._release(task.tenant, slot.result())
             raise
         queued_ms = (self._clock() - waiting.enqueued_at) * 1000
+        dispatch = Dispatch(
+            task=task,
+            trace_id=trace_id,
+            traceparent=traceparent(trace_id),
+            admitted_at_unix=admitted_unix,
+            queued_ms=queued_ms,
+        )
+        # The run goes on even if this call is cancelled (ray.cancel, a caller gone): the
+        # worker still ends it and writes its record, and only then is the slot given back.
+        running = asyncio.ensure_future(self._run_on(worker, dispatch, waiting.estimate))
+        return await asyncio.shield(running)
+
+    async def _run_on(self, worker: int, dispatch: Dispatch, estimate: float) -> AgentResult:
+        task = dispatch.task
         started = self._clock()
         try:
-            dispatch = Dispatch(
-                task=task,
-                trace_id=trace_id,
-                traceparent=traceparent(trace_id),
-                admitted_at_unix=admitted_unix,
-                queued_ms=queued_ms,
-            )
             result: AgentResult = await self._workers[worker].run.remote(dispatch)
         except (ray.exceptions.RayError, AgentPoolError) as exc:
-            result = await self._fail(task, trace_id, exc, queued_ms)
+            result = await self._fail(task, dispatch.trace_id, exc, dispatch.queued_ms)
         finally:
             self._release(task.tenant, worker)
         run_s = self._clock() - started
         self._mean_run_s = 0.9 * self._mean_run_s + 0.1 * run_s
-        self._account(task.tenant, waiting.estimate, result)
+        self._account(task.tenant, estimate, result)
         self._counts[result.status] += 1
         return result
 
@@ -302,6 +309,9 @@ class Scheduler:
                 self._slots.release(worker)
                 return
             tenant, waiting = popped
+            if waiting.slot.done():  # its caller was cancelled and has not run its cleanup yet
+                self._slots.release(worker)
+                continue
             now = self._clock()
             waited = now - waiting.enqueued_at
             if waited > waiting.max_wait_s:

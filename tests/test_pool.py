@@ -191,3 +191,20 @@ def test_connect_finds_a_running_pool(pool: AgentPool) -> None:
     assert r.answer == "via connect" and other.redis_url == pool.redis_url
     with pytest.raises(PoolNotRunning):
         AgentPool.connect("no-such-pool")
+
+
+def test_cancelled_tasks_give_back_their_slots(pool: AgentPool) -> None:
+    """ray.cancel on queued and running tasks: every worker slot comes back (it used to leak
+    when a cancelled caller's slot was handed out before its cleanup ran)."""
+    refs = pool.submit([AgentTask(tenant="acme", prompt=f"sim: delay 300\nsim: answer {i}") for i in range(80)])
+    ray.wait(refs, num_returns=1, timeout=10)
+    for ref in refs:
+        ray.cancel(ref)
+    (after,) = pool.run([AgentTask(tenant="acme", prompt="sim: answer after the cancel")])
+    assert after.status == "succeeded"
+    for _ in range(200):  # the cancelled runs end at their workers, then release their slots
+        status = pool.status()
+        if status["in_flight"] == 0:
+            break
+        ray.wait(refs, num_returns=len(refs), timeout=0.05)
+    assert status["in_flight"] == 0 and status["queued"] == 0, status
