@@ -153,16 +153,7 @@ class AgentLoop:
     def _record(self, iteration: int, response: LLMResponse) -> dict[str, Any]:
         """Folds one response into the loop's state; returns the `llm_call` event fields."""
         message = response.message
-        raw = message.get("usage") or {}
-        usage = self._prices.priced(
-            response.model,
-            Usage(
-                input_tokens=raw.get("input_tokens") or 0,
-                output_tokens=raw.get("output_tokens") or 0,
-                cache_read_input_tokens=raw.get("cache_read_input_tokens") or 0,
-                cache_creation_input_tokens=raw.get("cache_creation_input_tokens") or 0,
-            ),
-        )
+        usage = self._prices.priced(response.model, Usage.from_api(message.get("usage")))
         self.usage = self.usage + usage
         self.iterations = iteration
         self.attempts += response.attempts

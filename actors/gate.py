@@ -57,7 +57,6 @@ class Ticket:
     lease_id: str
     model: str
     reservation: Reservation | None
-    waited_s: float
 
 
 class TaskGate:
@@ -83,7 +82,6 @@ class TaskGate:
         self._priority = priority
         self._chars_per_token = chars_per_token
         self._holder = holder
-        self.waited_s = 0.0
 
     async def before(self, model: str, request: dict[str, Any]) -> Ticket:
         lease_id = uuid.uuid4().hex
@@ -97,15 +95,14 @@ class TaskGate:
             self._worst_cost(model, input_tokens, max_tokens),
         )
         try:
-            lease = await self._limiter.acquire.remote(
+            await self._limiter.acquire.remote(
                 lease_id, self._tenant, model, input_tokens, max_tokens, self._holder, self._priority
             )
         except BaseException:  # cancelled (or the limiter failed) while waiting: nothing may stay held
             self._limiter.cancel.remote(lease_id)
             self._spawn(self._ledger.refund(reservation))
             raise
-        self.waited_s += lease["waited_s"]
-        return Ticket(lease_id, model, reservation, lease["waited_s"])
+        return Ticket(lease_id, model, reservation)
 
     async def after(
         self,
@@ -126,15 +123,7 @@ class TaskGate:
             "output_tokens": usage.get("output_tokens") or 0,
         }
         self._limiter.release.remote(ticket.lease_id, counted, remaining or None, None, ticket.model)
-        priced = self._prices.priced(
-            ticket.model,
-            Usage(
-                input_tokens=usage.get("input_tokens") or 0,
-                output_tokens=usage.get("output_tokens") or 0,
-                cache_read_input_tokens=usage.get("cache_read_input_tokens") or 0,
-                cache_creation_input_tokens=usage.get("cache_creation_input_tokens") or 0,
-            ),
-        )
+        priced = self._prices.priced(ticket.model, Usage.from_api(usage))
         await self._ledger.settle(self._tenant, ticket.reservation, priced)
 
     def abandon(self, ticket: Ticket) -> None:
@@ -143,11 +132,10 @@ class TaskGate:
         self._limiter.cancel.remote(ticket.lease_id)
 
     def _worst_cost(self, model: str, input_tokens: int, output_tokens: int) -> float:
-        price = self._prices.price(model)
-        if price is None:
-            return 0.0
-        input_rate = max(price.input, price.cache_write if price.cache_write is not None else price.input * 1.25)
-        return (input_tokens * input_rate + output_tokens * price.output) / 1_000_000
+        """The call's cost if its whole input were billed at the dearer of input and cache-write rates."""
+        as_input = Usage(input_tokens=input_tokens, output_tokens=output_tokens)
+        as_cache_write = Usage(cache_creation_input_tokens=input_tokens, output_tokens=output_tokens)
+        return max(self._prices.priced(model, u).cost_usd for u in (as_input, as_cache_write))
 
     @staticmethod
     def _spawn(coro: Any) -> None:

@@ -124,6 +124,17 @@ class Usage(_Model):
     cache_creation_input_tokens: int = 0
     cost_usd: float = 0.0
 
+    @classmethod
+    def from_api(cls, raw: dict[str, Any] | None) -> Usage:
+        """From a Messages API `usage` object (missing or null counts are 0; cost unpriced)."""
+        raw = raw or {}
+        return cls(
+            input_tokens=raw.get("input_tokens") or 0,
+            output_tokens=raw.get("output_tokens") or 0,
+            cache_read_input_tokens=raw.get("cache_read_input_tokens") or 0,
+            cache_creation_input_tokens=raw.get("cache_creation_input_tokens") or 0,
+        )
+
     @property
     def total_tokens(self) -> int:
         """All tokens processed: every input kind (cached or not) plus output."""
