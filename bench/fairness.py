@@ -16,6 +16,7 @@ tasks/s, far below what the machine can push, so CPU is not what is shared).
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from pathlib import Path
@@ -30,13 +31,23 @@ from bench.report import percentile, write
 WEIGHTS = {"j1": 1.0, "j2": 2.0, "j5": 5.0}
 OUTPUT_TOKENS = {"j1": 60, "j2": 20, "j5": 40}  # different task sizes per tenant
 SLOTS = 32
-TASK_MS = 400
+TASK_MS = 400  # mean service time of a task
+#: Spread of service times (lognormal sigma), as with real responses of varying length. With
+#: near-constant times (sigma ~0.05) a saturated pool starts and ends its tasks in waves, and a
+#: newcomer waits up to a whole task for a slot: no non-preemptive queue can avoid that.
+SIGMA = 0.5
 
 
-def _task(tenant: str, i: int, output_tokens: int = 20) -> AgentTask:
-    return AgentTask(
-        tenant=tenant, prompt=f"sim: output_tokens {output_tokens}\nsim: answer {tenant}-{i}", max_tokens=100
-    )
+def _service_ms(rng: random.Random) -> int:
+    """One task's service time: lognormal with mean TASK_MS."""
+    return round(TASK_MS * math.exp(rng.gauss(0, SIGMA) - SIGMA**2 / 2))
+
+
+def _task(tenant: str, i: int, service_ms: int, output_tokens: int = 20) -> AgentTask:
+    # The service time rides in the task (`sim: delay`), so the same task takes the same time
+    # in every phase: the phases differ only in who else is using the pool.
+    prompt = f"sim: delay {service_ms}\nsim: output_tokens {output_tokens}\nsim: answer {tenant}-{i}"
+    return AgentTask(tenant=tenant, prompt=prompt, max_tokens=100)
 
 
 def _cost(result: Any) -> float:
@@ -49,8 +60,9 @@ def _shares(pool: AgentPool, window_s: float) -> dict[str, Any]:
     per_tenant = int(capacity_per_s * (window_s + 6))
     done_at: dict[ray.ObjectRef, float] = {}
     refs: list[ray.ObjectRef] = []
+    rng = random.Random(7)
     for n in range(per_tenant):  # interleaved, so every tenant is backlogged from the start
-        refs += pool.submit([_task(t, n, OUTPUT_TOKENS[t]) for t in WEIGHTS])
+        refs += pool.submit([_task(t, n, _service_ms(rng), OUTPUT_TOKENS[t]) for t in WEIGHTS])
     pending = list(refs)
     start = time.monotonic() + 2.0  # let the fair queue settle first
     end = start + window_s
@@ -79,30 +91,48 @@ def _shares(pool: AgentPool, window_s: float) -> dict[str, Any]:
     }
 
 
+def _wait_idle(pool: AgentPool, timeout_s: float = 60.0) -> None:
+    """Waits until the previous phase's leftovers (cancelled backlog, runs in flight) are gone,
+    so that each phase measures only its own traffic."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        status = pool.status()
+        if status["queued"] == 0 and status["in_flight"] == 0:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"pool still busy after {timeout_s}s: {status['queued']} queued, {status['in_flight']} running")
+
+
 def _open_loop(pool: AgentPool, rates: dict[str, float], duration_s: float, seed: int) -> dict[str, list[float]]:
-    """Poisson arrivals per tenant; returns each tenant's end-to-end latencies (ms)."""
-    rng = random.Random(seed)
-    arrivals: list[tuple[float, str]] = []
+    """Poisson arrivals per tenant, each tenant from its own seeded stream (so a tenant's
+    arrivals and service times are the same whoever else runs). Returns each measured
+    tenant's end-to-end latencies (ms), in arrival order."""
+    arrivals: list[tuple[float, str, int, int]] = []
     for tenant, rate in rates.items():
-        at = rng.expovariate(rate)
+        rng = random.Random(f"{seed}:{tenant}")
+        at, k = rng.expovariate(rate), 0
         while at < duration_s:
-            arrivals.append((at, tenant))
-            at += rng.expovariate(rate)
+            arrivals.append((at, tenant, k, _service_ms(rng)))
+            at, k = at + rng.expovariate(rate), k + 1
     arrivals.sort()
     refs: dict[str, list[ray.ObjectRef]] = {t: [] for t in rates}
     begin = time.monotonic()
-    for n, (at, tenant) in enumerate(arrivals):
+    for at, tenant, k, service_ms in arrivals:
         delay = begin + at - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-        refs[tenant] += pool.submit([_task(tenant, n)])
+        refs[tenant] += pool.submit([_task(tenant, k, service_ms)])
     latencies: dict[str, list[float]] = {}
     for tenant, tenant_refs in refs.items():
         if tenant == "noisy":  # its backlog is not what is measured
             for ref in tenant_refs:
                 ray.cancel(ref)
             continue
-        latencies[tenant] = [r.timings.total_ms for r in ray.get(tenant_refs) if r.status == "succeeded"]
+        results = ray.get(tenant_refs)
+        failed = [r.status for r in results if r.status != "succeeded"]
+        if failed:
+            raise RuntimeError(f"{tenant}: {len(failed)} tasks did not succeed: {sorted(set(failed))}")
+        latencies[tenant] = [r.timings.total_ms for r in results]
     return latencies
 
 
@@ -113,7 +143,7 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         name="bench-fairness",
         num_workers=2,
         worker_concurrency=SLOTS // 2,
-        simulator=SimulatorConfig(latency_ms=TASK_MS, latency_sigma=0.05, seed=5),
+        simulator=SimulatorConfig(latency_ms=0, latency_sigma=0, seed=5),  # service times come with the tasks
         tenants={
             **{t: TenantPolicy(weight=w) for t, w in WEIGHTS.items()},
             "calm2": TenantPolicy(weight=2),
@@ -123,21 +153,28 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         admission=AdmissionConfig(max_queue_wait_s=3600),
     )
     with AgentPool.start(config) as pool:
-        pool.run([_task("warmup", i) for i in range(SLOTS)])
+        pool.run([_task("warmup", i, TASK_MS) for i in range(SLOTS)])
         shares = _shares(pool, window_s)
         calm = {"calm2": capacity_per_s * 0.1, "calm5": capacity_per_s * 0.1}  # well inside 2/8 and 5/8
+        _wait_idle(pool)
         alone = _open_loop(pool, calm, window_s, seed=1)
         noisy_rate = 10 * capacity_per_s * 1 / 8  # ten times the noisy tenant's share
+        _wait_idle(pool)
         crowded = _open_loop(pool, {**calm, "noisy": noisy_rate}, window_s, seed=1)
         shed = pool.status()["shed_by_reason"]
     p99_alone = percentile([v for vs in alone.values() for v in vs], 0.99)
     p99_crowded = percentile([v for vs in crowded.values() for v in vs], 0.99)
+    # The same tasks (same arrival times, same service times) in both phases: what the noisy
+    # tenant added to each one.
+    added = [c - a for t in alone for a, c in zip(alone[t], crowded[t], strict=True)]
     figures: dict[str, Any] = {
         "jain_index": shares["jain_index"],
         "max_share_error": shares["max_share_error"],
         "noisy_neighbour_p99_ratio": round(p99_crowded / p99_alone, 4),
         "calm_p99_ms_alone": round(p99_alone, 1),
         "calm_p99_ms_with_noisy": round(p99_crowded, 1),
+        "calm_added_ms_p50": round(percentile(added, 0.5), 1),
+        "calm_added_ms_p99": round(percentile(added, 0.99), 1),
         "calm_tasks_measured": sum(len(v) for v in crowded.values()),
         "shares": shares["shares"],
         "tasks_in_window": shares["tasks_in_window"],
@@ -145,7 +182,8 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
     }
     notes = (
         f"Weights {WEIGHTS}; output tokens per task {OUTPUT_TOKENS}; window {window_s}s; "
-        f"{SLOTS} slots of ~{TASK_MS} ms (~{capacity_per_s:.0f} tasks/s). Noisy phase: calm tenants "
+        f"{SLOTS} slots; service times lognormal, mean {TASK_MS} ms, sigma {SIGMA}, carried by each task "
+        f"(~{capacity_per_s:.0f} tasks/s). Noisy phase: the same calm tasks "
         f"at {calm} tasks/s, noisy at {noisy_rate:.0f} tasks/s (ten times its 1/8 share)."
     )
     write(out, "fairness", figures=figures, notes=notes, config={"quick": quick, "window_s": window_s})

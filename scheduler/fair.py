@@ -83,8 +83,19 @@ class FairQueue(Generic[T]):
         return chosen
 
     def charge(self, tenant: str, cost: float) -> None:
-        """Adds `cost` tokens of service (negative to correct an estimate) to `tenant`."""
-        value = self.counters.get(tenant, self._last_served) + cost / self._weight(tenant)
+        """Adds `cost` tokens of service to `tenant`; a negative cost corrects an estimate.
+
+        A correction never takes a counter below the smallest counter of the other backlogged
+        tenants (nor lowers one already below it): like credit saved while idle, a refund for
+        work overestimated at dispatch must not become a burst that makes others wait. A new
+        tenant's first tasks, charged from `max_tokens`, would otherwise win back seconds of
+        exclusive service when their real usage comes in.
+        """
+        current = self.counters.get(tenant, self._last_served)
+        value = current + cost / self._weight(tenant)
+        if cost < 0:
+            floor = min((self.counters[t] for t in self._queues if t != tenant), default=value)
+            value = max(value, min(current, floor))
         self.counters[tenant] = value
         if cost > 0:
             self._last_served = value

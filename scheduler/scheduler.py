@@ -88,10 +88,12 @@ class Scheduler:
         self._clock = time.monotonic
         self._mean_run_s = 1.0
         self._task_cost: dict[str, float] = {}
+        self._pool_cost: float | None = None
         self._seen: dict[str, None] = {}
         self._counts: Counter[str] = Counter()
         self._shed: Counter[str] = Counter()
         self._ticker: asyncio.Task[None] | None = None
+        self._loop_lag_s = 0.0
 
     def info(self) -> dict[str, Any]:
         """What `AgentPool.connect` needs to attach to this pool."""
@@ -253,8 +255,12 @@ class Scheduler:
 
     async def _tick(self) -> None:
         while True:
+            before = self._clock()
             await asyncio.sleep(_TICK_S)
-            self._expire_waiting(self._clock())
+            now = self._clock()
+            # How late the event loop woke us: the scheduler's own congestion, reported in status().
+            self._loop_lag_s = max(0.0, now - before - _TICK_S)
+            self._expire_waiting(now)
 
     def _expire_waiting(self, now: float) -> None:
         oldest = 0.0
@@ -278,7 +284,7 @@ class Scheduler:
 
     def _estimate(self, task: AgentTask) -> float:
         """Service a task will receive, in VTC units, until its real usage is known."""
-        known = self._task_cost.get(task.tenant)
+        known = self._task_cost.get(task.tenant, self._pool_cost)
         return known if known is not None else token_cost(len(task.prompt) / 4, task.max_tokens)
 
     def _account(self, tenant: str, estimate: float, result: AgentResult) -> None:
@@ -286,8 +292,12 @@ class Scheduler:
         actual = token_cost(u.input_tokens + u.cache_creation_input_tokens + u.cache_read_input_tokens, u.output_tokens)
         self._queue.charge(tenant, actual - estimate)
         if result.iterations:
-            known = self._task_cost.get(tenant)
+            known = self._task_cost.pop(tenant, None)
             self._task_cost[tenant] = actual if known is None else 0.8 * known + 0.2 * actual
+            if len(self._task_cost) > _MAX_SEEN_TENANTS:  # least recently finished first
+                del self._task_cost[next(iter(self._task_cost))]
+            # A tenant's first tasks are estimated from everyone's, not from max_tokens.
+            self._pool_cost = actual if self._pool_cost is None else 0.95 * self._pool_cost + 0.05 * actual
 
     def _note_tenant(self, tenant: str) -> None:
         self._seen.pop(tenant, None)
@@ -403,6 +413,7 @@ class Scheduler:
             "overload_level": self._detector.level(now),
             "dispatch_per_s": round(self._rate.per_s(now), 3),
             "mean_run_s": round(self._mean_run_s, 4),
+            "loop_lag_ms": round(self._loop_lag_s * 1000, 1),
             "fair_counters": {t: round(c, 1) for t, c in self._queue.counters.items() if t in tenants},
             "limits": limits,
             "budgets_today": await self._ledger.usage_today(tenants),

@@ -297,6 +297,57 @@ def test_backlogged_shares_converge_to_weights_and_nobody_starves(costs: list[in
         assert max(normalised) - min(normalised) <= max_cost / min(weights.values()) + 1e-9
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(st.sampled_from(sorted(WEIGHTS)), st.integers(1, 100), st.integers(1, 400), st.integers(0, 8)),
+        min_size=50,
+        max_size=300,
+    )
+)
+def test_refunds_of_overestimates_cannot_buy_a_burst(steps: list[tuple[str, int, int, int]]) -> None:
+    """Charged an estimate at dispatch and corrected when the work ends, possibly much later
+    and many at once: a refund never takes a backlogged tenant further below the others than
+    VTC's bound, so nobody else waits behind refunded credit."""
+    queue: FairQueue[int] = FairQueue(WEIGHTS.__getitem__)
+    for tenant in WEIGHTS:
+        queue.push(tenant, "standard", 0)
+    running: list[tuple[str, int, int]] = []  # (tenant, estimate, actual)
+    for n, (_, actual, estimate, finishing) in enumerate(steps):
+        tenant, _ = queue.pop()
+        queue.push(tenant, "standard", n)  # stays backlogged
+        queue.charge(tenant, estimate)
+        running.append((tenant, estimate, actual))
+        for done_tenant, done_estimate, done_actual in running[:finishing]:
+            before = {t: queue.counters[t] for t in WEIGHTS}
+            queue.charge(done_tenant, done_actual - done_estimate)
+            others = min(before[t] for t in WEIGHTS if t != done_tenant)
+            after = queue.counters[done_tenant]
+            exact = before[done_tenant] + (done_actual - done_estimate) / WEIGHTS[done_tenant]
+            if done_actual < done_estimate:  # refunded down to the others' smallest counter, no further
+                assert after == pytest.approx(max(exact, min(before[done_tenant], others)))
+            else:
+                assert after == pytest.approx(exact)
+        del running[:finishing]
+
+
+def test_a_new_tenant_refunded_for_its_first_estimates_does_not_make_others_wait() -> None:
+    """The noisy-neighbour case: a flood from a new tenant is charged from max_tokens, then
+    refunded in a batch; a calm tenant arriving next is served at the next dispatch."""
+    queue: FairQueue[str] = FairQueue({"noisy": 1.0, "calm": 2.0}.__getitem__)
+    for i in range(200):
+        queue.push("noisy", "standard", f"n{i}")
+    for _ in range(32):  # 32 slots filled, each charged 210 but really costing 60
+        queue.pop()
+        queue.charge("noisy", 210)
+    for _ in range(32):
+        queue.charge("noisy", 60 - 210)
+    queue.push("calm", "standard", "c")
+    tenant, _ = queue.pop()
+    queue.charge(tenant, 60)
+    assert tenant == "calm" or queue.pop()[0] == "calm"
+
+
 def test_a_tenant_back_from_idle_cannot_burst_on_saved_credit() -> None:
     queue: FairQueue[int] = FairQueue(lambda t: 1.0)
     for i in range(100):
