@@ -224,7 +224,8 @@ def status_tables(status: dict[str, object]) -> list[Table]:
         )
     queues.caption = (
         f"queued {status.get('queued')}, in flight {status.get('in_flight')}/{status.get('capacity')}, "
-        f"overload level {status.get('overload_level')}, shed {status.get('shed_by_reason') or {}}"
+        f"overload level {status.get('overload_level')}, shed {status.get('shed_by_reason') or {}}, "
+        f"loop lag {status.get('loop_lag_ms')} ms"
     )
     buckets = Table(title="global rate limits", show_header=True)
     for column in ("limit", "dimension", "level", "capacity", "waiting", "paused s"):

@@ -41,6 +41,10 @@ PHASES: dict[str, tuple[str, int, dict[str, Any]]] = {
         {"prompt": "sim: output_tokens 100\nsim: answer o", "max_tokens": 120},
     ),
 }
+#: Steady state before the window opens, once the burst is spent.
+SETTLE_S = 3.0
+#: Tasks kept outstanding per model: about 30 s of its limit, and all of them fit in the slots.
+DEPTH = 150
 _LIMIT_FIELD = {"requests": "rpm", "input_tokens": "itpm", "output_tokens": "otpm"}
 
 
@@ -66,9 +70,52 @@ def _admitted(pool: AgentPool) -> dict[str, dict[str, int]]:
     return stats.get("admitted_by_model", {})
 
 
-def _wait_drained(pool: AgentPool, deadline: float) -> None:
-    while not _drained(pool) and time.monotonic() < deadline:
-        time.sleep(0.02)
+class _Feeder:
+    """Keeps `depth` tasks outstanding per model, topping up as they finish.
+
+    Far more than a minute's worth submitted at once would not test the limiter better: tasks
+    waiting for a permit hold worker slots, and the scheduler hands freed slots to the tenant
+    with the cheapest tasks (it is fair in tokens, and the wait is not service), so the other
+    models' backlogs would thin out of the slots and their rates fall for want of offered load.
+    """
+
+    def __init__(self, pool: AgentPool, depth: int) -> None:
+        self.pool = pool
+        self.depth = depth
+        self.outstanding: dict[str, list[ray.ObjectRef]] = {m: [] for m in PHASES}
+        self.submitted = 0
+        self._next = 0.0
+
+    def top_up(self) -> None:
+        if time.monotonic() < self._next:
+            return
+        self._next = time.monotonic() + 0.2
+        for model, refs in self.outstanding.items():
+            if refs:
+                _, refs[:] = ray.wait(refs, num_returns=len(refs), timeout=0)
+            missing = self.depth - len(refs)
+            if missing > 0:
+                refs += self.pool.submit(_tasks(model, missing, self.submitted))
+                self.submitted += missing
+
+    def sleep(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.top_up()
+            time.sleep(min(0.02, max(0.0, end - time.monotonic())))
+
+    def cancel(self) -> None:
+        for refs in self.outstanding.values():
+            for ref in refs:
+                ray.cancel(ref)
+
+
+def _wait_drained(pool: AgentPool, feeder: _Feeder, deadline: float) -> bool:
+    while time.monotonic() < deadline:
+        if _drained(pool):
+            return True
+        feeder.sleep(0.02)
+    return False
 
 
 def _drained(pool: AgentPool) -> bool:
@@ -142,23 +189,25 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         admission=AdmissionConfig(max_queue_wait_s=3600),
     )
     with AgentPool.start(config) as pool:
-        # Enough to drain every bucket's burst and to keep each model saturated through the window.
-        refs = []
-        for model, (dim, value, _) in PHASES.items():
-            per_request = {"requests": 1, "input_tokens": 150, "output_tokens": 100}[dim]
-            n = int(value / per_request * (1 + (window_s + 20) / 60) * 1.2)
-            refs += pool.submit(_tasks(model, n, 0))
+        # Each model's backlog is several times what its limit lets through in the drain and
+        # in the window, so every binding bucket stays saturated throughout.
+        feeder = _Feeder(pool, DEPTH)
         started = time.monotonic()
-        _wait_drained(pool, started + 60)
+        drained = _wait_drained(pool, feeder, started + 60)
         drain_s = time.monotonic() - started
+        # Calls granted in the burst are reserved at max_tokens and refunded the difference
+        # when they end: let those refunds come in (and be used) before the window opens.
+        feeder.sleep(SETTLE_S)
+        drained = drained and _wait_drained(pool, feeder, time.monotonic() + 10)
         t1, first = time.monotonic(), _admitted(pool)
-        time.sleep(window_s)
-        _wait_drained(pool, time.monotonic() + 10)  # close the window in the same state it opened
+        feeder.sleep(window_s)
+        _wait_drained(pool, feeder, time.monotonic() + 10)  # close the window in the same state it opened
         t2, last = time.monotonic(), _admitted(pool)
         stats = pool.simulator_stats() or {}
         status = pool.status()
-        for ref in refs:  # the rest of the offered load is not needed
-            ray.cancel(ref)
+        feeder.cancel()  # the rest of the offered load is not needed
+    if not drained:
+        raise RuntimeError(f"binding buckets not drained after {drain_s:.0f}s: the window would include the burst")
     elapsed = t2 - t1
     figures: dict[str, Any] = {}
     for model, (dim, value, _) in PHASES.items():
@@ -177,7 +226,8 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         "half a request: about 1% of a 15 s quick window, 0.25% of a 60 s one. "
         "`provider_429` counts every 429 the simulator sent during the pool's whole run, burst included. "
         "The baseline is the bare SDK (max_retries=2, honouring retry-after) at concurrency 128 "
-        f"against the same request limit; {len(refs)} pool tasks were offered in all."
+        f"against the same request limit; {DEPTH} pool tasks kept outstanding per model, "
+        f"{feeder.submitted} offered in all."
     )
     write(
         out,
