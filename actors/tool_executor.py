@@ -1,6 +1,19 @@
-"""The tool-executor actor: a separate process pool where tools run, apart from the agents."""
+"""The tool-executor actor: a separate process where tools run, apart from the agents.
+
+Executors come in groups (`@tool(group=...)`), each group its own set of actors, so a tool
+that hangs or crashes exhausts only its group's processes. An executor whose thread pool
+holds `max_stuck_threads` threads of sync tools that ignored their timeout stops taking
+calls (they go to another executor), lets its running calls finish, and exits; Ray starts
+a fresh process in its place (`max_restarts=-1`). Its calls are not retried by Ray
+(`max_task_retries=0`): a call that killed its process must not run again by itself.
+"""
 
 from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
 
 import ray
 
@@ -8,24 +21,69 @@ from actors.tool_runtime import ToolRunner
 from agentpool.protocol import ToolCall, ToolOutcome
 from agentpool.tools import load_tools
 
+log = logging.getLogger(__name__)
+
+#: How long a draining executor waits for its healthy calls before it exits anyway.
+_DRAIN_GRACE_S = 5.0
+
 
 @ray.remote
 class ToolExecutor:
     """Loads the configured tool modules and executes calls concurrently."""
 
-    def __init__(self, modules: list[str], output_max_chars: int) -> None:
-        self._runner = ToolRunner(load_tools(modules), output_max_chars=output_max_chars)
+    def __init__(
+        self,
+        modules: list[str],
+        output_max_chars: int,
+        *,
+        group: str = "default",
+        threads: int = 64,
+        max_stuck_threads: int = 8,
+        bulkhead_wait_s: float = 1.0,
+    ) -> None:
+        self.group = group
+        self._runner = ToolRunner(
+            load_tools(modules), output_max_chars=output_max_chars, threads=threads, bulkhead_wait_s=bulkhead_wait_s
+        )
+        self._max_stuck = max_stuck_threads
+        self._draining = False
+        self._idle = asyncio.Event()
         self.in_flight = 0
 
     def definitions(self) -> dict[str, dict[str, object]]:
         return self._runner.definitions()
 
+    def catalog(self) -> dict[str, dict[str, object]]:
+        return self._runner.catalog()
+
     async def execute(self, call: ToolCall) -> ToolOutcome:
+        if self._draining:  # never started here: the caller sends it to another executor
+            return ToolOutcome.failure(call, "unavailable", "tool executor is being replaced")
         self.in_flight += 1
+        self._idle.clear()
         try:
             return await self._runner.execute(call)
         finally:
             self.in_flight -= 1
+            if not self.in_flight:
+                self._idle.set()
+            if not self._draining and self._runner.stuck >= self._max_stuck:
+                self._draining = True
+                asyncio.get_running_loop().create_task(self._replace())
 
-    def ping(self) -> int:
-        return self.in_flight
+    async def _replace(self) -> None:
+        log.warning(
+            "tool executor %s (group %s): %d threads stuck in tools that ignored their timeout; replacing it",
+            os.getpid(),
+            self.group,
+            self._runner.stuck,
+        )
+        grace = max((s.timeout_s for s in self._runner.tools.values()), default=0.0) + _DRAIN_GRACE_S
+        if self.in_flight:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), grace)
+        # Threads stuck in C code or in sleep cannot be stopped: only a new process frees them.
+        os._exit(1)
+
+    def ping(self) -> dict[str, object]:
+        return {"in_flight": self.in_flight, "stuck_threads": self._runner.stuck, "draining": self._draining}

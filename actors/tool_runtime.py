@@ -1,13 +1,21 @@
 """Runs one tool call to a `ToolOutcome`, whatever the tool does (no Ray here).
 
 A tool's failure is information for the model, not an exception for the loop: unknown
-tools, invalid arguments, exceptions and timeouts all come back as `is_error` outcomes.
+tools, invalid arguments, a full bulkhead, exceptions and timeouts all come back as
+`is_error` outcomes. The whole call, retries included, fits in the tool's `timeout_s`.
+
+Sync tools run on this runner's own thread pool. A thread cannot be killed: a sync tool
+that overruns keeps its thread after its call has returned a timeout. Such threads are
+counted (`stuck`), so the executor can have itself replaced once too many are stuck.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import json
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,51 +24,113 @@ from agentpool.errors import ToolError
 from agentpool.protocol import ToolCall, ToolOutcome
 from agentpool.tools import ToolSpec
 
+#: Backoff between retries of an idempotent tool: base * 2**attempt, capped, with jitter.
+RETRY_BASE_S = 0.05
+RETRY_MAX_S = 1.0
+
 
 class ToolRunner:
-    """Validates, runs and bounds tool calls against a fixed set of tools."""
+    """Validates, runs and bounds tool calls against a fixed set of tools.
+
+    Args:
+        tools: The tools this runner may execute, by name.
+        output_max_chars: Longer output is truncated, with a note saying so.
+        threads: Size of the thread pool for sync tools.
+        bulkhead_wait_s: Longest a call waits for a place under its tool's `max_concurrency`.
+        clock: Monotonic seconds.
+    """
 
     def __init__(
         self,
         tools: dict[str, ToolSpec],
         *,
         output_max_chars: int = 20_000,
+        threads: int = 64,
+        bulkhead_wait_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.tools = tools
         self.output_max_chars = output_max_chars
+        self.bulkhead_wait_s = bulkhead_wait_s
         self._clock = clock
+        self._threads = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tool")
+        self._bulkheads: dict[str, asyncio.Semaphore] = {}
+        self._stuck: set[concurrent.futures.Future[Any]] = set()
+
+    @property
+    def stuck(self) -> int:
+        """Threads still running a sync tool whose call already ended in a timeout."""
+        self._stuck = {f for f in self._stuck if not f.done()}
+        return len(self._stuck)
 
     def definitions(self) -> dict[str, dict[str, Any]]:
         return {name: spec.definition() for name, spec in sorted(self.tools.items())}
 
+    def catalog(self) -> dict[str, dict[str, Any]]:
+        """Each tool's definition (for the model) and how to route and guard its calls."""
+        return {name: {"definition": spec.definition(), **spec.info()} for name, spec in sorted(self.tools.items())}
+
     async def execute(self, call: ToolCall) -> ToolOutcome:
         started = self._clock()
+        attempts = 0
         try:
-            content = await self._run(call)
+            spec = self.tools.get(call.name)
+            if spec is None:
+                raise ToolError(f"unknown tool {call.name!r}", tool=call.name, kind="unknown_tool")
+            args = spec.validate_args(call.arguments if call.arguments is not None else {})
+            async with self._bulkhead(spec):
+                content, attempts = await self._run(spec, spec.kwargs(args, call.idempotency_key), self._clock())
         except ToolError as exc:
-            return self._outcome(call, exc.message, started, kind=exc.fields.get("kind", "error"))
+            return self._outcome(call, exc.message, started, kind=exc.fields.get("kind", "error"), attempts=attempts)
         except TimeoutError:
             spec = self.tools[call.name]
-            return self._outcome(call, f"tool {call.name} timed out after {spec.timeout_s}s", started, kind="timeout")
+            message = f"tool {call.name} timed out after {spec.timeout_s}s"
+            return self._outcome(call, message, started, kind="timeout", attempts=attempts)
         except Exception as exc:  # a tool's own bug: reported to the model, never raised
-            return self._outcome(call, f"{type(exc).__name__}: {exc}", started, kind="error")
-        return self._outcome(call, content, started, kind=None)
+            return self._outcome(call, f"{type(exc).__name__}: {exc}", started, kind="error", attempts=attempts)
+        return self._outcome(call, content, started, kind=None, attempts=attempts)
 
-    async def _run(self, call: ToolCall) -> str:
-        spec = self.tools.get(call.name)
-        if spec is None:
-            raise ToolError(f"unknown tool {call.name!r}", tool=call.name, kind="unknown_tool")
-        args = spec.validate_args(call.arguments if call.arguments is not None else {})
+    def _bulkhead(self, spec: ToolSpec) -> _Bulkhead:
+        if spec.max_concurrency is None:
+            return _Bulkhead(None, 0.0, spec.name)
+        semaphore = self._bulkheads.get(spec.name)
+        if semaphore is None:
+            semaphore = self._bulkheads[spec.name] = asyncio.Semaphore(spec.max_concurrency)
+        return _Bulkhead(semaphore, self.bulkhead_wait_s, spec.name)
+
+    async def _run(self, spec: ToolSpec, kwargs: dict[str, Any], started: float) -> tuple[str, int]:
+        """Runs the tool from `started` (once it has its bulkhead place), retrying transient
+        failures of a retryable tool inside its timeout. A `ToolError` is an answer for the
+        model, not a transient failure: never retried."""
+        deadline = started + spec.timeout_s
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                value = await self._attempt(spec, kwargs, deadline - self._clock())
+                return (value if isinstance(value, str) else json.dumps(value, default=str)), attempt
+            except (ToolError, TimeoutError):
+                raise
+            except Exception:
+                delay = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+                if not spec.retryable or attempt > spec.retries or self._clock() + delay >= deadline:
+                    raise
+                await asyncio.sleep(delay)
+
+    async def _attempt(self, spec: ToolSpec, kwargs: dict[str, Any], budget_s: float) -> Any:
+        if budget_s <= 0:
+            raise TimeoutError
         if spec.is_async:
-            value = await asyncio.wait_for(spec.fn(**args), spec.timeout_s)
-        else:
-            # A thread cannot be killed: a sync tool that overruns keeps its thread busy after
-            # we give up on it. The call still returns at its timeout.
-            value = await asyncio.wait_for(asyncio.to_thread(spec.fn, **args), spec.timeout_s)
-        return value if isinstance(value, str) else json.dumps(value, default=str)
+            return await asyncio.wait_for(spec.fn(**kwargs), budget_s)
+        future = self._threads.submit(functools.partial(spec.fn, **kwargs))
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), budget_s)
+        except TimeoutError:
+            if not future.done():  # still running: its thread is lost until the tool returns
+                self._stuck.add(future)
+            raise
 
-    def _outcome(self, call: ToolCall, content: str, started: float, *, kind: str | None) -> ToolOutcome:
+    def _outcome(self, call: ToolCall, content: str, started: float, *, kind: str | None, attempts: int) -> ToolOutcome:
         if len(content) > self.output_max_chars:
             dropped = len(content) - self.output_max_chars
             content = content[: self.output_max_chars] + f"\n[truncated {dropped} characters]"
@@ -71,4 +141,36 @@ class ToolRunner:
             is_error=kind is not None,
             error_kind=kind,
             duration_ms=(self._clock() - started) * 1000,
+            attempts=attempts,
         )
+
+    def shutdown(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)
+
+
+class _Bulkhead:
+    """`async with`: a place under the tool's concurrency limit, or `ToolError(bulkhead_full)`."""
+
+    def __init__(self, semaphore: asyncio.Semaphore | None, wait_s: float, tool: str) -> None:
+        self._semaphore = semaphore
+        self._wait_s = wait_s
+        self._tool = tool
+
+    async def __aenter__(self) -> None:
+        if self._semaphore is None:
+            return
+        if not self._semaphore.locked():
+            await self._semaphore.acquire()
+            return
+        try:
+            await asyncio.wait_for(self._semaphore.acquire(), self._wait_s)
+        except TimeoutError:
+            raise ToolError(
+                f"tool {self._tool} is at its concurrency limit; try again later",
+                tool=self._tool,
+                kind="bulkhead_full",
+            ) from None
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._semaphore is not None:
+            self._semaphore.release()

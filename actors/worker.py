@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import time
 from typing import Any
 
@@ -21,6 +20,7 @@ from actors.agent_loop import AgentLoop
 from actors.backoff import Backoff
 from actors.gate import TaskGate
 from actors.llm import LLMClient
+from actors.tool_calls import ToolCalls
 from agentpool.config import PoolConfig
 from agentpool.models import AgentResult, ErrorInfo, Timings
 from agentpool.pricing import PriceTable
@@ -41,19 +41,16 @@ class AgentWorker:
         redis_url: str,
         base_url: str | None,
         api_key: str,
-        tool_defs: dict[str, dict[str, Any]],
-        executor_names: list[str],
+        tool_catalog: dict[str, dict[str, Any]],
+        executor_names: dict[str, list[str]],
         namespace: str,
         limiter_name: str,
+        board_name: str,
     ) -> None:
         self.config = config
         self._base_url = base_url
         self._api_key = api_key
-        self._tool_defs = tool_defs
-        # Looked up by name, not passed as handles: constructor arguments stay plain data,
-        # so a restarted worker never depends on objects that may have left the store.
-        self._executors = [ray.get_actor(n, namespace=namespace) for n in executor_names]
-        self._next_executor = itertools.cycle(range(len(executor_names)))
+        self._tool_defs = {name: entry["definition"] for name, entry in tool_catalog.items()}
         self._prices = PriceTable(config.prices)
         self._store = ResultStore(
             redis_url,
@@ -66,6 +63,16 @@ class AgentWorker:
             lambda: self._store.redis, self._store.keys, reservation_ttl_s=config.lease_expiry_s
         )
         self._holder = ray.get_runtime_context().get_actor_id() or "worker"
+        # Looked up by name, not passed as handles: constructor arguments stay plain data,
+        # so a restarted worker never depends on objects that may have left the store.
+        self._tools = ToolCalls(
+            catalog=tool_catalog,
+            groups={g: [ray.get_actor(n, namespace=namespace) for n in names] for g, names in executor_names.items()},
+            board=ray.get_actor(board_name, namespace=namespace),
+            redis=lambda: self._store.redis,
+            keys=self._store.keys,
+            bulkhead_wait_s=config.bulkhead_wait_s,
+        )
         self._llm: LLMClient | None = None
         self.in_flight = 0
 
@@ -111,7 +118,7 @@ class AgentWorker:
             loop = AgentLoop(
                 task,
                 call_llm=functools.partial(self._client().create, gate=gate),
-                run_tools=lambda calls: self._run_tools(calls, allowed),
+                run_tools=lambda calls: self._run_tools(calls, allowed, emit),
                 tool_defs=[self._tool_defs[name] for name in task.tools if name in allowed],
                 models=self._models(task.tenant, task.model, task.fallback_models),
                 prices=self._prices,
@@ -161,20 +168,8 @@ class AgentWorker:
             chain = [m for m in chain if m in policy.allowed_models]
         return chain
 
-    async def _run_tools(self, calls: list[ToolCall], allowed: set[str]) -> list[ToolOutcome]:
-        return list(await asyncio.gather(*(self._run_tool(c, allowed) for c in calls)))
-
-    async def _run_tool(self, call: ToolCall, allowed: set[str]) -> ToolOutcome:
-        if call.name not in allowed:
-            # The model asked for a tool this task was not given (or invented one).
-            return ToolOutcome.failure(
-                call, "not_allowed", f"tool {call.name!r} is not available; use one of {sorted(allowed)}"
-            )
-        executor = self._executors[next(self._next_executor)]
-        try:
-            return await executor.execute.remote(call)
-        except ray.exceptions.RayError as exc:
-            return ToolOutcome.failure(call, "crashed", f"tool executor failed: {type(exc).__name__}")
+    async def _run_tools(self, calls: list[ToolCall], allowed: set[str], emit: Any) -> list[ToolOutcome]:
+        return list(await asyncio.gather(*(self._tools.run(c, allowed, emit) for c in calls)))
 
     def ping(self) -> int:
         return self.in_flight

@@ -5,7 +5,7 @@ results = ray.get(pool.submit([AgentTask(tenant="acme", prompt="What is 1234*567
                                          tools=["calculator"])]))
 """
 
-from agentpool.config import PoolConfig, RetryPolicy
+from agentpool.config import BreakerConfig, ExecutorGroupConfig, PoolConfig, RetryPolicy
 from agentpool.errors import (
     AgentPoolError,
     BudgetExceeded,
@@ -39,9 +39,11 @@ __all__ = [
     "AgentPoolError",
     "AgentResult",
     "AgentTask",
+    "BreakerConfig",
     "BudgetExceeded",
     "ConfigError",
     "ErrorInfo",
+    "ExecutorGroupConfig",
     "InvalidTask",
     "Overloaded",
     "PoolConfig",

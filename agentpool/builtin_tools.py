@@ -97,7 +97,7 @@ def _format(value: int | float) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-@tool(timeout_s=5.0)
+@tool(timeout_s=5.0, idempotent=True)
 def calculator(expression: str) -> str:
     """Evaluates an arithmetic expression exactly (integers) or in floating point.
 
@@ -176,7 +176,7 @@ def search(query: str, max_results: int = 3) -> list[tuple[str, str]]:
     return [(title, text) for _, title, text in scored[:max_results]]
 
 
-@tool(timeout_s=10.0)
+@tool(timeout_s=10.0, idempotent=True)
 def web_search(query: str, max_results: int = 3) -> str:
     """Searches a small offline encyclopedia and returns the best matching passages.
 

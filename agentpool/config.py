@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agentpool.models import ModelName, RateLimit, TenantName, TenantPolicy
@@ -25,6 +25,50 @@ class RetryPolicy(BaseModel):
     base_delay_s: float = Field(default=0.5, ge=0, le=60)
     max_delay_s: float = Field(default=20.0, ge=0, le=600)
     jitter: float = Field(default=0.5, ge=0, le=1)
+
+
+class BreakerConfig(BaseModel):
+    """A tool's circuit breaker (resilience4j's semantics), shared by the whole cluster.
+
+    Outcomes fill a sliding window: the last `window_size` calls (`window="count"`) or the
+    calls of the last `window_size` seconds (`window="time"`). Once it holds `minimum_calls`,
+    a failure rate (errors, timeouts, crashes) at or above `failure_rate`, or a rate of calls
+    lasting `slow_call_s` or more at or above `slow_call_rate`, opens the breaker: calls are
+    refused at once for `open_wait_s`, then `half_open_calls` trial calls decide whether it
+    closes or opens again. `slow_call_s` defaults to half the tool's `timeout_s`.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    window: Literal["count", "time"] = "count"
+    window_size: int = Field(default=20, ge=1, le=10_000)
+    minimum_calls: int = Field(default=10, ge=1, le=10_000)
+    failure_rate: float = Field(default=0.5, gt=0, le=1)
+    slow_call_s: float | None = Field(default=None, gt=0, le=3600)
+    slow_call_rate: float = Field(default=1.0, gt=0, le=1)
+    open_wait_s: float = Field(default=30.0, gt=0, le=86_400)
+    half_open_calls: int = Field(default=3, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _window_can_fill(self) -> BreakerConfig:
+        if self.window == "count" and self.minimum_calls > self.window_size:
+            raise ValueError(f"minimum_calls ({self.minimum_calls}) exceeds the window of {self.window_size} calls")
+        return self
+
+
+class ExecutorGroupConfig(BaseModel):
+    """A set of tool-executor actors of their own, for the tools pinned to it (`@tool(group=...)`).
+
+    A sync tool that overruns its timeout keeps its thread; an executor with `max_stuck_threads`
+    such threads stops taking calls, lets the others finish and is replaced by a new process.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    executors: int = Field(default=1, ge=1, le=1024)
+    concurrency: int = Field(default=64, ge=1, le=10_000)
+    max_stuck_threads: int = Field(default=8, ge=1, le=10_000)
 
 
 class AdmissionConfig(BaseModel):
@@ -102,6 +146,13 @@ class PoolConfig(BaseSettings):
     # --- tools and tenants
     tool_modules: list[str] = Field(default_factory=list)
     tool_output_max_chars: int = Field(default=20_000, ge=100, le=1_000_000)
+    #: Executor groups besides "default" (whose shape is num_tool_executors x executor_concurrency);
+    #: a tool pinned to a group not listed here gets a group of one executor.
+    executor_groups: dict[str, ExecutorGroupConfig] = Field(default_factory=dict, max_length=64)
+    #: Circuit breaker of every tool that does not declare its own.
+    breaker: BreakerConfig = Field(default_factory=BreakerConfig)
+    #: Longest a call waits for a free place under its tool's `max_concurrency` before it is refused.
+    bulkhead_wait_s: float = Field(default=1.0, ge=0, le=600)
     tenants: dict[TenantName, TenantPolicy] = Field(default_factory=dict)
     default_tenant_policy: TenantPolicy = Field(default_factory=TenantPolicy)
     strict_tenants: bool = False
@@ -113,6 +164,13 @@ class PoolConfig(BaseSettings):
     @property
     def all_tool_modules(self) -> list[str]:
         return list(dict.fromkeys([BUILTIN_TOOL_MODULE, *self.tool_modules]))
+
+    def executor_group(self, group: str) -> ExecutorGroupConfig:
+        if group in self.executor_groups:
+            return self.executor_groups[group]
+        if group == "default":
+            return ExecutorGroupConfig(executors=self.num_tool_executors, concurrency=self.executor_concurrency)
+        return ExecutorGroupConfig()
 
     def policy_for(self, tenant: str) -> TenantPolicy | None:
         """The tenant's policy, the default for unknown tenants, or None under strict_tenants."""

@@ -26,6 +26,33 @@ _ACTOR_OPTIONS: dict[str, Any] = {"num_cpus": 0, "max_restarts": -1, "max_task_r
 _SIMULATOR_KEY = "sim-local-no-secret"
 
 
+def _start_executor_group(config: PoolConfig, group: str, actors: list[Any]) -> tuple[list[str], list[Any]]:
+    """Starts one executor group's actors. Ray restarts a dead executor but never re-sends
+    its calls by itself (`max_task_retries=0`): the worker decides what may run again."""
+    from actors.tool_executor import ToolExecutor
+
+    shape = config.executor_group(group)
+    names = [f"{config.name}-tools-{group}-{i}" for i in range(shape.executors)]
+    handles = [
+        ToolExecutor.options(
+            **{**_ACTOR_OPTIONS, "max_task_retries": 0},
+            name=name,
+            max_concurrency=shape.concurrency + 8,
+            namespace=NAMESPACE,
+        ).remote(
+            config.all_tool_modules,
+            config.tool_output_max_chars,
+            group=group,
+            threads=shape.concurrency,
+            max_stuck_threads=shape.max_stuck_threads,
+            bulkhead_wait_s=config.bulkhead_wait_s,
+        )
+        for name in names
+    ]
+    actors.extend(handles)
+    return names, handles
+
+
 class AgentPool:
     """A running pool: a scheduler, agent workers, tool executors, Redis and a provider.
 
@@ -65,7 +92,7 @@ class AgentPool:
             ConfigError: If a part cannot start (bad tool module, no redis-server, ...).
         """
         from actors.simulator_host import SimulatorHost
-        from actors.tool_executor import ToolExecutor
+        from actors.tool_board import ToolBoard
         from actors.worker import AgentWorker
         from scheduler.limiter import RateLimiter
         from scheduler.scheduler import Scheduler
@@ -95,18 +122,21 @@ class AgentPool:
                 simulator = SimulatorHost.options(num_cpus=0, namespace=NAMESPACE).remote(config.simulator)
                 actors.append(simulator)
                 base_url = ray.get(simulator.start.remote())
-            executor_names = [f"{config.name}-executor-{i}" for i in range(config.num_tool_executors)]
-            executors = [
-                ToolExecutor.options(
-                    **_ACTOR_OPTIONS, name=name, max_concurrency=config.executor_concurrency, namespace=NAMESPACE
-                ).remote(config.all_tool_modules, config.tool_output_max_chars)
-                for name in executor_names
-            ]
-            actors.extend(executors)
+            # The default group first: its catalog says which other groups the tools ask for.
+            default_names, default_group = _start_executor_group(config, "default", actors)
             try:
-                tool_defs = ray.get(executors[0].definitions.remote())
+                catalog: dict[str, dict[str, Any]] = ray.get(default_group[0].catalog.remote())
             except ray.exceptions.RayActorError as exc:
                 raise ConfigError(f"tool executors could not start: {exc}") from None
+            executor_names = {"default": default_names}
+            for group in sorted({entry["group"] for entry in catalog.values()} - {"default"}):
+                executor_names[group], _ = _start_executor_group(config, group, actors)
+            board_name = f"{config.name}-tools"
+            board = ToolBoard.options(**_ACTOR_OPTIONS, name=board_name, namespace=NAMESPACE).remote(
+                catalog,
+                config.breaker.model_dump(),
+            )
+            actors.append(board)
             limiter_name = f"{config.name}-limiter"
             # Every LLM attempt of every worker waits here: its concurrency is bounded only by
             # the attempts that can be in flight at once.
@@ -126,10 +156,11 @@ class AgentPool:
                     redis_url=redis_url,
                     base_url=base_url,
                     api_key=api_key,
-                    tool_defs=tool_defs,
+                    tool_catalog=catalog,
                     executor_names=executor_names,
                     namespace=NAMESPACE,
                     limiter_name=limiter_name,
+                    board_name=board_name,
                 )
                 for name in worker_names
             ]
@@ -144,8 +175,9 @@ class AgentPool:
                 redis_url=redis_url,
                 worker_names=worker_names,
                 namespace=NAMESPACE,
-                tool_names=list(tool_defs),
+                tool_names=list(catalog),
                 limiter_name=limiter_name,
+                board_name=board_name,
             )
             actors.append(scheduler)
             ray.get([scheduler.status.remote(), *(w.ping.remote() for w in workers)])

@@ -44,6 +44,11 @@ class ToolCall(BaseModel):
     arguments: Any = None
     trace_id: str = ""
 
+    @property
+    def idempotency_key(self) -> str:
+        """Names this call across re-runs of its task: `task_id:tool_use_id`."""
+        return f"{self.task_id}:{self.tool_use_id}"
+
 
 class ToolOutcome(BaseModel):
     """What a tool call produced, ready to become a `tool_result` block."""
@@ -53,9 +58,13 @@ class ToolOutcome(BaseModel):
     content: str
     is_error: bool = False
     #: None when ok; else one of: invalid_arguments, unknown_tool, not_allowed, timeout,
-    #: error, crashed.
+    #: error, crashed, bulkhead_full, breaker_open, outcome_unknown, unavailable.
     error_kind: str | None = None
     duration_ms: float = Field(default=0.0, ge=0)
+    attempts: int = Field(default=1, ge=0)
+    #: Where a result came from without running the tool: "cache", or "record" (an earlier
+    #: run of the same task already made this call).
+    source: str | None = None
 
     @classmethod
     def failure(cls, call: ToolCall, kind: str, content: str) -> ToolOutcome:

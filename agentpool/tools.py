@@ -16,9 +16,12 @@ from typing import Any, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from agentpool.config import BreakerConfig
 from agentpool.errors import ConfigError, ToolError
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+#: A tool parameter of this name is not shown to the model: it receives `task_id:tool_use_id`.
+IDEMPOTENCY_KEY = "idempotency_key"
 
 #: Every tool decorated in this process, by name (a module import registers its tools).
 _REGISTRY: dict[str, ToolSpec] = {}
@@ -35,7 +38,31 @@ class ToolSpec:
     timeout_s: float
     is_async: bool
     module: str
+    group: str = "default"
+    max_concurrency: int | None = None
+    idempotent: bool = False
+    keyed: bool = False
+    retries: int = 2
+    cache_ttl_s: float | None = None
+    breaker: BreakerConfig | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def retryable(self) -> bool:
+        """A failed attempt may run again: the tool is idempotent, or dedupes by its key."""
+        return self.idempotent or self.keyed
+
+    def info(self) -> dict[str, Any]:
+        """What a worker needs to route and guard calls to this tool (plain data)."""
+        return {
+            "group": self.group,
+            "timeout_s": self.timeout_s,
+            "idempotent": self.idempotent,
+            "keyed": self.keyed,
+            "retries": self.retries,
+            "cache_ttl_s": self.cache_ttl_s,
+            "breaker": self.breaker.model_dump() if self.breaker is not None else None,
+        }
 
     def definition(self) -> dict[str, Any]:
         """The tool as the Messages API expects it in `tools`."""
@@ -59,6 +86,10 @@ class ToolSpec:
             ) from None
         return {name: getattr(parsed, name) for name in type(parsed).model_fields}
 
+    def kwargs(self, args: dict[str, Any], key: str) -> dict[str, Any]:
+        """The call's keyword arguments, with the idempotency key for a tool that takes one."""
+        return {**args, IDEMPOTENCY_KEY: key} if self.keyed else args
+
 
 def tool(
     fn: Callable[..., Any] | None = None,
@@ -66,16 +97,34 @@ def tool(
     name: str | None = None,
     description: str | None = None,
     timeout_s: float = 30.0,
+    group: str = "default",
+    max_concurrency: int | None = None,
+    idempotent: bool = False,
+    retries: int = 2,
+    cache_ttl_s: float | None = None,
+    breaker: BreakerConfig | None = None,
 ) -> Any:
     """Registers a function (sync or async) as a tool agents may call.
 
-    Usable bare (`@tool`) or with options (`@tool(timeout_s=5)`).
+    Usable bare (`@tool`) or with options (`@tool(timeout_s=5, group="slow-io")`).
 
     Args:
-        fn: The function; its type-hinted parameters become the tool's input schema.
+        fn: The function; its type-hinted parameters become the tool's input schema. A
+            parameter named `idempotency_key` is hidden from the model and receives
+            `task_id:tool_use_id`: the tool promises to apply a side effect once per key.
         name: Tool name as the model sees it; defaults to the function's name.
         description: Defaults to the docstring's first paragraph.
-        timeout_s: Longest a call may run before it is abandoned with an error result.
+        timeout_s: Longest a call may run, retries included, before it ends with an error result.
+        group: The executor group (a separate set of actors) that runs this tool.
+        max_concurrency: Calls of this tool running at once in one executor; more wait up
+            to `PoolConfig.bulkhead_wait_s`, then are refused.
+        idempotent: Safe to run twice: transient failures are retried (`retries` times,
+            with backoff, inside `timeout_s`). Otherwise a call runs at most once per
+            `task_id:tool_use_id`, recorded in Redis, unless the tool takes an idempotency key.
+        retries: Retries after the first attempt, for idempotent or keyed tools.
+        cache_ttl_s: Cache successful results in Redis (per tenant, by arguments) this long.
+            Only for idempotent tools.
+        breaker: This tool's circuit breaker; `PoolConfig.breaker` when None.
 
     Raises:
         ConfigError: If the name is invalid, already taken by another function, or a
@@ -83,7 +132,18 @@ def tool(
     """
 
     def register(func: Callable[..., Any]) -> Callable[..., Any]:
-        spec = build_spec(func, name=name, description=description, timeout_s=timeout_s)
+        spec = build_spec(
+            func,
+            name=name,
+            description=description,
+            timeout_s=timeout_s,
+            group=group,
+            max_concurrency=max_concurrency,
+            idempotent=idempotent,
+            retries=retries,
+            cache_ttl_s=cache_ttl_s,
+            breaker=breaker,
+        )
         existing = _REGISTRY.get(spec.name)
         if existing is not None and existing.module != spec.module:
             raise ConfigError(
@@ -97,16 +157,45 @@ def tool(
     return register(fn) if fn is not None else register
 
 
-def build_spec(func: Callable[..., Any], *, name: str | None, description: str | None, timeout_s: float) -> ToolSpec:
+def build_spec(
+    func: Callable[..., Any],
+    *,
+    name: str | None,
+    description: str | None,
+    timeout_s: float,
+    group: str = "default",
+    max_concurrency: int | None = None,
+    idempotent: bool = False,
+    retries: int = 2,
+    cache_ttl_s: float | None = None,
+    breaker: BreakerConfig | None = None,
+) -> ToolSpec:
     tool_name = name or func.__name__
     if not _NAME.match(tool_name):
         raise ConfigError(f"tool name {tool_name!r} must match {_NAME.pattern}", tool=tool_name)
-    if not 0 < timeout_s <= 3600:
-        raise ConfigError(f"tool {tool_name}: timeout_s must be in (0, 3600]", tool=tool_name)
+    problems = [
+        "timeout_s must be in (0, 3600]" if not 0 < timeout_s <= 3600 else None,
+        f"group must match {_NAME.pattern}" if not _NAME.match(group) else None,
+        "max_concurrency must be in [1, 100000]"
+        if max_concurrency is not None and not 1 <= max_concurrency <= 100_000
+        else None,
+        "retries must be in [0, 10]" if not 0 <= retries <= 10 else None,
+        "cache_ttl_s must be in (0, 30 days]"
+        if cache_ttl_s is not None and not 0 < cache_ttl_s <= 30 * 86_400
+        else None,
+        "only idempotent tools can be cached" if cache_ttl_s is not None and not idempotent else None,
+    ]
+    for problem in problems:
+        if problem is not None:
+            raise ConfigError(f"tool {tool_name}: {problem}", tool=tool_name)
     summary, arg_docs = _parse_docstring(inspect.getdoc(func) or "")
     hints = get_type_hints(func)
     fields: dict[str, Any] = {}
+    keyed = False
     for param in inspect.signature(func).parameters.values():
+        if param.name == IDEMPOTENCY_KEY:
+            keyed = True
+            continue
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             raise ConfigError(f"tool {tool_name}: *args/**kwargs are not supported", tool=tool_name)
         if param.name not in hints:
@@ -124,6 +213,13 @@ def build_spec(func: Callable[..., Any], *, name: str | None, description: str |
         timeout_s=timeout_s,
         is_async=inspect.iscoroutinefunction(func),
         module=func.__module__,
+        group=group,
+        max_concurrency=max_concurrency,
+        idempotent=idempotent,
+        keyed=keyed,
+        retries=retries,
+        cache_ttl_s=cache_ttl_s,
+        breaker=breaker,
     )
 
 

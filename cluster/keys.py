@@ -27,3 +27,11 @@ class Keys:
 
     def usage(self, tenant: str, day: str) -> str:
         return f"{self._tenant(tenant)}:usage:{day}"
+
+    def tool_call(self, tenant: str, task_id: str, tool_use_id: str) -> str:
+        """A side-effecting tool call's record: started, then its outcome."""
+        return f"{self._tenant(tenant)}:toolcall:{task_id}:{tool_use_id}"
+
+    def tool_cache(self, tenant: str, tool: str, digest: str) -> str:
+        """A cacheable tool's result for one set of arguments."""
+        return f"{self._tenant(tenant)}:toolcache:{tool}:{digest}"

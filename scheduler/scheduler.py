@@ -61,6 +61,7 @@ class Scheduler:
         namespace: str,
         tool_names: list[str],
         limiter_name: str,
+        board_name: str | None = None,
     ) -> None:
         self.config = config
         self.redis_url = redis_url
@@ -68,6 +69,7 @@ class Scheduler:
         workers = [ray.get_actor(name, namespace=namespace) for name in worker_names]
         self._workers = workers
         self._limiter = ray.get_actor(limiter_name, namespace=namespace)
+        self._board = ray.get_actor(board_name, namespace=namespace) if board_name else None
         self._admission = Admission(config, set(tool_names))
         self._queue: FairQueue[_Waiting] = FairQueue(self._weight)
         self._slots = LeastLoaded(len(workers), config.worker_concurrency)
@@ -400,6 +402,12 @@ class Scheduler:
             limits = await self._limiter.status.remote()
         except ray.exceptions.RayError as exc:
             limits = {"error": f"rate limiter unavailable: {type(exc).__name__}"}
+        tools: dict[str, Any] = {}
+        if self._board is not None:
+            try:
+                tools = await self._board.status.remote()
+            except ray.exceptions.RayError as exc:
+                tools = {"error": f"tool board unavailable: {type(exc).__name__}"}
         tenants = dict.fromkeys([*self.config.tenants, *self._seen])
         return {
             "queued": len(self._queue),
@@ -416,5 +424,6 @@ class Scheduler:
             "loop_lag_ms": round(self._loop_lag_s * 1000, 1),
             "fair_counters": {t: round(c, 1) for t, c in self._queue.counters.items() if t in tenants},
             "limits": limits,
+            "tools": tools,
             "budgets_today": await self._ledger.usage_today(tenants),
         }

@@ -1,0 +1,139 @@
+"""The tool board: every tool's circuit breaker and outcome counts, in one place for the cluster.
+
+`BreakerBoard` is the pure part (injected clock); `ToolBoard` is the named actor that holds
+it, so all workers share one breaker per tool and its updates are atomic (one actor, one
+event loop). Its state is not persisted: after a restart every breaker starts closed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from typing import Any
+
+import ray
+
+from actors.breaker import CircuitBreaker, Denied, Permit, Transition
+from agentpool.config import BreakerConfig
+
+#: Outcome kinds that count as failures for a breaker.
+FAILURES = frozenset({"error", "timeout", "crashed"})
+#: Outcome kinds of calls that never ran: their permit goes back with no outcome.
+NOT_RUN = frozenset({"bulkhead_full", "invalid_arguments", "unknown_tool", "unavailable", "outcome_unknown"})
+#: Grace on top of a tool's timeout before an unreported half-open trial counts as failed.
+_TRIAL_GRACE_S = 10.0
+_MAX_TOOLS = 10_000
+
+
+class BreakerBoard:
+    """Breakers and counters for many tools.
+
+    Args:
+        tools: The executors' catalog: per tool, `ToolSpec.info()` (its timeout and its own
+            breaker config, if any) and its definition.
+        default: The breaker config of tools without their own.
+        clock: Monotonic seconds.
+    """
+
+    def __init__(
+        self,
+        tools: dict[str, dict[str, Any]],
+        default: BreakerConfig,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._tools = tools
+        self._default = default
+        self._clock = clock
+        self._breakers: dict[str, CircuitBreaker] = {}
+        self.counts: dict[str, Counter[str]] = {}
+        self.transitions: deque[dict[str, object]] = deque(maxlen=100)
+
+    def breaker(self, tool: str) -> CircuitBreaker | None:
+        found = self._breakers.get(tool)
+        if found is not None:
+            return found
+        info = self._tools.get(tool)
+        if info is None:
+            return None
+        config = BreakerConfig(**info["breaker"]) if info.get("breaker") else self._default
+        if not config.enabled:
+            return None
+        timeout_s = float(info.get("timeout_s", 30.0))
+        slow_s = config.slow_call_s if config.slow_call_s is not None else timeout_s / 2
+        found = CircuitBreaker(tool, config, slow_call_s=slow_s, trial_timeout_s=timeout_s + _TRIAL_GRACE_S)
+        self._breakers[tool] = found
+        return found
+
+    def acquire(self, tool: str) -> tuple[Permit | None, Denied | None, dict[str, object] | None]:
+        """(permit, None, transition) when the call may go; (None, denial, transition) when not.
+        A tool without a breaker gets (None, None, None): go, nothing to report back."""
+        breaker = self.breaker(tool)
+        if breaker is None:
+            return None, None, None
+        decision, transition = breaker.acquire(self._clock())
+        if isinstance(decision, Denied):
+            self.count(tool, "breaker_open")
+            return None, decision, self._log(transition)
+        return decision, None, self._log(transition)
+
+    def record(self, tool: str, permit: Permit | None, kind: str | None, duration_s: float) -> dict[str, object] | None:
+        """The outcome of a call (`kind` None when it succeeded); returns the transition it caused."""
+        self.count(tool, kind or "ok")
+        breaker = self._breakers.get(tool)
+        if permit is None or breaker is None:
+            return None
+        if kind in NOT_RUN:
+            breaker.release(permit)
+            return None
+        transition = breaker.record(permit, self._clock(), failed=kind in FAILURES, duration_s=duration_s)
+        return self._log(transition)
+
+    def count(self, tool: str, kind: str) -> None:
+        if tool not in self.counts and len(self.counts) >= _MAX_TOOLS:
+            tool = "(other)"  # invented tool names must not grow the table without bound
+        self.counts.setdefault(tool, Counter())[kind] += 1
+
+    def _log(self, transition: Transition | None) -> dict[str, object] | None:
+        if transition is None:
+            return None
+        entry = {**transition.as_dict(), "unix_ts": round(time.time(), 3)}
+        self.transitions.append(entry)
+        return entry
+
+    def status(self) -> dict[str, Any]:
+        now = self._clock()
+        for breaker in self._breakers.values():
+            if transition := breaker.expire(now):
+                self._log(transition)
+        tools = sorted(set(self._breakers) | set(self.counts))
+        return {
+            "tools": {
+                t: {
+                    "breaker": self._breakers[t].snapshot(now) if t in self._breakers else None,
+                    "outcomes": dict(self.counts.get(t, {})),
+                }
+                for t in tools
+            },
+            "transitions": list(self.transitions)[-20:],
+        }
+
+
+@ray.remote
+class ToolBoard:
+    """Named actor (`{pool}-tools`) holding the pool's `BreakerBoard`."""
+
+    def __init__(self, tools: dict[str, dict[str, Any]], default: dict[str, Any]) -> None:
+        self._board = BreakerBoard(tools, BreakerConfig(**default))
+
+    def acquire(self, tool: str) -> tuple[Permit | None, Denied | None, dict[str, object] | None]:
+        return self._board.acquire(tool)
+
+    def record(self, tool: str, permit: Permit | None, kind: str | None, duration_s: float) -> dict[str, object] | None:
+        return self._board.record(tool, permit, kind, duration_s)
+
+    def count(self, tool: str, kind: str) -> None:
+        self._board.count(tool, kind)
+
+    def status(self) -> dict[str, Any]:
+        return self._board.status()

@@ -1,0 +1,194 @@
+"""How a worker makes one tool call: allowlist, cache, at-most-once record, breaker, executor.
+
+In order:
+1. A tool the task may not use (or that does not exist) is refused.
+2. A cacheable tool's result is read from the tenant's cache.
+3. A side-effecting tool (not idempotent) runs at most once per `task_id:tool_use_id`: a
+   record is created in Redis before it runs and holds its outcome after. A re-run task
+   finds the outcome and gets it back without running the tool again. If it finds only the
+   "started" mark, the first run may or may not have applied its effect: a tool that takes
+   an idempotency key runs again with the same key, any other is not run
+   (`outcome_unknown`).
+4. The tool's cluster-wide breaker must let the call through.
+5. An executor of the tool's group runs it. A draining executor sends it on to the next. A
+   dead executor (the tool crashed its process) costs that call an error result, unless
+   the tool is idempotent or keyed, in which case it gets one more try elsewhere. The call
+   is also bounded here, in case an executor stops answering altogether.
+6. The outcome goes to the board (counts, breaker) and to the cache or the record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import ray
+
+from agentpool.protocol import ToolCall, ToolOutcome
+from cluster.keys import Keys
+
+#: How long an at-most-once record is kept.
+RECORD_TTL_S = 7 * 86_400
+#: On top of a tool's timeout and bulkhead wait, before a worker gives up on an executor.
+_EXECUTOR_GRACE_S = 5.0
+_STARTED = "started"
+#: Outcomes of calls whose tool never started.
+_NEVER_RAN = frozenset({"unavailable", "bulkhead_full", "invalid_arguments", "unknown_tool"})
+
+Emit = Callable[..., Awaitable[None]]
+_BACKGROUND: set[asyncio.Future[Any]] = set()
+
+
+class ToolCalls:
+    """One worker's tool-call path (shared by its agent loops).
+
+    Args:
+        catalog: Per tool, `ToolSpec.info()` (group, timeout, idempotent, keyed, cache TTL).
+        groups: Executor actor handles per group.
+        board: The pool's `ToolBoard` actor.
+        redis: Returns the worker's asyncio Redis client.
+        keys: The pool's key layout.
+        bulkhead_wait_s: The executors' bulkhead wait (part of the time a call may take).
+    """
+
+    def __init__(
+        self,
+        *,
+        catalog: dict[str, dict[str, Any]],
+        groups: dict[str, list[Any]],
+        board: Any,
+        redis: Callable[[], Any],
+        keys: Keys,
+        bulkhead_wait_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._catalog = catalog
+        self._groups = groups
+        self._turn = {group: itertools.count() for group in groups}
+        self._board = board
+        self._redis = redis
+        self._keys = keys
+        self._bulkhead_wait_s = bulkhead_wait_s
+        self._clock = clock
+
+    async def run(self, call: ToolCall, allowed: set[str], emit: Emit) -> ToolOutcome:
+        if call.name not in allowed:
+            # The model asked for a tool this task was not given (or invented one).
+            self._count(call.name if call.name in self._catalog else "(unknown)", "not_allowed")
+            return ToolOutcome.failure(
+                call, "not_allowed", f"tool {call.name!r} is not available; use one of {sorted(allowed)}"
+            )
+        info = self._catalog[call.name]
+        cache_key = self._cache_key(call) if info.get("cache_ttl_s") else None
+        if cache_key is not None:
+            cached = await self._redis().get(cache_key)
+            if cached is not None:
+                self._count(call.name, "cached")
+                return ToolOutcome.model_validate_json(cached).model_copy(
+                    update={"tool_use_id": call.tool_use_id, "source": "cache", "duration_ms": 0.0, "attempts": 0}
+                )
+        record_key = None if info["idempotent"] else self._keys.tool_call(call.tenant, call.task_id, call.tool_use_id)
+        claimed = False  # this attempt made the "started" mark, and removes it if the tool never runs
+        if record_key is not None:
+            earlier = await self._claim(record_key)
+            claimed = earlier is None
+            if earlier is not None and earlier != _STARTED:
+                self._count(call.name, "replayed")
+                return ToolOutcome.model_validate_json(earlier).model_copy(update={"source": "record"})
+            if earlier == _STARTED and not info["keyed"]:
+                self._count(call.name, "outcome_unknown")
+                return ToolOutcome.failure(
+                    call,
+                    "outcome_unknown",
+                    f"an earlier run of this task started {call.name} and did not report back; it is not run "
+                    "again, so its effect cannot happen twice. Check its effect before calling it anew.",
+                )
+        permit, denied, transition = await self._board.acquire.remote(call.name)
+        await self._announce(transition, call, emit)
+        if denied is not None:
+            if claimed:
+                await self._redis().delete(record_key)  # it never ran: a later attempt may
+            return ToolOutcome.failure(
+                call,
+                "breaker_open",
+                f"tool {call.name} is unavailable (failing or too slow; circuit {denied.state.replace('_', '-')}); "
+                f"do not call it again for {denied.retry_after_s:.0f}s",
+            )
+        outcome = await self._execute(call, info)
+        self._spawn(self._report(call, permit, outcome, emit))
+        if outcome.error_kind in _NEVER_RAN:
+            if claimed:
+                await self._redis().delete(record_key)
+        elif record_key is not None:
+            await self._redis().set(record_key, outcome.model_dump_json(), ex=RECORD_TTL_S)
+        if cache_key is not None and not outcome.is_error:
+            await self._redis().set(cache_key, outcome.model_dump_json(), ex=max(1, round(info["cache_ttl_s"])))
+        return outcome
+
+    async def _execute(self, call: ToolCall, info: dict[str, Any]) -> ToolOutcome:
+        executors = self._groups[info["group"]]
+        limit_s = info["timeout_s"] + self._bulkhead_wait_s + _EXECUTOR_GRACE_S
+        deadline = self._clock() + limit_s
+        started = self._clock()
+        crashes = 0
+        while True:
+            executor = executors[next(self._turn[info["group"]]) % len(executors)]
+            left = deadline - self._clock()
+            try:
+                outcome: ToolOutcome = await asyncio.wait_for(executor.execute.remote(call), max(left, 0.001))
+            except TimeoutError:
+                return self._failed(call, "timeout", f"tool {call.name} did not answer within {limit_s:.0f}s", started)
+            except ray.exceptions.RayError as exc:
+                crashes += 1
+                if info["idempotent"] or info["keyed"]:
+                    if crashes <= 1 and self._clock() < deadline:
+                        continue  # once more, elsewhere: it may have been another call that crashed the process
+                return self._failed(
+                    call, "crashed", f"tool {call.name} crashed its executor ({type(exc).__name__})", started
+                )
+            if outcome.error_kind == "unavailable" and self._clock() < deadline:
+                await asyncio.sleep(0.01)  # that executor is being replaced: the next one
+                continue
+            return outcome
+
+    def _failed(self, call: ToolCall, kind: str, message: str, started: float) -> ToolOutcome:
+        outcome = ToolOutcome.failure(call, kind, message)
+        outcome.duration_ms = (self._clock() - started) * 1000
+        return outcome
+
+    async def _claim(self, key: str) -> str | None:
+        """Marks the call started; returns what an earlier run left, or None if it is the first."""
+        redis = self._redis()
+        if await redis.set(key, _STARTED, nx=True, ex=RECORD_TTL_S):
+            return None
+        return await redis.get(key) or _STARTED
+
+    def _cache_key(self, call: ToolCall) -> str:
+        canonical = json.dumps(call.arguments, sort_keys=True, separators=(",", ":"), default=str)
+        return self._keys.tool_cache(call.tenant, call.name, hashlib.sha256(canonical.encode()).hexdigest()[:32])
+
+    async def _report(self, call: ToolCall, permit: Any, outcome: ToolOutcome, emit: Emit) -> None:
+        try:
+            duration_s = outcome.duration_ms / 1000
+            transition = await self._board.record.remote(call.name, permit, outcome.error_kind, duration_s)
+            await self._announce(transition, call, emit)
+        except Exception:  # the board restarting, or Redis away: counts are best effort, the call is done
+            return
+
+    async def _announce(self, transition: dict[str, object] | None, call: ToolCall, emit: Emit) -> None:
+        if transition is not None:
+            await emit("breaker_state", **transition)
+
+    def _count(self, tool: str, kind: str) -> None:
+        self._board.count.remote(tool, kind)
+
+    @staticmethod
+    def _spawn(coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        _BACKGROUND.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(_BACKGROUND.discard)
