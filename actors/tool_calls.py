@@ -37,6 +37,8 @@ RECORD_TTL_S = 7 * 86_400
 #: On top of a tool's timeout and bulkhead wait, before a worker gives up on an executor.
 _EXECUTOR_GRACE_S = 5.0
 _STARTED = "started"
+#: How long a worker keeps away from an executor that said it is being replaced.
+_AVOID_S = 10.0
 #: Outcomes of calls whose tool never started.
 _NEVER_RAN = frozenset({"unavailable", "bulkhead_full", "invalid_arguments", "unknown_tool"})
 
@@ -70,6 +72,7 @@ class ToolCalls:
         self._catalog = catalog
         self._groups = groups
         self._turn = {group: itertools.count() for group in groups}
+        self._avoid: dict[tuple[str, int], float] = {}
         self._board = board
         self._redis = redis
         self._keys = keys
@@ -137,7 +140,8 @@ class ToolCalls:
         started = self._clock()
         crashes = 0
         while True:
-            executor = executors[next(self._turn[info["group"]]) % len(executors)]
+            index = self._pick(info["group"], len(executors))
+            executor = executors[index]
             left = deadline - self._clock()
             try:
                 outcome: ToolOutcome = await asyncio.wait_for(executor.execute.remote(call), max(left, 0.001))
@@ -152,9 +156,20 @@ class ToolCalls:
                     call, "crashed", f"tool {call.name} crashed its executor ({type(exc).__name__})", started
                 )
             if outcome.error_kind == "unavailable" and self._clock() < deadline:
-                await asyncio.sleep(0.01)  # that executor is being replaced: the next one
+                # That executor is being replaced: leave it alone until its successor is up.
+                self._avoid[(info["group"], index)] = self._clock() + _AVOID_S
+                await asyncio.sleep(0.01)
                 continue
             return outcome
+
+    def _pick(self, group: str, size: int) -> int:
+        """The group's next executor in turn, skipping those being replaced (unless all are)."""
+        now = self._clock()
+        for _ in range(size):
+            index = next(self._turn[group]) % size
+            if self._avoid.get((group, index), 0.0) <= now:
+                return index
+        return next(self._turn[group]) % size
 
     def _failed(self, call: ToolCall, kind: str, message: str, started: float) -> ToolOutcome:
         outcome = ToolOutcome.failure(call, kind, message)

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 
 import ray
 
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 
 #: How long a draining executor waits for its healthy calls before it exits anyway.
 _DRAIN_GRACE_S = 5.0
+#: A draining executor exits only after this long without a call arriving.
+_QUIET_S = 1.0
 
 
 @ray.remote
@@ -47,6 +50,7 @@ class ToolExecutor:
         )
         self._max_stuck = max_stuck_threads
         self._draining = False
+        self._last_refused = 0.0
         self._idle = asyncio.Event()
         self.in_flight = 0
 
@@ -58,6 +62,7 @@ class ToolExecutor:
 
     async def execute(self, call: ToolCall) -> ToolOutcome:
         if self._draining:  # never started here: the caller sends it to another executor
+            self._last_refused = time.monotonic()
             return ToolOutcome.failure(call, "unavailable", "tool executor is being replaced")
         self.in_flight += 1
         self._idle.clear()
@@ -69,6 +74,7 @@ class ToolExecutor:
                 self._idle.set()
             if not self._draining and self._runner.stuck >= self._max_stuck:
                 self._draining = True
+                self._last_refused = time.monotonic()  # and this call's reply must get out first
                 asyncio.get_running_loop().create_task(self._replace())
 
     async def _replace(self) -> None:
@@ -82,8 +88,17 @@ class ToolExecutor:
         if self.in_flight:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), grace)
+        # Callers told "unavailable" stop sending here; exit once none has tried for a while,
+        # so that no call is on its way in when the process goes (it would look like a crash).
+        while (quiet_left := self._last_refused + _QUIET_S - time.monotonic()) > 0:  # noqa: ASYNC110 (a time, not an event)
+            await asyncio.sleep(quiet_left)
         # Threads stuck in C code or in sleep cannot be stopped: only a new process frees them.
         os._exit(1)
 
     def ping(self) -> dict[str, object]:
-        return {"in_flight": self.in_flight, "stuck_threads": self._runner.stuck, "draining": self._draining}
+        return {
+            "pid": os.getpid(),
+            "in_flight": self.in_flight,
+            "stuck_threads": self._runner.stuck,
+            "draining": self._draining,
+        }
