@@ -18,7 +18,7 @@ from actors.breaker import CircuitBreaker, Denied, Permit, Transition
 from agentpool.config import BreakerConfig
 
 #: Outcome kinds that count as failures for a breaker.
-FAILURES = frozenset({"error", "timeout", "crashed"})
+FAILURES = frozenset({"error", "timeout", "crashed", "restarting"})
 #: Outcome kinds of calls that never ran: their permit goes back with no outcome.
 NOT_RUN = frozenset({"bulkhead_full", "invalid_arguments", "unknown_tool", "unavailable", "outcome_unknown"})
 #: Grace on top of a tool's timeout before an unreported half-open trial counts as failed.
@@ -97,7 +97,9 @@ class BreakerBoard:
     def _log(self, transition: Transition | None) -> dict[str, object] | None:
         if transition is None:
             return None
-        entry = {**transition.as_dict(), "unix_ts": round(time.time(), 3)}
+        counts = self.counts.get(transition.tool, Counter())
+        ran = sum(n for kind, n in counts.items() if kind not in NOT_RUN and kind != "breaker_open")
+        entry = {**transition.as_dict(), "calls_ran_so_far": ran, "unix_ts": round(time.time(), 3)}
         self.transitions.append(entry)
         return entry
 

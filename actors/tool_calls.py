@@ -12,8 +12,12 @@ In order:
 4. The tool's cluster-wide breaker must let the call through.
 5. An executor of the tool's group runs it. A draining executor sends it on to the next. A
    dead executor (the tool crashed its process) costs that call an error result, unless
-   the tool is idempotent or keyed, in which case it gets one more try elsewhere. The call
-   is also bounded here, in case an executor stops answering altogether.
+   the tool is idempotent or keyed, in which case it gets one more try elsewhere. The dead
+   executor, and every tool that was running in it, then get a crash-loop backoff in this
+   worker (1 s, doubling per crash in a row, reset by a call that returns): calls of such
+   a tool, or calls while every executor of the group is in backoff, are refused at once
+   (`restarting`, a failure for the breaker) instead of taking down another process. The
+   call is also bounded here, in case an executor stops answering altogether.
 6. The outcome goes to the board (counts, breaker) and to the cache or the record.
 """
 
@@ -39,6 +43,9 @@ _EXECUTOR_GRACE_S = 5.0
 _STARTED = "started"
 #: How long a worker keeps away from an executor that said it is being replaced.
 _AVOID_S = 10.0
+#: Crash-loop backoff of an executor whose process died: first and longest wait.
+_BACKOFF_S = 1.0
+_BACKOFF_MAX_S = 30.0
 #: Outcomes of calls whose tool never started.
 _NEVER_RAN = frozenset({"unavailable", "bulkhead_full", "invalid_arguments", "unknown_tool"})
 
@@ -73,6 +80,9 @@ class ToolCalls:
         self._groups = groups
         self._turn = {group: itertools.count() for group in groups}
         self._avoid: dict[tuple[str, int], float] = {}
+        # Crash-loop backoff, per executor (group, index) and per tool ("tool", name).
+        self._backoff: dict[tuple[str, Any], float] = {}
+        self._streak: dict[tuple[str, Any], int] = {}
         self._board = board
         self._redis = redis
         self._keys = keys
@@ -80,6 +90,15 @@ class ToolCalls:
         self._clock = clock
 
     async def run(self, call: ToolCall, allowed: set[str], emit: Emit) -> ToolOutcome:
+        """The call's outcome. If the task is cancelled meanwhile (its own timeout), the call
+        still runs to its end in the background, bounded by the tool's timeout, so that its
+        outcome reaches the breaker, the counts and the at-most-once record."""
+        running = asyncio.ensure_future(self._run(call, allowed, emit))
+        _BACKGROUND.add(running)
+        running.add_done_callback(_BACKGROUND.discard)
+        return await asyncio.shield(running)
+
+    async def _run(self, call: ToolCall, allowed: set[str], emit: Emit) -> ToolOutcome:
         if call.name not in allowed:
             # The model asked for a tool this task was not given (or invented one).
             self._count(call.name if call.name in self._catalog else "(unknown)", "not_allowed")
@@ -134,42 +153,76 @@ class ToolCalls:
         return outcome
 
     async def _execute(self, call: ToolCall, info: dict[str, Any]) -> ToolOutcome:
-        executors = self._groups[info["group"]]
+        group = info["group"]
+        executors = self._groups[group]
         limit_s = info["timeout_s"] + self._bulkhead_wait_s + _EXECUTOR_GRACE_S
         deadline = self._clock() + limit_s
         started = self._clock()
         crashes = 0
+        suspect_until = self._backoff.get(("tool", call.name), 0.0)
+        if suspect_until > self._clock():
+            # This tool was running when an executor died, and again at the last crash in a
+            # row: it is probably what kills them. Refused for a while (counts against its
+            # breaker) rather than sent to take down another process.
+            return self._failed(
+                call,
+                "restarting",
+                f"tool {call.name} crashed its executor; try again in {suspect_until - self._clock():.0f}s",
+                started,
+            )
         while True:
-            index = self._pick(info["group"], len(executors))
-            executor = executors[index]
+            index = self._pick(group, len(executors))
+            if index is None:
+                # Every executor of the group died recently and is in crash backoff: refusing
+                # at once keeps a crashing tool from holding its group in a restart loop,
+                # and the refusals count against the tool's breaker.
+                wait_s = min(self._backoff.get((group, i), 0.0) for i in range(len(executors))) - self._clock()
+                return self._failed(
+                    call,
+                    "restarting",
+                    f"the executors running {call.name} crashed and are restarting; try again in {wait_s:.0f}s",
+                    started,
+                )
             left = deadline - self._clock()
             try:
-                outcome: ToolOutcome = await asyncio.wait_for(executor.execute.remote(call), max(left, 0.001))
+                outcome: ToolOutcome = await asyncio.wait_for(executors[index].execute.remote(call), max(left, 0.001))
             except TimeoutError:
                 return self._failed(call, "timeout", f"tool {call.name} did not answer within {limit_s:.0f}s", started)
             except ray.exceptions.RayError as exc:
                 crashes += 1
+                self._crashed((group, index))
+                self._crashed(("tool", call.name))
                 if info["idempotent"] or info["keyed"]:
                     if crashes <= 1 and self._clock() < deadline:
                         continue  # once more, elsewhere: it may have been another call that crashed the process
                 return self._failed(
                     call, "crashed", f"tool {call.name} crashed its executor ({type(exc).__name__})", started
                 )
+            self._streak.pop((group, index), None)
+            self._streak.pop(("tool", call.name), None)
             if outcome.error_kind == "unavailable" and self._clock() < deadline:
                 # That executor is being replaced: leave it alone until its successor is up.
-                self._avoid[(info["group"], index)] = self._clock() + _AVOID_S
+                self._avoid[(group, index)] = self._clock() + _AVOID_S
                 await asyncio.sleep(0.01)
                 continue
             return outcome
 
-    def _pick(self, group: str, size: int) -> int:
-        """The group's next executor in turn, skipping those being replaced (unless all are)."""
+    def _crashed(self, key: tuple[str, Any]) -> None:
+        """Crash-loop backoff for an executor `(group, index)` or a tool `("tool", name)`:
+        1 s, doubling per crash in a row, up to 30 s."""
+        streak = self._streak.get(key, 0) + 1
+        self._streak[key] = streak
+        self._backoff[key] = self._clock() + min(_BACKOFF_MAX_S, _BACKOFF_S * 2 ** (streak - 1))
+
+    def _pick(self, group: str, size: int) -> int | None:
+        """The group's next executor in turn: not in crash backoff, and not being replaced
+        unless all the others are. None when every one is in crash backoff."""
         now = self._clock()
-        for _ in range(size):
-            index = next(self._turn[group]) % size
-            if self._avoid.get((group, index), 0.0) <= now:
-                return index
-        return next(self._turn[group]) % size
+        usable = [i for i in range(size) if self._backoff.get((group, i), 0.0) <= now]
+        if not usable:
+            return None
+        preferred = [i for i in usable if self._avoid.get((group, i), 0.0) <= now] or usable
+        return preferred[next(self._turn[group]) % len(preferred)]
 
     def _failed(self, call: ToolCall, kind: str, message: str, started: float) -> ToolOutcome:
         outcome = ToolOutcome.failure(call, kind, message)

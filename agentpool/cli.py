@@ -209,7 +209,7 @@ def results(
 
 
 def status_tables(status: dict[str, object]) -> list[Table]:
-    """The pool's status as tables: queues and shedding, buckets, budgets."""
+    """The pool's status as tables: queues and shedding, buckets, budgets, tools."""
     queues = Table(title="queues", show_header=True)
     for column in ("tenant", "critical", "standard", "sheddable", "in flight"):
         queues.add_column(column, justify="right" if column != "tenant" else "left")
@@ -253,7 +253,18 @@ def status_tables(status: dict[str, object]) -> list[Table]:
             f"{spent.get('reserved_tokens', 0):.0f}",
             f"{spent.get('calls', 0):.0f}",
         )
-    return [queues, buckets, budgets]
+    tools = Table(title="tools", show_header=True)
+    for column in ("tool", "breaker", "outcomes"):
+        tools.add_column(column)
+    board: dict[str, object] = status.get("tools", {})  # type: ignore[assignment]
+    for name, entry in (board.get("tools") or {}).items():  # type: ignore[union-attr]
+        breaker = entry.get("breaker") or {}
+        state = str(breaker.get("state", "none"))
+        if "retry_after_s" in breaker:
+            state += f" ({breaker['retry_after_s']:.0f}s left)"
+        outcomes = ", ".join(f"{kind} {n}" for kind, n in sorted(entry.get("outcomes", {}).items()))
+        tools.add_row(name, state, outcomes)
+    return [queues, buckets, budgets, tools]
 
 
 @app.command()
@@ -262,7 +273,7 @@ def status(
     address: Annotated[str | None, typer.Option(envvar="RAY_ADDRESS", help="Ray cluster address.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw status as JSON.")] = False,
 ) -> None:
-    """Shows a running pool's queues, shedding, rate-limit buckets and today's budgets."""
+    """Shows a running pool's queues, shedding, rate-limit buckets, today's budgets and its tools."""
     from agentpool import AgentPool
     from agentpool.errors import PoolNotRunning
 

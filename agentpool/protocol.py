@@ -58,7 +58,7 @@ class ToolOutcome(BaseModel):
     content: str
     is_error: bool = False
     #: None when ok; else one of: invalid_arguments, unknown_tool, not_allowed, timeout,
-    #: error, crashed, bulkhead_full, breaker_open, outcome_unknown, unavailable.
+    #: error, crashed, restarting, bulkhead_full, breaker_open, outcome_unknown, unavailable.
     error_kind: str | None = None
     duration_ms: float = Field(default=0.0, ge=0)
     attempts: int = Field(default=1, ge=0)

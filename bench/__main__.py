@@ -8,12 +8,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import batch, fairness, ratelimit
+from bench import batch, fairness, ratelimit, tools
 
 BENCHMARKS: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
     "batch": batch.run,
     "ratelimit": ratelimit.run,
     "fairness": fairness.run,
+    "tools": tools.run,
 }
 
 

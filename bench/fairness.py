@@ -26,6 +26,7 @@ import ray
 
 from agentpool import AgentPool, AgentTask, PoolConfig, SimulatorConfig, TenantPolicy
 from agentpool.config import AdmissionConfig
+from bench.load import open_loop, wait_idle
 from bench.report import percentile, write
 
 WEIGHTS = {"j1": 1.0, "j2": 2.0, "j5": 5.0}
@@ -91,48 +92,20 @@ def _shares(pool: AgentPool, window_s: float) -> dict[str, Any]:
     }
 
 
-def _wait_idle(pool: AgentPool, timeout_s: float = 60.0) -> None:
-    """Waits until the previous phase's leftovers (cancelled backlog, runs in flight) are gone,
-    so that each phase measures only its own traffic."""
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        status = pool.status()
-        if status["queued"] == 0 and status["in_flight"] == 0:
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"pool still busy after {timeout_s}s: {status['queued']} queued, {status['in_flight']} running")
-
-
 def _open_loop(pool: AgentPool, rates: dict[str, float], duration_s: float, seed: int) -> dict[str, list[float]]:
-    """Poisson arrivals per tenant, each tenant from its own seeded stream (so a tenant's
-    arrivals and service times are the same whoever else runs). Returns each measured
-    tenant's end-to-end latencies (ms), in arrival order."""
-    arrivals: list[tuple[float, str, int, int]] = []
-    for tenant, rate in rates.items():
-        rng = random.Random(f"{seed}:{tenant}")
-        at, k = rng.expovariate(rate), 0
-        while at < duration_s:
-            arrivals.append((at, tenant, k, _service_ms(rng)))
-            at, k = at + rng.expovariate(rate), k + 1
-    arrivals.sort()
-    refs: dict[str, list[ray.ObjectRef]] = {t: [] for t in rates}
-    begin = time.monotonic()
-    for at, tenant, k, service_ms in arrivals:
-        delay = begin + at - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        refs[tenant] += pool.submit([_task(tenant, k, service_ms)])
+    """Each measured tenant's end-to-end latencies (ms), in arrival order; the noisy tenant's
+    backlog is not measured."""
+
+    def make(tenant: str, k: int, rng: random.Random) -> AgentTask:
+        return _task(tenant, k, _service_ms(rng))
+
+    results = open_loop(pool, rates, duration_s, seed, make, measured=set(rates) - {"noisy"})
     latencies: dict[str, list[float]] = {}
-    for tenant, tenant_refs in refs.items():
-        if tenant == "noisy":  # its backlog is not what is measured
-            for ref in tenant_refs:
-                ray.cancel(ref)
-            continue
-        results = ray.get(tenant_refs)
-        failed = [r.status for r in results if r.status != "succeeded"]
+    for tenant, tenant_results in results.items():
+        failed = [r.status for r in tenant_results if r.status != "succeeded"]
         if failed:
             raise RuntimeError(f"{tenant}: {len(failed)} tasks did not succeed: {sorted(set(failed))}")
-        latencies[tenant] = [r.timings.total_ms for r in results]
+        latencies[tenant] = [r.timings.total_ms for r in tenant_results]
     return latencies
 
 
@@ -156,10 +129,10 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         pool.run([_task("warmup", i, TASK_MS) for i in range(SLOTS)])
         shares = _shares(pool, window_s)
         calm = {"calm2": capacity_per_s * 0.1, "calm5": capacity_per_s * 0.1}  # well inside 2/8 and 5/8
-        _wait_idle(pool)
+        wait_idle(pool)
         alone = _open_loop(pool, calm, window_s, seed=1)
         noisy_rate = 10 * capacity_per_s * 1 / 8  # ten times the noisy tenant's share
-        _wait_idle(pool)
+        wait_idle(pool)
         crowded = _open_loop(pool, {**calm, "noisy": noisy_rate}, window_s, seed=1)
         shed = pool.status()["shed_by_reason"]
     p99_alone = percentile([v for vs in alone.values() for v in vs], 0.99)

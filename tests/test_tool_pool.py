@@ -14,9 +14,11 @@ import pytest
 import ray
 import redis
 import redis.asyncio as aioredis
+from typer.testing import CliRunner
 
 from actors.tool_calls import ToolCalls
 from agentpool import AgentPool, AgentTask, BreakerConfig, ExecutorGroupConfig, PoolConfig, SimulatorConfig
+from agentpool.cli import app
 from agentpool.protocol import ToolCall
 from cluster.keys import Keys
 
@@ -135,6 +137,10 @@ def test_a_failing_tool_opens_its_breaker_for_every_worker(pool: AgentPool, redi
     events = redis.Redis.from_url(redis_url, decode_responses=True).xrange(Keys(pool.config.key_prefix).events("acme"))
     opened = [f for _, f in events if f["event"] == "breaker_state" and '"tool":"flaky"' in f["data"]]
     assert len(opened) == 1 and '"to":"open"' in opened[0]["data"]
+    table = CliRunner().invoke(app, ["status", "--name", pool.config.name])
+    assert table.exit_code == 0, table.output
+    (row,) = [line for line in table.output.splitlines() if "flaky" in line]
+    assert "open" in row and "breaker_open 4" in row
 
 
 # --- the worker's call path, driven directly: re-runs of the same call --------------------

@@ -1,0 +1,69 @@
+"""Open-loop load: Poisson arrivals per stream, each stream from its own seeded generator."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+
+import ray
+
+from agentpool import AgentPool, AgentResult, AgentTask
+
+#: Makes the k-th task of a stream, drawing whatever it needs from the stream's generator.
+MakeTask = Callable[[str, int, random.Random], AgentTask]
+
+
+def open_loop(
+    pool: AgentPool,
+    rates: dict[str, float],
+    duration_s: float,
+    seed: int,
+    make_task: MakeTask,
+    *,
+    measured: set[str] | None = None,
+) -> dict[str, list[AgentResult]]:
+    """Submits each stream's arrivals on time, whatever has finished (arrivals never wait for
+    completions). A stream's arrival times and tasks depend only on its name and `seed`, so
+    the same stream is the same load whatever else runs beside it.
+
+    Returns the results of the `measured` streams (all by default), in arrival order; the
+    other streams' outstanding tasks are cancelled.
+    """
+    arrivals: list[tuple[float, str, AgentTask]] = []
+    for stream, rate in rates.items():
+        rng = random.Random(f"{seed}:{stream}")
+        at, k = rng.expovariate(rate), 0
+        while at < duration_s:
+            arrivals.append((at, stream, make_task(stream, k, rng)))
+            at, k = at + rng.expovariate(rate), k + 1
+    arrivals.sort(key=lambda a: a[0])
+    refs: dict[str, list[ray.ObjectRef]] = {s: [] for s in rates}
+    begin = time.monotonic()
+    for at, stream, task in arrivals:
+        delay = begin + at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        refs[stream] += pool.submit([task])
+    wanted = set(rates) if measured is None else measured
+    results: dict[str, list[AgentResult]] = {}
+    for stream, stream_refs in refs.items():
+        if stream in wanted:
+            results[stream] = ray.get(stream_refs)
+        else:
+            for ref in stream_refs:
+                ray.cancel(ref)
+    return results
+
+
+def wait_idle(pool: AgentPool, timeout_s: float = 60.0) -> None:
+    """Waits until the previous phase's leftovers (cancelled backlog, runs in flight) are gone,
+    so that each phase measures only its own traffic."""
+    end = time.monotonic() + timeout_s
+    status = pool.status()
+    while time.monotonic() < end:
+        status = pool.status()
+        if status["queued"] == 0 and status["in_flight"] == 0:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"pool still busy after {timeout_s}s: {status['queued']} queued, {status['in_flight']} running")
