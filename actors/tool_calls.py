@@ -24,6 +24,7 @@ In order:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import json
@@ -32,6 +33,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import ray
+from redis.exceptions import RedisError
 
 from agentpool.protocol import ToolCall, ToolOutcome
 from cluster.keys import Keys
@@ -93,10 +95,19 @@ class ToolCalls:
         """The call's outcome. If the task is cancelled meanwhile (its own timeout), the call
         still runs to its end in the background, bounded by the tool's timeout, so that its
         outcome reaches the breaker, the counts and the at-most-once record."""
-        running = asyncio.ensure_future(self._run(call, allowed, emit))
+        running = asyncio.ensure_future(self._guarded(call, allowed, emit))
         _BACKGROUND.add(running)
         running.add_done_callback(_BACKGROUND.discard)
         return await asyncio.shield(running)
+
+    async def _guarded(self, call: ToolCall, allowed: set[str], emit: Emit) -> ToolOutcome:
+        try:
+            return await self._run(call, allowed, emit)
+        except RedisError as exc:
+            # The at-most-once record cannot be read or made before the call: a side-effecting
+            # tool is not run blind. (Idempotent tools only touch Redis for their cache, which
+            # fails open.)
+            return ToolOutcome.failure(call, "unavailable", f"tool {call.name} not run: Redis unavailable ({exc})")
 
     async def _run(self, call: ToolCall, allowed: set[str], emit: Emit) -> ToolOutcome:
         if call.name not in allowed:
@@ -108,7 +119,7 @@ class ToolCalls:
         info = self._catalog[call.name]
         cache_key = self._cache_key(call) if info.get("cache_ttl_s") else None
         if cache_key is not None:
-            cached = await self._redis().get(cache_key)
+            cached = await self._cached(cache_key)
             if cached is not None:
                 self._count(call.name, "cached")
                 return ToolOutcome.model_validate_json(cached).model_copy(
@@ -130,7 +141,10 @@ class ToolCalls:
                     f"an earlier run of this task started {call.name} and did not report back; it is not run "
                     "again, so its effect cannot happen twice. Check its effect before calling it anew.",
                 )
-        permit, denied, transition = await self._board.acquire.remote(call.name)
+        try:
+            permit, denied, transition = await self._board.acquire.remote(call.name)
+        except ray.exceptions.RayError:  # the board is restarting: tools go on without a breaker meanwhile
+            permit, denied, transition = None, None, None
         await self._announce(transition, call, emit)
         if denied is not None:
             if claimed:
@@ -143,14 +157,25 @@ class ToolCalls:
             )
         outcome = await self._execute(call, info)
         self._spawn(self._report(call, permit, outcome, emit))
-        if outcome.error_kind in _NEVER_RAN:
-            if claimed:
-                await self._redis().delete(record_key)
-        elif record_key is not None:
-            await self._redis().set(record_key, outcome.model_dump_json(), ex=RECORD_TTL_S)
+        # The call has happened: a failure to record it must not hide its outcome. The
+        # "started" mark then stays, and a re-run gets `outcome_unknown`: safe, never twice.
+        with contextlib.suppress(RedisError):
+            if outcome.error_kind in _NEVER_RAN:
+                if claimed:
+                    await self._redis().delete(record_key)
+            elif record_key is not None:
+                await self._redis().set(record_key, outcome.model_dump_json(), ex=RECORD_TTL_S)
         if cache_key is not None and not outcome.is_error:
-            await self._redis().set(cache_key, outcome.model_dump_json(), ex=max(1, round(info["cache_ttl_s"])))
+            with contextlib.suppress(RedisError):  # a cache that cannot be written is only a miss later
+                await self._redis().set(cache_key, outcome.model_dump_json(), ex=max(1, round(info["cache_ttl_s"])))
         return outcome
+
+    async def _cached(self, key: str) -> str | None:
+        try:
+            value: str | None = await self._redis().get(key)
+        except RedisError:  # Redis away: run the tool
+            return None
+        return value
 
     async def _execute(self, call: ToolCall, info: dict[str, Any]) -> ToolOutcome:
         group = info["group"]
@@ -158,7 +183,7 @@ class ToolCalls:
         limit_s = info["timeout_s"] + self._bulkhead_wait_s + _EXECUTOR_GRACE_S
         deadline = self._clock() + limit_s
         started = self._clock()
-        crashes = 0
+        crashes = refusals = 0
         suspect_until = self._backoff.get(("tool", call.name), 0.0)
         if suspect_until > self._clock():
             # This tool was running when an executor died, and again at the last crash in a
@@ -202,8 +227,10 @@ class ToolCalls:
             self._streak.pop(("tool", call.name), None)
             if outcome.error_kind == "unavailable" and self._clock() < deadline:
                 # That executor is being replaced: leave it alone until its successor is up.
+                # When every executor of the group is, wait a little longer each time.
                 self._avoid[(group, index)] = self._clock() + _AVOID_S
-                await asyncio.sleep(0.01)
+                refusals += 1
+                await asyncio.sleep(min(1.0, 0.01 * 2**refusals))
                 continue
             return outcome
 

@@ -146,20 +146,23 @@ def test_a_failing_tool_opens_its_breaker_for_every_worker(pool: AgentPool, redi
 # --- the worker's call path, driven directly: re-runs of the same call --------------------
 
 
-@pytest.fixture
-async def calls(pool: AgentPool) -> AsyncIterator[tuple[ToolCalls, aioredis.Redis, Keys]]:
+async def _tool_calls(pool: AgentPool, client: aioredis.Redis) -> ToolCalls:
+    """A worker's tool-call path, here in the test process, against the pool's real actors."""
     default = _executors(pool, "default", 1)
-    catalog = await default[0].catalog.remote()
-    client = aioredis.Redis.from_url(pool.redis_url, decode_responses=True)
-    tool_calls = ToolCalls(
-        catalog=catalog,
+    return ToolCalls(
+        catalog=await default[0].catalog.remote(),
         groups={"default": default, "chaos": _executors(pool, "chaos", 2)},
         board=ray.get_actor(f"{pool.config.name}-tools", namespace="agentpool"),
         redis=lambda: client,
         keys=Keys(pool.config.key_prefix),
         bulkhead_wait_s=pool.config.bulkhead_wait_s,
     )
-    yield tool_calls, client, Keys(pool.config.key_prefix)
+
+
+@pytest.fixture
+async def calls(pool: AgentPool) -> AsyncIterator[tuple[ToolCalls, aioredis.Redis, Keys]]:
+    client = aioredis.Redis.from_url(pool.redis_url, decode_responses=True)
+    yield await _tool_calls(pool, client), client, Keys(pool.config.key_prefix)
     await client.aclose()
 
 
@@ -223,3 +226,16 @@ async def test_a_full_bulkhead_refuses_at_once(calls: tuple[ToolCalls, aioredis.
     assert kinds == ["None", "None", "bulkhead_full"]
     refused = next(o for o in outcomes if o.error_kind == "bulkhead_full")
     assert refused.duration_ms < 900
+
+
+async def test_without_redis_side_effects_are_refused_and_idempotent_tools_still_run(
+    pool: AgentPool, tmp_path: Path
+) -> None:
+    dead = aioredis.Redis.from_url("redis://127.0.0.1:9/0", socket_connect_timeout=0.2)  # nothing listens there
+    tool_calls = await _tool_calls(pool, dead)
+    effects = tmp_path / "effects.txt"
+    refused = await tool_calls.run(_call("append_line", {"path": str(effects), "line": "x"}), set(CHAOS), _no_events)
+    assert refused.error_kind == "unavailable" and not effects.exists()
+    counted = await tool_calls.run(_call("count_runs", {"path": str(tmp_path / "runs")}), set(CHAOS), _no_events)
+    assert counted.error_kind is None and counted.content == "1"
+    await dead.aclose()
