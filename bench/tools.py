@@ -84,7 +84,7 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         worker_concurrency=64,
         simulator=SimulatorConfig(latency_ms=50, latency_sigma=0.3, seed=9),
         tool_modules=["agentpool.chaos_tools"],
-        executor_groups={"chaos": ExecutorGroupConfig(executors=2, concurrency=16, max_stuck_threads=4)},
+        executor_groups={"chaos": ExecutorGroupConfig(executors=2, concurrency=16)},  # 8 stuck threads -> replaced
     )
     with AgentPool.start(config) as pool:
         pool.run([_healthy("healthy", i, random.Random(i)) for i in range(16)])  # warm up
@@ -120,6 +120,14 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         "healthy_p99_ratio_vs_alone": round(p99_beside / p99_alone, 4),
         "breaker_open_after_calls_by_tool": opened_after,
         "bad_task_statuses": {s: sum(r.status == s for r in bad) for s in sorted({r.status for r in bad})},
+        "slowest_healthy_beside_bad_tools": [
+            {
+                "total_ms": round(r.timings.total_ms),
+                "queued_ms": round(r.timings.queued_ms),
+                "tool_ms": [round(c.duration_ms) for c in r.tool_calls],
+            }
+            for r in sorted(beside, key=lambda r: -r.timings.total_ms)[:5]
+        ],
         "outcomes": outcomes,
         "transitions": tools_status["transitions"],
     }
