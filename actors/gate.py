@@ -12,7 +12,7 @@ import asyncio
 import json
 import math
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,9 +26,6 @@ _REMAINING_HEADERS = {
     "input_tokens": "anthropic-ratelimit-input-tokens-remaining",
     "output_tokens": "anthropic-ratelimit-output-tokens-remaining",
 }
-
-_BACKGROUND: set[asyncio.Future[Any]] = set()
-
 
 def estimate_input_tokens(request: Mapping[str, Any], chars_per_token: float) -> int:
     """A deliberately generous count of a request's input tokens, before sending it."""
@@ -54,7 +51,7 @@ def remaining_from_headers(headers: Mapping[str, str] | None) -> dict[str, float
 
 @dataclass
 class Ticket:
-    lease_id: str
+    lease_id: str | None  # None: no bucket governs this call, no lease was taken
     model: str
     reservation: Reservation | None
 
@@ -73,6 +70,7 @@ class TaskGate:
         priority: str,
         chars_per_token: float,
         holder: str,
+        limited: Callable[[str], bool] = lambda model: True,
     ) -> None:
         self._limiter = limiter
         self._ledger = ledger
@@ -82,6 +80,11 @@ class TaskGate:
         self._priority = priority
         self._chars_per_token = chars_per_token
         self._holder = holder
+        # Leases are needed only where there is a bucket to take from: the model's configured
+        # limits, or the tenant's own. Elsewhere a call skips the limiter's two round trips.
+        self._limited = limited
+        self._tenant_limited = bool(policy.limits.per_minute())
+        self._pending: set[asyncio.Future[Any]] = set()
 
     async def before(self, model: str, request: dict[str, Any]) -> Ticket:
         lease_id = uuid.uuid4().hex
@@ -94,6 +97,8 @@ class TaskGate:
             input_tokens + max_tokens,
             self._worst_cost(model, input_tokens, max_tokens),
         )
+        if not (self._tenant_limited or self._limited(model)):
+            return Ticket(None, model, reservation)
         try:
             await self._limiter.acquire.remote(
                 lease_id, self._tenant, model, input_tokens, max_tokens, self._holder, self._priority
@@ -114,22 +119,28 @@ class TaskGate:
     ) -> None:
         remaining = remaining_from_headers(headers)
         if usage is None:
-            self._limiter.release.remote(ticket.lease_id, None, remaining or None, retry_after_s, ticket.model)
-            await self._ledger.refund(ticket.reservation)
+            if ticket.lease_id is not None:
+                self._limiter.release.remote(ticket.lease_id, None, remaining or None, retry_after_s, ticket.model)
+            self._spawn(self._ledger.refund(ticket.reservation))
             return
-        counted = {
-            # Anthropic's input limit counts cache writes, never cache reads.
-            "input_tokens": (usage.get("input_tokens") or 0) + (usage.get("cache_creation_input_tokens") or 0),
-            "output_tokens": usage.get("output_tokens") or 0,
-        }
-        self._limiter.release.remote(ticket.lease_id, counted, remaining or None, None, ticket.model)
+        if ticket.lease_id is not None:
+            counted = {
+                # Anthropic's input limit counts cache writes, never cache reads.
+                "input_tokens": (usage.get("input_tokens") or 0) + (usage.get("cache_creation_input_tokens") or 0),
+                "output_tokens": usage.get("output_tokens") or 0,
+            }
+            self._limiter.release.remote(ticket.lease_id, counted, remaining or None, None, ticket.model)
         priced = self._prices.priced(ticket.model, Usage.from_api(usage))
-        await self._ledger.settle(self._tenant, ticket.reservation, priced)
+        # Off the call's path: a reservation already holds the worst case, so settling late
+        # only lowers what is counted; if this process dies first, the reservation expires
+        # into spending (never less than was used).
+        self._spawn(self._ledger.settle(self._tenant, ticket.reservation, priced))
 
     def abandon(self, ticket: Ticket) -> None:
         # The rate permit goes back at once. The budget reservation stays: the request may
         # already have been billed, so it turns into spending when it expires.
-        self._limiter.cancel.remote(ticket.lease_id)
+        if ticket.lease_id is not None:
+            self._limiter.cancel.remote(ticket.lease_id)
 
     def _worst_cost(self, model: str, input_tokens: int, output_tokens: int) -> float:
         """The call's cost if its whole input were billed at the dearer of input and cache-write rates."""
@@ -137,8 +148,13 @@ class TaskGate:
         as_cache_write = Usage(cache_creation_input_tokens=input_tokens, output_tokens=output_tokens)
         return max(self._prices.priced(model, u).cost_usd for u in (as_input, as_cache_write))
 
-    @staticmethod
-    def _spawn(coro: Any) -> None:
+    def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
-        _BACKGROUND.add(task)  # the loop keeps only weak references to tasks
-        task.add_done_callback(_BACKGROUND.discard)
+        self._pending.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._pending.discard)
+
+    async def drain(self) -> None:
+        """Waits for this task's budget writes, so its usage is recorded when its result is
+        returned. A write that fails leaves its reservation to expire into spending."""
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)

@@ -114,6 +114,7 @@ class AgentWorker:
                 priority=task.priority,
                 chars_per_token=self.config.input_chars_per_token,
                 holder=self._holder,
+                limited=lambda model: self.config.limit_key(model) is not None,
             )
             loop = AgentLoop(
                 task,
@@ -127,6 +128,7 @@ class AgentWorker:
             )
             result = await loop.run()
             result.attempts = dispatch.attempt
+            await gate.drain()
         except Exception as exc:  # a bug of ours must cost this task, never the actor
             result = AgentResult(
                 task_id=task.task_id,
@@ -152,6 +154,7 @@ class AgentWorker:
                 timings=stored.timings.model_dump(),
                 error=stored.error.model_dump() if stored.error else None,
             )
+        await self._store.flush()  # this task's events are in Redis when its result is returned
         return stored
 
     def _allowed_tools(self, tenant: str, requested: list[str]) -> set[str]:

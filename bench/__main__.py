@@ -8,13 +8,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import batch, fairness, ratelimit, tools
+from bench import batch, fairness, overhead, ratelimit, tools
 
 BENCHMARKS: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
     "batch": batch.run,
     "ratelimit": ratelimit.run,
     "fairness": fairness.run,
     "tools": tools.run,
+    "overhead": overhead.run,
 }
 
 

@@ -6,6 +6,7 @@ user's process reads results with.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
@@ -14,6 +15,7 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from agentpool.models import AgentResult
 from cluster.keys import Keys
@@ -35,6 +37,11 @@ return {1, ARGV[1]}
 """
 
 
+#: Events waiting for Redis, at most, per process; and how many go in one pipeline.
+MAX_PENDING_EVENTS = 100_000
+_EVENT_BATCH = 500
+
+
 class ResultStore:
     """Async access to one pool's keys, for the scheduler and the workers."""
 
@@ -45,6 +52,10 @@ class ResultStore:
         self._maxlen = stream_maxlen
         self._redis: aioredis.Redis | None = None
         self._script: Any = None
+        self._events: list[tuple[str, dict[str, str]]] = []
+        self._kick: asyncio.Task[None] | None = None
+        self._flush_lock = asyncio.Lock()
+        self.events_dropped = 0
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -76,7 +87,14 @@ class ResultStore:
         return AgentResult.model_validate_json(raw) if raw else None
 
     async def emit(self, tenant: str, event: str, *, task_id: str, trace_id: str, **fields: Any) -> None:
-        """Appends one structured event to the tenant's events stream."""
+        """Queues one structured event for the tenant's events stream.
+
+        Events leave in pipelined batches, in order: those emitted in one turn of the event
+        loop go out together right after it, and `flush` sends the rest at once (the worker
+        calls it before returning a task's result, so a result's events are in Redis by then).
+        While Redis is unreachable they wait here, up to `MAX_PENDING_EVENTS`; beyond that the
+        oldest are dropped and counted in `events_dropped`.
+        """
         entry = {
             "event": event,
             "task_id": task_id,
@@ -84,7 +102,31 @@ class ResultStore:
             "ts": f"{time.time():.6f}",
             "data": json.dumps(fields, default=str, separators=(",", ":")),
         }
-        await self.redis.xadd(self.keys.events(tenant), entry, maxlen=self._maxlen, approximate=True)
+        self._events.append((self.keys.events(tenant), entry))
+        if len(self._events) > MAX_PENDING_EVENTS:
+            del self._events[0]
+            self.events_dropped += 1
+        if self._kick is None:
+            self._kick = asyncio.get_running_loop().create_task(self.flush())
+
+    @property
+    def pending_events(self) -> int:
+        return len(self._events)
+
+    async def flush(self) -> None:
+        """Sends every queued event; leaves them queued (for the next flush) if Redis fails."""
+        async with self._flush_lock:  # one batch at a time keeps the events in order
+            self._kick = None
+            while self._events:
+                batch = self._events[:_EVENT_BATCH]
+                pipe = self.redis.pipeline(transaction=False)
+                for key, entry in batch:
+                    pipe.xadd(key, entry, maxlen=self._maxlen, approximate=True)
+                try:
+                    await pipe.execute()
+                except (RedisError, OSError):
+                    return
+                del self._events[: len(batch)]
 
     async def close(self) -> None:
         if self._redis is not None:

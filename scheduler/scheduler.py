@@ -376,6 +376,7 @@ class Scheduler:
                 reason=error.fields.get("reason", error.message),
                 retry_after_s=retry_after,
             )
+            await self._store.flush()
         self._counts["rejected"] += 1
         self._shed[str(error.fields.get("reason") or error.type_name)] += 1
         return stored

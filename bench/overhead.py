@@ -1,0 +1,132 @@
+"""`overhead`: what the pipeline costs on top of Ray and of the SDK, with a provider that costs nothing.
+
+The simulator answers at once (zero latency) and every task is one LLM call, so what is
+measured is ours: admission, queueing, dispatch, the worker's loop, the rate-limit lease,
+the result write and the events.
+
+- `throughput_ratio`: tasks per second through the pool (a batch submitted at once) over
+  a bare Ray client -> actor -> actor echo of the same size, measured in the same run (the
+  least any Ray pipeline of this shape costs).
+- `added_p50_ms`, `added_p99_ms`: at low load (one task at a time), the pool's end-to-end
+  latency minus that of the same request made directly with `AsyncAnthropic`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import ray
+
+from agentpool import AgentPool, AgentTask, PoolConfig, SimulatorConfig
+from bench.report import percentile, write
+
+
+@ray.remote
+class _Back:
+    async def echo(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return payload
+
+
+@ray.remote
+class _Front:
+    """Stands in for the scheduler: takes a call, forwards it to a worker, returns the answer."""
+
+    def __init__(self, back: Any) -> None:
+        self.back = back
+
+    async def run(self, payload: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = await self.back.echo.remote(payload)
+        return result
+
+
+def _bare_ray_tps(n: int) -> float:
+    back = _Back.options(num_cpus=0, max_concurrency=1000).remote()
+    front = _Front.options(num_cpus=0, max_concurrency=1000).remote(back)
+    ray.get(front.run.remote({"warm": True}))
+    payload = {"tenant": "t", "prompt": "sim: answer ok", "max_tokens": 64}
+    started = time.monotonic()
+    ray.get([front.run.remote({**payload, "i": i}) for i in range(n)])
+    elapsed = time.monotonic() - started
+    for actor in (front, back):
+        ray.kill(actor)
+    return n / elapsed
+
+
+def _task(i: int) -> AgentTask:
+    return AgentTask(tenant="t", prompt=f"sim: answer ok {i}", max_tokens=64)
+
+
+def _pool_tps(pool: AgentPool, n: int) -> float:
+    tasks = [_task(i) for i in range(n)]
+    started = time.monotonic()
+    results = ray.get(pool.submit(tasks))
+    elapsed = time.monotonic() - started
+    bad = [r.status for r in results if r.status != "succeeded"]
+    if bad:
+        raise RuntimeError(f"{len(bad)} of {n} tasks did not succeed: {sorted(set(bad))}")
+    return n / elapsed
+
+
+def _pool_latencies(pool: AgentPool, n: int) -> list[float]:
+    out = []
+    for i in range(n):
+        started = time.perf_counter()
+        (result,) = ray.get(pool.submit([_task(i)]))
+        out.append((time.perf_counter() - started) * 1000)
+        if result.status != "succeeded":
+            raise RuntimeError(f"task {i} ended {result.status}: {result.error}")
+    return out
+
+
+async def _direct_latencies(url: str, n: int) -> list[float]:
+    client = anthropic.AsyncAnthropic(api_key="bench", base_url=url, max_retries=0)
+    out = []
+    for i in range(n):
+        started = time.perf_counter()
+        await client.messages.create(
+            model="claude-sonnet-4-5", max_tokens=64, messages=[{"role": "user", "content": f"sim: answer ok {i}"}]
+        )
+        out.append((time.perf_counter() - started) * 1000)
+    await client.close()
+    return out
+
+
+def run(out: Path, quick: bool) -> dict[str, Any]:
+    batch = 1000 if quick else 5000
+    sequential = 100 if quick else 500
+    config = PoolConfig(
+        name="bench-overhead",
+        num_workers=2,
+        worker_concurrency=256,
+        simulator=SimulatorConfig(latency_ms=0, latency_sigma=0, seed=1),
+    )
+    with AgentPool.start(config) as pool:
+        pool.run([_task(i) for i in range(200)])  # warm up every process and connection
+        url = pool.provider_url
+        assert url is not None
+        direct = asyncio.run(_direct_latencies(url, sequential))
+        ours = _pool_latencies(pool, sequential)
+        pool_tps = _pool_tps(pool, batch)
+    bare_tps = _bare_ray_tps(batch)
+    figures: dict[str, Any] = {
+        "throughput_ratio": round(pool_tps / bare_tps, 4),
+        "added_p50_ms": round(percentile(ours, 0.5) - percentile(direct, 0.5), 2),
+        "added_p99_ms": round(percentile(ours, 0.99) - percentile(direct, 0.99), 2),
+        "pool_tasks_per_s": round(pool_tps, 1),
+        "bare_ray_calls_per_s": round(bare_tps, 1),
+        "pool_p50_ms": round(percentile(ours, 0.5), 2),
+        "direct_p50_ms": round(percentile(direct, 0.5), 2),
+        "pool_p99_ms": round(percentile(ours, 0.99), 2),
+        "direct_p99_ms": round(percentile(direct, 0.99), 2),
+    }
+    notes = (
+        f"Zero-latency simulator, one LLM call per task. Throughput: {batch} tasks submitted at once, against "
+        f"{batch} calls through a bare Ray client -> actor -> actor echo. Latency: {sequential} tasks one at a "
+        "time, against the same request made directly with AsyncAnthropic to the same simulator."
+    )
+    write(out, "overhead", figures=figures, notes=notes, config={"quick": quick, "batch": batch})
+    return figures
