@@ -53,6 +53,8 @@ class ResultStore:
         self._redis: aioredis.Redis | None = None
         self._script: Any = None
         self._events: list[tuple[str, dict[str, str]]] = []
+        self._lookups: list[tuple[str, asyncio.Future[str | None]]] = []
+        self._lookup_tasks: set[asyncio.Task[None]] = set()
         self._kick: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
         self.events_dropped = 0
@@ -83,8 +85,35 @@ class ResultStore:
         return AgentResult.model_validate_json(stored), False
 
     async def get_result(self, tenant: str, task_id: str) -> AgentResult | None:
-        raw = await self.redis.get(self.keys.result(tenant, task_id))
+        """The task's final record, if one exists. Lookups made in the same turn of the event
+        loop (a batch arriving at the scheduler) share one pipelined round trip."""
+        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._lookups.append((self.keys.result(tenant, task_id), future))
+        if len(self._lookups) == 1:
+            asyncio.get_running_loop().call_soon(self._start_lookups)
+        raw = await future
         return AgentResult.model_validate_json(raw) if raw else None
+
+    def _start_lookups(self) -> None:
+        batch, self._lookups = self._lookups, []
+        task = asyncio.get_running_loop().create_task(self._lookup(batch))
+        self._lookup_tasks.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._lookup_tasks.discard)
+
+    async def _lookup(self, batch: list[tuple[str, asyncio.Future[str | None]]]) -> None:
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for key, _ in batch:
+                pipe.get(key)
+            values = await pipe.execute()
+        except Exception as exc:  # every caller of this batch gets the error
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), value in zip(batch, values, strict=True):
+            if not future.done():
+                future.set_result(value)
 
     async def emit(self, tenant: str, event: str, *, task_id: str, trace_id: str, **fields: Any) -> None:
         """Queues one structured event for the tenant's events stream.
