@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ _REMAINING_HEADERS = {
     "input_tokens": "anthropic-ratelimit-input-tokens-remaining",
     "output_tokens": "anthropic-ratelimit-output-tokens-remaining",
 }
+
 
 def estimate_input_tokens(request: Mapping[str, Any], chars_per_token: float) -> int:
     """A deliberately generous count of a request's input tokens, before sending it."""
@@ -85,6 +87,8 @@ class TaskGate:
         self._limited = limited
         self._tenant_limited = bool(policy.limits.per_minute())
         self._pending: set[asyncio.Future[Any]] = set()
+        #: Time this task's calls spent waiting for rate permits (the scheduler learns from it).
+        self.permit_wait_s = 0.0
 
     async def before(self, model: str, request: dict[str, Any]) -> Ticket:
         lease_id = uuid.uuid4().hex
@@ -99,10 +103,12 @@ class TaskGate:
         )
         if not (self._tenant_limited or self._limited(model)):
             return Ticket(None, model, reservation)
+        asked = time.monotonic()
         try:
             await self._limiter.acquire.remote(
                 lease_id, self._tenant, model, input_tokens, max_tokens, self._holder, self._priority
             )
+            self.permit_wait_s += time.monotonic() - asked
         except BaseException:  # cancelled (or the limiter failed) while waiting: nothing may stay held
             self._limiter.cancel.remote(lease_id)
             self._spawn(self._ledger.refund(reservation))

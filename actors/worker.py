@@ -103,6 +103,7 @@ class AgentWorker:
         async def emit(event: str, **fields: Any) -> None:
             await self._store.emit(task.tenant, event, task_id=task.task_id, trace_id=dispatch.trace_id, **fields)
 
+        gate: TaskGate | None = None
         try:
             allowed = self._allowed_tools(task.tenant, task.tools)
             gate = TaskGate(
@@ -142,7 +143,10 @@ class AgentWorker:
         run_ms = (time.monotonic() - started) * 1000
         total_ms = max(run_ms, (time.time() - dispatch.admitted_at_unix) * 1000)
         result.timings = Timings(
-            queued_ms=round(dispatch.queued_ms, 3), run_ms=round(run_ms, 3), total_ms=round(total_ms, 3)
+            queued_ms=round(dispatch.queued_ms, 3),
+            run_ms=round(run_ms, 3),
+            permit_wait_ms=round(gate.permit_wait_s * 1000, 3) if gate is not None else 0.0,
+            total_ms=round(total_ms, 3),
         )
         stored, created = await self._store.write_result(result)
         if created:

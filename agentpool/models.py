@@ -173,10 +173,12 @@ class ToolCallSummary(_Model):
 
 
 class Timings(_Model):
-    """Where the time went, in milliseconds: waiting in the queue, running, end to end."""
+    """Where the time went, in milliseconds: waiting in the queue, running (of which waiting
+    for rate-limit permits), end to end."""
 
     queued_ms: float = 0.0
     run_ms: float = 0.0
+    permit_wait_ms: float = 0.0
     total_ms: float = 0.0
 
 

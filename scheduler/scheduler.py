@@ -29,6 +29,7 @@ from cluster.keys import Keys
 from cluster.store import ResultStore
 from scheduler.admission import Admission
 from scheduler.budgets import BudgetLedger
+from scheduler.capacity import ModelCapacity
 from scheduler.dispatch import LeastLoaded
 from scheduler.fair import FairQueue, token_cost
 from scheduler.shedding import DispatchRate, OverloadDetector, WaitForecast, sheds
@@ -45,6 +46,7 @@ class _Waiting:
     enqueued_at: float
     max_wait_s: float
     estimate: float
+    limit_key: str | None
     slot: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -74,6 +76,9 @@ class Scheduler:
         self._queue: FairQueue[_Waiting] = FairQueue(self._weight)
         self._slots = LeastLoaded(len(workers), config.worker_concurrency)
         self._tenant_running: Counter[str] = Counter()
+        # Per rate-limited model (limit key): what its limits sustain, and tasks running.
+        self._capacity = {key: ModelCapacity(limit) for key, limit in config.limits.items()}
+        self._key_running: Counter[str] = Counter()
         self._running: dict[str, asyncio.Future[AgentResult]] = {}
         self._store = ResultStore(
             redis_url,
@@ -140,7 +145,7 @@ class Scheduler:
             rejection = self._shed_or_make_room(task)
         if rejection is not None:
             return await self._reject(task, trace_id, rejection)
-        waiting = _Waiting(task, self._clock(), self._max_wait_s(task), self._estimate(task))
+        waiting = _Waiting(task, self._clock(), self._max_wait_s(task), self._estimate(task), self._limit_key(task))
         self._queue.push(task.tenant, task.priority, waiting)
         self._pump()
         try:
@@ -159,7 +164,7 @@ class Scheduler:
             slot = waiting.slot
             if not self._queue.remove(task.tenant, waiting) and slot.done() and not slot.cancelled():
                 if slot.exception() is None:
-                    self._release(task.tenant, slot.result())
+                    self._release(task.tenant, slot.result(), waiting.limit_key)
             raise
         queued_ms = (self._clock() - waiting.enqueued_at) * 1000
         dispatch = Dispatch(
@@ -171,21 +176,31 @@ class Scheduler:
         )
         # The run goes on even if this call is cancelled (ray.cancel, a caller gone): the
         # worker still ends it and writes its record, and only then is the slot given back.
-        running = asyncio.ensure_future(self._run_on(worker, dispatch, waiting.estimate))
+        running = asyncio.ensure_future(self._run_on(worker, dispatch, waiting))
         return await asyncio.shield(running)
 
-    async def _run_on(self, worker: int, dispatch: Dispatch, estimate: float) -> AgentResult:
+    async def _run_on(self, worker: int, dispatch: Dispatch, waiting: _Waiting) -> AgentResult:
         task = dispatch.task
         started = self._clock()
         try:
-            result: AgentResult = await self._workers[worker].run.remote(dispatch)
-        except (ray.exceptions.RayError, AgentPoolError) as exc:
-            result = await self._fail(task, dispatch.trace_id, exc, dispatch.queued_ms)
+            try:
+                result: AgentResult = await self._workers[worker].run.remote(dispatch)
+            except (ray.exceptions.RayError, AgentPoolError) as exc:
+                result = await self._fail(task, dispatch.trace_id, exc, dispatch.queued_ms)
+            run_s = self._clock() - started
+            self._mean_run_s = 0.9 * self._mean_run_s + 0.1 * run_s
+            if waiting.limit_key is not None:  # learnt before the slot is given back
+                u = result.usage
+                self._capacity[waiting.limit_key].observe(
+                    calls=result.llm_attempts,
+                    input_tokens=u.input_tokens + u.cache_creation_input_tokens,
+                    output_tokens=u.output_tokens,
+                    run_s=run_s,
+                    permit_wait_s=result.timings.permit_wait_ms / 1000,
+                )
         finally:
-            self._release(task.tenant, worker)
-        run_s = self._clock() - started
-        self._mean_run_s = 0.9 * self._mean_run_s + 0.1 * run_s
-        self._account(task.tenant, estimate, result)
+            self._release(task.tenant, worker, waiting.limit_key)
+        self._account(task.tenant, waiting.estimate, result)
         self._counts[result.status] += 1
         return result
 
@@ -204,6 +219,10 @@ class Scheduler:
         if policy is not None and policy.max_concurrency is not None:
             # A tenant at its concurrency cap is served no faster than its cap allows.
             share = min(share, policy.max_concurrency / max(self._mean_run_s, 1e-3) / rate)
+        key = self._limit_key(task)
+        key_rate = self._capacity[key].tasks_per_s() if key is not None else None
+        if key_rate is not None:
+            rate = min(rate, key_rate)  # a rate-limited model is served no faster than its limits allow
         return WaitForecast(self._queue.length(tenant, at_least=task.priority), share, rate)
 
     def _shed_or_make_room(self, task: AgentTask) -> Overloaded | None:
@@ -216,7 +235,12 @@ class Scheduler:
                 reason="overload",
                 retry_after_s=self.config.admission.interval_s,
             )
-        must_queue = self._slots.in_flight >= self._slots.capacity or not self._tenant_has_room(task.tenant)
+        key = self._limit_key(task)
+        must_queue = (
+            self._slots.in_flight >= self._slots.capacity
+            or not self._tenant_has_room(task.tenant)
+            or not self._key_has_room(key)
+        )
         if must_queue or self._queue.length(task.tenant):
             wait = self._forecast(task).seconds()
             limit = self._max_wait_s(task)
@@ -316,7 +340,9 @@ class Scheduler:
             worker = self._slots.acquire()
             if worker is None:
                 return
-            popped = self._queue.pop(lambda tenant, _: self._tenant_has_room(tenant))
+            popped = self._queue.pop(
+                lambda tenant, waiting: self._tenant_has_room(tenant) and self._key_has_room(waiting.limit_key)
+            )
             if popped is None:
                 self._slots.release(worker)
                 return
@@ -334,6 +360,8 @@ class Scheduler:
             self._rate.record(now)
             self._queue.charge(tenant, waiting.estimate)
             self._tenant_running[tenant] += 1
+            if waiting.limit_key is not None:
+                self._key_running[waiting.limit_key] += 1
             waiting.slot.set_result(worker)
         self._detector.idle()
 
@@ -342,11 +370,27 @@ class Scheduler:
         cap = policy.max_concurrency if policy is not None else None
         return cap is None or self._tenant_running[tenant] < cap
 
-    def _release(self, tenant: str, worker: int) -> None:
+    def _key_has_room(self, key: str | None) -> bool:
+        if key is None:
+            return True
+        cap = self._capacity[key].cap()
+        return cap is None or self._key_running[key] < cap
+
+    def _limit_key(self, task: AgentTask) -> str | None:
+        """The limits entry governing the first model this task will call."""
+        chain = self.config.model_chain(task.model, task.fallback_models)
+        policy = self.config.policy_for(task.tenant)
+        if policy is not None and policy.allowed_models is not None:
+            chain = [m for m in chain if m in policy.allowed_models]
+        return self.config.limit_key(chain[0]) if chain else None
+
+    def _release(self, tenant: str, worker: int, key: str | None) -> None:
         self._slots.release(worker)
         self._tenant_running[tenant] -= 1
         if self._tenant_running[tenant] <= 0:
             del self._tenant_running[tenant]
+        if key is not None:
+            self._key_running[key] -= 1
         self._pump()
 
     async def _reject(self, task: AgentTask, trace_id: str, error: AgentPoolError) -> AgentResult:
@@ -422,6 +466,10 @@ class Scheduler:
             "overload_level": self._detector.level(now),
             "dispatch_per_s": round(self._rate.per_s(now), 3),
             "mean_run_s": round(self._mean_run_s, 4),
+            "model_capacity": {
+                key: {**capacity.snapshot(), "running": self._key_running.get(key, 0)}
+                for key, capacity in self._capacity.items()
+            },
             "loop_lag_ms": round(self._loop_lag_s * 1000, 1),
             "fair_counters": {t: round(c, 1) for t, c in self._queue.counters.items() if t in tenants},
             "limits": limits,

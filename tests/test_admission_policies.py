@@ -11,7 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from agentpool.models import RateLimit
 from scheduler.buckets import BucketSet, TokenBucket
+from scheduler.capacity import ModelCapacity
 from scheduler.fair import PRIORITIES, FairQueue
 from scheduler.permits import PermitBroker, PermitRequest
 from scheduler.shedding import OverloadDetector, WaitForecast, sheds
@@ -442,3 +444,20 @@ def test_shedding_order_and_forecast() -> None:
     # 9 ahead of it, 100 tasks/s, a fifth of the pool: (9 + 1) / 20 per s
     assert WaitForecast(ahead=9, share=0.2, rate_per_s=100).seconds() == pytest.approx(0.5)
     assert WaitForecast(ahead=0, share=1.0, rate_per_s=0).seconds() == 0
+
+
+# --- dispatch capacity per rate-limited model ------------------------------------------------
+
+
+def test_model_capacity_follows_the_binding_limit_and_the_unqueued_service_time() -> None:
+    requests_bound = ModelCapacity(RateLimit(rpm=600))
+    assert requests_bound.cap() is None  # nothing learnt yet: no cap
+    for _ in range(50):  # two calls a task, 0.3 s of work plus 0.5 s waiting for permits
+        requests_bound.observe(calls=2, input_tokens=400, output_tokens=100, run_s=0.8, permit_wait_s=0.5)
+    assert requests_bound.tasks_per_s() == pytest.approx(5.0)  # 10 calls/s, 2 per task
+    assert requests_bound.cap() == math.ceil(5.0 * 0.3 * 1.25) + 2
+    tokens_bound = ModelCapacity(RateLimit(rpm=600, itpm=60_000, otpm=10**9))
+    for _ in range(50):
+        tokens_bound.observe(calls=1, input_tokens=500, output_tokens=10, run_s=1.0, permit_wait_s=0.0)
+    assert tokens_bound.tasks_per_s() == pytest.approx(2.0)  # 1,000 input tokens/s, 500 a task
+    assert tokens_bound.cap() == math.ceil(2.0 * 1.0 * 1.25) + 2

@@ -1,0 +1,83 @@
+"""How many tasks of one rate-limited model the pool can usefully run at once. Pure.
+
+A task dispatched to a worker beyond what its model's limits can serve only waits for a
+permit inside the worker: it holds a slot, and its wait is invisible to the scheduler's
+fair queue and shedding. So dispatch is capped per limit key at what the limits sustain,
+by Little's law: tasks per second the limits allow (from the configured rates and the
+usage tasks of that model have shown) times the time a task takes when it does not wait
+for permits, plus headroom. Tasks beyond the cap wait in the scheduler's queue, where
+fairness, deadlines and shedding apply.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from agentpool.models import RateLimit
+
+#: Extra concurrency over the Little's-law figure, so the limiter always has work waiting.
+HEADROOM = 1.25
+SPARE = 2
+_ALPHA = 0.2
+
+
+@dataclass
+class _Ewma:
+    value: float | None = None
+
+    def add(self, sample: float) -> None:
+        self.value = sample if self.value is None else (1 - _ALPHA) * self.value + _ALPHA * sample
+
+
+class ModelCapacity:
+    """One limit key's sustainable task rate and concurrency, learnt from finished tasks.
+
+    Args:
+        limit: The key's configured per-minute limits.
+    """
+
+    def __init__(self, limit: RateLimit) -> None:
+        self._per_minute = limit.per_minute()
+        self._calls_per_task = _Ewma()
+        self._input_per_call = _Ewma()
+        self._output_per_call = _Ewma()
+        self._service_s = _Ewma()
+
+    def observe(self, *, calls: int, input_tokens: int, output_tokens: int, run_s: float, permit_wait_s: float) -> None:
+        """A finished task of this key: its LLM calls, tokens, run time and time spent waiting for permits."""
+        if calls <= 0:
+            return
+        self._calls_per_task.add(calls)
+        self._input_per_call.add(input_tokens / calls)
+        self._output_per_call.add(output_tokens / calls)
+        self._service_s.add(max(0.0, run_s - permit_wait_s))
+
+    def tasks_per_s(self) -> float | None:
+        """Tasks per second the limits sustain, or None before any task has finished."""
+        calls = self._calls_per_task.value
+        if calls is None:
+            return None
+        per_call = {
+            "requests": 1.0,
+            "input_tokens": max(1.0, self._input_per_call.value or 1.0),
+            "output_tokens": max(1.0, self._output_per_call.value or 1.0),
+        }
+        rates = [limit / 60 / per_call[dim] for dim, limit in self._per_minute.items()]
+        return min(rates) / calls if rates else None
+
+    def cap(self) -> int | None:
+        """Tasks of this key worth running at once; None (no cap) until it has been measured."""
+        rate = self.tasks_per_s()
+        service = self._service_s.value
+        if rate is None or service is None:
+            return None
+        return math.ceil(rate * service * HEADROOM) + SPARE
+
+    def snapshot(self) -> dict[str, float | int | None]:
+        rate = self.tasks_per_s()
+        return {
+            "tasks_per_s": round(rate, 3) if rate is not None else None,
+            "service_s": round(self._service_s.value, 4) if self._service_s.value is not None else None,
+            "cap": self.cap(),
+        }
