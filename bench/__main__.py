@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import batch, fairness, overhead, ratelimit, tools
+from bench import batch, fairness, overhead, overload, ratelimit, tools
 
 BENCHMARKS: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
     "batch": batch.run,
@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
     "fairness": fairness.run,
     "tools": tools.run,
     "overhead": overhead.run,
+    "overload": overload.run,
 }
 
 

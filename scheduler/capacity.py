@@ -6,7 +6,8 @@ fair queue and shedding. So dispatch is capped per limit key at what the limits 
 by Little's law: tasks per second the limits allow (from the configured rates and the
 usage tasks of that model have shown) times the time a task takes when it does not wait
 for permits, plus headroom. Tasks beyond the cap wait in the scheduler's queue, where
-fairness, deadlines and shedding apply.
+fairness, deadlines and shedding apply. The scheduler applies the cap only while the
+model has calls waiting for permits: a burst the buckets can grant goes out at once.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from dataclasses import dataclass
 from agentpool.models import RateLimit
 
 #: Extra concurrency over the Little's-law figure, so the limiter always has work waiting.
-HEADROOM = 1.25
-SPARE = 2
+HEADROOM = 1.1
+SPARE = 1
 _ALPHA = 0.2
 
 

@@ -79,6 +79,7 @@ class Scheduler:
         # Per rate-limited model (limit key): what its limits sustain, and tasks running.
         self._capacity = {key: ModelCapacity(limit) for key, limit in config.limits.items()}
         self._key_running: Counter[str] = Counter()
+        self._key_backlogged: dict[str, bool] = {}
         self._running: dict[str, asyncio.Future[AgentResult]] = {}
         self._store = ResultStore(
             redis_url,
@@ -144,7 +145,7 @@ class Scheduler:
         if rejection is None:
             rejection = self._shed_or_make_room(task)
         if rejection is not None:
-            return await self._reject(task, trace_id, rejection)
+            return await self._reject(task, trace_id, rejection, admitted_unix)
         waiting = _Waiting(task, self._clock(), self._max_wait_s(task), self._estimate(task), self._limit_key(task))
         self._queue.push(task.tenant, task.priority, waiting)
         self._pump()
@@ -159,7 +160,7 @@ class Scheduler:
             )
             worker = await waiting.slot
         except RetryLater as dropped:  # it waited past its deadline, or made room for other work
-            return await self._reject(task, trace_id, dropped)
+            return await self._reject(task, trace_id, dropped, admitted_unix)
         except BaseException:  # cancelled, or the event write failed: give back place and slot
             slot = waiting.slot
             if not self._queue.remove(task.tenant, waiting) and slot.done() and not slot.cancelled():
@@ -287,6 +288,23 @@ class Scheduler:
             # How late the event loop woke us: the scheduler's own congestion, reported in status().
             self._loop_lag_s = max(0.0, now - before - _TICK_S)
             self._expire_waiting(now)
+            if self._capacity:
+                await self._watch_limiter()
+
+    async def _watch_limiter(self) -> None:
+        """Which rate-limited models have calls waiting for permits. Only those are capped:
+        while a model's buckets still hold a burst, its tasks are dispatched as fast as they come."""
+        try:
+            models = (await self._limiter.status.remote()).get("models", {})
+        except ray.exceptions.RayError:
+            return
+        freed = False
+        for key in self._capacity:
+            backlogged = bool(models.get(key, {}).get("waiting", 0))
+            freed |= self._key_backlogged.get(key, False) and not backlogged
+            self._key_backlogged[key] = backlogged
+        if freed:
+            self._pump()
 
     def _expire_waiting(self, now: float) -> None:
         oldest = 0.0
@@ -371,7 +389,7 @@ class Scheduler:
         return cap is None or self._tenant_running[tenant] < cap
 
     def _key_has_room(self, key: str | None) -> bool:
-        if key is None:
+        if key is None or not self._key_backlogged.get(key, False):
             return True
         cap = self._capacity[key].cap()
         return cap is None or self._key_running[key] < cap
@@ -393,8 +411,9 @@ class Scheduler:
             self._key_running[key] -= 1
         self._pump()
 
-    async def _reject(self, task: AgentTask, trace_id: str, error: AgentPoolError) -> AgentResult:
+    async def _reject(self, task: AgentTask, trace_id: str, error: AgentPoolError, arrived_unix: float) -> AgentResult:
         retry_after = error.fields.get("retry_after_s")
+        took_ms = round((time.time() - arrived_unix) * 1000, 3)
         result = AgentResult(
             task_id=task.task_id,
             tenant=task.tenant,
@@ -408,6 +427,7 @@ class Scheduler:
             ),
             retry_after_s=retry_after,
             attempts=0,
+            timings=Timings(queued_ms=took_ms, total_ms=took_ms),
         )
         stored, created = await self._store.write_result(result)
         if created:
@@ -467,7 +487,11 @@ class Scheduler:
             "dispatch_per_s": round(self._rate.per_s(now), 3),
             "mean_run_s": round(self._mean_run_s, 4),
             "model_capacity": {
-                key: {**capacity.snapshot(), "running": self._key_running.get(key, 0)}
+                key: {
+                    **capacity.snapshot(),
+                    "running": self._key_running.get(key, 0),
+                    "backlogged": self._key_backlogged.get(key, False),
+                }
                 for key, capacity in self._capacity.items()
             },
             "loop_lag_ms": round(self._loop_lag_s * 1000, 1),

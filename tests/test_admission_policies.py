@@ -455,9 +455,9 @@ def test_model_capacity_follows_the_binding_limit_and_the_unqueued_service_time(
     for _ in range(50):  # two calls a task, 0.3 s of work plus 0.5 s waiting for permits
         requests_bound.observe(calls=2, input_tokens=400, output_tokens=100, run_s=0.8, permit_wait_s=0.5)
     assert requests_bound.tasks_per_s() == pytest.approx(5.0)  # 10 calls/s, 2 per task
-    assert requests_bound.cap() == math.ceil(5.0 * 0.3 * 1.25) + 2
+    assert requests_bound.cap() == math.ceil(5.0 * 0.3 * 1.1) + 1
     tokens_bound = ModelCapacity(RateLimit(rpm=600, itpm=60_000, otpm=10**9))
     for _ in range(50):
         tokens_bound.observe(calls=1, input_tokens=500, output_tokens=10, run_s=1.0, permit_wait_s=0.0)
     assert tokens_bound.tasks_per_s() == pytest.approx(2.0)  # 1,000 input tokens/s, 500 a task
-    assert tokens_bound.cap() == math.ceil(2.0 * 1.0 * 1.25) + 2
+    assert tokens_bound.cap() == math.ceil(2.0 * 1.0 * 1.1) + 1

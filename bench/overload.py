@@ -1,0 +1,243 @@
+"""`overload`: open-loop arrivals at twice the peak the provider's limits allow, through the
+pool and through a naive pool, against the same simulated tier.
+
+The simulated tier: `claude-sonnet-4-5` limited server-side to RPM (the pool is configured
+with the same limit), lognormal latency (median 400 ms, sigma 0.5), 1% 529s and 0.5% 500s.
+Each task is one LLM call, so the peak is RPM / 60 tasks per second. Three tenants with
+weights 1:2:5 each offer a third of the arrivals; each task tolerates `DEADLINE_S` of
+queueing, and 20% are `sheddable`, 10% `critical`.
+
+Phases, all in the same run: the pool at 0.5x peak (its latency baseline), at k x peak;
+then a naive pool (Ray actors called round-robin, each with `AsyncAnthropic` and the SDK's
+default retries, no admission control) at 0.5x and k x peak against a fresh simulator with
+the same limits. Before the measured phases each run spends the buckets' burst (a minute's
+worth of requests, as Anthropic's buckets start full) right before the k x phase, so that
+k x peak is an overload from its first second.
+
+Figures: `goodput_ratio` (tasks that succeeded per second of the k x phase, over the peak),
+`admitted_p99_ratio` (p99 end-to-end latency of the tasks that ran, k x over 0.5x),
+`reject_p99_ms` (time to a rejection on arrival; `dropped_p99_ms` for queued tasks dropped
+once past their deadline), `shed_fraction` (by reason), `provider_429`,
+`lost_tasks` and `duplicate_results` (every submitted task reconciled against Redis), and
+`baseline_goodput_ratio`, `baseline_p99_ratio`, `baseline_provider_429`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import ray
+import redis
+
+from actors.simulator_host import SimulatorHost
+from agentpool import AgentPool, AgentResult, AgentTask, PoolConfig, RateLimit, SimulatorConfig, TenantPolicy
+from agentpool.simulator.config import ModelLimitsConfig
+from bench.load import open_loop, wait_idle
+from bench.report import percentile, write
+from cluster.keys import Keys
+
+MODEL = "claude-sonnet-4-5"
+RPM = 600
+PEAK = RPM / 60  # tasks per second: one call per task
+WEIGHTS = {"gold": 5.0, "silver": 2.0, "bronze": 1.0}
+DEADLINE_S = 0.5
+OUTPUT_TOKENS = 30
+
+
+def _sim_config(seed: int) -> SimulatorConfig:
+    return SimulatorConfig(
+        latency_ms=400,
+        latency_sigma=0.5,
+        seed=seed,
+        fault_rates={529: 0.01, 500: 0.005},
+        model_limits={MODEL: ModelLimitsConfig(rpm=RPM, itpm=10**9, otpm=10**9)},
+    )
+
+
+def _task(tenant: str, k: int, rng: random.Random) -> AgentTask:
+    roll = rng.random()
+    priority = "sheddable" if roll < 0.2 else "critical" if roll > 0.9 else "standard"
+    return AgentTask(
+        tenant=tenant,
+        prompt=f"sim: output_tokens {OUTPUT_TOKENS}\nsim: answer {tenant}-{k}",
+        model=MODEL,
+        fallback_models=[],
+        max_tokens=64,
+        priority=priority,
+        deadline_s=DEADLINE_S,
+    )
+
+
+def _rates(load: float) -> dict[str, float]:
+    return dict.fromkeys(WEIGHTS, load * PEAK / len(WEIGHTS))
+
+
+# --- the naive pool ---------------------------------------------------------------------------
+
+
+@ray.remote
+class _NaiveWorker:
+    """What a pool without admission control does: call the SDK, let its retries cope."""
+
+    def __init__(self, base_url: str) -> None:
+        self._client = anthropic.AsyncAnthropic(api_key="bench", base_url=base_url)  # default max_retries=2
+
+    async def run(self, prompt: str) -> tuple[bool, float]:
+        started = time.monotonic()
+        try:
+            await self._client.messages.create(
+                model=MODEL, max_tokens=64, messages=[{"role": "user", "content": prompt}]
+            )
+            ok = True
+        except anthropic.APIError:
+            ok = False
+        return ok, (time.monotonic() - started) * 1000
+
+
+def _naive_phase(
+    workers: list[Any], rate: float, duration_s: float, seed: int
+) -> tuple[list[tuple[bool, float]], float]:
+    rng = random.Random(seed)
+    refs = []
+    begin = time.monotonic()
+    at, k = rng.expovariate(rate), 0
+    while at < duration_s:
+        delay = begin + at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        refs.append(workers[k % len(workers)].run.remote(f"sim: output_tokens {OUTPUT_TOKENS}\nsim: answer n{k}"))
+        at, k = at + rng.expovariate(rate), k + 1
+    results = ray.get(refs)
+    return results, duration_s
+
+
+def _naive(duration_s: float, warm_s: float, load: float) -> dict[str, Any]:
+    host = SimulatorHost.options(num_cpus=0).remote(_sim_config(seed=8))
+    url = ray.get(host.start.remote())
+    workers = [_NaiveWorker.options(num_cpus=0, max_concurrency=10_000).remote(url) for _ in range(2)]
+    low, _ = _naive_phase(workers, 0.5 * PEAK, warm_s, seed=1)
+    _spend_burst_naive(workers, host)
+    before = ray.get(host.stats.remote())
+    high, elapsed = _naive_phase(workers, load * PEAK, duration_s, seed=2)
+    after = ray.get(host.stats.remote())
+    ray.get(host.stop.remote())
+    for actor in (*workers, host):
+        ray.kill(actor)
+    p99_low = percentile([ms for ok, ms in low if ok], 0.99)
+    p99_high = percentile([ms for ok, ms in high if ok], 0.99)
+    return {
+        "baseline_goodput_ratio": round(sum(ok for ok, _ in high) / elapsed / PEAK, 4),
+        "baseline_p99_ratio": round(p99_high / p99_low, 4),
+        "baseline_provider_429": int(after.get("rate_limited", 0)) - int(before.get("rate_limited", 0)),
+        "baseline_failed_fraction": round(sum(not ok for ok, _ in high) / max(1, len(high)), 4),
+    }
+
+
+def _spend_burst_naive(workers: list[Any], host: Any) -> None:
+    """Sends requests until the provider starts refusing them: its bucket is empty."""
+    k = 0
+    first_429 = int(ray.get(host.stats.remote()).get("rate_limited", 0))
+    while int(ray.get(host.stats.remote()).get("rate_limited", 0)) == first_429:
+        ray.get([workers[(k + i) % len(workers)].run.remote(f"sim: answer burst {k + i}") for i in range(50)])
+        k += 50
+
+
+# --- the pool ---------------------------------------------------------------------------------
+
+
+def _spend_burst(pool: AgentPool) -> None:
+    """Runs more tasks than the pool's request bucket holds, until what is left after a batch
+    is less than the refill of the time its last calls took (about a second)."""
+    k = 0
+    while (left := _requests_left(pool)) > 1.5 * PEAK:
+        n = int(left + 2 * PEAK)  # the bucket's content, and some to wait for the refill
+        pool.run([_burst_task(k + i) for i in range(n)])
+        k += n
+
+
+def _requests_left(pool: AgentPool) -> float:
+    level: float = pool.status()["limits"]["models"][MODEL]["dimensions"]["requests"]["level"]
+    return level
+
+
+def _burst_task(k: int) -> AgentTask:
+    return AgentTask(tenant="burst", prompt=f"sim: answer b{k}", model=MODEL, fallback_models=[], max_tokens=16)
+
+
+def _reconcile(pool: AgentPool, submitted: list[AgentResult]) -> tuple[int, int]:
+    """(lost, duplicated): tasks without exactly one record and one results-stream entry."""
+    client = redis.Redis.from_url(pool.redis_url, decode_responses=True)
+    keys = Keys(pool.config.key_prefix)
+    lost = duplicated = 0
+    for tenant in WEIGHTS:
+        entries = Counter(f["task_id"] for _, f in client.xrange(keys.results(tenant)))
+        for result in (r for r in submitted if r.tenant == tenant):
+            if client.get(keys.result(tenant, result.task_id)) is None or entries[result.task_id] == 0:
+                lost += 1
+            elif entries[result.task_id] > 1:
+                duplicated += 1
+    client.close()
+    return lost, duplicated
+
+
+def run(out: Path, quick: bool, load: float = 2.0) -> dict[str, Any]:
+    duration_s = 10.0 if quick else 60.0
+    warm_s = 5.0 if quick else 30.0
+    config = PoolConfig(
+        name="bench-overload",
+        num_workers=2,
+        worker_concurrency=64,
+        simulator=_sim_config(seed=7),
+        limits={MODEL: RateLimit(rpm=RPM)},
+        tenants={t: TenantPolicy(weight=w) for t, w in WEIGHTS.items()},
+    )
+    with AgentPool.start(config) as pool:
+        low = [r for rs in open_loop(pool, _rates(0.5), warm_s, 1, _task).values() for r in rs]
+        wait_idle(pool)
+        _spend_burst(pool)
+        started = time.monotonic()
+        high = [r for rs in open_loop(pool, _rates(load), duration_s, 2, _task).values() for r in rs]
+        elapsed = max(duration_s, time.monotonic() - started)
+        stats = pool.simulator_stats() or {}
+        lost, duplicated = _reconcile(pool, low + high)
+        status = pool.status()
+    ran_low = [r.timings.total_ms for r in low if r.status == "succeeded"]
+    ran_high = [r.timings.total_ms for r in high if r.status == "succeeded"]
+    rejected = [r for r in high if r.status == "rejected"]
+    reasons = Counter(str(r.error.reason if r.error else None) for r in rejected)
+    # Refused on arrival, versus dropped from the queue once their deadline had passed
+    # (those waited, by definition, and are timed apart).
+    at_once = [r.timings.total_ms for r in rejected if r.error is None or r.error.reason != "queue_timeout"]
+    dropped = [r.timings.total_ms for r in rejected if r.error is not None and r.error.reason == "queue_timeout"]
+    figures: dict[str, Any] = {
+        "goodput_ratio": round(len(ran_high) / duration_s / PEAK, 4),
+        "admitted_p99_ratio": round(percentile(ran_high, 0.99) / percentile(ran_low, 0.99), 4),
+        "reject_p99_ms": round(percentile(at_once, 0.99), 2) if at_once else 0.0,
+        "dropped_p99_ms": round(percentile(dropped, 0.99), 2) if dropped else 0.0,
+        "shed_fraction": round(len(rejected) / max(1, len(high)), 4),
+        "shed_fraction_by_reason": {k: round(v / max(1, len(high)), 4) for k, v in sorted(reasons.items())},
+        "provider_429": int(stats.get("rate_limited", 0)),
+        "lost_tasks": lost,
+        "duplicate_results": duplicated,
+        "failed_fraction": round(sum(r.status not in ("succeeded", "rejected") for r in high) / max(1, len(high)), 4),
+        "admitted_p99_ms": round(percentile(ran_high, 0.99), 1),
+        "unloaded_p99_ms": round(percentile(ran_low, 0.99), 1),
+        "phase_s": round(elapsed, 1),
+        "model_capacity": status.get("model_capacity", {}),
+    }
+    figures |= _naive(duration_s, warm_s, load)
+    notes = (
+        f"Simulated tier: {MODEL} at {RPM} RPM server-side and in the pool, lognormal latency (median 400 ms, "
+        f"sigma 0.5), 1% 529 and 0.5% 500. One call per task, so peak = {PEAK:g} tasks/s. Arrivals: Poisson, "
+        f"{load:g} x peak for {duration_s:g} s (0.5 x for {warm_s:g} s as the latency baseline), three tenants "
+        f"(weights {WEIGHTS}), 20% sheddable and 10% critical, deadline_s={DEADLINE_S}. The buckets' burst "
+        "(a minute of requests) is spent first. The naive baseline: 2 Ray actors called round-robin, "
+        "AsyncAnthropic with default retries, no admission control, same arrivals, a fresh simulator."
+    )
+    write(out, "overload", figures=figures, notes=notes, config={"quick": quick, "load": load})
+    return figures
