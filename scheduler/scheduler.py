@@ -294,9 +294,9 @@ class Scheduler:
     async def _watch_limiter(self) -> None:
         """Which rate-limited models have calls waiting for permits. Only those are capped:
         while a model's buckets still hold a burst, its tasks are dispatched as fast as they come."""
-        try:
-            models = (await self._limiter.status.remote()).get("models", {})
-        except ray.exceptions.RayError:
+        try:  # bounded: a limiter that is restarting must not hold up the deadline sweep
+            models = (await asyncio.wait_for(self._limiter.status.remote(), _TICK_S * 4)).get("models", {})
+        except (ray.exceptions.RayError, TimeoutError):
             return
         freed = False
         for key in self._capacity:
