@@ -31,6 +31,22 @@ def main() -> None:
         figures = BENCHMARKS[name](args.out, args.quick)
         print(json.dumps({name: figures}, indent=2))
         print(f"wrote {args.out / (name + '.json')} and {args.out / (name + '.md')}")
+    if args.name == "all":
+        print(f"wrote {combined_report(args.out, names, quick=args.quick)}")
+
+
+def combined_report(out: Path, names: list[str], *, quick: bool) -> Path:
+    """One Markdown report of every benchmark's report, in the order they ran."""
+    parts = [f"# agentpool benchmarks ({'quick' if quick else 'full'} run)", ""]
+    for name in names:
+        report = out / f"{name}.md"
+        if report.exists():
+            # Each report starts with its own top-level heading: one level down here.
+            parts += ["#" + line if line.startswith("#") else line for line in report.read_text().splitlines()]
+            parts.append("")
+    path = out / "REPORT.md"
+    path.write_text("\n".join(parts) + "\n")
+    return path
 
 
 if __name__ == "__main__":

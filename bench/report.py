@@ -54,7 +54,7 @@ def write(
     path = out / f"{name}.json"
     path.write_text(json.dumps({"name": name, "figures": figures, "config": config, "machine": machine()}, indent=2))
     lines = [f"# bench: {name}", "", "| figure | value |", "|---|---|"]
-    lines += [f"| `{k}` | {v:.4g} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in figures.items()]
+    lines += [f"| `{k}` | {v:.6g} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in figures.items()]
     lines += ["", notes, ""]
     lines += [f"![{p}]({p})" for p in plots or []]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
