@@ -19,7 +19,7 @@ import ray
 from agentpool import AgentPool, AgentTask, PoolConfig
 from agentpool.cli import demo_tasks
 from agentpool.simulator import SimulatorConfig, SimulatorServer
-from bench.report import percentile, write
+from bench.report import latency_cdf, percentile, write
 
 
 async def _direct(url: str, n: int, concurrency: int) -> tuple[float, list[float]]:
@@ -81,7 +81,7 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         "demo_100_succeeded": demo_statuses.count("succeeded"),
     }
     out.mkdir(parents=True, exist_ok=True)
-    plot = _plot(out, pool_lat, direct_lat)
+    plot = latency_cdf(out, "batch", {"agentpool": pool_lat, "direct AsyncAnthropic": direct_lat})
     notes = (
         "Latency is end to end per task (pool: admission to final record in Redis; direct: one "
         "SDK call). Both at the same concurrency against the same in-process simulator."
@@ -95,25 +95,3 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         config={"n": n, "quick": quick, "simulator": sim_config.model_dump(), "concurrency": concurrency},
     )
     return figures
-
-
-def _plot(out: Path, pool_lat: list[float], direct_lat: list[float]) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, values in (("agentpool", pool_lat), ("direct AsyncAnthropic", direct_lat)):
-        ordered = sorted(values)
-        ax.plot(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("latency per task (ms)")
-    ax.set_ylabel("fraction of tasks")
-    ax.set_title("batch: latency CDF")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    name = "batch_latency_cdf.png"
-    fig.savefig(out / name, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return name

@@ -59,3 +59,27 @@ def write(
     lines += [f"![{p}]({p})" for p in plots or []]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     return path
+
+
+def latency_cdf(out: Path, name: str, series: dict[str, list[float]], *, title: str | None = None) -> str:
+    """Plots the latency CDF of each series (log scale) to `out/NAME_latency_cdf.png`; returns the file name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, values in series.items():
+        ordered = sorted(values)
+        if ordered:
+            ax.plot(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("latency per task (ms)")
+    ax.set_ylabel("fraction of tasks")
+    ax.set_title(title or f"{name}: latency CDF")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    file_name = f"{name}_latency_cdf.png"
+    fig.savefig(out / file_name, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return file_name
