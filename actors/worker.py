@@ -122,7 +122,7 @@ class AgentWorker:
                 call_llm=functools.partial(self._client().create, gate=gate),
                 run_tools=lambda calls: self._run_tools(calls, allowed, emit),
                 tool_defs=[self._tool_defs[name] for name in task.tools if name in allowed],
-                models=self._models(task.tenant, task.model, task.fallback_models),
+                models=self.config.models_for(task.tenant, task.model, task.fallback_models),
                 prices=self._prices,
                 emit=emit,
                 trace_id=dispatch.trace_id,
@@ -167,13 +167,6 @@ class AgentWorker:
         if policy is not None and policy.allowed_tools is not None:
             allowed &= set(policy.allowed_tools)
         return allowed
-
-    def _models(self, tenant: str, model: str | None, fallbacks: list[str] | None) -> list[str]:
-        chain = self.config.model_chain(model, fallbacks)
-        policy = self.config.policy_for(tenant)
-        if policy is not None and policy.allowed_models is not None:
-            chain = [m for m in chain if m in policy.allowed_models]
-        return chain
 
     async def _run_tools(self, calls: list[ToolCall], allowed: set[str], emit: Any) -> list[ToolOutcome]:
         return list(await asyncio.gather(*(self._tools.run(c, allowed, emit) for c in calls)))

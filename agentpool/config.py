@@ -193,3 +193,11 @@ class PoolConfig(BaseSettings):
         first = model or self.default_model
         rest = self.fallback_models if fallbacks is None else fallbacks
         return list(dict.fromkeys([first, *rest]))
+
+    def models_for(self, tenant: str, model: str | None, fallbacks: list[str] | None) -> list[str]:
+        """The models a task of `tenant` will try, in order: its chain, less what the tenant may not use."""
+        chain = self.model_chain(model, fallbacks)
+        policy = self.policy_for(tenant)
+        if policy is not None and policy.allowed_models is not None:
+            chain = [m for m in chain if m in policy.allowed_models]
+        return chain

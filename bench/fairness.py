@@ -26,7 +26,7 @@ import ray
 
 from agentpool import AgentPool, AgentTask, PoolConfig, SimulatorConfig, TenantPolicy
 from agentpool.config import AdmissionConfig
-from bench.load import open_loop, wait_idle
+from bench.load import open_loop, require_succeeded, wait_idle
 from bench.report import percentile, write
 
 WEIGHTS = {"j1": 1.0, "j2": 2.0, "j5": 5.0}
@@ -102,9 +102,7 @@ def _open_loop(pool: AgentPool, rates: dict[str, float], duration_s: float, seed
     results = open_loop(pool, rates, duration_s, seed, make, measured=set(rates) - {"noisy"})
     latencies: dict[str, list[float]] = {}
     for tenant, tenant_results in results.items():
-        failed = [r.status for r in tenant_results if r.status != "succeeded"]
-        if failed:
-            raise RuntimeError(f"{tenant}: {len(failed)} tasks did not succeed: {sorted(set(failed))}")
+        require_succeeded(tenant_results, tenant)
         latencies[tenant] = [r.timings.total_ms for r in tenant_results]
     return latencies
 

@@ -56,6 +56,13 @@ def open_loop(
     return results
 
 
+def require_succeeded(results: list[AgentResult], what: str) -> None:
+    """A benchmark measures tasks that ran: any other outcome makes its figures meaningless."""
+    failed = [r.status for r in results if r.status != "succeeded"]
+    if failed:
+        raise RuntimeError(f"{what}: {len(failed)} of {len(results)} tasks did not succeed: {sorted(set(failed))}")
+
+
 def wait_idle(pool: AgentPool, timeout_s: float = 60.0) -> None:
     """Waits until the previous phase's leftovers (cancelled backlog, runs in flight) are gone,
     so that each phase measures only its own traffic."""

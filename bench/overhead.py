@@ -23,6 +23,7 @@ import ray
 
 from agentpool import AgentPool, AgentTask, PoolConfig, SimulatorConfig
 from agentpool.config import AdmissionConfig
+from bench.load import require_succeeded
 from bench.report import percentile, write
 
 
@@ -66,9 +67,7 @@ def _pool_tps(pool: AgentPool, n: int) -> float:
     started = time.monotonic()
     results = ray.get(pool.submit(tasks))
     elapsed = time.monotonic() - started
-    bad = [r.status for r in results if r.status != "succeeded"]
-    if bad:
-        raise RuntimeError(f"{len(bad)} of {n} tasks did not succeed: {sorted(set(bad))}")
+    require_succeeded(results, "throughput batch")
     return n / elapsed
 
 

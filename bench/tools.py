@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from agentpool import AgentPool, AgentResult, AgentTask, ExecutorGroupConfig, PoolConfig, SimulatorConfig
-from bench.load import open_loop, wait_idle
+from bench.load import open_loop, require_succeeded, wait_idle
 from bench.report import percentile, write
 
 TOOLS = ["calculator", "hang_sync", "crash_process", "chaos_echo"]
@@ -98,9 +98,7 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
     beside = crowded["healthy"]
     bad = crowded["hang"] + crowded["crash"]
     for results in (alone, baseline, beside):
-        failed = [r.status for r in results if r.status != "succeeded"]
-        if failed:
-            raise RuntimeError(f"{len(failed)} healthy tasks did not succeed: {sorted(set(failed))}")
+        require_succeeded(results, "healthy tasks")
     p99_alone = percentile([r.timings.total_ms for r in alone], 0.99)
     p99_baseline = percentile([r.timings.total_ms for r in baseline], 0.99)
     p99_beside = percentile([r.timings.total_ms for r in beside], 0.99)

@@ -13,9 +13,12 @@ model has calls waiting for permits: a burst the buckets can grant goes out at o
 from __future__ import annotations
 
 import math
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from agentpool.models import RateLimit
+from agentpool.models import AgentResult, RateLimit
 
 #: Extra concurrency over the Little's-law figure, so the limiter always has work waiting.
 HEADROOM = 1.1
@@ -81,4 +84,60 @@ class ModelCapacity:
             "tasks_per_s": round(rate, 3) if rate is not None else None,
             "service_s": round(self._service_s.value, 4) if self._service_s.value is not None else None,
             "cap": self.cap(),
+        }
+
+
+class ModelDispatch:
+    """The scheduler's per-model dispatch state: for each limit key, its learnt capacity, the
+    tasks of it running, and whether its calls are waiting for permits (only then is it capped)."""
+
+    def __init__(self, limits: Mapping[str, RateLimit]) -> None:
+        self.capacity = {key: ModelCapacity(limit) for key, limit in limits.items()}
+        self._running: Counter[str] = Counter()
+        self._backlogged: set[str] = set()
+
+    def __bool__(self) -> bool:
+        return bool(self.capacity)
+
+    def has_room(self, key: str | None) -> bool:
+        if key is None or key not in self._backlogged:
+            return True
+        cap = self.capacity[key].cap()
+        return cap is None or self._running[key] < cap
+
+    def tasks_per_s(self, key: str | None) -> float | None:
+        return self.capacity[key].tasks_per_s() if key is not None else None
+
+    def started(self, key: str | None) -> None:
+        if key is not None:
+            self._running[key] += 1
+
+    def finished(self, key: str | None) -> None:
+        if key is not None:
+            self._running[key] -= 1
+
+    def learn(self, key: str | None, result: AgentResult, run_s: float) -> None:
+        """What a finished task of `key` shows about the rate its limits sustain."""
+        if key is None:
+            return
+        u = result.usage
+        self.capacity[key].observe(
+            calls=result.llm_attempts,
+            input_tokens=u.input_tokens + u.cache_creation_input_tokens,
+            output_tokens=u.output_tokens,
+            run_s=run_s,
+            permit_wait_s=result.timings.permit_wait_ms / 1000,
+        )
+
+    def backlog(self, waiting: Mapping[str, int]) -> bool:
+        """Takes the limiter's waiting calls per key; True when some key stopped being capped."""
+        now = {key for key in self.capacity if waiting.get(key, 0)}
+        freed = bool(self._backlogged - now)
+        self._backlogged = now
+        return freed
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        return {
+            key: {**capacity.snapshot(), "running": self._running[key], "backlogged": key in self._backlogged}
+            for key, capacity in self.capacity.items()
         }

@@ -147,3 +147,7 @@ class RateLimiter:
 
     def status(self) -> dict[str, Any]:
         return {**self._service.status(), "restarted": self.restarted}
+
+    def backlog(self) -> dict[str, int]:
+        """Calls waiting for a permit per limit key: what the scheduler polls, without a full snapshot."""
+        return self._service.broker.waiting_by_key()

@@ -302,10 +302,15 @@ class PermitBroker:
         own = self._tenant_buckets(tenant, now)
         return 0.0 if own is None else own.wait_s(amounts, now)
 
-    def snapshot(self, now: float) -> dict[str, object]:
-        waiting_by_key: dict[str, int] = {}
+    def waiting_by_key(self) -> dict[str, int]:
+        """Requests waiting for a permit, per limit key (keys with none left out)."""
+        counts: dict[str, int] = {}
         for waiting in self._waiting.values():
-            waiting_by_key[waiting.key] = waiting_by_key.get(waiting.key, 0) + 1
+            counts[waiting.key] = counts.get(waiting.key, 0) + 1
+        return counts
+
+    def snapshot(self, now: float) -> dict[str, object]:
+        waiting_by_key = self.waiting_by_key()
         return {
             "models": {
                 key: {**buckets.snapshot(now), "waiting": waiting_by_key.get(key, 0)}

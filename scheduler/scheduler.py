@@ -29,7 +29,7 @@ from cluster.keys import Keys
 from cluster.store import ResultStore
 from scheduler.admission import Admission
 from scheduler.budgets import BudgetLedger
-from scheduler.capacity import ModelCapacity
+from scheduler.capacity import ModelDispatch
 from scheduler.dispatch import LeastLoaded
 from scheduler.fair import FairQueue, token_cost
 from scheduler.shedding import DispatchRate, OverloadDetector, WaitForecast, sheds
@@ -76,10 +76,7 @@ class Scheduler:
         self._queue: FairQueue[_Waiting] = FairQueue(self._weight)
         self._slots = LeastLoaded(len(workers), config.worker_concurrency)
         self._tenant_running: Counter[str] = Counter()
-        # Per rate-limited model (limit key): what its limits sustain, and tasks running.
-        self._capacity = {key: ModelCapacity(limit) for key, limit in config.limits.items()}
-        self._key_running: Counter[str] = Counter()
-        self._key_backlogged: dict[str, bool] = {}
+        self._models = ModelDispatch(config.limits)
         self._running: dict[str, asyncio.Future[AgentResult]] = {}
         self._store = ResultStore(
             redis_url,
@@ -142,11 +139,12 @@ class Scheduler:
             rejection = await self._ledger.check(task.tenant, policy, first_call + task.max_tokens)
         # No await between the shedding decision and the enqueue: concurrent arrivals must
         # not all pass the check before any of them is counted.
+        key = self._limit_key(task)
         if rejection is None:
-            rejection = self._shed_or_make_room(task)
+            rejection = self._shed_or_make_room(task, key)
         if rejection is not None:
             return await self._reject(task, trace_id, rejection, admitted_unix)
-        waiting = _Waiting(task, self._clock(), self._max_wait_s(task), self._estimate(task), self._limit_key(task))
+        waiting = _Waiting(task, self._clock(), self._max_wait_s(task), self._estimate(task), key)
         self._queue.push(task.tenant, task.priority, waiting)
         self._pump()
         try:
@@ -190,15 +188,7 @@ class Scheduler:
                 result = await self._fail(task, dispatch.trace_id, exc, dispatch.queued_ms)
             run_s = self._clock() - started
             self._mean_run_s = 0.9 * self._mean_run_s + 0.1 * run_s
-            if waiting.limit_key is not None:  # learnt before the slot is given back
-                u = result.usage
-                self._capacity[waiting.limit_key].observe(
-                    calls=result.llm_attempts,
-                    input_tokens=u.input_tokens + u.cache_creation_input_tokens,
-                    output_tokens=u.output_tokens,
-                    run_s=run_s,
-                    permit_wait_s=result.timings.permit_wait_ms / 1000,
-                )
+            self._models.learn(waiting.limit_key, result, run_s)  # before the slot is given back
         finally:
             self._release(task.tenant, worker, waiting.limit_key)
         self._account(task.tenant, waiting.estimate, result)
@@ -211,7 +201,7 @@ class Scheduler:
         limit = self.config.admission.max_queue_wait_s
         return min(limit, task.deadline_s) if task.deadline_s is not None else limit
 
-    def _forecast(self, task: AgentTask) -> WaitForecast:
+    def _forecast(self, task: AgentTask, key: str | None) -> WaitForecast:
         tenant = task.tenant
         backlogged = set(self._queue.backlogged()) | {tenant}
         share = self._weight(tenant) / sum(self._weight(t) for t in backlogged)
@@ -220,13 +210,12 @@ class Scheduler:
         if policy is not None and policy.max_concurrency is not None:
             # A tenant at its concurrency cap is served no faster than its cap allows.
             share = min(share, policy.max_concurrency / max(self._mean_run_s, 1e-3) / rate)
-        key = self._limit_key(task)
-        key_rate = self._capacity[key].tasks_per_s() if key is not None else None
+        key_rate = self._models.tasks_per_s(key)
         if key_rate is not None:
             rate = min(rate, key_rate)  # a rate-limited model is served no faster than its limits allow
         return WaitForecast(self._queue.length(tenant, at_least=task.priority), share, rate)
 
-    def _shed_or_make_room(self, task: AgentTask) -> Overloaded | None:
+    def _shed_or_make_room(self, task: AgentTask, key: str | None) -> Overloaded | None:
         now = self._clock()
         level = self._detector.level(now)
         if sheds(task.priority, level):
@@ -236,14 +225,13 @@ class Scheduler:
                 reason="overload",
                 retry_after_s=self.config.admission.interval_s,
             )
-        key = self._limit_key(task)
         must_queue = (
             self._slots.in_flight >= self._slots.capacity
             or not self._tenant_has_room(task.tenant)
-            or not self._key_has_room(key)
+            or not self._models.has_room(key)
         )
         if must_queue or self._queue.length(task.tenant):
-            wait = self._forecast(task).seconds()
+            wait = self._forecast(task, key).seconds()
             limit = self._max_wait_s(task)
             if wait > limit:
                 return Overloaded(
@@ -259,7 +247,7 @@ class Scheduler:
                     f"queue is full ({len(self._queue)} tasks waiting)",
                     tenant=task.tenant,
                     reason="queue_full",
-                    retry_after_s=round(max(0.1, self._forecast(task).seconds()), 3),
+                    retry_after_s=round(max(0.1, self._forecast(task, key).seconds()), 3),
                 )
             self._drop(victim[1], "evicted", f"made room for {task.priority} work of another tenant")
         return None
@@ -288,22 +276,17 @@ class Scheduler:
             # How late the event loop woke us: the scheduler's own congestion, reported in status().
             self._loop_lag_s = max(0.0, now - before - _TICK_S)
             self._expire_waiting(now)
-            if self._capacity:
+            if self._models:
                 await self._watch_limiter()
 
     async def _watch_limiter(self) -> None:
         """Which rate-limited models have calls waiting for permits. Only those are capped:
         while a model's buckets still hold a burst, its tasks are dispatched as fast as they come."""
         try:  # bounded: a limiter that is restarting must not hold up the deadline sweep
-            models = (await asyncio.wait_for(self._limiter.status.remote(), _TICK_S * 4)).get("models", {})
+            waiting = await asyncio.wait_for(self._limiter.backlog.remote(), _TICK_S * 4)
         except (ray.exceptions.RayError, TimeoutError):
             return
-        freed = False
-        for key in self._capacity:
-            backlogged = bool(models.get(key, {}).get("waiting", 0))
-            freed |= self._key_backlogged.get(key, False) and not backlogged
-            self._key_backlogged[key] = backlogged
-        if freed:
+        if self._models.backlog(waiting):
             self._pump()
 
     def _expire_waiting(self, now: float) -> None:
@@ -359,7 +342,7 @@ class Scheduler:
             if worker is None:
                 return
             popped = self._queue.pop(
-                lambda tenant, waiting: self._tenant_has_room(tenant) and self._key_has_room(waiting.limit_key)
+                lambda tenant, waiting: self._tenant_has_room(tenant) and self._models.has_room(waiting.limit_key)
             )
             if popped is None:
                 self._slots.release(worker)
@@ -378,8 +361,7 @@ class Scheduler:
             self._rate.record(now)
             self._queue.charge(tenant, waiting.estimate)
             self._tenant_running[tenant] += 1
-            if waiting.limit_key is not None:
-                self._key_running[waiting.limit_key] += 1
+            self._models.started(waiting.limit_key)
             waiting.slot.set_result(worker)
         self._detector.idle()
 
@@ -388,18 +370,9 @@ class Scheduler:
         cap = policy.max_concurrency if policy is not None else None
         return cap is None or self._tenant_running[tenant] < cap
 
-    def _key_has_room(self, key: str | None) -> bool:
-        if key is None or not self._key_backlogged.get(key, False):
-            return True
-        cap = self._capacity[key].cap()
-        return cap is None or self._key_running[key] < cap
-
     def _limit_key(self, task: AgentTask) -> str | None:
         """The limits entry governing the first model this task will call."""
-        chain = self.config.model_chain(task.model, task.fallback_models)
-        policy = self.config.policy_for(task.tenant)
-        if policy is not None and policy.allowed_models is not None:
-            chain = [m for m in chain if m in policy.allowed_models]
+        chain = self.config.models_for(task.tenant, task.model, task.fallback_models)
         return self.config.limit_key(chain[0]) if chain else None
 
     def _release(self, tenant: str, worker: int, key: str | None) -> None:
@@ -407,8 +380,7 @@ class Scheduler:
         self._tenant_running[tenant] -= 1
         if self._tenant_running[tenant] <= 0:
             del self._tenant_running[tenant]
-        if key is not None:
-            self._key_running[key] -= 1
+        self._models.finished(key)
         self._pump()
 
     async def _reject(self, task: AgentTask, trace_id: str, error: AgentPoolError, arrived_unix: float) -> AgentResult:
@@ -486,14 +458,7 @@ class Scheduler:
             "overload_level": self._detector.level(now),
             "dispatch_per_s": round(self._rate.per_s(now), 3),
             "mean_run_s": round(self._mean_run_s, 4),
-            "model_capacity": {
-                key: {
-                    **capacity.snapshot(),
-                    "running": self._key_running.get(key, 0),
-                    "backlogged": self._key_backlogged.get(key, False),
-                }
-                for key, capacity in self._capacity.items()
-            },
+            "model_capacity": self._models.snapshot(),
             "loop_lag_ms": round(self._loop_lag_s * 1000, 1),
             "fair_counters": {t: round(c, 1) for t, c in self._queue.counters.items() if t in tenants},
             "limits": limits,
