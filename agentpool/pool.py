@@ -19,9 +19,24 @@ from cluster.store import ResultsReader
 log = logging.getLogger("agentpool")
 
 NAMESPACE = "agentpool"
+
+
+def _niceness(level: int) -> dict[str, Any]:
+    """A runtime env giving an actor's process this CPU priority (Ray applies it at start)."""
+    return {"env_vars": {"RAY_worker_niceness": str(level)}}
+
+
 #: Our actors wait on I/O, not on CPU: they reserve none, so a 2-core machine can hold the
-#: scheduler, the workers, the executors and the simulator at once.
-_ACTOR_OPTIONS: dict[str, Any] = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": -1}
+#: scheduler, the workers, the executors and the simulator at once. They are the pool's
+#: control plane and run at niceness 0, where Ray puts its own processes, not at the 15 Ray
+#: gives workers: a process Ray starts (for a tool executor being replaced, say) spends its
+#: first second at 0, and at 15 the agent loops would get a few percent of a core meanwhile.
+_ACTOR_OPTIONS: dict[str, Any] = {
+    "num_cpus": 0,
+    "max_restarts": -1,
+    "max_task_retries": -1,
+    "runtime_env": _niceness(0),
+}
 # Placeholder credential for the bundled simulator; it accepts any key and this is not secret.
 _SIMULATOR_KEY = "sim-local-no-secret"
 
@@ -35,7 +50,7 @@ def _start_executor_group(config: PoolConfig, group: str, actors: list[Any]) -> 
     names = [f"{config.name}-tools-{group}-{i}" for i in range(shape.executors)]
     handles = [
         ToolExecutor.options(
-            **{**_ACTOR_OPTIONS, "max_task_retries": 0},
+            **{**_ACTOR_OPTIONS, "max_task_retries": 0, "runtime_env": _niceness(shape.niceness)},
             name=name,
             max_concurrency=shape.concurrency + 8,
             namespace=NAMESPACE,
@@ -119,7 +134,9 @@ class AgentPool:
             if config.anthropic_api_key is not None:
                 api_key = config.anthropic_api_key.get_secret_value()
             if config.uses_simulator:
-                simulator = SimulatorHost.options(num_cpus=0, namespace=NAMESPACE).remote(config.simulator)
+                simulator = SimulatorHost.options(num_cpus=0, namespace=NAMESPACE, runtime_env=_niceness(0)).remote(
+                    config.simulator
+                )
                 actors.append(simulator)
                 base_url = ray.get(simulator.start.remote())
             # The default group first: its catalog says which other groups the tools ask for.
