@@ -14,11 +14,16 @@ One `CircuitBreaker` per tool, held for the whole cluster by the pool's tool-boa
 
 Each CLOSED or HALF_OPEN period is an epoch: a permit from an earlier epoch still reports
 (the counters of the caller see it), but no longer moves the breaker.
+
+`CrashLoop` is the backoff for tools and executors that crash their process: a breaker
+judges only after `minimum_calls`, and every one of those calls would cost a process
+restart.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -43,6 +48,36 @@ class Denied:
 
     state: State
     retry_after_s: float
+
+
+@dataclass(frozen=True)
+class Suspended:
+    """The tool crashed its executor lately and is refused for `retry_after_s` (`CrashLoop`)."""
+
+    retry_after_s: float
+
+
+class CrashLoop:
+    """Crash-loop backoff per key (a tool, an executor): refused for `first_s` after a crash,
+    doubling with each crash in a row up to `max_s`; a call that returns ends the streak
+    (the wait already set still runs out)."""
+
+    def __init__(self, first_s: float = 1.0, max_s: float = 30.0) -> None:
+        self.first_s = first_s
+        self.max_s = max_s
+        self._streak: dict[Hashable, int] = {}
+        self._until: dict[Hashable, float] = {}
+
+    def crashed(self, key: Hashable, now: float) -> None:
+        streak = min(self._streak.get(key, 0) + 1, 64)
+        self._streak[key] = streak
+        self._until[key] = now + min(self.max_s, self.first_s * 2 ** (streak - 1))
+
+    def returned(self, key: Hashable) -> None:
+        self._streak.pop(key, None)
+
+    def wait_s(self, key: Hashable, now: float) -> float:
+        return max(0.0, self._until.get(key, 0.0) - now)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,14 @@
-"""The tool board: every tool's circuit breaker and outcome counts, in one place for the cluster.
+"""The tool board: every tool's circuit breaker, crash-loop backoff and outcome counts, in one
+place for the cluster.
 
 `BreakerBoard` is the pure part (injected clock); `ToolBoard` is the named actor that holds
 it, so all workers share one breaker per tool and its updates are atomic (one actor, one
 event loop). Its state is not persisted: after a restart every breaker starts closed.
+
+A tool whose call crashed an executor's process is refused cluster-wide for a while
+(`CrashLoop`: 1 s, doubling per crash in a row), and each refusal counts as a failure for
+its breaker: the breaker then opens after a crash or two, not after `minimum_calls`
+process restarts.
 """
 
 from __future__ import annotations
@@ -14,13 +20,15 @@ from typing import Any
 
 import ray
 
-from actors.breaker import CircuitBreaker, Denied, Permit, Transition
+from actors.breaker import CircuitBreaker, CrashLoop, Denied, Permit, Suspended, Transition
 from agentpool.config import BreakerConfig
 
 #: Outcome kinds that count as failures for a breaker.
 FAILURES = frozenset({"error", "timeout", "crashed", "restarting"})
 #: Outcome kinds of calls that never ran: their permit goes back with no outcome.
 NOT_RUN = frozenset({"bulkhead_full", "invalid_arguments", "unknown_tool", "unavailable", "outcome_unknown"})
+#: Outcome kinds of calls that an executor ran and answered: they end a crash streak.
+_NOT_RETURNED = NOT_RUN | {"crashed", "restarting"}
 #: Grace on top of a tool's timeout before an unreported half-open trial counts as failed.
 _TRIAL_GRACE_S = 10.0
 _MAX_TOOLS = 10_000
@@ -46,6 +54,7 @@ class BreakerBoard:
         self._default = default
         self._clock = clock
         self._breakers: dict[str, CircuitBreaker] = {}
+        self._crashes = CrashLoop()
         self.counts: dict[str, Counter[str]] = {}
         self.transitions: deque[dict[str, object]] = deque(maxlen=100)
 
@@ -65,21 +74,32 @@ class BreakerBoard:
         self._breakers[tool] = found
         return found
 
-    def acquire(self, tool: str) -> tuple[Permit | None, Denied | None, dict[str, object] | None]:
-        """(permit, None, transition) when the call may go; (None, denial, transition) when not.
-        A tool without a breaker gets (None, None, None): go, nothing to report back."""
+    def acquire(self, tool: str) -> tuple[Permit | None, Denied | Suspended | None, dict[str, object] | None]:
+        """(permit, None, transition) when the call may go; (None, refusal, transition) when
+        not. A tool without a breaker gets (None, None, None) unless it is in crash backoff:
+        go, nothing to report back."""
+        now = self._clock()
         breaker = self.breaker(tool)
-        if breaker is None:
-            return None, None, None
-        decision, transition = breaker.acquire(self._clock())
+        decision, transition = breaker.acquire(now) if breaker is not None else (None, None)
         if isinstance(decision, Denied):
             self.count(tool, "breaker_open")
             return None, decision, self._log(transition)
-        return decision, None, self._log(transition)
+        wait_s = self._crashes.wait_s(tool, now)
+        if wait_s <= 0:
+            return decision, None, self._log(transition)
+        self.count(tool, "restarting")
+        if breaker is not None and decision is not None:  # refused for crashing: a failure of the tool
+            self._log(transition)
+            transition = breaker.record(decision, now, failed=True, duration_s=0.0)
+        return None, Suspended(wait_s), self._log(transition)
 
     def record(self, tool: str, permit: Permit | None, kind: str | None, duration_s: float) -> dict[str, object] | None:
         """The outcome of a call (`kind` None when it succeeded); returns the transition it caused."""
         self.count(tool, kind or "ok")
+        if kind == "crashed":
+            self._crashes.crashed(tool, self._clock())
+        elif kind not in _NOT_RETURNED:
+            self._crashes.returned(tool)
         breaker = self._breakers.get(tool)
         if permit is None or breaker is None:
             return None
@@ -98,7 +118,7 @@ class BreakerBoard:
         if transition is None:
             return None
         counts = self.counts.get(transition.tool, Counter())
-        ran = sum(n for kind, n in counts.items() if kind not in NOT_RUN and kind != "breaker_open")
+        ran = sum(n for kind, n in counts.items() if kind not in NOT_RUN and kind not in ("breaker_open", "restarting"))
         entry = {**transition.as_dict(), "calls_ran_so_far": ran, "unix_ts": round(time.time(), 3)}
         self.transitions.append(entry)
         return entry
@@ -113,6 +133,7 @@ class BreakerBoard:
             "tools": {
                 t: {
                     "breaker": self._breakers[t].snapshot(now) if t in self._breakers else None,
+                    "crash_backoff_s": round(self._crashes.wait_s(t, now), 3),
                     "outcomes": dict(self.counts.get(t, {})),
                 }
                 for t in tools
@@ -128,7 +149,7 @@ class ToolBoard:
     def __init__(self, tools: dict[str, dict[str, Any]], default: dict[str, Any]) -> None:
         self._board = BreakerBoard(tools, BreakerConfig(**default))
 
-    def acquire(self, tool: str) -> tuple[Permit | None, Denied | None, dict[str, object] | None]:
+    def acquire(self, tool: str) -> tuple[Permit | None, Denied | Suspended | None, dict[str, object] | None]:
         return self._board.acquire(tool)
 
     def record(self, tool: str, permit: Permit | None, kind: str | None, duration_s: float) -> dict[str, object] | None:

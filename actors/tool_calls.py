@@ -9,16 +9,18 @@ In order:
    "started" mark, the first run may or may not have applied its effect: a tool that takes
    an idempotency key runs again with the same key, any other is not run
    (`outcome_unknown`).
-4. The tool's cluster-wide breaker must let the call through.
+4. The tool board must let the call through: the tool's cluster-wide breaker, and its
+   cluster-wide crash-loop backoff (a tool that was running in a process that died is
+   refused, `restarting`, for 1 s, doubling per crash in a row).
 5. An executor of the tool's group runs it. A draining executor sends it on to the next. A
    dead executor (the tool crashed its process) costs that call an error result, unless
    the tool is idempotent or keyed, in which case it gets one more try elsewhere. The dead
-   executor, and every tool that was running in it, then get a crash-loop backoff in this
-   worker (1 s, doubling per crash in a row, reset by a call that returns): calls of such
-   a tool, or calls while every executor of the group is in backoff, are refused at once
-   (`restarting`, a failure for the breaker) instead of taking down another process. The
-   call is also bounded here, in case an executor stops answering altogether.
-6. The outcome goes to the board (counts, breaker) and to the cache or the record.
+   executor gets a crash-loop backoff in this worker too: while every executor of the
+   group is in backoff, calls are refused at once (`restarting`, a failure for the
+   breaker) instead of waiting on restarts. The call is also bounded here, in case an
+   executor stops answering altogether.
+6. The outcome goes to the board (counts, breaker, crash streak) and to the cache or the
+   record.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Any
 import ray
 from redis.exceptions import RedisError
 
+from actors.breaker import CrashLoop, Suspended
 from agentpool.protocol import ToolCall, ToolOutcome
 from cluster.keys import Keys
 
@@ -82,9 +85,7 @@ class ToolCalls:
         self._groups = groups
         self._turn = {group: itertools.count() for group in groups}
         self._avoid: dict[tuple[str, int], float] = {}
-        # Crash-loop backoff, per executor (group, index) and per tool ("tool", name).
-        self._backoff: dict[tuple[str, Any], float] = {}
-        self._streak: dict[tuple[str, Any], int] = {}
+        self._crashes = CrashLoop(_BACKOFF_S, _BACKOFF_MAX_S)  # per executor (group, index)
         self._board = board
         self._redis = redis
         self._keys = keys
@@ -149,6 +150,13 @@ class ToolCalls:
         if denied is not None:
             if claimed:
                 await self._redis().delete(record_key)  # it never ran: a later attempt may
+            if isinstance(denied, Suspended):
+                return ToolOutcome.failure(
+                    call,
+                    "restarting",
+                    f"tool {call.name} crashed its executor's process; it is not run again for "
+                    f"{denied.retry_after_s:.0f}s",
+                )
             return ToolOutcome.failure(
                 call,
                 "breaker_open",
@@ -184,24 +192,13 @@ class ToolCalls:
         deadline = self._clock() + limit_s
         started = self._clock()
         crashes = refusals = 0
-        suspect_until = self._backoff.get(("tool", call.name), 0.0)
-        if suspect_until > self._clock():
-            # This tool was running when an executor died, and again at the last crash in a
-            # row: it is probably what kills them. Refused for a while (counts against its
-            # breaker) rather than sent to take down another process.
-            return self._failed(
-                call,
-                "restarting",
-                f"tool {call.name} crashed its executor; try again in {suspect_until - self._clock():.0f}s",
-                started,
-            )
         while True:
             index = self._pick(group, len(executors))
             if index is None:
                 # Every executor of the group died recently and is in crash backoff: refusing
                 # at once keeps a crashing tool from holding its group in a restart loop,
                 # and the refusals count against the tool's breaker.
-                wait_s = min(self._backoff.get((group, i), 0.0) for i in range(len(executors))) - self._clock()
+                wait_s = min(self._crashes.wait_s((group, i), self._clock()) for i in range(len(executors)))
                 return self._failed(
                     call,
                     "restarting",
@@ -215,16 +212,14 @@ class ToolCalls:
                 return self._failed(call, "timeout", f"tool {call.name} did not answer within {limit_s:.0f}s", started)
             except ray.exceptions.RayError as exc:
                 crashes += 1
-                self._crashed((group, index))
-                self._crashed(("tool", call.name))
+                self._crashes.crashed((group, index), self._clock())
                 if info["idempotent"] or info["keyed"]:
                     if crashes <= 1 and self._clock() < deadline:
                         continue  # once more, elsewhere: it may have been another call that crashed the process
                 return self._failed(
                     call, "crashed", f"tool {call.name} crashed its executor ({type(exc).__name__})", started
                 )
-            self._streak.pop((group, index), None)
-            self._streak.pop(("tool", call.name), None)
+            self._crashes.returned((group, index))
             if outcome.error_kind == "unavailable" and self._clock() < deadline:
                 # That executor is being replaced: leave it alone until its successor is up.
                 # When every executor of the group is, wait a little longer each time.
@@ -234,18 +229,11 @@ class ToolCalls:
                 continue
             return outcome
 
-    def _crashed(self, key: tuple[str, Any]) -> None:
-        """Crash-loop backoff for an executor `(group, index)` or a tool `("tool", name)`:
-        1 s, doubling per crash in a row, up to 30 s."""
-        streak = self._streak.get(key, 0) + 1
-        self._streak[key] = streak
-        self._backoff[key] = self._clock() + min(_BACKOFF_MAX_S, _BACKOFF_S * 2 ** (streak - 1))
-
     def _pick(self, group: str, size: int) -> int | None:
         """The group's next executor in turn: not in crash backoff, and not being replaced
         unless all the others are. None when every one is in crash backoff."""
         now = self._clock()
-        usable = [i for i in range(size) if self._backoff.get((group, i), 0.0) <= now]
+        usable = [i for i in range(size) if self._crashes.wait_s((group, i), now) <= 0]
         if not usable:
             return None
         preferred = [i for i in usable if self._avoid.get((group, i), 0.0) <= now] or usable

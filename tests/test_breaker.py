@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from actors.breaker import CircuitBreaker, Denied, Permit
+from actors.breaker import CircuitBreaker, CrashLoop, Denied, Permit, Suspended
 from actors.tool_board import BreakerBoard
 from agentpool.config import BreakerConfig
 
@@ -160,16 +160,47 @@ def test_board_counts_every_outcome_and_never_judges_calls_that_did_not_run() ->
         assert denied is None
         board.record("t", permit, "bulkhead_full", 0.0)
     assert board.status()["tools"]["t"]["breaker"]["state"] == "closed"
-    transitions = []
-    for _ in range(2):
-        permit, _, _ = board.acquire("t")
-        transitions.append(board.record("t", permit, "crashed", 0.1))
-    assert transitions[-1] is not None and transitions[-1]["to"] == "open"
+    permit, _, _ = board.acquire("t")
+    assert board.record("t", permit, "crashed", 0.1) is None  # one call of the minimum two
+    # In crash backoff: refused without running, and the refusal is a failure for its breaker.
+    _, refused, opened = board.acquire("t")
+    assert isinstance(refused, Suspended) and refused.retry_after_s == pytest.approx(1.0)
+    assert opened is not None and opened["to"] == "open" and opened["calls_ran_so_far"] == 1
     _, denied, _ = board.acquire("t")
-    assert denied is not None and denied.retry_after_s == pytest.approx(30.0)
+    assert isinstance(denied, Denied) and denied.retry_after_s == pytest.approx(30.0)
     assert board.acquire("off") == (None, None, None)
     board.record("off", None, "error", 0.1)
     status = board.status()
-    assert status["tools"]["t"]["outcomes"] == {"bulkhead_full": 5, "crashed": 2, "breaker_open": 1}
-    assert status["tools"]["off"] == {"breaker": None, "outcomes": {"error": 1}}
+    assert status["tools"]["t"]["outcomes"] == {"bulkhead_full": 5, "crashed": 1, "restarting": 1, "breaker_open": 1}
+    assert status["tools"]["off"] == {"breaker": None, "crash_backoff_s": 0.0, "outcomes": {"error": 1}}
     assert [t["to"] for t in status["transitions"]] == ["open"]
+
+
+def test_board_crash_backoff_doubles_per_crash_in_a_row_and_a_returned_call_ends_the_streak() -> None:
+    now = [0.0]
+    board = BreakerBoard({"off": {"timeout_s": 1.0, "breaker": {"enabled": False}}}, BreakerConfig(), lambda: now[0])
+    waits = []
+    for outcome in ("crashed", "crashed", "error", "crashed"):
+        board.record("off", None, outcome, 0.1)
+        _, refused, _ = board.acquire("off")
+        waits.append(refused.retry_after_s if isinstance(refused, Suspended) else 0.0)
+        now[0] += waits[-1]  # wait it out
+        assert board.acquire("off") == (None, None, None)
+    assert waits == [1.0, 2.0, 0.0, 1.0]  # an error came back from a live executor: the streak ended
+
+
+@given(st.lists(st.sampled_from(["crash", "return", "tick"]), max_size=60))
+def test_crash_loop_waits_double_per_crash_in_a_row_up_to_the_cap(steps: list[str]) -> None:
+    loop, now, streak, until = CrashLoop(first_s=1.0, max_s=30.0), 0.0, 0, 0.0
+    for step in steps:
+        if step == "crash":
+            loop.crashed("k", now)
+            streak += 1
+            until = now + min(30.0, 2.0 ** (streak - 1))
+        elif step == "return":
+            loop.returned("k")
+            streak = 0
+        else:
+            now += 0.7
+        assert loop.wait_s("k", now) == pytest.approx(max(0.0, until - now))
+        assert 0.0 <= loop.wait_s("k", now) <= 30.0 + 1e-9
