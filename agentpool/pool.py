@@ -138,9 +138,11 @@ class AgentPool:
                     config.simulator
                 )
                 actors.append(simulator)
-                base_url = ray.get(simulator.start.remote())
             # The default group first: its catalog says which other groups the tools ask for.
+            # Its processes start while the simulator's does.
             default_names, default_group = _start_executor_group(config, "default", actors)
+            if simulator is not None:
+                base_url = ray.get(simulator.start.remote())
             try:
                 catalog: dict[str, dict[str, Any]] = ray.get(default_group[0].catalog.remote())
             except ray.exceptions.RayActorError as exc:

@@ -8,6 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import ray
+
+from agentpool.pool import NAMESPACE
 from bench import batch, fairness, overhead, overload, ratelimit, tools
 
 BENCHMARKS: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
@@ -27,10 +30,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory")
     args = parser.parse_args()
     names = list(BENCHMARKS) if args.name == "all" else [args.name]
-    for name in names:
-        figures = BENCHMARKS[name](args.out, args.quick)
-        print(json.dumps({name: figures}, indent=2))
-        print(f"wrote {args.out / (name + '.json')} and {args.out / (name + '.md')}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    # One local Ray for every benchmark and phase: a pool started inside it leaves it running.
+    ray.init(namespace=NAMESPACE, log_to_driver=False, include_dashboard=False, configure_logging=False)
+    try:
+        for name in names:
+            figures = BENCHMARKS[name](args.out, args.quick)
+            print(json.dumps({name: figures}, indent=2))
+            print(f"wrote {args.out / (name + '.json')} and {args.out / (name + '.md')}")
+    finally:
+        ray.shutdown()
     if args.name == "all":
         print(f"wrote {combined_report(args.out, names, quick=args.quick)}")
 

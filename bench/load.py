@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import ray
 
@@ -12,6 +14,25 @@ from agentpool import AgentPool, AgentResult, AgentTask
 
 #: Makes the k-th task of a stream, drawing whatever it needs from the stream's generator.
 MakeTask = Callable[[str, int, random.Random], AgentTask]
+
+
+@dataclass
+class Timeline:
+    """When things happened in an open-loop phase, in seconds from its start: each task's
+    arrival (by task_id) and samples of the pool's queue, (at, queued, in_flight)."""
+
+    sample_every_s: float = 0.25
+    arrived_at: dict[str, float] = field(default_factory=dict)
+    queue: list[tuple[float, int, int]] = field(default_factory=list)
+
+    def ended_at(self, result: AgentResult) -> float:
+        """When the task's result was ready (its arrival plus its end-to-end time)."""
+        return self.arrived_at[result.task_id] + result.timings.total_ms / 1000
+
+    def _sample(self, pool: AgentPool, begin: float, stop: threading.Event) -> None:
+        while not stop.wait(self.sample_every_s):
+            status = pool.status()
+            self.queue.append((time.monotonic() - begin, int(status["queued"]), int(status["in_flight"])))
 
 
 def open_loop(
@@ -22,13 +43,15 @@ def open_loop(
     make_task: MakeTask,
     *,
     measured: set[str] | None = None,
+    timeline: Timeline | None = None,
 ) -> dict[str, list[AgentResult]]:
     """Submits each stream's arrivals on time, whatever has finished (arrivals never wait for
     completions). A stream's arrival times and tasks depend only on its name and `seed`, so
     the same stream is the same load whatever else runs beside it.
 
     Returns the results of the `measured` streams (all by default), in arrival order; the
-    other streams' outstanding tasks are cancelled.
+    other streams' outstanding tasks are cancelled. A `timeline` gets the arrival times and
+    queue samples, until the last measured result is in.
     """
     arrivals: list[tuple[float, str, AgentTask]] = []
     for stream, rate in rates.items():
@@ -40,19 +63,30 @@ def open_loop(
     arrivals.sort(key=lambda a: a[0])
     refs: dict[str, list[ray.ObjectRef]] = {s: [] for s in rates}
     begin = time.monotonic()
-    for at, stream, task in arrivals:
-        delay = begin + at - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        refs[stream] += pool.submit([task])
-    wanted = set(rates) if measured is None else measured
-    results: dict[str, list[AgentResult]] = {}
-    for stream, stream_refs in refs.items():
-        if stream in wanted:
-            results[stream] = ray.get(stream_refs)
-        else:
-            for ref in stream_refs:
-                ray.cancel(ref)
+    stop = threading.Event()
+    sampler = None
+    if timeline is not None:
+        timeline.arrived_at.update((task.task_id, at) for at, _, task in arrivals)
+        sampler = threading.Thread(target=timeline._sample, args=(pool, begin, stop), daemon=True)
+        sampler.start()
+    try:
+        for at, stream, task in arrivals:
+            delay = begin + at - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            refs[stream] += pool.submit([task])
+        wanted = set(rates) if measured is None else measured
+        results: dict[str, list[AgentResult]] = {}
+        for stream, stream_refs in refs.items():
+            if stream in wanted:
+                results[stream] = ray.get(stream_refs)
+            else:
+                for ref in stream_refs:
+                    ray.cancel(ref)
+    finally:
+        stop.set()
+        if sampler is not None:
+            sampler.join()
     return results
 
 

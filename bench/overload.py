@@ -14,7 +14,9 @@ the same limits. Before the measured phases each run spends the buckets' burst (
 worth of requests, as Anthropic's buckets start full) right before the k x phase, so that
 k x peak is an overload from its first second.
 
-Figures: `goodput_ratio` (tasks that succeeded per second of the k x phase, over the peak),
+Figures: `goodput_ratio` (tasks that succeeded per second of the k x phase, over the peak;
+only those that ended within the phase count, so that the naive pool's retries after it do
+not lend it capacity it never had),
 `admitted_p99_ratio` (p99 end-to-end latency of the tasks that ran, k x over 0.5x),
 `reject_p99_ms` (time to a rejection on arrival; `dropped_p99_ms` for queued tasks dropped
 once past their deadline), `shed_fraction` (by reason), `provider_429`,
@@ -24,12 +26,14 @@ once past their deadline), `shed_fraction` (by reason), `provider_429`,
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anthropic
 import ray
 import redis
@@ -37,8 +41,8 @@ import redis
 from actors.simulator_host import SimulatorHost
 from agentpool import AgentPool, AgentResult, AgentTask, PoolConfig, RateLimit, SimulatorConfig, TenantPolicy
 from agentpool.simulator.config import ModelLimitsConfig
-from bench.load import open_loop, wait_idle
-from bench.report import latency_cdf, percentile, write
+from bench.load import Timeline, open_loop, wait_idle
+from bench.report import latency_cdf, percentile, timeseries, write
 from cluster.keys import Keys
 
 MODEL = "claude-sonnet-4-5"
@@ -99,11 +103,10 @@ class _NaiveWorker:
         return ok, (time.monotonic() - started) * 1000
 
 
-def _naive_phase(
-    workers: list[Any], rate: float, duration_s: float, seed: int
-) -> tuple[list[tuple[bool, float]], float]:
+def _naive_phase(workers: list[Any], rate: float, duration_s: float, seed: int) -> list[tuple[bool, float, float]]:
+    """(succeeded, latency ms, arrival s from the phase start) per request."""
     rng = random.Random(seed)
-    refs = []
+    refs, arrivals = [], []
     begin = time.monotonic()
     at, k = rng.expovariate(rate), 0
     while at < duration_s:
@@ -111,59 +114,83 @@ def _naive_phase(
         if delay > 0:
             time.sleep(delay)
         refs.append(workers[k % len(workers)].run.remote(f"sim: output_tokens {OUTPUT_TOKENS}\nsim: answer n{k}"))
+        arrivals.append(at)
         at, k = at + rng.expovariate(rate), k + 1
-    results = ray.get(refs)
-    return results, duration_s
+    return [(ok, ms, at) for (ok, ms), at in zip(ray.get(refs), arrivals, strict=True)]
 
 
-def _naive(duration_s: float, warm_s: float, load: float) -> tuple[dict[str, Any], list[float]]:
-    """The naive pool's figures, and the latencies of the tasks it completed at k x peak."""
+def _naive(duration_s: float, warm_s: float, load: float) -> tuple[dict[str, Any], list[float], list[float]]:
+    """The naive pool's figures, and the latencies and end times of the tasks it completed at
+    k x peak."""
     host = SimulatorHost.options(num_cpus=0).remote(_sim_config(seed=8))
     url = ray.get(host.start.remote())
     workers = [_NaiveWorker.options(num_cpus=0, max_concurrency=10_000).remote(url) for _ in range(2)]
-    low, _ = _naive_phase(workers, 0.5 * PEAK, warm_s, seed=1)
-    _spend_burst_naive(workers, host)
+    low = _naive_phase(workers, 0.5 * PEAK, warm_s, seed=1)
+    _spend_burst_naive(url, host)
     before = ray.get(host.stats.remote())
-    high, elapsed = _naive_phase(workers, load * PEAK, duration_s, seed=2)
+    high = _naive_phase(workers, load * PEAK, duration_s, seed=2)
     after = ray.get(host.stats.remote())
     ray.get(host.stop.remote())
     for actor in (*workers, host):
         ray.kill(actor)
-    ok_low = [ms for ok, ms in low if ok]
-    ok_high = [ms for ok, ms in high if ok]
+    ok_low = [ms for ok, ms, _ in low if ok]
+    ok_high = [ms for ok, ms, _ in high if ok]
     figures = {
-        "baseline_goodput_ratio": round(len(ok_high) / elapsed / PEAK, 4),
+        "baseline_goodput_ratio": round(
+            sum(at + ms / 1000 <= duration_s for ok, ms, at in high if ok) / duration_s / PEAK, 4
+        ),
         "baseline_p99_ratio": round(percentile(ok_high, 0.99) / percentile(ok_low, 0.99), 4),
         "baseline_provider_429": int(after.get("rate_limited", 0)) - int(before.get("rate_limited", 0)),
-        "baseline_failed_fraction": round(sum(not ok for ok, _ in high) / max(1, len(high)), 4),
+        "baseline_failed_fraction": round(sum(not ok for ok, _, _ in high) / max(1, len(high)), 4),
     }
-    return figures, ok_high
+    return figures, ok_high, [at + ms / 1000 for ok, ms, at in high if ok]
 
 
-def _spend_burst_naive(workers: list[Any], host: Any) -> None:
-    """Sends requests until the provider starts refusing them: its bucket is empty."""
-    k = 0
+def _spend_burst_naive(url: str, host: Any) -> None:
+    """Sends requests until the provider starts refusing them: its bucket is empty. The first
+    round is the bucket's whole content at once, then rounds of two seconds' refill; straight
+    over HTTP from here, as only their number matters."""
     first_429 = int(ray.get(host.stats.remote()).get("rate_limited", 0))
+    size = RPM
     while int(ray.get(host.stats.remote()).get("rate_limited", 0)) == first_429:
-        ray.get([workers[(k + i) % len(workers)].run.remote(f"sim: answer burst {k + i}") for i in range(50)])
-        k += 50
+        asyncio.run(_post_many(url, size))
+        size = int(2 * PEAK)
+
+
+async def _post_many(url: str, n: int) -> None:
+    body = {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "sim: answer burst"}]}
+    headers = {"x-api-key": "bench", "anthropic-version": "2023-06-01"}
+    async with aiohttp.ClientSession(headers=headers, connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def one() -> None:
+            async with session.post(f"{url}/v1/messages", json=body) as response:
+                await response.read()
+
+        await asyncio.gather(*(one() for _ in range(n)))
 
 
 # --- the pool ---------------------------------------------------------------------------------
 
 
-def _spend_burst(pool: AgentPool) -> None:
-    """Runs more tasks than the pool's request bucket holds, until what is left after a batch
-    is less than the refill of the time its last calls took (about a second)."""
-    k = 0
-    while (left := _requests_left(pool)) > 1.5 * PEAK:
-        n = int(left + 2 * PEAK)  # the bucket's content, and some to wait for the refill
-        pool.run([_burst_task(k + i) for i in range(n)])
-        k += n
+def _spend_burst(pool: AgentPool) -> list[ray.ObjectRef]:
+    """Takes what the request bucket holds with tasks that are not measured, so that the k x
+    phase starts with it empty, as after a minute at full rate. Returns once they are all
+    dispatched (some may still be running: their refs are returned)."""
+    refs: list[ray.ObjectRef] = []
+    while True:
+        status = pool.status()
+        spare = _requests_left(status) - status["queued"]
+        if spare <= PEAK:
+            break
+        refs += pool.submit([_burst_task(len(refs) + i) for i in range(int(spare))])
+        time.sleep(0.2)
+    while pool.status()["queued"]:
+        time.sleep(0.05)
+    return refs
 
 
-def _requests_left(pool: AgentPool) -> float:
-    level: float = pool.status()["limits"]["models"][MODEL]["dimensions"]["requests"]["level"]
+def _requests_left(status: dict[str, Any]) -> float:
+    level: float = status["limits"]["models"][MODEL]["dimensions"]["requests"]["level"]
     return level
 
 
@@ -188,8 +215,8 @@ def _reconcile(pool: AgentPool, submitted: list[AgentResult]) -> tuple[int, int]
 
 
 def run(out: Path, quick: bool, load: float = 2.0) -> dict[str, Any]:
-    duration_s = 10.0 if quick else 60.0
-    warm_s = 5.0 if quick else 30.0
+    duration_s = 7.0 if quick else 60.0
+    warm_s = 3.0 if quick else 30.0
     config = PoolConfig(
         name="bench-overload",
         num_workers=2,
@@ -201,10 +228,12 @@ def run(out: Path, quick: bool, load: float = 2.0) -> dict[str, Any]:
     with AgentPool.start(config) as pool:
         low = [r for rs in open_loop(pool, _rates(0.5), warm_s, 1, _task).values() for r in rs]
         wait_idle(pool)
-        _spend_burst(pool)
+        burst = _spend_burst(pool)
         started = time.monotonic()
-        high = [r for rs in open_loop(pool, _rates(load), duration_s, 2, _task).values() for r in rs]
+        timeline = Timeline()
+        high = [r for rs in open_loop(pool, _rates(load), duration_s, 2, _task, timeline=timeline).values() for r in rs]
         elapsed = max(duration_s, time.monotonic() - started)
+        ray.get(burst)
         stats = pool.simulator_stats() or {}
         lost, duplicated = _reconcile(pool, low + high)
         status = pool.status()
@@ -217,7 +246,9 @@ def run(out: Path, quick: bool, load: float = 2.0) -> dict[str, Any]:
     at_once = [r.timings.total_ms for r in rejected if r.error is None or r.error.reason != "queue_timeout"]
     dropped = [r.timings.total_ms for r in rejected if r.error is not None and r.error.reason == "queue_timeout"]
     figures: dict[str, Any] = {
-        "goodput_ratio": round(len(ran_high) / duration_s / PEAK, 4),
+        "goodput_ratio": round(
+            sum(timeline.ended_at(r) <= duration_s for r in high if r.status == "succeeded") / duration_s / PEAK, 4
+        ),
         "admitted_p99_ratio": round(percentile(ran_high, 0.99) / percentile(ran_low, 0.99), 4),
         "reject_p99_ms": round(percentile(at_once, 0.99), 2) if at_once else 0.0,
         "dropped_p99_ms": round(percentile(dropped, 0.99), 2) if dropped else 0.0,
@@ -232,8 +263,22 @@ def run(out: Path, quick: bool, load: float = 2.0) -> dict[str, Any]:
         "phase_s": round(elapsed, 1),
         "model_capacity": status.get("model_capacity", {}),
     }
-    naive_figures, naive_ok = _naive(duration_s, warm_s, load)
+    naive_figures, naive_ok, naive_ended = _naive(duration_s, warm_s, load)
     figures |= naive_figures
+    succeeded = [r for r in high if r.status == "succeeded"]
+    over_time = timeseries(
+        out,
+        "overload",
+        completed={
+            "agentpool: succeeded": [timeline.ended_at(r) for r in succeeded],
+            "agentpool: rejected": [timeline.ended_at(r) for r in rejected],
+            "naive pool: succeeded": naive_ended,
+        },
+        by_tenant={t: [timeline.ended_at(r) for r in succeeded if r.tenant == t] for t in WEIGHTS},
+        queue=timeline.queue,
+        duration_s=duration_s,
+        title=f"overload: {load:g}x peak (peak = {PEAK:g} tasks/s; arrivals stop at the dotted line)",
+    )
     plot = latency_cdf(
         out,
         "overload",
@@ -252,5 +297,5 @@ def run(out: Path, quick: bool, load: float = 2.0) -> dict[str, Any]:
         "(a minute of requests) is spent first. The naive baseline: 2 Ray actors called round-robin, "
         "AsyncAnthropic with default retries, no admission control, same arrivals, a fresh simulator."
     )
-    write(out, "overload", figures=figures, notes=notes, plots=[plot], config={"quick": quick, "load": load})
+    write(out, "overload", figures=figures, notes=notes, plots=[plot, over_time], config={"quick": quick, "load": load})
     return figures
