@@ -11,7 +11,7 @@ from typing import Any
 import ray
 
 from agentpool.pool import NAMESPACE
-from bench import batch, fairness, overhead, overload, ratelimit, tools
+from bench import batch, fairness, overhead, overload, ratelimit, scale, tools
 
 BENCHMARKS: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
     "batch": batch.run,
@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
     "tools": tools.run,
     "overhead": overhead.run,
     "overload": overload.run,
+    "scale": scale.run,
 }
 
 
