@@ -27,7 +27,8 @@ from agentpool.config import BreakerConfig
 FAILURES = frozenset({"error", "timeout", "crashed", "restarting"})
 #: Outcome kinds of calls that never ran: their permit goes back with no outcome.
 NOT_RUN = frozenset({"bulkhead_full", "invalid_arguments", "unknown_tool", "unavailable", "outcome_unknown"})
-#: Outcome kinds of calls that an executor ran and answered: they end a crash streak.
+#: Outcome kinds that do not show the tool's process survived it: they leave a crash streak
+#: running (every other outcome came back from a live executor and ends it).
 _NOT_RETURNED = NOT_RUN | {"crashed", "restarting"}
 #: Grace on top of a tool's timeout before an unreported half-open trial counts as failed.
 _TRIAL_GRACE_S = 10.0
