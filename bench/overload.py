@@ -238,7 +238,8 @@ def run(out: Path, quick: bool, load: float = 2.0) -> dict[str, Any]:
         lost, duplicated = _reconcile(pool, low + high)
         status = pool.status()
     ran_low = [r.timings.total_ms for r in low if r.status == "succeeded"]
-    ran_high = [r.timings.total_ms for r in high if r.status == "succeeded"]
+    succeeded = [r for r in high if r.status == "succeeded"]
+    ran_high = [r.timings.total_ms for r in succeeded]
     rejected = [r for r in high if r.status == "rejected"]
     reasons = Counter(str(r.error.reason if r.error else None) for r in rejected)
     # Refused on arrival, versus dropped from the queue once their deadline had passed
@@ -246,9 +247,7 @@ def run(out: Path, quick: bool, load: float = 2.0) -> dict[str, Any]:
     at_once = [r.timings.total_ms for r in rejected if r.error is None or r.error.reason != "queue_timeout"]
     dropped = [r.timings.total_ms for r in rejected if r.error is not None and r.error.reason == "queue_timeout"]
     figures: dict[str, Any] = {
-        "goodput_ratio": round(
-            sum(timeline.ended_at(r) <= duration_s for r in high if r.status == "succeeded") / duration_s / PEAK, 4
-        ),
+        "goodput_ratio": round(sum(timeline.ended_at(r) <= duration_s for r in succeeded) / duration_s / PEAK, 4),
         "admitted_p99_ratio": round(percentile(ran_high, 0.99) / percentile(ran_low, 0.99), 4),
         "reject_p99_ms": round(percentile(at_once, 0.99), 2) if at_once else 0.0,
         "dropped_p99_ms": round(percentile(dropped, 0.99), 2) if dropped else 0.0,
@@ -265,7 +264,6 @@ def run(out: Path, quick: bool, load: float = 2.0) -> dict[str, Any]:
     }
     naive_figures, naive_ok, naive_ended = _naive(duration_s, warm_s, load)
     figures |= naive_figures
-    succeeded = [r for r in high if r.status == "succeeded"]
     over_time = timeseries(
         out,
         "overload",
