@@ -6,6 +6,8 @@ holds `max_stuck_threads` threads of sync tools that ignored their timeout stops
 calls (they go to another executor), lets its running calls finish, and exits; Ray starts
 a fresh process in its place (`max_restarts=-1`). Its calls are not retried by Ray
 (`max_task_retries=0`): a call that killed its process must not run again by itself.
+Tools under process isolation (the group's `isolation`, or the tool's own) run in children
+of a sandbox process instead: they are killed at their timeout and crash alone.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import time
 import ray
 
 from actors.tool_runtime import ToolRunner
+from actors.tool_sandbox import Sandbox
+from agentpool.config import Isolation
 from agentpool.protocol import ToolCall, ToolOutcome
 from agentpool.tools import load_tools
 
@@ -43,11 +47,19 @@ class ToolExecutor:
         threads: int = 64,
         max_stuck_threads: int = 8,
         bulkhead_wait_s: float = 1.0,
+        isolation: Isolation = "thread",
     ) -> None:
         self.group = group
+        tools = load_tools(modules)
         self._runner = ToolRunner(
-            load_tools(modules), output_max_chars=output_max_chars, threads=threads, bulkhead_wait_s=bulkhead_wait_s
+            tools,
+            output_max_chars=output_max_chars,
+            threads=threads,
+            bulkhead_wait_s=bulkhead_wait_s,
+            isolation=isolation,
         )
+        if any(spec.group == group and self._runner.isolated(spec) for spec in tools.values()):
+            self._runner.sandbox = Sandbox(modules)  # started now: it imports while we wait for calls
         self._max_stuck = max_stuck_threads
         self._draining = False
         self._last_refused = 0.0
@@ -101,4 +113,6 @@ class ToolExecutor:
             "in_flight": self.in_flight,
             "stuck_threads": self._runner.stuck,
             "draining": self._draining,
+            "sandbox_pid": self._runner.sandbox.pid if self._runner.sandbox is not None else None,
+            "sandbox_killed": self._runner.sandbox.killed if self._runner.sandbox is not None else 0,
         }

@@ -7,6 +7,7 @@ tools, invalid arguments, a full bulkhead, exceptions and timeouts all come back
 Sync tools run on this runner's own thread pool. A thread cannot be killed: a sync tool
 that overruns keeps its thread after its call has returned a timeout. Such threads are
 counted (`stuck`), so the executor can have itself replaced once too many are stuck.
+Process-isolated tools run in a `Sandbox` child instead, killed at their timeout.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from actors.tool_sandbox import Sandbox
+from agentpool.config import Isolation
 from agentpool.errors import ToolError
 from agentpool.protocol import ToolCall, ToolOutcome
 from agentpool.tools import ToolSpec
@@ -37,6 +40,8 @@ class ToolRunner:
         output_max_chars: Longer output is truncated, with a note saying so.
         threads: Size of the thread pool for sync tools.
         bulkhead_wait_s: Longest a call waits for a place under its tool's `max_concurrency`.
+        isolation: For tools that do not set their own.
+        sandbox: Runs the process-isolated tools; required when there are any.
         clock: Monotonic seconds.
     """
 
@@ -47,15 +52,23 @@ class ToolRunner:
         output_max_chars: int = 20_000,
         threads: int = 64,
         bulkhead_wait_s: float = 1.0,
+        isolation: Isolation = "thread",
+        sandbox: Sandbox | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.tools = tools
+        self.isolation = isolation
+        self.sandbox = sandbox
         self.output_max_chars = output_max_chars
         self.bulkhead_wait_s = bulkhead_wait_s
         self._clock = clock
         self._threads = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tool")
         self._bulkheads: dict[str, asyncio.Semaphore] = {}
         self._stuck: set[concurrent.futures.Future[Any]] = set()
+
+    def isolated(self, spec: ToolSpec) -> bool:
+        """Whether the tool's calls run in a child process of their own."""
+        return (spec.isolation or self.isolation) == "process"
 
     @property
     def stuck(self) -> int:
@@ -72,23 +85,24 @@ class ToolRunner:
 
     async def execute(self, call: ToolCall) -> ToolOutcome:
         started = self._clock()
-        attempts = 0
+        attempts = [0]  # counted by `_run`, also when it raises
         try:
             spec = self.tools.get(call.name)
             if spec is None:
                 raise ToolError(f"unknown tool {call.name!r}", tool=call.name, kind="unknown_tool")
             args = spec.validate_args(call.arguments if call.arguments is not None else {})
             async with self._bulkhead(spec):
-                content, attempts = await self._run(spec, spec.kwargs(args, call.idempotency_key), self._clock())
+                content = await self._run(spec, spec.kwargs(args, call.idempotency_key), self._clock(), attempts)
         except ToolError as exc:
-            return self._outcome(call, exc.message, started, kind=exc.fields.get("kind", "error"), attempts=attempts)
+            return self._outcome(call, exc.message, started, kind=exc.fields.get("kind", "error"), attempts=attempts[0])
         except TimeoutError:
             spec = self.tools[call.name]
             message = f"tool {call.name} timed out after {spec.timeout_s}s"
-            return self._outcome(call, message, started, kind="timeout", attempts=attempts)
+            return self._outcome(call, message, started, kind="timeout", attempts=attempts[0])
         except Exception as exc:  # a tool's own bug: reported to the model, never raised
-            return self._outcome(call, f"{type(exc).__name__}: {exc}", started, kind="error", attempts=attempts)
-        return self._outcome(call, content, started, kind=None, attempts=attempts)
+            name = getattr(exc, "type_name", type(exc).__name__)  # a process-isolated tool's, by name
+            return self._outcome(call, f"{name}: {exc}", started, kind="error", attempts=attempts[0])
+        return self._outcome(call, content, started, kind=None, attempts=attempts[0])
 
     def _bulkhead(self, spec: ToolSpec) -> _Bulkhead:
         if spec.max_concurrency is None:
@@ -98,17 +112,17 @@ class ToolRunner:
             semaphore = self._bulkheads[spec.name] = asyncio.Semaphore(spec.max_concurrency)
         return _Bulkhead(semaphore, self.bulkhead_wait_s, spec.name)
 
-    async def _run(self, spec: ToolSpec, kwargs: dict[str, Any], started: float) -> tuple[str, int]:
+    async def _run(self, spec: ToolSpec, kwargs: dict[str, Any], started: float, attempts: list[int]) -> str:
         """Runs the tool from `started` (once it has its bulkhead place), retrying transient
         failures of a retryable tool inside its timeout. A `ToolError` is an answer for the
         model, not a transient failure: never retried."""
         deadline = started + spec.timeout_s
-        attempt = 0
         while True:
-            attempt += 1
+            attempts[0] += 1
+            attempt = attempts[0]
             try:
                 value = await self._attempt(spec, kwargs, deadline - self._clock())
-                return (value if isinstance(value, str) else json.dumps(value, default=str)), attempt
+                return value if isinstance(value, str) else json.dumps(value, default=str)
             except (ToolError, TimeoutError):
                 raise
             except Exception:
@@ -120,6 +134,10 @@ class ToolRunner:
     async def _attempt(self, spec: ToolSpec, kwargs: dict[str, Any], budget_s: float) -> Any:
         if budget_s <= 0:
             raise TimeoutError
+        if self.isolated(spec):
+            if self.sandbox is None:
+                raise ToolError(f"tool {spec.name} needs process isolation; none here", tool=spec.name)
+            return await self.sandbox.call(spec.name, kwargs, budget_s)
         if spec.is_async:
             return await asyncio.wait_for(spec.fn(**kwargs), budget_s)
         future = self._threads.submit(functools.partial(spec.fn, **kwargs))
@@ -146,6 +164,8 @@ class ToolRunner:
 
     def shutdown(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
+        if self.sandbox is not None:
+            self.sandbox.close()
 
 
 class _Bulkhead:

@@ -5,6 +5,8 @@ results = ray.get(pool.submit([AgentTask(tenant="acme", prompt="What is 1234*567
                                          tools=["calculator"])]))
 """
 
+from typing import TYPE_CHECKING, Any
+
 from agentpool.config import BreakerConfig, ExecutorGroupConfig, PoolConfig, RetryPolicy
 from agentpool.errors import (
     AgentPoolError,
@@ -30,9 +32,22 @@ from agentpool.models import (
     ToolCallSummary,
     Usage,
 )
-from agentpool.pool import AgentPool
 from agentpool.simulator.config import SimulatorConfig
 from agentpool.tools import tool
+
+if TYPE_CHECKING:
+    from agentpool.pool import AgentPool
+
+
+def __getattr__(name: str) -> Any:
+    """`AgentPool` (and with it Ray and Redis) is imported on first use, so that a module of
+    tools (`from agentpool import tool`) stays light, as in a tool sandbox's zygote."""
+    if name == "AgentPool":
+        from agentpool.pool import AgentPool
+
+        return AgentPool
+    raise AttributeError(f"module 'agentpool' has no attribute {name!r}")
+
 
 __all__ = [
     "AgentPool",

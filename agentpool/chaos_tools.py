@@ -38,6 +38,24 @@ def crash_process(code: int = 1) -> str:
     os._exit(code)
 
 
+@tool(group=GROUP, timeout_s=0.5, isolation="process")
+def spin(seconds: float = 3600.0) -> str:
+    """Burns a CPU far past its timeout, as a runaway loop in C would (process isolation kills it)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+    return "done spinning"
+
+
+@tool(group=GROUP, timeout_s=5.0, isolation="process")
+def segfault() -> str:
+    """Dereferences a null pointer: the process it runs in dies of SIGSEGV."""
+    import ctypes
+
+    ctypes.string_at(0)
+    return "unreachable"
+
+
 @tool(group=GROUP, timeout_s=5.0, idempotent=True)
 async def chaos_echo(text: str, delay_s: float = 0.0) -> str:
     """Returns its text, after an optional delay; safe to run twice."""

@@ -12,6 +12,8 @@ from agentpool.pricing import ModelPrice
 from agentpool.simulator.config import SimulatorConfig
 
 BUILTIN_TOOL_MODULE = "agentpool.builtin_tools"
+#: Where a tool call runs: in the executor's threads, or in a child process of its own.
+Isolation = Literal["thread", "process"]
 
 
 class RetryPolicy(BaseModel):
@@ -62,6 +64,7 @@ class ExecutorGroupConfig(BaseModel):
 
     A sync tool that overruns its timeout keeps its thread; an executor with `max_stuck_threads`
     such threads stops taking calls, lets the others finish and is replaced by a new process.
+    Tools under process isolation never leave a thread stuck and never take the executor down.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -74,6 +77,10 @@ class ExecutorGroupConfig(BaseModel):
     #: lowest, below the pool's own actors (0), so that a tool burning CPU slows only tools,
     #: never the agent loops or the scheduler.
     niceness: int = Field(default=19, ge=0, le=19)
+    #: How the group runs tools that do not choose (`@tool(isolation=...)`): "thread", in
+    #: the executor's process; "process", each call in a forked child of its own that is
+    #: killed at its timeout and whose crash costs only that call, not the executor.
+    isolation: Isolation = "thread"
 
 
 class AdmissionConfig(BaseModel):

@@ -61,6 +61,7 @@ def _start_executor_group(config: PoolConfig, group: str, actors: list[Any]) -> 
             threads=shape.concurrency,
             max_stuck_threads=shape.max_stuck_threads,
             bulkhead_wait_s=config.bulkhead_wait_s,
+            isolation=shape.isolation,
         )
         for name in names
     ]

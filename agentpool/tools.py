@@ -16,7 +16,7 @@ from typing import Any, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from agentpool.config import BreakerConfig
+from agentpool.config import BreakerConfig, Isolation
 from agentpool.errors import ConfigError, ToolError
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -45,6 +45,8 @@ class ToolSpec:
     retries: int = 2
     cache_ttl_s: float | None = None
     breaker: BreakerConfig | None = None
+    #: "thread" or "process"; None: the executor group's `isolation`.
+    isolation: Isolation | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -62,6 +64,7 @@ class ToolSpec:
             "retries": self.retries,
             "cache_ttl_s": self.cache_ttl_s,
             "breaker": self.breaker.model_dump() if self.breaker is not None else None,
+            "isolation": self.isolation,
         }
 
     def definition(self) -> dict[str, Any]:
@@ -103,6 +106,7 @@ def tool(
     retries: int = 2,
     cache_ttl_s: float | None = None,
     breaker: BreakerConfig | None = None,
+    isolation: Isolation | None = None,
 ) -> Any:
     """Registers a function (sync or async) as a tool agents may call.
 
@@ -125,6 +129,10 @@ def tool(
         cache_ttl_s: Cache successful results in Redis (per tenant, by arguments) this long.
             Only for idempotent tools.
         breaker: This tool's circuit breaker; `PoolConfig.breaker` when None.
+        isolation: "process" runs each call in a child process of its own, killed at the
+            timeout, whose crash costs only that call (for tools that may hang in C code,
+            spin, leak or segfault; arguments and results cross by pickle). "thread" runs
+            it in the executor. None: the executor group's `isolation`.
 
     Raises:
         ConfigError: If the name is invalid, already taken by another function, or a
@@ -143,6 +151,7 @@ def tool(
             retries=retries,
             cache_ttl_s=cache_ttl_s,
             breaker=breaker,
+            isolation=isolation,
         )
         existing = _REGISTRY.get(spec.name)
         if existing is not None and existing.module != spec.module:
@@ -169,6 +178,7 @@ def build_spec(
     retries: int = 2,
     cache_ttl_s: float | None = None,
     breaker: BreakerConfig | None = None,
+    isolation: Isolation | None = None,
 ) -> ToolSpec:
     tool_name = name or func.__name__
     if not _NAME.match(tool_name):
@@ -184,6 +194,7 @@ def build_spec(
         if cache_ttl_s is not None and not 0 < cache_ttl_s <= 30 * 86_400
         else None,
         "only idempotent tools can be cached" if cache_ttl_s is not None and not idempotent else None,
+        "isolation must be 'thread', 'process' or None" if isolation not in (None, "thread", "process") else None,
     ]
     for problem in problems:
         if problem is not None:
@@ -220,6 +231,7 @@ def build_spec(
         retries=retries,
         cache_ttl_s=cache_ttl_s,
         breaker=breaker,
+        isolation=isolation,
     )
 
 

@@ -7,9 +7,14 @@ same healthy tasks at the same times in each (seeded open-loop arrivals):
 2. baseline: beside as many other tasks, the same traffic to a well-behaved tool of the
    `chaos` group (`chaos_echo`);
 3. beside as many misbehaving tasks instead: half call `hang_sync` (a sync tool that ignores
-   its 0.5 s timeout and keeps its thread, so its executors fill with stuck threads and get
-   replaced), half `crash_process` (kills its executor's process), twice each, as the
-   healthy ones call theirs: half the calls asked for go to misbehaving tools.
+   its 0.5 s timeout), half `crash_process` (kills the process it runs in), twice each, as
+   the healthy ones call theirs: half the calls asked for go to misbehaving tools.
+
+The `chaos` group runs its tools under process isolation, as a deployment should run tools
+it does not trust: each call in a forked child, killed at its timeout, whose crash takes
+only itself. A full run repeats phases 2 and 3 with thread isolation (`*_thread_isolation`):
+there a hung call keeps its thread until the executor is replaced, and a crash takes the
+executor's process, and with it the CPU of a new Ray worker's start on a 2-core machine.
 
 - `healthy_p99_ratio`: p99 end-to-end latency of the healthy tasks in phase 3 over phase 2,
   so that only the tools' behaviour differs (`healthy_p99_ratio_vs_alone` is over phase 1,
@@ -76,32 +81,52 @@ def _overrun_s(results: list[AgentResult], timeout_s: float) -> float:
     return max((r.timings.run_ms / 1000 - timeout_s for r in results), default=0.0)
 
 
-def run(out: Path, quick: bool) -> dict[str, Any]:
-    duration_s = 10.0 if quick else 40.0
+def _phases(isolation: str, duration_s: float, *, alone: bool) -> tuple[list[AgentResult], ...]:
+    """Runs the phases on a fresh pool whose `chaos` group has the given isolation: the
+    healthy tasks alone (when asked), beside well-behaved tools, beside misbehaving ones."""
     config = PoolConfig(
-        name="bench-tools",
+        name=f"bench-tools-{isolation}",
         num_workers=2,
         worker_concurrency=64,
         simulator=SimulatorConfig(latency_ms=50, latency_sigma=0.3, seed=9),
         tool_modules=["agentpool.chaos_tools"],
-        executor_groups={"chaos": ExecutorGroupConfig(executors=2, concurrency=16)},  # 8 stuck threads -> replaced
+        # threads: 8 stuck threads get an executor replaced; processes: calls are killed
+        executor_groups={"chaos": ExecutorGroupConfig(executors=2, concurrency=16, isolation=isolation)},
     )
+    rates = {"healthy": HEALTHY_RATE, "hang": HEALTHY_RATE / 2, "crash": HEALTHY_RATE / 2}
     with AgentPool.start(config) as pool:
         pool.run([_healthy("healthy", i, random.Random(i)) for i in range(16)])  # warm up
-        rates = {"healthy": HEALTHY_RATE, "hang": HEALTHY_RATE / 2, "crash": HEALTHY_RATE / 2}
-        alone = open_loop(pool, {"healthy": HEALTHY_RATE}, duration_s, 1, _make)["healthy"]
-        wait_idle(pool)
+        alone_results: list[AgentResult] = []
+        if alone:
+            alone_results = open_loop(pool, {"healthy": HEALTHY_RATE}, duration_s, 1, _make)["healthy"]
+            wait_idle(pool)
         baseline = open_loop(pool, rates, duration_s, 1, _make_baseline)["healthy"]
         wait_idle(pool)
         crowded = open_loop(pool, rates, duration_s, 1, _make)
-        tools_status = pool.status()["tools"]
-    beside = crowded["healthy"]
-    bad = crowded["hang"] + crowded["crash"]
-    for results in (alone, baseline, beside):
+        status = pool.status()["tools"]
+    for results in (alone_results, baseline, crowded["healthy"]):
         require_succeeded(results, "healthy tasks")
-    p99_alone = percentile([r.timings.total_ms for r in alone], 0.99)
-    p99_baseline = percentile([r.timings.total_ms for r in baseline], 0.99)
-    p99_beside = percentile([r.timings.total_ms for r in beside], 0.99)
+    return alone_results, baseline, crowded["healthy"], crowded["hang"] + crowded["crash"], status
+
+
+def _p99(results: list[AgentResult]) -> float:
+    return percentile([r.timings.total_ms for r in results], 0.99)
+
+
+def run(out: Path, quick: bool) -> dict[str, Any]:
+    duration_s = 10.0 if quick else 40.0
+    alone, baseline, beside, bad, tools_status = _phases("process", duration_s, alone=True)
+    thread_figures: dict[str, Any] = {}
+    if not quick:  # the same with the misbehaving tools in the executors' own threads
+        _, t_baseline, t_beside, t_bad, t_status = _phases("thread", duration_s, alone=False)
+        thread_figures = {
+            "healthy_p99_ratio_thread_isolation": round(_p99(t_beside) / _p99(t_baseline), 4),
+            "max_task_overrun_s_thread_isolation": round(_overrun_s(t_bad, BAD_TIMEOUT_S), 3),
+            "outcomes_thread_isolation": {
+                name: t_status["tools"].get(name, {}).get("outcomes", {}) for name in ("hang_sync", "crash_process")
+            },
+        }
+    p99_alone, p99_baseline, p99_beside = _p99(alone), _p99(baseline), _p99(beside)
     outcomes = {name: tools_status["tools"].get(name, {}).get("outcomes", {}) for name in TOOLS}
     opened_after: dict[str, int] = {}
     for entry in tools_status["transitions"]:  # the first opening of each tool
@@ -128,13 +153,17 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         ],
         "outcomes": outcomes,
         "transitions": tools_status["transitions"],
+        **thread_figures,
     }
     notes = (
         f"{HEALTHY_RATE} healthy tasks/s (two calculator calls each) for {duration_s}s: alone, beside "
         f"{HEALTHY_RATE} tasks/s calling chaos_echo twice, then beside {HEALTHY_RATE} bad tasks/s (two hang_sync "
         f"or two crash_process calls each, timeout_s={BAD_TIMEOUT_S}); the same healthy tasks at the same times "
-        "in every phase. Breakers: the pool default (count window of "
+        "in every phase. The chaos group runs under process isolation (each call a forked child, killed at "
+        "its timeout; a crash takes only the child); full runs repeat phases 2 and 3 on a pool whose chaos group "
+        "runs tools in the executors' threads (`*_thread_isolation`). Breakers: the pool default (count window of "
         "20, minimum 10 calls, 50% failures, 30 s open)."
     )
-    write(out, "tools", figures=figures, notes=notes, config={"quick": quick, "duration_s": duration_s})
+    config = {"quick": quick, "duration_s": duration_s, "chaos_group_isolation": "process"}
+    write(out, "tools", figures=figures, notes=notes, config=config)
     return figures

@@ -186,14 +186,14 @@ async def test_structured_output_that_never_validates_hits_the_cap(sim: Simulato
 async def test_tool_errors_go_back_to_the_model(sim: SimulatorServer) -> None:
     h = Harness(sim)
     prompt = (
-        'sim: tool explode {}\nsim: tool calculator {"expr": 1}\nsim: tool hang_async {}\n'
+        'sim: tool explode {}\nsim: tool calculator {"expr": 1}\nsim: tool stall_async {}\n'
         "sim: tool nosuch {}\nsim: answer survived"
     )
-    r = await h.run(prompt=prompt, tools=["explode", "calculator", "hang_async"])
+    r = await h.run(prompt=prompt, tools=["explode", "calculator", "stall_async"])
     assert r.status == "succeeded" and r.answer == "survived"
     assert [(c.name, c.error_kind) for c in r.tool_calls] == [
         ("explode", "error"),
         ("calculator", "invalid_arguments"),
-        ("hang_async", "timeout"),
+        ("stall_async", "timeout"),
         ("nosuch", "unknown_tool"),
     ]

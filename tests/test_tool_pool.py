@@ -25,7 +25,7 @@ from cluster.keys import Keys
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 CHAOS = ["hang_sync", "hang_async", "crash_process", "chaos_echo", "flaky", "append_line", "append_line_once"]
-CHAOS += ["count_runs", "one_at_a_time"]
+CHAOS += ["count_runs", "one_at_a_time", "spin", "segfault"]
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +74,29 @@ def test_hanging_tools_cost_only_their_timeout(pool: AgentPool) -> None:
 def test_a_task_timeout_holds_while_its_tool_hangs(pool: AgentPool) -> None:
     (result,) = pool.run([_task('sim: tool hang_sync {"seconds": 600}', timeout_s=0.3)])
     assert result.status == "timed_out" and result.timings.run_ms < 1300
+
+
+def test_process_isolated_tools_are_killed_at_their_timeout_and_crash_alone(pool: AgentPool) -> None:
+    executors = _executors(pool, "chaos", 2)
+    before = ray.get([e.ping.remote() for e in executors])
+    spin, segv, healthy = pool.run(
+        [
+            _task('sim: tool spin {"seconds": 600}\nsim: answer stopped', timeout_s=20),
+            _task("sim: tool segfault {}\nsim: answer survived", timeout_s=20),
+            _task('sim: tool chaos_echo {"text": "hi"}\nsim: answer fine'),
+        ]
+    )
+    assert spin.status == "succeeded" and spin.answer == "stopped"
+    assert spin.tool_calls[0].error_kind == "timeout" and spin.tool_calls[0].duration_ms < 1500
+    assert segv.status == "succeeded" and segv.answer == "survived"
+    assert segv.tool_calls[0].error_kind == "crashed"
+    assert healthy.status == "succeeded" and healthy.tool_calls[0].error_kind is None
+    after = ray.get([e.ping.remote() for e in executors])
+    # The same executor processes: the spinning child was killed rather than left with a
+    # thread, and the segfault took only its own child.
+    assert [p["pid"] for p in after] == [p["pid"] for p in before]
+    assert all(p["sandbox_pid"] is not None for p in after)
+    assert sum(p["sandbox_killed"] for p in after) >= 1
 
 
 def test_an_executor_full_of_stuck_threads_is_replaced_without_losing_calls(pool: AgentPool) -> None:

@@ -100,7 +100,7 @@ async def test_runner_turns_every_failure_into_an_error_outcome() -> None:
     assert len(big.content) < 600 and "truncated 9500" in big.content
 
 
-@pytest.mark.parametrize("name", ["hang_async", "hang_sync"])
+@pytest.mark.parametrize("name", ["stall_async", "stall_sync"])
 async def test_timeouts_hold_for_sync_and_async_tools(name: str) -> None:
     runner = ToolRunner(TOOLS)
     started = time.monotonic()

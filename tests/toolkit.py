@@ -19,14 +19,14 @@ async def shout(text: str) -> str:
 
 
 @tool(timeout_s=0.2)
-async def hang_async(seconds: float = 30.0) -> str:
+async def stall_async(seconds: float = 30.0) -> str:
     """Sleeps far past its timeout."""
     await asyncio.sleep(seconds)
     return "woke up"
 
 
 @tool(timeout_s=0.2)
-def hang_sync(seconds: float = 1.0) -> str:
+def stall_sync(seconds: float = 1.0) -> str:
     """Blocks a thread past its timeout."""
     time.sleep(seconds)
     return "woke up"
