@@ -173,3 +173,7 @@ class AgentWorker:
 
     def ping(self) -> int:
         return self.in_flight
+
+    def node(self) -> str:
+        """The id of the Ray node this worker runs on."""
+        return ray.get_runtime_context().get_node_id()

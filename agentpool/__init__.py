@@ -7,7 +7,14 @@ results = ray.get(pool.submit([AgentTask(tenant="acme", prompt="What is 1234*567
 
 from typing import TYPE_CHECKING, Any
 
-from agentpool.config import BreakerConfig, ExecutorGroupConfig, PoolConfig, RetryPolicy
+from agentpool.config import (
+    AutoscaleConfig,
+    BreakerConfig,
+    ExecutorGroupConfig,
+    PlacementConfig,
+    PoolConfig,
+    RetryPolicy,
+)
 from agentpool.errors import (
     AgentPoolError,
     BudgetExceeded,
@@ -54,6 +61,7 @@ __all__ = [
     "AgentPoolError",
     "AgentResult",
     "AgentTask",
+    "AutoscaleConfig",
     "BreakerConfig",
     "BudgetExceeded",
     "ConfigError",
@@ -61,6 +69,7 @@ __all__ = [
     "ExecutorGroupConfig",
     "InvalidTask",
     "Overloaded",
+    "PlacementConfig",
     "PoolConfig",
     "PoolNotRunning",
     "ProviderError",

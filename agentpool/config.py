@@ -83,6 +83,58 @@ class ExecutorGroupConfig(BaseModel):
     isolation: Isolation = "thread"
 
 
+class AutoscaleConfig(BaseModel):
+    """The number of agent workers follows load between `min_workers` and `max_workers`.
+
+    Demand is the agent loops running or queued; the pool wants `demand / target` workers
+    (`target_loops_per_worker`, by default 80% of `worker_concurrency`). It grows only to a
+    count every observation of the last `upscale_delay_s` asked for, and shrinks only to one
+    none of the last `downscale_delay_s` asked more than; a worker leaving finishes its
+    running tasks first. Workers that do not fit on the cluster wait for Ray's autoscaler
+    to add a node with their resources (`PlacementConfig.worker_resources`).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_workers: int = Field(default=1, ge=1, le=1024)
+    max_workers: int = Field(default=8, ge=1, le=1024)
+    target_loops_per_worker: float | None = Field(default=None, gt=0, le=10_000)
+    upscale_delay_s: float = Field(default=5.0, ge=0, le=3600)
+    downscale_delay_s: float = Field(default=60.0, ge=0, le=86_400)
+    #: A load within this fraction of the target leaves the count as it is.
+    tolerance: float = Field(default=0.1, ge=0, le=0.9)
+    #: How often demand is observed.
+    interval_s: float = Field(default=1.0, gt=0, le=60)
+    #: Longest a new worker may take to start (a node being added) before it is given up.
+    start_timeout_s: float = Field(default=600.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscaleConfig:
+        if self.min_workers > self.max_workers:
+            raise ValueError("min_workers must not exceed max_workers")
+        return self
+
+
+class PlacementConfig(BaseModel):
+    """Where the pool's actors go on a multi-node cluster, by Ray custom resources.
+
+    `ray-cluster.yaml` gives agent-worker nodes `{"agent_worker": N}` and tool-executor
+    nodes `{"tool_executor": N}`; asking for a share of them here keeps each kind of actor
+    on its kind of node, and makes Ray's autoscaler add such a node when none has room.
+    Empty (the default) places actors anywhere, as on one machine.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    worker_resources: dict[str, float] = Field(default_factory=dict, max_length=16)
+    executor_resources: dict[str, float] = Field(default_factory=dict, max_length=16)
+    #: For the scheduler, the limiter and the tool board (a head-only resource keeps them
+    #: on the head node).
+    control_resources: dict[str, float] = Field(default_factory=dict, max_length=16)
+    #: Spread agent workers across nodes (Ray's SPREAD strategy) rather than packing them.
+    spread_workers: bool = True
+
+
 class AdmissionConfig(BaseModel):
     """Load shedding at admission and in the queue.
 
@@ -151,6 +203,10 @@ class PoolConfig(BaseSettings):
     # --- pool shape
     num_workers: int = Field(default=2, ge=1, le=1024)
     worker_concurrency: int = Field(default=64, ge=1, le=10_000)
+    #: Worker autoscaling; None keeps `num_workers` fixed. With it, the pool starts with
+    #: `num_workers` brought within [min_workers, max_workers].
+    autoscale: AutoscaleConfig | None = None
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
     num_tool_executors: int = Field(default=1, ge=1, le=1024)
     executor_concurrency: int = Field(default=64, ge=1, le=10_000)
     max_queued: int = Field(default=10_000, ge=1, le=10_000_000)
@@ -172,6 +228,19 @@ class PoolConfig(BaseSettings):
     @property
     def uses_simulator(self) -> bool:
         return self.anthropic_api_key is None and self.anthropic_base_url is None
+
+    def worker_name(self, index: int) -> str:
+        """The named actor of agent worker `index` (workers the autoscaler adds count on)."""
+        return f"{self.name}-worker-{index}"
+
+    @property
+    def initial_workers(self) -> int:
+        a = self.autoscale
+        return self.num_workers if a is None else min(a.max_workers, max(a.min_workers, self.num_workers))
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if self.autoscale is None else self.autoscale.max_workers
 
     @property
     def all_tool_modules(self) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -37,6 +38,27 @@ _ACTOR_OPTIONS: dict[str, Any] = {
     "max_task_retries": -1,
     "runtime_env": _niceness(0),
 }
+
+
+def _control(config: PoolConfig) -> dict[str, Any]:
+    """Options of the pool's control actors (scheduler, limiter, tool board)."""
+    return {**_ACTOR_OPTIONS, "resources": dict(config.placement.control_resources)}
+
+
+def _worker_spawn(config: PoolConfig, **kwargs: Any) -> dict[str, Any]:
+    """How to start an agent worker, as plain data: the pool starts the first ones and the
+    scheduler's autoscaler more (`AgentWorker.options(**options, name=...).remote(**kwargs)`)."""
+    options: dict[str, Any] = {
+        **_ACTOR_OPTIONS,
+        "max_concurrency": config.worker_concurrency + 8,
+        "namespace": NAMESPACE,
+        "resources": dict(config.placement.worker_resources),
+    }
+    if config.placement.spread_workers:
+        options["scheduling_strategy"] = "SPREAD"
+    return {"options": options, "kwargs": {"config": config, "namespace": NAMESPACE, **kwargs}}
+
+
 # Placeholder credential for the bundled simulator; it accepts any key and this is not secret.
 _SIMULATOR_KEY = "sim-local-no-secret"
 
@@ -51,6 +73,7 @@ def _start_executor_group(config: PoolConfig, group: str, actors: list[Any]) -> 
     handles = [
         ToolExecutor.options(
             **{**_ACTOR_OPTIONS, "max_task_retries": 0, "runtime_env": _niceness(shape.niceness)},
+            resources=dict(config.placement.executor_resources),
             name=name,
             max_concurrency=shape.concurrency + 8,
             namespace=NAMESPACE,
@@ -152,7 +175,7 @@ class AgentPool:
             for group in sorted({entry["group"] for entry in catalog.values()} - {"default"}):
                 executor_names[group], _ = _start_executor_group(config, group, actors)
             board_name = f"{config.name}-tools"
-            board = ToolBoard.options(**_ACTOR_OPTIONS, name=board_name, namespace=NAMESPACE).remote(
+            board = ToolBoard.options(**_control(config), name=board_name, namespace=NAMESPACE).remote(
                 catalog,
                 config.breaker.model_dump(),
             )
@@ -161,39 +184,35 @@ class AgentPool:
             # Every LLM attempt of every worker waits here: its concurrency is bounded only by
             # the attempts that can be in flight at once.
             limiter = RateLimiter.options(
-                **_ACTOR_OPTIONS,
+                **_control(config),
                 name=limiter_name,
                 namespace=NAMESPACE,
-                max_concurrency=config.worker_concurrency * config.num_workers * 2 + 100,
+                max_concurrency=config.worker_concurrency * config.max_workers * 2 + 100,
             ).remote(config)
             actors.append(limiter)
-            worker_names = [f"{config.name}-worker-{i}" for i in range(config.num_workers)]
-            workers = [
-                AgentWorker.options(
-                    **_ACTOR_OPTIONS, name=name, max_concurrency=config.worker_concurrency + 8, namespace=NAMESPACE
-                ).remote(
-                    config,
-                    redis_url=redis_url,
-                    base_url=base_url,
-                    api_key=api_key,
-                    tool_catalog=catalog,
-                    executor_names=executor_names,
-                    namespace=NAMESPACE,
-                    limiter_name=limiter_name,
-                    board_name=board_name,
-                )
-                for name in worker_names
-            ]
+            spawn = _worker_spawn(
+                config,
+                redis_url=redis_url,
+                base_url=base_url,
+                api_key=api_key,
+                tool_catalog=catalog,
+                executor_names=executor_names,
+                limiter_name=limiter_name,
+                board_name=board_name,
+            )
+            worker_names = [config.worker_name(i) for i in range(config.initial_workers)]
+            workers = [AgentWorker.options(**spawn["options"], name=n).remote(**spawn["kwargs"]) for n in worker_names]
             actors.extend(workers)
             scheduler = Scheduler.options(
-                **_ACTOR_OPTIONS,
+                **_control(config),
                 name=f"{config.name}-scheduler",
                 namespace=NAMESPACE,
-                max_concurrency=max(1000, config.max_queued + config.worker_concurrency * config.num_workers + 100),
+                max_concurrency=max(1000, config.max_queued + config.worker_concurrency * config.max_workers + 100),
             ).remote(
                 config,
                 redis_url=redis_url,
                 worker_names=worker_names,
+                worker_spawn=spawn,
                 namespace=NAMESPACE,
                 tool_names=list(catalog),
                 limiter_name=limiter_name,
@@ -242,7 +261,7 @@ class AgentPool:
         if not self._running:
             return
         self._running = False
-        for actor in self._actors:
+        for actor in [*self._actors, *self._added_workers()]:
             try:
                 ray.kill(actor, no_restart=True)
             except Exception:  # already gone: nothing left to stop
@@ -251,6 +270,16 @@ class AgentPool:
             self._embedded_redis.stop()
         if self._started_ray:
             ray.shutdown()
+
+    def _added_workers(self) -> list[Any]:
+        """The workers the autoscaler started (detached, so they outlive a scheduler restart)."""
+        prefix = self.config.worker_name(0)[:-1]
+        handles = []
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            if entry["namespace"] == NAMESPACE and entry["name"].startswith(prefix):
+                with contextlib.suppress(ValueError):
+                    handles.append(ray.get_actor(entry["name"], namespace=NAMESPACE))
+        return handles
 
     def __enter__(self) -> AgentPool:
         return self

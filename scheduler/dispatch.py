@@ -1,12 +1,14 @@
-"""Dispatch: which worker gets the next task. Least-loaded, with a per-worker slot limit."""
+"""Least-loaded dispatch over a set of workers that can grow and shrink (pure, no Ray)."""
 
 from __future__ import annotations
 
 
 class LeastLoaded:
-    """Tracks in-flight tasks per worker; `acquire` picks the least-loaded worker with room.
+    """Tracks in-flight tasks per worker; `acquire` picks the least-loaded open worker with room.
 
-    Ties go to the lowest index, so load spreads deterministically.
+    Ties go to the lowest index, so load spreads deterministically. Workers are added with
+    `add` and leave in two steps: `close` (no new tasks; its running ones finish) and, once
+    its load is zero, `retire`, after which its index may be reused by a later `add`.
     """
 
     def __init__(self, workers: int, slots_per_worker: int) -> None:
@@ -14,17 +16,26 @@ class LeastLoaded:
             raise ValueError("need at least one worker and one slot")
         self.slots_per_worker = slots_per_worker
         self.load = [0] * workers
+        self.open = [True] * workers
+        self._retired: list[int] = []
 
     @property
     def in_flight(self) -> int:
         return sum(self.load)
 
     @property
+    def open_count(self) -> int:
+        return sum(self.open)
+
+    @property
     def capacity(self) -> int:
-        return self.slots_per_worker * len(self.load)
+        return self.slots_per_worker * self.open_count
 
     def acquire(self) -> int | None:
-        index = min(range(len(self.load)), key=self.load.__getitem__)
+        candidates = [i for i, is_open in enumerate(self.open) if is_open]
+        if not candidates:
+            return None
+        index = min(candidates, key=self.load.__getitem__)
         if self.load[index] >= self.slots_per_worker:
             return None
         self.load[index] += 1
@@ -34,3 +45,29 @@ class LeastLoaded:
         if self.load[index] <= 0:
             raise ValueError(f"worker {index} has no task in flight")
         self.load[index] -= 1
+
+    def add(self) -> int:
+        """Opens a new worker's slots; returns its index."""
+        if self._retired:
+            index = self._retired.pop()
+            self.open[index] = True
+            return index
+        self.load.append(0)
+        self.open.append(True)
+        return len(self.load) - 1
+
+    def close(self, index: int) -> None:
+        """Stops giving the worker new tasks."""
+        if not self.open[index]:
+            raise ValueError(f"worker {index} is not open")
+        self.open[index] = False
+
+    def retire(self, index: int) -> None:
+        """Forgets a closed worker whose tasks have all ended."""
+        if self.open[index] or self.load[index] or index in self._retired:
+            raise ValueError(f"worker {index} is open, busy or already retired")
+        self._retired.append(index)
+
+    def drain_order(self) -> list[int]:
+        """Open workers, the least loaded (then the newest) first: the cheapest to close."""
+        return sorted((i for i, o in enumerate(self.open) if o), key=lambda i: (self.load[i], -i))

@@ -30,8 +30,8 @@ from cluster.store import ResultStore
 from scheduler.admission import Admission
 from scheduler.budgets import BudgetLedger
 from scheduler.capacity import ModelDispatch
-from scheduler.dispatch import LeastLoaded
 from scheduler.fair import FairQueue, token_cost
+from scheduler.fleet import WorkerFleet
 from scheduler.shedding import DispatchRate, OverloadDetector, WaitForecast, sheds
 
 #: How often queued tasks are checked against their deadlines and the queue for a standing wait.
@@ -61,6 +61,7 @@ class Scheduler:
         redis_url: str,
         worker_names: list[str],
         namespace: str,
+        worker_spawn: dict[str, Any] | None = None,
         tool_names: list[str],
         limiter_name: str,
         board_name: str | None = None,
@@ -68,13 +69,12 @@ class Scheduler:
         self.config = config
         self.redis_url = redis_url
         # Handles by name, so constructor arguments are plain data a restart can always reuse.
-        workers = [ray.get_actor(name, namespace=namespace) for name in worker_names]
-        self._workers = workers
+        self._fleet = WorkerFleet(config, worker_names, worker_spawn, namespace, on_capacity=self._pump)
         self._limiter = ray.get_actor(limiter_name, namespace=namespace)
         self._board = ray.get_actor(board_name, namespace=namespace) if board_name else None
         self._admission = Admission(config, set(tool_names))
         self._queue: FairQueue[_Waiting] = FairQueue(self._weight)
-        self._slots = LeastLoaded(len(workers), config.worker_concurrency)
+        self._slots = self._fleet.slots
         self._tenant_running: Counter[str] = Counter()
         self._models = ModelDispatch(config.limits)
         self._running: dict[str, asyncio.Future[AgentResult]] = {}
@@ -183,7 +183,7 @@ class Scheduler:
         started = self._clock()
         try:
             try:
-                result: AgentResult = await self._workers[worker].run.remote(dispatch)
+                result: AgentResult = await self._fleet.handles[worker].run.remote(dispatch)
             except (ray.exceptions.RayError, AgentPoolError) as exc:
                 result = await self._fail(task, dispatch.trace_id, exc, dispatch.queued_ms)
             run_s = self._clock() - started
@@ -276,6 +276,7 @@ class Scheduler:
             # How late the event loop woke us: the scheduler's own congestion, reported in status().
             self._loop_lag_s = max(0.0, now - before - _TICK_S)
             self._expire_waiting(now)
+            self._fleet.observe(now, self._slots.in_flight + len(self._queue))
             if self._models:
                 await self._watch_limiter()
 
@@ -453,6 +454,7 @@ class Scheduler:
             "in_flight_by_tenant": dict(self._tenant_running),
             "capacity": self._slots.capacity,
             "worker_load": list(self._slots.load),
+            "workers": self._fleet.snapshot(),
             "finished_by_status": dict(self._counts),
             "shed_by_reason": dict(self._shed),
             "overload_level": self._detector.level(now),

@@ -1,0 +1,177 @@
+"""The agent workers a scheduler dispatches to: their handles, their slots and, with
+`PoolConfig.autoscale`, their number.
+
+A worker the autoscaler adds is a detached named actor (`{pool}-worker-N`, N counting on),
+so it outlives a restart of the scheduler, which finds it again by name. One it removes is
+first closed to new tasks, and killed once its running tasks have ended: scaling down never
+cuts a run short. A worker that cannot start (no node has room and none is added within
+`start_timeout_s`) is given up and the autoscaler may ask again later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import ray
+
+from agentpool.config import PoolConfig
+from scheduler.autoscale import WorkerScaler
+from scheduler.dispatch import LeastLoaded
+
+log = logging.getLogger(__name__)
+
+#: How often a closed worker is checked for its last task to end.
+_DRAIN_POLL_S = 0.2
+_HISTORY = 3600
+
+
+class WorkerFleet:
+    """Handles and slots of the agent workers, grown and shrunk by a `WorkerScaler`.
+
+    Args:
+        config: The pool's configuration (`autoscale`, `worker_concurrency`).
+        worker_names: The workers the pool started.
+        spawn: How to start another (`{"options": ..., "kwargs": ...}` for `AgentWorker`).
+        namespace: Ray namespace of the named actors.
+        on_capacity: Called when a new worker is ready to take tasks.
+    """
+
+    def __init__(
+        self,
+        config: PoolConfig,
+        worker_names: list[str],
+        spawn: dict[str, Any] | None,
+        namespace: str,
+        on_capacity: Callable[[], None],
+    ) -> None:
+        self.config = config
+        self._spawn_spec = spawn
+        self._namespace = namespace
+        self._on_capacity = on_capacity
+        names = list(worker_names)
+        a = config.autoscale
+        if a is not None:
+            names += [n for n in self._added_names() if n not in names]  # after a restart of ours
+        self.handles: list[Any] = [ray.get_actor(n, namespace=namespace) for n in names]
+        self.names: list[str | None] = list(names)
+        self.slots = LeastLoaded(len(self.handles), config.worker_concurrency)
+        self._next = 1 + max((self._index_of(n) for n in names), default=-1)
+        self._scaler = (
+            WorkerScaler(
+                min_workers=a.min_workers,
+                max_workers=a.max_workers,
+                target_per_worker=a.target_loops_per_worker or 0.8 * config.worker_concurrency,
+                upscale_delay_s=a.upscale_delay_s,
+                downscale_delay_s=a.downscale_delay_s,
+                tolerance=a.tolerance,
+            )
+            if a is not None
+            else None
+        )
+        self.starting = 0
+        self.draining: set[int] = set()
+        self.desired = len(self.handles)
+        self.history: deque[tuple[float, int]] = deque([(time.time(), len(self.handles))], maxlen=_HISTORY)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._last_observed = float("-inf")
+
+    def _index_of(self, name: str) -> int:
+        match = re.search(r"-(\d+)$", name)
+        return int(match.group(1)) if match else -1
+
+    def _added_names(self) -> list[str]:
+        prefix = self.config.worker_name(0)[:-1]
+        found = [
+            e["name"]
+            for e in ray.util.list_named_actors(all_namespaces=True)
+            if e["namespace"] == self._namespace and e["name"].startswith(prefix)
+        ]
+        return sorted(found, key=self._index_of)
+
+    @property
+    def count(self) -> int:
+        """Workers taking tasks now."""
+        return self.slots.open_count
+
+    def observe(self, now: float, demand: int) -> None:
+        """Records the demand (loops running or queued) and starts or drains workers to follow it."""
+        a = self.config.autoscale
+        if self._scaler is None or a is None or now - self._last_observed < a.interval_s:
+            return
+        self._last_observed = now
+        current = self.count + self.starting
+        self.desired = self._scaler.decide(now, demand, current)
+        for _ in range(self.desired - current):
+            self._run(self._start_one(a.start_timeout_s))
+        if self.desired < current:
+            drop = current - self.desired
+            for index in self.slots.drain_order()[:drop]:
+                self.slots.close(index)
+                self.draining.add(index)
+                self._run(self._drain(index))
+            self._note()
+
+    def _run(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)  # held: the loop keeps only weak references
+        task.add_done_callback(self._tasks.discard)
+
+    async def _start_one(self, timeout_s: float) -> None:
+        assert self._spawn_spec is not None
+        from actors.worker import AgentWorker  # the class the pool starts; plain data is all we keep
+
+        name = self.config.worker_name(self._next)
+        self._next += 1
+        self.starting += 1
+        handle = None
+        try:
+            handle = AgentWorker.options(**self._spawn_spec["options"], name=name, lifetime="detached").remote(
+                **self._spawn_spec["kwargs"]
+            )
+            await asyncio.wait_for(handle.ping.remote(), timeout_s)
+        except (ray.exceptions.RayError, TimeoutError, ValueError) as exc:
+            log.warning("agent worker %s did not start: %s", name, exc)
+            if handle is not None:
+                with contextlib.suppress(Exception):
+                    ray.kill(handle, no_restart=True)
+            return
+        finally:
+            self.starting -= 1
+        index = self.slots.add()
+        if index == len(self.handles):
+            self.handles.append(handle)
+            self.names.append(name)
+        else:
+            self.handles[index], self.names[index] = handle, name
+        self._note()
+        self._on_capacity()
+
+    async def _drain(self, index: int) -> None:
+        while self.slots.load[index]:  # noqa: ASYNC110 (the load is plain state, no event to wait on)
+            await asyncio.sleep(_DRAIN_POLL_S)
+        handle = self.handles[index]
+        self.slots.retire(index)
+        self.draining.discard(index)
+        self.names[index] = None
+        with contextlib.suppress(Exception):
+            ray.kill(handle, no_restart=True)
+
+    def _note(self) -> None:
+        self.history.append((time.time(), self.count))
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "count": self.count,
+            "desired": self.desired,
+            "starting": self.starting,
+            "draining": len(self.draining),
+            "names": [n for i, n in enumerate(self.names) if n is not None and self.slots.open[i]],
+            "history": [[round(t, 3), n] for t, n in list(self.history)[-120:]],
+        }
