@@ -11,7 +11,7 @@ from typing import Any
 import ray
 
 from agentpool.pool import NAMESPACE
-from bench import batch, fairness, overhead, overload, ratelimit, scale, tools
+from bench import autoscale, batch, fairness, overhead, overload, ratelimit, scale, tools
 
 BENCHMARKS: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
     "batch": batch.run,
@@ -21,6 +21,7 @@ BENCHMARKS: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
     "overhead": overhead.run,
     "overload": overload.run,
     "scale": scale.run,
+    "autoscale": autoscale.run,
 }
 
 
