@@ -222,8 +222,11 @@ def status_tables(status: dict[str, object]) -> list[Table]:
             *(str(by_class.get(p, 0)) for p in ("critical", "standard", "sheddable")),
             str(running.get(tenant, 0)),
         )
+    workers: dict[str, object] = status.get("workers") or {}  # type: ignore[assignment]
     queues.caption = (
         f"queued {status.get('queued')}, in flight {status.get('in_flight')}/{status.get('capacity')}, "
+        f"workers {workers.get('count')} (wanted {workers.get('desired')}, starting {workers.get('starting')}, "
+        f"draining {workers.get('draining')}), "
         f"overload level {status.get('overload_level')}, shed {status.get('shed_by_reason') or {}}, "
         f"loop lag {status.get('loop_lag_ms')} ms"
     )
