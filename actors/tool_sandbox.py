@@ -48,7 +48,7 @@ _REAP_EVERY_S = 0.02
 START_TIMEOUT_S = 60.0
 
 
-class ToolRaised(Exception):  # (it stands for the tool's own exception)
+class ToolRaised(Exception):  # it stands for the tool's own exception
     """A process-isolated tool raised: carries the type name of its exception, for the model."""
 
     def __init__(self, type_name: str, message: str) -> None:
@@ -106,8 +106,8 @@ class Sandbox:
         call_id = next(self._ids)
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = (tool, future)
-        self._send(("run", call_id, tool, kwargs))
         try:
+            self._send(("run", call_id, tool, kwargs))  # arguments that do not pickle raise here
             return await asyncio.wait_for(future, timeout_s)
         except (TimeoutError, asyncio.CancelledError):
             if future.cancelled():  # no answer came: the child still runs
@@ -140,7 +140,7 @@ class Sandbox:
         try:
             while True:
                 size = _HEADER.unpack(await reader.readexactly(_HEADER.size))[0]
-                self._deliver(pickle.loads(await reader.readexactly(size)), ready)  # (our own child)
+                self._deliver(pickle.loads(await reader.readexactly(size)), ready)  # trusted: our own zygote's frames
         except (asyncio.IncompleteReadError, ConnectionError, pickle.UnpicklingError):
             pass
         # The zygote is gone (it runs no tool code, so only a kill gets it): calls in flight
@@ -213,7 +213,7 @@ def _run_in_child(spec: Any, kwargs: dict[str, Any]) -> tuple[Any, ...]:
         return ("ok", value if isinstance(value, str) else json.dumps(value, default=str))
     except ToolError as exc:
         return ("tool_error", exc.fields.get("kind", "error"), exc.message)
-    except BaseException as exc:  # (a tool's own failure, reported to the model)
+    except BaseException as exc:  # a tool's own failure, reported to the model
         return ("error", type(exc).__name__, str(exc))
 
 
@@ -228,7 +228,7 @@ def _read_frame(stream: BinaryIO) -> tuple[Any, ...] | None:
         if not chunk:
             return None
         payload += chunk
-    message: tuple[Any, ...] = pickle.loads(payload)  # (from the executor that started us)
+    message: tuple[Any, ...] = pickle.loads(payload)  # trusted: the executor that started us
     return message
 
 
@@ -324,11 +324,19 @@ def serve(modules: list[str]) -> None:
                     finally:
                         os._exit(0)
                 os.close(write_fd)
+                # Non-blocking: an event of this batch may name a descriptor number that a
+                # child has just released and a new child's pipe taken, with nothing to read yet.
+                os.set_blocking(read_fd, False)
                 children[read_fd] = _Child(call_id, pid)
                 selector.register(read_fd, selectors.EVENT_READ, read_fd)
             else:
-                child = children[key.data]
-                chunk = os.read(key.data, 1 << 16)
+                child = children.get(key.data)
+                if child is None:
+                    continue
+                try:
+                    chunk = os.read(key.data, 1 << 16)
+                except BlockingIOError:
+                    continue
                 if chunk:
                     child.chunks.append(chunk)
                     continue
@@ -336,8 +344,8 @@ def serve(modules: list[str]) -> None:
                 os.close(key.data)
                 del children[key.data]
                 try:
-                    outcome = pickle.loads(b"".join(child.chunks))  # (our own child)
-                except Exception:  # (nothing, or cut short: the process died)
+                    outcome = pickle.loads(b"".join(child.chunks))  # trusted: our own zygote's frames
+                except Exception:  # nothing, or cut short: the process died
                     send("crashed", child.call_id, _how_it_ended(child.pid))
                 else:  # answered at once; the child is on its way out
                     send(outcome[0], child.call_id, *outcome[1:])

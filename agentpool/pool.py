@@ -261,11 +261,14 @@ class AgentPool:
         if not self._running:
             return
         self._running = False
-        for actor in [*self._actors, *self._added_workers()]:
-            try:
-                ray.kill(actor, no_restart=True)
-            except Exception:  # already gone: nothing left to stop
-                pass
+        # The scheduler first (with the rest), then the workers its autoscaler started: it
+        # cannot start another after they are listed.
+        for actors in (lambda: self._actors, self._added_workers):
+            for actor in actors():
+                try:
+                    ray.kill(actor, no_restart=True)
+                except Exception:  # already gone: nothing left to stop
+                    pass
         if self._embedded_redis is not None:
             self._embedded_redis.stop()
         if self._started_ray:
