@@ -276,12 +276,12 @@ class AgentPool:
 
     def _added_workers(self) -> list[Any]:
         """The workers the autoscaler started (detached, so they outlive a scheduler restart)."""
-        prefix = self.config.worker_name(0)[:-1]
+        from scheduler.fleet import worker_actor_names
+
         handles = []
-        for entry in ray.util.list_named_actors(all_namespaces=True):
-            if entry["namespace"] == NAMESPACE and entry["name"].startswith(prefix):
-                with contextlib.suppress(ValueError):
-                    handles.append(ray.get_actor(entry["name"], namespace=NAMESPACE))
+        for name in worker_actor_names(self.config, NAMESPACE):
+            with contextlib.suppress(ValueError):
+                handles.append(ray.get_actor(name, namespace=NAMESPACE))
         return handles
 
     def __enter__(self) -> AgentPool:

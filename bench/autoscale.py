@@ -43,6 +43,13 @@ def _ramp(t: float, span: float, peak_rate: float) -> float:
     return 0.0
 
 
+def _sample(pool: AgentPool, started: float) -> tuple[float, int, int, int]:
+    """(seconds since the start, demand: loops running or queued, workers taking tasks, desired)."""
+    s = pool.status()
+    workers = s["workers"]
+    return time.monotonic() - started, s["in_flight"] + s["queued"], workers["count"], workers["desired"]
+
+
 def run(out: Path, quick: bool) -> dict[str, Any]:
     span = 24.0 if quick else 80.0
     peak_rate = 20.0  # tasks/s of ~1 s each: about 20 loops, 3-4 workers' worth at the target
@@ -76,25 +83,15 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
             elif rate == 0:
                 next_arrival = now
             if now >= next_sample:
-                s = pool.status()
-                samples.append(
-                    (now - started, s["in_flight"] + s["queued"], s["workers"]["count"], s["workers"]["desired"])
-                )
+                samples.append(_sample(pool, started))
                 next_sample += 0.25
             time.sleep(max(0.0, min(next_arrival, next_sample) - time.monotonic()))
         results = ray.get(refs)
         settle_until = time.monotonic() + scaling.downscale_delay_s * 3 + 10
         while time.monotonic() < settle_until:  # idle: the count should come back to the minimum
-            s = pool.status()
-            samples.append(
-                (
-                    time.monotonic() - started,
-                    s["in_flight"] + s["queued"],
-                    s["workers"]["count"],
-                    s["workers"]["desired"],
-                )
-            )
-            if s["workers"]["count"] == scaling.min_workers and s["in_flight"] == 0:
+            samples.append(_sample(pool, started))
+            _, demand, count, _ = samples[-1]
+            if count == scaling.min_workers and demand == 0:
                 break
             time.sleep(0.25)
     counts = [w for _, _, w, _ in samples]

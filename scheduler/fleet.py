@@ -32,6 +32,22 @@ _DRAIN_POLL_S = 0.2
 _HISTORY = 3600
 
 
+def _index_of(name: str) -> int:
+    match = re.search(r"-(\d+)$", name)
+    return int(match.group(1)) if match else -1
+
+
+def worker_actor_names(config: PoolConfig, namespace: str) -> list[str]:
+    """Every live agent worker of the pool, by index: those it started and those added since."""
+    prefix = config.worker_name(0)[:-1]
+    found = [
+        e["name"]
+        for e in ray.util.list_named_actors(all_namespaces=True)
+        if e["namespace"] == namespace and e["name"].startswith(prefix)
+    ]
+    return sorted(found, key=_index_of)
+
+
 class WorkerFleet:
     """Handles and slots of the agent workers, grown and shrunk by a `WorkerScaler`.
 
@@ -58,11 +74,11 @@ class WorkerFleet:
         names = list(worker_names)
         a = config.autoscale
         if a is not None:
-            names += [n for n in self._added_names() if n not in names]  # after a restart of ours
+            names += [n for n in worker_actor_names(config, namespace) if n not in names]  # after a restart of ours
         self.handles: list[Any] = [ray.get_actor(n, namespace=namespace) for n in names]
         self.names: list[str | None] = list(names)
         self.slots = LeastLoaded(len(self.handles), config.worker_concurrency)
-        self._next = 1 + max((self._index_of(n) for n in names), default=-1)
+        self._next = 1 + max((_index_of(n) for n in names), default=-1)
         self._scaler = (
             WorkerScaler(
                 min_workers=a.min_workers,
@@ -81,19 +97,6 @@ class WorkerFleet:
         self.history: deque[tuple[float, int]] = deque([(time.time(), len(self.handles))], maxlen=_HISTORY)
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_observed = float("-inf")
-
-    def _index_of(self, name: str) -> int:
-        match = re.search(r"-(\d+)$", name)
-        return int(match.group(1)) if match else -1
-
-    def _added_names(self) -> list[str]:
-        prefix = self.config.worker_name(0)[:-1]
-        found = [
-            e["name"]
-            for e in ray.util.list_named_actors(all_namespaces=True)
-            if e["namespace"] == self._namespace and e["name"].startswith(prefix)
-        ]
-        return sorted(found, key=self._index_of)
 
     @property
     def count(self) -> int:

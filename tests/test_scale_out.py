@@ -13,6 +13,7 @@ import ray
 
 from agentpool import AgentPool, AgentTask, AutoscaleConfig, PoolConfig, SimulatorConfig
 from agentpool.pool import NAMESPACE
+from scheduler.fleet import worker_actor_names
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -28,13 +29,8 @@ def _until(condition: Callable[[], Any], timeout_s: float = 60.0) -> Any:
     raise AssertionError("condition not reached in time")
 
 
-def _workers_alive(pool_name: str) -> list[str]:
-    prefix = f"{pool_name}-worker-"
-    return [
-        e["name"]
-        for e in ray.util.list_named_actors(all_namespaces=True)
-        if e["namespace"] == NAMESPACE and e["name"].startswith(prefix)
-    ]
+def _workers_alive(config: PoolConfig) -> list[str]:
+    return worker_actor_names(config, NAMESPACE)
 
 
 def test_workers_follow_the_load_up_and_back_down(redis_url: str) -> None:
@@ -68,8 +64,8 @@ def test_workers_follow_the_load_up_and_back_down(redis_url: str) -> None:
         # Never more than one step back down at a time after the peak: no flapping up again.
         peak = counts.index(3)
         assert counts[peak:] == sorted(counts[peak:], reverse=True)
-        _until(lambda: len(_workers_alive(config.name)) == 1)  # the drained ones were killed
+        _until(lambda: len(_workers_alive(config)) == 1)  # the drained ones were killed
         # A task after scaling down still runs.
         (after,) = pool.run([AgentTask(tenant="acme", prompt="sim: answer again")])
         assert after.status == "succeeded"
-    assert _workers_alive(config.name) == []
+    assert _workers_alive(config) == []
