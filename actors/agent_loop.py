@@ -11,20 +11,34 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from jsonschema import Draft202012Validator
 
+from actors.checkpoint import ApprovalDecision, ApprovalRequest, LoopState
 from actors.llm import Emit, LLMResponse
 from agentpool.errors import BudgetExceeded, ProviderError
 from agentpool.models import AgentResult, AgentTask, ErrorInfo, TaskStatus, ToolCallSummary, Usage
 from agentpool.pricing import PriceTable
-from agentpool.protocol import ToolCall, ToolOutcome
+from agentpool.protocol import Paused, ToolCall, ToolOutcome
 from agentpool.simulator.script import SCHEMA_MARKER
 
 CallLLM = Callable[[dict[str, Any], list[str], Emit], Awaitable[LLMResponse]]
-RunTools = Callable[[list[ToolCall]], Awaitable[list[ToolOutcome]]]
+RunTool = Callable[[ToolCall], Awaitable[ToolOutcome]]
+Checkpoint = Callable[[LoopState], None]
+
+
+class _ApprovalExpired(Exception):
+    pass
+
+
+class _AwaitingApproval(Exception):
+    def __init__(self, request: ApprovalRequest) -> None:
+        self.request = request
+
+
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 
 
@@ -36,34 +50,101 @@ class AgentLoop:
         task: AgentTask,
         *,
         call_llm: CallLLM,
-        run_tools: RunTools,
+        run_tool: RunTool,
         tool_defs: list[dict[str, Any]],
         models: list[str],
         prices: PriceTable,
         emit: Emit,
         trace_id: str = "",
+        state: LoopState | None = None,
+        checkpoint: Checkpoint | None = None,
+        needs_approval: Callable[[str], bool] = lambda name: False,
+        approval: ApprovalDecision | None = None,
+        approval_timeout_s: float = 3600.0,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.task = task
         self._call_llm = call_llm
-        self._run_tools = run_tools
+        self._run_tool = run_tool
         self._tool_defs = tool_defs
-        self._models = models
-        self._prices = prices
         self._emit = emit
+        self._prices = prices
         self.trace_id = trace_id
-        self.messages: list[dict[str, Any]] = [{"role": "user", "content": task.prompt}]
-        self.usage = Usage()
-        self.iterations = 0
-        self.attempts = 0
-        self.tool_calls: list[ToolCallSummary] = []
-        self.last_text: str | None = None
-        self.model: str | None = None
-        self.stop_reason: str | None = None
+        self._checkpoint = checkpoint
+        self._needs_approval = needs_approval
+        self._approval = approval
+        self._approval_timeout_s = approval_timeout_s
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._inner: asyncio.Future[AgentResult] | None = None
+        self._cancel_reason: str | None = None
+        self._started = clock()
+        if state is None:
+            state = LoopState(messages=[{"role": "user", "content": task.prompt}], models=models)
+        else:  # resuming: the turns it holds are not sent again
+            state = state.model_copy(
+                update={"resumes": state.resumes + 1, "llm_calls_saved": state.llm_calls_saved + state.iterations}
+            )
+        self.state = state
+        self.resumed_from = state.iterations if state.resumes else None
+        self._models = state.models or models
 
-    async def run(self) -> AgentResult:
+    # The loop's progress lives in its `LoopState`; these read it.
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        return self.state.messages
+
+    @property
+    def usage(self) -> Usage:
+        return self.state.usage
+
+    @property
+    def iterations(self) -> int:
+        return self.state.iterations
+
+    @property
+    def last_text(self) -> str | None:
+        return self.state.last_text
+
+    def cancel(self, reason: str = "cancelled") -> bool:
+        """Stops the run at its next await (or before it starts); it ends with status
+        `cancelled` and the work done so far. False if it has already ended."""
+        if self._inner is not None and self._inner.done():
+            return False
+        self._cancel_reason = reason
+        if self._inner is not None:
+            self._inner.cancel()
+        return True
+
+    async def run(self) -> AgentResult | Paused:
+        """Runs to a final result, or to a pause for approval (checkpoint saved first)."""
+        remaining = self.task.timeout_s - self.state.elapsed_s
         try:
-            async with asyncio.timeout(self.task.timeout_s):
-                return await self._run()
+            if self._cancel_reason is not None:
+                raise asyncio.CancelledError
+            if remaining <= 0:
+                raise TimeoutError
+            self._inner = asyncio.ensure_future(self._run())
+            async with asyncio.timeout(remaining):
+                return await self._inner
+        except _AwaitingApproval as pause:
+            request = pause.request
+            return Paused(
+                task_id=self.task.task_id,
+                tenant=self.task.tenant,
+                tool_use_ids=request.tool_use_ids,
+                tools=request.tools,
+                arguments=request.arguments,
+                requested_unix=request.requested_unix,
+                deadline_unix=request.deadline_unix,
+            )
+        except asyncio.CancelledError:
+            if self._cancel_reason is None:
+                raise
+            return self._result(
+                "cancelled", error=ErrorInfo(type="Cancelled", message=self._cancel_reason, reason="cancelled")
+            )
         except TimeoutError:
             return self._result(
                 "timed_out",
@@ -80,8 +161,17 @@ class AgentLoop:
             )
             result.retry_after_s = exc.fields.get("retry_after_s")
             return result
+        except _ApprovalExpired:
+            return self._result(
+                "timed_out",
+                error=ErrorInfo(
+                    type="ApprovalTimeout",
+                    message="no approval came for a tool call before its deadline",
+                    reason="approval_deadline",
+                ),
+            )
         except ProviderError as exc:
-            self.attempts += int(exc.fields.get("attempts") or 0)
+            self.state.llm_attempts += int(exc.fields.get("attempts") or 0)
             return self._result(
                 "failed", error=ErrorInfo(type="ProviderError", message=exc.message, retryable=exc.retryable)
             )
@@ -90,7 +180,10 @@ class AgentLoop:
 
     async def _run(self) -> AgentResult:
         validator = Draft202012Validator(self.task.output_schema) if self.task.output_schema else None
-        for iteration in range(1, self.task.max_iterations + 1):
+        pending = self.state.pending_tool_uses()
+        if pending:  # resumed in the middle of a tool turn
+            await self._tools_turn(self.state.iterations, pending)
+        for iteration in range(self.state.iterations + 1, self.task.max_iterations + 1):
             max_tokens = self.task.max_tokens
             if self.task.token_budget is not None:
                 remaining = self.task.token_budget - self.usage.total_tokens
@@ -102,12 +195,13 @@ class AgentLoop:
             message = response.message
             content = message.get("content", [])
             self.messages.append({"role": "assistant", "content": content})
-            if self.stop_reason == "tool_use":
+            if self.state.stop_reason == "tool_use":
                 if self._over_budget():
                     return self._budget_exhausted()
-                await self._tools_turn(iteration, content)
+                self._save()
+                await self._tools_turn(iteration, [b for b in content if b.get("type") == "tool_use"])
                 continue
-            if self.stop_reason == "refusal":
+            if self.state.stop_reason == "refusal":
                 return self._result("failed", error=ErrorInfo(type="Refusal", message="the model refused"))
             if validator is None:
                 return self._result("succeeded", answer=self.last_text or "")
@@ -125,6 +219,7 @@ class AgentLoop:
                 }
             )
             await self._emit("output_invalid", iteration=iteration, problem=problem[:500])
+            self._save()
         return self._result(
             "iteration_cap",
             error=ErrorInfo(
@@ -154,20 +249,22 @@ class AgentLoop:
         """Folds one response into the loop's state; returns the `llm_call` event fields."""
         message = response.message
         usage = self._prices.priced(response.model, Usage.from_api(message.get("usage")))
-        self.usage = self.usage + usage
-        self.iterations = iteration
-        self.attempts += response.attempts
+        st = self.state
+        st.usage = st.usage + usage
+        st.iterations = iteration
+        st.llm_attempts += response.attempts
         # After a fallback, stay on the model that works for the rest of the task.
         self._models = self._models[self._models.index(response.model) :]
-        self.model = response.model
-        self.stop_reason = message.get("stop_reason")
+        st.models = self._models
+        st.model = response.model
+        st.stop_reason = message.get("stop_reason")
         text = "".join(b.get("text", "") for b in message.get("content", []) if b.get("type") == "text")
         if text:
-            self.last_text = text
+            st.last_text = text
         return {
             "iteration": iteration,
             "model": response.model,
-            "stop_reason": self.stop_reason,
+            "stop_reason": st.stop_reason,
             "input_tokens": usage.input_tokens,
             "output_tokens": usage.output_tokens,
             "cache_read_input_tokens": usage.cache_read_input_tokens,
@@ -177,7 +274,7 @@ class AgentLoop:
             "attempts": response.attempts,
         }
 
-    async def _tools_turn(self, iteration: int, content: list[dict[str, Any]]) -> None:
+    async def _tools_turn(self, iteration: int, blocks: list[dict[str, Any]]) -> None:
         calls = [
             ToolCall(
                 task_id=self.task.task_id,
@@ -187,14 +284,19 @@ class AgentLoop:
                 arguments=b.get("input"),
                 trace_id=self.trace_id,
             )
-            for b in content
-            if b.get("type") == "tool_use"
+            for b in blocks
         ]
-        for call in calls:
+        done = self.state.outcomes
+        todo = [c for c in calls if c.tool_use_id not in done]
+        denied = self._gate(todo)
+        for call in todo:
             await self._emit("tool_call", iteration=iteration, tool=call.name, tool_use_id=call.tool_use_id)
-        outcomes = await self._run_tools(calls)
-        for outcome in outcomes:
-            self.tool_calls.append(
+
+        async def one(call: ToolCall) -> None:
+            outcome = denied.get(call.tool_use_id) or await self._run_tool(call)
+            done[call.tool_use_id] = outcome
+            self._save()  # this outcome is not produced again if the task resumes
+            self.state.tool_calls.append(
                 ToolCallSummary(
                     tool_use_id=outcome.tool_use_id,
                     name=outcome.name,
@@ -213,7 +315,53 @@ class AgentLoop:
                 error_kind=outcome.error_kind,
                 duration_ms=round(outcome.duration_ms, 2),
             )
-        self.messages.append({"role": "user", "content": [o.as_block() for o in outcomes]})
+
+        await asyncio.gather(*(one(c) for c in todo))
+        self.messages.append({"role": "user", "content": [done[c.tool_use_id].as_block() for c in calls]})
+        self.state.outcomes = {}
+        self.state.approval = None
+        self._save()
+
+    def _gate(self, calls: list[ToolCall]) -> dict[str, ToolOutcome]:
+        """Holds calls to tools that need a human's approval until one is given. Returns the
+        outcomes of denied calls; raises `_AwaitingApproval` while the decision is pending."""
+        gated = [c for c in calls if self._needs_approval(c.name)]
+        if not gated:
+            return {}
+        ids = [c.tool_use_id for c in gated]
+        decision = self._approval
+        if decision is None or not decision.covers(ids):
+            now = self._wall_clock()
+            request = self.state.approval
+            if request is None or set(request.tool_use_ids) != set(ids):
+                request = ApprovalRequest(
+                    tool_use_ids=ids,
+                    tools=[c.name for c in gated],
+                    arguments=[c.arguments for c in gated],
+                    requested_unix=now,
+                    deadline_unix=now + self._approval_timeout_s,
+                )
+            if now < request.deadline_unix:
+                self.state.approval = request
+                self._save()
+                raise _AwaitingApproval(request)
+            decision = ApprovalDecision(tool_use_ids=ids, approved=None, decided_unix=now)
+        if decision.approved is None:
+            raise _ApprovalExpired
+        if decision.approved:
+            return {}
+        note = f": {decision.note}" if decision.note else ""
+        return {
+            c.tool_use_id: ToolOutcome.failure(c, "denied", f"a human reviewer did not approve this call{note}")
+            for c in gated
+        }
+
+    def _save(self) -> None:
+        if self._checkpoint is not None:
+            now = self._clock()
+            self.state.elapsed_s += now - self._started
+            self._started = now
+            self._checkpoint(self.state)
 
     def _over_budget(self) -> bool:
         budget = self.task.token_budget
@@ -237,11 +385,13 @@ class AgentLoop:
             error=error,
             usage=self.usage,
             iterations=self.iterations,
-            tool_calls=self.tool_calls,
-            llm_attempts=self.attempts,
+            tool_calls=self.state.tool_calls,
+            llm_attempts=self.state.llm_attempts,
             trace_id=self.trace_id,
-            model=self.model,
-            stop_reason=self.stop_reason,
+            model=self.state.model,
+            stop_reason=self.state.stop_reason,
+            resumes=self.state.resumes,
+            llm_calls_saved=self.state.llm_calls_saved,
         )
 
 

@@ -8,26 +8,44 @@ worker has nothing to recover.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 import anthropic
 import httpx2
 import ray
+from pydantic import BaseModel, ValidationError
+from redis.exceptions import RedisError
 
 from actors.agent_loop import AgentLoop
 from actors.backoff import Backoff
+from actors.checkpoint import ApprovalDecision, Checkpointer, LoopState
 from actors.gate import TaskGate
 from actors.llm import LLMClient
 from actors.tool_calls import ToolCalls
 from agentpool.config import PoolConfig
 from agentpool.models import AgentResult, ErrorInfo, Timings
 from agentpool.pricing import PriceTable
-from agentpool.protocol import Dispatch, ToolCall, ToolOutcome
+from agentpool.protocol import Dispatch, Paused
 from cluster.keys import Keys
-from cluster.store import ResultStore
+from cluster.store import ResultStore, RunStart
 from scheduler.budgets import BudgetLedger
+
+#: How often a run waiting on another run's lease looks again.
+_LEASE_POLL_S = 0.5
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _loaded(raw: str | None, model: type[_M]) -> _M | None:
+    """A model read back from Redis; None if absent or unreadable (written by another version)."""
+    if raw is None:
+        return None
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError:
+        return None
 
 
 @ray.remote
@@ -51,10 +69,12 @@ class AgentWorker:
         self._base_url = base_url
         self._api_key = api_key
         self._tool_defs = {name: entry["definition"] for name, entry in tool_catalog.items()}
+        self._catalog = tool_catalog
         self._prices = PriceTable(config.prices)
         self._store = ResultStore(
             redis_url,
             keys=Keys(config.key_prefix),
+            pool=config.name,
             result_ttl_s=config.result_ttl_s,
             stream_maxlen=config.stream_maxlen,
         )
@@ -74,6 +94,7 @@ class AgentWorker:
             bulkhead_wait_s=config.bulkhead_wait_s,
         )
         self._llm: LLMClient | None = None
+        self._loops: dict[str, AgentLoop] = {}
         self.in_flight = 0
 
     def _client(self) -> LLMClient:
@@ -94,17 +115,39 @@ class AgentWorker:
             self._llm = LLMClient(client, Backoff(self.config.retry), clock=time.monotonic)
         return self._llm
 
-    async def run(self, dispatch: Dispatch) -> AgentResult:
-        """Runs one task to its final record, writes it to Redis once, and returns it."""
+    async def run(self, dispatch: Dispatch) -> AgentResult | Paused:
+        """Runs one task to its final record, writes it to Redis once, and returns it; or,
+        for a task that stops to wait for approval, returns `Paused` (checkpoint saved).
+
+        A task that ran before (crash, re-dispatch, approval) resumes from its checkpoint.
+        If another run still holds the task, this one waits for that run's record instead
+        of running it twice.
+        """
         self.in_flight += 1
+        try:
+            return await self._run(dispatch)
+        finally:
+            self.in_flight -= 1
+
+    async def _run(self, dispatch: Dispatch) -> AgentResult | Paused:
         started = time.monotonic()
         task = dispatch.task
 
         async def emit(event: str, **fields: Any) -> None:
             await self._store.emit(task.tenant, event, task_id=task.task_id, trace_id=dispatch.trace_id, **fields)
 
+        begun = await self._begin(dispatch, emit)
+        if isinstance(begun, AgentResult):
+            return begun
+        heartbeat = asyncio.ensure_future(self._renew(dispatch)) if begun.leased else None
+        ttl_s = self.config.checkpoint_ttl_s
+        checkpoints = Checkpointer(
+            functools.partial(self._store.save_checkpoint, task.tenant, task.task_id, ttl_s=ttl_s)
+        )
         gate: TaskGate | None = None
+        loop: AgentLoop | None = None
         try:
+            state = _loaded(begun.checkpoint, LoopState)
             allowed = self._allowed_tools(task.tenant, task.tools)
             gate = TaskGate(
                 limiter=self._limiter,
@@ -120,18 +163,27 @@ class AgentWorker:
             loop = AgentLoop(
                 task,
                 call_llm=functools.partial(self._client().create, gate=gate),
-                run_tools=lambda calls: self._run_tools(calls, allowed, emit),
+                run_tool=lambda call: self._tools.run(call, allowed, emit),
                 tool_defs=[self._tool_defs[name] for name in task.tools if name in allowed],
                 models=self.config.models_for(task.tenant, task.model, task.fallback_models),
                 prices=self._prices,
                 emit=emit,
                 trace_id=dispatch.trace_id,
+                state=state,
+                checkpoint=checkpoints,
+                needs_approval=lambda name: bool(self._catalog.get(name, {}).get("requires_approval")),
+                approval=_loaded(begun.approval, ApprovalDecision),
+                approval_timeout_s=self.config.approval_timeout_s,
             )
-            result = await loop.run()
-            result.attempts = dispatch.attempt
+            if loop.resumed_from is not None:
+                await emit("task_resumed", iteration=loop.resumed_from, attempt=dispatch.attempt)
+            self._loops[task.task_id] = loop
+            if begun.cancelled:
+                loop.cancel("cancel requested before the run started")
+            outcome = await loop.run()
             await gate.drain()
         except Exception as exc:  # a bug of ours must cost this task, never the actor
-            result = AgentResult(
+            outcome = AgentResult(
                 task_id=task.task_id,
                 tenant=task.tenant,
                 status="failed",
@@ -139,7 +191,20 @@ class AgentWorker:
                 error=ErrorInfo(type="InternalError", message=f"{type(exc).__name__}: {exc}"[:4000]),
             )
         finally:
-            self.in_flight -= 1
+            if self._loops.get(task.task_id) is loop:
+                del self._loops[task.task_id]
+            if heartbeat is not None:
+                heartbeat.cancel()
+        if isinstance(outcome, Paused):
+            await checkpoints.flush()  # the pause is in Redis before the slot is given back
+            await self._release(dispatch)
+            await emit("approval_requested", tools=outcome.tools, deadline_unix=outcome.deadline_unix)
+            await self._store.flush()
+            return outcome
+        checkpoints.discard()
+        await checkpoints.flush()  # no checkpoint write may land after the final record
+        result = outcome
+        result.attempts = dispatch.attempt
         run_ms = (time.monotonic() - started) * 1000
         total_ms = max(run_ms, (time.time() - dispatch.admitted_at_unix) * 1000)
         result.timings = Timings(
@@ -161,6 +226,44 @@ class AgentWorker:
         await self._store.flush()  # this task's events are in Redis when its result is returned
         return stored
 
+    async def _begin(self, dispatch: Dispatch, emit: Any) -> RunStart | AgentResult:
+        """Takes the task's lease, or waits while another live run holds it: for that run's
+        record, or for its lease to lapse (its process died). With Redis away, the task runs
+        without lease or checkpoint rather than not at all."""
+        task = dispatch.task
+        lease_ms = int(self.config.run_lease_s * 1000)
+        waited = False
+        while True:
+            try:
+                begun = await self._store.begin(task.tenant, task.task_id, dispatch.run_id, lease_ms)
+            except (RedisError, OSError):
+                return RunStart(leased=False, holder=None, checkpoint=None, cancelled=False, approval=None, result=None)
+            if begun.result is not None:
+                return begun.result
+            if begun.leased or begun.holder in (None, dispatch.run_id):
+                return begun
+            if not waited:
+                waited = True
+                await emit("lease_wait", holder=begun.holder)
+            await asyncio.sleep(_LEASE_POLL_S)
+
+    async def _renew(self, dispatch: Dispatch) -> None:
+        lease_ms = int(self.config.run_lease_s * 1000)
+        task = dispatch.task
+        while True:
+            await asyncio.sleep(self.config.run_lease_s / 3)
+            with contextlib.suppress(RedisError, OSError):
+                await self._store.renew_lease(task.tenant, task.task_id, dispatch.run_id, lease_ms)
+
+    async def _release(self, dispatch: Dispatch) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await self._store.release_lease(dispatch.task.tenant, dispatch.task.task_id, dispatch.run_id)
+
+    def cancel(self, task_id: str, reason: str = "cancelled") -> bool:
+        """Stops the task's run here, if it runs here; it ends as `cancelled` with its work so far."""
+        loop = self._loops.get(task_id)
+        return loop is not None and loop.cancel(reason)
+
     def _allowed_tools(self, tenant: str, requested: list[str]) -> set[str]:
         policy = self.config.policy_for(tenant)
         allowed = set(requested) & set(self._tool_defs)
@@ -168,11 +271,12 @@ class AgentWorker:
             allowed &= set(policy.allowed_tools)
         return allowed
 
-    async def _run_tools(self, calls: list[ToolCall], allowed: set[str], emit: Any) -> list[ToolOutcome]:
-        return list(await asyncio.gather(*(self._tools.run(c, allowed, emit) for c in calls)))
-
     def ping(self) -> int:
         return self.in_flight
+
+    def backlog(self) -> dict[str, int]:
+        """Redis writes this worker holds while Redis is away (see `ResultStore.backlog`)."""
+        return self._store.backlog
 
     def node(self) -> str:
         """The id of the Ray node this worker runs on."""

@@ -224,6 +224,16 @@ class PoolConfig(BaseSettings):
     tenants: dict[TenantName, TenantPolicy] = Field(default_factory=dict)
     default_tenant_policy: TenantPolicy = Field(default_factory=TenantPolicy)
     strict_tenants: bool = False
+    # --- durability
+    #: How long a task waits for a human's decision on a tool that requires approval.
+    approval_timeout_s: float = Field(default=3600.0, gt=0, le=30 * 86_400)
+    #: How long a checkpoint outlives its last write (it goes at once when the task ends).
+    checkpoint_ttl_s: int = Field(default=2 * 86_400, ge=60, le=90 * 86_400)
+    #: A run's lease on its task lapses this long after its worker last renewed it; a
+    #: scheduler re-dispatching the task waits at most this long for a run that vanished.
+    run_lease_s: float = Field(default=15.0, ge=1, le=600)
+    #: Times a task is dispatched again after its worker died under it, before it fails.
+    max_redispatch: int = Field(default=3, ge=0, le=100)
 
     @property
     def uses_simulator(self) -> bool:

@@ -202,6 +202,10 @@ class AgentResult(_Model):
     model: str | None = None
     stop_reason: str | None = None
     retry_after_s: float | None = None
+    #: Times the task resumed from its checkpoint (after a crash, or an approval), and the
+    #: LLM turns those resumes did not have to send again.
+    resumes: int = 0
+    llm_calls_saved: int = 0
 
     @property
     def ok(self) -> bool:

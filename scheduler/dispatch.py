@@ -62,6 +62,12 @@ class LeastLoaded:
             raise ValueError(f"worker {index} is not open")
         self.open[index] = False
 
+    def reopen(self, index: int) -> None:
+        """Gives a closed (not retired) worker new tasks again."""
+        if self.open[index] or index in self._retired:
+            raise ValueError(f"worker {index} is open or retired")
+        self.open[index] = True
+
     def retire(self, index: int) -> None:
         """Forgets a closed worker whose tasks have all ended."""
         if self.open[index] or self.load[index] or index in self._retired:

@@ -46,11 +46,16 @@ class FairQueue(Generic[T]):
     def backlogged(self) -> list[str]:
         return list(self._queues)
 
-    def push(self, tenant: str, priority: str, item: T) -> None:
+    def push(self, tenant: str, priority: str, item: T, *, front: bool = False) -> None:
+        """Queues `item` last in its tenant's class, or first with `front` (work resumed)."""
         if tenant not in self._queues:
             self._lift(tenant)
             self._queues[tenant] = {p: deque() for p in PRIORITIES}
-        self._queues[tenant][priority].append(item)
+        queue = self._queues[tenant][priority]
+        if front:
+            queue.appendleft(item)
+        else:
+            queue.append(item)
         self._len += 1
 
     def _lift(self, tenant: str) -> None:

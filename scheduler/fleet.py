@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 #: How often a closed worker is checked for its last task to end.
 _DRAIN_POLL_S = 0.2
+#: Pings of a worker whose process died, until it answers: timeout, first and longest gap.
+_PROBE_TIMEOUT_S, _PROBE_FIRST_S, _PROBE_MAX_S = 30.0, 0.2, 5.0
 _HISTORY = 3600
 
 
@@ -93,6 +95,7 @@ class WorkerFleet:
         )
         self.starting = 0
         self.draining: set[int] = set()
+        self.suspects: set[int] = set()
         self.desired = len(self.handles)
         self.history: deque[tuple[float, int]] = deque([(time.time(), len(self.handles))], maxlen=_HISTORY)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -166,6 +169,35 @@ class WorkerFleet:
         with contextlib.suppress(Exception):
             ray.kill(handle, no_restart=True)
 
+    def suspect(self, index: int) -> None:
+        """A call to this worker failed because its process died or cannot be reached: it
+        gets no new tasks until it answers a ping again (Ray restarts it meanwhile)."""
+        if index in self.draining or index in self.suspects or not self.slots.open[index]:
+            return
+        self.suspects.add(index)
+        self.slots.close(index)
+        self._run(self._probe(index))
+
+    async def _probe(self, index: int) -> None:
+        handle = self.handles[index]
+        delay = _PROBE_FIRST_S
+        while True:
+            try:
+                await asyncio.wait_for(handle.ping.remote(), _PROBE_TIMEOUT_S)
+                break
+            except ray.exceptions.ActorDiedError as exc:  # a restarting actor answers once up
+                log.warning("agent worker %s is gone for good: %s", self.names[index], exc)
+                self.suspects.discard(index)
+                return
+            except (ray.exceptions.RayError, TimeoutError):
+                pass
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _PROBE_MAX_S)
+        self.suspects.discard(index)
+        if index not in self.draining and not self.slots.open[index]:
+            self.slots.reopen(index)
+            self._on_capacity()
+
     def _note(self) -> None:
         self.history.append((time.time(), self.count))
 
@@ -175,6 +207,7 @@ class WorkerFleet:
             "desired": self.desired,
             "starting": self.starting,
             "draining": len(self.draining),
+            "restarting": len(self.suspects),
             "names": [n for i, n in enumerate(self.names) if n is not None and self.slots.open[i]],
             "history": [[round(t, 3), n] for t, n in list(self.history)[-120:]],
         }

@@ -13,25 +13,30 @@ have waited longer than they may.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
+import warnings
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+from redis.exceptions import RedisError
 
 from agentpool.config import PoolConfig
 from agentpool.errors import AgentPoolError, Overloaded, RetryLater
-from agentpool.models import AgentResult, AgentTask, ErrorInfo, Timings
-from agentpool.protocol import Dispatch, traceparent
+from agentpool.models import AgentResult, AgentTask
+from agentpool.protocol import Admitted, Dispatch, Paused, traceparent
 from cluster.keys import Keys
 from cluster.store import ResultStore
 from scheduler.admission import Admission
 from scheduler.budgets import BudgetLedger
 from scheduler.capacity import ModelDispatch
+from scheduler.control import CancelledInQueue, JobControl
 from scheduler.fair import FairQueue, token_cost
 from scheduler.fleet import WorkerFleet
+from scheduler.jobs import Approvals, Job
+from scheduler.records import Records
 from scheduler.shedding import DispatchRate, OverloadDetector, WaitForecast, sheds
 
 #: How often queued tasks are checked against their deadlines and the queue for a standing wait.
@@ -40,18 +45,8 @@ _TICK_S = 0.25
 _MAX_SEEN_TENANTS = 1000
 
 
-@dataclass(eq=False)
-class _Waiting:
-    task: AgentTask
-    enqueued_at: float
-    max_wait_s: float
-    estimate: float
-    limit_key: str | None
-    slot: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-
-
 @ray.remote
-class Scheduler:
+class Scheduler(JobControl, Records):
     """Named async actor; one per pool."""
 
     def __init__(
@@ -65,6 +60,7 @@ class Scheduler:
         tool_names: list[str],
         limiter_name: str,
         board_name: str | None = None,
+        extra_info: dict[str, Any] | None = None,
     ) -> None:
         self.config = config
         self.redis_url = redis_url
@@ -73,14 +69,17 @@ class Scheduler:
         self._limiter = ray.get_actor(limiter_name, namespace=namespace)
         self._board = ray.get_actor(board_name, namespace=namespace) if board_name else None
         self._admission = Admission(config, set(tool_names))
-        self._queue: FairQueue[_Waiting] = FairQueue(self._weight)
+        self._queue: FairQueue[Job] = FairQueue(self._weight)
         self._slots = self._fleet.slots
         self._tenant_running: Counter[str] = Counter()
         self._models = ModelDispatch(config.limits)
-        self._running: dict[str, asyncio.Future[AgentResult]] = {}
+        self._jobs: dict[str, Job] = {}
+        self._lives: set[asyncio.Task[AgentResult]] = set()
+        self._extra_info = dict(extra_info or {})
         self._store = ResultStore(
             redis_url,
             keys=Keys(config.key_prefix),
+            pool=config.name,
             result_ttl_s=config.result_ttl_s,
             stream_maxlen=config.stream_maxlen,
         )
@@ -96,41 +95,73 @@ class Scheduler:
         self._pool_cost: float | None = None
         self._seen: dict[str, None] = {}
         self._counts: Counter[str] = Counter()
+        self._durable: Counter[str] = Counter()
         self._shed: Counter[str] = Counter()
         self._ticker: asyncio.Task[None] | None = None
         self._loop_lag_s = 0.0
+        self._approvals = Approvals(self._store, config.checkpoint_ttl_s)
+        self._booted = False
+        # Take up what this pool accepted before (a restart): a call to ourselves, which runs
+        # as soon as this constructor returns.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self._boot = ray.get_runtime_context().current_actor.boot.remote()
 
     def info(self) -> dict[str, Any]:
         """What `AgentPool.connect` needs to attach to this pool."""
-        return {"config": self.config.model_dump(mode="json"), "redis_url": self.redis_url}
+        return {"config": self.config.model_dump(mode="json"), "redis_url": self.redis_url, **self._extra_info}
 
     async def run(self, task: AgentTask, trace_id: str) -> AgentResult:
-        """Admits and runs one task; always returns its final record."""
-        # The task_id is the idempotency key: a task already finished returns its record,
-        # and one submitted again while running shares the first run.
-        if task.task_id in self._running:
-            return await asyncio.shield(self._running[task.task_id])
-        # Registered before the first await, so a duplicate arriving meanwhile joins this run.
-        future: asyncio.Future[AgentResult] = asyncio.get_running_loop().create_future()
-        self._running[task.task_id] = future
-        try:
-            try:
-                existing = await self._store.get_result(task.tenant, task.task_id)
-                result = existing if existing is not None else await self._admit_and_run(task, trace_id)
-            except Exception as exc:  # ray.get must never raise for a task: report it as a result
-                result = await self._fail(task, trace_id, exc, 0.0)
-            future.set_result(result)
-            return result
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: a duplicate caller may never have awaited it
-            raise
-        finally:
-            del self._running[task.task_id]
+        """Admits and runs one task; always returns its final record.
 
-    async def _admit_and_run(self, task: AgentTask, trace_id: str) -> AgentResult:
+        The task_id is the idempotency key: a task already finished returns its record, and
+        one submitted again while it runs shares the first run. Once accepted, a task is the
+        scheduler's: if this call is cancelled, or its caller dies, the task still runs.
+        """
+        job = self._jobs.get(task.task_id) or self._start(task, trace_id)
+        return await asyncio.shield(job.done)
+
+    def _start(self, task: AgentTask, trace_id: str, *, adopted: bool = False, admitted_unix: float = 0.0) -> Job:
+        # Registered before the first await, so a duplicate arriving meanwhile joins this job.
+        job = Job(task, trace_id, admitted_unix or time.time(), adopted=adopted)
+        self._jobs[task.task_id] = job
+        life = asyncio.get_running_loop().create_task(self._life(job))
+        self._lives.add(life)  # the loop keeps only weak references to tasks
+        life.add_done_callback(lambda t, j=job: self._ended(t, j))
+        return job
+
+    def _ended(self, life: asyncio.Task[AgentResult], job: Job) -> None:
+        self._lives.discard(life)
+        if self._jobs.get(job.task.task_id) is job:
+            del self._jobs[job.task.task_id]
+        if not job.accepted.done():
+            job.accepted.set_result(None)
+        if life.cancelled():
+            job.done.cancel()
+        elif life.exception() is not None:
+            job.done.set_exception(life.exception())  # type: ignore[arg-type]
+            job.done.exception()  # mark retrieved: no caller may be waiting
+        else:
+            job.done.set_result(life.result())
+
+    async def _life(self, job: Job) -> AgentResult:
+        task, trace_id = job.task, job.trace_id
+        try:
+            if not job.adopted:
+                entry = Admitted(task=task, trace_id=trace_id, admitted_unix=job.admitted_unix).model_dump_json()
+                existing, job.adopted = await self._store.admit(task, entry)
+                if existing is not None:
+                    return existing
+            rejection = None if job.adopted else await self._admission_check(task)
+            if rejection is not None:
+                return await self._reject(task, trace_id, rejection, job.admitted_unix)
+            self._enqueue(job)
+            return await self._through(job)
+        except Exception as exc:  # ray.get must never raise for a task: report it as a result
+            return await self._fail(task, trace_id, exc, 0.0)
+
+    async def _admission_check(self, task: AgentTask) -> AgentPoolError | None:
         self._start_ticker()
-        admitted_unix = time.time()
         self._note_tenant(task.tenant)
         rejection = self._admission.check(task)
         policy = self.config.policy_for(task.tenant)
@@ -139,61 +170,97 @@ class Scheduler:
             rejection = await self._ledger.check(task.tenant, policy, first_call + task.max_tokens)
         # No await between the shedding decision and the enqueue: concurrent arrivals must
         # not all pass the check before any of them is counted.
-        key = self._limit_key(task)
-        if rejection is None:
-            rejection = self._shed_or_make_room(task, key)
-        if rejection is not None:
-            return await self._reject(task, trace_id, rejection, admitted_unix)
-        waiting = _Waiting(task, self._clock(), self._max_wait_s(task), self._estimate(task), key)
-        self._queue.push(task.tenant, task.priority, waiting)
+        return rejection if rejection is not None else self._shed_or_make_room(task, self._limit_key(task))
+
+    def _enqueue(self, job: Job) -> None:
+        task = job.task
+        self._start_ticker()
+        job.state = "queued"
+        job.enqueued_at = self._clock()
+        job.limit_key = self._limit_key(task)
+        job.estimate = self._estimate(task)
+        if job.adopted:  # accepted before: it goes first and never waits out a deadline
+            self._queue.push(task.tenant, "critical", job, front=True)
+        else:
+            job.max_wait_s = self._max_wait_s(task)
+            self._queue.push(task.tenant, task.priority, job)
+        if not job.accepted.done():
+            job.accepted.set_result(None)
+        self._store.post(
+            task.tenant,
+            "task_admitted",
+            task_id=task.task_id,
+            trace_id=job.trace_id,
+            priority=task.priority,
+            queued=len(self._queue),
+            adopted=job.adopted,
+        )
         self._pump()
-        try:
-            await self._store.emit(
-                task.tenant,
-                "task_admitted",
-                task_id=task.task_id,
-                trace_id=trace_id,
-                priority=task.priority,
-                queued=len(self._queue),
-            )
-            worker = await waiting.slot
-        except RetryLater as dropped:  # it waited past its deadline, or made room for other work
-            return await self._reject(task, trace_id, dropped, admitted_unix)
-        except BaseException:  # cancelled, or the event write failed: give back place and slot
-            slot = waiting.slot
-            if not self._queue.remove(task.tenant, waiting) and slot.done() and not slot.cancelled():
-                if slot.exception() is None:
-                    self._release(task.tenant, slot.result(), waiting.limit_key)
-            raise
-        queued_ms = (self._clock() - waiting.enqueued_at) * 1000
+
+    async def _through(self, job: Job) -> AgentResult:
+        """Waits for a slot and runs the job; again after its worker died or its approval came."""
+        task = job.task
+        while True:
+            try:
+                worker = await job.slot
+            except RetryLater as dropped:  # it waited past its deadline, or made room for other work
+                return await self._reject(task, job.trace_id, dropped, job.admitted_unix)
+            except CancelledInQueue:
+                return await self._cancelled(job)
+            outcome = await self._run_on(worker, job)
+            if isinstance(outcome, AgentResult):
+                return outcome
+            if isinstance(outcome, Paused):
+                await self._await_decision(job, outcome)
+            elif job.attempt > self.config.max_redispatch:
+                return await self._fail(task, job.trace_id, outcome, 0.0)
+            else:  # its worker died: run it again elsewhere, from its checkpoint
+                job.attempt += 1
+                self._durable["redispatched"] += 1
+            job.requeue(self._clock())
+            self._queue.push(task.tenant, "critical", job, front=True)
+            self._pump()
+
+    async def _run_on(self, worker: int, job: Job) -> AgentResult | Paused | Exception:
+        """One dispatch. The run goes on even if the caller is cancelled (ray.cancel, a caller
+        gone): the worker ends it and writes its record, and only then is the slot given back."""
+        task = job.task
         dispatch = Dispatch(
             task=task,
-            trace_id=trace_id,
-            traceparent=traceparent(trace_id),
-            admitted_at_unix=admitted_unix,
-            queued_ms=queued_ms,
+            trace_id=job.trace_id,
+            traceparent=traceparent(job.trace_id),
+            admitted_at_unix=job.admitted_unix,
+            queued_ms=(self._clock() - job.enqueued_at) * 1000,
+            attempt=job.attempt,
         )
-        # The run goes on even if this call is cancelled (ray.cancel, a caller gone): the
-        # worker still ends it and writes its record, and only then is the slot given back.
-        running = asyncio.ensure_future(self._run_on(worker, dispatch, waiting))
-        return await asyncio.shield(running)
-
-    async def _run_on(self, worker: int, dispatch: Dispatch, waiting: _Waiting) -> AgentResult:
-        task = dispatch.task
+        job.state, job.worker, job.run_id = "running", worker, dispatch.run_id
         started = self._clock()
+        outcome: AgentResult | Paused | Exception
         try:
             try:
-                result: AgentResult = await self._fleet.handles[worker].run.remote(dispatch)
+                outcome = await self._fleet.handles[worker].run.remote(dispatch)
+            except ray.exceptions.ActorDiedError as exc:
+                # The process is gone: free the task's lease so the next run need not wait it out.
+                self._fleet.suspect(worker)
+                with contextlib.suppress(RedisError, OSError):
+                    await self._store.release_lease(task.tenant, task.task_id, dispatch.run_id)
+                outcome = exc
+            except ray.exceptions.RayActorError as exc:  # unreachable, maybe still running: its lease decides
+                self._fleet.suspect(worker)
+                outcome = exc
             except (ray.exceptions.RayError, AgentPoolError) as exc:
-                result = await self._fail(task, dispatch.trace_id, exc, dispatch.queued_ms)
-            run_s = self._clock() - started
-            self._mean_run_s = 0.9 * self._mean_run_s + 0.1 * run_s
-            self._models.learn(waiting.limit_key, result, run_s)  # before the slot is given back
+                outcome = await self._fail(task, job.trace_id, exc, dispatch.queued_ms)
+            if isinstance(outcome, AgentResult):
+                run_s = self._clock() - started
+                self._mean_run_s = 0.9 * self._mean_run_s + 0.1 * run_s
+                self._models.learn(job.limit_key, outcome, run_s)  # before the slot is given back
         finally:
-            self._release(task.tenant, worker, waiting.limit_key)
-        self._account(task.tenant, waiting.estimate, result)
-        self._counts[result.status] += 1
-        return result
+            job.worker = None
+            self._release(task.tenant, worker, job.limit_key)
+        if isinstance(outcome, AgentResult):
+            self._account(task.tenant, job.estimate, outcome)
+            self._counts[outcome.status] += 1
+        return outcome
 
     # --- shedding ----------------------------------------------------------------------
 
@@ -252,13 +319,13 @@ class Scheduler:
             self._drop(victim[1], "evicted", f"made room for {task.priority} work of another tenant")
         return None
 
-    def _drop(self, waiting: _Waiting, reason: str, why: str) -> None:
-        """Ends a queued task with a rejection (its `run` call writes the record)."""
-        if not waiting.slot.done():
-            waiting.slot.set_exception(
+    def _drop(self, job: Job, reason: str, why: str) -> None:
+        """Ends a queued task with a rejection (its life writes the record)."""
+        if not job.slot.done():
+            job.slot.set_exception(
                 Overloaded(
                     f"dropped from the queue: {why}",
-                    tenant=waiting.task.tenant,
+                    tenant=job.task.tenant,
                     reason=reason,
                     retry_after_s=self.config.admission.interval_s,
                 )
@@ -292,11 +359,11 @@ class Scheduler:
 
     def _expire_waiting(self, now: float) -> None:
         oldest = 0.0
-        for tenant, _, waiting in self._queue.items():
-            waited = now - waiting.enqueued_at
-            if waited > waiting.max_wait_s:
-                self._queue.remove(tenant, waiting)
-                self._drop(waiting, "queue_timeout", f"waited {waited:.1f}s, longer than its {waiting.max_wait_s:.1f}s")
+        for tenant, _, job in self._queue.items():
+            waited = now - job.enqueued_at
+            if waited > job.max_wait_s:
+                self._queue.remove(tenant, job)
+                self._drop(job, "queue_timeout", f"waited {waited:.1f}s, longer than its {job.max_wait_s:.1f}s")
             else:
                 oldest = max(oldest, waited)
         if len(self._queue):
@@ -343,27 +410,27 @@ class Scheduler:
             if worker is None:
                 return
             popped = self._queue.pop(
-                lambda tenant, waiting: self._tenant_has_room(tenant) and self._models.has_room(waiting.limit_key)
+                lambda tenant, job: self._tenant_has_room(tenant) and self._models.has_room(job.limit_key)
             )
             if popped is None:
                 self._slots.release(worker)
                 return
-            tenant, waiting = popped
-            if waiting.slot.done():  # its caller was cancelled and has not run its cleanup yet
+            tenant, job = popped
+            if job.slot.done():  # cancelled, and its life has not run its cleanup yet
                 self._slots.release(worker)
                 continue
             now = self._clock()
-            waited = now - waiting.enqueued_at
-            if waited > waiting.max_wait_s:
+            waited = now - job.enqueued_at
+            if waited > job.max_wait_s:
                 self._slots.release(worker)
-                self._drop(waiting, "queue_timeout", f"waited {waited:.1f}s, longer than its {waiting.max_wait_s:.1f}s")
+                self._drop(job, "queue_timeout", f"waited {waited:.1f}s, longer than its {job.max_wait_s:.1f}s")
                 continue
             self._detector.observe(waited, now)
             self._rate.record(now)
-            self._queue.charge(tenant, waiting.estimate)
+            self._queue.charge(tenant, job.estimate)
             self._tenant_running[tenant] += 1
-            self._models.started(waiting.limit_key)
-            waiting.slot.set_result(worker)
+            self._models.started(job.limit_key)
+            job.slot.set_result(worker)
         self._detector.idle()
 
     def _tenant_has_room(self, tenant: str) -> bool:
@@ -383,55 +450,6 @@ class Scheduler:
             del self._tenant_running[tenant]
         self._models.finished(key)
         self._pump()
-
-    async def _reject(self, task: AgentTask, trace_id: str, error: AgentPoolError, arrived_unix: float) -> AgentResult:
-        retry_after = error.fields.get("retry_after_s")
-        took_ms = round((time.time() - arrived_unix) * 1000, 3)
-        result = AgentResult(
-            task_id=task.task_id,
-            tenant=task.tenant,
-            status="rejected",
-            trace_id=trace_id,
-            error=ErrorInfo(
-                type=error.type_name,
-                message=error.message,
-                retryable=error.retryable,
-                reason=error.fields.get("reason"),
-            ),
-            retry_after_s=retry_after,
-            attempts=0,
-            timings=Timings(queued_ms=took_ms, total_ms=took_ms),
-        )
-        stored, created = await self._store.write_result(result)
-        if created:
-            await self._store.emit(
-                task.tenant,
-                "shed" if error.retryable else "task_rejected",
-                task_id=task.task_id,
-                trace_id=trace_id,
-                error_type=error.type_name,
-                reason=error.fields.get("reason", error.message),
-                retry_after_s=retry_after,
-            )
-            await self._store.flush()
-        self._counts["rejected"] += 1
-        self._shed[str(error.fields.get("reason") or error.type_name)] += 1
-        return stored
-
-    async def _fail(self, task: AgentTask, trace_id: str, exc: BaseException, queued_ms: float) -> AgentResult:
-        result = AgentResult(
-            task_id=task.task_id,
-            tenant=task.tenant,
-            status="failed",
-            trace_id=trace_id,
-            error=ErrorInfo(type=type(exc).__name__, message=str(exc)[:4000], retryable=True),
-            timings=Timings(queued_ms=queued_ms),
-        )
-        try:
-            stored, _ = await self._store.write_result(result)
-        except Exception:  # Redis itself failed: the caller still gets the result
-            return result
-        return stored
 
     async def status(self) -> dict[str, Any]:
         """Queues, in-flight work, shedding, the global buckets and today's budgets."""
@@ -456,6 +474,8 @@ class Scheduler:
             "worker_load": list(self._slots.load),
             "workers": self._fleet.snapshot(),
             "finished_by_status": dict(self._counts),
+            "awaiting_approval": self._awaiting(),
+            "durability": {**self._durable, "jobs": len(self._jobs), **self._store.backlog},
             "shed_by_reason": dict(self._shed),
             "overload_level": self._detector.level(now),
             "dispatch_per_s": round(self._rate.per_s(now), 3),

@@ -40,8 +40,8 @@ class Harness:
     async def emit(self, event: str, **fields: Any) -> None:
         self.events.append((event, fields))
 
-    async def run_tools(self, calls: list[ToolCall]) -> list[ToolOutcome]:
-        return [await self.runner.execute(c) for c in calls]
+    async def run_tool(self, call: ToolCall) -> ToolOutcome:
+        return await self.runner.execute(call)
 
     async def run(self, **task: Any) -> Any:
         task.setdefault("tenant", "acme")
@@ -50,7 +50,7 @@ class Harness:
         loop = AgentLoop(
             t,
             call_llm=self.llm.create,
-            run_tools=self.run_tools,
+            run_tool=self.run_tool,
             tool_defs=[TOOLS[name].definition() for name in t.tools],
             models=config.model_chain(t.model, t.fallback_models),
             prices=PriceTable(),

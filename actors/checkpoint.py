@@ -1,0 +1,111 @@
+"""An agent loop's state between turns, and the writer that keeps it in Redis (no Ray).
+
+A run saves a `LoopState` after every step that cost something to produce: an LLM turn, each
+tool outcome, a finished tool turn. A task that runs again after a crash starts from the
+last one: the turns it holds are not sent to the model again, and the tool outcomes it holds
+are not executed again. The checkpoint goes when the task's final record is written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from agentpool.models import ToolCallSummary, Usage
+from agentpool.protocol import ToolOutcome
+
+
+class ApprovalRequest(BaseModel):
+    """Tool calls of one turn waiting for a human, and until when."""
+
+    tool_use_ids: list[str]
+    tools: list[str]
+    arguments: list[Any] = Field(default_factory=list)
+    requested_unix: float
+    deadline_unix: float
+
+
+class ApprovalDecision(BaseModel):
+    """A human's answer on an `ApprovalRequest`; `approved=None` means the deadline passed."""
+
+    tool_use_ids: list[str]
+    approved: bool | None
+    note: str = Field(default="", max_length=2000)
+    decided_unix: float = 0.0
+
+    def covers(self, tool_use_ids: list[str]) -> bool:
+        return set(tool_use_ids) <= set(self.tool_use_ids)
+
+
+class LoopState(BaseModel):
+    """Everything an `AgentLoop` needs to go on from where it stopped."""
+
+    version: int = 1
+    messages: list[dict[str, Any]]
+    usage: Usage = Field(default_factory=Usage)
+    iterations: int = 0
+    llm_attempts: int = 0
+    tool_calls: list[ToolCallSummary] = Field(default_factory=list)
+    last_text: str | None = None
+    model: str | None = None
+    stop_reason: str | None = None
+    models: list[str] = Field(default_factory=list)
+    #: Running time spent over every run so far (waiting for approval not included).
+    elapsed_s: float = 0.0
+    #: Outcomes already in of the turn in progress, by tool_use_id.
+    outcomes: dict[str, ToolOutcome] = Field(default_factory=dict)
+    approval: ApprovalRequest | None = None
+    #: How many times the task resumed, and the LLM turns those resumes did not send again.
+    resumes: int = 0
+    llm_calls_saved: int = 0
+
+    def pending_tool_uses(self) -> list[dict[str, Any]]:
+        """The tool_use blocks of the last assistant turn if their results are not in yet."""
+        if not self.messages or self.messages[-1].get("role") != "assistant":
+            return []
+        content = self.messages[-1].get("content") or []
+        return [b for b in content if isinstance(b, dict) and b.get("type") == "tool_use"]
+
+
+Save = Callable[[str], Awaitable[None]]
+
+
+class Checkpointer:
+    """Writes the newest state, one write at a time: a state saved while a write is in
+    flight replaces any older one still waiting, so a burst of tool outcomes costs at most
+    two writes. A failed write is counted, never raised: the task goes on without it."""
+
+    def __init__(self, save: Save) -> None:
+        self._save = save
+        self._latest: str | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self.writes = 0
+        self.failures = 0
+
+    def __call__(self, state: LoopState) -> None:
+        self._latest = state.model_dump_json()  # a snapshot: the loop goes on changing its state
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write())
+
+    async def _write(self) -> None:
+        while self._latest is not None:
+            payload, self._latest = self._latest, None
+            try:
+                await self._save(payload)
+                self.writes += 1
+            except Exception:
+                self.failures += 1
+
+    async def flush(self) -> None:
+        """Waits for the newest state to be written (or to fail)."""
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._writer)
+
+    def discard(self) -> None:
+        """Drops what is still waiting (the task is final: its checkpoint is gone)."""
+        self._latest = None

@@ -1,0 +1,144 @@
+"""The scheduler's durable side: taking up accepted work after a restart, detached
+submission, approvals and cancellation (a mixin of `Scheduler`, kept apart for size).
+
+Every method here acts on `Job`s and keeps what must outlive the scheduler in Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import RedisError
+
+from actors.checkpoint import ApprovalDecision
+from agentpool.models import AgentResult, AgentTask
+from agentpool.protocol import Admitted, Paused
+from scheduler.jobs import Job
+
+if TYPE_CHECKING:
+    from collections import Counter
+
+    from cluster.store import ResultStore
+    from scheduler.fair import FairQueue
+    from scheduler.fleet import WorkerFleet
+    from scheduler.jobs import Approvals
+
+
+class CancelledInQueue(Exception):
+    """Set on a queued job's slot when it is cancelled before it ran."""
+
+
+class JobControl:
+    """Boot recovery, `enqueue`, `approve`, `pending_approvals`, `cancel`."""
+
+    _jobs: dict[str, Job]
+    _store: ResultStore
+    _queue: FairQueue[Job]
+    _fleet: WorkerFleet
+    _approvals: Approvals
+    _counts: Counter[str]
+    _durable: Counter[str]
+    _booted: bool
+
+    def _start(self, task: AgentTask, trace_id: str, *, adopted: bool = False, admitted_unix: float = 0.0) -> Job:
+        raise NotImplementedError
+
+    async def boot(self) -> int:
+        """Takes up every task this pool accepted and has not finished (its admissions in
+        Redis): after a restart they are queued again, ahead of new work, and run from their
+        checkpoints. Runs once, when the actor starts. Returns how many it took up."""
+        if self._booted:
+            return 0
+        self._booted = True
+        taken = 0
+        async for _tenant, task_id, entry in self._store.admissions():
+            if task_id in self._jobs:
+                continue  # a caller's re-delivered call got here first
+            try:
+                admitted = Admitted.model_validate_json(entry)
+            except ValueError:
+                continue
+            self._start(admitted.task, admitted.trace_id, adopted=True, admitted_unix=admitted.admitted_unix)
+            taken += 1
+        self._durable["recovered"] += taken
+        return taken
+
+    async def enqueue(self, tasks: list[AgentTask], trace_ids: list[str]) -> list[dict[str, Any]]:
+        """Accepts tasks without waiting for them to run (a detached submission): returns, per
+        task, `accepted` or the final record it already has (a rejection, say). Their results
+        land in Redis."""
+        jobs = [self._jobs.get(t.task_id) or self._start(t, tr) for t, tr in zip(tasks, trace_ids, strict=True)]
+        await asyncio.gather(*(asyncio.shield(j.accepted) for j in jobs))
+        return [
+            {"task_id": j.task.task_id, "status": j.done.result().status if j.done.done() else "accepted"} for j in jobs
+        ]
+
+    async def _await_decision(self, job: Job, paused: Paused) -> None:
+        """Holds a paused job (no slot) until its approval comes, it is cancelled, or its
+        deadline passes; the decision goes to Redis for the run that resumes it."""
+        task = job.task
+        job.state, job.paused = "paused", paused
+        job.decision = asyncio.get_running_loop().create_future()
+        if job.cancel_reason is None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._approvals.request(job, paused)
+            try:
+                async with asyncio.timeout(max(0.0, paused.deadline_unix - time.time())):
+                    await job.decision
+            except TimeoutError:
+                expired = ApprovalDecision(tool_use_ids=paused.tool_use_ids, approved=None, decided_unix=time.time())
+                with contextlib.suppress(RedisError, OSError):
+                    await self._approvals.decide(task.tenant, task.task_id, expired)
+        job.decision = None
+
+    async def approve(self, task_id: str, approved: bool, note: str = "") -> dict[str, Any]:
+        """Decides on a paused task's tool calls; the task resumes at once (the tools run, or
+        get a denial as their result). Returns `{"task_id", "status"}` with status `decided`,
+        or `not_awaiting_approval` if the task is not paused here."""
+        job = self._jobs.get(task_id)
+        if job is None or job.paused is None or job.decision is None or job.decision.done():
+            return {"task_id": task_id, "status": "not_awaiting_approval"}
+        decision = ApprovalDecision(
+            tool_use_ids=job.paused.tool_use_ids, approved=approved, note=note[:2000], decided_unix=time.time()
+        )
+        await self._approvals.decide(job.task.tenant, task_id, decision)
+        self._store.post(
+            job.task.tenant, "approval_decided", task_id=task_id, trace_id=job.trace_id, approved=approved, note=note
+        )
+        if not job.decision.done():
+            job.decision.set_result(decision)
+        return {"task_id": task_id, "status": "decided"}
+
+    async def pending_approvals(self, tenant: str) -> list[dict[str, Any]]:
+        return await self._approvals.pending(tenant)
+
+    async def cancel(self, task_id: str, reason: str = "cancelled by request") -> AgentResult | None:
+        """Stops a queued, paused or running task; returns its final record (`cancelled`,
+        or how it ended if it ended first). None if this pool has no such task running."""
+        job = self._jobs.get(task_id)
+        if job is None:
+            return None
+        job.cancel_reason = reason
+        task = job.task
+        # For a run that starts or resumes later (or on another worker): it ends at once.
+        with contextlib.suppress(RedisError, OSError):
+            await self._store.redis.set(self._store.keys.cancel(task.tenant, task_id), reason, ex=86_400)
+        if job.state == "queued" and not job.resumed and self._queue.remove(task.tenant, job):
+            if not job.slot.done():
+                job.slot.set_exception(CancelledInQueue())
+        elif job.state == "running" and job.worker is not None:
+            self._fleet.handles[job.worker].cancel.remote(task_id, reason)
+        elif job.state == "paused" and job.decision is not None and not job.decision.done():
+            job.decision.set_result(None)  # it resumes only to end as cancelled, with its work so far
+        return await asyncio.shield(job.done)
+
+    def _awaiting(self) -> dict[str, list[str]]:
+        """Paused tasks waiting for a human, by tenant."""
+        out: dict[str, list[str]] = {}
+        for job in self._jobs.values():
+            if job.state == "paused" and job.decision is not None:
+                out.setdefault(job.task.tenant, []).append(job.task.task_id)
+        return out

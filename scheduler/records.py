@@ -1,0 +1,90 @@
+"""The final records the scheduler writes itself: rejections, failures around a run, and
+cancellations of tasks that never ran (a mixin of `Scheduler`, kept apart for size)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from agentpool.errors import AgentPoolError
+from agentpool.models import AgentResult, AgentTask, ErrorInfo, Timings
+from scheduler.jobs import Job
+
+if TYPE_CHECKING:
+    from collections import Counter
+
+    from cluster.store import ResultStore
+
+
+class Records:
+    """`_reject`, `_fail`, `_cancelled`: each writes once and returns the stored record."""
+
+    _store: ResultStore
+    _counts: Counter[str]
+    _shed: Counter[str]
+
+    async def _reject(self, task: AgentTask, trace_id: str, error: AgentPoolError, arrived_unix: float) -> AgentResult:
+        retry_after = error.fields.get("retry_after_s")
+        took_ms = round((time.time() - arrived_unix) * 1000, 3)
+        result = AgentResult(
+            task_id=task.task_id,
+            tenant=task.tenant,
+            status="rejected",
+            trace_id=trace_id,
+            error=ErrorInfo(
+                type=error.type_name,
+                message=error.message,
+                retryable=error.retryable,
+                reason=error.fields.get("reason"),
+            ),
+            retry_after_s=retry_after,
+            attempts=0,
+            timings=Timings(queued_ms=took_ms, total_ms=took_ms),
+        )
+        stored, created = await self._store.write_result(result)
+        if created:
+            self._store.post(
+                task.tenant,
+                "shed" if error.retryable else "task_rejected",
+                task_id=task.task_id,
+                trace_id=trace_id,
+                error_type=error.type_name,
+                reason=error.fields.get("reason", error.message),
+                retry_after_s=retry_after,
+            )
+            await self._store.flush()
+        self._counts["rejected"] += 1
+        self._shed[str(error.fields.get("reason") or error.type_name)] += 1
+        return stored
+
+    async def _fail(self, task: AgentTask, trace_id: str, exc: BaseException, queued_ms: float) -> AgentResult:
+        result = AgentResult(
+            task_id=task.task_id,
+            tenant=task.tenant,
+            status="failed",
+            trace_id=trace_id,
+            error=ErrorInfo(type=type(exc).__name__, message=str(exc)[:4000], retryable=True),
+            timings=Timings(queued_ms=queued_ms),
+        )
+        try:
+            stored, _ = await self._store.write_result(result)
+        except Exception:  # Redis itself failed: the caller still gets the result
+            return result
+        return stored
+
+    async def _cancelled(self, job: Job) -> AgentResult:
+        task = job.task
+        result = AgentResult(
+            task_id=task.task_id,
+            tenant=task.tenant,
+            status="cancelled",
+            trace_id=job.trace_id,
+            error=ErrorInfo(type="Cancelled", message=job.cancel_reason or "cancelled", reason="cancelled"),
+            attempts=0,
+            timings=Timings(total_ms=round((time.time() - job.admitted_unix) * 1000, 3)),
+        )
+        stored, created = await self._store.write_result(result)
+        if created:
+            self._store.post(task.tenant, "task_end", task_id=task.task_id, trace_id=job.trace_id, status="cancelled")
+        self._counts[stored.status] += 1
+        return stored
