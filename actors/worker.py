@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import functools
 import time
 from typing import Any, TypeVar
@@ -270,6 +271,10 @@ class AgentWorker:
         if policy is not None and policy.allowed_tools is not None:
             allowed &= set(policy.allowed_tools)
         return allowed
+
+    def pid(self) -> int:
+        """This actor's process id (for operators, and the chaos tests that kill it)."""
+        return os.getpid()
 
     def ping(self) -> int:
         return self.in_flight

@@ -249,6 +249,8 @@ def status_tables(status: dict[str, object]) -> list[Table]:
     for column in ("tenant", "tokens", "cost USD", "reserved tokens", "calls"):
         budgets.add_column(column)
     for tenant, spent in (status.get("budgets_today") or {}).items():  # type: ignore[union-attr]
+        if not isinstance(spent, dict):  # {"error": ...} while Redis is away
+            continue
         budgets.add_row(
             tenant,
             f"{spent.get('tokens', 0):.0f}",

@@ -128,11 +128,11 @@ class EmbeddedRedis:
         return self.url
 
     def restart(self, *, down_s: float = 0.0) -> None:
-        """Stops the server (SIGKILL: an outage, not a clean shutdown), waits `down_s`, and
-        starts it again on the same port and data directory."""
+        """Stops the server (SIGTERM: it writes out its append-only file), stays down
+        `down_s`, and starts it again on the same port and data directory."""
         if self._proc is not None:
-            self._proc.kill()
-            self._proc.wait()
+            self._proc.terminate()
+            self._proc.wait(timeout=30)
             self._proc = None
         time.sleep(down_s)
         self.start()

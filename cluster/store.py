@@ -17,9 +17,9 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from agentpool.models import AgentResult, AgentTask
 from cluster.keys import Keys
@@ -42,6 +42,13 @@ else
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'task_id', ARGV[2], 'status', ARGV[3], 'result', ARGV[1])
 return {1, ARGV[1]}
+"""
+# Records an admission unless the task already has a final record (then returns it) or was
+# admitted before. Returns {record or false, 1 if admitted before}.
+_ADMIT = """
+local existing = redis.call('GET', KEYS[1])
+if existing then return {existing, 1} end
+return {false, 1 - redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2])}
 """
 # Refreshes a run's lease, or deletes it (ARGV[2] == 0), only while that run holds it.
 _LEASE = """
@@ -126,6 +133,7 @@ class ResultStore:
             self._redis = aioredis.Redis(connection_pool=pool)
             self._scripts = {"write": self._redis.register_script(_WRITE_ONCE)}
             self._scripts["lease"] = self._redis.register_script(_LEASE)
+            self._scripts["admit"] = self._redis.register_script(_ADMIT)
         return self._redis
 
     # --- the final record --------------------------------------------------------------
@@ -223,8 +231,8 @@ class ResultStore:
         try:
             pipe = self.redis.pipeline(transaction=False)
             for task, entry, _ in batch:
-                pipe.get(self.keys.result(task.tenant, task.task_id))
-                pipe.hsetnx(self.keys.admitted(task.tenant, self.pool), task.task_id, entry)
+                keys = [self.keys.result(task.tenant, task.task_id), self.keys.admitted(task.tenant, self.pool)]
+                await self._scripts["admit"](keys=keys, args=[task.task_id, entry], client=pipe)
             values = await pipe.execute()
         except _REDIS_DOWN:
             for task, entry, future in batch:
@@ -232,9 +240,9 @@ class ResultStore:
                 if not future.done():
                     future.set_result((None, False))
             return
-        for i, (_, _, future) in enumerate(batch):
+        for (_, _, future), (raw, known) in zip(batch, values, strict=True):
             if not future.done():
-                future.set_result((values[2 * i], not values[2 * i + 1]))
+                future.set_result((raw or None, bool(known)))
 
     async def admissions(self) -> AsyncIterator[tuple[str, str, str]]:
         """Every task this pool accepted and has not finished: (tenant, task_id, entry)."""

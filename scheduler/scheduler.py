@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import math
 import time
 import warnings
@@ -451,6 +452,10 @@ class Scheduler(JobControl, Records):
         self._models.finished(key)
         self._pump()
 
+    def pid(self) -> int:
+        """This actor's process id (for operators, and the chaos tests that kill it)."""
+        return os.getpid()
+
     async def status(self) -> dict[str, Any]:
         """Queues, in-flight work, shedding, the global buckets and today's budgets."""
         now = self._clock()
@@ -485,5 +490,11 @@ class Scheduler(JobControl, Records):
             "fair_counters": {t: round(c, 1) for t, c in self._queue.counters.items() if t in tenants},
             "limits": limits,
             "tools": tools,
-            "budgets_today": await self._ledger.usage_today(tenants),
+            "budgets_today": await self._budgets_today(tenants),
         }
+
+    async def _budgets_today(self, tenants: dict[str, None]) -> dict[str, Any]:
+        try:
+            return dict(await self._ledger.usage_today(tenants))
+        except (RedisError, OSError) as exc:  # status must answer while Redis is away
+            return {"error": f"Redis unavailable: {type(exc).__name__}"}

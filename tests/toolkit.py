@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 from agentpool import tool
@@ -42,3 +43,50 @@ def explode(message: str = "boom") -> str:
 def huge(size: int = 100_000) -> str:
     """Returns a very long string."""
     return "x" * size
+
+
+#: Where `tally` counts its runs: one file per label, one line per execution.
+TALLY_DIR = os.environ.get("AGENTPOOL_TEST_TALLY_DIR", "/tmp/agentpool-tally")
+
+
+@tool(idempotent=True, timeout_s=5)
+def tally(label: str) -> str:
+    """Counts that it ran (a line in a file per label), for tests of what runs again.
+
+    Args:
+        label: What to count.
+    """
+    os.makedirs(TALLY_DIR, exist_ok=True)
+    with open(os.path.join(TALLY_DIR, label), "a") as f:
+        f.write("x\n")
+    return f"counted {label}"
+
+
+def tally_count(label: str) -> int:
+    try:
+        with open(os.path.join(TALLY_DIR, label)) as f:
+            return len(f.readlines())
+    except FileNotFoundError:
+        return 0
+
+
+@tool(idempotent=True, timeout_s=30)
+async def nap(seconds: float = 1.0) -> str:
+    """Sleeps, then says so.
+
+    Args:
+        seconds: How long.
+    """
+    await asyncio.sleep(seconds)
+    return f"slept {seconds}s"
+
+
+@tool(requires_approval=True)
+def wire_money(amount: int, to: str) -> str:
+    """Sends money (pretend): a human must approve each call.
+
+    Args:
+        amount: In cents.
+        to: The payee.
+    """
+    return f"sent {amount} to {to}"

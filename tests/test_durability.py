@@ -1,0 +1,196 @@
+"""Durable execution through the public API, with real kills (SIGKILL) of real processes:
+a worker, the scheduler, a tool executor; plus cancellation and approval gates."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import ray
+import redis
+
+from agentpool import AgentPool, AgentTask, PoolConfig, SimulatorConfig
+from cluster.redis_server import EmbeddedRedis
+from tests.toolkit import tally_count
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def config(redis_url: str, **overrides: object) -> PoolConfig:
+    base: dict[str, object] = {
+        "name": f"d{uuid.uuid4().hex[:8]}",
+        "key_prefix": f"t{uuid.uuid4().hex[:8]}",
+        "redis_url": redis_url,
+        "tool_modules": ["tests.toolkit"],
+        "simulator": SimulatorConfig(latency_ms=5, latency_sigma=0),
+        "num_workers": 2,
+        "worker_concurrency": 16,
+        "approval_timeout_s": 3.0,
+    }
+    return PoolConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def pool(redis_url: str) -> Iterator[AgentPool]:
+    p = AgentPool.start(config(redis_url))
+    yield p
+    p.shutdown()
+
+
+def final_records(client: redis.Redis, pool: AgentPool, tenant: str) -> dict[str, int]:
+    """Stream entries per task_id in the tenant's results stream."""
+    counts: dict[str, int] = {}
+    for _, fields in client.xrange(f"{pool.config.key_prefix}:{{{tenant}}}:results"):
+        counts[fields["task_id"]] = counts.get(fields["task_id"], 0) + 1
+    return counts
+
+
+def wait_for(predicate: object, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def stepped(label: str, nap_s: float) -> str:
+    """Four turns: count, nap, count, answer."""
+    return (
+        f'sim: tool tally {{"label": "{label}-1"}}\n'
+        f'sim: tool nap {{"seconds": {nap_s}}}\n'
+        f'sim: tool tally {{"label": "{label}-2"}}\n'
+        f"sim: answer done {label}"
+    )
+
+
+def test_a_worker_killed_mid_task_resumes_on_another_from_its_checkpoint(
+    pool: AgentPool, redis_client: redis.Redis
+) -> None:
+    label = uuid.uuid4().hex[:10]
+    task = AgentTask(tenant="acme", prompt=stepped(label, 3.0), tools=["tally", "nap"])
+    ref = pool.submit([task])[0]
+    # The first tool turn is done (and checkpointed) once the tally has run; the nap follows.
+    wait_for(lambda: tally_count(f"{label}-1") == 1)
+    time.sleep(0.5)
+    worker = ray.get_actor(pool.config.worker_name(0), namespace="agentpool")
+    os.kill(ray.get(worker.pid.remote()), signal.SIGKILL)
+    result = ray.get(ref, timeout=60)
+    assert result.status == "succeeded", result.error
+    assert result.answer == f"done {label}"
+    assert result.resumes == 1 and result.llm_calls_saved == 2  # two turns were not sent again
+    assert result.attempts == 2
+    assert tally_count(f"{label}-1") == 1  # the completed tool call did not run again
+    assert tally_count(f"{label}-2") == 1
+    assert final_records(redis_client, pool, "acme")[task.task_id] == 1
+    keys = redis_client.keys(f"{pool.config.key_prefix}:{{acme}}:checkpoint:*")
+    assert not keys  # the checkpoint went with the final record
+    wait_for(lambda: pool.status()["workers"]["restarting"] == 0)
+
+
+def test_the_scheduler_killed_mid_batch_loses_and_duplicates_nothing(
+    pool: AgentPool, redis_client: redis.Redis
+) -> None:
+    tasks = [
+        AgentTask(tenant="acme", prompt=f'sim: tool nap {{"seconds": 0.4}}\nsim: answer ok {i}', tools=["nap"])
+        for i in range(60)
+    ]
+    refs = pool.submit(tasks)
+    ready, _ = ray.wait(refs, num_returns=10, timeout=30)
+    assert len(ready) == 10
+    scheduler = ray.get_actor(f"{pool.config.name}-scheduler", namespace="agentpool")
+    os.kill(ray.get(scheduler.pid.remote()), signal.SIGKILL)
+    results = ray.get(refs, timeout=120)
+    assert [r.task_id for r in results] == [t.task_id for t in tasks]
+    assert all(r.status == "succeeded" for r in results), {r.status for r in results}
+    counts = final_records(redis_client, pool, "acme")
+    assert all(counts[t.task_id] == 1 for t in tasks)
+    admitted = redis_client.hlen(f"{pool.config.key_prefix}:{{acme}}:admitted:{pool.config.name}")
+    assert admitted == 0  # every admission ended with its record
+
+
+def test_cancel_a_queued_and_a_running_task(redis_url: str, redis_client: redis.Redis) -> None:
+    with AgentPool.start(config(redis_url, num_workers=1, worker_concurrency=1)) as pool:
+        running = AgentTask(tenant="acme", prompt='sim: tool nap {"seconds": 20}\nsim: answer late', tools=["nap"])
+        queued = AgentTask(tenant="acme", prompt="sim: answer never")
+        refs = pool.submit([running, queued])
+        events = f"{pool.config.key_prefix}:{{acme}}:events"
+        wait_for(lambda: any(f["event"] == "tool_call" for _, f in redis_client.xrange(events)))  # it naps now
+        assert pool.status()["queued"] == 1
+        first = pool.cancel(queued.task_id)
+        assert first is not None and first.status == "cancelled"
+        second = pool.cancel(running.task_id)
+        assert second is not None and second.status == "cancelled"
+        assert second.iterations == 1 and second.usage.output_tokens > 0  # the work done so far
+        assert [r.status for r in ray.get(refs, timeout=30)] == ["cancelled", "cancelled"]
+        status = pool.status()
+        assert status["in_flight"] == 0 and status["queued"] == 0  # slots given back
+        assert pool.cancel(running.task_id) is None  # nothing in progress any more
+        assert final_records(redis_client, pool, "acme") == {running.task_id: 1, queued.task_id: 1}
+
+
+def test_approval_gates_approve_deny_and_expire(pool: AgentPool, redis_client: redis.Redis) -> None:
+    def paying(answer: str) -> AgentTask:
+        prompt = f'sim: tool wire_money {{"amount": 500, "to": "bob"}}\nsim: answer {answer}'
+        return AgentTask(tenant="initech", prompt=prompt, tools=["wire_money"])
+
+    approved, denied, ignored = paying("paid"), paying("not paid"), paying("never")
+    refs = pool.submit([approved, denied, ignored])
+    wait_for(lambda: len(pool.status()["awaiting_approval"].get("initech", [])) == 3)
+    assert pool.status()["in_flight"] == 0  # paused tasks hold no worker slot
+    pending = {p["task_id"]: p for p in pool.pending_approvals("initech")}
+    assert set(pending) == {approved.task_id, denied.task_id, ignored.task_id}
+    assert pending[approved.task_id]["tools"] == ["wire_money"]
+    assert pending[approved.task_id]["arguments"] == [{"amount": 500, "to": "bob"}]
+    assert pool.approve(approved.task_id, True)["status"] == "decided"
+    assert pool.approve(denied.task_id, False, note="not this week")["status"] == "decided"
+    ok, no, expired = ray.get(refs, timeout=30)
+    assert ok.status == "succeeded" and ok.tool_calls[0].ok and ok.answer == "paid"
+    assert no.status == "succeeded" and no.tool_calls[0].error_kind == "denied"
+    assert expired.status == "timed_out" and expired.error is not None
+    assert expired.error.type == "ApprovalTimeout"
+    assert pool.pending_approvals("initech") == []
+    assert pool.approve(ok.task_id, True)["status"] == "not_awaiting_approval"
+    events = [f["event"] for _, f in redis_client.xrange(f"{pool.config.key_prefix}:{{initech}}:events")]
+    assert events.count("approval_requested") == 3 and events.count("approval_decided") == 2
+
+
+# Last in the module: the workers keep away from a crashed executor for a while after.
+def test_a_tool_executor_killed_mid_batch_costs_no_task(pool: AgentPool, redis_client: redis.Redis) -> None:
+    tasks = [
+        AgentTask(tenant="globex", prompt=f'sim: tool nap {{"seconds": 0.5}}\nsim: answer ok {i}', tools=["nap"])
+        for i in range(20)
+    ]
+    refs = pool.submit(tasks)
+    time.sleep(0.3)
+    executor = ray.get_actor(f"{pool.config.name}-tools-default-0", namespace="agentpool")
+    os.kill(ray.get(executor.ping.remote())["pid"], signal.SIGKILL)
+    results = ray.get(refs, timeout=60)
+    assert all(r.status == "succeeded" for r in results)  # a failed nap is only a tool error
+    counts = final_records(redis_client, pool, "globex")
+    assert all(counts[t.task_id] == 1 for t in tasks)
+    assert ray.get(executor.ping.remote(), timeout=60)["pid"]  # the executor came back
+
+
+def test_a_redis_restart_mid_batch_loses_and_duplicates_nothing() -> None:
+    with EmbeddedRedis() as server, AgentPool.start(config(server.url)) as pool:
+        tasks = [
+            AgentTask(tenant="acme", prompt=f'sim: tool nap {{"seconds": 0.3}}\nsim: answer ok {i}', tools=["nap"])
+            for i in range(40)
+        ]
+        refs = pool.submit(tasks)
+        ready, _ = ray.wait(refs, num_returns=5, timeout=30)
+        assert len(ready) == 5
+        server.restart(down_s=1.5)  # results finishing meanwhile wait in the processes' outboxes
+        results = ray.get(refs, timeout=60)  # ray.get is served all along
+        assert all(r.status == "succeeded" for r in results), {r.status for r in results}
+        client = redis.Redis.from_url(server.url, decode_responses=True)
+        wait_for(lambda: len(final_records(client, pool, "acme")) == len(tasks))  # the outboxes drained
+        assert set(final_records(client, pool, "acme").values()) == {1}
+        stored = pool.results("acme")
+        assert {r.task_id for r in stored.read()} == {t.task_id for t in tasks}
+        backlog = pool.status()["durability"]
+        assert backlog["pending_writes"] == 0 and backlog["writes_dropped"] == 0
+        client.close()
