@@ -1,0 +1,157 @@
+"""Kills that need a Ray cluster of their own (`ray.cluster_utils.Cluster` on this machine):
+run as a subprocess by `test_chaos_cluster.py`, one scenario per run; prints a JSON report
+on its last line.
+
+- `driver`: a driver process starts a detached pool (embedded Redis in a detached actor),
+  submits a batch, and is SIGKILLed mid-batch; another process connects and finds every
+  accepted task with exactly one final record.
+- `node`: agent workers on two worker nodes; one node is removed without grace mid-batch;
+  every ref resolves and every task has exactly one final record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any
+
+import ray
+import redis
+from ray.cluster_utils import Cluster
+
+from agentpool import AgentPool, AgentTask, PlacementConfig, PoolConfig, SimulatorConfig
+from agentpool.pool import NAMESPACE
+
+
+def _tasks(n: int, nap_s: float) -> list[AgentTask]:
+    return [
+        AgentTask(
+            tenant="acme",
+            prompt=f'sim: tool nap {{"seconds": {nap_s}}}\nsim: answer ok {i}',
+            tools=["nap"],
+        )
+        for i in range(n)
+    ]
+
+
+def _records(url: str, prefix: str, tenant: str) -> dict[str, int]:
+    client = redis.Redis.from_url(url, decode_responses=True)
+    counts: dict[str, int] = {}
+    for _, fields in client.xrange(f"{prefix}:{{{tenant}}}:results"):
+        counts[fields["task_id"]] = counts.get(fields["task_id"], 0) + 1
+    client.close()
+    return counts
+
+
+_DRIVER = """
+import sys, time
+import ray
+from agentpool import AgentPool, PoolConfig, SimulatorConfig
+from tests.chaos_scenario import _tasks
+ray.init(address=sys.argv[1], namespace="agentpool", log_to_driver=False, configure_logging=False)
+config = PoolConfig(name=sys.argv[2], key_prefix=sys.argv[2], tool_modules=["tests.toolkit"],
+                    simulator=SimulatorConfig(latency_ms=5, latency_sigma=0), num_workers=2, worker_concurrency=8)
+pool = AgentPool.start(config, detached=True)
+tasks = _tasks(60, 0.4)
+accepted = pool.enqueue(tasks[:30])                 # detached submission
+refs = pool.submit(tasks[30:])                       # and attached refs, owned by this process
+print("READY", pool.redis_url, ",".join(t.task_id for t in tasks), flush=True)
+time.sleep(600)
+"""
+
+
+def driver(cluster: Cluster) -> dict[str, Any]:
+    name = f"dt{uuid.uuid4().hex[:6]}"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _DRIVER, cluster.address, name],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().split()
+    assert line and line[0] == "READY", line
+    url, task_ids = line[1], line[2].split(",")
+    deadline = time.monotonic() + 60
+    while len(_records(url, name, "acme")) < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    done_before = len(_records(url, name, "acme"))
+    os.kill(proc.pid, signal.SIGKILL)  # mid-batch
+    proc.wait()
+    ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
+    pool = AgentPool.connect(name)
+    deadline = time.monotonic() + 120
+    while len(_records(url, name, "acme")) < len(task_ids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    counts = _records(url, name, "acme")
+    statuses = sorted({r.status for r in pool.results("acme").read()})
+    pool.terminate()
+    return {
+        "submitted": len(task_ids),
+        "done_before_kill": done_before,
+        "lost": sum(1 for t in task_ids if t not in counts),
+        "duplicates": sum(n - 1 for n in counts.values()),
+        "statuses": statuses,
+    }
+
+
+def node(cluster: Cluster, redis_url: str) -> dict[str, Any]:
+    nodes = [cluster.add_node(num_cpus=1, resources={"agent_worker": 8}) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
+    name = f"nk{uuid.uuid4().hex[:6]}"
+    config = PoolConfig(
+        name=name,
+        key_prefix=name,
+        redis_url=redis_url,
+        tool_modules=["tests.toolkit"],
+        simulator=SimulatorConfig(latency_ms=5, latency_sigma=0),
+        num_workers=2,
+        worker_concurrency=8,
+        placement=PlacementConfig(
+            control_resources={"agentpool_head": 0.01},
+            executor_resources={"agentpool_head": 0.01},
+            worker_resources={"agent_worker": 1},
+            spread_workers=True,
+        ),
+    )
+    with AgentPool.start(config) as pool:
+        placed = {
+            ray.get(ray.get_actor(config.worker_name(i), namespace=NAMESPACE).node.remote()) for i in range(2)
+        }
+        tasks = _tasks(60, 0.5)
+        refs = pool.submit(tasks)
+        ready, _ = ray.wait(refs, num_returns=8, timeout=60)
+        victim = nodes[0]
+        cluster.remove_node(victim, allow_graceful=False)  # the whole node, mid-batch
+        results = ray.get(refs, timeout=180)
+        counts = _records(redis_url, name, "acme")
+        status = pool.status()
+    return {
+        "submitted": len(tasks),
+        "workers_on_both_nodes": placed == {n.node_id for n in nodes},
+        "done_before_kill": len(ready),
+        "statuses": sorted({r.status for r in results}),
+        "in_order": [r.task_id for r in results] == [t.task_id for t in tasks],
+        "lost": sum(1 for t in tasks if t.task_id not in counts),
+        "duplicates": sum(n - 1 for n in counts.values()),
+        "redispatched": status["durability"].get("redispatched", 0),
+    }
+
+
+def main(scenario: str, redis_url: str) -> dict[str, Any]:
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"agentpool_head": 1}})
+    try:
+        return driver(cluster) if scenario == "driver" else node(cluster, redis_url)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(sys.argv[1], sys.argv[2])))

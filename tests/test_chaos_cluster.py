@@ -1,0 +1,43 @@
+"""Chaos on a cluster of its own: the driver of a detached pool, and a whole node, each
+SIGKILLed mid-batch (`tests/chaos_scenario.py`, run in a subprocess: one process holds one
+Ray, and the rest of the suite shares a single-node one)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def scenario(name: str, redis_url: str) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.chaos_scenario", name, redis_url],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return report
+
+
+def test_killing_the_driver_of_a_detached_pool_loses_no_accepted_task(redis_url: str) -> None:
+    report = scenario("driver", redis_url)
+    assert report["done_before_kill"] < report["submitted"]  # the kill came mid-batch
+    assert report["lost"] == 0 and report["duplicates"] == 0, report
+    assert report["statuses"] == ["succeeded"]
+
+
+def test_losing_a_node_mid_batch_loses_and_duplicates_nothing(redis_url: str) -> None:
+    report = scenario("node", redis_url)
+    assert report["workers_on_both_nodes"]
+    assert report["done_before_kill"] < report["submitted"]
+    assert report["statuses"] == ["succeeded"] and report["in_order"]
+    assert report["lost"] == 0 and report["duplicates"] == 0, report
+    assert report["redispatched"] >= 1  # the dead node's tasks ran again elsewhere
