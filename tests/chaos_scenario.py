@@ -121,9 +121,7 @@ def node(cluster: Cluster, redis_url: str) -> dict[str, Any]:
         ),
     )
     with AgentPool.start(config) as pool:
-        placed = {
-            ray.get(ray.get_actor(config.worker_name(i), namespace=NAMESPACE).node.remote()) for i in range(2)
-        }
+        placed = {ray.get(ray.get_actor(config.worker_name(i), namespace=NAMESPACE).node.remote()) for i in range(2)}
         tasks = _tasks(60, 0.5)
         refs = pool.submit(tasks)
         ready, _ = ray.wait(refs, num_returns=8, timeout=60)
