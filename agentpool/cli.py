@@ -153,12 +153,95 @@ def demo(
         _where_in_redis(pool, names, embedded=config.redis_url is None)
 
 
+NameOption = Annotated[str, typer.Option(envvar="AGENTPOOL_NAME", help="The pool's PoolConfig.name.")]
+AddressOption = Annotated[str | None, typer.Option(envvar="RAY_ADDRESS", help="Ray cluster address.")]
+
+
+def _connect(name: str, address: str | None) -> object:
+    from agentpool import AgentPool
+    from agentpool.errors import PoolNotRunning
+
+    try:
+        return AgentPool.connect(name, address=address)
+    except PoolNotRunning as exc:
+        console.print(f"[red]{exc}[/] (start one with `agentpool start --detach`)")
+        raise typer.Exit(1) from None
+    except ConnectionError as exc:
+        console.print(f"[red]no Ray cluster to connect to: {exc}[/]")
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def start(
+    detach: Annotated[bool, typer.Option("--detach", help="Required: the pool outlives this command.")] = False,
+) -> None:
+    """Starts a detached pool on the Ray cluster at RAY_ADDRESS (configured by AGENTPOOL_* variables)."""
+    from agentpool import AgentPool, PoolConfig
+    from agentpool.errors import ConfigError
+
+    if not detach:
+        console.print("[red]a pool started from the command line must be detached: pass --detach[/]")
+        raise typer.Exit(2)
+    config = PoolConfig()
+    try:
+        pool = AgentPool.start(config, detached=True)
+    except ConfigError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+    console.print(f"pool [bold]{config.name}[/] running, detached; Redis at {pool.redis_url}")
+    console.print("submit with `agentpool submit FILE --detach`; stop with `agentpool stop`")
+    pool.shutdown()  # lets go of it; the pool stays
+
+
+@app.command()
+def stop(name: NameOption = "agentpool", address: AddressOption = None) -> None:
+    """Stops a running (detached) pool: its actors and its embedded Redis, if any."""
+    pool = _connect(name, address)
+    pool.terminate()  # type: ignore[attr-defined]
+    console.print(f"pool [bold]{name}[/] stopped")
+
+
+@app.command()
+def cancel(
+    task_id: Annotated[str, typer.Argument(help="The task to stop.")],
+    name: NameOption = "agentpool",
+    address: AddressOption = None,
+) -> None:
+    """Cancels a queued, running or paused task and prints its final record."""
+    result = _connect(name, address).cancel(task_id)  # type: ignore[attr-defined]
+    if result is None:
+        console.print(f"[yellow]no task {task_id} in progress in pool {name}[/]")
+        raise typer.Exit(1)
+    print(result.model_dump_json())
+
+
+@app.command()
+def approve(
+    task_id: Annotated[str, typer.Argument(help="The paused task.")],
+    deny: Annotated[bool, typer.Option("--deny", help="Deny instead of approve.")] = False,
+    note: Annotated[str, typer.Option(help="Why; the model sees it with a denial.")] = "",
+    name: NameOption = "agentpool",
+    address: AddressOption = None,
+) -> None:
+    """Approves (or with --deny, denies) a task's tool calls waiting for a human."""
+    answer = _connect(name, address).approve(task_id, not deny, note=note)  # type: ignore[attr-defined]
+    console.print(f"{task_id}: {answer['status']}")
+    if answer["status"] != "decided":
+        raise typer.Exit(1)
+
+
 @app.command()
 def submit(
     file: Annotated[Path, typer.Argument(help="JSON Lines, one AgentTask per line ('-' for stdin).")],
     output: Annotated[Path | None, typer.Option(help="Write results here as JSON Lines.")] = None,
+    detach: Annotated[
+        bool, typer.Option("--detach", help="Hand the tasks to a running pool and return at once.")
+    ] = False,
+    name: NameOption = "agentpool",
+    address: AddressOption = None,
 ) -> None:
-    """Submits a batch of tasks from a JSONL file, shows progress and a summary."""
+    """Submits a batch of tasks from a JSONL file, shows progress and a summary. With
+    --detach, hands them to a running detached pool and returns: results land in Redis."""
     from agentpool import AgentPool, PoolConfig
 
     lines = sys.stdin.read().splitlines() if str(file) == "-" else file.read_text().splitlines()
@@ -174,6 +257,15 @@ def submit(
     if not tasks:
         console.print("[yellow]no tasks in the file[/]")
         raise typer.Exit(1)
+    if detach:
+        pool = _connect(name, address)
+        answers = pool.enqueue(tasks)  # type: ignore[attr-defined]
+        by_status: dict[str, int] = defaultdict(int)
+        for answer in answers:
+            by_status[answer["status"]] += 1
+        console.print(", ".join(f"{n} {status}" for status, n in sorted(by_status.items())))
+        console.print(f"results land in Redis at {pool.redis_url} (`agentpool results TENANT`)")  # type: ignore[attr-defined]
+        return
     config = PoolConfig()
     with AgentPool.start(config) as pool:
         results = _run_with_progress(pool, tasks)
@@ -274,23 +366,13 @@ def status_tables(status: dict[str, object]) -> list[Table]:
 
 @app.command()
 def status(
-    name: Annotated[str, typer.Option(envvar="AGENTPOOL_NAME", help="The pool's PoolConfig.name.")] = "agentpool",
-    address: Annotated[str | None, typer.Option(envvar="RAY_ADDRESS", help="Ray cluster address.")] = None,
+    name: NameOption = "agentpool",
+    address: AddressOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw status as JSON.")] = False,
 ) -> None:
     """Shows a running pool's queues, shedding, rate-limit buckets, today's budgets and its tools."""
-    from agentpool import AgentPool
-    from agentpool.errors import PoolNotRunning
-
-    try:
-        pool = AgentPool.connect(name, address=address)
-    except PoolNotRunning as exc:
-        console.print(f"[red]{exc}[/]")
-        raise typer.Exit(1) from None
-    except ConnectionError as exc:
-        console.print(f"[red]no Ray cluster to connect to: {exc}[/]")
-        raise typer.Exit(1) from None
-    snapshot = pool.status()
+    pool = _connect(name, address)
+    snapshot = pool.status()  # type: ignore[attr-defined]
     if as_json:
         print(json.dumps(snapshot, indent=2, default=str))
         return

@@ -11,7 +11,7 @@ from typing import Any
 import ray
 
 from agentpool.pool import NAMESPACE
-from bench import autoscale, batch, fairness, overhead, overload, ratelimit, scale, tools
+from bench import autoscale, batch, chaos, fairness, overhead, overload, ratelimit, scale, tools
 
 BENCHMARKS: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
     "batch": batch.run,
@@ -22,6 +22,7 @@ BENCHMARKS: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
     "overload": overload.run,
     "scale": scale.run,
     "autoscale": autoscale.run,
+    "chaos": chaos.run,
 }
 
 

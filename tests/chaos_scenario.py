@@ -5,6 +5,8 @@ on its last line.
 - `driver`: a driver process starts a detached pool (embedded Redis in a detached actor),
   submits a batch, and is SIGKILLed mid-batch; another process connects and finds every
   accepted task with exactly one final record.
+- `cli`: the same through the command line: `agentpool start --detach`, `agentpool submit
+  --detach` (returns before the tasks end), results in Redis, `agentpool stop`.
 - `node`: agent workers on two worker nodes; one node is removed without grace mid-batch;
   every ref resolves and every task has exactly one final record.
 """
@@ -100,6 +102,45 @@ def driver(cluster: Cluster) -> dict[str, Any]:
     }
 
 
+def cli(cluster: Cluster) -> dict[str, Any]:
+    """`agentpool start --detach`, `submit --detach` (returns at once), results in Redis, `stop`."""
+    name = f"cl{uuid.uuid4().hex[:6]}"
+    env = {**os.environ, "RAY_ADDRESS": cluster.address, "AGENTPOOL_NAME": name, "AGENTPOOL_KEY_PREFIX": name}
+    env["AGENTPOOL_TOOL_MODULES"] = '["tests.toolkit"]'
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, "-m", "agentpool.cli"]
+    up = subprocess.run([*command, "start", "--detach"], env=env, cwd=root, capture_output=True, text=True, check=False)
+    assert up.returncode == 0, up.stderr[-2000:]
+    tasks = _tasks(20, 0.5)
+    path = os.path.join(root, f".{name}.jsonl")
+    with open(path, "w") as f:
+        f.writelines(t.model_dump_json() + "\n" for t in tasks)
+    try:
+        started = time.monotonic()
+        sent = subprocess.run([*command, "submit", path, "--detach"], env=env, cwd=root, capture_output=True, text=True)
+        returned_s = time.monotonic() - started
+    finally:
+        os.unlink(path)
+    assert sent.returncode == 0, sent.stderr[-2000:]
+    ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
+    url = AgentPool.connect(name).redis_url
+    finished_at_return = len(_records(url, name, "acme"))
+    deadline = time.monotonic() + 60
+    while len(_records(url, name, "acme")) < len(tasks) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    counts = _records(url, name, "acme")
+    down = subprocess.run([*command, "stop"], env=env, cwd=root, capture_output=True, text=True, check=False)
+    return {
+        "submitted": len(tasks),
+        "submit_output": sent.stdout,
+        "finished_when_submit_returned": finished_at_return,
+        "submit_s": round(returned_s, 2),
+        "lost": sum(1 for t in tasks if t.task_id not in counts),
+        "duplicates": sum(n - 1 for n in counts.values()),
+        "stopped": down.returncode == 0,
+    }
+
+
 def node(cluster: Cluster, redis_url: str) -> dict[str, Any]:
     nodes = [cluster.add_node(num_cpus=1, resources={"agent_worker": 8}) for _ in range(2)]
     cluster.wait_for_nodes()
@@ -145,6 +186,8 @@ def node(cluster: Cluster, redis_url: str) -> dict[str, Any]:
 def main(scenario: str, redis_url: str) -> dict[str, Any]:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"agentpool_head": 1}})
     try:
+        if scenario == "cli":
+            return cli(cluster)
         return driver(cluster) if scenario == "driver" else node(cluster, redis_url)
     finally:
         ray.shutdown()

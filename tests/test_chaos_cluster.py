@@ -41,3 +41,11 @@ def test_losing_a_node_mid_batch_loses_and_duplicates_nothing(redis_url: str) ->
     assert report["statuses"] == ["succeeded"] and report["in_order"]
     assert report["lost"] == 0 and report["duplicates"] == 0, report
     assert report["redispatched"] >= 1  # the dead node's tasks ran again elsewhere
+
+
+def test_submit_detach_returns_at_once_and_the_results_land_in_redis(redis_url: str) -> None:
+    report = scenario("cli", redis_url)
+    assert "20 accepted" in report["submit_output"], report
+    assert report["finished_when_submit_returned"] < report["submitted"]  # it did not wait for them
+    assert report["lost"] == 0 and report["duplicates"] == 0, report
+    assert report["stopped"]
