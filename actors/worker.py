@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import functools
+import os
 import time
 from typing import Any, TypeVar
 

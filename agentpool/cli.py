@@ -190,7 +190,9 @@ def start(
         raise typer.Exit(1) from None
     console.print(f"pool [bold]{config.name}[/] running, detached; Redis at {pool.redis_url}")
     console.print("submit with `agentpool submit FILE --detach`; stop with `agentpool stop`")
-    pool.shutdown()  # lets go of it; the pool stays
+    import ray
+
+    ray.shutdown()  # lets go of the cluster; the detached pool stays
 
 
 @app.command()

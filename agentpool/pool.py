@@ -176,7 +176,9 @@ class AgentPool:
         embedded = None
         actors: list[Any] = []
         try:
-            host = {"num_cpus": 0, "namespace": NAMESPACE, "runtime_env": _niceness(0), **lifetime}
+            # The simulator and Redis hosts go where the control plane goes (`control_resources`),
+            # never onto a worker node that may go away. Not restarted: a new one has a new port.
+            host = {**_control(config), "max_restarts": 0, "max_task_retries": 0, "namespace": NAMESPACE, **lifetime}
             redis_url = config.redis_url
             if redis_url is None and detached:  # the server must outlive this process too
                 redis_host = RedisHost.options(**host, name=f"{config.name}-redis").remote()

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import math
+import os
 import time
 import warnings
 from collections import Counter

@@ -111,7 +111,7 @@ def cli(cluster: Cluster) -> dict[str, Any]:
     command = [sys.executable, "-m", "agentpool.cli"]
     up = subprocess.run([*command, "start", "--detach"], env=env, cwd=root, capture_output=True, text=True, check=False)
     assert up.returncode == 0, up.stderr[-2000:]
-    tasks = _tasks(20, 0.5)
+    tasks = _tasks(20, 3.0)
     path = os.path.join(root, f".{name}.jsonl")
     with open(path, "w") as f:
         f.writelines(t.model_dump_json() + "\n" for t in tasks)
@@ -121,9 +121,8 @@ def cli(cluster: Cluster) -> dict[str, Any]:
         returned_s = time.monotonic() - started
     finally:
         os.unlink(path)
-    assert sent.returncode == 0, sent.stderr[-2000:]
-    ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
-    url = AgentPool.connect(name).redis_url
+    assert sent.returncode == 0, (sent.stdout[-3000:], sent.stderr[-2000:])
+    url = sent.stdout.split("results land in Redis at ", 1)[1].split()[0]
     finished_at_return = len(_records(url, name, "acme"))
     deadline = time.monotonic() + 60
     while len(_records(url, name, "acme")) < len(tasks) and time.monotonic() < deadline:
@@ -180,6 +179,7 @@ def node(cluster: Cluster, redis_url: str) -> dict[str, Any]:
         "lost": sum(1 for t in tasks if t.task_id not in counts),
         "duplicates": sum(n - 1 for n in counts.values()),
         "redispatched": status["durability"].get("redispatched", 0),
+        "errors": sorted({f"{r.error.type}: {r.error.message[:200]}" for r in results if r.error is not None}),
     }
 
 
