@@ -141,7 +141,8 @@ class AgentWorker:
         if isinstance(begun, AgentResult):
             return begun
         heartbeat = asyncio.ensure_future(self._renew(dispatch)) if begun.leased else None
-        ttl_s = self.config.checkpoint_ttl_s
+        # A paused task's checkpoint must outlive its wait for approval.
+        ttl_s = max(self.config.checkpoint_ttl_s, int(self.config.approval_timeout_s) + 3600)
         checkpoints = Checkpointer(
             functools.partial(self._store.save_checkpoint, task.tenant, task.task_id, ttl_s=ttl_s)
         )
