@@ -239,7 +239,7 @@ class AgentWorker:
             try:
                 begun = await self._store.begin(task.tenant, task.task_id, dispatch.run_id, lease_ms)
             except (RedisError, OSError):
-                return RunStart(leased=False, holder=None, checkpoint=None, cancelled=False, approval=None, result=None)
+                return RunStart()
             if begun.result is not None:
                 return begun.result
             if begun.leased or begun.holder in (None, dispatch.run_id):

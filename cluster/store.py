@@ -69,14 +69,14 @@ _REDIS_DOWN = (RedisError, OSError)
 
 @dataclass
 class RunStart:
-    """What a run finds in Redis as it starts (one round trip)."""
+    """What a run finds in Redis as it starts (one round trip); by default, nothing."""
 
-    leased: bool
-    holder: str | None
-    checkpoint: str | None
-    cancelled: bool
-    approval: str | None
-    result: AgentResult | None
+    leased: bool = False
+    holder: str | None = None
+    checkpoint: str | None = None
+    cancelled: bool = False
+    approval: str | None = None
+    result: AgentResult | None = None
 
 
 class ResultStore:
@@ -287,10 +287,6 @@ class ResultStore:
 
     async def save_checkpoint(self, tenant: str, task_id: str, payload: str, ttl_s: int) -> None:
         await self.redis.set(self.keys.checkpoint(tenant, task_id), payload, ex=ttl_s)
-
-    async def get_result(self, tenant: str, task_id: str) -> AgentResult | None:
-        raw = await self.redis.get(self.keys.result(tenant, task_id))
-        return AgentResult.model_validate_json(raw) if raw else None
 
     # --- events ------------------------------------------------------------------------
 

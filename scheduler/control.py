@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
@@ -19,12 +20,14 @@ from agentpool.protocol import Admitted, Paused
 from scheduler.jobs import Job
 
 if TYPE_CHECKING:
-    from collections import Counter
-
     from cluster.store import ResultStore
     from scheduler.fair import FairQueue
     from scheduler.fleet import WorkerFleet
     from scheduler.jobs import Approvals
+
+
+#: How long `status()` waits for the workers' Redis backlogs.
+_BACKLOG_WAIT_S = 1.0
 
 
 class CancelledInQueue(Exception):
@@ -32,7 +35,8 @@ class CancelledInQueue(Exception):
 
 
 class JobControl:
-    """Boot recovery, `enqueue`, `approve`, `pending_approvals`, `cancel`."""
+    """Boot recovery, `enqueue`, `approve`, `pending_approvals`, `cancel`, and what status
+    reports of them."""
 
     _jobs: dict[str, Job]
     _store: ResultStore
@@ -43,8 +47,11 @@ class JobControl:
     _durable: Counter[str]
     _booted: bool
 
-    def _start(self, task: AgentTask, trace_id: str, *, adopted: bool = False, admitted_unix: float = 0.0) -> Job:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # Scheduler's; declared here for the type checker only
+
+        def _start(
+            self, task: AgentTask, trace_id: str, *, adopted: bool = False, admitted_unix: float = 0.0
+        ) -> Job: ...
 
     async def boot(self) -> int:
         """Takes up every task this pool accepted and has not finished (its admissions in
@@ -142,3 +149,15 @@ class JobControl:
             if job.state == "paused" and job.decision is not None:
                 out.setdefault(job.task.tenant, []).append(job.task.task_id)
         return out
+
+    async def _redis_backlog(self) -> Counter[str]:
+        """Writes waiting for Redis here and in every worker (they hold most final records)."""
+        total: Counter[str] = Counter(self._store.backlog)
+        calls = [h.backlog.remote() for i, h in enumerate(self._fleet.handles) if self._fleet.slots.open[i]]
+        try:
+            for backlog in await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), _BACKLOG_WAIT_S):
+                if isinstance(backlog, dict):  # a worker restarting is left out
+                    total.update(backlog)
+        except TimeoutError:
+            pass
+        return total

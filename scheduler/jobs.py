@@ -50,7 +50,6 @@ class Job:
     slot: asyncio.Future[int] = field(default_factory=_future)
     attempt: int = 1
     worker: int | None = None
-    run_id: str | None = None
     paused: Paused | None = None
     decision: asyncio.Future[ApprovalDecision | None] | None = None
     cancel_reason: str | None = None

@@ -234,7 +234,7 @@ class Scheduler(JobControl, Records):
             queued_ms=(self._clock() - job.enqueued_at) * 1000,
             attempt=job.attempt,
         )
-        job.state, job.worker, job.run_id = "running", worker, dispatch.run_id
+        job.state, job.worker = "running", worker
         started = self._clock()
         outcome: AgentResult | Paused | Exception
         try:
@@ -480,7 +480,7 @@ class Scheduler(JobControl, Records):
             "workers": self._fleet.snapshot(),
             "finished_by_status": dict(self._counts),
             "awaiting_approval": self._awaiting(),
-            "durability": {**self._durable, "jobs": len(self._jobs), **self._store.backlog},
+            "durability": {**self._durable, "jobs": len(self._jobs), **await self._redis_backlog()},
             "shed_by_reason": dict(self._shed),
             "overload_level": self._detector.level(now),
             "dispatch_per_s": round(self._rate.per_s(now), 3),

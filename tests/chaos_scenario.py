@@ -26,19 +26,9 @@ import ray
 import redis
 from ray.cluster_utils import Cluster
 
-from agentpool import AgentPool, AgentTask, PlacementConfig, PoolConfig, SimulatorConfig
+from agentpool import AgentPool, PlacementConfig, PoolConfig, SimulatorConfig
 from agentpool.pool import NAMESPACE
-
-
-def _tasks(n: int, nap_s: float) -> list[AgentTask]:
-    return [
-        AgentTask(
-            tenant="acme",
-            prompt=f'sim: tool nap {{"seconds": {nap_s}}}\nsim: answer ok {i}',
-            tools=["nap"],
-        )
-        for i in range(n)
-    ]
+from tests.toolkit import nap_tasks
 
 
 def _records(url: str, prefix: str, tenant: str) -> dict[str, int]:
@@ -54,12 +44,12 @@ _DRIVER = """
 import sys, time
 import ray
 from agentpool import AgentPool, PoolConfig, SimulatorConfig
-from tests.chaos_scenario import _tasks
+from tests.toolkit import nap_tasks
 ray.init(address=sys.argv[1], namespace="agentpool", log_to_driver=False, configure_logging=False)
 config = PoolConfig(name=sys.argv[2], key_prefix=sys.argv[2], tool_modules=["tests.toolkit"],
                     simulator=SimulatorConfig(latency_ms=5, latency_sigma=0), num_workers=2, worker_concurrency=8)
 pool = AgentPool.start(config, detached=True)
-tasks = _tasks(60, 0.4)
+tasks = nap_tasks(60, 0.4)
 accepted = pool.enqueue(tasks[:30])                 # detached submission
 refs = pool.submit(tasks[30:])                       # and attached refs, owned by this process
 print("READY", pool.redis_url, ",".join(t.task_id for t in tasks), flush=True)
@@ -111,7 +101,7 @@ def cli(cluster: Cluster) -> dict[str, Any]:
     command = [sys.executable, "-m", "agentpool.cli"]
     up = subprocess.run([*command, "start", "--detach"], env=env, cwd=root, capture_output=True, text=True, check=False)
     assert up.returncode == 0, up.stderr[-2000:]
-    tasks = _tasks(20, 3.0)
+    tasks = nap_tasks(20, 3.0)
     path = os.path.join(root, f".{name}.jsonl")
     with open(path, "w") as f:
         f.writelines(t.model_dump_json() + "\n" for t in tasks)
@@ -162,7 +152,7 @@ def node(cluster: Cluster, redis_url: str) -> dict[str, Any]:
     )
     with AgentPool.start(config) as pool:
         placed = {ray.get(ray.get_actor(config.worker_name(i), namespace=NAMESPACE).node.remote()) for i in range(2)}
-        tasks = _tasks(60, 0.5)
+        tasks = nap_tasks(60, 0.5)
         refs = pool.submit(tasks)
         ready, _ = ray.wait(refs, num_returns=8, timeout=60)
         victim = nodes[0]

@@ -4,27 +4,13 @@ Ray, and the rest of the suite shares a single-node one)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.scenarios import run_scenario
 
 
 def scenario(name: str, redis_url: str) -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.chaos_scenario", name, redis_url],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=400,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return report
+    return run_scenario("tests.chaos_scenario", name, redis_url)
 
 
 def test_killing_the_driver_of_a_detached_pool_loses_no_accepted_task(redis_url: str) -> None:

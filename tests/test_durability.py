@@ -15,7 +15,7 @@ import redis
 
 from agentpool import AgentPool, AgentTask, PoolConfig, SimulatorConfig
 from cluster.redis_server import EmbeddedRedis
-from tests.toolkit import tally_count
+from tests.toolkit import nap_tasks, tally_count
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -93,10 +93,7 @@ def test_a_worker_killed_mid_task_resumes_on_another_from_its_checkpoint(
 def test_the_scheduler_killed_mid_batch_loses_and_duplicates_nothing(
     pool: AgentPool, redis_client: redis.Redis
 ) -> None:
-    tasks = [
-        AgentTask(tenant="acme", prompt=f'sim: tool nap {{"seconds": 0.4}}\nsim: answer ok {i}', tools=["nap"])
-        for i in range(60)
-    ]
+    tasks = nap_tasks(60, 0.4, "acme")
     refs = pool.submit(tasks)
     ready, _ = ray.wait(refs, num_returns=10, timeout=30)
     assert len(ready) == 10
@@ -159,10 +156,7 @@ def test_approval_gates_approve_deny_and_expire(pool: AgentPool, redis_client: r
 
 # Last in the module: the workers keep away from a crashed executor for a while after.
 def test_a_tool_executor_killed_mid_batch_costs_no_task(pool: AgentPool, redis_client: redis.Redis) -> None:
-    tasks = [
-        AgentTask(tenant="globex", prompt=f'sim: tool nap {{"seconds": 0.5}}\nsim: answer ok {i}', tools=["nap"])
-        for i in range(20)
-    ]
+    tasks = nap_tasks(20, 0.5, "globex")
     refs = pool.submit(tasks)
     time.sleep(0.3)
     executor = ray.get_actor(f"{pool.config.name}-tools-default-0", namespace="agentpool")
@@ -176,10 +170,7 @@ def test_a_tool_executor_killed_mid_batch_costs_no_task(pool: AgentPool, redis_c
 
 def test_a_redis_restart_mid_batch_loses_and_duplicates_nothing() -> None:
     with EmbeddedRedis() as server, AgentPool.start(config(server.url)) as pool:
-        tasks = [
-            AgentTask(tenant="acme", prompt=f'sim: tool nap {{"seconds": 0.3}}\nsim: answer ok {i}', tools=["nap"])
-            for i in range(40)
-        ]
+        tasks = nap_tasks(40, 0.3, "acme")
         refs = pool.submit(tasks)
         ready, _ = ray.wait(refs, num_returns=5, timeout=30)
         assert len(ready) == 5

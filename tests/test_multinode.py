@@ -6,25 +6,11 @@ and the rest of the suite shares a single-node one."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.scenarios import run_scenario
 
 
 def test_a_pool_spreads_over_nodes_and_scales_with_load(redis_url: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.multinode_scenario", redis_url],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=400,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = run_scenario("tests.multinode_scenario", redis_url)
     workers = set(report["worker_nodes"])
     initial, peak = report["initial_nodes"], report["peak_nodes"]
     # Agent workers go only where agent_worker is, never to the head, and spread over both nodes.

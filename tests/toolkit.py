@@ -6,7 +6,7 @@ import asyncio
 import os
 import time
 
-from agentpool import tool
+from agentpool import AgentTask, tool
 
 
 @tool
@@ -79,6 +79,14 @@ async def nap(seconds: float = 1.0) -> str:
     """
     await asyncio.sleep(seconds)
     return f"slept {seconds}s"
+
+
+def nap_tasks(n: int, seconds: float, tenant: str = "acme") -> list[AgentTask]:
+    """Tasks that nap once, then answer `ok <i>`."""
+    return [
+        AgentTask(tenant=tenant, prompt=f'sim: tool nap {{"seconds": {seconds}}}\nsim: answer ok {i}', tools=["nap"])
+        for i in range(n)
+    ]
 
 
 @tool(requires_approval=True)
