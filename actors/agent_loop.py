@@ -19,6 +19,7 @@ from jsonschema import Draft202012Validator
 
 from actors.checkpoint import ApprovalDecision, ApprovalRequest, LoopState
 from actors.llm import Emit, LLMResponse
+from agentpool import telemetry as tm
 from agentpool.errors import BudgetExceeded, ProviderError
 from agentpool.models import AgentResult, AgentTask, ErrorInfo, TaskStatus, ToolCallSummary, Usage
 from agentpool.pricing import PriceTable
@@ -261,6 +262,16 @@ class AgentLoop:
         text = "".join(b.get("text", "") for b in message.get("content", []) if b.get("type") == "text")
         if text:
             st.last_text = text
+        labels = {"agentpool.tenant": self.task.tenant, "gen_ai.request.model": response.model}
+        for kind, count in (
+            ("input", usage.input_tokens),
+            ("output", usage.output_tokens),
+            ("cache_read", usage.cache_read_input_tokens),
+            ("cache_creation", usage.cache_creation_input_tokens),
+        ):
+            if count:
+                tm.tokens.add(count, {**labels, "gen_ai.token.type": kind})
+        tm.cost.add(usage.cost_usd, labels)
         return {
             "iteration": iteration,
             "model": response.model,

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from agentpool import telemetry as tm
 from agentpool.models import TenantPolicy, Usage
 from agentpool.pricing import PriceTable
 from scheduler.budgets import BudgetLedger, Reservation
@@ -108,7 +109,9 @@ class TaskGate:
             await self._limiter.acquire.remote(
                 lease_id, self._tenant, model, input_tokens, max_tokens, self._holder, self._priority
             )
-            self.permit_wait_s += time.monotonic() - asked
+            waited_s = time.monotonic() - asked
+            self.permit_wait_s += waited_s
+            tm.permit_wait.record(waited_s, {"gen_ai.request.model": model, "agentpool.tenant": self._tenant})
         except BaseException:  # cancelled (or the limiter failed) while waiting: nothing may stay held
             self._limiter.cancel.remote(lease_id)
             self._spawn(self._ledger.refund(reservation))

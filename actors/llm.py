@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import anthropic
 
 from actors.backoff import Backoff, classify
+from agentpool import telemetry as tm
 from agentpool.errors import ProviderError
 
 Emit = Callable[..., Awaitable[None]]
@@ -62,6 +63,8 @@ class LLMClient:
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self._client = client
+        url = getattr(client, "base_url", None)
+        self._server = (str(url.host), int(url.port or (443 if url.scheme == "https" else 80))) if url else None
         self._backoff = backoff
         self._clock = clock
         self._sleep = sleep
@@ -89,11 +92,13 @@ class LLMClient:
                 attempts += 1
                 ticket = await gate.before(model, request) if gate is not None else None
                 started = self._clock()
+                span = tm.ChatSpan(model, request, self._server)
                 try:
                     raw = await self._client.messages.with_raw_response.create(**request, model=model)
                     message = await raw.parse()
                 except (anthropic.APIError, OSError) as exc:
                     decision = classify(exc)
+                    span.failed(decision.error_type or type(exc).__name__, decision.message)
                     if gate is not None:
                         response = getattr(exc, "response", None)
                         await gate.after(
@@ -125,12 +130,14 @@ class LLMClient:
                     )
                     await self._sleep(delay)
                     continue
-                except BaseException:  # cancelled (task timeout) while the request was in flight
+                except BaseException as exc:  # cancelled (task timeout) while the request was in flight
+                    span.failed(type(exc).__name__, "the attempt was abandoned")
                     if gate is not None:
                         gate.abandon(ticket)
                     raise
                 latency_ms = (self._clock() - started) * 1000
                 body = message.model_dump(mode="json", exclude_none=True)
+                span.succeeded(body)
                 if gate is not None:
                     await gate.after(ticket, usage=body.get("usage"), headers=raw.headers, retry_after_s=None)
                 return LLMResponse(body, model, attempts, latency_ms)

@@ -19,9 +19,12 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
+from opentelemetry.metrics import CallbackOptions, Observation
 
 from actors.breaker import CircuitBreaker, CrashLoop, Denied, Permit, Suspended, Transition
+from agentpool import telemetry as tm
 from agentpool.config import BreakerConfig
+from cluster.telemetry import Telemetered
 
 #: Outcome kinds that count as failures for a breaker.
 FAILURES = frozenset({"error", "timeout", "crashed", "restarting"})
@@ -124,6 +127,10 @@ class BreakerBoard:
         self.transitions.append(entry)
         return entry
 
+    def breakers(self) -> dict[str, CircuitBreaker]:
+        """The tools' breakers so far (a copy)."""
+        return dict(self._breakers)
+
     def status(self) -> dict[str, Any]:
         now = self._clock()
         for breaker in self._breakers.values():
@@ -144,11 +151,27 @@ class BreakerBoard:
 
 
 @ray.remote
-class ToolBoard:
+class ToolBoard(Telemetered):
     """Named actor (`{pool}-tools`) holding the pool's `BreakerBoard`."""
 
     def __init__(self, tools: dict[str, dict[str, Any]], default: dict[str, Any]) -> None:
+        self._setup_telemetry("tool_board")
         self._board = BreakerBoard(tools, BreakerConfig(**default))
+        tm.meter.create_observable_gauge(
+            "agentpool.breaker.state",
+            callbacks=[self._observe_breakers],
+            unit="1",
+            description="Each tool's circuit breaker: 1 for the state it is in, 0 for the others.",
+        )
+
+    def _observe_breakers(self, options: CallbackOptions) -> list[Observation]:
+        # Called on the metrics exporter's thread: read a copy, never the live dict.
+        breakers = self._board.breakers()
+        return [
+            Observation(int(breaker.state == state), {"gen_ai.tool.name": tool, "agentpool.breaker.state": state})
+            for tool, breaker in breakers.items()
+            for state in ("closed", "open", "half_open")
+        ]
 
     def acquire(self, tool: str) -> tuple[Permit | None, Denied | Suspended | None, dict[str, object] | None]:
         return self._board.acquire(tool)

@@ -35,10 +35,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import ray
+from opentelemetry import trace
 from redis.exceptions import RedisError
 
 from actors.breaker import CrashLoop, Suspended
+from agentpool import telemetry as tm
 from agentpool.protocol import ToolCall, ToolOutcome
+from agentpool.redact import redact
 from cluster.keys import Keys
 
 #: How long an at-most-once record is kept.
@@ -51,6 +54,8 @@ _AVOID_S = 10.0
 #: Crash-loop backoff of an executor whose process died: first and longest wait.
 _BACKOFF_S = 1.0
 _BACKOFF_MAX_S = 30.0
+#: Longest audit record of a call's (redacted) arguments.
+_AUDIT_ARGS_MAX = 4000
 #: Outcomes of calls whose tool never started.
 _NEVER_RAN = frozenset({"unavailable", "bulkhead_full", "invalid_arguments", "unknown_tool"})
 
@@ -68,6 +73,7 @@ class ToolCalls:
         redis: Returns the worker's asyncio Redis client.
         keys: The pool's key layout.
         bulkhead_wait_s: The executors' bulkhead wait (part of the time a call may take).
+        audit: Appends an entry to the tenant's audit trail (`ResultStore.audit`).
     """
 
     def __init__(
@@ -79,6 +85,7 @@ class ToolCalls:
         redis: Callable[[], Any],
         keys: Keys,
         bulkhead_wait_s: float,
+        audit: Callable[..., None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._catalog = catalog
@@ -90,6 +97,7 @@ class ToolCalls:
         self._redis = redis
         self._keys = keys
         self._bulkhead_wait_s = bulkhead_wait_s
+        self._audit = audit
         self._clock = clock
 
     async def run(self, call: ToolCall, allowed: set[str], emit: Emit) -> ToolOutcome:
@@ -102,13 +110,57 @@ class ToolCalls:
         return await asyncio.shield(running)
 
     async def _guarded(self, call: ToolCall, allowed: set[str], emit: Emit) -> ToolOutcome:
-        try:
-            return await self._run(call, allowed, emit)
-        except RedisError as exc:
-            # The at-most-once record cannot be read or made before the call: a side-effecting
-            # tool is not run blind. (Idempotent tools only touch Redis for their cache, which
-            # fails open.)
-            return ToolOutcome.failure(call, "unavailable", f"tool {call.name} not run: Redis unavailable ({exc})")
+        """The call under its `execute_tool` span, counted in the metrics and the audit trail."""
+        tool = call.name if call.name in self._catalog else "(unknown)"
+        started = self._clock()
+        span = tm.tracer.start_span(
+            f"execute_tool {tool}",
+            attributes={
+                "gen_ai.operation.name": "execute_tool",
+                "gen_ai.tool.name": call.name[:200],
+                "gen_ai.tool.call.id": call.tool_use_id,
+                "gen_ai.tool.type": "function",
+                "agentpool.tenant": call.tenant,
+            },
+        )
+        if tm.capture_content() and span.is_recording():
+            span.set_attribute("gen_ai.tool.call.arguments", tm.content(call.arguments))
+        with trace.use_span(span, end_on_exit=False):
+            call = call.model_copy(update={"traceparent": tm.current_traceparent()})
+            try:
+                outcome = await self._run(call, allowed, emit)
+            except RedisError as exc:
+                # The at-most-once record cannot be read or made before the call: a side-effecting
+                # tool is not run blind. (Idempotent tools only touch Redis for their cache, which
+                # fails open.)
+                outcome = ToolOutcome.failure(
+                    call, "unavailable", f"tool {call.name} not run: Redis unavailable ({exc})"
+                )
+        kind = outcome.error_kind or outcome.source or "ok"
+        span.set_attribute("agentpool.tool.outcome", kind)
+        if outcome.is_error:
+            span.set_attribute("error.type", kind)
+            span.set_status(trace.Status(trace.StatusCode.ERROR, outcome.content[:500]))
+        elif tm.capture_content() and span.is_recording():
+            span.set_attribute("gen_ai.tool.call.result", tm.content(outcome.content))
+        span.end()
+        took_s = self._clock() - started
+        tm.tool_calls.add(1, {"gen_ai.tool.name": tool, "agentpool.tool.outcome": kind})
+        tm.tool_duration.record(took_s, {"gen_ai.tool.name": tool})
+        if self._audit is not None:
+            self._audit(
+                call.tenant,
+                task_id=call.task_id,
+                trace_id=call.trace_id,
+                tool=call.name[:200],
+                tool_use_id=call.tool_use_id,
+                arguments=json.dumps(redact(call.arguments), default=str)[:_AUDIT_ARGS_MAX],
+                outcome=kind,
+                ok=not outcome.is_error,
+                duration_ms=round(took_s * 1000, 2),
+                attempts=outcome.attempts,
+            )
+        return outcome
 
     async def _run(self, call: ToolCall, allowed: set[str], emit: Emit) -> ToolOutcome:
         if call.name not in allowed:

@@ -19,12 +19,15 @@ import os
 import time
 
 import ray
+from opentelemetry import trace
 
 from actors.tool_runtime import ToolRunner
 from actors.tool_sandbox import Sandbox
+from agentpool import telemetry as tm
 from agentpool.config import Isolation
 from agentpool.protocol import ToolCall, ToolOutcome
 from agentpool.tools import load_tools
+from cluster.telemetry import Telemetered
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,7 @@ _QUIET_S = 1.0
 
 
 @ray.remote
-class ToolExecutor:
+class ToolExecutor(Telemetered):
     """Loads the configured tool modules and executes calls concurrently."""
 
     def __init__(
@@ -49,6 +52,7 @@ class ToolExecutor:
         bulkhead_wait_s: float = 1.0,
         isolation: Isolation = "thread",
     ) -> None:
+        self._setup_telemetry("tool_executor")
         self.group = group
         tools = load_tools(modules)
         self._runner = ToolRunner(
@@ -78,9 +82,24 @@ class ToolExecutor:
             return ToolOutcome.failure(call, "unavailable", "tool executor is being replaced")
         self.in_flight += 1
         self._idle.clear()
+        span = tm.tracer.start_span(
+            f"run_tool {call.name if call.name in self._runner.tools else '(unknown)'}",
+            context=tm.context_of(call.traceparent),
+            attributes={
+                "gen_ai.tool.name": call.name[:200],
+                "gen_ai.tool.call.id": call.tool_use_id,
+                "agentpool.executor.group": self.group,
+            },
+        )
         try:
-            return await self._runner.execute(call)
+            outcome = await self._runner.execute(call)
+            span.set_attribute("agentpool.tool.attempts", outcome.attempts)
+            if outcome.is_error:
+                span.set_attribute("error.type", outcome.error_kind or "error")
+                span.set_status(trace.Status(trace.StatusCode.ERROR, outcome.content[:500]))
+            return outcome
         finally:
+            span.end()
             self.in_flight -= 1
             if not self.in_flight:
                 self._idle.set()

@@ -26,12 +26,13 @@ from actors.checkpoint import ApprovalDecision, Checkpointer, LoopState
 from actors.gate import TaskGate
 from actors.llm import LLMClient
 from actors.tool_calls import ToolCalls
+from agentpool import telemetry as tm
 from agentpool.config import PoolConfig
 from agentpool.models import AgentResult, ErrorInfo, Timings
 from agentpool.pricing import PriceTable
 from agentpool.protocol import Dispatch, Paused
-from cluster.keys import Keys
 from cluster.store import ResultStore, RunStart
+from cluster.telemetry import Telemetered
 from scheduler.budgets import BudgetLedger
 
 #: How often a run waiting on another run's lease looks again.
@@ -50,7 +51,7 @@ def _loaded(raw: str | None, model: type[_M]) -> _M | None:
 
 
 @ray.remote
-class AgentWorker:
+class AgentWorker(Telemetered):
     """Runs agent loops; tool calls go to the tool-executor actors."""
 
     def __init__(
@@ -66,19 +67,14 @@ class AgentWorker:
         limiter_name: str,
         board_name: str,
     ) -> None:
+        self._setup_telemetry("worker")
         self.config = config
         self._base_url = base_url
         self._api_key = api_key
         self._tool_defs = {name: entry["definition"] for name, entry in tool_catalog.items()}
         self._catalog = tool_catalog
         self._prices = PriceTable(config.prices)
-        self._store = ResultStore(
-            redis_url,
-            keys=Keys(config.key_prefix),
-            pool=config.name,
-            result_ttl_s=config.result_ttl_s,
-            stream_maxlen=config.stream_maxlen,
-        )
+        self._store = ResultStore.for_pool(redis_url, config)
         self._limiter = ray.get_actor(limiter_name, namespace=namespace)
         self._ledger = BudgetLedger(
             lambda: self._store.redis, self._store.keys, reservation_ttl_s=config.lease_expiry_s
@@ -93,6 +89,7 @@ class AgentWorker:
             redis=lambda: self._store.redis,
             keys=self._store.keys,
             bulkhead_wait_s=config.bulkhead_wait_s,
+            audit=self._store.audit,
         )
         self._llm: LLMClient | None = None
         self._loops: dict[str, AgentLoop] = {}
@@ -112,6 +109,10 @@ class AgentWorker:
                 max_retries=0,
                 timeout=self.config.llm_request_timeout_s,
                 http_client=httpx2.AsyncClient(limits=limits, timeout=self.config.llm_request_timeout_s),
+                # Our `chat {model}` span covers each attempt (the SDK's own span would be a
+                # second one per call, counting the same tokens again), and the trace context
+                # stays inside the pool rather than going out to the provider.
+                open_telemetry={"traces": {"enabled": False}, "propagation": False},
             )
             self._llm = LLMClient(client, Backoff(self.config.retry), clock=time.monotonic)
         return self._llm
@@ -125,10 +126,23 @@ class AgentWorker:
         of running it twice.
         """
         self.in_flight += 1
-        try:
-            return await self._run(dispatch)
-        finally:
-            self.in_flight -= 1
+        task = dispatch.task
+        attributes = {
+            "agentpool.task_id": task.task_id,
+            "agentpool.tenant": task.tenant,
+            "agentpool.attempt": dispatch.attempt,
+        }
+        with tm.tracer.start_as_current_span(
+            "agent_run", context=tm.context_of(dispatch.traceparent), attributes=attributes
+        ) as span:
+            try:
+                outcome = await self._run(dispatch)
+            finally:
+                self.in_flight -= 1
+            span.set_attribute("agentpool.status", outcome.status if isinstance(outcome, AgentResult) else "paused")
+            if isinstance(outcome, AgentResult) and outcome.resumes:
+                span.set_attribute("agentpool.resumes", outcome.resumes)
+            return outcome
 
     async def _run(self, dispatch: Dispatch) -> AgentResult | Paused:
         started = time.monotonic()
@@ -216,10 +230,15 @@ class AgentWorker:
             total_ms=round(total_ms, 3),
         )
         stored, created = await self._store.write_result(result)
+        if created and stored.status == "budget_exhausted":
+            reason = stored.error.reason if stored.error else None
+            await emit("budget_exceeded", reason=reason, message=stored.error.message if stored.error else "")
         if created:
             await emit(
                 "task_end",
                 status=stored.status,
+                cost_usd=stored.usage.cost_usd,
+                models=loop.state.models if loop is not None else [],
                 iterations=stored.iterations,
                 usage=stored.usage.model_dump(),
                 timings=stored.timings.model_dump(),

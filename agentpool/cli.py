@@ -288,7 +288,7 @@ def results(
 ) -> None:
     """Prints a tenant's results from Redis as JSON Lines."""
     from cluster.keys import Keys
-    from cluster.store import ResultsReader
+    from cluster.reader import ResultsReader
 
     if not redis_url:
         console.print("[red]set AGENTPOOL_REDIS_URL or pass --redis-url[/]")
@@ -302,84 +302,77 @@ def results(
         pass
 
 
-def status_tables(status: dict[str, object]) -> list[Table]:
-    """The pool's status as tables: queues and shedding, buckets, budgets, tools."""
-    queues = Table(title="queues", show_header=True)
-    for column in ("tenant", "critical", "standard", "sheddable", "in flight"):
-        queues.add_column(column, justify="right" if column != "tenant" else "left")
-    depth: dict[str, dict[str, int]] = status.get("queued_by_tenant", {})  # type: ignore[assignment]
-    running: dict[str, int] = status.get("in_flight_by_tenant", {})  # type: ignore[assignment]
-    for tenant in sorted(set(depth) | set(running)):
-        by_class = depth.get(tenant, {})
-        queues.add_row(
-            tenant,
-            *(str(by_class.get(p, 0)) for p in ("critical", "standard", "sheddable")),
-            str(running.get(tenant, 0)),
-        )
-    workers: dict[str, object] = status.get("workers") or {}  # type: ignore[assignment]
-    queues.caption = (
-        f"queued {status.get('queued')}, in flight {status.get('in_flight')}/{status.get('capacity')}, "
-        f"workers {workers.get('count')} (wanted {workers.get('desired')}, starting {workers.get('starting')}, "
-        f"draining {workers.get('draining')}), "
-        f"overload level {status.get('overload_level')}, shed {status.get('shed_by_reason') or {}}, "
-        f"loop lag {status.get('loop_lag_ms')} ms"
-    )
-    buckets = Table(title="global rate limits", show_header=True)
-    for column in ("limit", "dimension", "level", "capacity", "waiting", "paused s"):
-        buckets.add_column(column)
-    limits: dict[str, object] = status.get("limits", {})  # type: ignore[assignment]
-    for key, model in (limits.get("models") or {}).items():  # type: ignore[union-attr]
-        for dim, level in model["dimensions"].items():
-            buckets.add_row(
-                key,
-                dim,
-                f"{level['level']:.0f}",
-                f"{level['capacity']:.0f}",
-                str(model["waiting"]),
-                str(model["paused_for_s"]),
-            )
-    buckets.caption = f"leases outstanding {limits.get('outstanding')}, waiting {limits.get('waiting')}"
-    budgets = Table(title="usage today (UTC)", show_header=True)
-    for column in ("tenant", "tokens", "cost USD", "reserved tokens", "calls"):
-        budgets.add_column(column)
-    for tenant, spent in (status.get("budgets_today") or {}).items():  # type: ignore[union-attr]
-        if not isinstance(spent, dict):  # {"error": ...} while Redis is away
-            continue
-        budgets.add_row(
-            tenant,
-            f"{spent.get('tokens', 0):.0f}",
-            f"{spent.get('cost_usd', 0):.4f}",
-            f"{spent.get('reserved_tokens', 0):.0f}",
-            f"{spent.get('calls', 0):.0f}",
-        )
-    tools = Table(title="tools", show_header=True)
-    for column in ("tool", "breaker", "outcomes"):
-        tools.add_column(column)
-    board: dict[str, object] = status.get("tools", {})  # type: ignore[assignment]
-    for name, entry in (board.get("tools") or {}).items():  # type: ignore[union-attr]
-        breaker = entry.get("breaker") or {}
-        state = str(breaker.get("state", "none"))
-        if "retry_after_s" in breaker:
-            state += f" ({breaker['retry_after_s']:.0f}s left)"
-        outcomes = ", ".join(f"{kind} {n}" for kind, n in sorted(entry.get("outcomes", {}).items()))
-        tools.add_row(name, state, outcomes)
-    return [queues, buckets, budgets, tools]
-
-
 @app.command()
 def status(
     name: NameOption = "agentpool",
     address: AddressOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw status as JSON.")] = False,
+    watch: Annotated[
+        float | None, typer.Option("--watch", help="Refresh every this many seconds until interrupted.")
+    ] = None,
 ) -> None:
-    """Shows a running pool's queues, shedding, rate-limit buckets, today's budgets and its tools."""
+    """Shows a running pool: tenants (queued, in flight, ends, errors, spend today, alerts),
+    queues and shedding, rate-limit buckets, today's usage and the tools' breakers."""
+    from rich.live import Live
+
+    from agentpool.views import status_view
+
     pool = _connect(name, address)
     snapshot = pool.status()  # type: ignore[attr-defined]
     if as_json:
         print(json.dumps(snapshot, indent=2, default=str))
         return
-    for table in status_tables(snapshot):
-        console.print(table)
+    if watch is None:
+        console.print(status_view(snapshot))
+        return
+    try:
+        with Live(status_view(snapshot), console=console, refresh_per_second=4, screen=False) as live:
+            while True:
+                time.sleep(max(0.2, watch))
+                live.update(status_view(pool.status()))  # type: ignore[attr-defined]
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def trace(
+    task_id: Annotated[str, typer.Argument(help="The task to show.")],
+    tenant: Annotated[str | None, typer.Option(help="Its tenant (found in Redis when not given).")] = None,
+    redis_url: Annotated[str | None, typer.Option(envvar="AGENTPOOL_REDIS_URL", help="Redis URL.")] = None,
+    prefix: Annotated[str, typer.Option(envvar="AGENTPOOL_KEY_PREFIX", help="Key prefix.")] = "agentpool",
+    name: NameOption = "agentpool",
+    address: AddressOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the events as JSON Lines.")] = False,
+) -> None:
+    """Shows a task's timeline from its events: each LLM call and tool call with its timing,
+    tokens and cost, and how the task ended. Reads Redis only (the pool's, by --name, when no
+    --redis-url is given)."""
+    from agentpool.views import timeline_table
+    from cluster.keys import Keys
+    from cluster.reader import ResultsReader, find_tenant
+
+    url = redis_url or _connect(name, address).redis_url  # type: ignore[attr-defined]
+    keys = Keys(prefix)
+    tenant = tenant or find_tenant(url, task_id, keys=keys)
+    if tenant is None:
+        console.print(f"[red]no task {task_id} in this Redis (prefix {prefix!r})[/]")
+        raise typer.Exit(1)
+    reader = ResultsReader(url, tenant, keys=keys)
+    events, result = reader.task_events(task_id), reader.get(task_id)
+    reader.close()
+    if as_json:
+        for event in events:
+            print(json.dumps(event, default=str))
+        return
+    console.print(timeline_table(task_id, events, result))
+
+
+@app.command("metrics-targets")
+def metrics_targets(name: NameOption = "agentpool", address: AddressOption = None) -> None:
+    """Prints where the pool's processes serve /metrics (OTEL_METRICS_EXPORTER=prometheus), as a
+    Prometheus file_sd_configs JSON file."""
+    pool = _connect(name, address)
+    print(json.dumps(pool.metrics_targets(), indent=2))  # type: ignore[attr-defined]
 
 
 @app.command()

@@ -152,6 +152,25 @@ class AdmissionConfig(BaseModel):
     escalate_intervals: int = Field(default=3, ge=1, le=1000)
 
 
+class AlertConfig(BaseModel):
+    """Thresholds that raise `alert` events (tenant's events stream, warning log line, the
+    `agentpool.alerts` metric). None turns a check off.
+
+    A run's cost alerts on each run over it. The error rate (`failed` and `timed_out` among
+    the tasks that ran) and the p95 of their total time are taken per tenant over the last
+    `window_s`, once it holds `min_tasks`; each alerts when it crosses its threshold and
+    again (`resolved`) when it is back under.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_cost_usd: float | None = Field(default=None, gt=0)
+    error_rate: float | None = Field(default=None, gt=0, le=1)
+    p95_latency_s: float | None = Field(default=None, gt=0)
+    window_s: float = Field(default=300.0, gt=0, le=86_400)
+    min_tasks: int = Field(default=20, ge=1, le=1_000_000)
+
+
 class PoolConfig(BaseSettings):
     """Everything a pool needs; every field can come from `AGENTPOOL_<FIELD>`.
 
@@ -234,6 +253,14 @@ class PoolConfig(BaseSettings):
     run_lease_s: float = Field(default=15.0, ge=1, le=600)
     #: Times a task is dispatched again after its worker died under it, before it fails.
     max_redispatch: int = Field(default=3, ge=0, le=100)
+    # --- observability (traces and metrics are configured by the standard OTEL_* variables)
+    #: Every structured event also as one JSON line on the `agentpool.events` logger, which
+    #: writes to the actor's stderr (Ray's worker log files) when this is on.
+    event_log: bool = False
+    #: The audit trail of tool calls is append-only: None keeps every entry; a number trims
+    #: the stream to about that many (retention).
+    audit_maxlen: int | None = Field(default=None, ge=1000)
+    alerts: AlertConfig = Field(default_factory=AlertConfig)
 
     @property
     def uses_simulator(self) -> bool:

@@ -10,13 +10,15 @@ from typing import Any
 
 import ray
 
+from agentpool import telemetry as tm
 from agentpool.config import PoolConfig
 from agentpool.errors import ConfigError, PoolNotRunning
 from agentpool.models import AgentResult, AgentTask
-from agentpool.protocol import new_trace_id
+from agentpool.protocol import new_trace_id, traceparent
 from cluster.keys import Keys
+from cluster.reader import ResultsReader
 from cluster.redis_server import EmbeddedRedis
-from cluster.store import ResultsReader
+from cluster.telemetry import TelemetryConfigError, check_env, exported_env
 
 log = logging.getLogger("agentpool")
 
@@ -24,8 +26,9 @@ NAMESPACE = "agentpool"
 
 
 def _niceness(level: int) -> dict[str, Any]:
-    """A runtime env giving an actor's process this CPU priority (Ray applies it at start)."""
-    return {"env_vars": {"RAY_worker_niceness": str(level)}}
+    """An actor's runtime env: this CPU priority (Ray applies it at start), and the `OTEL_*`
+    variables of the process starting the pool, so every actor exports as it was told."""
+    return {"env_vars": {"RAY_worker_niceness": str(level), **exported_env()}}
 
 
 #: Our actors wait on I/O, not on CPU: they reserve none, so a 2-core machine can hold the
@@ -37,13 +40,12 @@ _ACTOR_OPTIONS: dict[str, Any] = {
     "num_cpus": 0,
     "max_restarts": -1,
     "max_task_retries": -1,
-    "runtime_env": _niceness(0),
 }
 
 
 def _control(config: PoolConfig) -> dict[str, Any]:
     """Options of the pool's control actors (scheduler, limiter, tool board)."""
-    return {**_ACTOR_OPTIONS, "resources": dict(config.placement.control_resources)}
+    return {**_ACTOR_OPTIONS, "runtime_env": _niceness(0), "resources": dict(config.placement.control_resources)}
 
 
 def _worker_spawn(config: PoolConfig, **kwargs: Any) -> dict[str, Any]:
@@ -53,6 +55,7 @@ def _worker_spawn(config: PoolConfig, **kwargs: Any) -> dict[str, Any]:
     # tasks to another worker at once, where they resume from their checkpoints.
     options: dict[str, Any] = {
         **_ACTOR_OPTIONS,
+        "runtime_env": _niceness(0),
         "max_task_retries": 0,
         "max_concurrency": config.worker_concurrency + 8,
         "namespace": NAMESPACE,
@@ -61,6 +64,19 @@ def _worker_spawn(config: PoolConfig, **kwargs: Any) -> dict[str, Any]:
     if config.placement.spread_workers:
         options["scheduling_strategy"] = "SPREAD"
     return {"options": options, "kwargs": {"config": config, "namespace": NAMESPACE, **kwargs}}
+
+
+def _trace_context(task: AgentTask) -> str:
+    """The `traceparent` a task's trace starts from: a `submit_task` span of this process
+    (a child of the caller's current span, if any), when this process records traces; else
+    the caller's current span; else a fresh trace id."""
+    span = tm.tracer.start_span(
+        "submit_task",
+        kind=tm.trace.SpanKind.PRODUCER,
+        attributes={"agentpool.task_id": task.task_id, "agentpool.tenant": task.tenant},
+    )
+    span.end()
+    return tm.span_traceparent(span) or tm.current_traceparent() or traceparent(new_trace_id())
 
 
 # Placeholder credential for the bundled simulator; it accepts any key and this is not secret.
@@ -157,6 +173,10 @@ class AgentPool:
         from scheduler.scheduler import Scheduler
 
         config = config or PoolConfig()
+        try:
+            check_env()
+        except TelemetryConfigError as exc:
+            raise ConfigError(str(exc)) from None
         if detached and not ray.is_initialized() and not (config.ray_address or os.environ.get("RAY_ADDRESS")):
             raise ConfigError(
                 "a detached pool needs a Ray cluster that outlives this process: run `ray start --head` "
@@ -333,6 +353,7 @@ class AgentPool:
         self._running = False
         if not self._owned:
             return
+        self.flush_telemetry()
         # The scheduler first (with the rest), then the workers its autoscaler started: it
         # cannot start another after they are listed.
         for actors in (lambda: self._actors, self._added_workers):
@@ -345,6 +366,40 @@ class AgentPool:
             self._embedded_redis.stop()
         if self._started_ray:
             ray.shutdown()
+
+    def _telemetered(self) -> list[Any]:
+        """The pool's actors that set up telemetry (all but the simulator and Redis hosts)."""
+        actors = []
+        for name in self._actor_names:
+            with contextlib.suppress(ValueError):
+                actors.append(ray.get_actor(name, namespace=NAMESPACE))
+        return [a for a in [*actors, *self._added_workers()] if hasattr(a, "flush_telemetry")]
+
+    def flush_telemetry(self, timeout_s: float = 10.0) -> None:
+        """Has every actor of the pool export its buffered spans and metrics now (`shutdown`
+        does it before it stops them)."""
+        refs = []
+        for actor in self._telemetered():
+            with contextlib.suppress(Exception):
+                refs.append(actor.flush_telemetry.remote())
+        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+
+    def metrics_targets(self) -> list[dict[str, Any]]:
+        """Where the pool's processes serve `/metrics` (with `OTEL_METRICS_EXPORTER=prometheus`),
+        as Prometheus file-based service discovery JSON: one group per actor role."""
+        self._check_running()
+        infos = []
+        for actor in self._telemetered():
+            with contextlib.suppress(Exception):
+                infos.append(ray.get(actor.telemetry_info.remote(), timeout=10))
+        groups: dict[str, list[str]] = {}
+        for info in infos:
+            if info.get("metrics_endpoint"):
+                groups.setdefault(info["role"], []).append(info["metrics_endpoint"])
+        return [
+            {"targets": sorted(targets), "labels": {"agentpool_pool": self.config.name, "agentpool_role": role}}
+            for role, targets in sorted(groups.items())
+        ]
 
     def _added_workers(self) -> list[Any]:
         """The workers the autoscaler started (detached, so they outlive a scheduler restart)."""
@@ -377,7 +432,7 @@ class AgentPool:
         """
         self._check_running()
         validated = [t if isinstance(t, AgentTask) else AgentTask.model_validate(t) for t in tasks]
-        return [self._scheduler.run.remote(task, new_trace_id()) for task in validated]
+        return [self._scheduler.run.remote(task, _trace_context(task)) for task in validated]
 
     def enqueue(self, tasks: Iterable[AgentTask | dict[str, Any]], *, chunk: int = 1000) -> list[dict[str, Any]]:
         """Submits tasks without refs to wait on (a detached submission): returns, per task in
@@ -394,7 +449,7 @@ class AgentPool:
         out: list[dict[str, Any]] = []
         for i in range(0, len(validated), chunk):
             part = validated[i : i + chunk]
-            out += ray.get(self._scheduler.enqueue.remote(part, [new_trace_id() for _ in part]))
+            out += ray.get(self._scheduler.enqueue.remote(part, [_trace_context(t) for t in part]))
         return out
 
     def cancel(self, task_id: str, *, reason: str = "cancelled by request") -> AgentResult | None:

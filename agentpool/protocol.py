@@ -42,6 +42,8 @@ class Admitted(BaseModel):
     task: AgentTask
     trace_id: str
     admitted_unix: float
+    #: The submitter's trace context (older admissions have only the trace id).
+    traceparent: str = ""
 
 
 class ToolCall(BaseModel):
@@ -53,6 +55,8 @@ class ToolCall(BaseModel):
     name: str
     arguments: Any = None
     trace_id: str = ""
+    #: Trace context of the worker's `execute_tool` span: the executor's span continues it.
+    traceparent: str = ""
 
     @property
     def idempotency_key(self) -> str:

@@ -22,6 +22,10 @@ class Keys:
     def events(self, tenant: str) -> str:
         return f"{self._tenant(tenant)}:events"
 
+    def audit(self, tenant: str) -> str:
+        """Stream: the append-only audit trail of the tenant's tool calls."""
+        return f"{self._tenant(tenant)}:audit"
+
     def checkpoint(self, tenant: str, task_id: str) -> str:
         return f"{self._tenant(tenant)}:checkpoint:{task_id}"
 

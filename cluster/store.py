@@ -1,28 +1,32 @@
 """The Redis result store: the exactly-once final record, the results stream, the events.
 
-`ResultStore` is the asyncio side used inside actors; `ResultsReader` the blocking side a
-user's process reads results with.
+`ResultStore` is the asyncio side used inside actors; `cluster.reader.ResultsReader` the
+blocking side a user's process reads results with.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import socket
+import logging
+import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
+from agentpool.config import PoolConfig
 from agentpool.models import AgentResult, AgentTask
 from cluster.keys import Keys
+
+#: One JSON line per structured event, when `PoolConfig.event_log` is on.
+EVENT_LOG = logging.getLogger("agentpool.events")
 
 # Writes the final record and its stream entry in one atomic step, only if no record exists
 # for this task_id yet. A task that ran twice (after a crash, or submitted twice) therefore
@@ -95,15 +99,26 @@ class ResultStore:
         pool: str = "agentpool",
         result_ttl_s: int | None = None,
         stream_maxlen: int = 100_000,
+        event_log: bool = False,
+        audit_maxlen: int | None = None,
     ) -> None:
         self.keys = keys
         self.pool = pool
         self._url = url
         self._ttl = result_ttl_s or 0
         self._maxlen = stream_maxlen
+        self._event_log = event_log
+        if event_log and not EVENT_LOG.handlers:  # the actor's stderr: Ray's worker log files
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            EVENT_LOG.addHandler(handler)
+            EVENT_LOG.setLevel(logging.INFO)
+            EVENT_LOG.propagate = False
+        self._audit_maxlen = audit_maxlen
         self._redis: aioredis.Redis | None = None
         self._scripts: dict[str, Any] = {}
-        self._events: list[tuple[str, dict[str, str]]] = []
+        #: (stream, entry, MAXLEN or None) in order: events and audit entries.
+        self._events: list[tuple[str, dict[str, str], int | None]] = []
         self._lookups: list[tuple[AgentTask, str, asyncio.Future[tuple[str | None, bool]]]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._kick: asyncio.Task[None] | None = None
@@ -113,6 +128,19 @@ class ResultStore:
         self.events_dropped = 0
         self.writes_dropped = 0
         self.writes_retried = 0
+
+    @classmethod
+    def for_pool(cls, url: str, config: PoolConfig) -> ResultStore:
+        """The store as a pool's actors use it: layout, TTL, stream bounds and event log from `config`."""
+        return cls(
+            url,
+            keys=Keys(config.key_prefix),
+            pool=config.name,
+            result_ttl_s=config.result_ttl_s,
+            stream_maxlen=config.stream_maxlen,
+            event_log=config.event_log,
+            audit_maxlen=config.audit_maxlen,
+        )
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -310,7 +338,19 @@ class ResultStore:
             "ts": f"{time.time():.6f}",
             "data": json.dumps(fields, default=str, separators=(",", ":")),
         }
-        self._events.append((self.keys.events(tenant), entry))
+        if self._event_log:
+            EVENT_LOG.info(json.dumps({"tenant": tenant, **entry, "data": fields}, default=str))
+        self._queue((self.keys.events(tenant), entry, self._maxlen))
+
+    def audit(self, tenant: str, **fields: Any) -> None:
+        """Appends one entry to the tenant's append-only audit trail (`...:audit` stream; see
+        `PoolConfig.audit_maxlen`). The caller redacts what it passes."""
+        entry = {k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in fields.items()}
+        entry["ts"] = f"{time.time():.6f}"
+        self._queue((self.keys.audit(tenant), entry, self._audit_maxlen))
+
+    def _queue(self, item: tuple[str, dict[str, str], int | None]) -> None:
+        self._events.append(item)
         if len(self._events) > MAX_PENDING_EVENTS:
             del self._events[0]
             self.events_dropped += 1
@@ -328,8 +368,8 @@ class ResultStore:
             while self._events:
                 batch = self._events[:_EVENT_BATCH]
                 pipe = self.redis.pipeline(transaction=False)
-                for key, entry in batch:
-                    pipe.xadd(key, entry, maxlen=self._maxlen, approximate=True)
+                for key, entry, maxlen in batch:
+                    pipe.xadd(key, entry, maxlen=maxlen, approximate=True)
                 try:
                     await pipe.execute()
                 except _REDIS_DOWN:
@@ -348,87 +388,3 @@ class ResultStore:
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
-
-
-class ResultsReader:
-    """Reads one tenant's final results from Redis (blocking client, for user processes).
-
-    Args:
-        url: Redis URL (`AgentPool.redis_url`, or a tenant-scoped URL).
-        tenant: Whose results to read.
-        keys: The pool's key layout.
-    """
-
-    def __init__(self, url: str, tenant: str, *, keys: Keys | None = None) -> None:
-        self.tenant = tenant
-        self.keys = keys or Keys()
-        self._redis = redis.Redis.from_url(url, decode_responses=True)
-        self.stream = self.keys.results(tenant)
-
-    def read(self, *, start: str = "-", count: int | None = None) -> Iterator[AgentResult]:
-        """Yields results already in the stream, oldest first, from stream id `start`."""
-        page = 1000 if count is None else min(count, 1000)
-        seen = 0
-        cursor = start
-        while count is None or seen < count:
-            entries = self._redis.xrange(self.stream, min=cursor, count=page)
-            if cursor != start:
-                entries = entries[1:]  # xrange's min is inclusive: skip the last one we gave
-            if not entries:
-                return
-            for _, fields in entries:
-                yield AgentResult.model_validate_json(fields["result"])
-                seen += 1
-                if count is not None and seen >= count:
-                    return
-            cursor = entries[-1][0]
-
-    def get(self, task_id: str) -> AgentResult | None:
-        raw = self._redis.get(self.keys.result(self.tenant, task_id))
-        return AgentResult.model_validate_json(raw) if raw else None
-
-    def follow(
-        self,
-        *,
-        group: str = "agentpool-consumers",
-        consumer: str | None = None,
-        block_ms: int = 5000,
-        idle_timeout_s: float | None = None,
-    ) -> Iterator[AgentResult]:
-        """Yields results through a consumer group: at-least-once, each entry acknowledged
-        after the consumer's loop body has run (i.e. when the next one is requested).
-
-        A new group starts at the beginning of the stream. Entries delivered to this consumer
-        earlier but never acknowledged (it crashed) are delivered again first.
-
-        Args:
-            group: Consumer group; consumers in one group share the work.
-            consumer: This consumer's name; defaults to host and process id.
-            block_ms: How long each read blocks waiting for new entries.
-            idle_timeout_s: Stop after this long without a new entry (None: follow forever).
-        """
-        consumer = consumer or f"{socket.gethostname()}-{id(self)}"
-        try:
-            self._redis.xgroup_create(self.stream, group, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-        last_new = time.monotonic()
-        cursor = "0"  # first our own pending (unacknowledged) entries, then new ones
-        while True:
-            reply = self._redis.xreadgroup(group, consumer, {self.stream: cursor}, count=100, block=block_ms)
-            entries = reply[0][1] if reply else []
-            if cursor == "0" and not entries:
-                cursor = ">"
-                continue
-            if not entries:
-                if idle_timeout_s is not None and time.monotonic() - last_new >= idle_timeout_s:
-                    return
-                continue
-            last_new = time.monotonic()
-            for entry_id, fields in entries:
-                yield AgentResult.model_validate_json(fields["result"])
-                self._redis.xack(self.stream, group, entry_id)
-
-    def close(self) -> None:
-        self._redis.close()

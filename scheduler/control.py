@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 
 from actors.checkpoint import ApprovalDecision
 from agentpool.models import AgentResult, AgentTask
-from agentpool.protocol import Admitted, Paused
+from agentpool.protocol import Admitted, Paused, traceparent
 from scheduler.jobs import Job
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ class JobControl:
     if TYPE_CHECKING:  # Scheduler's; declared here for the type checker only
 
         def _start(
-            self, task: AgentTask, trace_id: str, *, adopted: bool = False, admitted_unix: float = 0.0
+            self, task: AgentTask, traceparent: str, *, adopted: bool = False, admitted_unix: float = 0.0
         ) -> Job: ...
 
     async def boot(self) -> int:
@@ -68,16 +68,17 @@ class JobControl:
                 admitted = Admitted.model_validate_json(entry)
             except ValueError:
                 continue
-            self._start(admitted.task, admitted.trace_id, adopted=True, admitted_unix=admitted.admitted_unix)
+            context = admitted.traceparent or traceparent(admitted.trace_id)
+            self._start(admitted.task, context, adopted=True, admitted_unix=admitted.admitted_unix)
             taken += 1
         self._durable["recovered"] += taken
         return taken
 
-    async def enqueue(self, tasks: list[AgentTask], trace_ids: list[str]) -> list[dict[str, Any]]:
+    async def enqueue(self, tasks: list[AgentTask], traceparents: list[str]) -> list[dict[str, Any]]:
         """Accepts tasks without waiting for them to run (a detached submission): returns, per
         task, `accepted` or the final record it already has (a rejection, say). Their results
         land in Redis."""
-        jobs = [self._jobs.get(t.task_id) or self._start(t, tr) for t, tr in zip(tasks, trace_ids, strict=True)]
+        jobs = [self._jobs.get(t.task_id) or self._start(t, tp) for t, tp in zip(tasks, traceparents, strict=True)]
         await asyncio.gather(*(asyncio.shield(j.accepted) for j in jobs))
         return [
             {"task_id": j.task.task_id, "status": j.done.result().status if j.done.done() else "accepted"} for j in jobs

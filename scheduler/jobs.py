@@ -18,6 +18,7 @@ from typing import Any, Literal
 from actors.checkpoint import ApprovalDecision
 from agentpool.models import AgentResult, AgentTask
 from agentpool.protocol import Paused
+from agentpool.telemetry import trace_id_of
 from cluster.store import ResultStore
 
 JobState = Literal["admitting", "queued", "running", "paused"]
@@ -34,7 +35,8 @@ class Job:
     """One accepted (or being admitted) task and where it stands."""
 
     task: AgentTask
-    trace_id: str
+    #: The W3C trace context the submitter gave the task (its trace id is the task's).
+    traceparent: str
     admitted_unix: float
     #: Accepted before (by a scheduler that restarted, or on an earlier delivery of the same
     #: call): it goes straight to the queue, ahead of new work, and never waits out a deadline.
@@ -53,6 +55,13 @@ class Job:
     paused: Paused | None = None
     decision: asyncio.Future[ApprovalDecision | None] | None = None
     cancel_reason: str | None = None
+    #: The task's `invoke_agent` span, and its current `queue_wait` span (OpenTelemetry).
+    span: Any = None
+    queue_span: Any = None
+
+    @property
+    def trace_id(self) -> str:
+        return trace_id_of(self.traceparent)
 
     @property
     def resumed(self) -> bool:

@@ -16,6 +16,7 @@ from typing import Any
 import ray
 
 from agentpool.config import PoolConfig
+from cluster.telemetry import Telemetered
 from scheduler.permits import PermitBroker, PermitRequest
 
 
@@ -107,10 +108,11 @@ class PermitService:
 
 
 @ray.remote
-class RateLimiter:
+class RateLimiter(Telemetered):
     """Named async actor holding the pool's global buckets and its lease table."""
 
     def __init__(self, config: PoolConfig) -> None:
+        self._setup_telemetry("limiter")
         # After a restart our view of the provider's buckets is gone: start them empty rather
         # than full, so a crash can never grant a burst the provider has already served.
         restarted = ray.get_runtime_context().was_current_actor_reconstructed

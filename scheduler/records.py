@@ -14,6 +14,13 @@ if TYPE_CHECKING:
     from collections import Counter
 
     from cluster.store import ResultStore
+    from scheduler.observe import TaskTelemetry
+
+
+def _rejection_event(error: AgentPoolError) -> str:
+    if error.type_name == "BudgetExceeded":
+        return "budget_exceeded"
+    return "shed" if error.retryable else "task_rejected"
 
 
 class Records:
@@ -22,6 +29,7 @@ class Records:
     _store: ResultStore
     _counts: Counter[str]
     _shed: Counter[str]
+    _telemetry: TaskTelemetry
 
     async def _reject(self, task: AgentTask, trace_id: str, error: AgentPoolError, arrived_unix: float) -> AgentResult:
         retry_after = error.fields.get("retry_after_s")
@@ -45,7 +53,7 @@ class Records:
         if created:
             self._store.post(
                 task.tenant,
-                "shed" if error.retryable else "task_rejected",
+                _rejection_event(error),
                 task_id=task.task_id,
                 trace_id=trace_id,
                 error_type=error.type_name,
@@ -53,8 +61,10 @@ class Records:
                 retry_after_s=retry_after,
             )
             await self._store.flush()
+        reason = str(error.fields.get("reason") or error.type_name)
         self._counts["rejected"] += 1
-        self._shed[str(error.fields.get("reason") or error.type_name)] += 1
+        self._shed[reason] += 1
+        self._telemetry.shed(task.tenant, reason)
         return stored
 
     async def _fail(self, task: AgentTask, trace_id: str, exc: BaseException, queued_ms: float) -> AgentResult:

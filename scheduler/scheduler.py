@@ -27,18 +27,22 @@ from redis.exceptions import RedisError
 from agentpool.config import PoolConfig
 from agentpool.errors import AgentPoolError, Overloaded, RetryLater
 from agentpool.models import AgentResult, AgentTask
-from agentpool.protocol import Admitted, Dispatch, Paused, traceparent
-from cluster.keys import Keys
+from agentpool.protocol import Admitted, Dispatch, Paused, new_trace_id, traceparent
+from agentpool.telemetry import trace_id_of
 from cluster.store import ResultStore
+from cluster.telemetry import Telemetered
 from scheduler.admission import Admission
+from scheduler.alerts import AlertMonitor
 from scheduler.budgets import BudgetLedger
 from scheduler.capacity import ModelDispatch
 from scheduler.control import CancelledInQueue, JobControl
 from scheduler.fair import FairQueue, token_cost
 from scheduler.fleet import WorkerFleet
 from scheduler.jobs import Approvals, Job
+from scheduler.observe import TaskTelemetry
 from scheduler.records import Records
 from scheduler.shedding import DispatchRate, OverloadDetector, WaitForecast, sheds
+from scheduler.status import StatusView
 
 #: How often queued tasks are checked against their deadlines and the queue for a standing wait.
 _TICK_S = 0.25
@@ -47,7 +51,7 @@ _MAX_SEEN_TENANTS = 1000
 
 
 @ray.remote
-class Scheduler(JobControl, Records):
+class Scheduler(JobControl, Records, StatusView, Telemetered):
     """Named async actor; one per pool."""
 
     def __init__(
@@ -63,6 +67,7 @@ class Scheduler(JobControl, Records):
         board_name: str | None = None,
         extra_info: dict[str, Any] | None = None,
     ) -> None:
+        self._setup_telemetry("scheduler")
         self.config = config
         self.redis_url = redis_url
         # Handles by name, so constructor arguments are plain data a restart can always reuse.
@@ -71,19 +76,18 @@ class Scheduler(JobControl, Records):
         self._board = ray.get_actor(board_name, namespace=namespace) if board_name else None
         self._admission = Admission(config, set(tool_names))
         self._queue: FairQueue[Job] = FairQueue(self._weight)
+        self._telemetry = TaskTelemetry(
+            config.name,
+            lambda: {t: sum(d.values()) for t, d in self._queue.depth().items()},
+            lambda: dict(self._tenant_running),
+        )
         self._slots = self._fleet.slots
         self._tenant_running: Counter[str] = Counter()
         self._models = ModelDispatch(config.limits)
         self._jobs: dict[str, Job] = {}
         self._lives: set[asyncio.Task[AgentResult]] = set()
         self._extra_info = dict(extra_info or {})
-        self._store = ResultStore(
-            redis_url,
-            keys=Keys(config.key_prefix),
-            pool=config.name,
-            result_ttl_s=config.result_ttl_s,
-            stream_maxlen=config.stream_maxlen,
-        )
+        self._store = ResultStore.for_pool(redis_url, config)
         self._ledger = BudgetLedger(
             lambda: self._store.redis, self._store.keys, reservation_ttl_s=config.lease_expiry_s
         )
@@ -98,6 +102,8 @@ class Scheduler(JobControl, Records):
         self._counts: Counter[str] = Counter()
         self._durable: Counter[str] = Counter()
         self._shed: Counter[str] = Counter()
+        self._ends: dict[str, Counter[str]] = {}
+        self._alerts = AlertMonitor(config.alerts)
         self._ticker: asyncio.Task[None] | None = None
         self._loop_lag_s = 0.0
         self._approvals = Approvals(self._store, config.checkpoint_ttl_s)
@@ -112,20 +118,23 @@ class Scheduler(JobControl, Records):
         """What `AgentPool.connect` needs to attach to this pool."""
         return {"config": self.config.model_dump(mode="json"), "redis_url": self.redis_url, **self._extra_info}
 
-    async def run(self, task: AgentTask, trace_id: str) -> AgentResult:
+    async def run(self, task: AgentTask, traceparent: str) -> AgentResult:
         """Admits and runs one task; always returns its final record.
 
         The task_id is the idempotency key: a task already finished returns its record, and
         one submitted again while it runs shares the first run. Once accepted, a task is the
         scheduler's: if this call is cancelled, or its caller dies, the task still runs.
+        `traceparent` is the W3C trace context the task's trace continues from.
         """
-        job = self._jobs.get(task.task_id) or self._start(task, trace_id)
+        job = self._jobs.get(task.task_id) or self._start(task, traceparent)
         return await asyncio.shield(job.done)
 
-    def _start(self, task: AgentTask, trace_id: str, *, adopted: bool = False, admitted_unix: float = 0.0) -> Job:
+    def _start(self, task: AgentTask, context: str, *, adopted: bool = False, admitted_unix: float = 0.0) -> Job:
         # Registered before the first await, so a duplicate arriving meanwhile joins this job.
-        job = Job(task, trace_id, admitted_unix or time.time(), adopted=adopted)
+        job = Job(task, context if trace_id_of(context) else traceparent(new_trace_id()), admitted_unix or time.time())
+        job.adopted = adopted
         self._jobs[task.task_id] = job
+        self._telemetry.begin(job)
         life = asyncio.get_running_loop().create_task(self._life(job))
         self._lives.add(life)  # the loop keeps only weak references to tasks
         life.add_done_callback(lambda t, j=job: self._ended(t, j))
@@ -137,6 +146,7 @@ class Scheduler(JobControl, Records):
             del self._jobs[job.task.task_id]
         if not job.accepted.done():
             job.accepted.set_result(None)
+        self._observe_end(job, None if life.cancelled() or life.exception() else life.result())
         if life.cancelled():
             job.done.cancel()
         elif life.exception() is not None:
@@ -149,7 +159,9 @@ class Scheduler(JobControl, Records):
         task, trace_id = job.task, job.trace_id
         try:
             if not job.adopted:
-                entry = Admitted(task=task, trace_id=trace_id, admitted_unix=job.admitted_unix).model_dump_json()
+                entry = Admitted(
+                    task=task, trace_id=trace_id, traceparent=job.traceparent, admitted_unix=job.admitted_unix
+                ).model_dump_json()
                 existing, job.adopted = await self._store.admit(task, entry)
                 if existing is not None:
                     return existing
@@ -187,6 +199,7 @@ class Scheduler(JobControl, Records):
             self._queue.push(task.tenant, task.priority, job)
         if not job.accepted.done():
             job.accepted.set_result(None)
+        self._telemetry.queued(job)
         self._store.post(
             task.tenant,
             "task_admitted",
@@ -219,6 +232,7 @@ class Scheduler(JobControl, Records):
                 job.attempt += 1
                 self._durable["redispatched"] += 1
             job.requeue(self._clock())
+            self._telemetry.queued(job)
             self._queue.push(task.tenant, "critical", job, front=True)
             self._pump()
 
@@ -229,7 +243,7 @@ class Scheduler(JobControl, Records):
         dispatch = Dispatch(
             task=task,
             trace_id=job.trace_id,
-            traceparent=traceparent(job.trace_id),
+            traceparent=self._telemetry.dispatch_traceparent(job),
             admitted_at_unix=job.admitted_unix,
             queued_ms=(self._clock() - job.enqueued_at) * 1000,
             attempt=job.attempt,
@@ -431,6 +445,7 @@ class Scheduler(JobControl, Records):
             self._queue.charge(tenant, job.estimate)
             self._tenant_running[tenant] += 1
             self._models.started(job.limit_key)
+            self._telemetry.dequeued(job, waited, worker)
             job.slot.set_result(worker)
         self._detector.idle()
 
@@ -455,46 +470,3 @@ class Scheduler(JobControl, Records):
     def pid(self) -> int:
         """This actor's process id (for operators, and the chaos tests that kill it)."""
         return os.getpid()
-
-    async def status(self) -> dict[str, Any]:
-        """Queues, in-flight work, shedding, the global buckets and today's budgets."""
-        now = self._clock()
-        try:
-            limits = await self._limiter.status.remote()
-        except ray.exceptions.RayError as exc:
-            limits = {"error": f"rate limiter unavailable: {type(exc).__name__}"}
-        tools: dict[str, Any] = {}
-        if self._board is not None:
-            try:
-                tools = await self._board.status.remote()
-            except ray.exceptions.RayError as exc:
-                tools = {"error": f"tool board unavailable: {type(exc).__name__}"}
-        tenants = dict.fromkeys([*self.config.tenants, *self._seen])
-        return {
-            "queued": len(self._queue),
-            "queued_by_tenant": self._queue.depth(),
-            "in_flight": self._slots.in_flight,
-            "in_flight_by_tenant": dict(self._tenant_running),
-            "capacity": self._slots.capacity,
-            "worker_load": list(self._slots.load),
-            "workers": self._fleet.snapshot(),
-            "finished_by_status": dict(self._counts),
-            "awaiting_approval": self._awaiting(),
-            "durability": {**self._durable, "jobs": len(self._jobs), **await self._redis_backlog()},
-            "shed_by_reason": dict(self._shed),
-            "overload_level": self._detector.level(now),
-            "dispatch_per_s": round(self._rate.per_s(now), 3),
-            "mean_run_s": round(self._mean_run_s, 4),
-            "model_capacity": self._models.snapshot(),
-            "loop_lag_ms": round(self._loop_lag_s * 1000, 1),
-            "fair_counters": {t: round(c, 1) for t, c in self._queue.counters.items() if t in tenants},
-            "limits": limits,
-            "tools": tools,
-            "budgets_today": await self._budgets_today(tenants),
-        }
-
-    async def _budgets_today(self, tenants: dict[str, None]) -> dict[str, Any]:
-        try:
-            return dict(await self._ledger.usage_today(tenants))
-        except (RedisError, OSError) as exc:  # status must answer while Redis is away
-            return {"error": f"Redis unavailable: {type(exc).__name__}"}

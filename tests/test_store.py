@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from agentpool.models import AgentResult
 from cluster.keys import Keys
-from cluster.store import ResultsReader, ResultStore
+from cluster.reader import ResultsReader
+from cluster.store import ResultStore
 
 
 def result(task_id: str, tenant: str = "acme", status: str = "succeeded", answer: str = "a") -> AgentResult:

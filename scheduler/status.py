@@ -1,0 +1,112 @@
+"""What the scheduler tells about the pool: `status()`, and the signals each task's end gives
+(metrics, alerts, error counts). A mixin of `Scheduler`, kept apart for size."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+import ray
+from redis.exceptions import RedisError
+
+from agentpool import telemetry as tm
+from agentpool.models import AgentResult
+from scheduler.alerts import ERROR_STATUSES, AlertMonitor
+from scheduler.jobs import Job
+
+if TYPE_CHECKING:
+    from cluster.store import ResultStore
+    from scheduler.observe import TaskTelemetry
+
+log = logging.getLogger("agentpool.alerts")
+#: Tenants whose task ends `status()` counts, at most.
+_MAX_TENANTS = 10_000
+
+
+class StatusView:
+    """`status()` and `_observe_end()`."""
+
+    _store: ResultStore
+    _telemetry: TaskTelemetry
+    _alerts: AlertMonitor
+    _ends: dict[str, Counter[str]]
+
+    def _observe_end(self, job: Job, result: AgentResult | None) -> None:
+        """Counts a task's end: its spans and metrics, its tenant's errors, and any alert."""
+        self._telemetry.ended(job, result)
+        if result is None:
+            return
+        tenant = result.tenant
+        ends = self._ends.pop(tenant, None) or Counter()
+        ends[result.status] += 1
+        self._ends[tenant] = ends  # most recently ended last: the first to go beyond the bound
+        if len(self._ends) > _MAX_TENANTS:
+            del self._ends[next(iter(self._ends))]
+        if not self._alerts.enabled:
+            return
+        raised = self._alerts.observe(
+            tenant, result.task_id, result.status, result.timings.total_ms / 1000, result.usage.cost_usd, time.time()
+        )
+        for alert in raised:
+            fields = {"kind": alert.kind, "state": alert.state, "value": alert.value, "threshold": alert.threshold}
+            tm.alerts.add(
+                1, {"agentpool.tenant": tenant, "agentpool.alert": alert.kind, "agentpool.state": alert.state}
+            )
+            log.warning(
+                "alert %s %s for tenant %s: %s (threshold %s)",
+                alert.kind,
+                alert.state,
+                tenant,
+                alert.value,
+                alert.threshold,
+            )
+            self._store.post(tenant, "alert", task_id=alert.task_id or "", trace_id=result.trace_id, **fields)
+
+    async def status(self: Any) -> dict[str, Any]:
+        """Queues, in-flight work, shedding, errors and alerts, the global buckets, the tools'
+        breakers and today's spend per tenant."""
+        now = self._clock()
+        try:
+            limits = await self._limiter.status.remote()
+        except ray.exceptions.RayError as exc:
+            limits = {"error": f"rate limiter unavailable: {type(exc).__name__}"}
+        tools: dict[str, Any] = {}
+        if self._board is not None:
+            try:
+                tools = await self._board.status.remote()
+            except ray.exceptions.RayError as exc:
+                tools = {"error": f"tool board unavailable: {type(exc).__name__}"}
+        tenants = dict.fromkeys([*self.config.tenants, *self._seen])
+        return {
+            "queued": len(self._queue),
+            "queued_by_tenant": self._queue.depth(),
+            "in_flight": self._slots.in_flight,
+            "in_flight_by_tenant": dict(self._tenant_running),
+            "capacity": self._slots.capacity,
+            "worker_load": list(self._slots.load),
+            "workers": self._fleet.snapshot(),
+            "finished_by_status": dict(self._counts),
+            "awaiting_approval": self._awaiting(),
+            "durability": {**self._durable, "jobs": len(self._jobs), **await self._redis_backlog()},
+            "shed_by_reason": dict(self._shed),
+            "finished_by_tenant": {t: dict(c) for t, c in self._ends.items()},
+            "errors_by_tenant": {t: sum(c[s] for s in ERROR_STATUSES) for t, c in self._ends.items()},
+            "alerts_firing": self._alerts.firing(),
+            "overload_level": self._detector.level(now),
+            "dispatch_per_s": round(self._rate.per_s(now), 3),
+            "mean_run_s": round(self._mean_run_s, 4),
+            "model_capacity": self._models.snapshot(),
+            "loop_lag_ms": round(self._loop_lag_s * 1000, 1),
+            "fair_counters": {t: round(c, 1) for t, c in self._queue.counters.items() if t in tenants},
+            "limits": limits,
+            "tools": tools,
+            "budgets_today": await self._budgets_today(tenants),
+        }
+
+    async def _budgets_today(self: Any, tenants: dict[str, None]) -> dict[str, Any]:
+        try:
+            return dict(await self._ledger.usage_today(tenants))
+        except (RedisError, OSError) as exc:  # status must answer while Redis is away
+            return {"error": f"Redis unavailable: {type(exc).__name__}"}
