@@ -329,3 +329,37 @@ def test_status_view_shows_tenants_spend_and_breakers(traced: Any) -> None:
     spend = sum(r.usage.cost_usd for r in results)
     assert "tenants" in text and "acme" in text and f"{spend:.4f}" in text
     assert "calculator" in text and "closed" in text  # the breakers
+
+
+def test_prometheus_scrapes_every_process(redis_url: str) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with OTLPReceiver() as receiver:
+        pool = start(
+            redis_url,
+            receiver,
+            OTEL_TRACES_EXPORTER="none",
+            OTEL_METRICS_EXPORTER="prometheus",
+            OTEL_EXPORTER_PROMETHEUS_HOST="127.0.0.1",
+            OTEL_EXPORTER_PROMETHEUS_PORT=str(port),
+        )
+        try:
+            (result,) = pool.run([AgentTask(tenant="acme", prompt="sim: answer hi")])
+            groups = {g["labels"]["agentpool_role"]: g["targets"] for g in pool.metrics_targets()}
+            scraped = {
+                role: "".join(
+                    urllib.request.urlopen(f"http://{t}/metrics", timeout=10).read().decode() for t in targets
+                )
+                for role, targets in groups.items()
+            }
+        finally:
+            pool.shutdown()
+    assert result.status == "succeeded" and not receiver.spans()  # traces off: nothing sent over OTLP
+    assert {"scheduler", "worker", "tool_executor", "tool_board", "limiter"} <= set(groups)
+    assert f"127.0.0.1:{port}" in [t for targets in groups.values() for t in targets]  # one got the configured port
+    assert "gen_ai_client_token_usage_bucket{" in scraped["worker"] and 'le="16384"' in scraped["worker"]
+    assert 'agentpool_tasks_total{agentpool_status="succeeded",agentpool_tenant="acme"' in scraped["scheduler"]
