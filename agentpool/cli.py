@@ -1,4 +1,4 @@
-"""The `agentpool` command: demo, submit, results, status, simulator."""
+"""The `agentpool` command: demo, start/stop, submit, cancel/approve, results, status, trace, simulator."""
 
 from __future__ import annotations
 
