@@ -486,8 +486,10 @@ class AgentPool:
 
         Keys: `queued` and `queued_by_tenant` (tenant -> priority -> count), `in_flight` and
         `in_flight_by_tenant`, `capacity`, `finished_by_status`, `shed_by_reason`,
-        `overload_level`, `limits` (bucket levels per model and dimension, leases
-        outstanding and waiting) and `budgets_today` (tokens and cost per tenant).
+        `overload_level`, `finished_by_tenant` (tenant -> status -> count), `errors_by_tenant`,
+        `alerts_firing`, `limits` (bucket levels per model and dimension, leases outstanding
+        and waiting), `tools` (breakers and outcomes) and `budgets_today` (tokens and cost
+        spent today per tenant).
         """
         self._check_running()
         return dict(ray.get(self._scheduler.status.remote()))
