@@ -382,7 +382,8 @@ class AgentPool:
         for actor in self._telemetered():
             with contextlib.suppress(Exception):
                 refs.append(actor.flush_telemetry.remote())
-        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
 
     def metrics_targets(self) -> list[dict[str, Any]]:
         """Where the pool's processes serve `/metrics` (with `OTEL_METRICS_EXPORTER=prometheus`),
