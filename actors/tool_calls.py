@@ -126,7 +126,9 @@ class ToolCalls:
         if tm.capture_content() and span.is_recording():
             span.set_attribute("gen_ai.tool.call.arguments", tm.content(call.arguments))
         with trace.use_span(span, end_on_exit=False):
-            call = call.model_copy(update={"traceparent": tm.current_traceparent()})
+            context = tm.current_traceparent()
+            if context:  # tracing on: the executor's span continues this one
+                call = call.model_copy(update={"traceparent": context})
             try:
                 outcome = await self._run(call, allowed, emit)
             except RedisError as exc:

@@ -13,57 +13,21 @@ import ray
 from agentpool import telemetry as tm
 from agentpool.config import PoolConfig
 from agentpool.errors import ConfigError, PoolNotRunning
+from agentpool.launch import (
+    NAMESPACE,
+    SIMULATOR_KEY,
+    control,
+    start_executor_group,
+    worker_spawn,
+)
 from agentpool.models import AgentResult, AgentTask
 from agentpool.protocol import new_trace_id, traceparent
 from cluster.keys import Keys
 from cluster.reader import ResultsReader
 from cluster.redis_server import EmbeddedRedis
-from cluster.telemetry import TelemetryConfigError, check_env, exported_env
+from cluster.telemetry import TelemetryConfigError, check_env
 
 log = logging.getLogger("agentpool")
-
-NAMESPACE = "agentpool"
-
-
-def _niceness(level: int) -> dict[str, Any]:
-    """An actor's runtime env: this CPU priority (Ray applies it at start), and the `OTEL_*`
-    variables of the process starting the pool, so every actor exports as it was told."""
-    return {"env_vars": {"RAY_worker_niceness": str(level), **exported_env()}}
-
-
-#: Our actors wait on I/O, not on CPU: they reserve none, so a 2-core machine can hold the
-#: scheduler, the workers, the executors and the simulator at once. They are the pool's
-#: control plane and run at niceness 0, where Ray puts its own processes, not at the 15 Ray
-#: gives workers: a process Ray starts (for a tool executor being replaced, say) spends its
-#: first second at 0, and at 15 the agent loops would get a few percent of a core meanwhile.
-_ACTOR_OPTIONS: dict[str, Any] = {
-    "num_cpus": 0,
-    "max_restarts": -1,
-    "max_task_retries": -1,
-}
-
-
-def _control(config: PoolConfig) -> dict[str, Any]:
-    """Options of the pool's control actors (scheduler, limiter, tool board)."""
-    return {**_ACTOR_OPTIONS, "runtime_env": _niceness(0), "resources": dict(config.placement.control_resources)}
-
-
-def _worker_spawn(config: PoolConfig, **kwargs: Any) -> dict[str, Any]:
-    """How to start an agent worker, as plain data: the pool starts the first ones and the
-    scheduler's autoscaler more (`AgentWorker.options(**options, name=...).remote(**kwargs)`)."""
-    # No re-sending by Ray (`max_task_retries=0`): when a worker dies the scheduler sends its
-    # tasks to another worker at once, where they resume from their checkpoints.
-    options: dict[str, Any] = {
-        **_ACTOR_OPTIONS,
-        "runtime_env": _niceness(0),
-        "max_task_retries": 0,
-        "max_concurrency": config.worker_concurrency + 8,
-        "namespace": NAMESPACE,
-        "resources": dict(config.placement.worker_resources),
-    }
-    if config.placement.spread_workers:
-        options["scheduling_strategy"] = "SPREAD"
-    return {"options": options, "kwargs": {"config": config, "namespace": NAMESPACE, **kwargs}}
 
 
 def _trace_context(task: AgentTask) -> str:
@@ -77,42 +41,6 @@ def _trace_context(task: AgentTask) -> str:
     )
     span.end()
     return tm.span_traceparent(span) or tm.current_traceparent() or traceparent(new_trace_id())
-
-
-# Placeholder credential for the bundled simulator; it accepts any key and this is not secret.
-_SIMULATOR_KEY = "sim-local-no-secret"
-
-
-def _start_executor_group(
-    config: PoolConfig, group: str, actors: list[Any], lifetime: dict[str, Any]
-) -> tuple[list[str], list[Any]]:
-    """Starts one executor group's actors. Ray restarts a dead executor but never re-sends
-    its calls by itself (`max_task_retries=0`): the worker decides what may run again."""
-    from actors.tool_executor import ToolExecutor
-
-    shape = config.executor_group(group)
-    names = [f"{config.name}-tools-{group}-{i}" for i in range(shape.executors)]
-    handles = [
-        ToolExecutor.options(
-            **{**_ACTOR_OPTIONS, "max_task_retries": 0, "runtime_env": _niceness(shape.niceness)},
-            resources=dict(config.placement.executor_resources),
-            name=name,
-            max_concurrency=shape.concurrency + 8,
-            namespace=NAMESPACE,
-            **lifetime,
-        ).remote(
-            config.all_tool_modules,
-            config.tool_output_max_chars,
-            group=group,
-            threads=shape.concurrency,
-            max_stuck_threads=shape.max_stuck_threads,
-            bulkhead_wait_s=config.bulkhead_wait_s,
-            isolation=shape.isolation,
-        )
-        for name in names
-    ]
-    actors.extend(handles)
-    return names, handles
 
 
 class AgentPool:
@@ -198,7 +126,7 @@ class AgentPool:
         try:
             # The simulator and Redis hosts go where the control plane goes (`control_resources`),
             # never onto a worker node that may go away. Not restarted: a new one has a new port.
-            host = {**_control(config), "max_restarts": 0, "max_task_retries": 0, "namespace": NAMESPACE, **lifetime}
+            host = {**control(config), "max_restarts": 0, "max_task_retries": 0, "namespace": NAMESPACE, **lifetime}
             redis_url = config.redis_url
             if redis_url is None and detached:  # the server must outlive this process too
                 redis_host = RedisHost.options(**host, name=f"{config.name}-redis").remote()
@@ -207,7 +135,7 @@ class AgentPool:
             elif redis_url is None:
                 embedded = EmbeddedRedis()
                 redis_url = embedded.start()
-            simulator, base_url, api_key = None, config.anthropic_base_url, _SIMULATOR_KEY
+            simulator, base_url, api_key = None, config.anthropic_base_url, SIMULATOR_KEY
             if config.anthropic_api_key is not None:
                 api_key = config.anthropic_api_key.get_secret_value()
             if config.uses_simulator:
@@ -215,7 +143,7 @@ class AgentPool:
                 actors.append(simulator)
             # The default group first: its catalog says which other groups the tools ask for.
             # Its processes start while the simulator's does.
-            default_names, default_group = _start_executor_group(config, "default", actors, lifetime)
+            default_names, default_group = start_executor_group(config, "default", actors, lifetime)
             if simulator is not None:
                 base_url = ray.get(simulator.start.remote())
             try:
@@ -224,9 +152,9 @@ class AgentPool:
                 raise ConfigError(f"tool executors could not start: {exc}") from None
             executor_names = {"default": default_names}
             for group in sorted({entry["group"] for entry in catalog.values()} - {"default"}):
-                executor_names[group], _ = _start_executor_group(config, group, actors, lifetime)
+                executor_names[group], _ = start_executor_group(config, group, actors, lifetime)
             board_name = f"{config.name}-tools"
-            board = ToolBoard.options(**_control(config), name=board_name, namespace=NAMESPACE, **lifetime).remote(
+            board = ToolBoard.options(**control(config), name=board_name, namespace=NAMESPACE, **lifetime).remote(
                 catalog,
                 config.breaker.model_dump(),
             )
@@ -235,14 +163,14 @@ class AgentPool:
             # Every LLM attempt of every worker waits here: its concurrency is bounded only by
             # the attempts that can be in flight at once.
             limiter = RateLimiter.options(
-                **_control(config),
+                **control(config),
                 name=limiter_name,
                 namespace=NAMESPACE,
                 max_concurrency=config.worker_concurrency * config.max_workers * 2 + 100,
                 **lifetime,
             ).remote(config)
             actors.append(limiter)
-            spawn = _worker_spawn(
+            spawn = worker_spawn(
                 config,
                 redis_url=redis_url,
                 base_url=base_url,
@@ -264,7 +192,7 @@ class AgentPool:
             named += [f"{config.name}-simulator"] if simulator is not None else []
             named += [f"{config.name}-redis"] if detached and config.redis_url is None else []
             scheduler = Scheduler.options(
-                **_control(config),
+                **control(config),
                 name=scheduler_name,
                 namespace=NAMESPACE,
                 **lifetime,

@@ -136,16 +136,7 @@ class TaskTelemetry:
         attributes: dict[str, Any] = {"agentpool.status": status}
         if result is not None:
             usage = result.usage
-            attributes.update(
-                tm.usage_attributes(
-                    {
-                        "input_tokens": usage.input_tokens,
-                        "output_tokens": usage.output_tokens,
-                        "cache_read_input_tokens": usage.cache_read_input_tokens,
-                        "cache_creation_input_tokens": usage.cache_creation_input_tokens,
-                    }
-                )
-            )
+            attributes.update(tm.usage_attributes(usage.model_dump()))
             attributes["agentpool.cost_usd"] = usage.cost_usd
             attributes["agentpool.iterations"] = result.iterations
             attributes["agentpool.attempts"] = result.attempts
