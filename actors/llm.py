@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import anthropic
 
-from actors.backoff import Backoff, classify
+from actors.backoff import Backoff, Decision, classify
+from actors.response import parse_message
 from agentpool import telemetry as tm
-from agentpool.errors import ProviderError
+from agentpool.errors import MalformedResponse, ProviderError
+from agentpool.secrets import Scrubber
 
 Emit = Callable[..., Awaitable[None]]
 Sleep = Callable[[float], Awaitable[None]]
@@ -61,8 +63,11 @@ class LLMClient:
         *,
         clock: Callable[[], float],
         sleep: Sleep = asyncio.sleep,
+        scrub: Callable[[str], str] | None = None,
     ) -> None:
         self._client = client
+        #: Every provider message passes it before it is kept anywhere (events, spans, results).
+        self._scrub = scrub or Scrubber()
         url = getattr(client, "base_url", None)
         self._server = (str(url.host), int(url.port or (443 if url.scheme == "https" else 80))) if url else None
         self._backoff = backoff
@@ -95,9 +100,13 @@ class LLMClient:
                 span = tm.ChatSpan(model, request, self._server)
                 try:
                     raw = await self._client.messages.with_raw_response.create(**request, model=model)
-                    message = await raw.parse()
-                except (anthropic.APIError, OSError) as exc:
+                    # Read as JSON and checked here, not built by the SDK, which does not validate.
+                    body = parse_message(raw.http_response.content, model=model)
+                except (anthropic.APIError, OSError, MalformedResponse) as exc:
                     decision = classify(exc)
+                    if isinstance(exc, MalformedResponse):
+                        decision = Decision("retry", None, "MalformedResponse", exc.message)
+                    decision = replace(decision, message=self._scrub(decision.message))
                     span.failed(decision.error_type or type(exc).__name__, decision.message)
                     if gate is not None:
                         response = getattr(exc, "response", None)
@@ -136,7 +145,6 @@ class LLMClient:
                         gate.abandon(ticket)
                     raise
                 latency_ms = (self._clock() - started) * 1000
-                body = message.model_dump(mode="json", exclude_none=True)
                 span.succeeded(body)
                 if gate is not None:
                     await gate.after(ticket, usage=body.get("usage"), headers=raw.headers, retry_after_s=None)

@@ -26,6 +26,7 @@ from actors.tool_sandbox import Sandbox
 from agentpool import telemetry as tm
 from agentpool.config import Isolation
 from agentpool.protocol import ToolCall, ToolOutcome
+from agentpool.secrets import forget_env_secrets
 from agentpool.tools import load_tools
 from cluster.telemetry import Telemetered
 
@@ -52,6 +53,7 @@ class ToolExecutor(Telemetered):
         bulkhead_wait_s: float = 1.0,
         isolation: Isolation = "thread",
     ) -> None:
+        forget_env_secrets()  # tool code runs in this process and its children
         self._setup_telemetry("tool_executor")
         self.group = group
         tools = load_tools(modules)

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import anthropic
 import httpx2
 import ray
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 from redis.exceptions import RedisError
 
 from actors.agent_loop import AgentLoop
@@ -31,6 +31,7 @@ from agentpool.config import PoolConfig
 from agentpool.models import AgentResult, ErrorInfo, Timings
 from agentpool.pricing import PriceTable
 from agentpool.protocol import Dispatch, Paused
+from agentpool.secrets import Scrubber, forget_env_secrets, install_log_scrubber
 from cluster.store import ResultStore, RunStart
 from cluster.telemetry import Telemetered
 from scheduler.budgets import BudgetLedger
@@ -60,7 +61,7 @@ class AgentWorker(Telemetered):
         *,
         redis_url: str,
         base_url: str | None,
-        api_key: str,
+        api_key: SecretStr,
         tool_catalog: dict[str, dict[str, Any]],
         executor_names: dict[str, list[str]],
         namespace: str,
@@ -71,6 +72,10 @@ class AgentWorker(Telemetered):
         self.config = config
         self._base_url = base_url
         self._api_key = api_key
+        # Whatever this process logs or records passes the scrubber: the key never leaves it.
+        self._scrub = Scrubber([api_key])
+        forget_env_secrets()
+        install_log_scrubber(self._scrub)
         self._tool_defs = {name: entry["definition"] for name, entry in tool_catalog.items()}
         self._catalog = tool_catalog
         self._prices = PriceTable(config.prices)
@@ -104,7 +109,7 @@ class AgentWorker(Telemetered):
                 max_keepalive_connections=self.config.worker_concurrency,
             )
             client = anthropic.AsyncAnthropic(
-                api_key=self._api_key,
+                api_key=self._api_key.get_secret_value(),
                 base_url=self._base_url,
                 max_retries=0,
                 timeout=self.config.llm_request_timeout_s,
@@ -114,7 +119,7 @@ class AgentWorker(Telemetered):
                 # stays inside the pool rather than going out to the provider.
                 open_telemetry={"traces": {"enabled": False}, "propagation": False},
             )
-            self._llm = LLMClient(client, Backoff(self.config.retry), clock=time.monotonic)
+            self._llm = LLMClient(client, Backoff(self.config.retry), clock=time.monotonic, scrub=self._scrub)
         return self._llm
 
     async def run(self, dispatch: Dispatch) -> AgentResult | Paused:
@@ -165,12 +170,13 @@ class AgentWorker(Telemetered):
         try:
             state = _loaded(begun.checkpoint, LoopState)
             allowed = self._allowed_tools(task.tenant, task.tools)
+            policy = self.config.policy_for(task.tenant) or self.config.default_tenant_policy
             gate = TaskGate(
                 limiter=self._limiter,
                 ledger=self._ledger,
                 prices=self._prices,
                 tenant=task.tenant,
-                policy=self.config.policy_for(task.tenant) or self.config.default_tenant_policy,
+                policy=policy,
                 priority=task.priority,
                 chars_per_token=self.config.input_chars_per_token,
                 holder=self._holder,
@@ -190,6 +196,7 @@ class AgentWorker(Telemetered):
                 needs_approval=lambda name: bool(self._catalog.get(name, {}).get("requires_approval")),
                 approval=_loaded(begun.approval, ApprovalDecision),
                 approval_timeout_s=self.config.approval_timeout_s,
+                guardrails=policy.guardrails,
             )
             if loop.resumed_from is not None:
                 await emit("task_resumed", iteration=loop.resumed_from, attempt=dispatch.attempt)
@@ -204,7 +211,7 @@ class AgentWorker(Telemetered):
                 tenant=task.tenant,
                 status="failed",
                 trace_id=dispatch.trace_id,
-                error=ErrorInfo(type="InternalError", message=f"{type(exc).__name__}: {exc}"[:4000]),
+                error=ErrorInfo(type="InternalError", message=self._scrub(f"{type(exc).__name__}: {exc}")[:4000]),
             )
         finally:
             if self._loops.get(task.task_id) is loop:

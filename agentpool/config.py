@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, model_validator
@@ -194,6 +195,14 @@ class PoolConfig(BaseSettings):
         default=None,
         validation_alias=AliasChoices("anthropic_api_key", "ANTHROPIC_API_KEY"),
     )
+    #: A file holding the key instead (a Docker or Kubernetes secret, a root-owned file not
+    #: readable by every user); read once, at configuration.
+    anthropic_api_key_file: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "anthropic_api_key_file", "AGENTPOOL_ANTHROPIC_API_KEY_FILE", "ANTHROPIC_API_KEY_FILE"
+        ),
+    )
     anthropic_base_url: str | None = Field(
         default=None, validation_alias=AliasChoices("anthropic_base_url", "ANTHROPIC_BASE_URL")
     )
@@ -261,6 +270,30 @@ class PoolConfig(BaseSettings):
     #: the stream to about that many (retention).
     audit_maxlen: int | None = Field(default=None, ge=1000)
     alerts: AlertConfig = Field(default_factory=AlertConfig)
+    # --- security
+    #: Refuse to run on a Ray cluster without token authentication (`RAY_AUTH_MODE=token`,
+    #: Ray's default for a local cluster): anyone who reaches an unauthenticated cluster
+    #: runs code in it, and reads the key.
+    require_ray_auth: bool = True
+    #: Start the Ray dashboard with a pool-started local cluster (never for `ray up`: that is
+    #: `ray start --dashboard-host`), listening on `dashboard_host` only.
+    dashboard: bool = False
+    dashboard_host: str = "127.0.0.1"
+
+    @model_validator(mode="after")
+    def _key_from_file(self) -> PoolConfig:
+        if self.anthropic_api_key_file is not None:
+            from agentpool.secrets import read_secret_file
+
+            if self.anthropic_api_key is not None:
+                raise ValueError("set the Anthropic key or a file holding it, not both")
+            self.anthropic_api_key = read_secret_file(self.anthropic_api_key_file)
+        return self
+
+    def for_actors(self) -> PoolConfig:
+        """This configuration without the provider key, as the pool's actors get it: only the
+        agent workers hold the key, passed to them apart."""
+        return self.model_copy(update={"anthropic_api_key": None, "anthropic_api_key_file": None})
 
     @property
     def uses_simulator(self) -> bool:

@@ -77,6 +77,17 @@ class InvalidTask(AgentPoolError):
     """Raised when a task is well-formed but cannot run here (unknown tool, unknown tenant)."""
 
 
+class InvalidTaskInput(InvalidTask, ValueError):
+    """Raised by `submit`/`enqueue` when a task is malformed or over a size bound; nothing of
+    the batch is sent. `errors` lists `{index, loc, msg, type}` (the task's place in the
+    batch, and pydantic's account of what is wrong, without the offending value)."""
+
+
+class InjectionDetected(InvalidTask):
+    """Raised (as a failed result) when the tenant's prompt-injection screen flags a task's
+    input and its guardrails say `injection="block"`; `rules` names what matched."""
+
+
 class UnknownTenant(InvalidTask):
     """Raised when `strict_tenants` is set and a task names a tenant with no policy."""
 
@@ -112,6 +123,13 @@ class ProviderError(AgentPoolError):
         )
 
 
+class MalformedResponse(ProviderError):
+    """Raised when the provider's answer is not a Messages API response the pool can use
+    (not JSON, wrong types, too large); retried like a 5xx."""
+
+    retryable = True
+
+
 class ToolError(AgentPoolError):
     """Raised inside the tool pool when a tool call fails; becomes an `is_error` tool_result."""
 
@@ -135,10 +153,13 @@ ALL_ERRORS: tuple[type[AgentPoolError], ...] = (
     BudgetExceeded,
     ConfigError,
     InvalidTask,
+    InvalidTaskInput,
+    InjectionDetected,
     UnknownTenant,
     UnknownTool,
     PoolNotRunning,
     ProviderError,
+    MalformedResponse,
     ToolError,
     OutputValidationError,
     StoreError,

@@ -4,6 +4,7 @@ the scheduler's autoscaler start actors from these."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from agentpool.config import PoolConfig
@@ -55,6 +56,16 @@ def worker_spawn(config: PoolConfig, **kwargs: Any) -> dict[str, Any]:
 
 # Placeholder credential for the bundled simulator; it accepts any key and this is not secret.
 SIMULATOR_KEY = "sim-local-no-secret"
+
+
+def ray_auth_enabled() -> bool:
+    """Whether this process talks to Ray with token authentication (`RAY_AUTH_MODE=token`;
+    a local `ray.init()` turns it on unless the variable says otherwise)."""
+    try:
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+    except ImportError:  # a Ray without the helper: the variable is the setting
+        return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+    return bool(is_token_auth_enabled())
 
 
 def start_executor_group(

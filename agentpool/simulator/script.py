@@ -10,10 +10,14 @@ task's prompt, or a follow-up such as a schema correction):
                                      fail the first N attempts (default 1) with that status
     sim: delay <ms>                  add this much latency to each response
     sim: output_tokens <n>           report n output tokens per response (capped at max_tokens)
+    sim: raw <base64>                answer 200 with exactly these bytes as the body (hostile
+                                     and malformed responses, for the fuzz tests)
+    sim: bloat <n>                   answer with a text block of n characters (huge payloads)
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import re
@@ -40,6 +44,8 @@ class Directives:
     fails: list[FailSpec] = field(default_factory=list)
     delay_ms: float = 0.0
     output_tokens: int | None = None
+    raw: bytes | None = None
+    bloat: int = 0
 
     @property
     def empty(self) -> bool:
@@ -88,6 +94,13 @@ def parse_directives(text: str) -> Directives:
             out.delay_ms = float(rest)
         elif verb == "output_tokens":
             out.output_tokens = int(rest)
+        elif verb == "raw":
+            try:
+                out.raw = base64.b64decode(rest, validate=True)
+            except ValueError as exc:
+                raise DirectiveError(f"sim: raw needs base64: {exc}") from exc
+        elif verb == "bloat":
+            out.bloat = min(int(rest), 64 * 1024 * 1024)
         else:
             raise DirectiveError(f"unknown simulator directive 'sim: {verb}'")
     return out

@@ -139,14 +139,17 @@ class Simulator:
             usage["input_tokens"] += prefix
         return usage
 
-    def maybe_fail(self, body: dict[str, Any], directives: Any) -> None:
+    def maybe_fail(self, body: dict[str, Any], directives: Any, *, api_key: str = "") -> None:
         for spec in directives.fails:
             if spec.model is not None and spec.model != body["model"]:
                 continue
             key = f"{spec.status}:{spec.model}:{fail_key(body)}"
             if spec.times is None or self._fails[key] < spec.times:
                 self._fails[key] += 1
-                raise _ApiError(spec.status, f"simulated failure ({spec.status})", _retry_hdr(1))
+                message = f"simulated failure ({spec.status})"
+                if spec.status == 401:  # echoes the key, as careless gateways do: the pool must scrub it
+                    message = f"invalid x-api-key: {api_key}"
+                raise _ApiError(spec.status, message, _retry_hdr(1))
         for status, rate in sorted(self.config.fault_rates.items()):
             if self._rng.random() < rate:
                 raise _ApiError(status, f"injected fault ({status})", _retry_hdr(1))
@@ -224,7 +227,12 @@ def build_app(sim: Simulator) -> web.Application:
             directives = parse_directives(anchor)
         except (DirectiveError, ValueError) as exc:
             raise _ApiError(400, str(exc)) from exc
-        sim.maybe_fail(body, directives)
+        presented = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+        sim.maybe_fail(body, directives, api_key=presented)
+        if directives.raw is not None:
+            return web.Response(
+                body=directives.raw, content_type="application/json", headers={"request-id": request_id}
+            )
         usage = sim.usage_for(body)
         limits = sim.limits_for(body["model"])
         billable_input = usage["input_tokens"] + usage["cache_creation_input_tokens"]
@@ -234,6 +242,8 @@ def build_app(sim: Simulator) -> web.Application:
             headers = {**_retry_hdr(verdict.retry_after_s), **limits.headers(time.time())}
             raise _ApiError(429, f"rate limit exceeded: {verdict.dimension} per minute", headers)
         reply = plan_reply(body, directives, uuid.uuid4().hex[:24])
+        if directives.bloat:
+            reply = Reply([{"type": "text", "text": "x" * directives.bloat}], "end_turn", reply.output_tokens)
         limits.settle(body["max_tokens"], reply.output_tokens)
         usage["output_tokens"] = reply.output_tokens
         sim.stats["input_tokens"] += billable_input

@@ -1,0 +1,121 @@
+"""Keeping credentials out of everything the pool records.
+
+The Anthropic key lives in a `SecretStr` from the moment it is read (environment or secrets
+file) until the worker hands it to the SDK. Whatever text leaves a worker and could carry
+it (provider error messages, exception text, log lines) passes a `Scrubber` first: the exact
+secrets it knows are replaced, and so is anything shaped like a credential
+(`agentpool.redact`), in case a provider or proxy echoes a key the pool never saw.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from collections.abc import Iterable
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from agentpool.errors import ConfigError
+from agentpool.redact import redact_text
+
+MARK = "[SECRET]"
+#: Shorter strings are not treated as secrets: replacing them would mangle ordinary text.
+_MIN_SECRET_LEN = 8
+#: A secrets file larger than this is not a key.
+_MAX_SECRET_FILE_BYTES = 16_384
+#: Loggers whose records may carry request details (the SDK and its HTTP stack).
+_LOGGERS = ("anthropic", "httpx", "httpx2", "httpcore", "agentpool", "ray")
+
+
+def read_secret_file(path: str | os.PathLike[str]) -> SecretStr:
+    """The secret held in a file (Docker and Kubernetes secrets, a root-owned key file).
+
+    Surrounding whitespace is dropped. Errors name the file, never its content.
+
+    Raises:
+        ConfigError: If the file is missing, unreadable, empty, too large, or readable by
+            every user on the machine.
+    """
+    file = Path(path)
+    try:
+        info = file.stat()
+        if info.st_size > _MAX_SECRET_FILE_BYTES:
+            raise ConfigError(f"secrets file {file} is {info.st_size} bytes; a key is at most {_MAX_SECRET_FILE_BYTES}")
+        if info.st_mode & stat.S_IROTH:
+            raise ConfigError(f"secrets file {file} is readable by every user: chmod o-r (600 or 640) first")
+        value = file.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read secrets file {file}: {exc.strerror or type(exc).__name__}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"secrets file {file} is not UTF-8 text") from None
+    if not value:
+        raise ConfigError(f"secrets file {file} is empty")
+    return SecretStr(value)
+
+
+#: Variables that may hold the provider key; actors drop them from their environment so that
+#: tool code (and the children it forks) cannot read them.
+KEY_VARIABLES = ("ANTHROPIC_API_KEY", "AGENTPOOL_ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN")
+
+
+def forget_env_secrets() -> None:
+    """Removes the provider key from this process's environment (a local Ray's processes
+    inherit the driver's)."""
+    for name in KEY_VARIABLES:
+        os.environ.pop(name, None)
+
+
+class Scrubber:
+    """Replaces known secrets and credential-shaped strings in text with `[SECRET]`."""
+
+    def __init__(self, secrets: Iterable[str | SecretStr | None] = ()) -> None:
+        plain = {s.get_secret_value() if isinstance(s, SecretStr) else s for s in secrets if s is not None}
+        # Longest first, so a secret that contains another is replaced whole.
+        self._secrets = sorted((s for s in plain if len(s) >= _MIN_SECRET_LEN), key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, MARK)
+        return redact_text(text, pii=False)
+
+
+class ScrubFilter(logging.Filter):
+    """A logging filter that scrubs each record's message and exception text in place."""
+
+    def __init__(self, scrub: Scrubber) -> None:
+        super().__init__()
+        self._scrub = scrub
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = self._scrub(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and record.exc_info[0] is not None:
+            # Formatted once here, scrubbed, and kept as the text handlers print.
+            text = record.exc_text or logging.Formatter().formatException(record.exc_info)
+            record.exc_text, record.exc_info = self._scrub(text), None
+        elif record.exc_text:
+            record.exc_text = self._scrub(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self._scrub(record.stack_info)
+        return True
+
+
+def install_log_scrubber(scrub: Scrubber) -> ScrubFilter:
+    """Scrubs what this process logs: every handler of the root logger (records from any
+    logger pass one) and the loggers of the SDK, its HTTP stack, Ray and agentpool."""
+    flt = ScrubFilter(scrub)
+    root = logging.getLogger()
+    targets: list[logging.Filterer] = [*root.handlers]
+    for name in _LOGGERS:
+        logger = logging.getLogger(name)
+        targets.append(logger)
+        targets.extend(logger.handlers)
+    for target in targets:
+        if not any(isinstance(f, ScrubFilter) for f in target.filters):
+            target.addFilter(flt)
+    return flt
