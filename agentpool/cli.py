@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from agentpool.models import AgentResult, AgentTask
+from cluster.acl import display_url
 
 app = typer.Typer(help="A distributed pool of LLM agent workers on Ray.", no_args_is_help=True, add_completion=False)
 # Wide enough for the summary table even when output is piped (CI logs, files).
@@ -107,7 +108,7 @@ def summary_table(results: list[AgentResult]) -> Table:
 def _where_in_redis(pool: object, tenants: list[str], embedded: bool) -> None:
     url = pool.redis_url  # type: ignore[attr-defined]
     prefix = pool.config.key_prefix  # type: ignore[attr-defined]
-    console.print(f"\n[bold]Results in Redis[/] at {url}")
+    console.print(f"\n[bold]Results in Redis[/] at {display_url(url)}")
     for tenant in tenants:
         console.print(
             f"  {prefix}:{{{tenant}}}:results   (stream)   {prefix}:{{{tenant}}}:result:<task_id>   "
@@ -188,7 +189,7 @@ def start(
     except ConfigError as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from None
-    console.print(f"pool [bold]{config.name}[/] running, detached; Redis at {pool.redis_url}")
+    console.print(f"pool [bold]{config.name}[/] running, detached; Redis at {display_url(pool.redis_url)}")
     console.print("submit with `agentpool submit FILE --detach`; stop with `agentpool stop`")
     import ray
 
@@ -266,7 +267,8 @@ def submit(
         for answer in answers:
             by_status[answer["status"]] += 1
         console.print(", ".join(f"{n} {status}" for status, n in sorted(by_status.items())))
-        console.print(f"results land in Redis at {pool.redis_url} (`agentpool results TENANT`)")  # type: ignore[attr-defined]
+        where = display_url(pool.redis_url)  # type: ignore[attr-defined]
+        console.print(f"results land in Redis at {where} (`agentpool results TENANT`)")
         return
     config = PoolConfig()
     with AgentPool.start(config) as pool:
@@ -365,6 +367,39 @@ def trace(
             print(json.dumps(event, default=str))
         return
     console.print(timeline_table(task_id, events, result))
+
+
+@app.command("tenant-credentials")
+def tenant_credentials(
+    tenant: Annotated[str, typer.Argument(help="The tenant whose consumers get the credentials.")],
+    revoke: Annotated[bool, typer.Option("--revoke", help="Delete the tenant's ACL user instead.")] = False,
+    redis_url: Annotated[
+        str | None, typer.Option(envvar="AGENTPOOL_REDIS_URL", help="Admin Redis URL (else the pool's, by --name).")
+    ] = None,
+    prefix: Annotated[str, typer.Option(envvar="AGENTPOOL_KEY_PREFIX", help="Key prefix.")] = "agentpool",
+    name: NameOption = "agentpool",
+    address: AddressOption = None,
+) -> None:
+    """Prints a Redis URL that can read only TENANT's keys (a Redis ACL user; other keys give
+    NOPERM), for `agentpool results TENANT --redis-url URL`. Running it again rotates the
+    password; --revoke deletes the user."""
+    from agentpool.errors import AgentPoolError
+    from cluster.acl import create_tenant_credentials, revoke_tenant_credentials
+    from cluster.keys import Keys
+
+    url = redis_url
+    if url is None:
+        pool = _connect(name, address)
+        url, prefix = pool.redis_url, pool.config.key_prefix  # type: ignore[attr-defined]
+    try:
+        if revoke:
+            existed = revoke_tenant_credentials(url, tenant, keys=Keys(prefix))
+            console.print(f"tenant {tenant}: credentials {'revoked' if existed else 'did not exist'}")
+            return
+        print(create_tenant_credentials(url, tenant, keys=Keys(prefix)))
+    except AgentPoolError as exc:
+        console.print(f"[red]{exc.message}[/]")
+        raise typer.Exit(2) from None
 
 
 @app.command("metrics-targets")

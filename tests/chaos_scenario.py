@@ -112,7 +112,13 @@ def cli(cluster: Cluster) -> dict[str, Any]:
     finally:
         os.unlink(path)
     assert sent.returncode == 0, (sent.stdout[-3000:], sent.stderr[-2000:])
-    url = sent.stdout.split("results land in Redis at ", 1)[1].split()[0]
+    assert "results land in Redis at " in sent.stdout
+    # The CLI masks the Redis password; a consumer reads with the tenant's own credentials.
+    creds = subprocess.run(
+        [*command, "tenant-credentials", "acme", "--name", name], env=env, cwd=root, capture_output=True, text=True
+    )
+    assert creds.returncode == 0, creds.stderr[-2000:]
+    url = creds.stdout.strip()
     finished_at_return = len(_records(url, name, "acme"))
     deadline = time.monotonic() + 60
     while len(_records(url, name, "acme")) < len(tasks) and time.monotonic() < deadline:

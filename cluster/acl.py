@@ -1,0 +1,143 @@
+"""Per-tenant Redis credentials: an ACL user that can read one tenant's keys and nothing else.
+
+The user `<prefix>.tenant.<tenant>` may run the read commands a results consumer needs
+(`ResultsReader`: GET, XRANGE/XREVRANGE, XREAD, consumer groups with XREADGROUP and XACK,
+and a few more), only on keys matching `<prefix>:{<tenant>}:*`. Every other command (KEYS,
+SCAN, writes, admin, pub/sub) is refused, and so is any key outside the pattern (`NOPERM`).
+Tenant names cannot hold glob or brace characters (`TenantName`), so the pattern matches
+exactly one tenant's keys.
+
+Each call issues a new password and revokes the earlier ones: handing out credentials again
+rotates them. ACL users live in the server's memory; a managed Redis keeps them as its own
+ACL configuration does (an ACL file, or `ACL SAVE`).
+"""
+
+from __future__ import annotations
+
+import secrets
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import redis
+from pydantic import TypeAdapter, ValidationError
+
+from agentpool.errors import ConfigError, InvalidTask
+from agentpool.models import TenantName
+from cluster.keys import Keys
+
+#: What a tenant's consumer may run: reads of its own keys, consumer-group bookkeeping on its
+#: own streams, and connection housekeeping. Nothing that lists keys or reaches other keys.
+TENANT_COMMANDS = (
+    # strings, hashes, key metadata
+    "get",
+    "mget",
+    "strlen",
+    "exists",
+    "type",
+    "ttl",
+    "pttl",
+    "hget",
+    "hmget",
+    "hgetall",
+    "hlen",
+    "hkeys",
+    "hexists",
+    # streams, read side and consumer groups
+    "xrange",
+    "xrevrange",
+    "xlen",
+    "xread",
+    "xreadgroup",
+    "xack",
+    "xpending",
+    "xclaim",
+    "xautoclaim",
+    "xgroup|create",
+    "xgroup|createconsumer",
+    "xgroup|delconsumer",
+    "xinfo|stream",
+    "xinfo|groups",
+    "xinfo|consumers",
+    # connection
+    "ping",
+    "echo",
+    "hello",
+    "client|setname",
+    "client|getname",
+    "client|id",
+)
+
+_TENANT = TypeAdapter(TenantName)
+
+
+def tenant_user(keys: Keys, tenant: str) -> str:
+    """The ACL user name of `tenant`'s credentials."""
+    return f"{keys.prefix}.tenant.{tenant}"
+
+
+def tenant_rules(keys: Keys, tenant: str, password: str) -> list[str]:
+    """The `ACL SETUSER` rules: everything reset, then one key pattern and the allowed commands."""
+    return [
+        "reset",
+        "on",
+        f">{password}",
+        f"~{keys.prefix}:{{{tenant}}}:*",
+        "resetchannels",
+        "-@all",
+        *(f"+{command}" for command in TENANT_COMMANDS),
+    ]
+
+
+def _checked(tenant: str) -> str:
+    try:
+        return _TENANT.validate_python(tenant)
+    except ValidationError:
+        raise InvalidTask(
+            f"tenant name {tenant!r} is not valid: letters, digits, '_', '.', '-' only (no globs, braces, colons)",
+            reason="tenant_name",
+        ) from None
+
+
+def create_tenant_credentials(admin_url: str, tenant: str, *, keys: Keys | None = None) -> str:
+    """Creates (or rotates) `tenant`'s ACL user on the Redis at `admin_url`; returns a URL
+    that logs in as it (the admin URL's host, port and database, the tenant's user).
+
+    Raises:
+        InvalidTask: If the tenant name is not valid.
+        ConfigError: If the server refuses (no ACL support, or the admin user may not set users).
+    """
+    tenant = _checked(tenant)
+    keys = keys or Keys()
+    user, password = tenant_user(keys, tenant), secrets.token_urlsafe(32)
+    client = redis.Redis.from_url(admin_url)
+    try:
+        client.execute_command("ACL", "SETUSER", user, *tenant_rules(keys, tenant, password))
+    except redis.ResponseError as exc:
+        raise ConfigError(f"Redis refused to create ACL user {user}: {exc}") from None
+    finally:
+        client.close()
+    parts = urlsplit(admin_url)
+    host = parts.hostname or "127.0.0.1"
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path or "/0", "", ""))
+
+
+def revoke_tenant_credentials(admin_url: str, tenant: str, *, keys: Keys | None = None) -> bool:
+    """Deletes `tenant`'s ACL user (connections logged in as it are closed). Returns whether
+    there was one."""
+    tenant = _checked(tenant)
+    client = redis.Redis.from_url(admin_url)
+    try:
+        return bool(client.execute_command("ACL", "DELUSER", tenant_user(keys or Keys(), tenant)))
+    finally:
+        client.close()
+
+
+def display_url(url: str) -> str:
+    """`url` with its password masked, for printing."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
