@@ -21,7 +21,8 @@ from actors.checkpoint import ApprovalDecision, ApprovalRequest, LoopState
 from actors.llm import Emit, LLMResponse
 from agentpool import telemetry as tm
 from agentpool.errors import BudgetExceeded, ProviderError
-from agentpool.models import AgentResult, AgentTask, ErrorInfo, TaskStatus, ToolCallSummary, Usage
+from agentpool.guardrails import DATA_NOTICE, screen, wrap_tool_output
+from agentpool.models import AgentResult, AgentTask, ErrorInfo, Guardrails, TaskStatus, ToolCallSummary, Usage
 from agentpool.pricing import PriceTable
 from agentpool.protocol import Paused, ToolCall, ToolOutcome
 from agentpool.simulator.script import SCHEMA_MARKER
@@ -64,8 +65,10 @@ class AgentLoop:
         approval_timeout_s: float = 3600.0,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        guardrails: Guardrails | None = None,
     ) -> None:
         self.task = task
+        self._guard = guardrails or Guardrails()
         self._call_llm = call_llm
         self._run_tool = run_tool
         self._tool_defs = tool_defs
@@ -236,6 +239,8 @@ class AgentLoop:
             system += (
                 f"\n\nRespond with a single JSON value that {SCHEMA_MARKER}, and nothing else:\n{schema}"
             ).lstrip()
+        if self._tool_defs and self._guard.wraps_tool_output:
+            system = f"{system}\n\n{DATA_NOTICE}".lstrip()
         if system:
             # The system prompt and the tool list are the stable prefix of every turn:
             # marking their ends lets the provider serve them from its prompt cache.
@@ -304,7 +309,7 @@ class AgentLoop:
             await self._emit("tool_call", iteration=iteration, tool=call.name, tool_use_id=call.tool_use_id)
 
         async def one(call: ToolCall) -> None:
-            outcome = denied.get(call.tool_use_id) or await self._run_tool(call)
+            outcome = denied.get(call.tool_use_id) or await self._screened(iteration, await self._run_tool(call))
             done[call.tool_use_id] = outcome
             self._save()  # this outcome is not produced again if the task resumes
             self.state.tool_calls.append(
@@ -328,10 +333,39 @@ class AgentLoop:
             )
 
         await asyncio.gather(*(one(c) for c in todo))
-        self.messages.append({"role": "user", "content": [done[c.tool_use_id].as_block() for c in calls]})
+        self.messages.append({"role": "user", "content": [self._block(done[c.tool_use_id]) for c in calls]})
         self.state.outcomes = {}
         self.state.approval = None
         self._save()
+
+    async def _screened(self, iteration: int, outcome: ToolOutcome) -> ToolOutcome:
+        """The tenant's prompt-injection screen over a tool's output: a finding is an
+        `injection_detected` event; under "block" the output is withheld from the model."""
+        if self._guard.injection == "off":
+            return outcome
+        rules = screen(outcome.content, tool_output=True)
+        if not rules:
+            return outcome
+        block = self._guard.injection == "block"
+        await self._emit(
+            "injection_detected",
+            source="tool_result",
+            iteration=iteration,
+            tool=outcome.name,
+            tool_use_id=outcome.tool_use_id,
+            rules=rules,
+            action="withheld" if block else "flagged",
+        )
+        if not block:
+            return outcome
+        withheld = f"the output of {outcome.name} was withheld: it looks like a prompt injection ({', '.join(rules)})"
+        return outcome.model_copy(update={"content": withheld, "is_error": True, "error_kind": "injection"})
+
+    def _block(self, outcome: ToolOutcome) -> dict[str, Any]:
+        block = outcome.as_block()
+        if self._guard.wraps_tool_output:
+            block["content"] = wrap_tool_output(outcome.name, outcome.content)
+        return block
 
     def _gate(self, calls: list[ToolCall]) -> dict[str, ToolOutcome]:
         """Holds calls to tools that need a human's approval until one is given. Returns the

@@ -40,6 +40,7 @@ from redis.exceptions import RedisError
 
 from actors.breaker import CrashLoop, Suspended
 from agentpool import telemetry as tm
+from agentpool.models import tool_arguments_problem
 from agentpool.protocol import ToolCall, ToolOutcome
 from agentpool.redact import redact
 from cluster.keys import Keys
@@ -171,6 +172,10 @@ class ToolCalls:
             return ToolOutcome.failure(
                 call, "not_allowed", f"tool {call.name!r} is not available; use one of {sorted(allowed)}"
             )
+        problem = tool_arguments_problem(call.arguments)
+        if problem is not None:  # never sent: bounded before it reaches an executor or Redis
+            self._count(call.name, "invalid_arguments")
+            return ToolOutcome.failure(call, "invalid_arguments", f"invalid arguments for {call.name}: {problem}")
         info = self._catalog[call.name]
         cache_key = self._cache_key(call) if info.get("cache_ttl_s") else None
         if cache_key is not None:

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+
+from agentpool.redact import PII_KINDS, PiiKind
 
 # Tenant names end up inside Redis keys and ACL patterns (`agentpool:{acme}:*`): no braces,
 # globs, colons or spaces, so one tenant's name can never address another tenant's keys.
@@ -39,16 +42,42 @@ MAX_SCHEMA_DEPTH = 12
 MAX_METADATA_ITEMS = 32
 
 
+#: Bounds on the arguments a model passes to a tool, checked before the call leaves the worker.
+MAX_TOOL_ARGS_BYTES = 256 * 1024
+MAX_TOOL_ARGS_DEPTH = 32
+
+
+def tool_arguments_problem(arguments: Any) -> str | None:
+    """Why a tool call's arguments cannot be sent (not an object, too large, too deep), or None."""
+    if not isinstance(arguments, dict):
+        return f"arguments must be a JSON object, not {type(arguments).__name__}"
+    try:
+        size = len(json.dumps(arguments, separators=(",", ":"), default=str))
+    except (ValueError, RecursionError):
+        return "arguments cannot be serialised as JSON"
+    if size > MAX_TOOL_ARGS_BYTES:
+        return f"arguments are {size} bytes of JSON; at most {MAX_TOOL_ARGS_BYTES}"
+    if _depth(arguments) > MAX_TOOL_ARGS_DEPTH:
+        return f"arguments nest deeper than {MAX_TOOL_ARGS_DEPTH} levels"
+    return None
+
+
 def _new_task_id() -> str:
     return uuid.uuid4().hex
 
 
-def _depth(node: Any, level: int = 0) -> int:
-    if isinstance(node, dict):
-        return max((_depth(v, level + 1) for v in node.values()), default=level + 1)
-    if isinstance(node, list):
-        return max((_depth(v, level + 1) for v in node), default=level + 1)
-    return level
+def _depth(node: Any) -> int:
+    """How deeply containers nest in a JSON-like value (iterative: any depth is safe)."""
+    deepest, stack = 0, [(node, 0)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            deepest = max(deepest, level)
+            continue
+        deepest = max(deepest, level + 1)
+        stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 class _Model(BaseModel):
@@ -61,6 +90,10 @@ class AgentTask(_Model):
     `task_id` doubles as the idempotency key: submitting the same id twice yields one final
     record in Redis, never two.
     """
+
+    # A task built earlier and changed since (`task.prompt = ...`) is checked again when it
+    # is submitted: the bounds hold for what is sent, not for what was first constructed.
+    model_config = ConfigDict(extra="forbid", revalidate_instances="always")
 
     task_id: TaskId = Field(default_factory=_new_task_id)
     tenant: TenantName
@@ -228,6 +261,36 @@ class RateLimit(_Model):
         return {dim: limit for dim, limit in dims.items() if limit is not None}
 
 
+class Guardrails(_Model):
+    """A tenant's input and output guardrails (all off by default).
+
+    `injection` screens the task's prompt and system prompt at admission, and every tool
+    result, for prompt injection (`agentpool.guardrails`): "flag" records an
+    `injection_detected` event and goes on; "block" also refuses a flagged task (failed,
+    `InjectionDetected`) and withholds a flagged tool result from the model (an error
+    result in its place). With screening on, tool output is wrapped in a `<tool_output>`
+    element the model is told holds data, never instructions (`wrap_tool_output` turns
+    that on alone). `redact_pii` replaces the `pii_kinds` of personal data in final
+    answers, events and the audit trail with markers (`[EMAIL]`, `[CARD]`, ...).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    injection: Literal["off", "flag", "block"] = "off"
+    wrap_tool_output: bool = False
+    redact_pii: bool = False
+    pii_kinds: list[PiiKind] = Field(default_factory=lambda: list(PII_KINDS), max_length=len(PII_KINDS))
+
+    @property
+    def wraps_tool_output(self) -> bool:
+        return self.wrap_tool_output or self.injection != "off"
+
+    @property
+    def pii(self) -> list[str]:
+        """The kinds to redact: none unless `redact_pii`."""
+        return list(self.pii_kinds) if self.redact_pii else []
+
+
 class TenantPolicy(_Model):
     """What one tenant may do. Unknown tenants get `PoolConfig.default_tenant_policy`.
 
@@ -244,3 +307,39 @@ class TenantPolicy(_Model):
     daily_cost_budget_usd: float | None = Field(default=None, gt=0, le=10**9)
     allowed_tools: list[ToolName] | None = None
     allowed_models: list[ModelName] | None = None
+    guardrails: Guardrails = Field(default_factory=Guardrails)
+
+
+#: At most this many problems are listed in one `InvalidTaskInput`.
+_MAX_LISTED_ERRORS = 100
+
+
+def validate_tasks(tasks: Iterable[AgentTask | dict[str, Any]]) -> list[AgentTask]:
+    """Every task of a batch checked (dicts parsed, tasks built earlier checked again).
+
+    Raises:
+        InvalidTaskInput: If any is invalid; `errors` lists `{index, loc, msg, type}`, never
+            the offending values (they may be large, or secret).
+    """
+    from agentpool.errors import InvalidTaskInput
+
+    valid: list[AgentTask] = []
+    errors: list[dict[str, Any]] = []
+    bad = 0
+    for index, task in enumerate(tasks):
+        try:
+            valid.append(AgentTask.model_validate(task))
+        except ValidationError as exc:
+            bad += 1
+            for err in exc.errors(include_url=False, include_input=False, include_context=False):
+                if len(errors) < _MAX_LISTED_ERRORS:
+                    errors.append({"index": index, "loc": list(err["loc"]), "msg": err["msg"], "type": err["type"]})
+    if bad:
+        first = errors[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(task)"
+        raise InvalidTaskInput(
+            f"{bad} of {bad + len(valid)} tasks are invalid; nothing was submitted. "
+            f"First: task {first['index']}, {where}: {first['msg']}"[:2000],
+            errors=errors,
+        )
+    return valid

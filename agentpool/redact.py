@@ -11,7 +11,14 @@ National Insurance number). Each is replaced by a marker naming what was there.
 from __future__ import annotations
 
 import re
-from typing import Any
+from collections.abc import Collection
+from typing import Any, Literal
+
+#: The kinds of personal data `redact_text` knows.
+PiiKind = Literal["email", "phone", "card", "national_id"]
+PII_KINDS: tuple[PiiKind, ...] = ("email", "phone", "card", "national_id")
+#: `pii=` of the redaction functions: all kinds (True), none (False), or the kinds named.
+Pii = bool | Collection[str]
 
 #: Dict keys whose values are never recorded (matched case-insensitively, `-`/`_` ignored).
 SECRET_KEY_WORDS = (
@@ -60,28 +67,38 @@ def luhn_valid(digits: str) -> bool:
     return total % 10 == 0
 
 
-def _number(match: re.Match[str]) -> str:
+def _number(match: re.Match[str], kinds: Collection[str]) -> str:
     text = match.group(0)
     digits = re.sub(r"\D", "", text)
     if 13 <= len(digits) <= 19 and luhn_valid(digits):
-        return "[CARD]"
+        return "[CARD]" if "card" in kinds else text
     # A phone number is written as one: a leading +, parentheses, or two or more separators
     # (a bare run of ten digits is as likely a timestamp or an order number).
-    if _DATE.match(text):
+    if _DATE.match(text) or "phone" not in kinds:
         return text
     formatted = text.startswith("+") or "(" in text or len(re.findall(r"[ .-]", text)) >= 2
     return "[PHONE]" if 10 <= len(digits) <= 15 and formatted else text
 
 
-def redact_text(text: str, *, pii: bool = True) -> str:
-    """`text` with secrets (and, with `pii`, personal data) replaced by markers."""
+def pii_kinds(pii: Pii) -> Collection[str]:
+    """The kinds a `pii=` argument names."""
+    if isinstance(pii, bool):
+        return PII_KINDS if pii else ()
+    return pii
+
+
+def redact_text(text: str, *, pii: Pii = True) -> str:
+    """`text` with secrets (and, with `pii`, personal data of those kinds) replaced by markers."""
     for pattern in _SECRETS:
         text = pattern.sub("[SECRET]", text)
-    if pii:
+    kinds = pii_kinds(pii)
+    if "email" in kinds:
         text = _EMAIL.sub("[EMAIL]", text)
+    if "national_id" in kinds:
         text = _SSN.sub("[NATIONAL_ID]", text)
         text = _UK_NINO.sub("[NATIONAL_ID]", text)
-        text = _DIGITS.sub(_number, text)
+    if "card" in kinds or "phone" in kinds:
+        text = _DIGITS.sub(lambda m: _number(m, kinds), text)
     return text
 
 
@@ -91,21 +108,24 @@ def secret_key(name: str) -> bool:
     return any(word in folded for word in SECRET_KEY_WORDS)
 
 
-def redact(value: Any, *, pii: bool = True, _depth: int = 0) -> Any:
+def redact(value: Any, *, pii: Pii = True, keys: bool = True, numbers: bool = True, _depth: int = 0) -> Any:
     """A JSON-like value with secrets and personal data redacted (a new value; the input is
-    not changed). Credential-named keys keep their key and lose their value."""
+    not changed). With `keys`, credential-named keys keep their key and lose their value;
+    with `numbers`, integers that read as card or phone numbers are replaced too (off for
+    the pool's own records, whose counts and timestamps are not personal data)."""
     if _depth > MAX_DEPTH:
         return "[TOO_DEEP]"
     if isinstance(value, str):
         return redact_text(value, pii=pii)
+    more = {"pii": pii, "keys": keys, "numbers": numbers, "_depth": _depth + 1}
     if isinstance(value, dict):
         return {
-            k: "[REDACTED]" if isinstance(k, str) and secret_key(k) else redact(v, pii=pii, _depth=_depth + 1)
+            k: "[REDACTED]" if keys and isinstance(k, str) and secret_key(k) else redact(v, **more)
             for k, v in value.items()
         }
     if isinstance(value, list | tuple):
-        return [redact(v, pii=pii, _depth=_depth + 1) for v in value]
-    if isinstance(value, int) and not isinstance(value, bool) and pii:
-        text = redact_text(str(value))
+        return [redact(v, **more) for v in value]
+    if numbers and isinstance(value, int) and not isinstance(value, bool) and pii_kinds(pii):
+        text = redact_text(str(value), pii=pii)
         return value if text == str(value) else text
     return value

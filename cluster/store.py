@@ -12,7 +12,7 @@ import logging
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 
 from agentpool.config import PoolConfig
 from agentpool.models import AgentResult, AgentTask
+from agentpool.redact import redact, redact_text
 from cluster.keys import Keys
 
 #: One JSON line per structured event, when `PoolConfig.event_log` is on.
@@ -101,8 +102,11 @@ class ResultStore:
         stream_maxlen: int = 100_000,
         event_log: bool = False,
         audit_maxlen: int | None = None,
+        pii: Callable[[str], list[str]] | None = None,
     ) -> None:
         self.keys = keys
+        #: The kinds of personal data to redact from a tenant's records (its guardrails).
+        self._pii = pii or (lambda tenant: [])
         self.pool = pool
         self._url = url
         self._ttl = result_ttl_s or 0
@@ -140,6 +144,7 @@ class ResultStore:
             stream_maxlen=config.stream_maxlen,
             event_log=config.event_log,
             audit_maxlen=config.audit_maxlen,
+            pii=lambda tenant: (config.policy_for(tenant) or config.default_tenant_policy).guardrails.pii,
         )
 
     @property
@@ -170,8 +175,17 @@ class ResultStore:
         """Writes the final record unless one exists. Returns (the stored record, created).
 
         If Redis is unreachable the record waits in the outbox, and is reported as created:
-        the caller has no other record to return.
+        the caller has no other record to return. The tenant's PII redaction applies to the
+        answer and the error message first; the record returned is the one written.
         """
+        kinds = self._pii(result.tenant)
+        if kinds:
+            update: dict[str, Any] = {"answer": redact(result.answer, pii=kinds, keys=False)}
+            if result.error is not None:
+                update["error"] = result.error.model_copy(
+                    update={"message": redact_text(result.error.message, pii=kinds)}
+                )
+            result = result.model_copy(update=update)
         if self._outbox:  # keep order behind what is already waiting
             self._buffer(result)
             return result, True
@@ -331,6 +345,9 @@ class ResultStore:
         While Redis is unreachable they wait here, up to `MAX_PENDING_EVENTS`, and the outbox
         retries them; beyond that the oldest are dropped and counted in `events_dropped`.
         """
+        kinds = self._pii(tenant)
+        if kinds:
+            fields = redact(fields, pii=kinds, keys=False, numbers=False)
         entry = {
             "event": event,
             "task_id": task_id,
@@ -344,7 +361,11 @@ class ResultStore:
 
     def audit(self, tenant: str, **fields: Any) -> None:
         """Appends one entry to the tenant's append-only audit trail (`...:audit` stream; see
-        `PoolConfig.audit_maxlen`). The caller redacts what it passes."""
+        `PoolConfig.audit_maxlen`). The caller redacts secrets from what it passes; the
+        tenant's PII redaction applies here."""
+        kinds = self._pii(tenant)
+        if kinds:
+            fields = redact(fields, pii=kinds, keys=False, numbers=False)
         entry = {k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in fields.items()}
         entry["ts"] = f"{time.time():.6f}"
         self._queue((self.keys.audit(tenant), entry, self._audit_maxlen))

@@ -7,8 +7,27 @@ decided after it, in the scheduler, from live state.
 from __future__ import annotations
 
 from agentpool.config import PoolConfig
-from agentpool.errors import AgentPoolError, InvalidTask, UnknownTenant, UnknownTool
-from agentpool.models import AgentTask
+from agentpool.errors import AgentPoolError, InjectionDetected, InvalidTask, UnknownTenant, UnknownTool
+from agentpool.guardrails import screen
+from agentpool.models import AgentTask, Guardrails
+
+
+def screen_task(task: AgentTask, guard: Guardrails) -> tuple[dict[str, list[str]], InjectionDetected | None]:
+    """The tenant's prompt-injection screen over the task's own text: the rules each part
+    matched (`prompt`, `system`), and the refusal when the guardrails block."""
+    findings = {
+        source: rules
+        for source, text in (("prompt", task.prompt), ("system", task.system or ""))
+        if (rules := screen(text))
+    }
+    if not findings or guard.injection != "block":
+        return findings, None
+    named = sorted({rule for rules in findings.values() for rule in rules})
+    return findings, InjectionDetected(
+        f"the task's {' and '.join(findings)} look like a prompt injection ({', '.join(named)})",
+        reason="prompt_injection",
+        rules=named,
+    )
 
 
 class Admission:

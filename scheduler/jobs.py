@@ -18,6 +18,7 @@ from typing import Any, Literal
 from actors.checkpoint import ApprovalDecision
 from agentpool.models import AgentResult, AgentTask
 from agentpool.protocol import Paused
+from agentpool.redact import redact
 from agentpool.telemetry import trace_id_of
 from cluster.store import ResultStore
 
@@ -54,6 +55,9 @@ class Job:
     worker: int | None = None
     paused: Paused | None = None
     decision: asyncio.Future[ApprovalDecision | None] | None = None
+    #: What the tenant's prompt-injection screen found in the task (source -> rules), for
+    #: `injection_detected` events once the task is admitted (they follow `task_admitted`).
+    findings: dict[str, list[str]] = field(default_factory=dict)
     cancel_reason: str | None = None
     #: The task's `invoke_agent` span, and its current `queue_wait` span (OpenTelemetry).
     span: Any = None
@@ -94,7 +98,8 @@ class Approvals:
                 "task_id": t.task_id,
                 "trace_id": job.trace_id,
                 "tools": json.dumps(paused.tools),
-                "arguments": json.dumps(paused.arguments, default=str)[:20_000],
+                # The reviewer sees the arguments, less anything shaped like a credential.
+                "arguments": json.dumps(redact(paused.arguments, pii=False), default=str)[:20_000],
                 "tool_use_ids": json.dumps(paused.tool_use_ids),
                 "requested_unix": repr(paused.requested_unix),
                 "deadline_unix": repr(paused.deadline_unix),

@@ -31,7 +31,7 @@ from agentpool.protocol import Admitted, Dispatch, Paused, new_trace_id, tracepa
 from agentpool.telemetry import trace_id_of
 from cluster.store import ResultStore
 from cluster.telemetry import Telemetered
-from scheduler.admission import Admission
+from scheduler.admission import Admission, screen_task
 from scheduler.alerts import AlertMonitor
 from scheduler.budgets import BudgetLedger
 from scheduler.capacity import ModelDispatch
@@ -165,7 +165,7 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
                 existing, job.adopted = await self._store.admit(task, entry)
                 if existing is not None:
                     return existing
-            rejection = None if job.adopted else await self._admission_check(task)
+            rejection = None if job.adopted else await self._admission_check(job)
             if rejection is not None:
                 return await self._reject(task, trace_id, rejection, job.admitted_unix)
             self._enqueue(job)
@@ -173,17 +173,29 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
         except Exception as exc:  # ray.get must never raise for a task: report it as a result
             return await self._fail(task, trace_id, exc, 0.0)
 
-    async def _admission_check(self, task: AgentTask) -> AgentPoolError | None:
+    async def _admission_check(self, job: Job) -> AgentPoolError | None:
+        task = job.task
         self._start_ticker()
         self._note_tenant(task.tenant)
         rejection = self._admission.check(task)
         policy = self.config.policy_for(task.tenant)
+        if rejection is None and policy is not None and policy.guardrails.injection != "off":
+            job.findings, rejection = screen_task(task, policy.guardrails)
+            if rejection is not None:
+                self._report_findings(job, "rejected")
         if rejection is None and policy is not None:
             first_call = math.ceil((len(task.prompt) + len(task.system or "")) / self.config.input_chars_per_token)
             rejection = await self._ledger.check(task.tenant, policy, first_call + task.max_tokens)
         # No await between the shedding decision and the enqueue: concurrent arrivals must
         # not all pass the check before any of them is counted.
         return rejection if rejection is not None else self._shed_or_make_room(task, self._limit_key(task))
+
+    def _report_findings(self, job: Job, action: str) -> None:
+        for source, rules in job.findings.items():
+            fields = {"source": source, "rules": rules, "action": action}
+            self._store.post(
+                job.task.tenant, "injection_detected", task_id=job.task.task_id, trace_id=job.trace_id, **fields
+            )
 
     def _enqueue(self, job: Job) -> None:
         task = job.task
@@ -209,6 +221,7 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
             queued=len(self._queue),
             adopted=job.adopted,
         )
+        self._report_findings(job, "flagged")
         self._pump()
 
     async def _through(self, job: Job) -> AgentResult:

@@ -134,10 +134,11 @@ def test_each_stop_reason_surfaces_through_the_pool(pool: AgentPool) -> None:
 
 
 def test_invalid_input_is_refused_before_anything_is_sent(pool: AgentPool) -> None:
-    from pydantic import ValidationError
+    from agentpool.errors import InvalidTaskInput
 
-    with pytest.raises(ValidationError):
+    with pytest.raises(InvalidTaskInput) as info:
         pool.submit([{"tenant": "acme", "prompt": "ok"}, {"tenant": "bad tenant!", "prompt": "x"}])
+    assert [(e["index"], e["loc"]) for e in info.value.errors] == [(1, ["tenant"])]
 
 
 def test_strict_tenants_and_full_queue_reject_fast(redis_url: str) -> None:
