@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -147,3 +148,45 @@ def test_the_scrubber_masks_exact_and_key_shaped_text() -> None:
     assert scrub(f"oops {KEY}") == "oops [SECRET]"
     assert scrub("Authorization: Bearer abcdefghijklmnop1234") == "Authorization: [SECRET]"
     assert scrub("nothing here") == "nothing here"
+
+
+def test_the_key_can_come_from_a_secrets_file(tmp_path: Path) -> None:
+    from agentpool.errors import ConfigError
+
+    secret = tmp_path / "anthropic_key"
+    secret.write_text(f"{KEY}\n")
+    secret.chmod(0o600)
+    config = PoolConfig(anthropic_api_key_file=secret)
+    assert config.anthropic_api_key.get_secret_value() == KEY and not config.uses_simulator
+    assert config.for_actors().anthropic_api_key is None and KEY not in repr(config)
+    secret.chmod(0o644)
+    with pytest.raises(ConfigError, match="readable by every user") as info:
+        PoolConfig(anthropic_api_key_file=secret)
+    assert not _hits(str(info.value))
+    with pytest.raises(ConfigError, match="cannot read"):
+        PoolConfig(anthropic_api_key_file=tmp_path / "missing")
+
+
+def test_log_records_are_scrubbed_with_their_tracebacks() -> None:
+    import logging
+
+    from agentpool.secrets import ScrubFilter
+
+    try:
+        raise RuntimeError(f"request failed with x-api-key={KEY}")
+    except RuntimeError:
+        record = logging.LogRecord("anthropic", logging.ERROR, __file__, 1, "sent %s", (KEY,), exc_info=True)
+        record.exc_info = sys.exc_info()
+    ScrubFilter(Scrubber([KEY])).filter(record)
+    assert not _hits(logging.Formatter().format(record))
+
+
+def test_the_pool_refuses_a_ray_cluster_without_token_auth(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agentpool import pool as pool_module
+    from agentpool.errors import ConfigError
+    from agentpool.launch import ray_auth_enabled
+
+    assert ray_auth_enabled()  # the suite's own cluster runs with token authentication
+    monkeypatch.setattr(pool_module, "ray_auth_enabled", lambda: False)  # as on a cluster started without it
+    with pytest.raises(ConfigError, match="token authentication"):
+        AgentPool.start(PoolConfig(name=f"noauth{uuid.uuid4().hex[:6]}"))
