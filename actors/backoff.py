@@ -9,6 +9,7 @@ from typing import Literal
 import anthropic
 
 from agentpool.config import RetryPolicy
+from agentpool.errors import MalformedResponse
 
 #: What to do after a failed attempt: try the same model again, move to the next model in
 #: the chain, or give up on the task.
@@ -46,8 +47,8 @@ def classify(exc: BaseException) -> Decision:
     """Maps an SDK exception to an action.
 
     Never retried: 400/413 (the request itself is wrong), 401/403 (credentials). A 404
-    (model not found) moves on to the next model. 408/409/429/5xx/529 and connection
-    errors are retried unless the server says `x-should-retry: false`.
+    (model not found) moves on to the next model. 408/409/429/5xx/529, connection errors
+    and malformed responses are retried unless the server says `x-should-retry: false`.
     """
     if isinstance(exc, anthropic.APIStatusError):
         status = exc.status_code
@@ -66,6 +67,8 @@ def classify(exc: BaseException) -> Decision:
         else:
             action = "fail"
         return Decision(action, status, str(err_type), message[:1000], retry_after_s(headers))
+    if isinstance(exc, MalformedResponse):  # like a 5xx: the provider may answer properly next time
+        return Decision("retry", None, "MalformedResponse", exc.message[:1000])
     if isinstance(exc, anthropic.APITimeoutError | anthropic.APIConnectionError):
         return Decision("retry", None, type(exc).__name__, str(exc)[:1000])
     return Decision("fail", None, type(exc).__name__, str(exc)[:1000])

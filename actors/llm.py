@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import anthropic
 
-from actors.backoff import Backoff, Decision, classify
+from actors.backoff import Backoff, classify
 from actors.response import parse_message
 from agentpool import telemetry as tm
 from agentpool.errors import MalformedResponse, ProviderError
@@ -104,8 +104,6 @@ class LLMClient:
                     body = parse_message(raw.http_response.content, model=model)
                 except (anthropic.APIError, OSError, MalformedResponse) as exc:
                     decision = classify(exc)
-                    if isinstance(exc, MalformedResponse):
-                        decision = Decision("retry", None, "MalformedResponse", exc.message)
                     decision = replace(decision, message=self._scrub(decision.message))
                     span.failed(decision.error_type or type(exc).__name__, decision.message)
                     if gate is not None:

@@ -91,10 +91,6 @@ class AgentTask(_Model):
     record in Redis, never two.
     """
 
-    # A task built earlier and changed since (`task.prompt = ...`) is checked again when it
-    # is submitted: the bounds hold for what is sent, not for what was first constructed.
-    model_config = ConfigDict(extra="forbid", revalidate_instances="always")
-
     task_id: TaskId = Field(default_factory=_new_task_id)
     tenant: TenantName
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
@@ -328,7 +324,10 @@ def validate_tasks(tasks: Iterable[AgentTask | dict[str, Any]]) -> list[AgentTas
     bad = 0
     for index, task in enumerate(tasks):
         try:
-            valid.append(AgentTask.model_validate(task))
+            # A task built earlier and changed since (`task.prompt = ...`) is checked again, from
+            # its fields: the bounds hold for what is sent, not for what was first constructed.
+            # Only here, at the edge: models that carry a task inside the pool take it as it is.
+            valid.append(AgentTask.model_validate(dict(task) if isinstance(task, AgentTask) else task))
         except ValidationError as exc:
             bad += 1
             for err in exc.errors(include_url=False, include_input=False, include_context=False):
