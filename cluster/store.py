@@ -22,6 +22,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
 from agentpool.config import PoolConfig
+from agentpool.errors import StoreError
 from agentpool.models import AgentResult, AgentTask
 from agentpool.redact import redact, redact_text
 from cluster.keys import Keys
@@ -281,6 +282,11 @@ class ResultStore:
                 self._buffer((self.keys.admitted(task.tenant, self.pool), task.task_id, entry))
                 if not future.done():
                     future.set_result((None, False))
+            return
+        except Exception as exc:  # anything else: every caller hears of it, none waits forever
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(StoreError(f"admission could not be recorded: {exc}"))
             return
         for (_, _, future), (raw, known) in zip(batch, values, strict=True):
             if not future.done():

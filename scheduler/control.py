@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from scheduler.fleet import WorkerFleet
     from scheduler.jobs import Approvals
 
+
+log = logging.getLogger("agentpool.scheduler")
 
 #: How long `status()` waits for the workers' Redis backlogs.
 _BACKLOG_WAIT_S = 1.0
@@ -53,6 +56,8 @@ class JobControl:
             self, task: AgentTask, traceparent: str, *, adopted: bool = False, admitted_unix: float = 0.0
         ) -> Job: ...
 
+        def _job_for(self, task: AgentTask, traceparent: str) -> Job: ...
+
     async def boot(self) -> int:
         """Takes up every task this pool accepted and has not finished (its admissions in
         Redis): after a restart they are queued again, ahead of new work, and run from their
@@ -69,7 +74,11 @@ class JobControl:
             except ValueError:
                 continue
             context = admitted.traceparent or traceparent(admitted.trace_id)
-            self._start(admitted.task, context, adopted=True, admitted_unix=admitted.admitted_unix)
+            try:
+                self._start(admitted.task, context, adopted=True, admitted_unix=admitted.admitted_unix)
+            except Exception:  # one task that cannot start keeps no other from being taken up
+                log.exception("task %s could not be taken up", task_id)
+                continue
             taken += 1
         self._durable["recovered"] += taken
         return taken
@@ -78,7 +87,7 @@ class JobControl:
         """Accepts tasks without waiting for them to run (a detached submission): returns, per
         task, `accepted` or the final record it already has (a rejection, say). Their results
         land in Redis."""
-        jobs = [self._jobs.get(t.task_id) or self._start(t, tp) for t, tp in zip(tasks, traceparents, strict=True)]
+        jobs = [self._job_for(t, tp) for t, tp in zip(tasks, traceparents, strict=True)]
         await asyncio.gather(*(asyncio.shield(j.accepted) for j in jobs))
         return [
             {"task_id": j.task.task_id, "status": j.done.result().status if j.done.done() else "accepted"} for j in jobs

@@ -51,6 +51,8 @@ class Job:
     estimate: float = 0.0
     limit_key: str | None = None
     slot: asyncio.Future[int] = field(default_factory=_future)
+    #: The worker slot granted to the job and not yet given back.
+    held: int | None = None
     attempt: int = 1
     worker: int | None = None
     paused: Paused | None = None

@@ -23,6 +23,19 @@ def _rejection_event(error: AgentPoolError) -> str:
     return "shed" if error.retryable else "task_rejected"
 
 
+def failed_record(task: AgentTask, trace_id: str, exc: BaseException, queued_ms: float) -> AgentResult:
+    """The `failed` record of a task that an error stopped around its run, saying why."""
+    message = exc.message if isinstance(exc, AgentPoolError) else str(exc)
+    return AgentResult(
+        task_id=task.task_id,
+        tenant=task.tenant,
+        status="failed",
+        trace_id=trace_id,
+        error=ErrorInfo(type=type(exc).__name__, message=(message or type(exc).__name__)[:4000], retryable=True),
+        timings=Timings(queued_ms=queued_ms),
+    )
+
+
 class Records:
     """`_reject`, `_fail`, `_cancelled`: each writes once and returns the stored record."""
 
@@ -68,14 +81,7 @@ class Records:
         return stored
 
     async def _fail(self, task: AgentTask, trace_id: str, exc: BaseException, queued_ms: float) -> AgentResult:
-        result = AgentResult(
-            task_id=task.task_id,
-            tenant=task.tenant,
-            status="failed",
-            trace_id=trace_id,
-            error=ErrorInfo(type=type(exc).__name__, message=str(exc)[:4000], retryable=True),
-            timings=Timings(queued_ms=queued_ms),
-        )
+        result = failed_record(task, trace_id, exc, queued_ms)
         try:
             stored, _ = await self._store.write_result(result)
         except Exception:  # Redis itself failed: the caller still gets the result

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import os
 import time
@@ -40,7 +41,7 @@ from scheduler.fair import FairQueue, token_cost
 from scheduler.fleet import WorkerFleet
 from scheduler.jobs import Approvals, Job
 from scheduler.observe import TaskTelemetry
-from scheduler.records import Records
+from scheduler.records import Records, failed_record
 from scheduler.shedding import DispatchRate, OverloadDetector, WaitForecast, sheds
 from scheduler.status import StatusView
 
@@ -48,6 +49,8 @@ from scheduler.status import StatusView
 _TICK_S = 0.25
 #: Tenants whose budgets `status()` reports besides the configured ones.
 _MAX_SEEN_TENANTS = 1000
+
+log = logging.getLogger("agentpool.scheduler")
 
 
 @ray.remote
@@ -86,6 +89,7 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
         self._models = ModelDispatch(config.limits)
         self._jobs: dict[str, Job] = {}
         self._lives: set[asyncio.Task[AgentResult]] = set()
+        self._writes: set[asyncio.Task[Any]] = set()
         self._extra_info = dict(extra_info or {})
         self._store = ResultStore.for_pool(redis_url, config)
         self._ledger = BudgetLedger(
@@ -126,34 +130,78 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
         scheduler's: if this call is cancelled, or its caller dies, the task still runs.
         `traceparent` is the W3C trace context the task's trace continues from.
         """
-        job = self._jobs.get(task.task_id) or self._start(task, traceparent)
-        return await asyncio.shield(job.done)
+        return await asyncio.shield(self._job_for(task, traceparent).done)
+
+    def _job_for(self, task: AgentTask, context: str) -> Job:
+        """The task's job: the one already under way for its id, or a new one. Never raises:
+        a job that cannot start (a bug of ours) comes back done, `failed`, saying why."""
+        job = self._jobs.get(task.task_id)
+        if job is not None:
+            return job
+        try:
+            return self._start(task, context)
+        except Exception as exc:
+            self._jobs.pop(task.task_id, None)
+            log.error("task %s could not start in the scheduler", task.task_id, exc_info=exc)
+            job = Job(task, context if trace_id_of(context) else traceparent(new_trace_id()), time.time())
+            result = failed_record(task, job.trace_id, exc, 0.0)
+            self._spawn_write(result)
+            job.accepted.set_result(None)
+            job.done.set_result(result)
+            return job
 
     def _start(self, task: AgentTask, context: str, *, adopted: bool = False, admitted_unix: float = 0.0) -> Job:
         # Registered before the first await, so a duplicate arriving meanwhile joins this job.
         job = Job(task, context if trace_id_of(context) else traceparent(new_trace_id()), admitted_unix or time.time())
         job.adopted = adopted
         self._jobs[task.task_id] = job
-        self._telemetry.begin(job)
+        try:
+            self._telemetry.begin(job)
+        except Exception:  # telemetry is never a reason for a task not to run
+            log.exception("telemetry failed as task %s began", task.task_id)
         life = asyncio.get_running_loop().create_task(self._life(job))
         self._lives.add(life)  # the loop keeps only weak references to tasks
         life.add_done_callback(lambda t, j=job: self._ended(t, j))
         return job
 
     def _ended(self, life: asyncio.Task[AgentResult], job: Job) -> None:
+        """Resolves the job whatever its life did: every waiter (a `run` call, `enqueue`,
+        `cancel`) gets a record, even when the life itself failed (a bug of ours)."""
         self._lives.discard(life)
         if self._jobs.get(job.task.task_id) is job:
             del self._jobs[job.task.task_id]
         if not job.accepted.done():
             job.accepted.set_result(None)
-        self._observe_end(job, None if life.cancelled() or life.exception() else life.result())
-        if life.cancelled():
+        result: AgentResult | None = None
+        if not life.cancelled() and life.exception() is None:
+            result = life.result()
+        elif not life.cancelled():  # `_life` reports its failures as records: this is a bug of ours
+            error = life.exception()
+            self._abandon(job)
+            log.error("task %s: its life in the scheduler failed", job.task.task_id, exc_info=error)
+            result = failed_record(job.task, job.trace_id, error or RuntimeError("unknown"), 0.0)
+            self._spawn_write(result)
+        try:
+            self._observe_end(job, result)
+        except Exception:  # counting an end must never keep its waiters waiting
+            log.exception("observing the end of task %s failed", job.task.task_id)
+        if job.done.done():
+            return
+        if result is None:
             job.done.cancel()
-        elif life.exception() is not None:
-            job.done.set_exception(life.exception())  # type: ignore[arg-type]
-            job.done.exception()  # mark retrieved: no caller may be waiting
         else:
-            job.done.set_result(life.result())
+            job.done.set_result(result)
+
+    def _spawn_write(self, result: AgentResult) -> None:
+        """Writes a record the scheduler made outside a task's life, in the background."""
+        write = asyncio.get_running_loop().create_task(self._store.write_result(result))
+        self._writes.add(write)
+        write.add_done_callback(self._writes_done)
+
+    def _writes_done(self, write: asyncio.Task[Any]) -> None:
+        self._writes.discard(write)
+        if not write.cancelled() and write.exception() is not None:
+            log.error("could not write a final record: %s", write.exception())
 
     async def _life(self, job: Job) -> AgentResult:
         task, trace_id = job.task, job.trace_id
@@ -171,7 +219,17 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
             self._enqueue(job)
             return await self._through(job)
         except Exception as exc:  # ray.get must never raise for a task: report it as a result
+            self._abandon(job)
             return await self._fail(task, trace_id, exc, 0.0)
+
+    def _abandon(self, job: Job) -> None:
+        """Takes a job an error stopped out of the queue, and gives back a slot it holds, so
+        that nothing of it is left to be dispatched or counted as running."""
+        if job.state == "queued":
+            self._queue.remove(job.task.tenant, job)
+        if not job.slot.done():
+            job.slot.cancel()
+        self._release_job(job)
 
     async def _admission_check(self, job: Job) -> AgentPoolError | None:
         task = job.task
@@ -253,18 +311,18 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
         """One dispatch. The run goes on even if the caller is cancelled (ray.cancel, a caller
         gone): the worker ends it and writes its record, and only then is the slot given back."""
         task = job.task
-        dispatch = Dispatch(
-            task=task,
-            trace_id=job.trace_id,
-            traceparent=self._telemetry.dispatch_traceparent(job),
-            admitted_at_unix=job.admitted_unix,
-            queued_ms=(self._clock() - job.enqueued_at) * 1000,
-            attempt=job.attempt,
-        )
-        job.state, job.worker = "running", worker
-        started = self._clock()
         outcome: AgentResult | Paused | Exception
-        try:
+        try:  # from the first line: whatever fails here, the slot goes back
+            dispatch = Dispatch(
+                task=task,
+                trace_id=job.trace_id,
+                traceparent=self._telemetry.dispatch_traceparent(job),
+                admitted_at_unix=job.admitted_unix,
+                queued_ms=(self._clock() - job.enqueued_at) * 1000,
+                attempt=job.attempt,
+            )
+            job.state, job.worker = "running", worker
+            started = self._clock()
             try:
                 outcome = await self._fleet.handles[worker].run.remote(dispatch)
             except ray.exceptions.ActorDiedError as exc:
@@ -284,7 +342,7 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
                 self._models.learn(job.limit_key, outcome, run_s)  # before the slot is given back
         finally:
             job.worker = None
-            self._release(task.tenant, worker, job.limit_key)
+            self._release_job(job)
         if isinstance(outcome, AgentResult):
             self._account(task.tenant, job.estimate, outcome)
             self._counts[outcome.status] += 1
@@ -459,6 +517,7 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
             self._tenant_running[tenant] += 1
             self._models.started(job.limit_key)
             self._telemetry.dequeued(job, waited, worker)
+            job.held = worker
             job.slot.set_result(worker)
         self._detector.idle()
 
@@ -472,12 +531,17 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
         chain = self.config.models_for(task.tenant, task.model, task.fallback_models)
         return self.config.limit_key(chain[0]) if chain else None
 
-    def _release(self, tenant: str, worker: int, key: str | None) -> None:
+    def _release_job(self, job: Job) -> None:
+        """Gives back the slot the job holds, if it holds one (at most once per grant)."""
+        worker, job.held = job.held, None
+        if worker is None:
+            return
+        tenant = job.task.tenant
         self._slots.release(worker)
         self._tenant_running[tenant] -= 1
         if self._tenant_running[tenant] <= 0:
             del self._tenant_running[tenant]
-        self._models.finished(key)
+        self._models.finished(job.limit_key)
         self._pump()
 
     def pid(self) -> int:

@@ -131,3 +131,16 @@ async def test_follow_is_at_least_once_per_group(redis_url: str, key_prefix: str
     other = [r.task_id for r in reader.follow(group="g2", block_ms=100, idle_timeout_s=0.2)]
     assert other == [f"t{i}" for i in range(5)]
     await store.close()
+
+
+async def test_an_admission_the_store_cannot_make_raises_instead_of_hanging() -> None:
+    """A URL redis-py cannot use (not an outage) used to leave the admitting call waiting forever."""
+    import pytest
+
+    from agentpool.errors import StoreError
+    from agentpool.models import AgentTask
+
+    store = ResultStore("notaurl", keys=Keys("x"))
+    task = AgentTask(tenant="acme", prompt="hi")
+    with pytest.raises(StoreError, match="admission could not be recorded"):
+        await asyncio.wait_for(store.admit(task, "{}"), 5)
