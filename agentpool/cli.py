@@ -2,27 +2,98 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
+import math
 import os
 import statistics
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
+from urllib.parse import urlsplit
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from agentpool.errors import AgentPoolError
 from agentpool.models import AgentResult, AgentTask
 from cluster.acl import display_url
 
-app = typer.Typer(help="A distributed pool of LLM agent workers on Ray.", no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="A distributed pool of LLM agent workers on Ray.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 # Wide enough for the summary table even when output is piped (CI logs, files).
 console = Console(width=None if sys.stdout.isatty() else 110)
+#: Errors and notices go to stderr, so that stdout holds only what a command prints as data.
+stderr = Console(stderr=True, width=None if sys.stderr.isatty() else 110)
+_debug = {"on": False}
+#: At most this many bad lines of a JSONL file are listed.
+_MAX_BAD_LINES = 50
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks and Ray's own log lines.", envvar="AGENTPOOL_DEBUG")
+    ] = False,
+) -> None:
+    """A distributed pool of LLM agent workers on Ray."""
+    _debug["on"] = debug
+    if not debug:  # Ray's INFO/WARNING lines are for operators debugging Ray, not for a command's output
+        for name in ("ray", "ray._private", "ray.util", "ray.serve"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _one_line(exc: BaseException) -> str:
+    """What went wrong, in one line: our own errors as they say it, anyone else's by type."""
+    if isinstance(exc, AgentPoolError):
+        text = exc.message
+    elif isinstance(exc, ValidationError):
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"])
+        text = f"{exc.error_count()} invalid value(s); first: {where}: {first['msg']}"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return _masked(lines[0] if lines else type(exc).__name__)
+
+
+def _masked(text: str) -> str:
+    """`text` with any Redis URL's password masked."""
+    words = [display_url(word) if "://" in word and "@" in word else word for word in text.split(" ")]
+    return " ".join(words)
+
+
+def friendly(command: F) -> F:
+    """A command's failures as one line on stderr and exit code 1 (a traceback with --debug)."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:
+            if _debug["on"]:
+                raise
+            stderr.print(f"[red]error:[/] {escape(_one_line(exc))}  [dim](--debug for the traceback)[/]")
+            raise typer.Exit(1) from None
+
+    return run  # type: ignore[return-value]
+
 
 DEMO_PROMPTS: list[tuple[str, list[str], dict[str, object]]] = [
     ("What is {a}*{b}?", ["calculator"], {}),
@@ -88,6 +159,8 @@ def summary_table(results: list[AgentResult]) -> Table:
             statuses[r.status] += 1
         ok = statuses.pop("succeeded", 0)
         latencies = sorted(r.timings.total_ms for r in rs)
+        # Nearest rank: the p95 is a latency some task had, and never below the median.
+        p95 = latencies[max(0, math.ceil(0.95 * len(latencies)) - 1)]
         tokens_in = sum(
             r.usage.input_tokens + r.usage.cache_read_input_tokens + r.usage.cache_creation_input_tokens for r in rs
         )
@@ -100,7 +173,7 @@ def summary_table(results: list[AgentResult]) -> Table:
             f"{tokens_in}/{sum(r.usage.output_tokens for r in rs)}",
             f"{sum(r.usage.cost_usd for r in rs):.4f}",
             f"{statistics.median(latencies):.0f}",
-            f"{latencies[int(0.95 * (len(latencies) - 1))]:.0f}",
+            f"{p95:.0f}",
         )
     return table
 
@@ -114,16 +187,33 @@ def _where_in_redis(pool: object, tenants: list[str], embedded: bool) -> None:
             f"  {prefix}:{{{tenant}}}:results   (stream)   {prefix}:{{{tenant}}}:result:<task_id>   "
             f"{prefix}:{{{tenant}}}:events"
         )
-    host_port = url.split("//", 1)[1].split("/", 1)[0]
-    host, port = host_port.rsplit(":", 1)
-    console.print(
-        f"  read them: redis-cli -h {host} -p {port} XREAD COUNT 5 STREAMS '{prefix}:{{{tenants[0]}}}:results' 0"
-    )
     if embedded:
-        console.print("  (this demo's Redis is embedded and stops with it; set AGENTPOOL_REDIS_URL to keep results)")
+        console.print("  (this Redis is embedded and stopped with the pool; set AGENTPOOL_REDIS_URL to keep results)")
+        return
+    console.print(f"  read them: {redis_cli_command(url)} XREAD COUNT 5 STREAMS '{prefix}:{{{tenants[0]}}}:results' 0")
+
+
+def redis_cli_command(url: str) -> str:
+    """A `redis-cli` command line for the server at `url` that never shows its password:
+    with one, redis-cli asks for it (`--askpass`)."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        command = f"redis-cli -s {parts.path}"
+    else:
+        command = f"redis-cli -h {parts.hostname or 'localhost'} -p {parts.port or 6379}"
+        command += " --tls" if parts.scheme == "rediss" else ""
+    db = parts.path.strip("/") if parts.scheme != "unix" else ""
+    if db and db != "0":
+        command += f" -n {db}"
+    if parts.username:
+        command += f" --user {parts.username}"
+    if parts.password:
+        command += " --askpass"
+    return command
 
 
 @app.command()
+@friendly
 def demo(
     tasks: Annotated[int, typer.Option(help="How many tasks to run.")] = 100,
     tenants: Annotated[str, typer.Option(help="Comma-separated tenant names.")] = "acme,globex,initech",
@@ -165,30 +255,30 @@ def _connect(name: str, address: str | None) -> object:
     try:
         return AgentPool.connect(name, address=address)
     except PoolNotRunning as exc:
-        console.print(f"[red]{exc}[/] (start one with `agentpool start --detach`)")
+        stderr.print(f"[red]error:[/] {escape(exc.message)} (start one with `agentpool start --detach`)")
         raise typer.Exit(1) from None
     except ConnectionError as exc:
-        console.print(f"[red]no Ray cluster to connect to: {exc}[/]")
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        stderr.print(
+            f"[red]error:[/] no Ray cluster to connect to ({escape(first)}): run `ray start --head` or set RAY_ADDRESS"
+        )
         raise typer.Exit(1) from None
 
 
 @app.command()
+@friendly
 def start(
     detach: Annotated[bool, typer.Option("--detach", help="Required: the pool outlives this command.")] = False,
 ) -> None:
-    """Starts a detached pool on the Ray cluster at RAY_ADDRESS (configured by AGENTPOOL_* variables)."""
+    """Starts a detached pool on the Ray cluster at RAY_ADDRESS, or the one `ray start --head`
+    runs on this machine (configured by AGENTPOOL_* variables)."""
     from agentpool import AgentPool, PoolConfig
-    from agentpool.errors import ConfigError
 
     if not detach:
-        console.print("[red]a pool started from the command line must be detached: pass --detach[/]")
+        stderr.print("[red]error:[/] a pool started from the command line must be detached: pass --detach")
         raise typer.Exit(2)
     config = PoolConfig()
-    try:
-        pool = AgentPool.start(config, detached=True)
-    except ConfigError as exc:
-        console.print(f"[red]{exc}[/]")
-        raise typer.Exit(1) from None
+    pool = AgentPool.start(config, detached=True)
     console.print(f"pool [bold]{config.name}[/] running, detached; Redis at {display_url(pool.redis_url)}")
     console.print("submit with `agentpool submit FILE --detach`; stop with `agentpool stop`")
     import ray
@@ -197,6 +287,7 @@ def start(
 
 
 @app.command()
+@friendly
 def stop(name: NameOption = "agentpool", address: AddressOption = None) -> None:
     """Stops a running (detached) pool: its actors and its embedded Redis, if any."""
     pool = _connect(name, address)
@@ -205,20 +296,25 @@ def stop(name: NameOption = "agentpool", address: AddressOption = None) -> None:
 
 
 @app.command()
+@friendly
 def cancel(
     task_id: Annotated[str, typer.Argument(help="The task to stop.")],
     name: NameOption = "agentpool",
     address: AddressOption = None,
 ) -> None:
-    """Cancels a queued, running or paused task and prints its final record."""
+    """Cancels a queued, running or paused task and prints its final record (or, if it had
+    ended already, the record it ended with)."""
     result = _connect(name, address).cancel(task_id)  # type: ignore[attr-defined]
     if result is None:
-        console.print(f"[yellow]no task {task_id} in progress in pool {name}[/]")
+        stderr.print(f"[yellow]pool {name} has no task {task_id}, in progress or ended[/]")
         raise typer.Exit(1)
+    if result.status != "cancelled":
+        stderr.print(f"task {task_id} had already ended: {result.status}")
     print(result.model_dump_json())
 
 
 @app.command()
+@friendly
 def approve(
     task_id: Annotated[str, typer.Argument(help="The paused task.")],
     deny: Annotated[bool, typer.Option("--deny", help="Deny instead of approve.")] = False,
@@ -234,6 +330,7 @@ def approve(
 
 
 @app.command()
+@friendly
 def submit(
     file: Annotated[Path, typer.Argument(help="JSON Lines, one AgentTask per line ('-' for stdin).")],
     output: Annotated[Path | None, typer.Option(help="Write results here as JSON Lines.")] = None,
@@ -247,19 +344,7 @@ def submit(
     --detach, hands them to a running detached pool and returns: results land in Redis."""
     from agentpool import AgentPool, PoolConfig
 
-    lines = sys.stdin.read().splitlines() if str(file) == "-" else file.read_text().splitlines()
-    tasks: list[AgentTask] = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            tasks.append(AgentTask.model_validate_json(line))
-        except ValidationError as exc:
-            console.print(f"[red]line {number}: invalid task[/]\n{exc}")
-            raise typer.Exit(2) from None
-    if not tasks:
-        console.print("[yellow]no tasks in the file[/]")
-        raise typer.Exit(1)
+    tasks = read_tasks(file)
     if detach:
         pool = _connect(name, address)
         answers = pool.enqueue(tasks)  # type: ignore[attr-defined]
@@ -268,7 +353,8 @@ def submit(
             by_status[answer["status"]] += 1
         console.print(", ".join(f"{n} {status}" for status, n in sorted(by_status.items())))
         where = display_url(pool.redis_url)  # type: ignore[attr-defined]
-        console.print(f"results land in Redis at {where} (`agentpool results TENANT`)")
+        named = "" if name == "agentpool" else f" --name {name}"
+        console.print(f"results land in Redis at {where} (`agentpool results TENANT{named}`)")
         return
     config = PoolConfig()
     with AgentPool.start(config) as pool:
@@ -280,21 +366,68 @@ def submit(
         _where_in_redis(pool, sorted({t.tenant for t in tasks}), embedded=config.redis_url is None)
 
 
+def read_tasks(file: Path) -> list[AgentTask]:
+    """The tasks of a JSON Lines file ('-' for stdin). Every bad line is reported, in one
+    pass, before anything is submitted (exit code 2)."""
+    if str(file) == "-":
+        lines = sys.stdin.read().splitlines()
+    else:
+        try:
+            lines = file.read_text().splitlines()
+        except OSError as exc:
+            stderr.print(f"[red]error:[/] cannot read {escape(str(file))}: {escape(exc.strerror or str(exc))}")
+            raise typer.Exit(2) from None
+    tasks: list[AgentTask] = []
+    bad: list[str] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            tasks.append(AgentTask.model_validate_json(line))
+        except ValidationError as exc:
+            for err in exc.errors(include_url=False, include_input=False):
+                where = ".".join(str(p) for p in err["loc"]) or "(line)"
+                bad.append(f"line {number}: {where}: {err['msg']}")
+    if bad:
+        stderr.print(f"[red]error:[/] {len(bad)} problem(s) in {escape(str(file))}; nothing was submitted")
+        for problem in bad[:_MAX_BAD_LINES]:
+            stderr.print(f"  {escape(problem)}")
+        if len(bad) > _MAX_BAD_LINES:
+            stderr.print(f"  ... and {len(bad) - _MAX_BAD_LINES} more")
+        raise typer.Exit(2)
+    if not tasks:
+        stderr.print("[yellow]no tasks in the file[/]")
+        raise typer.Exit(1)
+    return tasks
+
+
+def _redis_of(name: str, address: str | None, redis_url: str | None, prefix: str | None) -> tuple[str, str]:
+    """The Redis URL and key prefix to read: those given, else the running pool's, by --name."""
+    if redis_url:
+        return redis_url, prefix or "agentpool"
+    pool = _connect(name, address)
+    return pool.redis_url, prefix or pool.config.key_prefix  # type: ignore[attr-defined]
+
+
 @app.command()
+@friendly
 def results(
     tenant: Annotated[str, typer.Argument(help="Whose results to read.")],
     follow: Annotated[bool, typer.Option("--follow", help="Keep reading new results (consumer group).")] = False,
     group: Annotated[str, typer.Option(help="Consumer group used with --follow.")] = "agentpool-cli",
-    redis_url: Annotated[str | None, typer.Option(envvar="AGENTPOOL_REDIS_URL", help="Redis URL.")] = None,
-    prefix: Annotated[str, typer.Option(envvar="AGENTPOOL_KEY_PREFIX", help="Key prefix.")] = "agentpool",
+    redis_url: Annotated[
+        str | None, typer.Option(envvar="AGENTPOOL_REDIS_URL", help="Redis URL (else the pool's, by --name).")
+    ] = None,
+    prefix: Annotated[str | None, typer.Option(envvar="AGENTPOOL_KEY_PREFIX", help="Key prefix.")] = None,
+    name: NameOption = "agentpool",
+    address: AddressOption = None,
 ) -> None:
-    """Prints a tenant's results from Redis as JSON Lines."""
+    """Prints a tenant's results from Redis as JSON Lines: the Redis of the running pool
+    named --name, or the one --redis-url gives (a tenant's credentials, say)."""
     from cluster.keys import Keys
     from cluster.reader import ResultsReader
 
-    if not redis_url:
-        console.print("[red]set AGENTPOOL_REDIS_URL or pass --redis-url[/]")
-        raise typer.Exit(2)
+    redis_url, prefix = _redis_of(name, address, redis_url, prefix)
     reader = ResultsReader(redis_url, tenant, keys=Keys(prefix))
     stream = reader.follow(group=group) if follow else reader.read()
     try:
@@ -305,6 +438,7 @@ def results(
 
 
 @app.command()
+@friendly
 def status(
     name: NameOption = "agentpool",
     address: AddressOption = None,
@@ -337,11 +471,14 @@ def status(
 
 
 @app.command()
+@friendly
 def trace(
     task_id: Annotated[str, typer.Argument(help="The task to show.")],
     tenant: Annotated[str | None, typer.Option(help="Its tenant (found in Redis when not given).")] = None,
-    redis_url: Annotated[str | None, typer.Option(envvar="AGENTPOOL_REDIS_URL", help="Redis URL.")] = None,
-    prefix: Annotated[str, typer.Option(envvar="AGENTPOOL_KEY_PREFIX", help="Key prefix.")] = "agentpool",
+    redis_url: Annotated[
+        str | None, typer.Option(envvar="AGENTPOOL_REDIS_URL", help="Redis URL (else the pool's, by --name).")
+    ] = None,
+    prefix: Annotated[str | None, typer.Option(envvar="AGENTPOOL_KEY_PREFIX", help="Key prefix.")] = None,
     name: NameOption = "agentpool",
     address: AddressOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the events as JSON Lines.")] = False,
@@ -353,7 +490,7 @@ def trace(
     from cluster.keys import Keys
     from cluster.reader import ResultsReader, find_tenant
 
-    url = redis_url or _connect(name, address).redis_url  # type: ignore[attr-defined]
+    url, prefix = _redis_of(name, address, redis_url, prefix)
     keys = Keys(prefix)
     tenant = tenant or find_tenant(url, task_id, keys=keys)
     if tenant is None:
@@ -370,39 +507,33 @@ def trace(
 
 
 @app.command("tenant-credentials")
+@friendly
 def tenant_credentials(
     tenant: Annotated[str, typer.Argument(help="The tenant whose consumers get the credentials.")],
     revoke: Annotated[bool, typer.Option("--revoke", help="Delete the tenant's ACL user instead.")] = False,
     redis_url: Annotated[
         str | None, typer.Option(envvar="AGENTPOOL_REDIS_URL", help="Admin Redis URL (else the pool's, by --name).")
     ] = None,
-    prefix: Annotated[str, typer.Option(envvar="AGENTPOOL_KEY_PREFIX", help="Key prefix.")] = "agentpool",
+    prefix: Annotated[str | None, typer.Option(envvar="AGENTPOOL_KEY_PREFIX", help="Key prefix.")] = None,
     name: NameOption = "agentpool",
     address: AddressOption = None,
 ) -> None:
     """Prints a Redis URL that can read only TENANT's keys (a Redis ACL user; other keys give
     NOPERM), for `agentpool results TENANT --redis-url URL`. Running it again rotates the
     password; --revoke deletes the user."""
-    from agentpool.errors import AgentPoolError
     from cluster.acl import create_tenant_credentials, revoke_tenant_credentials
     from cluster.keys import Keys
 
-    url = redis_url
-    if url is None:
-        pool = _connect(name, address)
-        url, prefix = pool.redis_url, pool.config.key_prefix  # type: ignore[attr-defined]
-    try:
-        if revoke:
-            existed = revoke_tenant_credentials(url, tenant, keys=Keys(prefix))
-            console.print(f"tenant {tenant}: credentials {'revoked' if existed else 'did not exist'}")
-            return
-        print(create_tenant_credentials(url, tenant, keys=Keys(prefix)))
-    except AgentPoolError as exc:
-        console.print(f"[red]{exc.message}[/]")
-        raise typer.Exit(2) from None
+    url, prefix = _redis_of(name, address, redis_url, prefix)
+    if revoke:
+        existed = revoke_tenant_credentials(url, tenant, keys=Keys(prefix))
+        console.print(f"tenant {tenant}: credentials {'revoked' if existed else 'did not exist'}")
+        return
+    print(create_tenant_credentials(url, tenant, keys=Keys(prefix)))
 
 
 @app.command("metrics-targets")
+@friendly
 def metrics_targets(name: NameOption = "agentpool", address: AddressOption = None) -> None:
     """Prints where the pool's processes serve /metrics (OTEL_METRICS_EXPORTER=prometheus), as a
     Prometheus file_sd_configs JSON file."""
@@ -411,6 +542,7 @@ def metrics_targets(name: NameOption = "agentpool", address: AddressOption = Non
 
 
 @app.command()
+@friendly
 def simulator(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8765,
     latency_ms: Annotated[float, typer.Option(help="Median latency per response.")] = 20.0,

@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 from agentpool.models import ModelName, RateLimit, TenantName, TenantPolicy
 from agentpool.pricing import ModelPrice
 from agentpool.simulator.config import SimulatorConfig
 
 BUILTIN_TOOL_MODULE = "agentpool.builtin_tools"
+REDIS_SCHEMES = ("redis", "rediss", "unix")
 #: Where a tool call runs: in the executor's threads, or in a child process of its own.
 Isolation = Literal["thread", "process"]
 
@@ -185,7 +199,9 @@ class PoolConfig(BaseSettings):
 
     name: str = Field(default="agentpool", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
     # --- infrastructure
-    ray_address: str | None = Field(default=None, validation_alias=AliasChoices("ray_address", "RAY_ADDRESS"))
+    ray_address: str | None = Field(
+        default=None, validation_alias=AliasChoices("ray_address", "AGENTPOOL_RAY_ADDRESS", "RAY_ADDRESS")
+    )
     redis_url: str | None = None
     key_prefix: str = Field(default="agentpool", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     result_ttl_s: int | None = Field(default=7 * 24 * 3600, ge=1)
@@ -193,7 +209,7 @@ class PoolConfig(BaseSettings):
     # --- provider
     anthropic_api_key: SecretStr | None = Field(
         default=None,
-        validation_alias=AliasChoices("anthropic_api_key", "ANTHROPIC_API_KEY"),
+        validation_alias=AliasChoices("anthropic_api_key", "AGENTPOOL_ANTHROPIC_API_KEY", "ANTHROPIC_API_KEY"),
     )
     #: A file holding the key instead (a Docker or Kubernetes secret, a root-owned file not
     #: readable by every user); read once, at configuration.
@@ -204,11 +220,12 @@ class PoolConfig(BaseSettings):
         ),
     )
     anthropic_base_url: str | None = Field(
-        default=None, validation_alias=AliasChoices("anthropic_base_url", "ANTHROPIC_BASE_URL")
+        default=None,
+        validation_alias=AliasChoices("anthropic_base_url", "AGENTPOOL_ANTHROPIC_BASE_URL", "ANTHROPIC_BASE_URL"),
     )
     simulator: SimulatorConfig = Field(default_factory=SimulatorConfig)
     default_model: ModelName = "claude-sonnet-4-5"
-    fallback_models: list[ModelName] = Field(default_factory=lambda: ["claude-haiku-4-5"])
+    fallback_models: Annotated[list[ModelName], NoDecode] = Field(default_factory=lambda: ["claude-haiku-4-5"])
     llm_request_timeout_s: float = Field(default=120.0, gt=0)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     #: Global provider limits: a model name, or a prefix naming a class of models that share
@@ -240,7 +257,7 @@ class PoolConfig(BaseSettings):
     max_queued: int = Field(default=10_000, ge=1, le=10_000_000)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     # --- tools and tenants
-    tool_modules: list[str] = Field(default_factory=list)
+    tool_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
     tool_output_max_chars: int = Field(default=20_000, ge=100, le=1_000_000)
     #: Executor groups besides "default" (whose shape is num_tool_executors x executor_concurrency);
     #: a tool pinned to a group not listed here gets a group of one executor.
@@ -279,6 +296,56 @@ class PoolConfig(BaseSettings):
     #: `ray start --dashboard-host`), listening on `dashboard_host` only.
     dashboard: bool = False
     dashboard_host: str = "127.0.0.1"
+
+    def __init__(self, **values: Any) -> None:
+        """Builds the configuration from `values`, then `AGENTPOOL_*` variables, then defaults.
+
+        Raises:
+            InvalidConfig: If an `AGENTPOOL_*` variable is not a setting, or its value is not
+                valid (the message names the variable and the format expected).
+            pydantic.ValidationError: If an argument given here is not valid.
+        """
+        from agentpool.config_env import explain, unknown_variables
+        from agentpool.errors import InvalidConfig
+
+        unknown = unknown_variables(type(self), os.environ)
+        if unknown:
+            raise InvalidConfig("; ".join(unknown), problems=unknown)
+        try:
+            super().__init__(**values)
+        except (ValidationError, SettingsError) as exc:
+            told = explain(exc, values, os.environ)
+            if told is None:
+                raise
+            raise told from None
+
+    @field_validator("tool_modules", "fallback_models", mode="before")
+    @classmethod
+    def _list_or_csv(cls, value: Any) -> Any:
+        """A JSON list, or (from an environment variable) names separated by commas."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        parts = urlsplit(url)
+        try:
+            _ = parts.port  # out of range or not a number raises
+        except ValueError:
+            raise ValueError("the port must be a number from 1 to 65535") from None
+        if parts.scheme not in REDIS_SCHEMES or not (parts.hostname or parts.path):
+            raise ValueError(
+                "expected a redis://, rediss:// or unix:// URL, e.g. redis://localhost:6379/0 "
+                "or redis://:PASSWORD@host:6379/0"
+            )
+        return url
 
     @model_validator(mode="after")
     def _key_from_file(self) -> PoolConfig:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import ValidationError
+
 
 class AgentPoolError(Exception):
     """Raised for any error agentpool itself defines; the root of the hierarchy."""
@@ -73,14 +75,88 @@ class ConfigError(AgentPoolError):
     """Raised when the pool configuration cannot work (bad URL, missing binary, no workers)."""
 
 
+class InvalidConfig(ConfigError, ValueError):
+    """Raised when `PoolConfig` cannot be built from the environment: an `AGENTPOOL_*`
+    variable that is not a setting, or one whose value is not valid; `problems` lists
+    each, by the variable's name, with the format expected."""
+
+
 class InvalidTask(AgentPoolError):
     """Raised when a task is well-formed but cannot run here (unknown tool, unknown tenant)."""
 
 
-class InvalidTaskInput(InvalidTask, ValueError):
-    """Raised by `submit`/`enqueue` when a task is malformed or over a size bound; nothing of
-    the batch is sent. `errors` lists `{index, loc, msg, type}` (the task's place in the
-    batch, and pydantic's account of what is wrong, without the offending value)."""
+class _Problems(list[dict[str, Any]]):
+    """`InvalidTaskInput.errors`: the list of problems, `{index, loc, msg, type}`; called
+    (`errors()`), pydantic's own list, as for any `ValidationError`."""
+
+    def __init__(self, problems: list[dict[str, Any]], owner: Any) -> None:
+        super().__init__(problems)
+        self._owner = owner
+
+    def __call__(self, **options: Any) -> Any:
+        return ValidationError.errors(self._owner, **options)
+
+
+class InvalidTaskInput(InvalidTask, ValidationError):
+    """Raised when a task is malformed or over a size bound: by `AgentTask(...)` (and its
+    `model_validate*`), and by `submit`/`enqueue`, which then send nothing of the batch.
+    `errors` lists `{index, loc, msg, type}` (the task's place in the batch, None for a
+    single task, and what is wrong, without the offending value). It is also a pydantic
+    `ValidationError` (so `except ValidationError` and `errors()` work as for any model)."""
+
+    # Built by `of`: pydantic's error type has no Python constructor.
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    @classmethod
+    def of(cls, message: str, problems: list[dict[str, Any]]) -> InvalidTaskInput:
+        """The error for `problems` (`{index, loc, msg, type}`, with pydantic's `ctx` if any)."""
+        lines = []
+        for problem in problems:
+            loc = tuple(problem["loc"]) if problem.get("index") is None else (problem["index"], *problem["loc"])
+            line: dict[str, Any] = {"type": problem["type"], "loc": loc, "input": None}
+            if problem.get("ctx"):
+                line["ctx"] = problem["ctx"]
+            lines.append(line)
+        try:
+            exc = cls.from_exception_data("AgentTask", lines, hide_input=True)
+        except (KeyError, TypeError, ValueError):  # a type whose context is gone (unpickled): its message
+            plain = [
+                {"type": "value_error", "loc": line["loc"], "input": None, "ctx": {"error": problem["msg"]}}
+                for line, problem in zip(lines, problems, strict=True)
+            ]
+            exc = cls.from_exception_data("AgentTask", plain, hide_input=True)
+        public = [{k: v for k, v in p.items() if k != "ctx"} for p in problems]
+        exc.message = message
+        exc.fields = {"errors": public}
+        exc.errors = _Problems(public, exc)  # type: ignore[method-assign]
+        exc.args = (message,)
+        return exc
+
+    @classmethod
+    def from_validation(cls, error: ValidationError, *, index: int | None = None) -> InvalidTaskInput:
+        """pydantic's error about one task as ours."""
+        if isinstance(error, InvalidTaskInput):
+            return error
+        problems = [
+            {"index": index, "loc": list(e["loc"]), "msg": e["msg"], "type": e["type"], "ctx": e.get("ctx")}
+            for e in error.errors(include_url=False, include_input=False)
+        ]
+        where = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(task)'}: {e['msg']} [{e['type']}]" for e in problems[:5]
+        )
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        return cls.of(f"invalid task: {where}{more}"[:2000], problems)
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_input, (self.message, list(self.errors)))
+
+
+def _rebuild_input(message: str, problems: list[dict[str, Any]]) -> InvalidTaskInput:
+    return InvalidTaskInput.of(message, problems)
 
 
 class InjectionDetected(InvalidTask):
@@ -142,7 +218,13 @@ class OutputValidationError(AgentPoolError):
 
 
 class StoreError(AgentPoolError):
-    """Raised when Redis cannot be reached or answers something the store did not expect."""
+    """Raised when Redis refuses a request or answers something the store did not expect."""
+
+
+class StoreUnavailable(StoreError):
+    """Raised when Redis cannot be reached (refused, timed out, gone); `url` names it, masked."""
+
+    retryable = True
 
 
 ALL_ERRORS: tuple[type[AgentPoolError], ...] = (
@@ -152,6 +234,7 @@ ALL_ERRORS: tuple[type[AgentPoolError], ...] = (
     QuotaExceeded,
     BudgetExceeded,
     ConfigError,
+    InvalidConfig,
     InvalidTask,
     InvalidTaskInput,
     InjectionDetected,
@@ -163,4 +246,5 @@ ALL_ERRORS: tuple[type[AgentPoolError], ...] = (
     ToolError,
     OutputValidationError,
     StoreError,
+    StoreUnavailable,
 )

@@ -4,10 +4,12 @@ the scheduler's autoscaler start actors from these."""
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 from agentpool.config import PoolConfig
+from agentpool.errors import ConfigError
 from cluster.telemetry import exported_env
 
 NAMESPACE = "agentpool"
@@ -56,6 +58,84 @@ def worker_spawn(config: PoolConfig, **kwargs: Any) -> dict[str, Any]:
 
 # Placeholder credential for the bundled simulator; it accepts any key and this is not secret.
 SIMULATOR_KEY = "sim-local-no-secret"
+
+
+class _DropTokenAuthNotice(logging.Filter):
+    """Drops Ray's notice that it turned token authentication on: the pool requires it, and
+    the notice's advice (`RAY_AUTH_MODE=disabled`) would make the pool refuse to start."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled")
+
+
+_TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def local_cluster_address() -> str | None:
+    """The address of a cluster `ray start --head` runs on this machine, or None."""
+    try:
+        from ray._private.services import find_bootstrap_address, find_gcs_addresses
+    except ImportError:  # a Ray without these helpers: only RAY_ADDRESS finds a cluster
+        return None
+    found = find_bootstrap_address(None)
+    if found is None:
+        running = find_gcs_addresses()
+        found = next(iter(running)) if len(running) == 1 else None
+    return found
+
+
+def init_ray(config: PoolConfig, *, detached: bool) -> bool:
+    """Connects this process to Ray: the configured cluster, or a new local one (or the one
+    `ray start` runs here, which `ray.init()` joins by itself). Returns True: this process
+    initialised Ray, and lets go of it at shutdown.
+
+    A detached pool must live in a cluster that outlives this process: RAY_ADDRESS,
+    `PoolConfig.ray_address`, or the cluster `ray start --head` runs on this machine.
+
+    Raises:
+        ConfigError: If a detached pool has no such cluster.
+    """
+    import ray
+
+    address = config.ray_address or os.environ.get("RAY_ADDRESS") or None
+    if address is None and detached:
+        address = local_cluster_address()
+        if address is None:
+            raise ConfigError(
+                "a detached pool needs a Ray cluster that outlives this process: run `ray start --head` "
+                "(found on this machine by itself), or set RAY_ADDRESS (or PoolConfig.ray_address)"
+            )
+    options: dict[str, Any] = {"include_dashboard": config.dashboard}
+    if config.dashboard:
+        options["dashboard_host"] = config.dashboard_host
+    if address is not None:
+        options = {}  # a cluster's dashboard is its own: `ray start --dashboard-host`
+    quiet = _DropTokenAuthNotice()
+    logging.getLogger(_TOKEN_LOGGER).addFilter(quiet)
+    try:
+        ray.init(
+            address=address,
+            namespace=NAMESPACE,
+            log_to_driver=False,
+            configure_logging=False,
+            **options,
+        )
+    finally:
+        logging.getLogger(_TOKEN_LOGGER).removeFilter(quiet)
+    return True
+
+
+def quiet_ray_init(address: str) -> None:
+    """Joins a running cluster for a client of a pool (connect, the CLI), without Ray's
+    log lines on this process's terminal."""
+    import ray
+
+    quiet = _DropTokenAuthNotice()
+    logging.getLogger(_TOKEN_LOGGER).addFilter(quiet)
+    try:
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
+    finally:
+        logging.getLogger(_TOKEN_LOGGER).removeFilter(quiet)
 
 
 def ray_auth_enabled() -> bool:

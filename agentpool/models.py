@@ -91,6 +91,9 @@ class AgentTask(_Model):
     record in Redis, never two.
     """
 
+    # NaN and infinity are not numbers a bound can hold (`timeout_s=nan` passes `gt=0`).
+    model_config = ConfigDict(extra="forbid", frozen=False, allow_inf_nan=False)
+
     task_id: TaskId = Field(default_factory=_new_task_id)
     tenant: TenantName
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
@@ -108,6 +111,37 @@ class AgentTask(_Model):
     #: in time is rejected at once (or dropped from the queue) instead of running late.
     deadline_s: float | None = Field(default=None, gt=0, le=86_400)
     metadata: dict[Annotated[str, StringConstraints(max_length=64)], MetaValue] = Field(default_factory=dict)
+
+    def __init__(self, **data: Any) -> None:
+        """Raises:
+        InvalidTaskInput: If a field is missing, malformed or over its bound (it is also
+            pydantic's `ValidationError`).
+        """
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise _invalid(exc) from None
+
+    @classmethod
+    def model_validate(cls, obj: Any, **options: Any) -> AgentTask:  # type: ignore[override]
+        try:
+            return super().model_validate(obj, **options)
+        except ValidationError as exc:
+            raise _invalid(exc) from None
+
+    @classmethod
+    def model_validate_json(cls, json_data: str | bytes | bytearray, **options: Any) -> AgentTask:  # type: ignore[override]
+        try:
+            return super().model_validate_json(json_data, **options)
+        except ValidationError as exc:
+            raise _invalid(exc) from None
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("the prompt is blank (only whitespace)")
+        return prompt
 
     @field_validator("tools")
     @classmethod
@@ -306,6 +340,12 @@ class TenantPolicy(_Model):
     guardrails: Guardrails = Field(default_factory=Guardrails)
 
 
+def _invalid(error: ValidationError) -> Exception:
+    from agentpool.errors import InvalidTaskInput
+
+    return InvalidTaskInput.from_validation(error)
+
+
 #: At most this many problems are listed in one `InvalidTaskInput`.
 _MAX_LISTED_ERRORS = 100
 
@@ -330,15 +370,16 @@ def validate_tasks(tasks: Iterable[AgentTask | dict[str, Any]]) -> list[AgentTas
             valid.append(AgentTask.model_validate(dict(task) if isinstance(task, AgentTask) else task))
         except ValidationError as exc:
             bad += 1
-            for err in exc.errors(include_url=False, include_input=False, include_context=False):
+            for err in exc.errors(include_url=False, include_input=False):
                 if len(errors) < _MAX_LISTED_ERRORS:
-                    errors.append({"index": index, "loc": list(err["loc"]), "msg": err["msg"], "type": err["type"]})
+                    problem = {"index": index, "loc": list(err["loc"]), "msg": err["msg"], "type": err["type"]}
+                    errors.append({**problem, "ctx": err.get("ctx")})
     if bad:
         first = errors[0]
         where = ".".join(str(p) for p in first["loc"]) or "(task)"
-        raise InvalidTaskInput(
+        raise InvalidTaskInput.of(
             f"{bad} of {bad + len(valid)} tasks are invalid; nothing was submitted. "
             f"First: task {first['index']}, {where}: {first['msg']}"[:2000],
-            errors=errors,
+            errors,
         )
     return valid

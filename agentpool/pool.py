@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -13,20 +14,23 @@ from pydantic import SecretStr
 
 from agentpool import telemetry as tm
 from agentpool.config import PoolConfig
-from agentpool.errors import ConfigError, PoolNotRunning
+from agentpool.errors import ConfigError, PoolNotRunning, StoreError
 from agentpool.launch import (
     NAMESPACE,
     SIMULATOR_KEY,
     control,
+    init_ray,
+    quiet_ray_init,
     ray_auth_enabled,
     start_executor_group,
     worker_spawn,
 )
 from agentpool.models import AgentResult, AgentTask, validate_tasks
 from agentpool.protocol import new_trace_id, traceparent
-from cluster.acl import create_tenant_credentials, revoke_tenant_credentials
+from agentpool.tools import load_tools
+from cluster.acl import create_tenant_credentials, display_url, revoke_tenant_credentials
 from cluster.keys import Keys
-from cluster.reader import ResultsReader
+from cluster.reader import ResultsReader, find_tenant, ping
 from cluster.redis_server import EmbeddedRedis
 from cluster.telemetry import TelemetryConfigError, check_env
 
@@ -44,6 +48,41 @@ def _trace_context(task: AgentTask) -> str:
     )
     span.end()
     return tm.span_traceparent(span) or tm.current_traceparent() or traceparent(new_trace_id())
+
+
+def check_redis(url: str, *, source: str) -> None:
+    """PINGs the pool's Redis before anything is accepted.
+
+    Raises:
+        ConfigError: One line naming where the URL came from, the server (masked) and why.
+    """
+    try:
+        ping(url)
+    except StoreError as exc:
+        raise ConfigError(f"{source}: {exc.message}", url=display_url(url)) from None
+
+
+def _name_taken(name: str) -> str:
+    return (
+        f"a pool named {name!r} is already running on this Ray cluster: submit to it with "
+        f"`agentpool submit FILE --detach` (AgentPool.connect({name!r})), stop it with `agentpool stop`, "
+        "or start this one under another name (AGENTPOOL_NAME, PoolConfig.name)"
+    )
+
+
+def _check_name_free(name: str) -> None:
+    """Raises ConfigError if a pool of this name runs on the cluster (its actors' names are taken)."""
+    with contextlib.suppress(ValueError):
+        ray.get_actor(f"{name}-scheduler", namespace=NAMESPACE)
+        raise ConfigError(_name_taken(name))
+
+
+def _first_line(exc: BaseException) -> str:
+    """An error's first meaningful line, without a remote traceback or terminal colours."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b", line)]
+    return (errors[-1] if errors else lines[0] if lines else type(exc).__name__)[:500]
 
 
 class AgentPool:
@@ -109,33 +148,24 @@ class AgentPool:
             check_env()
         except TelemetryConfigError as exc:
             raise ConfigError(str(exc)) from None
-        if detached and not ray.is_initialized() and not (config.ray_address or os.environ.get("RAY_ADDRESS")):
-            raise ConfigError(
-                "a detached pool needs a Ray cluster that outlives this process: run `ray start --head` "
-                "and set RAY_ADDRESS (or PoolConfig.ray_address)"
-            )
+        # Everything that can be checked here is, before a single actor starts.
+        catalog_here = load_tools(config.all_tool_modules)
+        if config.redis_url is not None:
+            check_redis(config.redis_url, source="AGENTPOOL_REDIS_URL (PoolConfig.redis_url)")
         lifetime: dict[str, Any] = {"lifetime": "detached"} if detached else {}
-        started_ray = False
-        if not ray.is_initialized():
-            dashboard: dict[str, Any] = {"include_dashboard": config.dashboard}
-            if config.dashboard:
-                dashboard["dashboard_host"] = config.dashboard_host
-            ray.init(
-                address=config.ray_address,
-                namespace=NAMESPACE,
-                log_to_driver=False,
-                configure_logging=False,
-                **dashboard,
-            )
-            started_ray = True
-        if config.require_ray_auth and not ray_auth_enabled():
+        started_ray = init_ray(config, detached=detached) if not ray.is_initialized() else False
+        try:
+            if config.require_ray_auth and not ray_auth_enabled():
+                raise ConfigError(
+                    "the Ray cluster runs without token authentication: anyone who reaches it runs code in it "
+                    "(and reads the provider key). Start it with RAY_AUTH_MODE=token, or set "
+                    "PoolConfig.require_ray_auth=False for a cluster on an isolated network"
+                )
+            _check_name_free(config.name)
+        except ConfigError:
             if started_ray:
                 ray.shutdown()
-            raise ConfigError(
-                "the Ray cluster runs without token authentication: anyone who reaches it runs code in it "
-                "(and reads the provider key). Start it with RAY_AUTH_MODE=token, or set "
-                "PoolConfig.require_ray_auth=False for a cluster on an isolated network"
-            )
+            raise
         api_key = config.anthropic_api_key or SecretStr(SIMULATOR_KEY)
         config = config.for_actors()
         embedded = None
@@ -152,6 +182,8 @@ class AgentPool:
             elif redis_url is None:
                 embedded = EmbeddedRedis()
                 redis_url = embedded.start()
+            if config.redis_url is None:
+                check_redis(redis_url, source="the embedded Redis")
             simulator, base_url = None, config.anthropic_base_url
             if uses_simulator:
                 simulator = SimulatorHost.options(**host, name=f"{config.name}-simulator").remote(config.simulator)
@@ -164,7 +196,13 @@ class AgentPool:
             try:
                 catalog: dict[str, dict[str, Any]] = ray.get(default_group[0].catalog.remote())
             except ray.exceptions.RayActorError as exc:
-                raise ConfigError(f"tool executors could not start: {exc}") from None
+                raise ConfigError(f"tool executors could not start: {_first_line(exc)}") from None
+            if set(catalog) != set(catalog_here):  # the executors import the same modules elsewhere
+                log.warning(
+                    "the tool executors found tools %s, this process %s",
+                    sorted(set(catalog) - set(catalog_here)),
+                    sorted(set(catalog_here) - set(catalog)),
+                )
             executor_names = {"default": default_names}
             for group in sorted({entry["group"] for entry in catalog.values()} - {"default"}):
                 executor_names[group], _ = start_executor_group(config, group, actors, lifetime)
@@ -225,13 +263,16 @@ class AgentPool:
             )
             actors.append(scheduler)
             ray.get([scheduler.status.remote(), *(w.ping.remote() for w in workers)])
-        except BaseException:
+        except BaseException as exc:
             for actor in actors:
-                ray.kill(actor)
+                with contextlib.suppress(Exception):
+                    ray.kill(actor)
             if embedded is not None:
                 embedded.stop()
             if started_ray:
                 ray.shutdown()
+            if isinstance(exc, ValueError) and "already taken" in str(exc):
+                raise ConfigError(_name_taken(config.name)) from None
             raise
         return cls(
             config,
@@ -255,13 +296,14 @@ class AgentPool:
             PoolNotRunning: If no scheduler of that name exists.
         """
         if not ray.is_initialized():
-            ray.init(address=address or "auto", namespace=NAMESPACE, log_to_driver=False)
+            quiet_ray_init(address or os.environ.get("RAY_ADDRESS") or "auto")
         try:
             scheduler = ray.get_actor(f"{name}-scheduler", namespace=NAMESPACE)
         except ValueError:
             raise PoolNotRunning(f"no pool named {name!r} is running on this cluster") from None
         info = ray.get(scheduler.info.remote())
         config = PoolConfig.model_validate(info["config"])
+        check_redis(info["redis_url"], source=f"the Redis of pool {name!r}")
         simulator = None
         if f"{name}-simulator" in info.get("actors", []):
             with contextlib.suppress(ValueError):
@@ -399,9 +441,22 @@ class AgentPool:
     def cancel(self, task_id: str, *, reason: str = "cancelled by request") -> AgentResult | None:
         """Stops a queued, running or paused task: its permits and slot go back and its final
         record says `cancelled`, with the work done so far. Returns that record (or how the
-        task ended, if it ended first); None if the pool has no such task in progress."""
+        task ended, if it ended first or had ended already); None if the pool has no such task.
+
+        Raises:
+            StoreUnavailable: If the task is not in progress and Redis cannot be reached.
+        """
         self._check_running()
         result: AgentResult | None = ray.get(self._scheduler.cancel.remote(task_id, reason))
+        if result is None:  # not in progress: it may have ended already
+            keys = Keys(self.config.key_prefix)
+            tenant = find_tenant(self._redis_url, task_id, keys=keys)
+            if tenant is not None:
+                reader = ResultsReader(self._redis_url, tenant, keys=keys)
+                try:
+                    result = reader.get(task_id)
+                finally:
+                    reader.close()
         return result
 
     def approve(self, task_id: str, approved: bool = True, *, note: str = "") -> dict[str, Any]:
@@ -447,11 +502,22 @@ class AgentPool:
         `in_flight_by_tenant`, `capacity`, `finished_by_status`, `shed_by_reason`,
         `overload_level`, `finished_by_tenant` (tenant -> status -> count), `errors_by_tenant`,
         `alerts_firing`, `limits` (bucket levels per model and dimension, leases outstanding
-        and waiting), `tools` (breakers and outcomes) and `budgets_today` (tokens and cost
-        spent today per tenant).
+        and waiting), `tools` (breakers and outcomes), `budgets_today` (tokens and cost
+        spent today per tenant) and `redis` (whether it answers, and the records and events
+        waiting in memory while it does not; a warning is logged then).
         """
         self._check_running()
-        return dict(ray.get(self._scheduler.status.remote()))
+        snapshot = dict(ray.get(self._scheduler.status.remote()))
+        health = snapshot.get("redis", {})
+        if not health.get("reachable", True) or health.get("pending_writes"):
+            log.warning(
+                "Redis at %s: %s; %d final records and %d events wait in the pool's memory until it is back",
+                display_url(self._redis_url),
+                health.get("error") or "unreachable",
+                health.get("pending_writes", 0),
+                health.get("pending_events", 0),
+            )
+        return snapshot
 
     def simulator_stats(self) -> dict[str, Any] | None:
         """The simulated provider's counters (requests, statuses, 429s), if it is in use."""

@@ -271,6 +271,15 @@ def load_tools(modules: list[str]) -> dict[str, ToolSpec]:
         try:
             imported = importlib.import_module(module)
         except Exception as exc:
-            raise ConfigError(f"cannot import tool module {module!r}: {exc!r}", module=module) from exc
+            raise ConfigError(
+                f"cannot import tool module {module!r} (PoolConfig.tool_modules, AGENTPOOL_TOOL_MODULES): "
+                f"{type(exc).__name__}: {exc}",
+                module=module,
+            ) from None
+        if not any(spec.module == imported.__name__ for spec in _REGISTRY.values()):
+            raise ConfigError(
+                f"tool module {module!r} defines no tools: decorate its functions with @agentpool.tool",
+                module=module,
+            )
         wanted.add(imported.__name__)
     return {name: spec for name, spec in _REGISTRY.items() if spec.module in wanted}

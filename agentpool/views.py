@@ -121,7 +121,19 @@ def status_view(status: dict[str, Any], *, now: dt.datetime | None = None) -> Gr
     stamp = (now or dt.datetime.now(dt.UTC)).strftime("%Y-%m-%d %H:%M:%S UTC")
     tenants = tenants_table(status)
     tenants.caption = f"as of {stamp}"
-    return Group(tenants, *status_tables(status))
+    return Group(*redis_warning(status), tenants, *status_tables(status))
+
+
+def redis_warning(status: dict[str, Any]) -> list[str]:
+    """A line in red while Redis does not answer or writes wait for it; nothing otherwise."""
+    health: dict[str, Any] = status.get("redis") or {}
+    if health.get("reachable", True) and not health.get("pending_writes"):
+        return []
+    why = health.get("error") or "unreachable"
+    return [
+        f"[bold red]Redis: {why}[/]; {health.get('pending_writes', 0)} final records and "
+        f"{health.get('pending_events', 0)} events wait in the pool's memory until it is back"
+    ]
 
 
 def _tokens(data: dict[str, Any]) -> str:

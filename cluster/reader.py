@@ -3,6 +3,7 @@ tenant's results, its events per task, its audit trail."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
@@ -10,9 +11,61 @@ from collections.abc import Iterator
 from typing import Any
 
 import redis
+from redis.exceptions import AuthenticationError, NoPermissionError, RedisError
 
+from agentpool.errors import StoreError, StoreUnavailable
 from agentpool.models import AgentResult
+from cluster.acl import display_url
 from cluster.keys import Keys
+
+#: A blocking read waits at most this long; the socket's timeout is longer, so an idle
+#: `follow()` is a read that returned empty, never a timeout.
+MAX_BLOCK_MS = 20_000
+_SOCKET_TIMEOUT_S = MAX_BLOCK_MS / 1000 + 10
+#: `follow()` rides out a Redis restart or a dropped connection this long before it raises.
+_FOLLOW_RECONNECT_S = 30.0
+
+
+def client(url: str) -> redis.Redis:
+    """A blocking client for a user's process: connects within 5 s, and waits on a read
+    longer than any blocking read the readers make."""
+    return redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5, socket_timeout=_SOCKET_TIMEOUT_S)
+
+
+@contextlib.contextmanager
+def store_errors(url: str) -> Iterator[None]:
+    """redis-py's errors as agentpool's: `StoreUnavailable` when Redis cannot be reached,
+    `StoreError` when it refuses (credentials, ACL) or answers what we did not expect. The
+    message names the server with its password masked."""
+    where = display_url(url)
+    try:
+        yield
+    except AuthenticationError as exc:
+        raise StoreError(f"Redis at {where} refused the credentials: {exc}", url=where) from None
+    except NoPermissionError as exc:
+        raise StoreError(f"Redis at {where} refused access: {exc}", url=where) from None
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        raise StoreUnavailable(f"cannot reach Redis at {where}: {exc}", url=where) from None
+    except RedisError as exc:
+        raise StoreError(f"Redis at {where}: {type(exc).__name__}: {exc}", url=where) from None
+
+
+def ping(url: str, *, timeout_s: float = 3.0) -> None:
+    """Checks that Redis at `url` answers (PING, with the URL's credentials).
+
+    Raises:
+        StoreUnavailable: If it cannot be reached within `timeout_s`.
+        StoreError: If the URL is not one redis-py can use, or the server refuses it.
+    """
+    try:
+        probe = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    except ValueError as exc:
+        raise StoreError(f"not a Redis URL ({exc})", url=display_url(url)) from None
+    try:
+        with store_errors(url):
+            probe.ping()
+    finally:
+        probe.close()
 
 
 class ResultsReader:
@@ -27,16 +80,23 @@ class ResultsReader:
     def __init__(self, url: str, tenant: str, *, keys: Keys | None = None) -> None:
         self.tenant = tenant
         self.keys = keys or Keys()
-        self._redis = redis.Redis.from_url(url, decode_responses=True)
+        self._url = url
+        self._redis = client(url)
         self.stream = self.keys.results(tenant)
 
     def read(self, *, start: str = "-", count: int | None = None) -> Iterator[AgentResult]:
-        """Yields results already in the stream, oldest first, from stream id `start`."""
+        """Yields results already in the stream, oldest first, from stream id `start`.
+
+        Raises:
+            StoreUnavailable: If Redis cannot be reached.
+            StoreError: If Redis refuses the credentials or the keys (ACL).
+        """
         page = 1000 if count is None else min(count, 1000)
         seen = 0
         cursor = start
         while count is None or seen < count:
-            entries = self._redis.xrange(self.stream, min=cursor, count=page)
+            with store_errors(self._url):
+                entries = self._redis.xrange(self.stream, min=cursor, count=page)
             if cursor != start:
                 entries = entries[1:]  # xrange's min is inclusive: skip the last one we gave
             if not entries:
@@ -49,7 +109,9 @@ class ResultsReader:
             cursor = entries[-1][0]
 
     def get(self, task_id: str) -> AgentResult | None:
-        raw = self._redis.get(self.keys.result(self.tenant, task_id))
+        """The task's final record, or None if it has none (yet)."""
+        with store_errors(self._url):
+            raw = self._redis.get(self.keys.result(self.tenant, task_id))
         return AgentResult.model_validate_json(raw) if raw else None
 
     def task_events(self, task_id: str, *, scan_limit: int = 200_000) -> list[dict[str, Any]]:
@@ -60,7 +122,8 @@ class ResultsReader:
         found: list[dict[str, Any]] = []
         cursor, scanned = "+", 0
         while scanned < scan_limit:
-            entries = self._redis.xrevrange(stream, max=cursor, count=1000)
+            with store_errors(self._url):
+                entries = self._redis.xrevrange(stream, max=cursor, count=1000)
             if cursor != "+":
                 entries = entries[1:]  # max is inclusive: skip the one we already read
             if not entries:
@@ -78,7 +141,8 @@ class ResultsReader:
 
     def audit(self, *, count: int = 1000) -> list[dict[str, str]]:
         """The newest `count` entries of the tenant's audit trail, oldest first."""
-        entries = self._redis.xrevrange(self.keys.audit(self.tenant), count=count)
+        with store_errors(self._url):
+            entries = self._redis.xrevrange(self.keys.audit(self.tenant), count=count)
         return [{"id": entry_id, **fields} for entry_id, fields in reversed(entries)]
 
     def follow(
@@ -95,22 +159,31 @@ class ResultsReader:
         A new group starts at the beginning of the stream. Entries delivered to this consumer
         earlier but never acknowledged (it crashed) are delivered again first.
 
+        Idle is normal: a read that waited `block_ms` for nothing is followed by the next. A
+        dropped connection (Redis restarting) is retried for up to 30 s.
+
         Args:
             group: Consumer group; consumers in one group share the work.
             consumer: This consumer's name; defaults to host and process id.
-            block_ms: How long each read blocks waiting for new entries.
+            block_ms: How long each read blocks waiting for new entries (at most 20 s).
             idle_timeout_s: Stop after this long without a new entry (None: follow forever).
+
+        Raises:
+            StoreUnavailable: If Redis stays unreachable for 30 s.
+            StoreError: If Redis refuses the credentials or the keys (ACL).
         """
         consumer = consumer or f"{socket.gethostname()}-{id(self)}"
-        try:
-            self._redis.xgroup_create(self.stream, group, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        block_ms = max(0, min(block_ms, MAX_BLOCK_MS))
+        with store_errors(self._url):
+            try:
+                self._redis.xgroup_create(self.stream, group, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
         last_new = time.monotonic()
         cursor = "0"  # first our own pending (unacknowledged) entries, then new ones
         while True:
-            reply = self._redis.xreadgroup(group, consumer, {self.stream: cursor}, count=100, block=block_ms)
+            reply = self._read_group(group, consumer, cursor, block_ms)
             entries = reply[0][1] if reply else []
             if cursor == "0" and not entries:
                 cursor = ">"
@@ -122,7 +195,22 @@ class ResultsReader:
             last_new = time.monotonic()
             for entry_id, fields in entries:
                 yield AgentResult.model_validate_json(fields["result"])
-                self._redis.xack(self.stream, group, entry_id)
+                with store_errors(self._url):
+                    self._redis.xack(self.stream, group, entry_id)
+
+    def _read_group(self, group: str, consumer: str, cursor: str, block_ms: int) -> Any:
+        """One XREADGROUP, retried with backoff while the connection is down (not forever)."""
+        gave_up = time.monotonic() + _FOLLOW_RECONNECT_S
+        delay = 0.1
+        while True:
+            try:
+                with store_errors(self._url):
+                    return self._redis.xreadgroup(group, consumer, {self.stream: cursor}, count=100, block=block_ms)
+            except StoreUnavailable:
+                if time.monotonic() + delay > gave_up:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     def close(self) -> None:
         self._redis.close()
@@ -132,15 +220,16 @@ def find_tenant(url: str, task_id: str, *, keys: Keys | None = None) -> str | No
     """The tenant of a task this Redis knows (a final record, or an admission still in
     progress), found by SCAN; None if none."""
     keys = keys or Keys()
-    client = redis.Redis.from_url(url, decode_responses=True)
+    admin = client(url)
     try:
-        for key in client.scan_iter(match=keys.result("*", task_id), count=1000):
-            return _tenant_of(key)
-        for key in client.scan_iter(match=keys.admitted("*", "*"), count=1000):
-            if client.hexists(key, task_id):
+        with store_errors(url):
+            for key in admin.scan_iter(match=keys.result("*", task_id), count=1000):
                 return _tenant_of(key)
+            for key in admin.scan_iter(match=keys.admitted("*", "*"), count=1000):
+                if admin.hexists(key, task_id):
+                    return _tenant_of(key)
     finally:
-        client.close()
+        admin.close()
     return None
 
 

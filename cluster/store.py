@@ -25,10 +25,12 @@ from agentpool.config import PoolConfig
 from agentpool.errors import StoreError
 from agentpool.models import AgentResult, AgentTask
 from agentpool.redact import redact, redact_text
+from cluster.acl import display_url
 from cluster.keys import Keys
 
 #: One JSON line per structured event, when `PoolConfig.event_log` is on.
 EVENT_LOG = logging.getLogger("agentpool.events")
+log = logging.getLogger("agentpool.store")
 
 # Writes the final record and its stream entry in one atomic step, only if no record exists
 # for this task_id yet. A task that ran twice (after a crash, or submitted twice) therefore
@@ -133,6 +135,9 @@ class ResultStore:
         self.events_dropped = 0
         self.writes_dropped = 0
         self.writes_retried = 0
+        #: When the current outage began (wall clock), and what Redis answered then.
+        self.unreachable_since: float | None = None
+        self.last_error: str | None = None
 
     @classmethod
     def for_pool(cls, url: str, config: PoolConfig) -> ResultStore:
@@ -192,7 +197,8 @@ class ResultStore:
             return result, True
         try:
             return await self._write(result)
-        except _REDIS_DOWN:
+        except _REDIS_DOWN as exc:
+            self._down(exc)
             self._buffer(result)
             return result, True
 
@@ -211,6 +217,29 @@ class ResultStore:
         if created:
             return result, True
         return AgentResult.model_validate_json(stored), False
+
+    def _down(self, exc: BaseException) -> None:
+        """Notes that Redis failed a write; warns once per outage."""
+        self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+        if self.unreachable_since is None:
+            self.unreachable_since = time.time()
+            log.warning(
+                "Redis at %s is unreachable (%s): final records and events wait in this process's memory "
+                "(at most %d and %d) and are retried until it is back",
+                display_url(self._url),
+                self.last_error,
+                MAX_PENDING_WRITES,
+                MAX_PENDING_EVENTS,
+            )
+
+    def _up(self) -> None:
+        if self.unreachable_since is not None:
+            log.warning(
+                "Redis at %s is back after %.1f s; what waited has been written",
+                display_url(self._url),
+                time.time() - self.unreachable_since,
+            )
+        self.unreachable_since = None
 
     def _buffer(self, item: AgentResult | tuple[str, str, str]) -> None:
         self._outbox.append(item)
@@ -236,9 +265,11 @@ class ResultStore:
                 if self._events:
                     raise ConnectionError("events still pending")
                 delay = _RETRY_FIRST_S
-            except _REDIS_DOWN:
+            except _REDIS_DOWN as exc:
+                self._down(exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * _RETRY_GROWTH, _RETRY_MAX_S)
+        self._up()
 
     @property
     def backlog(self) -> dict[str, int]:
@@ -249,6 +280,14 @@ class ResultStore:
             "writes_dropped": self.writes_dropped,
             "events_dropped": self.events_dropped,
         }
+
+    async def reachable(self, timeout_s: float = 1.0) -> tuple[bool, str | None]:
+        """Whether Redis answers a PING now, and if not, why (for `status()`)."""
+        try:
+            await asyncio.wait_for(self.redis.ping(), timeout_s)
+        except (TimeoutError, *_REDIS_DOWN) as exc:
+            return False, f"{type(exc).__name__}: {exc}"[:300]
+        return True, None
 
     # --- admission ---------------------------------------------------------------------
 
@@ -277,7 +316,8 @@ class ResultStore:
                 keys = [self.keys.result(task.tenant, task.task_id), self.keys.admitted(task.tenant, self.pool)]
                 await self._scripts["admit"](keys=keys, args=[task.task_id, entry], client=pipe)
             values = await pipe.execute()
-        except _REDIS_DOWN:
+        except _REDIS_DOWN as exc:
+            self._down(exc)
             for task, entry, future in batch:
                 self._buffer((self.keys.admitted(task.tenant, self.pool), task.task_id, entry))
                 if not future.done():
@@ -399,7 +439,8 @@ class ResultStore:
                     pipe.xadd(key, entry, maxlen=maxlen, approximate=True)
                 try:
                     await pipe.execute()
-                except _REDIS_DOWN:
+                except _REDIS_DOWN as exc:
+                    self._down(exc)
                     if self._drainer is None or self._drainer.done():
                         self._drainer = self._spawn(self._drain())
                     return

@@ -79,6 +79,8 @@ class StatusView:
             except ray.exceptions.RayError as exc:
                 tools = {"error": f"tool board unavailable: {type(exc).__name__}"}
         tenants = dict.fromkeys([*self.config.tenants, *self._seen])
+        backlog = await self._redis_backlog()
+        reachable, error = await self._store.reachable()
         return {
             "queued": len(self._queue),
             "queued_by_tenant": self._queue.depth(),
@@ -89,7 +91,14 @@ class StatusView:
             "workers": self._fleet.snapshot(),
             "finished_by_status": dict(self._counts),
             "awaiting_approval": self._awaiting(),
-            "durability": {**self._durable, "jobs": len(self._jobs), **await self._redis_backlog()},
+            "durability": {**self._durable, "jobs": len(self._jobs), **backlog},
+            "redis": {
+                "reachable": reachable,
+                "error": error,
+                "pending_writes": backlog["pending_writes"],
+                "pending_events": backlog["pending_events"],
+                "unreachable_since_unix": self._store.unreachable_since,
+            },
             "shed_by_reason": dict(self._shed),
             "finished_by_tenant": {t: dict(c) for t, c in self._ends.items()},
             "errors_by_tenant": {t: sum(c[s] for s in ERROR_STATUSES) for t, c in self._ends.items()},

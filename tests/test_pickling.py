@@ -8,7 +8,7 @@ import pytest
 import ray.cloudpickle
 
 from agentpool.config import PoolConfig
-from agentpool.errors import ALL_ERRORS, AgentPoolError, ProviderError, RetryLater
+from agentpool.errors import ALL_ERRORS, AgentPoolError, InvalidTaskInput, ProviderError, RetryLater
 from agentpool.models import AgentResult, AgentTask, ErrorInfo, TenantPolicy, ToolCallSummary, Usage
 from agentpool.protocol import Dispatch, ToolCall, ToolOutcome
 
@@ -20,6 +20,9 @@ def make_error(cls: type[AgentPoolError]) -> AgentPoolError:
         return cls("overloaded", status_code=529, error_type="overloaded_error", retryable=True)
     if cls.__name__ == "ToolError":
         return cls("bad", tool="calc", kind="timeout")
+    if cls is InvalidTaskInput:
+        problem = {"index": 1, "loc": ["prompt"], "msg": "String should have at most 5 characters", "type": "x"}
+        return InvalidTaskInput.of("1 of 2 tasks are invalid", [problem])
     return cls("something", tenant="acme")
 
 
