@@ -70,8 +70,18 @@ def classify(exc: BaseException) -> Decision:
     if isinstance(exc, MalformedResponse):  # like a 5xx: the provider may answer properly next time
         return Decision("retry", None, "MalformedResponse", exc.message[:1000])
     if isinstance(exc, anthropic.APITimeoutError | anthropic.APIConnectionError):
-        return Decision("retry", None, type(exc).__name__, str(exc)[:1000])
+        return Decision("retry", None, type(exc).__name__, f"{exc} ({_endpoint(exc)})"[:1000])
     return Decision("fail", None, type(exc).__name__, str(exc)[:1000])
+
+
+def _endpoint(exc: anthropic.APIConnectionError) -> str:
+    """Which provider URL could not be reached: scheme, host, port and path, never a query."""
+    try:
+        url = exc.request.url
+    except (AttributeError, RuntimeError):  # raised before a request existed
+        return "no request was made"
+    port = f":{url.port}" if url.port else ""
+    return f"calling {url.scheme}://{url.host}{port}{url.path}"
 
 
 class Backoff:

@@ -9,6 +9,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from agentpool.errors import ToolError
 from agentpool.tools import tool
 
 _BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
@@ -104,7 +105,10 @@ def calculator(expression: str) -> str:
     Args:
         expression: Arithmetic such as '1234*5678' or 'sqrt(2)/3'; + - * / // % ** ^, parentheses, sqrt, log, exp, sin, cos, tan, abs, round, min, max, pi, e.
     """
-    return _format(evaluate(expression))
+    try:
+        return _format(evaluate(expression))
+    except ValueError as exc:  # a refusal is the answer for this input: trying again gives the same
+        raise ToolError(str(exc), tool="calculator", kind="invalid_arguments") from None
 
 
 CORPUS: list[tuple[str, str]] = [

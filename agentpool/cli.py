@@ -36,7 +36,8 @@ app = typer.Typer(
 # Wide enough for the summary table even when output is piped (CI logs, files).
 console = Console(width=None if sys.stdout.isatty() else 110)
 #: Errors and notices go to stderr, so that stdout holds only what a command prints as data.
-stderr = Console(stderr=True, width=None if sys.stderr.isatty() else 110)
+# Soft wrap: an error is one line however long, for a log or a script reading it.
+stderr = Console(stderr=True, soft_wrap=True)
 _debug = {"on": False}
 #: At most this many bad lines of a JSONL file are listed.
 _MAX_BAD_LINES = 50

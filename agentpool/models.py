@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
@@ -350,8 +350,11 @@ def _invalid(error: ValidationError) -> Exception:
 _MAX_LISTED_ERRORS = 100
 
 
-def validate_tasks(tasks: Iterable[AgentTask | dict[str, Any]]) -> list[AgentTask]:
-    """Every task of a batch checked (dicts parsed, tasks built earlier checked again).
+def validate_tasks(
+    tasks: Iterable[AgentTask | dict[str, Any]], *, tools: Collection[str] | None = None
+) -> list[AgentTask]:
+    """Every task of a batch checked (dicts parsed, tasks built earlier checked again), and,
+    given the pool's `tools`, every tool a task names is one of them.
 
     Raises:
         InvalidTaskInput: If any is invalid; `errors` lists `{index, loc, msg, type}`, never
@@ -367,13 +370,24 @@ def validate_tasks(tasks: Iterable[AgentTask | dict[str, Any]]) -> list[AgentTas
             # A task built earlier and changed since (`task.prompt = ...`) is checked again, from
             # its fields: the bounds hold for what is sent, not for what was first constructed.
             # Only here, at the edge: models that carry a task inside the pool take it as it is.
-            valid.append(AgentTask.model_validate(dict(task) if isinstance(task, AgentTask) else task))
+            checked = AgentTask.model_validate(dict(task) if isinstance(task, AgentTask) else task)
         except ValidationError as exc:
             bad += 1
             for err in exc.errors(include_url=False, include_input=False):
                 if len(errors) < _MAX_LISTED_ERRORS:
                     problem = {"index": index, "loc": list(err["loc"]), "msg": err["msg"], "type": err["type"]}
                     errors.append({**problem, "ctx": err.get("ctx")})
+            continue
+        unknown = [name for name in checked.tools if tools is not None and name not in tools]
+        if unknown:
+            bad += 1
+            for name in unknown:
+                if len(errors) < _MAX_LISTED_ERRORS:
+                    at = checked.tools.index(name)
+                    msg = f"unknown tool {name!r}: this pool has {', '.join(sorted(tools or [])) or 'no tools'}"
+                    errors.append({"index": index, "loc": ["tools", at], "msg": msg, "type": "unknown_tool"})
+            continue
+        valid.append(checked)
     if bad:
         first = errors[0]
         where = ".".join(str(p) for p in first["loc"]) or "(task)"

@@ -104,6 +104,7 @@ class AgentPool:
         provider_url: str | None = None,
         actor_names: list[str] | None = None,
         owned: bool = True,
+        tools: list[str] | None = None,
     ) -> None:
         self.config = config
         self._scheduler = scheduler
@@ -116,6 +117,8 @@ class AgentPool:
         self._actor_names = actor_names or []
         self._owned = owned
         self._running = True
+        #: The tools the pool's executors offer (None: not known, e.g. an older pool).
+        self.tools = None if tools is None else frozenset(tools)
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -259,7 +262,7 @@ class AgentPool:
                 tool_names=list(catalog),
                 limiter_name=limiter_name,
                 board_name=board_name,
-                extra_info={"actors": named, "detached": detached, "provider_url": base_url},
+                extra_info={"actors": named, "detached": detached, "provider_url": base_url, "tools": list(catalog)},
             )
             actors.append(scheduler)
             ray.get([scheduler.status.remote(), *(w.ping.remote() for w in workers)])
@@ -284,6 +287,7 @@ class AgentPool:
             simulator=simulator,
             provider_url=base_url,
             actor_names=named,
+            tools=list(catalog),
         )
 
     @classmethod
@@ -317,6 +321,7 @@ class AgentPool:
             provider_url=info.get("provider_url"),
             actor_names=info.get("actors", []),
             owned=False,
+            tools=info.get("tools"),
         )
 
     def terminate(self) -> None:
@@ -412,12 +417,13 @@ class AgentPool:
         never raises for task-level outcomes (rejection, failure and timeout are statuses).
 
         Raises:
-            InvalidTaskInput: If a task is malformed or over a size bound (nothing is
-                submitted then: the batch is validated before the first task is sent).
+            InvalidTaskInput: If a task is malformed, over a size bound, or names a tool
+                this pool does not have (nothing is submitted then: the batch is validated
+                before the first task is sent).
             PoolNotRunning: After `shutdown()`.
         """
         self._check_running()
-        validated = validate_tasks(tasks)
+        validated = validate_tasks(tasks, tools=self.tools)
         return [self._scheduler.run.remote(task, _trace_context(task)) for task in validated]
 
     def enqueue(self, tasks: Iterable[AgentTask | dict[str, Any]], *, chunk: int = 1000) -> list[dict[str, Any]]:
@@ -427,11 +433,12 @@ class AgentPool:
         An accepted task runs even if this process exits at once.
 
         Raises:
-            InvalidTaskInput: If a task is malformed or over a size bound (nothing is sent).
+            InvalidTaskInput: If a task is malformed, over a size bound, or names a tool
+                this pool does not have (nothing is sent).
             PoolNotRunning: After `shutdown()`.
         """
         self._check_running()
-        validated = validate_tasks(tasks)
+        validated = validate_tasks(tasks, tools=self.tools)
         out: list[dict[str, Any]] = []
         for i in range(0, len(validated), chunk):
             part = validated[i : i + chunk]

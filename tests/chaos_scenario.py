@@ -93,14 +93,24 @@ def driver(cluster: Cluster) -> dict[str, Any]:
 
 
 def cli(cluster: Cluster) -> dict[str, Any]:
-    """`agentpool start --detach`, `submit --detach` (returns at once), results in Redis, `stop`."""
+    """`agentpool start --detach`, `submit --detach` (returns at once), results in Redis, `stop`.
+
+    No RAY_ADDRESS: every command finds the cluster running on this machine by itself, as
+    after `ray start --head` (the newest cluster's address file; the suite's own Ray is older).
+    """
     name = f"cl{uuid.uuid4().hex[:6]}"
-    env = {**os.environ, "RAY_ADDRESS": cluster.address, "AGENTPOOL_NAME": name, "AGENTPOOL_KEY_PREFIX": name}
-    env["AGENTPOOL_TOOL_MODULES"] = '["tests.toolkit"]'
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({"AGENTPOOL_NAME": name, "AGENTPOOL_KEY_PREFIX": name, "AGENTPOOL_TOOL_MODULES": "tests.toolkit"})
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     command = [sys.executable, "-m", "agentpool.cli"]
     up = subprocess.run([*command, "start", "--detach"], env=env, cwd=root, capture_output=True, text=True, check=False)
     assert up.returncode == 0, up.stderr[-2000:]
+    # The CLI masks the Redis password; a consumer reads with the tenant's own credentials.
+    creds = subprocess.run(
+        [*command, "tenant-credentials", "acme", "--name", name], env=env, cwd=root, capture_output=True, text=True
+    )
+    assert creds.returncode == 0, creds.stderr[-2000:]
+    url = creds.stdout.strip()
     tasks = nap_tasks(20, 3.0)
     path = os.path.join(root, f".{name}.jsonl")
     with open(path, "w") as f:
@@ -113,21 +123,34 @@ def cli(cluster: Cluster) -> dict[str, Any]:
         os.unlink(path)
     assert sent.returncode == 0, (sent.stdout[-3000:], sent.stderr[-2000:])
     assert "results land in Redis at " in sent.stdout
-    # The CLI masks the Redis password; a consumer reads with the tenant's own credentials.
-    creds = subprocess.run(
-        [*command, "tenant-credentials", "acme", "--name", name], env=env, cwd=root, capture_output=True, text=True
-    )
-    assert creds.returncode == 0, creds.stderr[-2000:]
-    url = creds.stdout.strip()
     finished_at_return = len(_records(url, name, "acme"))
+    shown = subprocess.run([*command, "status"], env=env, cwd=root, capture_output=True, text=True)
+    # A pool by the same name, not detached, while this one runs: one line saying so.
+    clash = subprocess.run(
+        [*command, "submit", "-"],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        input=(tasks[0].model_copy(update={"task_id": "clash"}).model_dump_json() + "\n"),
+    )
     deadline = time.monotonic() + 60
     while len(_records(url, name, "acme")) < len(tasks) and time.monotonic() < deadline:
         time.sleep(0.2)
     counts = _records(url, name, "acme")
+    listed = subprocess.run([*command, "results", "acme"], env=env, cwd=root, capture_output=True, text=True)
     down = subprocess.run([*command, "stop"], env=env, cwd=root, capture_output=True, text=True, check=False)
     return {
         "submitted": len(tasks),
-        "submit_output": sent.stdout,
+        "started": up.returncode == 0,
+        "start_output": up.stdout + up.stderr,
+        "status_output": shown.stdout + shown.stderr,
+        "status_code": shown.returncode,
+        "clash_output": clash.stdout + clash.stderr,
+        "clash_code": clash.returncode,
+        "results_listed": len(listed.stdout.splitlines()),
+        "results_code": listed.returncode,
+        "submit_output": sent.stdout + sent.stderr,
         "finished_when_submit_returned": finished_at_return,
         "submit_s": round(returned_s, 2),
         "lost": sum(1 for t in tasks if t.task_id not in counts),

@@ -4,6 +4,7 @@ Ray, and the rest of the suite shares a single-node one)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from tests.scenarios import run_scenario
@@ -31,7 +32,16 @@ def test_losing_a_node_mid_batch_loses_and_duplicates_nothing(redis_url: str) ->
 
 def test_submit_detach_returns_at_once_and_the_results_land_in_redis(redis_url: str) -> None:
     report = scenario("cli", redis_url)
+    assert report["started"], report["start_output"]  # found the cluster running here, no RAY_ADDRESS
     assert "20 accepted" in report["submit_output"], report
+    # What the commands print is theirs alone: no Ray log lines, no token-auth notice, no password.
+    for output in (report["start_output"], report["status_output"], report["submit_output"]):
+        assert "INFO" not in output and "Token authentication" not in output and "WARNING" not in output, output
+        assert not re.search(r"://[^/\s]*:[A-Za-z0-9_-]{8,}@", output), output
+    assert report["status_code"] == 0 and "tenants" in report["status_output"]
+    assert report["clash_code"] == 1 and "already running" in report["clash_output"], report["clash_output"]
+    assert len(report["clash_output"].strip().splitlines()) <= 3 and "Traceback" not in report["clash_output"]
+    assert report["results_code"] == 0 and report["results_listed"] == report["submitted"]  # Redis by --name
     assert report["finished_when_submit_returned"] < report["submitted"]  # it did not wait for them
     assert report["lost"] == 0 and report["duplicates"] == 0, report
     assert report["stopped"]
