@@ -77,6 +77,20 @@ def _check_name_free(name: str) -> None:
         raise ConfigError(_name_taken(name))
 
 
+def _stop_order(pool: str, name: str) -> int:
+    """When the actor `name` of `pool` stops at shutdown: callers first (see `shutdown`)."""
+    role = name.removeprefix(f"{pool}-")
+    if role == "scheduler":
+        return 0
+    if role.startswith("worker-"):
+        return 1
+    if role.startswith("tools-"):  # an executor group's actors
+        return 2
+    if role in ("tools", "limiter"):
+        return 3
+    return 4  # the simulator and Redis hosts
+
+
 def _first_line(exc: BaseException) -> str:
     """An error's first meaningful line, without a remote traceback or terminal colours."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
@@ -329,10 +343,7 @@ class AgentPool:
         to), then lets go of it as `shutdown()` does."""
         if not self._running:
             return
-        for name in self._actor_names:
-            with contextlib.suppress(Exception):
-                self._actors.append(ray.get_actor(name, namespace=NAMESPACE))
-        self._owned = True
+        self._owned = True  # its actors are found by name
         self.shutdown()
 
     def shutdown(self) -> None:
@@ -344,10 +355,19 @@ class AgentPool:
         if not self._owned:
             return
         self.flush_telemetry()
-        # The scheduler first (with the rest), then the workers its autoscaler started: it
-        # cannot start another after they are listed.
-        for actors in (lambda: self._actors, self._added_workers):
-            for actor in actors():
+        # Callers before what they call: the scheduler (then it cannot start another worker),
+        # the workers (those its autoscaler started too), the executors, then the limiter,
+        # the tool board and the hosts. A process killed with calls still going out to
+        # another makes Ray print one "task failed, will be retried" line per call.
+        by_name = self._by_name()
+        ordered = sorted(by_name, key=lambda name: _stop_order(self.config.name, name))
+        for stage in (
+            [by_name[n] for n in ordered if _stop_order(self.config.name, n) == 0],
+            [*(by_name[n] for n in ordered if _stop_order(self.config.name, n) == 1), *self._added_workers()],
+            [by_name[n] for n in ordered if _stop_order(self.config.name, n) >= 2],
+            [a for a in self._actors if all(a is not h for h in by_name.values())],
+        ):
+            for actor in stage:
                 try:
                     ray.kill(actor, no_restart=True)
                 except Exception:  # already gone: nothing left to stop
@@ -356,6 +376,14 @@ class AgentPool:
             self._embedded_redis.stop()
         if self._started_ray:
             ray.shutdown()
+
+    def _by_name(self) -> dict[str, Any]:
+        """The pool's named actors that can still be found, by name."""
+        found = {}
+        for name in self._actor_names:
+            with contextlib.suppress(Exception):
+                found[name] = ray.get_actor(name, namespace=NAMESPACE)
+        return found
 
     def _telemetered(self) -> list[Any]:
         """The pool's actors that set up telemetry (all but the simulator and Redis hosts)."""

@@ -84,7 +84,8 @@ class EmbeddedRedis:
 
     @property
     def url(self) -> str:
-        return f"redis://:{self._password}@127.0.0.1:{self.port}/0"
+        # The user named: redis-cli (6.2) reads `redis://:pw@` as the empty user, and fails AUTH.
+        return f"redis://default:{self._password}@127.0.0.1:{self.port}/0"
 
     def start(self) -> str:
         binary = find_redis_server()

@@ -124,7 +124,8 @@ def test_cancel_a_queued_and_a_running_task(redis_url: str, redis_client: redis.
         assert [r.status for r in ray.get(refs, timeout=30)] == ["cancelled", "cancelled"]
         status = pool.status()
         assert status["in_flight"] == 0 and status["queued"] == 0  # slots given back
-        assert pool.cancel(running.task_id) is None  # nothing in progress any more
+        again = pool.cancel(running.task_id)  # nothing in progress any more: how it ended
+        assert again is not None and again.status == "cancelled" and again.task_id == running.task_id
         assert final_records(redis_client, pool, "acme") == {running.task_id: 1, queued.task_id: 1}
 
 
