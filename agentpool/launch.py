@@ -108,7 +108,7 @@ def init_ray(config: PoolConfig, *, detached: bool) -> bool:
     options: dict[str, Any] = {"include_dashboard": config.dashboard}
     if config.dashboard:
         options["dashboard_host"] = config.dashboard_host
-    if address is not None:
+    if address not in (None, "local"):
         options = {}  # a cluster's dashboard is its own: `ray start --dashboard-host`
     quiet = _DropTokenAuthNotice()
     logging.getLogger(_TOKEN_LOGGER).addFilter(quiet)

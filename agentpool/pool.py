@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import re
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -75,6 +76,20 @@ def _check_name_free(name: str) -> None:
     with contextlib.suppress(ValueError):
         ray.get_actor(f"{name}-scheduler", namespace=NAMESPACE)
         raise ConfigError(_name_taken(name))
+
+
+def _tools_as_actors_see_them(modules: list[str]) -> dict[str, Any]:
+    """The tools of `modules`, imported here as the pool's actors will import them: Ray puts
+    this process's working directory on its workers' path, so it is on the path here too."""
+    here = os.getcwd()
+    added = here not in sys.path
+    if added:
+        sys.path.append(here)
+    try:
+        return load_tools(modules)
+    finally:
+        if added:
+            sys.path.remove(here)
 
 
 def _stop_order(pool: str, name: str) -> int:
@@ -166,7 +181,7 @@ class AgentPool:
         except TelemetryConfigError as exc:
             raise ConfigError(str(exc)) from None
         # Everything that can be checked here is, before a single actor starts.
-        catalog_here = load_tools(config.all_tool_modules)
+        catalog_here = _tools_as_actors_see_them(config.all_tool_modules)
         if config.redis_url is not None:
             check_redis(config.redis_url, source="AGENTPOOL_REDIS_URL (PoolConfig.redis_url)")
         lifetime: dict[str, Any] = {"lifetime": "detached"} if detached else {}
@@ -348,13 +363,19 @@ class AgentPool:
 
     def shutdown(self) -> None:
         """Stops the actors this pool started, its embedded Redis, and Ray if it started it.
-        A handle from `connect()` only lets go of the pool (see `terminate`)."""
+        A handle from `connect()` only lets go of the pool (see `terminate`).
+
+        Tasks still running stay accepted (in Redis, with their checkpoints) for the next
+        pool of this name on the same Redis; their refs raise a `ray.exceptions.RayError`
+        (the call was cancelled).
+        """
         if not self._running:
             return
         self._running = False
         if not self._owned:
             return
         self.flush_telemetry()
+        self._withdraw_calls()
         # Callers before what they call: the scheduler (then it cannot start another worker),
         # the workers (those its autoscaler started too), the executors, then the limiter,
         # the tool board and the hosts. A process killed with calls still going out to
@@ -453,6 +474,12 @@ class AgentPool:
         self._check_running()
         validated = validate_tasks(tasks, tools=self.tools)
         return [self._scheduler.run.remote(task, _trace_context(task)) for task in validated]
+
+    def _withdraw_calls(self, timeout_s: float = 5.0) -> None:
+        """Has the scheduler answer every `run` call still waiting (the tasks stay accepted,
+        in Redis): Ray prints a line for each call still going to an actor it stops."""
+        with contextlib.suppress(Exception):
+            ray.get(self._scheduler.withdraw.remote(), timeout=timeout_s)
 
     def enqueue(self, tasks: Iterable[AgentTask | dict[str, Any]], *, chunk: int = 1000) -> list[dict[str, Any]]:
         """Submits tasks without refs to wait on (a detached submission): returns, per task in

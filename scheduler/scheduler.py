@@ -51,6 +51,8 @@ _TICK_S = 0.25
 _MAX_SEEN_TENANTS = 1000
 
 log = logging.getLogger("agentpool.scheduler")
+#: How long `withdraw` lets the replies of the calls it ended leave before its own.
+_REPLY_GRACE_S = 0.3
 
 
 @ray.remote
@@ -90,6 +92,8 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
         self._jobs: dict[str, Job] = {}
         self._lives: set[asyncio.Task[AgentResult]] = set()
         self._writes: set[asyncio.Task[Any]] = set()
+        #: The `run` calls waiting for their task's record (the ones `withdraw` ends).
+        self._callers: set[asyncio.Task[Any]] = set()
         self._extra_info = dict(extra_info or {})
         self._store = ResultStore.for_pool(redis_url, config)
         self._ledger = BudgetLedger(
@@ -130,7 +134,25 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
         scheduler's: if this call is cancelled, or its caller dies, the task still runs.
         `traceparent` is the W3C trace context the task's trace continues from.
         """
-        return await asyncio.shield(self._job_for(task, traceparent).done)
+        caller = asyncio.current_task()
+        if caller is not None:
+            self._callers.add(caller)
+        try:
+            return await asyncio.shield(self._job_for(task, traceparent).done)
+        finally:
+            self._callers.discard(caller)  # type: ignore[arg-type]
+
+    async def withdraw(self) -> int:
+        """Ends every `run` call still waiting, with a cancellation (the tasks themselves go
+        on, and stay accepted in Redis): the pool calls it before it stops the scheduler,
+        which would otherwise leave Ray printing a line per call. Returns how many."""
+        callers = list(self._callers)
+        for caller in callers:
+            caller.cancel()
+        await asyncio.gather(*callers, return_exceptions=True)
+        if callers:  # their replies leave after this one may: give them a moment to go first
+            await asyncio.sleep(_REPLY_GRACE_S)
+        return len(callers)
 
     def _job_for(self, task: AgentTask, context: str) -> Job:
         """The task's job: the one already under way for its id, or a new one. Never raises:

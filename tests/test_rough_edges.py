@@ -9,6 +9,8 @@ import json
 import math
 import pickle
 import re
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,6 +33,7 @@ from agentpool.cli import app, redis_cli_command, summary_table
 from agentpool.errors import ConfigError, InvalidConfig, InvalidTaskInput
 from agentpool.protocol import ToolCall
 from agentpool.tools import load_tools
+from tests.scenarios import ROOT, token_auth_env
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -272,3 +275,21 @@ def test_the_summary_p95_is_never_below_the_p50(latencies: list[float]) -> None:
     row = summary_table(results).columns
     p50, p95 = float(row[7]._cells[0]), float(row[8]._cells[0])
     assert p95 >= p50
+
+
+def test_a_shutdown_with_work_in_flight_prints_nothing_of_ray() -> None:
+    """It used to print a "(raylet) Task Scheduler.run failed ... will be retried" line per
+    unanswered call: the pool now withdraws its calls, then stops callers before callees."""
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.shutdown_scenario"],
+        env={**token_auth_env(), "RAY_ADDRESS": "local"},  # a Ray of its own, not the suite's
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"shut_down": True, "refs": 20}
+    noise = [line for line in (done.stdout + done.stderr).splitlines() if "raylet" in line or "retries" in line]
+    assert not noise, noise[:5]
