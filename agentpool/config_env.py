@@ -16,6 +16,8 @@ from agentpool.errors import InvalidConfig
 
 PREFIX = "AGENTPOOL_"
 NESTED = "__"
+#: Variables of the `agentpool` command, not of `PoolConfig`.
+CLI_VARIABLES = frozenset({"AGENTPOOL_DEBUG"})
 #: Fields whose values can hold a credential: their values are never echoed in an error.
 _SECRET_HINTS = ("key", "token", "password", "secret", "url")
 
@@ -61,7 +63,11 @@ def unknown_variables(model: type[BaseModel], environ: Mapping[str, str]) -> lis
     problems = []
     for name in sorted(environ):
         upper = name.upper()
-        if not upper.startswith(PREFIX) or upper in exact or any(upper.startswith(p) for p in open_ended):
+        if (
+            not upper.startswith(PREFIX)
+            or upper in exact | CLI_VARIABLES
+            or any(upper.startswith(p) for p in open_ended)
+        ):
             continue
         close = difflib.get_close_matches(upper, sorted(exact), n=1, cutoff=0.75)
         problems.append(f"{name} is not a setting" + (f" (did you mean {close[0]}?)" if close else ""))

@@ -106,6 +106,12 @@ def _stop_order(pool: str, name: str) -> int:
     return 4  # the simulator and Redis hosts
 
 
+def _kill(actors: Iterable[Any]) -> None:
+    for actor in actors:
+        with contextlib.suppress(Exception):  # already gone: nothing left to stop
+            ray.kill(actor, no_restart=True)
+
+
 def _first_line(exc: BaseException) -> str:
     """An error's first meaningful line, without a remote traceback or terminal colours."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
@@ -381,18 +387,14 @@ class AgentPool:
         # the tool board and the hosts. A process killed with calls still going out to
         # another makes Ray print one "task failed, will be retried" line per call.
         by_name = self._by_name()
-        ordered = sorted(by_name, key=lambda name: _stop_order(self.config.name, name))
-        for stage in (
-            [by_name[n] for n in ordered if _stop_order(self.config.name, n) == 0],
-            [*(by_name[n] for n in ordered if _stop_order(self.config.name, n) == 1), *self._added_workers()],
-            [by_name[n] for n in ordered if _stop_order(self.config.name, n) >= 2],
-            [a for a in self._actors if all(a is not h for h in by_name.values())],
-        ):
-            for actor in stage:
-                try:
-                    ray.kill(actor, no_restart=True)
-                except Exception:  # already gone: nothing left to stop
-                    pass
+        order = {name: _stop_order(self.config.name, name) for name in by_name}
+        first = [by_name[n] for n in by_name if order[n] == 0]
+        _kill(first)
+        # Listed only now: a scheduler that is gone can start no other worker.
+        workers = [*(by_name[n] for n in by_name if order[n] == 1), *self._added_workers()]
+        _kill(workers)
+        _kill([by_name[n] for n in sorted(by_name, key=order.__getitem__) if order[n] >= 2])
+        _kill(self._actors)  # the handles this process holds, in case a name was not found: again is harmless
         if self._embedded_redis is not None:
             self._embedded_redis.stop()
         if self._started_ray:
@@ -408,11 +410,8 @@ class AgentPool:
 
     def _telemetered(self) -> list[Any]:
         """The pool's actors that set up telemetry (all but the simulator and Redis hosts)."""
-        actors = []
-        for name in self._actor_names:
-            with contextlib.suppress(ValueError):
-                actors.append(ray.get_actor(name, namespace=NAMESPACE))
-        return [a for a in [*actors, *self._added_workers()] if hasattr(a, "flush_telemetry")]
+        actors = [*self._by_name().values(), *self._added_workers()]
+        return [a for a in actors if hasattr(a, "flush_telemetry")]
 
     def flush_telemetry(self, timeout_s: float = 10.0) -> None:
         """Has every actor of the pool export its buffered spans and metrics now (`shutdown`

@@ -70,6 +70,7 @@ def test_known_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AGENTPOOL_FALLBACK_MODELS", '["claude-haiku-4-5"]')
     monkeypatch.setenv("AGENTPOOL_TENANTS__ACME__WEIGHT", "3")  # any key under a mapping
     monkeypatch.setenv("AGENTPOOL_RAY_ADDRESS", "auto")  # every field under AGENTPOOL_, aliases too
+    monkeypatch.setenv("AGENTPOOL_DEBUG", "1")  # the command line's own
     config = PoolConfig()
     assert config.tool_modules == ["tests.toolkit", "agentpool.chaos_tools"]
     assert config.fallback_models == ["claude-haiku-4-5"]

@@ -46,7 +46,7 @@ def huge(size: int = 100_000) -> str:
 
 
 #: Where `tally` counts its runs: one file per label, one line per execution.
-TALLY_DIR = os.environ.get("AGENTPOOL_TEST_TALLY_DIR", "/tmp/agentpool-tally")
+TALLY_DIR = os.environ.get("TOOLKIT_TALLY_DIR", "/tmp/agentpool-tally")
 
 
 @tool(idempotent=True, timeout_s=5)
