@@ -247,6 +247,10 @@ def demo(
 
 NameOption = Annotated[str, typer.Option(envvar="AGENTPOOL_NAME", help="The pool's PoolConfig.name.")]
 AddressOption = Annotated[str | None, typer.Option(envvar="RAY_ADDRESS", help="Ray cluster address.")]
+RedisUrlOption = Annotated[
+    str | None, typer.Option(envvar="AGENTPOOL_REDIS_URL", help="Redis URL (else the pool's, by --name).")
+]
+PrefixOption = Annotated[str | None, typer.Option(envvar="AGENTPOOL_KEY_PREFIX", help="Key prefix.")]
 
 
 def _connect(name: str, address: str | None) -> object:
@@ -416,10 +420,8 @@ def results(
     tenant: Annotated[str, typer.Argument(help="Whose results to read.")],
     follow: Annotated[bool, typer.Option("--follow", help="Keep reading new results (consumer group).")] = False,
     group: Annotated[str, typer.Option(help="Consumer group used with --follow.")] = "agentpool-cli",
-    redis_url: Annotated[
-        str | None, typer.Option(envvar="AGENTPOOL_REDIS_URL", help="Redis URL (else the pool's, by --name).")
-    ] = None,
-    prefix: Annotated[str | None, typer.Option(envvar="AGENTPOOL_KEY_PREFIX", help="Key prefix.")] = None,
+    redis_url: RedisUrlOption = None,
+    prefix: PrefixOption = None,
     name: NameOption = "agentpool",
     address: AddressOption = None,
 ) -> None:
@@ -476,10 +478,8 @@ def status(
 def trace(
     task_id: Annotated[str, typer.Argument(help="The task to show.")],
     tenant: Annotated[str | None, typer.Option(help="Its tenant (found in Redis when not given).")] = None,
-    redis_url: Annotated[
-        str | None, typer.Option(envvar="AGENTPOOL_REDIS_URL", help="Redis URL (else the pool's, by --name).")
-    ] = None,
-    prefix: Annotated[str | None, typer.Option(envvar="AGENTPOOL_KEY_PREFIX", help="Key prefix.")] = None,
+    redis_url: RedisUrlOption = None,
+    prefix: PrefixOption = None,
     name: NameOption = "agentpool",
     address: AddressOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the events as JSON Lines.")] = False,
@@ -515,7 +515,7 @@ def tenant_credentials(
     redis_url: Annotated[
         str | None, typer.Option(envvar="AGENTPOOL_REDIS_URL", help="Admin Redis URL (else the pool's, by --name).")
     ] = None,
-    prefix: Annotated[str | None, typer.Option(envvar="AGENTPOOL_KEY_PREFIX", help="Key prefix.")] = None,
+    prefix: PrefixOption = None,
     name: NameOption = "agentpool",
     address: AddressOption = None,
 ) -> None:

@@ -7,31 +7,24 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from urllib.parse import urlsplit
 
 import pytest
 import ray
 
-from agentpool import AgentPool, AgentResult, AgentTask, PoolConfig, SimulatorConfig
+from agentpool import AgentPool, AgentResult, AgentTask, PoolConfig
 from agentpool.errors import ConfigError, InvalidConfig, StoreError, StoreUnavailable
 from cluster.keys import Keys
 from cluster.reader import ResultsReader
 from cluster.redis_server import EmbeddedRedis
 from cluster.store import ResultStore
+from tests.pools import small_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 def _config(redis_url: str) -> PoolConfig:
-    return PoolConfig(
-        name=f"h{uuid.uuid4().hex[:8]}",
-        key_prefix=f"t{uuid.uuid4().hex[:8]}",
-        redis_url=redis_url,
-        simulator=SimulatorConfig(latency_ms=1, latency_sigma=0),
-        num_workers=1,
-        worker_concurrency=8,
-    )
+    return small_config(redis_url, tag="h")
 
 
 @pytest.mark.parametrize("url", ["notaurl", "http://localhost:6379", "redis://localhost:99999/0", "redis://"])

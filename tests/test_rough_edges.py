@@ -28,11 +28,12 @@ from typer.testing import CliRunner
 import agentpool
 from actors.backoff import classify
 from actors.tool_runtime import ToolRunner
-from agentpool import AgentPool, AgentResult, AgentTask, PoolConfig, SimulatorConfig, Timings
+from agentpool import AgentPool, AgentResult, AgentTask, PoolConfig, Timings
 from agentpool.cli import app, redis_cli_command, summary_table
 from agentpool.errors import ConfigError, InvalidConfig, InvalidTaskInput
 from agentpool.protocol import ToolCall
 from agentpool.tools import load_tools
+from tests.pools import small_config
 from tests.scenarios import ROOT, token_auth_env
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -124,16 +125,7 @@ def test_a_bad_task_raises_invalid_task_input_which_is_also_pydantics(fields: di
 
 @pytest.fixture(scope="module")
 def pool(redis_url: str) -> Iterator[AgentPool]:
-    p = AgentPool.start(
-        PoolConfig(
-            name=f"r{uuid.uuid4().hex[:8]}",
-            key_prefix=f"t{uuid.uuid4().hex[:8]}",
-            redis_url=redis_url,
-            simulator=SimulatorConfig(latency_ms=1, latency_sigma=0),
-            num_workers=1,
-            worker_concurrency=8,
-        )
-    )
+    p = AgentPool.start(small_config(redis_url, tag="r"))
     yield p
     p.shutdown()
 

@@ -9,7 +9,6 @@ tasks that ask for it (`metadata={"fault": "stage[,stage]"}`); everything else i
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,8 +16,9 @@ import pytest
 import ray
 
 import scheduler.scheduler as scheduler_module
-from agentpool import AgentPool, AgentResult, AgentTask, PoolConfig, SimulatorConfig
+from agentpool import AgentPool, AgentResult, AgentTask
 from agentpool.models import TaskStatus
+from tests.pools import small_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -112,16 +112,7 @@ def pool(redis_url: str) -> Iterator[AgentPool]:
     real = scheduler_module.Scheduler
     scheduler_module.Scheduler = ray.remote(FaultyScheduler)
     try:
-        p = AgentPool.start(
-            PoolConfig(
-                name=f"f{uuid.uuid4().hex[:8]}",
-                key_prefix=f"t{uuid.uuid4().hex[:8]}",
-                redis_url=redis_url,
-                simulator=SimulatorConfig(latency_ms=1, latency_sigma=0),
-                num_workers=1,
-                worker_concurrency=8,
-            )
-        )
+        p = AgentPool.start(small_config(redis_url, tag="f"))
     finally:
         scheduler_module.Scheduler = real
     yield p
