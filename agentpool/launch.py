@@ -4,8 +4,10 @@ the scheduler's autoscaler start actors from these."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from agentpool.config import PoolConfig
@@ -178,3 +180,26 @@ def start_executor_group(
     ]
     actors.extend(handles)
     return names, handles
+
+
+def stop_order(pool: str, name: str) -> int:
+    """When the actor `name` of `pool` stops at shutdown: callers first (see `AgentPool.shutdown`)."""
+    role = name.removeprefix(f"{pool}-")
+    if role == "scheduler":
+        return 0
+    if role.startswith("worker-"):
+        return 1
+    if role.startswith("tools-"):  # an executor group's actors
+        return 2
+    if role in ("tools", "limiter"):
+        return 3
+    return 4  # the simulator and Redis hosts
+
+
+def kill_all(actors: Iterable[Any]) -> None:
+    """Stops each actor for good (one already gone is skipped)."""
+    import ray
+
+    for actor in actors:
+        with contextlib.suppress(Exception):  # already gone: nothing left to stop
+            ray.kill(actor, no_restart=True)

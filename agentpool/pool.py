@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
-import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -15,23 +13,25 @@ from pydantic import SecretStr
 
 from agentpool import telemetry as tm
 from agentpool.config import PoolConfig
-from agentpool.errors import ConfigError, PoolNotRunning, StoreError
+from agentpool.errors import ConfigError, PoolNotRunning
 from agentpool.launch import (
     NAMESPACE,
     SIMULATOR_KEY,
     control,
     init_ray,
+    kill_all,
     quiet_ray_init,
     ray_auth_enabled,
     start_executor_group,
+    stop_order,
     worker_spawn,
 )
 from agentpool.models import AgentResult, AgentTask, validate_tasks
+from agentpool.preflight import check_name_free, check_redis, first_line, name_taken, tools_as_actors_see_them
 from agentpool.protocol import new_trace_id, traceparent
-from agentpool.tools import load_tools
 from cluster.acl import create_tenant_credentials, display_url, revoke_tenant_credentials
 from cluster.keys import Keys
-from cluster.reader import ResultsReader, find_tenant, ping
+from cluster.reader import ResultsReader, find_tenant
 from cluster.redis_server import EmbeddedRedis
 from cluster.telemetry import TelemetryConfigError, check_env
 
@@ -49,75 +49,6 @@ def _trace_context(task: AgentTask) -> str:
     )
     span.end()
     return tm.span_traceparent(span) or tm.current_traceparent() or traceparent(new_trace_id())
-
-
-def check_redis(url: str, *, source: str) -> None:
-    """PINGs the pool's Redis before anything is accepted.
-
-    Raises:
-        ConfigError: One line naming where the URL came from, the server (masked) and why.
-    """
-    try:
-        ping(url)
-    except StoreError as exc:
-        raise ConfigError(f"{source}: {exc.message}", url=display_url(url)) from None
-
-
-def _name_taken(name: str) -> str:
-    return (
-        f"a pool named {name!r} is already running on this Ray cluster: submit to it with "
-        f"`agentpool submit FILE --detach` (AgentPool.connect({name!r})), stop it with `agentpool stop`, "
-        "or start this one under another name (AGENTPOOL_NAME, PoolConfig.name)"
-    )
-
-
-def _check_name_free(name: str) -> None:
-    """Raises ConfigError if a pool of this name runs on the cluster (its actors' names are taken)."""
-    with contextlib.suppress(ValueError):
-        ray.get_actor(f"{name}-scheduler", namespace=NAMESPACE)
-        raise ConfigError(_name_taken(name))
-
-
-def _tools_as_actors_see_them(modules: list[str]) -> dict[str, Any]:
-    """The tools of `modules`, imported here as the pool's actors will import them: Ray puts
-    this process's working directory on its workers' path, so it is on the path here too."""
-    here = os.getcwd()
-    added = here not in sys.path
-    if added:
-        sys.path.append(here)
-    try:
-        return load_tools(modules)
-    finally:
-        if added:
-            sys.path.remove(here)
-
-
-def _stop_order(pool: str, name: str) -> int:
-    """When the actor `name` of `pool` stops at shutdown: callers first (see `shutdown`)."""
-    role = name.removeprefix(f"{pool}-")
-    if role == "scheduler":
-        return 0
-    if role.startswith("worker-"):
-        return 1
-    if role.startswith("tools-"):  # an executor group's actors
-        return 2
-    if role in ("tools", "limiter"):
-        return 3
-    return 4  # the simulator and Redis hosts
-
-
-def _kill(actors: Iterable[Any]) -> None:
-    for actor in actors:
-        with contextlib.suppress(Exception):  # already gone: nothing left to stop
-            ray.kill(actor, no_restart=True)
-
-
-def _first_line(exc: BaseException) -> str:
-    """An error's first meaningful line, without a remote traceback or terminal colours."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b", line)]
-    return (errors[-1] if errors else lines[0] if lines else type(exc).__name__)[:500]
 
 
 class AgentPool:
@@ -187,7 +118,7 @@ class AgentPool:
         except TelemetryConfigError as exc:
             raise ConfigError(str(exc)) from None
         # Everything that can be checked here is, before a single actor starts.
-        catalog_here = _tools_as_actors_see_them(config.all_tool_modules)
+        catalog_here = tools_as_actors_see_them(config.all_tool_modules)
         if config.redis_url is not None:
             check_redis(config.redis_url, source="AGENTPOOL_REDIS_URL (PoolConfig.redis_url)")
         lifetime: dict[str, Any] = {"lifetime": "detached"} if detached else {}
@@ -199,7 +130,7 @@ class AgentPool:
                     "(and reads the provider key). Start it with RAY_AUTH_MODE=token, or set "
                     "PoolConfig.require_ray_auth=False for a cluster on an isolated network"
                 )
-            _check_name_free(config.name)
+            check_name_free(config.name)
         except ConfigError:
             if started_ray:
                 ray.shutdown()
@@ -234,7 +165,7 @@ class AgentPool:
             try:
                 catalog: dict[str, dict[str, Any]] = ray.get(default_group[0].catalog.remote())
             except ray.exceptions.RayActorError as exc:
-                raise ConfigError(f"tool executors could not start: {_first_line(exc)}") from None
+                raise ConfigError(f"tool executors could not start: {first_line(exc)}") from None
             if set(catalog) != set(catalog_here):  # the executors import the same modules elsewhere
                 log.warning(
                     "the tool executors found tools %s, this process %s",
@@ -310,7 +241,7 @@ class AgentPool:
             if started_ray:
                 ray.shutdown()
             if isinstance(exc, ValueError) and "already taken" in str(exc):
-                raise ConfigError(_name_taken(config.name)) from None
+                raise ConfigError(name_taken(config.name)) from None
             raise
         return cls(
             config,
@@ -387,14 +318,14 @@ class AgentPool:
         # the tool board and the hosts. A process killed with calls still going out to
         # another makes Ray print one "task failed, will be retried" line per call.
         by_name = self._by_name()
-        order = {name: _stop_order(self.config.name, name) for name in by_name}
+        order = {name: stop_order(self.config.name, name) for name in by_name}
         first = [by_name[n] for n in by_name if order[n] == 0]
-        _kill(first)
+        kill_all(first)
         # Listed only now: a scheduler that is gone can start no other worker.
         workers = [*(by_name[n] for n in by_name if order[n] == 1), *self._added_workers()]
-        _kill(workers)
-        _kill([by_name[n] for n in sorted(by_name, key=order.__getitem__) if order[n] >= 2])
-        _kill(self._actors)  # the handles this process holds, in case a name was not found: again is harmless
+        kill_all(workers)
+        kill_all([by_name[n] for n in sorted(by_name, key=order.__getitem__) if order[n] >= 2])
+        kill_all(self._actors)  # the handles this process holds, in case a name was not found: again is harmless
         if self._embedded_redis is not None:
             self._embedded_redis.stop()
         if self._started_ray:

@@ -17,7 +17,7 @@ import anthropic
 import ray
 
 from agentpool import AgentPool, AgentTask, PoolConfig
-from agentpool.cli import demo_tasks
+from agentpool.batch_view import demo_tasks
 from agentpool.simulator import SimulatorConfig, SimulatorServer
 from bench.report import latency_cdf, percentile, write
 

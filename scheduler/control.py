@@ -17,8 +17,10 @@ from redis.exceptions import RedisError
 
 from actors.checkpoint import ApprovalDecision
 from agentpool.models import AgentResult, AgentTask
-from agentpool.protocol import Admitted, Paused, traceparent
+from agentpool.protocol import Admitted, Paused, new_trace_id, traceparent
+from agentpool.telemetry import trace_id_of
 from scheduler.jobs import Job
+from scheduler.records import failed_record
 
 if TYPE_CHECKING:
     from cluster.store import ResultStore
@@ -31,6 +33,8 @@ log = logging.getLogger("agentpool.scheduler")
 
 #: How long `status()` waits for the workers' Redis backlogs.
 _BACKLOG_WAIT_S = 1.0
+#: How long `withdraw` lets the replies of the calls it ended leave before its own.
+_REPLY_GRACE_S = 0.3
 
 
 class CancelledInQueue(Exception):
@@ -49,6 +53,7 @@ class JobControl:
     _counts: Counter[str]
     _durable: Counter[str]
     _booted: bool
+    _callers: set[asyncio.Task[Any]]
 
     if TYPE_CHECKING:  # Scheduler's; declared here for the type checker only
 
@@ -56,7 +61,37 @@ class JobControl:
             self, task: AgentTask, traceparent: str, *, adopted: bool = False, admitted_unix: float = 0.0
         ) -> Job: ...
 
-        def _job_for(self, task: AgentTask, traceparent: str) -> Job: ...
+        def _spawn_write(self, result: AgentResult) -> None: ...
+
+    def _job_for(self, task: AgentTask, context: str) -> Job:
+        """The task's job: the one already under way for its id, or a new one. Never raises:
+        a job that cannot start (a bug of ours) comes back done, `failed`, saying why."""
+        job = self._jobs.get(task.task_id)
+        if job is not None:
+            return job
+        try:
+            return self._start(task, context)
+        except Exception as exc:
+            self._jobs.pop(task.task_id, None)
+            log.error("task %s could not start in the scheduler", task.task_id, exc_info=exc)
+            job = Job(task, context if trace_id_of(context) else traceparent(new_trace_id()), time.time())
+            result = failed_record(task, job.trace_id, exc, 0.0)
+            self._spawn_write(result)
+            job.accepted.set_result(None)
+            job.done.set_result(result)
+            return job
+
+    async def withdraw(self) -> int:
+        """Ends every `run` call still waiting, with a cancellation (the tasks themselves go
+        on, and stay accepted in Redis): the pool calls it before it stops the scheduler,
+        which would otherwise leave Ray printing a line per call. Returns how many."""
+        callers = list(self._callers)
+        for caller in callers:
+            caller.cancel()
+        await asyncio.gather(*callers, return_exceptions=True)
+        if callers:  # their replies leave after this one may: give them a moment to go first
+            await asyncio.sleep(_REPLY_GRACE_S)
+        return len(callers)
 
     async def boot(self) -> int:
         """Takes up every task this pool accepted and has not finished (its admissions in

@@ -1,14 +1,19 @@
-"""The final records the scheduler writes itself: rejections, failures around a run, and
-cancellations of tasks that never ran (a mixin of `Scheduler`, kept apart for size)."""
+"""The final records the scheduler writes itself: rejections, failures around a run,
+cancellations of tasks that never ran, and the record of a job whose life itself failed
+(a mixin of `Scheduler`, kept apart for size)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from agentpool.errors import AgentPoolError
 from agentpool.models import AgentResult, AgentTask, ErrorInfo, Timings
 from scheduler.jobs import Job
+
+log = logging.getLogger("agentpool.scheduler")
 
 if TYPE_CHECKING:
     from collections import Counter
@@ -37,12 +42,61 @@ def failed_record(task: AgentTask, trace_id: str, exc: BaseException, queued_ms:
 
 
 class Records:
-    """`_reject`, `_fail`, `_cancelled`: each writes once and returns the stored record."""
+    """`_reject`, `_fail`, `_cancelled`: each writes once and returns the stored record; and
+    `_ended`, which gives every job's waiters a record however its life ended."""
 
     _store: ResultStore
     _counts: Counter[str]
     _shed: Counter[str]
     _telemetry: TaskTelemetry
+    _jobs: dict[str, Job]
+    _lives: set[asyncio.Task[AgentResult]]
+    _writes: set[asyncio.Task[Any]]
+
+    if TYPE_CHECKING:  # Scheduler's; declared here for the type checker only
+
+        def _abandon(self, job: Job) -> None: ...
+
+        def _observe_end(self, job: Job, result: AgentResult | None) -> None: ...
+
+    def _ended(self, life: asyncio.Task[AgentResult], job: Job) -> None:
+        """Resolves the job whatever its life did: every waiter (a `run` call, `enqueue`,
+        `cancel`) gets a record, even when the life itself failed (a bug of ours)."""
+        self._lives.discard(life)
+        if self._jobs.get(job.task.task_id) is job:
+            del self._jobs[job.task.task_id]
+        if not job.accepted.done():
+            job.accepted.set_result(None)
+        result: AgentResult | None = None
+        if not life.cancelled() and life.exception() is None:
+            result = life.result()
+        elif not life.cancelled():  # `_life` reports its failures as records: this is a bug of ours
+            error = life.exception()
+            self._abandon(job)
+            log.error("task %s: its life in the scheduler failed", job.task.task_id, exc_info=error)
+            result = failed_record(job.task, job.trace_id, error or RuntimeError("unknown"), 0.0)
+            self._spawn_write(result)
+        try:
+            self._observe_end(job, result)
+        except Exception:  # counting an end must never keep its waiters waiting
+            log.exception("observing the end of task %s failed", job.task.task_id)
+        if job.done.done():
+            return
+        if result is None:
+            job.done.cancel()
+        else:
+            job.done.set_result(result)
+
+    def _spawn_write(self, result: AgentResult) -> None:
+        """Writes a record the scheduler made outside a task's life, in the background."""
+        write = asyncio.get_running_loop().create_task(self._store.write_result(result))
+        self._writes.add(write)
+        write.add_done_callback(self._writes_done)
+
+    def _writes_done(self, write: asyncio.Task[Any]) -> None:
+        self._writes.discard(write)
+        if not write.cancelled() and write.exception() is not None:
+            log.error("could not write a final record: %s", write.exception())
 
     async def _reject(self, task: AgentTask, trace_id: str, error: AgentPoolError, arrived_unix: float) -> AgentResult:
         retry_after = error.fields.get("retry_after_s")

@@ -41,7 +41,7 @@ from scheduler.fair import FairQueue, token_cost
 from scheduler.fleet import WorkerFleet
 from scheduler.jobs import Approvals, Job
 from scheduler.observe import TaskTelemetry
-from scheduler.records import Records, failed_record
+from scheduler.records import Records
 from scheduler.shedding import DispatchRate, OverloadDetector, WaitForecast, sheds
 from scheduler.status import StatusView
 
@@ -51,8 +51,6 @@ _TICK_S = 0.25
 _MAX_SEEN_TENANTS = 1000
 
 log = logging.getLogger("agentpool.scheduler")
-#: How long `withdraw` lets the replies of the calls it ended leave before its own.
-_REPLY_GRACE_S = 0.3
 
 
 @ray.remote
@@ -142,36 +140,6 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
         finally:
             self._callers.discard(caller)  # type: ignore[arg-type]
 
-    async def withdraw(self) -> int:
-        """Ends every `run` call still waiting, with a cancellation (the tasks themselves go
-        on, and stay accepted in Redis): the pool calls it before it stops the scheduler,
-        which would otherwise leave Ray printing a line per call. Returns how many."""
-        callers = list(self._callers)
-        for caller in callers:
-            caller.cancel()
-        await asyncio.gather(*callers, return_exceptions=True)
-        if callers:  # their replies leave after this one may: give them a moment to go first
-            await asyncio.sleep(_REPLY_GRACE_S)
-        return len(callers)
-
-    def _job_for(self, task: AgentTask, context: str) -> Job:
-        """The task's job: the one already under way for its id, or a new one. Never raises:
-        a job that cannot start (a bug of ours) comes back done, `failed`, saying why."""
-        job = self._jobs.get(task.task_id)
-        if job is not None:
-            return job
-        try:
-            return self._start(task, context)
-        except Exception as exc:
-            self._jobs.pop(task.task_id, None)
-            log.error("task %s could not start in the scheduler", task.task_id, exc_info=exc)
-            job = Job(task, context if trace_id_of(context) else traceparent(new_trace_id()), time.time())
-            result = failed_record(task, job.trace_id, exc, 0.0)
-            self._spawn_write(result)
-            job.accepted.set_result(None)
-            job.done.set_result(result)
-            return job
-
     def _start(self, task: AgentTask, context: str, *, adopted: bool = False, admitted_unix: float = 0.0) -> Job:
         # Registered before the first await, so a duplicate arriving meanwhile joins this job.
         job = Job(task, context if trace_id_of(context) else traceparent(new_trace_id()), admitted_unix or time.time())
@@ -185,45 +153,6 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
         self._lives.add(life)  # the loop keeps only weak references to tasks
         life.add_done_callback(lambda t, j=job: self._ended(t, j))
         return job
-
-    def _ended(self, life: asyncio.Task[AgentResult], job: Job) -> None:
-        """Resolves the job whatever its life did: every waiter (a `run` call, `enqueue`,
-        `cancel`) gets a record, even when the life itself failed (a bug of ours)."""
-        self._lives.discard(life)
-        if self._jobs.get(job.task.task_id) is job:
-            del self._jobs[job.task.task_id]
-        if not job.accepted.done():
-            job.accepted.set_result(None)
-        result: AgentResult | None = None
-        if not life.cancelled() and life.exception() is None:
-            result = life.result()
-        elif not life.cancelled():  # `_life` reports its failures as records: this is a bug of ours
-            error = life.exception()
-            self._abandon(job)
-            log.error("task %s: its life in the scheduler failed", job.task.task_id, exc_info=error)
-            result = failed_record(job.task, job.trace_id, error or RuntimeError("unknown"), 0.0)
-            self._spawn_write(result)
-        try:
-            self._observe_end(job, result)
-        except Exception:  # counting an end must never keep its waiters waiting
-            log.exception("observing the end of task %s failed", job.task.task_id)
-        if job.done.done():
-            return
-        if result is None:
-            job.done.cancel()
-        else:
-            job.done.set_result(result)
-
-    def _spawn_write(self, result: AgentResult) -> None:
-        """Writes a record the scheduler made outside a task's life, in the background."""
-        write = asyncio.get_running_loop().create_task(self._store.write_result(result))
-        self._writes.add(write)
-        write.add_done_callback(self._writes_done)
-
-    def _writes_done(self, write: asyncio.Task[Any]) -> None:
-        self._writes.discard(write)
-        if not write.cancelled() and write.exception() is not None:
-            log.error("could not write a final record: %s", write.exception())
 
     async def _life(self, job: Job) -> AgentResult:
         task, trace_id = job.task, job.trace_id

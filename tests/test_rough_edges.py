@@ -29,7 +29,8 @@ import agentpool
 from actors.backoff import classify
 from actors.tool_runtime import ToolRunner
 from agentpool import AgentPool, AgentResult, AgentTask, PoolConfig, Timings
-from agentpool.cli import app, redis_cli_command, summary_table
+from agentpool.batch_view import redis_cli_command, summary_table
+from agentpool.cli import app
 from agentpool.errors import ConfigError, InvalidConfig, InvalidTaskInput
 from agentpool.protocol import ToolCall
 from agentpool.tools import load_tools
