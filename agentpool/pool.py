@@ -27,6 +27,7 @@ from agentpool.launch import (
     worker_spawn,
 )
 from agentpool.models import AgentResult, AgentTask, validate_tasks
+from agentpool.pool_telemetry import PoolTelemetry
 from agentpool.preflight import check_name_free, check_redis, first_line, name_taken, tools_as_actors_see_them
 from agentpool.protocol import new_trace_id, traceparent
 from cluster.acl import create_tenant_credentials, display_url, revoke_tenant_credentials
@@ -51,7 +52,7 @@ def _trace_context(task: AgentTask) -> str:
     return tm.span_traceparent(span) or tm.current_traceparent() or traceparent(new_trace_id())
 
 
-class AgentPool:
+class AgentPool(PoolTelemetry):
     """A running pool: a scheduler, agent workers, tool executors, Redis and a provider.
 
     Use `AgentPool.start(config)` to create one and `pool.shutdown()` to stop it.
@@ -338,38 +339,6 @@ class AgentPool:
             with contextlib.suppress(Exception):
                 found[name] = ray.get_actor(name, namespace=NAMESPACE)
         return found
-
-    def _telemetered(self) -> list[Any]:
-        """The pool's actors that set up telemetry (all but the simulator and Redis hosts)."""
-        actors = [*self._by_name().values(), *self._added_workers()]
-        return [a for a in actors if hasattr(a, "flush_telemetry")]
-
-    def flush_telemetry(self, timeout_s: float = 10.0) -> None:
-        """Has every actor of the pool export its buffered spans and metrics now (`shutdown`
-        does it before it stops them)."""
-        refs = []
-        for actor in self._telemetered():
-            with contextlib.suppress(Exception):
-                refs.append(actor.flush_telemetry.remote())
-        if refs:
-            ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-
-    def metrics_targets(self) -> list[dict[str, Any]]:
-        """Where the pool's processes serve `/metrics` (with `OTEL_METRICS_EXPORTER=prometheus`),
-        as Prometheus file-based service discovery JSON: one group per actor role."""
-        self._check_running()
-        infos = []
-        for actor in self._telemetered():
-            with contextlib.suppress(Exception):
-                infos.append(ray.get(actor.telemetry_info.remote(), timeout=10))
-        groups: dict[str, list[str]] = {}
-        for info in infos:
-            if info.get("metrics_endpoint"):
-                groups.setdefault(info["role"], []).append(info["metrics_endpoint"])
-        return [
-            {"targets": sorted(targets), "labels": {"agentpool_pool": self.config.name, "agentpool_role": role}}
-            for role, targets in sorted(groups.items())
-        ]
 
     def _added_workers(self) -> list[Any]:
         """The workers the autoscaler started (detached, so they outlive a scheduler restart)."""

@@ -112,10 +112,13 @@ def test_cancel_a_queued_and_a_running_task(redis_url: str, redis_client: redis.
     with AgentPool.start(config(redis_url, num_workers=1, worker_concurrency=1)) as pool:
         running = AgentTask(tenant="acme", prompt='sim: tool nap {"seconds": 20}\nsim: answer late', tools=["nap"])
         queued = AgentTask(tenant="acme", prompt="sim: answer never")
-        refs = pool.submit([running, queued])
         events = f"{pool.config.key_prefix}:{{acme}}:events"
+        refs = pool.submit([running])
         wait_for(lambda: any(f["event"] == "tool_call" for _, f in redis_client.xrange(events)))  # it naps now
-        assert pool.status()["queued"] == 1
+        # Submitted apart: two calls sent together may be admitted in either order (each
+        # admission is a Redis round trip of its own), and the short one would run first.
+        refs += pool.submit([queued])
+        wait_for(lambda: pool.status()["queued"] == 1)
         first = pool.cancel(queued.task_id)
         assert first is not None and first.status == "cancelled"
         second = pool.cancel(running.task_id)

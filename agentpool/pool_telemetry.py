@@ -1,0 +1,58 @@
+"""The pool handle's telemetry side: have every actor export now, and list where each
+serves Prometheus metrics (a mixin of `AgentPool`, kept apart for size)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+import ray
+
+if TYPE_CHECKING:
+    from agentpool.config import PoolConfig
+
+
+class PoolTelemetry:
+    """`flush_telemetry` and `metrics_targets` over the pool's actors."""
+
+    config: PoolConfig
+
+    if TYPE_CHECKING:  # AgentPool's; declared here for the type checker only
+
+        def _by_name(self) -> dict[str, Any]: ...
+
+        def _added_workers(self) -> list[Any]: ...
+
+        def _check_running(self) -> None: ...
+
+    def _telemetered(self) -> list[Any]:
+        """The pool's actors that set up telemetry (all but the simulator and Redis hosts)."""
+        actors = [*self._by_name().values(), *self._added_workers()]
+        return [a for a in actors if hasattr(a, "flush_telemetry")]
+
+    def flush_telemetry(self, timeout_s: float = 10.0) -> None:
+        """Has every actor of the pool export its buffered spans and metrics now (`shutdown`
+        does it before it stops them)."""
+        refs = []
+        for actor in self._telemetered():
+            with contextlib.suppress(Exception):
+                refs.append(actor.flush_telemetry.remote())
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+
+    def metrics_targets(self) -> list[dict[str, Any]]:
+        """Where the pool's processes serve `/metrics` (with `OTEL_METRICS_EXPORTER=prometheus`),
+        as Prometheus file-based service discovery JSON: one group per actor role."""
+        self._check_running()
+        infos = []
+        for actor in self._telemetered():
+            with contextlib.suppress(Exception):
+                infos.append(ray.get(actor.telemetry_info.remote(), timeout=10))
+        groups: dict[str, list[str]] = {}
+        for info in infos:
+            if info.get("metrics_endpoint"):
+                groups.setdefault(info["role"], []).append(info["metrics_endpoint"])
+        return [
+            {"targets": sorted(targets), "labels": {"agentpool_pool": self.config.name, "agentpool_role": role}}
+            for role, targets in sorted(groups.items())
+        ]
