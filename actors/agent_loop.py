@@ -17,14 +17,14 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
-from actors.checkpoint import ApprovalDecision, ApprovalRequest, LoopState
+from actors.checkpoint import ApprovalRequest, LoopState
 from actors.llm import Emit, LLMResponse
 from agentpool import telemetry as tm
 from agentpool.errors import BudgetExceeded, ProviderError
 from agentpool.guardrails import DATA_NOTICE, screen, wrap_tool_output
 from agentpool.models import AgentResult, AgentTask, ErrorInfo, Guardrails, TaskStatus, ToolCallSummary, Usage
 from agentpool.pricing import PriceTable
-from agentpool.protocol import Paused, ToolCall, ToolOutcome
+from agentpool.protocol import ApprovalDecision, Paused, ToolCall, ToolOutcome
 from agentpool.simulator.script import SCHEMA_MARKER
 
 CallLLM = Callable[[dict[str, Any], list[str], Emit], Awaitable[LLMResponse]]

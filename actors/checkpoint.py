@@ -29,18 +29,6 @@ class ApprovalRequest(BaseModel):
     deadline_unix: float
 
 
-class ApprovalDecision(BaseModel):
-    """A human's answer on an `ApprovalRequest`; `approved=None` means the deadline passed."""
-
-    tool_use_ids: list[str]
-    approved: bool | None
-    note: str = Field(default="", max_length=2000)
-    decided_unix: float = 0.0
-
-    def covers(self, tool_use_ids: list[str]) -> bool:
-        return set(tool_use_ids) <= set(self.tool_use_ids)
-
-
 class LoopState(BaseModel):
     """Everything an `AgentLoop` needs to go on from where it stopped."""
 

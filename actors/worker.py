@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 
 from actors.agent_loop import AgentLoop
 from actors.backoff import Backoff
-from actors.checkpoint import ApprovalDecision, Checkpointer, LoopState
+from actors.checkpoint import Checkpointer, LoopState
 from actors.gate import TaskGate
 from actors.llm import LLMClient
 from actors.tool_calls import ToolCalls
@@ -30,7 +30,7 @@ from agentpool import telemetry as tm
 from agentpool.config import PoolConfig
 from agentpool.models import AgentResult, ErrorInfo, Timings
 from agentpool.pricing import PriceTable
-from agentpool.protocol import Dispatch, Paused
+from agentpool.protocol import ApprovalDecision, Dispatch, Paused
 from agentpool.secrets import Scrubber, forget_env_secrets, install_log_scrubber
 from cluster.store import ResultStore, RunStart
 from cluster.telemetry import Telemetered

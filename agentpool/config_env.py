@@ -92,13 +92,6 @@ def _shown(variable: str, value: str) -> str:
     return f"{variable}={value!r}"
 
 
-def _format_of(variable: str) -> str:
-    """What a structured variable must hold, with an example."""
-    if variable.upper().endswith(("TOOL_MODULES", "FALLBACK_MODELS")):
-        return 'a comma-separated or JSON list, e.g. "myapp.tools,myapp.more"'
-    return 'JSON, e.g. {"acme": {"weight": 2}}'
-
-
 def explain(exc: Exception, given: Mapping[str, Any], environ: Mapping[str, str]) -> InvalidConfig | None:
     """`exc` (pydantic's or pydantic-settings' error) told in the names of the environment
     variables that caused it, or None when every problem came from the arguments given."""
@@ -117,10 +110,13 @@ def explain(exc: Exception, given: Mapping[str, Any], environ: Mapping[str, str]
         if not lines:
             return None
         return InvalidConfig("invalid configuration from the environment: " + "; ".join(lines), problems=lines)
+    # pydantic-settings could not decode a structured value (dicts, models): it must be JSON.
     match = re.search(r'field "(\w+)"', str(exc))
-    field = match.group(1) if match else None
-    variable = next((k for k in environ if field and k.upper().endswith(field.upper())), None)
+    field = match.group(1).upper() if match else None
+    variable = _variable_for((field,), environ) if field else None
+    if variable is None and field:
+        variable = next((k for k in environ if k.upper().endswith(NESTED + field)), None)
     if variable is None:
         return InvalidConfig(f"invalid configuration from the environment: {exc}", problems=[str(exc)])
-    line = f"{_shown(variable, environ[variable])}: not valid; expected {_format_of(variable)}"
+    line = f'{_shown(variable, environ[variable])}: not valid; expected JSON, e.g. {{"acme": {{"weight": 2}}}}'
     return InvalidConfig(f"invalid configuration from the environment: {line}", problems=[line])

@@ -134,14 +134,11 @@ class InvalidTaskInput(InvalidTask, ValidationError):
         return exc
 
     @classmethod
-    def from_validation(cls, error: ValidationError, *, index: int | None = None) -> InvalidTaskInput:
+    def from_validation(cls, error: ValidationError) -> InvalidTaskInput:
         """pydantic's error about one task as ours."""
         if isinstance(error, InvalidTaskInput):
             return error
-        problems = [
-            {"index": index, "loc": list(e["loc"]), "msg": e["msg"], "type": e["type"], "ctx": e.get("ctx")}
-            for e in error.errors(include_url=False, include_input=False)
-        ]
+        problems = task_problems(error)
         where = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or '(task)'}: {e['msg']} [{e['type']}]" for e in problems[:5]
         )
@@ -153,6 +150,15 @@ class InvalidTaskInput(InvalidTask, ValidationError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild_input, (self.message, list(self.errors)))
+
+
+def task_problems(error: ValidationError, index: int | None = None) -> list[dict[str, Any]]:
+    """pydantic's account of what is wrong with a task as `{index, loc, msg, type, ctx}`, with
+    no input value (it may be large, or secret); `index` is its place in a batch."""
+    return [
+        {"index": index, "loc": list(e["loc"]), "msg": e["msg"], "type": e["type"], "ctx": e.get("ctx")}
+        for e in error.errors(include_url=False, include_input=False)
+    ]
 
 
 def _rebuild_input(message: str, problems: list[dict[str, Any]]) -> InvalidTaskInput:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from agentpool.config import PoolConfig
@@ -73,6 +73,16 @@ class _DropTokenAuthNotice(logging.Filter):
 _TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
+@contextlib.contextmanager
+def _without_token_notice() -> Iterator[None]:
+    quiet = _DropTokenAuthNotice()
+    logging.getLogger(_TOKEN_LOGGER).addFilter(quiet)
+    try:
+        yield
+    finally:
+        logging.getLogger(_TOKEN_LOGGER).removeFilter(quiet)
+
+
 def local_cluster_address() -> str | None:
     """The address of a cluster `ray start --head` runs on this machine, or None."""
     try:
@@ -86,10 +96,9 @@ def local_cluster_address() -> str | None:
     return found
 
 
-def init_ray(config: PoolConfig, *, detached: bool) -> bool:
+def init_ray(config: PoolConfig, *, detached: bool) -> None:
     """Connects this process to Ray: the configured cluster, or a new local one (or the one
-    `ray start` runs here, which `ray.init()` joins by itself). Returns True: this process
-    initialised Ray, and lets go of it at shutdown.
+    `ray start` runs here, which `ray.init()` joins by itself).
 
     A detached pool must live in a cluster that outlives this process: RAY_ADDRESS,
     `PoolConfig.ray_address`, or the cluster `ray start --head` runs on this machine.
@@ -112,19 +121,8 @@ def init_ray(config: PoolConfig, *, detached: bool) -> bool:
         options["dashboard_host"] = config.dashboard_host
     if address not in (None, "local"):
         options = {}  # a cluster's dashboard is its own: `ray start --dashboard-host`
-    quiet = _DropTokenAuthNotice()
-    logging.getLogger(_TOKEN_LOGGER).addFilter(quiet)
-    try:
-        ray.init(
-            address=address,
-            namespace=NAMESPACE,
-            log_to_driver=False,
-            configure_logging=False,
-            **options,
-        )
-    finally:
-        logging.getLogger(_TOKEN_LOGGER).removeFilter(quiet)
-    return True
+    with _without_token_notice():
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False, **options)
 
 
 def quiet_ray_init(address: str) -> None:
@@ -132,12 +130,8 @@ def quiet_ray_init(address: str) -> None:
     log lines on this process's terminal."""
     import ray
 
-    quiet = _DropTokenAuthNotice()
-    logging.getLogger(_TOKEN_LOGGER).addFilter(quiet)
-    try:
+    with _without_token_notice():
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
-    finally:
-        logging.getLogger(_TOKEN_LOGGER).removeFilter(quiet)
 
 
 def ray_auth_enabled() -> bool:

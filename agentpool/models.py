@@ -360,7 +360,7 @@ def validate_tasks(
         InvalidTaskInput: If any is invalid; `errors` lists `{index, loc, msg, type}`, never
             the offending values (they may be large, or secret).
     """
-    from agentpool.errors import InvalidTaskInput
+    from agentpool.errors import InvalidTaskInput, task_problems
 
     valid: list[AgentTask] = []
     errors: list[dict[str, Any]] = []
@@ -373,10 +373,7 @@ def validate_tasks(
             checked = AgentTask.model_validate(dict(task) if isinstance(task, AgentTask) else task)
         except ValidationError as exc:
             bad += 1
-            for err in exc.errors(include_url=False, include_input=False):
-                if len(errors) < _MAX_LISTED_ERRORS:
-                    problem = {"index": index, "loc": list(err["loc"]), "msg": err["msg"], "type": err["type"]}
-                    errors.append({**problem, "ctx": err.get("ctx")})
+            errors += task_problems(exc, index)[: _MAX_LISTED_ERRORS - len(errors)]
             continue
         unknown = [name for name in checked.tools if tools is not None and name not in tools]
         if unknown:

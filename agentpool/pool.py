@@ -30,6 +30,7 @@ from agentpool.models import AgentResult, AgentTask, validate_tasks
 from agentpool.pool_telemetry import PoolTelemetry
 from agentpool.preflight import check_name_free, check_redis, first_line, name_taken, tools_as_actors_see_them
 from agentpool.protocol import new_trace_id, traceparent
+from agentpool.views import redis_trouble
 from cluster.acl import create_tenant_credentials, display_url, revoke_tenant_credentials
 from cluster.keys import Keys
 from cluster.reader import ResultsReader, find_tenant
@@ -123,7 +124,9 @@ class AgentPool(PoolTelemetry):
         if config.redis_url is not None:
             check_redis(config.redis_url, source="AGENTPOOL_REDIS_URL (PoolConfig.redis_url)")
         lifetime: dict[str, Any] = {"lifetime": "detached"} if detached else {}
-        started_ray = init_ray(config, detached=detached) if not ray.is_initialized() else False
+        started_ray = not ray.is_initialized()
+        if started_ray:
+            init_ray(config, detached=detached)
         try:
             if config.require_ray_auth and not ray_auth_enabled():
                 raise ConfigError(
@@ -152,8 +155,6 @@ class AgentPool(PoolTelemetry):
             elif redis_url is None:
                 embedded = EmbeddedRedis()
                 redis_url = embedded.start()
-            if config.redis_url is None:
-                check_redis(redis_url, source="the embedded Redis")
             simulator, base_url = None, config.anthropic_base_url
             if uses_simulator:
                 simulator = SimulatorHost.options(**host, name=f"{config.name}-simulator").remote(config.simulator)
@@ -326,7 +327,8 @@ class AgentPool(PoolTelemetry):
         workers = [*(by_name[n] for n in by_name if order[n] == 1), *self._added_workers()]
         kill_all(workers)
         kill_all([by_name[n] for n in sorted(by_name, key=order.__getitem__) if order[n] >= 2])
-        kill_all(self._actors)  # the handles this process holds, in case a name was not found: again is harmless
+        if len(by_name) < len(self._actor_names):  # some not found by name: the handles this process holds
+            kill_all(self._actors)
         if self._embedded_redis is not None:
             self._embedded_redis.stop()
         if self._started_ray:
@@ -469,15 +471,9 @@ class AgentPool(PoolTelemetry):
         """
         self._check_running()
         snapshot = dict(ray.get(self._scheduler.status.remote()))
-        health = snapshot.get("redis", {})
-        if not health.get("reachable", True) or health.get("pending_writes"):
-            log.warning(
-                "Redis at %s: %s; %d final records and %d events wait in the pool's memory until it is back",
-                display_url(self._redis_url),
-                health.get("error") or "unreachable",
-                health.get("pending_writes", 0),
-                health.get("pending_events", 0),
-            )
+        trouble = redis_trouble(snapshot)
+        if trouble is not None:
+            log.warning("Redis at %s: %s", display_url(self._redis_url), trouble)
         return snapshot
 
     def simulator_stats(self) -> dict[str, Any] | None:

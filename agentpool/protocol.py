@@ -107,3 +107,15 @@ class Paused(BaseModel):
     arguments: list[Any] = Field(default_factory=list)
     requested_unix: float
     deadline_unix: float
+
+
+class ApprovalDecision(BaseModel):
+    """A human's answer on an `ApprovalRequest`; `approved=None` means the deadline passed."""
+
+    tool_use_ids: list[str]
+    approved: bool | None
+    note: str = Field(default="", max_length=2000)
+    decided_unix: float = 0.0
+
+    def covers(self, tool_use_ids: list[str]) -> bool:
+        return set(tool_use_ids) <= set(self.tool_use_ids)

@@ -7,6 +7,7 @@ import datetime as dt
 from typing import Any
 
 from rich.console import Group
+from rich.markup import escape
 from rich.table import Table
 
 from agentpool.models import AgentResult
@@ -124,16 +125,21 @@ def status_view(status: dict[str, Any], *, now: dt.datetime | None = None) -> Gr
     return Group(*redis_warning(status), tenants, *status_tables(status))
 
 
-def redis_warning(status: dict[str, Any]) -> list[str]:
-    """A line in red while Redis does not answer or writes wait for it; nothing otherwise."""
+def redis_trouble(status: dict[str, Any]) -> str | None:
+    """What is wrong with Redis while it does not answer or writes wait for it, else None."""
     health: dict[str, Any] = status.get("redis") or {}
     if health.get("reachable", True) and not health.get("pending_writes"):
-        return []
-    why = health.get("error") or "unreachable"
-    return [
-        f"[bold red]Redis: {why}[/]; {health.get('pending_writes', 0)} final records and "
+        return None
+    return (
+        f"{health.get('error') or 'unreachable'}; {health.get('pending_writes', 0)} final records and "
         f"{health.get('pending_events', 0)} events wait in the pool's memory until it is back"
-    ]
+    )
+
+
+def redis_warning(status: dict[str, Any]) -> list[str]:
+    """That, as a line in red; nothing while Redis is well."""
+    trouble = redis_trouble(status)
+    return [] if trouble is None else [f"[bold red]Redis: {escape(trouble)}[/]"]
 
 
 def _tokens(data: dict[str, Any]) -> str:

@@ -15,11 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
-from actors.checkpoint import ApprovalDecision
 from agentpool.models import AgentResult, AgentTask
-from agentpool.protocol import Admitted, Paused, new_trace_id, traceparent
-from agentpool.telemetry import trace_id_of
-from scheduler.jobs import Job
+from agentpool.protocol import Admitted, ApprovalDecision, Paused, traceparent
+from scheduler.jobs import Job, trace_context
 from scheduler.records import failed_record
 
 if TYPE_CHECKING:
@@ -74,7 +72,7 @@ class JobControl:
         except Exception as exc:
             self._jobs.pop(task.task_id, None)
             log.error("task %s could not start in the scheduler", task.task_id, exc_info=exc)
-            job = Job(task, context if trace_id_of(context) else traceparent(new_trace_id()), time.time())
+            job = Job(task, trace_context(context), time.time())
             result = failed_record(task, job.trace_id, exc, 0.0)
             self._spawn_write(result)
             job.accepted.set_result(None)

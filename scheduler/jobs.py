@@ -15,9 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from actors.checkpoint import ApprovalDecision
 from agentpool.models import AgentResult, AgentTask
-from agentpool.protocol import Paused
+from agentpool.protocol import ApprovalDecision, Paused, new_trace_id, traceparent
 from agentpool.redact import redact
 from agentpool.telemetry import trace_id_of
 from cluster.store import ResultStore
@@ -29,6 +28,11 @@ _MAX_PENDING_APPROVALS = 10_000
 
 def _future() -> asyncio.Future[Any]:
     return asyncio.get_running_loop().create_future()
+
+
+def trace_context(context: str) -> str:
+    """The submitter's W3C trace context, or a fresh trace when it carries none."""
+    return context if trace_id_of(context) else traceparent(new_trace_id())
 
 
 @dataclass(eq=False)

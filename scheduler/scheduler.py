@@ -28,8 +28,7 @@ from redis.exceptions import RedisError
 from agentpool.config import PoolConfig
 from agentpool.errors import AgentPoolError, Overloaded, RetryLater
 from agentpool.models import AgentResult, AgentTask
-from agentpool.protocol import Admitted, Dispatch, Paused, new_trace_id, traceparent
-from agentpool.telemetry import trace_id_of
+from agentpool.protocol import Admitted, Dispatch, Paused
 from cluster.store import ResultStore
 from cluster.telemetry import Telemetered
 from scheduler.admission import Admission, screen_task
@@ -39,7 +38,7 @@ from scheduler.capacity import ModelDispatch
 from scheduler.control import CancelledInQueue, JobControl
 from scheduler.fair import FairQueue, token_cost
 from scheduler.fleet import WorkerFleet
-from scheduler.jobs import Approvals, Job
+from scheduler.jobs import Approvals, Job, trace_context
 from scheduler.observe import TaskTelemetry
 from scheduler.records import Records
 from scheduler.shedding import DispatchRate, OverloadDetector, WaitForecast, sheds
@@ -142,7 +141,7 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
 
     def _start(self, task: AgentTask, context: str, *, adopted: bool = False, admitted_unix: float = 0.0) -> Job:
         # Registered before the first await, so a duplicate arriving meanwhile joins this job.
-        job = Job(task, context if trace_id_of(context) else traceparent(new_trace_id()), admitted_unix or time.time())
+        job = Job(task, trace_context(context), admitted_unix or time.time())
         job.adopted = adopted
         self._jobs[task.task_id] = job
         try:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
@@ -79,8 +80,7 @@ class StatusView:
             except ray.exceptions.RayError as exc:
                 tools = {"error": f"tool board unavailable: {type(exc).__name__}"}
         tenants = dict.fromkeys([*self.config.tenants, *self._seen])
-        backlog = await self._redis_backlog()
-        reachable, error = await self._store.reachable()
+        backlog, (reachable, error) = await asyncio.gather(self._redis_backlog(), self._store.reachable())
         return {
             "queued": len(self._queue),
             "queued_by_tenant": self._queue.depth(),
