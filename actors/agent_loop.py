@@ -24,8 +24,7 @@ from agentpool.errors import BudgetExceeded, ProviderError
 from agentpool.guardrails import DATA_NOTICE, screen, wrap_tool_output
 from agentpool.models import AgentResult, AgentTask, ErrorInfo, Guardrails, TaskStatus, ToolCallSummary, Usage
 from agentpool.pricing import PriceTable
-from agentpool.protocol import ApprovalDecision, Paused, ToolCall, ToolOutcome
-from agentpool.simulator.script import SCHEMA_MARKER
+from agentpool.protocol import SCHEMA_MARKER, ApprovalDecision, Paused, ToolCall, ToolOutcome
 
 CallLLM = Callable[[dict[str, Any], list[str], Emit], Awaitable[LLMResponse]]
 RunTool = Callable[[ToolCall], Awaitable[ToolOutcome]]

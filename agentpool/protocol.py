@@ -23,6 +23,11 @@ def traceparent(trace_id: str) -> str:
     return f"00-{trace_id}-{os.urandom(8).hex()}-01"
 
 
+#: The phrase the agent loop's system prompt puts before a task's output schema: the one
+#: contract between the loop and the simulator, which finds the schema by it.
+SCHEMA_MARKER = "conforms to this JSON Schema"
+
+
 class Dispatch(BaseModel):
     """A task as the scheduler hands it to a worker."""
 

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-SCHEMA_MARKER = "conforms to this JSON Schema"
+from agentpool.protocol import SCHEMA_MARKER
 
 _DIRECTIVE = re.compile(r"^\s*sim:\s*(\w+)\s*(.*?)\s*$", re.MULTILINE)
 _ARITHMETIC = re.compile(r"[-+(]*\d[\d.\s]*(?:[-+*/%^][\s(]*[-+]?\d[\d.\s)]*)+")
