@@ -56,6 +56,12 @@ def wait_for(predicate: object, timeout_s: float = 30.0) -> None:
         time.sleep(0.05)
 
 
+def tools_in_flight(pool: AgentPool) -> int:
+    """Tool calls running in the pool's default executors."""
+    names = [f"{pool.config.name}-tools-default-{i}" for i in range(pool.config.executor_group("default").executors)]
+    return sum(ray.get(ray.get_actor(n, namespace="agentpool").ping.remote())["in_flight"] for n in names)
+
+
 def stepped(label: str, nap_s: float) -> str:
     """Four turns: count, nap, count, answer."""
     return (
@@ -72,9 +78,10 @@ def test_a_worker_killed_mid_task_resumes_on_another_from_its_checkpoint(
     label = uuid.uuid4().hex[:10]
     task = AgentTask(tenant="acme", prompt=stepped(label, 3.0), tools=["tally", "nap"])
     ref = pool.submit([task])[0]
-    # The first tool turn is done (and checkpointed) once the tally has run; the nap follows.
+    # Killed once the first tool turn is checkpointed and the nap of the second is running.
     wait_for(lambda: tally_count(f"{label}-1") == 1)
-    time.sleep(0.5)
+    wait_for(lambda: redis_client.exists(f"{pool.config.key_prefix}:{{acme}}:checkpoint:{task.task_id}"))
+    wait_for(lambda: tools_in_flight(pool) > 0)
     worker = ray.get_actor(pool.config.worker_name(0), namespace="agentpool")
     os.kill(ray.get(worker.pid.remote()), signal.SIGKILL)
     result = ray.get(ref, timeout=60)
@@ -162,8 +169,8 @@ def test_approval_gates_approve_deny_and_expire(pool: AgentPool, redis_client: r
 def test_a_tool_executor_killed_mid_batch_costs_no_task(pool: AgentPool, redis_client: redis.Redis) -> None:
     tasks = nap_tasks(20, 0.5, "globex")
     refs = pool.submit(tasks)
-    time.sleep(0.3)
     executor = ray.get_actor(f"{pool.config.name}-tools-default-0", namespace="agentpool")
+    wait_for(lambda: ray.get(executor.ping.remote())["in_flight"] > 0)  # killed with naps inside it
     os.kill(ray.get(executor.ping.remote())["pid"], signal.SIGKILL)
     results = ray.get(refs, timeout=60)
     assert all(r.status == "succeeded" for r in results)  # a failed nap is only a tool error

@@ -46,6 +46,14 @@ def _children(pid: int) -> set[int]:
         return {int(p) for p in fh.read().split()}
 
 
+async def _child_running(sandbox: Sandbox, timeout_s: float = 30.0) -> None:
+    """Returns once the sandbox's zygote is up and has forked the child of a call."""
+    deadline = time.monotonic() + timeout_s
+    while sandbox.pid is None or not _children(sandbox.pid):
+        assert time.monotonic() < deadline, "no call started in the sandbox in time"
+        await asyncio.sleep(0.02)
+
+
 def test_results_errors_and_async_tools_cross_the_process_boundary(runner: ToolRunner, tmp_path: Path) -> None:
     target = tmp_path / "lines"
 
@@ -113,7 +121,7 @@ def test_a_dead_sandbox_fails_its_calls_and_is_started_again() -> None:
 
     async def scenario() -> tuple[object, str]:
         pending = asyncio.ensure_future(sandbox.call("hang_sync", {"seconds": 60}, 30))
-        await asyncio.sleep(1.5)  # the zygote is up and the child running
+        await _child_running(sandbox)
         assert sandbox.pid is not None
         os.kill(sandbox.pid, 9)
         with pytest.raises(ToolError) as lost:
@@ -133,7 +141,7 @@ def test_the_sandbox_and_its_children_go_when_the_executor_closes_it() -> None:
 
     async def scenario() -> int:
         pending = asyncio.ensure_future(sandbox.call("hang_sync", {"seconds": 60}, 30))
-        await asyncio.sleep(1.5)
+        await _child_running(sandbox)
         assert sandbox.pid is not None
         (child,) = _children(sandbox.pid)
         sandbox.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -109,7 +110,32 @@ async def test_timeouts_hold_for_sync_and_async_tools(name: str) -> None:
     assert time.monotonic() - started < 0.9  # returned at its timeout, not when the tool woke
 
 
+_arrived: dict[str, int] = {}
+_met: dict[str, asyncio.Event] = {}
+
+
+@tool(timeout_s=10)
+async def rendezvous(group: str, size: int) -> int:
+    """Waits until `size` calls of `group` have started (5 s at most); returns how many had.
+
+    Args:
+        group: Calls that meet.
+        size: How many must meet.
+    """
+    _arrived[group] = _arrived.get(group, 0) + 1
+    met = _met.setdefault(group, asyncio.Event())
+    if _arrived[group] >= size:
+        met.set()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(met.wait(), 5)
+    return _arrived[group]
+
+
 async def test_runner_runs_calls_concurrently() -> None:
-    runner = ToolRunner(TOOLS)
+    """Fifty calls all meet inside the tool: a runner that ran them one by one would return
+    1, 2, ... after five seconds each, not fifty fifty times."""
+    runner = ToolRunner({**TOOLS, "rendezvous": rendezvous.__agentpool_tool__})  # type: ignore[attr-defined]
+    outs = await asyncio.gather(*(runner.execute(call("rendezvous", group="g", size=50)) for _ in range(50)))
+    assert [o.content for o in outs] == ["50"] * 50
     outs = await asyncio.gather(*(runner.execute(call("shout", text=str(i))) for i in range(50)))
-    assert [o.content for o in outs] == [str(i) for i in range(50)]
+    assert [o.content for o in outs] == [str(i).upper() for i in range(50)]
