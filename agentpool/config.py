@@ -350,7 +350,7 @@ class PoolConfig(BaseSettings):
     @model_validator(mode="after")
     def _key_from_file(self) -> PoolConfig:
         if self.anthropic_api_key_file is not None:
-            from agentpool.secrets import read_secret_file
+            from agentpool.config_env import read_secret_file
 
             if self.anthropic_api_key is not None:
                 raise ValueError("set the Anthropic key or a file holding it, not both")

@@ -1,18 +1,22 @@
 """How `PoolConfig` reads the environment: which `AGENTPOOL_*` variables it knows (so that a
-typo is reported, not ignored), and its errors told in the variables' names and formats."""
+typo is reported, not ignored), its errors told in the variables' names and formats, and
+the secrets files it reads keys from."""
 
 from __future__ import annotations
 
 import difflib
+import os
 import re
+import stat
 import types
 import typing
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, BaseModel, ValidationError
+from pydantic import AliasChoices, BaseModel, SecretStr, ValidationError
 
-from agentpool.errors import InvalidConfig
+from agentpool.errors import ConfigError, InvalidConfig
 
 PREFIX = "AGENTPOOL_"
 NESTED = "__"
@@ -20,6 +24,8 @@ NESTED = "__"
 CLI_VARIABLES = frozenset({"AGENTPOOL_DEBUG"})
 #: Fields whose values can hold a credential: their values are never echoed in an error.
 _SECRET_HINTS = ("key", "token", "password", "secret", "url")
+#: A secrets file larger than this is not a key.
+_MAX_SECRET_FILE_BYTES = 16_384
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:
@@ -120,3 +126,29 @@ def explain(exc: Exception, given: Mapping[str, Any], environ: Mapping[str, str]
         return InvalidConfig(f"invalid configuration from the environment: {exc}", problems=[str(exc)])
     line = f'{_shown(variable, environ[variable])}: not valid; expected JSON, e.g. {{"acme": {{"weight": 2}}}}'
     return InvalidConfig(f"invalid configuration from the environment: {line}", problems=[line])
+
+
+def read_secret_file(path: str | os.PathLike[str]) -> SecretStr:
+    """The secret held in a file (Docker and Kubernetes secrets, a root-owned key file).
+
+    Surrounding whitespace is dropped. Errors name the file, never its content.
+
+    Raises:
+        ConfigError: If the file is missing, unreadable, empty, too large, or readable by
+            every user on the machine.
+    """
+    file = Path(path)
+    try:
+        info = file.stat()
+        if info.st_size > _MAX_SECRET_FILE_BYTES:
+            raise ConfigError(f"secrets file {file} is {info.st_size} bytes; a key is at most {_MAX_SECRET_FILE_BYTES}")
+        if info.st_mode & stat.S_IROTH:
+            raise ConfigError(f"secrets file {file} is readable by every user: chmod o-r (600 or 640) first")
+        value = file.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read secrets file {file}: {exc.strerror or type(exc).__name__}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"secrets file {file} is not UTF-8 text") from None
+    if not value:
+        raise ConfigError(f"secrets file {file} is empty")
+    return SecretStr(value)

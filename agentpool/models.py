@@ -13,7 +13,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
-from agentpool.redact import PII_KINDS, PiiKind
+#: The kinds of personal data redaction knows (`agentpool.redact`).
+PiiKind = Literal["email", "phone", "card", "national_id"]
+PII_KINDS: tuple[PiiKind, ...] = ("email", "phone", "card", "national_id")
+
 
 # Tenant names end up inside Redis keys and ACL patterns (`agentpool:{acme}:*`): no braces,
 # globs, colons or spaces, so one tenant's name can never address another tenant's keys.

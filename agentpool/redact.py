@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection
-from typing import Any, Literal
+from typing import Any
 
-#: The kinds of personal data `redact_text` knows.
-PiiKind = Literal["email", "phone", "card", "national_id"]
-PII_KINDS: tuple[PiiKind, ...] = ("email", "phone", "card", "national_id")
+from agentpool.models import PII_KINDS
+
 #: `pii=` of the redaction functions: all kinds (True), none (False), or the kinds named.
 Pii = bool | Collection[str]
 

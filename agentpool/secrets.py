@@ -11,48 +11,17 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 from collections.abc import Iterable
-from pathlib import Path
 
 from pydantic import SecretStr
 
-from agentpool.errors import ConfigError
 from agentpool.redact import redact_text
 
 MARK = "[SECRET]"
 #: Shorter strings are not treated as secrets: replacing them would mangle ordinary text.
 _MIN_SECRET_LEN = 8
-#: A secrets file larger than this is not a key.
-_MAX_SECRET_FILE_BYTES = 16_384
 #: Loggers whose records may carry request details (the SDK and its HTTP stack).
 _LOGGERS = ("anthropic", "httpx", "httpx2", "httpcore", "agentpool", "ray")
-
-
-def read_secret_file(path: str | os.PathLike[str]) -> SecretStr:
-    """The secret held in a file (Docker and Kubernetes secrets, a root-owned key file).
-
-    Surrounding whitespace is dropped. Errors name the file, never its content.
-
-    Raises:
-        ConfigError: If the file is missing, unreadable, empty, too large, or readable by
-            every user on the machine.
-    """
-    file = Path(path)
-    try:
-        info = file.stat()
-        if info.st_size > _MAX_SECRET_FILE_BYTES:
-            raise ConfigError(f"secrets file {file} is {info.st_size} bytes; a key is at most {_MAX_SECRET_FILE_BYTES}")
-        if info.st_mode & stat.S_IROTH:
-            raise ConfigError(f"secrets file {file} is readable by every user: chmod o-r (600 or 640) first")
-        value = file.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read secrets file {file}: {exc.strerror or type(exc).__name__}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"secrets file {file} is not UTF-8 text") from None
-    if not value:
-        raise ConfigError(f"secrets file {file} is empty")
-    return SecretStr(value)
 
 
 #: Variables that may hold the provider key; actors drop them from their environment so that
