@@ -11,7 +11,7 @@ from typing import Any
 import ray
 
 from agentpool.pool import NAMESPACE
-from bench import autoscale, batch, chaos, fairness, overhead, overload, ratelimit, scale, tools
+from bench import autoscale, batch, chaos, fairness, mutation, overhead, overload, ratelimit, scale, tools
 
 BENCHMARKS: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
     "batch": batch.run,
@@ -23,7 +23,10 @@ BENCHMARKS: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
     "scale": scale.run,
     "autoscale": autoscale.run,
     "chaos": chaos.run,
+    "mutation": mutation.run,
 }
+#: Benchmarks of pure code, run without Ray (and left out of `all`, which measures the pool).
+WITHOUT_RAY = {"mutation"}
 
 
 def main() -> None:
@@ -32,10 +35,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a run of under a minute")
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory")
     args = parser.parse_args()
-    names = list(BENCHMARKS) if args.name == "all" else [args.name]
+    names = [n for n in BENCHMARKS if n not in WITHOUT_RAY] if args.name == "all" else [args.name]
     args.out.mkdir(parents=True, exist_ok=True)
     # One local Ray for every benchmark and phase: a pool started inside it leaves it running.
-    ray.init(namespace=NAMESPACE, log_to_driver=False, include_dashboard=False, configure_logging=False)
+    if any(name not in WITHOUT_RAY for name in names):
+        ray.init(namespace=NAMESPACE, log_to_driver=False, include_dashboard=False, configure_logging=False)
     try:
         for name in names:
             figures = BENCHMARKS[name](args.out, args.quick)

@@ -10,9 +10,24 @@ from collections.abc import Iterator
 import pytest
 import ray
 import redis
+from hypothesis import Phase, settings
 
 from agentpool.simulator import SimulatorConfig, SimulatorServer
 from cluster.redis_server import EmbeddedRedis
+
+# `python -m bench mutation` judges mutants with this profile: the same examples every run,
+# and no example database, so a verdict depends on the code and the tests alone; no
+# shrinking, since a mutant needs one failing example, not the smallest.
+settings.register_profile(
+    "mutation",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    phases=[Phase.explicit, Phase.generate],
+    report_multiple_bugs=False,
+)
+if os.environ.get("HYPOTHESIS_PROFILE"):
+    settings.load_profile(os.environ["HYPOTHESIS_PROFILE"])
 
 
 @pytest.fixture(scope="session")

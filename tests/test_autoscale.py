@@ -45,9 +45,9 @@ def test_a_steady_demand_moves_the_count_at_most_once(demand: float, start: int,
     changes = sum(a != b for a, b in zip([start, *counts], counts, strict=False))
     assert changes <= 1
     if n * step >= 30 + step:  # long enough for either window: settled where the demand says
-        assert counts[-1] == min(8, max(1, math.ceil(demand / TARGET))) or (
-            abs(demand / (counts[-1] * TARGET) - 1) <= 0.1
-        )
+        # A count already within the 10% band of the target is left alone (no flapping).
+        in_band = abs(demand / (start * TARGET) - 1) <= 0.1
+        assert counts[-1] == (start if in_band else min(8, max(1, math.ceil(demand / TARGET))))
 
 
 @given(demands=steps, start=st.integers(1, 8))
@@ -80,8 +80,63 @@ def test_a_burst_shorter_than_the_upscale_delay_adds_nobody() -> None:
 
 
 def test_bad_bounds_are_refused() -> None:
-    with pytest.raises(ValueError):
-        _scaler(3, 2)
+    message = "^need 1 <= min_workers <= max_workers and a positive target$"
+    for lo, hi, target in ((3, 2, 1.0), (0, 2, 1.0), (1, 2, 0.0), (1, 2, -1.0)):
+        with pytest.raises(ValueError, match=message):
+            WorkerScaler(
+                min_workers=lo, max_workers=hi, target_per_worker=target, upscale_delay_s=1, downscale_delay_s=1
+            )
+    fixed = WorkerScaler(min_workers=3, max_workers=3, target_per_worker=0.5, upscale_delay_s=1, downscale_delay_s=1)
+    assert fixed.recommend(100.0, 3) == 3
+
+
+def _banded(tolerance: float = 0.25) -> WorkerScaler:
+    return WorkerScaler(
+        min_workers=1,
+        max_workers=100,
+        target_per_worker=1.0,
+        upscale_delay_s=10.0,
+        downscale_delay_s=30.0,
+        tolerance=tolerance,
+    )
+
+
+@pytest.mark.parametrize(
+    ("demand", "current", "wanted"),
+    [
+        (5.0, 4, 4),  # 5 / 4 - 1 = 0.25: on the band's edge, left alone
+        (3.0, 4, 4),  # 3 / 4 - 1 = -0.25: on the other edge
+        (5.5, 4, 6),  # beyond: the demand decides
+        (2.5, 4, 3),
+        (1.25, 1, 1),  # a single worker has a band too
+        (1.5, 1, 2),
+        (7.0, 0, 7),  # no worker yet: no band
+        (0.0, 0, 1),  # never below the minimum
+    ],
+)
+def test_the_tolerance_band_exactly(demand: float, current: int, wanted: int) -> None:
+    assert _banded().recommend(demand, current) == wanted
+    assert _banded(tolerance=0.0).recommend(demand, current) == max(1, math.ceil(demand))
+
+
+def test_the_band_is_measured_in_workers_of_the_target_size() -> None:
+    scaler = WorkerScaler(
+        min_workers=1, max_workers=100, target_per_worker=2.0, upscale_delay_s=1, downscale_delay_s=1, tolerance=0.25
+    )
+    assert scaler.recommend(10.0, 4) == 4  # 10 / (4 x 2) - 1 = 0.25
+    assert scaler.recommend(11.0, 4) == 6
+
+
+def test_each_window_counts_an_observation_exactly_its_length_old() -> None:
+    grow = _banded()
+    assert grow.decide(0.0, 20.0, 4) == 4  # wanted 20, but not for 10 s yet
+    assert grow.decide(9.99, 25.0, 4) == 4
+    assert grow.decide(10.0, 30.0, 4) == 20  # the 0 s observation (20), exactly 10 s old, still counts
+    shrink = _banded()
+    assert shrink.decide(0.0, 2.0, 10) == 10
+    assert shrink.decide(20.0, 1.0, 10) == 10
+    assert shrink.decide(29.99, 1.0, 10) == 10
+    assert shrink.decide(30.0, 1.0, 10) == 2  # the 0 s observation (2), exactly 30 s old, counts
 
 
 class GrowingDispatch(RuleBasedStateMachine):

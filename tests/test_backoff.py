@@ -32,6 +32,11 @@ def status_error(status: int, headers: dict[str, str] | None = None, *, message:
         (413, {}, "fail"),
         (422, {}, "fail"),
         (400, {"x-should-retry": "true"}, "fail"),  # a wrong request stays wrong, whatever the header says
+        (401, {"x-should-retry": "true"}, "fail"),
+        (403, {"x-should-retry": "true"}, "fail"),
+        (413, {"x-should-retry": "true"}, "fail"),
+        (422, {"x-should-retry": "true"}, "fail"),
+        (402, {"x-should-retry": "true"}, "retry"),
         (404, {}, "fallback"),  # the model is unknown here: the next one may exist
         (429, {"x-should-retry": "false"}, "fallback"),
         (500, {"x-should-retry": "false"}, "fallback"),
@@ -81,6 +86,11 @@ def test_connection_errors_are_retried_and_name_the_url_without_its_query() -> N
         assert decision.action == "retry" and decision.status_code is None
         assert decision.error_type == type(exc).__name__
         assert decision.message == f"{exc} (calling http://sim.local:8123/v1/messages)"
+
+
+def test_a_connection_error_message_is_cut_too() -> None:
+    exc = anthropic.APIConnectionError(request=httpx2.Request("POST", "http://h/" + "p" * 2000))
+    assert classify(exc).message == f"Connection error. (calling http://h/{'p' * 2000}"[:1000]
 
 
 def test_a_url_without_a_port_is_named_without_one() -> None:

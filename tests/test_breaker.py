@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from actors.breaker import CircuitBreaker, CrashLoop, Denied, Permit, Suspended
+from actors.breaker import CircuitBreaker, CrashLoop, Denied, Permit, Suspended, Transition
 from actors.tool_board import BreakerBoard
 from agentpool.config import BreakerConfig
 
@@ -20,97 +20,193 @@ SLOW_S = 1.0
 TRIAL_TIMEOUT_S = 20.0
 
 
-class BreakerMachine(RuleBasedStateMachine):
-    """Against a plain model of the window kept here: the breaker opens exactly when the
-    thresholds are crossed with enough calls, refuses everything while open, and lets no
-    more than `half_open_calls` trials through per half-open period."""
+class Model:
+    """A breaker written again from its specification, with its own clock of openings: what
+    the real one must do, step by step, computed without reading any of its state."""
 
-    @initialize(config=st.sampled_from(CONFIGS))
-    def setup(self, config: BreakerConfig) -> None:
+    def __init__(self, config: BreakerConfig) -> None:
         self.config = config
-        self.now = 0.0
-        self.breaker = CircuitBreaker("t", config, slow_call_s=SLOW_S, trial_timeout_s=TRIAL_TIMEOUT_S)
-        self.permits: list[Permit] = []
+        self.state = "closed"
+        self.epoch = 0
+        self.opened_at = 0.0
         self.window: list[tuple[float, bool, bool]] = []  # (time, failed, slow) of this closed period
-        self.trials_issued = 0
+        self.outstanding: dict[int, float] = {}  # trial permit id -> issued at
+        self.results: list[tuple[bool, bool]] = []
+        self.last_rates = (0.0, 0.0)
 
-    def _moved(self, epoch_before: int) -> None:
-        if self.breaker.epoch != epoch_before:
-            self.window = []
-            self.trials_issued = 0
-
-    def _model_totals(self) -> tuple[int, int, int]:
+    def totals(self, now: float) -> tuple[int, int, int]:
         if self.config.window == "count":
             items = self.window[-self.config.window_size :]
         else:
-            oldest = int(self.now) - self.config.window_size + 1
+            oldest = int(now) - self.config.window_size + 1
             items = [w for w in self.window if int(w[0]) >= oldest]
         return len(items), sum(f for _, f, _ in items), sum(s for _, _, s in items)
 
-    @rule(dt=st.floats(0, 15))
+    def over(self, failure_rate: float, slow_rate: float) -> bool:
+        return failure_rate >= self.config.failure_rate or slow_rate >= self.config.slow_call_rate
+
+    def move(self, to: str, now: float, calls: int, failure_rate: float, slow_rate: float) -> tuple:
+        moved = (self.state, to, now, calls, failure_rate, slow_rate)
+        self.state, self.epoch = to, self.epoch + 1
+        if to == "open":
+            self.opened_at = now
+        self.window, self.outstanding, self.results = [], {}, []
+        return moved
+
+    def judge(self, now: float) -> tuple | None:
+        if len(self.results) < self.config.half_open_calls:
+            return None
+        n = len(self.results)
+        failure_rate, slow_rate = sum(f for f, _ in self.results) / n, sum(s for _, s in self.results) / n
+        self.last_rates = (failure_rate, slow_rate)
+        return self.move("open" if self.over(failure_rate, slow_rate) else "closed", now, n, failure_rate, slow_rate)
+
+    def expire(self, now: float) -> tuple | None:
+        if self.state != "half_open":
+            return None
+        overdue = [pid for pid, at in self.outstanding.items() if now - at >= TRIAL_TIMEOUT_S]
+        for pid in overdue:
+            del self.outstanding[pid]
+            self.results.append((True, True))
+        return self.judge(now) if overdue else None
+
+    def acquire(self, now: float, next_id: int) -> tuple[tuple, tuple | None]:
+        """(("denied", state, retry_after_s) or ("permit", trial, epoch), transition)."""
+        moved = self.expire(now)
+        if self.state == "open":
+            left = self.opened_at + self.config.open_wait_s - now
+            if left > 0:
+                return ("denied", "open", left), moved
+            moved = self.move("half_open", now, 0, 0.0, 0.0)
+        trial = self.state == "half_open"
+        if trial and len(self.outstanding) + len(self.results) >= self.config.half_open_calls:
+            return ("denied", "half_open", min(SLOW_S, TRIAL_TIMEOUT_S)), moved
+        if trial:
+            self.outstanding[next_id] = now
+        return ("permit", trial, self.epoch), moved
+
+    def record(self, permit: Permit, now: float, failed: bool, duration: float) -> tuple | None:
+        if permit.epoch != self.epoch:
+            return None
+        slow = duration >= SLOW_S
+        if permit.trial:
+            if self.outstanding.pop(permit.id, None) is None:
+                return None
+            self.results.append((failed, slow))
+            return self.judge(now)
+        if self.state != "closed":
+            return None
+        self.window.append((now, failed, slow))
+        calls, failures, slows = self.totals(now)
+        if calls >= self.config.minimum_calls:
+            self.last_rates = (failures / calls, slows / calls)
+            if self.over(*self.last_rates):
+                return self.move("open", now, calls, *self.last_rates)
+        return None
+
+    def release(self, permit: Permit) -> None:
+        if permit.trial and permit.epoch == self.epoch:
+            self.outstanding.pop(permit.id, None)
+
+    def snapshot(self, now: float) -> dict[str, object]:
+        calls, failures, slows = self.totals(now)
+        out: dict[str, object] = {"state": self.state, "window_calls": calls, "window_failures": failures}
+        out["window_slow"] = slows
+        if self.state == "open":
+            out["retry_after_s"] = round(max(0.0, self.opened_at + self.config.open_wait_s - now), 3)
+        if self.state == "half_open":
+            out["trials_outstanding"] = len(self.outstanding)
+            out["trials_done"] = len(self.results)
+        return out
+
+
+def _as_tuple(transition: Transition | None) -> tuple | None:
+    if transition is None:
+        return None
+    t = transition
+    return (t.from_state, t.to_state, t.at, t.calls, t.failure_rate, t.slow_rate)
+
+
+class BreakerMachine(RuleBasedStateMachine):
+    """Every decision, transition and snapshot of the breaker equals the model's."""
+
+    @initialize(config=st.sampled_from(CONFIGS))
+    def setup(self, config: BreakerConfig) -> None:
+        self.now = 0.0
+        self.breaker = CircuitBreaker("t", config, slow_call_s=SLOW_S, trial_timeout_s=TRIAL_TIMEOUT_S)
+        self.model = Model(config)
+        self.permits: list[Permit] = []
+        self.issued = 0
+
+    @rule(dt=st.sampled_from([0.0, 0.5, 1.0, 3.0]) | st.floats(0, 15))
     def advance(self, dt: float) -> None:
         self.now += dt
 
     @rule()
     def acquire(self) -> None:
-        state, epoch = self.breaker.state, self.breaker.epoch
-        still_open = state == "open" and self.now < self.breaker.opened_at + self.config.open_wait_s
-        decision, _ = self.breaker.acquire(self.now)
-        self._moved(epoch)
-        if still_open:
-            assert isinstance(decision, Denied) and decision.state == "open"
-            assert decision.retry_after_s == pytest.approx(self.breaker.opened_at + self.config.open_wait_s - self.now)
-        if state == "closed" and self.breaker.state == "closed":
-            assert isinstance(decision, Permit)
-        if isinstance(decision, Permit):
-            if decision.trial:
-                self.trials_issued += 1
-                assert self.trials_issued <= self.config.half_open_calls
+        expected, moved = self.model.acquire(self.now, self.issued + 1)
+        decision, transition = self.breaker.acquire(self.now)
+        assert _as_tuple(transition) == moved
+        if expected[0] == "denied":
+            assert decision == Denied(expected[1], expected[2])
+        else:
+            self.issued += 1
+            assert decision == Permit(self.issued, expected[2], expected[1], self.now)
             self.permits.append(decision)
 
     @precondition(lambda self: self.permits)
-    @rule(data=st.data(), failed=st.booleans(), duration=st.floats(0, 2 * SLOW_S))
+    @rule(data=st.data(), failed=st.booleans(), duration=st.sampled_from([0.0, SLOW_S]) | st.floats(0, 2 * SLOW_S))
     def record(self, data: st.DataObject, failed: bool, duration: float) -> None:
         permit = self.permits.pop(data.draw(st.integers(0, len(self.permits) - 1)))
-        state, epoch = self.breaker.state, self.breaker.epoch
-        transition = self.breaker.record(permit, self.now, failed=failed, duration_s=duration)
-        counted = state == "closed" and permit.epoch == epoch and not permit.trial
-        if counted:
-            self.window.append((self.now, failed, duration >= SLOW_S))
-            calls, failures, slow = self._model_totals()
-            over = calls >= self.config.minimum_calls and (
-                failures / calls >= self.config.failure_rate or slow / calls >= self.config.slow_call_rate
-            )
-            assert (transition is not None and transition.to_state == "open") == over
-        elif permit.epoch != epoch:
-            assert transition is None  # a permit from an earlier period moves nothing
-        self._moved(epoch)
+        expected = self.model.record(permit, self.now, failed, duration)
+        assert _as_tuple(self.breaker.record(permit, self.now, failed=failed, duration_s=duration)) == expected
 
     @precondition(lambda self: self.permits)
     @rule(data=st.data())
     def release(self, data: st.DataObject) -> None:
         permit = self.permits.pop(data.draw(st.integers(0, len(self.permits) - 1)))
+        self.model.release(permit)
         self.breaker.release(permit)
-        if permit.trial and permit.epoch == self.breaker.epoch:
-            self.trials_issued -= 1
 
     @rule()
     def expire(self) -> None:
-        epoch = self.breaker.epoch
-        self.breaker.expire(self.now)
-        self._moved(epoch)
+        assert _as_tuple(self.breaker.expire(self.now)) == self.model.expire(self.now)
 
     @invariant()
-    def half_open_trials_are_bounded(self) -> None:
-        snap = self.breaker.snapshot(self.now)
-        if snap["state"] == "half_open":
-            done, outstanding = snap["trials_done"], snap["trials_outstanding"]
-            assert isinstance(done, int) and isinstance(outstanding, int)
-            assert done + outstanding <= self.config.half_open_calls
+    def agrees_with_the_model(self) -> None:
+        assert (self.breaker.state, self.breaker.epoch) == (self.model.state, self.model.epoch)
+        assert self.breaker.last_rates == self.model.last_rates
+        assert self.breaker.snapshot(self.now) == self.model.snapshot(self.now)
 
 
 TestBreaker = BreakerMachine.TestCase
 TestBreaker.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
+
+
+def test_a_transition_as_recorded_in_events() -> None:
+    transition = Transition("search", "closed", "open", 12.5, 7, 0.428571, 2 / 3)
+    assert transition.as_dict() == {
+        "tool": "search",
+        "from": "closed",
+        "to": "open",
+        "calls": 7,
+        "failure_rate": 0.4286,
+        "slow_rate": 0.6667,
+    }
+
+
+def test_a_new_breaker_and_a_new_crash_loop() -> None:
+    b = CircuitBreaker("t", CONFIGS[0], slow_call_s=SLOW_S, trial_timeout_s=TRIAL_TIMEOUT_S)
+    assert (b.state, b.epoch, b.opened_at, b.last_rates) == ("closed", 0, 0.0, (0.0, 0.0))
+    assert b.snapshot(0.0) == {"state": "closed", "window_calls": 0, "window_failures": 0, "window_slow": 0}
+    first, _ = b.acquire(0.0)
+    assert first == Permit(1, 0, False, 0.0)
+    loop = CrashLoop()
+    waits = []
+    for _ in range(8):
+        loop.crashed("k", 0.0)
+        waits.append(loop.wait_s("k", 0.0))
+    assert waits == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
 
 
 def test_a_breaker_opens_waits_and_closes_after_good_trials() -> None:
@@ -204,3 +300,82 @@ def test_crash_loop_waits_double_per_crash_in_a_row_up_to_the_cap(steps: list[st
             now += 0.7
         assert loop.wait_s("k", now) == pytest.approx(max(0.0, until - now))
         assert 0.0 <= loop.wait_s("k", now) <= 30.0 + 1e-9
+
+
+def _half_open(calls: int = 2, **config: object) -> CircuitBreaker:
+    """A breaker opened by one failure at t=0 (open 10 s), half-open from t=10."""
+    settings_ = {"window_size": 1, "minimum_calls": 1, "open_wait_s": 10, "half_open_calls": calls, **config}
+    b = CircuitBreaker("t", BreakerConfig(**settings_), slow_call_s=1.0, trial_timeout_s=20.0)  # type: ignore[arg-type]
+    permit, _ = b.acquire(0.0)
+    assert isinstance(permit, Permit)
+    assert b.record(permit, 0.0, failed=True, duration_s=0.1) is not None
+    return b
+
+
+def test_the_open_wait_ends_exactly_on_time() -> None:
+    b = _half_open()
+    assert b.acquire(9.999)[0] == Denied("open", pytest.approx(0.001))  # type: ignore[comparison-overlap]
+    trial, moved = b.acquire(10.0)
+    assert isinstance(trial, Permit) and trial.trial and moved is not None and moved.to_state == "half_open"
+
+
+def test_a_lost_trial_counts_as_failed_and_slow_and_is_judged_at_the_next_acquire() -> None:
+    b = _half_open(failure_rate=1.0, slow_call_rate=0.5)  # only the slow rate can reopen it
+    good, _ = b.acquire(10.0)
+    lost, _ = b.acquire(10.0)
+    assert isinstance(good, Permit) and isinstance(lost, Permit)
+    assert b.record(good, 11.0, failed=False, duration_s=0.1) is None
+    denied, moved = b.acquire(30.0)  # the lost trial is 20 s old: counted, the trials judged
+    assert moved is not None
+    assert (moved.from_state, moved.to_state, moved.at, moved.calls) == ("half_open", "open", 30.0, 2)
+    assert (moved.failure_rate, moved.slow_rate) == (0.5, 0.5)
+    assert denied == Denied("open", 10.0)
+    b2 = _half_open(failure_rate=0.5, slow_call_rate=1.0)  # only the failure rate can reopen it
+    good, _ = b2.acquire(10.0)
+    lost, _ = b2.acquire(10.0)
+    b2.record(good, 11.0, failed=False, duration_s=0.1)  # type: ignore[arg-type]
+    reopened = b2.expire(30.0)
+    assert reopened is not None and reopened.to_state == "open" and reopened.at == 30.0
+
+
+def test_a_trial_reported_after_it_was_counted_lost_changes_nothing() -> None:
+    b = _half_open()
+    early, _ = b.acquire(10.0)
+    assert b.expire(25.0) is None
+    late, _ = b.acquire(25.0)
+    assert b.expire(30.0) is None  # the early trial is lost; one result of two: no judgement yet
+    assert b.snapshot(30.0)["trials_done"] == 1 and b.snapshot(30.0)["trials_outstanding"] == 1
+    assert b.record(early, 31.0, failed=False, duration_s=0.1) is None  # type: ignore[arg-type]
+    b.release(early)  # type: ignore[arg-type]
+    assert b.snapshot(31.0)["trials_done"] == 1 and b.snapshot(31.0)["trials_outstanding"] == 1
+    judged = b.record(late, 31.0, failed=False, duration_s=0.1)  # type: ignore[arg-type]
+    # The lost trial stays a failure (had the late report counted, 0 of 2 failed would close it).
+    assert judged is not None and (judged.to_state, judged.failure_rate) == ("open", 0.5)
+
+
+def test_a_released_trial_frees_its_place_and_other_releases_change_nothing() -> None:
+    b = _half_open(calls=1)
+    trial, _ = b.acquire(10.0)
+    assert isinstance(b.acquire(10.0)[0], Denied)
+    b.release(trial)  # type: ignore[arg-type]
+    again, _ = b.acquire(10.0)
+    assert isinstance(again, Permit) and again.trial
+    closed = b.record(again, 10.5, failed=False, duration_s=0.1)
+    assert closed is not None and closed.to_state == "closed"
+    b.release(trial)  # type: ignore[arg-type]  # from an earlier period: nothing
+    permit, _ = b.acquire(11.0)
+    assert isinstance(permit, Permit) and not permit.trial
+    b.release(permit)
+    assert b.snapshot(11.0) == {"state": "closed", "window_calls": 0, "window_failures": 0, "window_slow": 0}
+
+
+def test_a_time_window_holds_the_calls_of_its_last_seconds() -> None:
+    config = BreakerConfig(window="time", window_size=5, minimum_calls=10)
+    b = CircuitBreaker("t", config, slow_call_s=1.0, trial_timeout_s=20.0)
+    for at, failed in ((0.2, True), (3.0, False), (3.5, True)):
+        permit, _ = b.acquire(at)
+        b.record(permit, at, failed=failed, duration_s=2.0)  # type: ignore[arg-type]
+    assert b.snapshot(4.99) == {"state": "closed", "window_calls": 3, "window_failures": 2, "window_slow": 3}
+    assert b.snapshot(5.0) == {"state": "closed", "window_calls": 2, "window_failures": 1, "window_slow": 2}
+    assert b.snapshot(7.99)["window_calls"] == 2
+    assert b.snapshot(8.0)["window_calls"] == 0

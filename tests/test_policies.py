@@ -54,8 +54,50 @@ TestDispatch = DispatchMachine.TestCase
 
 
 def test_release_without_acquire_is_an_error() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^worker 0 has no task in flight$"):
         LeastLoaded(1, 1).release(0)
+
+
+def test_the_smallest_pool_is_one_worker_with_one_slot() -> None:
+    assert LeastLoaded(1, 1).capacity == 1
+    for workers, slots in ((0, 1), (1, 0), (0, 0)):
+        with pytest.raises(ValueError, match=r"^need at least one worker and one slot$"):
+            LeastLoaded(workers, slots)
+
+
+def test_workers_join_leave_and_come_back() -> None:
+    slots = LeastLoaded(2, 2)
+    assert slots.add() == 2 and slots.open == [True, True, True]
+    assert [slots.acquire() for _ in range(4)] == [0, 1, 2, 0]
+    assert slots.drain_order() == [2, 1, 0]  # least loaded, then newest first
+    slots.close(2)
+    with pytest.raises(ValueError, match=r"^worker 2 is not open$"):
+        slots.close(2)
+    assert slots.acquire() == 1 and slots.acquire() is None  # 2 takes nothing new
+    with pytest.raises(ValueError, match=r"^worker 2 is open, busy or already retired$"):
+        slots.retire(2)  # still running its task
+    slots.reopen(2)
+    with pytest.raises(ValueError, match=r"^worker 2 is open or retired$"):
+        slots.reopen(2)
+    with pytest.raises(ValueError, match=r"^worker 1 is open, busy or already retired$"):
+        slots.retire(1)  # open
+    assert slots.acquire() == 2
+    slots.close(2)
+    slots.release(2)
+    slots.release(2)
+    slots.retire(2)
+    with pytest.raises(ValueError, match=r"^worker 2 is open, busy or already retired$"):
+        slots.retire(2)
+    with pytest.raises(ValueError, match=r"^worker 2 is open or retired$"):
+        slots.reopen(2)
+    assert slots.open_count == 2 and slots.capacity == 4
+    assert slots.add() == 2 and slots.open[2] and slots.acquire() == 2  # the retired index is reused
+    assert slots.add() == 3 and slots.load == [2, 2, 1, 0]
+    slots.close(0)
+    slots.release(0)
+    slots.release(0)
+    slots.retire(0)
+    assert slots.drain_order() == [3, 2, 1]
 
 
 @given(attempt=st.integers(1, 30), server=st.none() | st.floats(0, 120), seed=st.integers(0, 2**32))

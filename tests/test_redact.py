@@ -50,6 +50,8 @@ def test_every_completed_number_of_card_length_is_redacted(body: str) -> None:
         ("+123 456 789 012 345", "[PHONE]", "+123 456 789 012 345"),  # 15 digits: the longest
         ("+1 234 567 8901 2345 6", "+1 234 567 8901 2345 6", "+1 234 567 8901 2345 6"),  # 16 digits
         ("at 2024-01-15 1030 sharp", "at 2024-01-15 1030 sharp", "at 2024-01-15 1030 sharp"),  # a date
+        ("+14155550100", "[PHONE]", "+14155550100"),  # a leading + marks a phone number
+        ("(415)5550100", "[PHONE]", "(415)5550100"),  # so does an area code in parentheses
     ],
 )
 def test_numbers_in_text(text: str, everything: str, cards_only: str) -> None:
@@ -122,3 +124,15 @@ def test_integers_that_read_as_cards_or_phones_are_replaced_other_numbers_kept()
     assert redact(True) is True and redact(None) is None
     # Floats are measurements, not numbers written by a person: left as they are.
     assert redact(4111111111111117.0) == 4111111111111117.0
+
+
+def test_each_kind_and_secrets_get_their_own_marker() -> None:
+    text = "ssn 123-45-6789, ni AB 12 34 56 C, key sk-ant-abcdefghijkl, tel +1 415 555 0100"
+    everything = "ssn [NATIONAL_ID], ni [NATIONAL_ID], key [SECRET], tel [PHONE]"
+    assert redact_text(text) == everything
+    assert (
+        redact_text(text, pii=["national_id"])
+        == "ssn [NATIONAL_ID], ni [NATIONAL_ID], key [SECRET], tel +1 415 555 0100"
+    )
+    assert redact_text(text, pii=["phone"]) == "ssn 123-45-6789, ni AB 12 34 56 C, key [SECRET], tel [PHONE]"
+    assert redact_text(text, pii=False) == "ssn 123-45-6789, ni AB 12 34 56 C, key [SECRET], tel +1 415 555 0100"
