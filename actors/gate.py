@@ -20,7 +20,7 @@ from typing import Any
 from agentpool import telemetry as tm
 from agentpool.models import TenantPolicy, Usage
 from agentpool.pricing import PriceTable
-from scheduler.budgets import BudgetLedger, Reservation
+from cluster.budgets import BudgetLedger, Reservation
 
 #: `anthropic-ratelimit-<name>-remaining` header names, by our bucket dimension.
 _REMAINING_HEADERS = {

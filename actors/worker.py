@@ -32,9 +32,9 @@ from agentpool.models import AgentResult, ErrorInfo, Timings
 from agentpool.pricing import PriceTable
 from agentpool.protocol import ApprovalDecision, Dispatch, Paused
 from agentpool.secrets import Scrubber, forget_env_secrets, install_log_scrubber
+from cluster.budgets import BudgetLedger
 from cluster.store import ResultStore, RunStart
 from cluster.telemetry import Telemetered
-from scheduler.budgets import BudgetLedger
 
 #: How often a run waiting on another run's lease looks again.
 _LEASE_POLL_S = 0.5

@@ -12,6 +12,7 @@ from typing import Any
 
 from agentpool.config import PoolConfig
 from agentpool.errors import ConfigError
+from agentpool.protocol import WorkerSpawn
 from cluster.telemetry import exported_env
 
 NAMESPACE = "agentpool"
@@ -40,9 +41,9 @@ def control(config: PoolConfig) -> dict[str, Any]:
     return {**ACTOR_OPTIONS, "runtime_env": actor_env(0), "resources": dict(config.placement.control_resources)}
 
 
-def worker_spawn(config: PoolConfig, **kwargs: Any) -> dict[str, Any]:
-    """How to start an agent worker, as plain data: the pool starts the first ones and the
-    scheduler's autoscaler more (`AgentWorker.options(**options, name=...).remote(**kwargs)`)."""
+def worker_spawn(config: PoolConfig, **kwargs: Any) -> WorkerSpawn:
+    """How to start an agent worker: the pool starts the first ones and the scheduler's
+    autoscaler more (`spawn.launch(name)`)."""
     # No re-sending by Ray (`max_task_retries=0`): when a worker dies the scheduler sends its
     # tasks to another worker at once, where they resume from their checkpoints.
     options: dict[str, Any] = {
@@ -55,7 +56,14 @@ def worker_spawn(config: PoolConfig, **kwargs: Any) -> dict[str, Any]:
     }
     if config.placement.spread_workers:
         options["scheduling_strategy"] = "SPREAD"
-    return {"options": options, "kwargs": {"config": config, "namespace": NAMESPACE, **kwargs}}
+    return WorkerSpawn(start_worker, options, {"config": config, "namespace": NAMESPACE, **kwargs})
+
+
+def start_worker(spawn: WorkerSpawn, name: str, extra: dict[str, Any]) -> Any:
+    """Starts the agent worker `name` as `spawn` says (`WorkerSpawn.start`)."""
+    from actors.worker import AgentWorker
+
+    return AgentWorker.options(**spawn.options, **extra, name=name).remote(**spawn.kwargs)
 
 
 # Placeholder credential for the bundled simulator; it accepts any key and this is not secret.

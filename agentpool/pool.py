@@ -108,7 +108,6 @@ class AgentPool(PoolTelemetry):
         """
         from actors.simulator_host import SimulatorHost
         from actors.tool_board import ToolBoard
-        from actors.worker import AgentWorker
         from cluster.redis_host import RedisHost
         from scheduler.limiter import RateLimiter
         from scheduler.scheduler import Scheduler
@@ -205,10 +204,7 @@ class AgentPool(PoolTelemetry):
                 board_name=board_name,
             )
             worker_names = [config.worker_name(i) for i in range(config.initial_workers)]
-            workers = [
-                AgentWorker.options(**spawn["options"], name=n, **lifetime).remote(**spawn["kwargs"])
-                for n in worker_names
-            ]
+            workers = [spawn.launch(n, **lifetime) for n in worker_names]
             actors.extend(workers)
             scheduler_name = f"{config.name}-scheduler"
             named = [n for group in executor_names.values() for n in group]

@@ -7,6 +7,8 @@ carries the trace context so one task is one trace across processes.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -124,3 +126,22 @@ class ApprovalDecision(BaseModel):
 
     def covers(self, tool_use_ids: list[str]) -> bool:
         return set(tool_use_ids) <= set(self.tool_use_ids)
+
+
+@dataclass(frozen=True)
+class WorkerSpawn:
+    """How to start an agent worker, built by the facade (`agentpool.launch.worker_spawn`):
+    the pool starts its first workers with it, the scheduler's fleet adds more. `start` is a
+    module-level function of the facade, pickled by reference, so the scheduler starts agent
+    workers without importing the actors' code."""
+
+    #: `start(spawn, name, extra_options)` -> the new actor's handle.
+    start: Callable[[WorkerSpawn, str, dict[str, Any]], Any]
+    #: Ray options of the actor (resources, restarts, runtime env, ...).
+    options: dict[str, Any]
+    #: The worker's constructor arguments.
+    kwargs: dict[str, Any]
+
+    def launch(self, name: str, **options: Any) -> Any:
+        """Starts one worker named `name`, with `options` added to the Ray options."""
+        return self.start(self, name, options)

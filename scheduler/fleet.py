@@ -22,6 +22,7 @@ from typing import Any
 import ray
 
 from agentpool.config import PoolConfig
+from agentpool.protocol import WorkerSpawn
 from scheduler.autoscale import WorkerScaler
 from scheduler.dispatch import LeastLoaded
 
@@ -56,7 +57,7 @@ class WorkerFleet:
     Args:
         config: The pool's configuration (`autoscale`, `worker_concurrency`).
         worker_names: The workers the pool started.
-        spawn: How to start another (`{"options": ..., "kwargs": ...}` for `AgentWorker`).
+        spawn: How to start another (built by the facade; None when the pool does not autoscale).
         namespace: Ray namespace of the named actors.
         on_capacity: Called when a new worker is ready to take tasks.
     """
@@ -65,7 +66,7 @@ class WorkerFleet:
         self,
         config: PoolConfig,
         worker_names: list[str],
-        spawn: dict[str, Any] | None,
+        spawn: WorkerSpawn | None,
         namespace: str,
         on_capacity: Callable[[], None],
     ) -> None:
@@ -131,16 +132,12 @@ class WorkerFleet:
 
     async def _start_one(self, timeout_s: float) -> None:
         assert self._spawn_spec is not None
-        from actors.worker import AgentWorker  # the class the pool starts; plain data is all we keep
-
         name = self.config.worker_name(self._next)
         self._next += 1
         self.starting += 1
         handle = None
         try:
-            handle = AgentWorker.options(**self._spawn_spec["options"], name=name, lifetime="detached").remote(
-                **self._spawn_spec["kwargs"]
-            )
+            handle = self._spawn_spec.launch(name, lifetime="detached")
             await asyncio.wait_for(handle.ping.remote(), timeout_s)
         except (ray.exceptions.RayError, TimeoutError, ValueError) as exc:
             log.warning("agent worker %s did not start: %s", name, exc)

@@ -28,12 +28,12 @@ from redis.exceptions import RedisError
 from agentpool.config import PoolConfig
 from agentpool.errors import AgentPoolError, Overloaded, RetryLater
 from agentpool.models import AgentResult, AgentTask
-from agentpool.protocol import Admitted, Dispatch, Paused
+from agentpool.protocol import Admitted, Dispatch, Paused, WorkerSpawn
+from cluster.budgets import BudgetLedger
 from cluster.store import ResultStore
 from cluster.telemetry import Telemetered
 from scheduler.admission import Admission, screen_task
 from scheduler.alerts import AlertMonitor
-from scheduler.budgets import BudgetLedger
 from scheduler.capacity import ModelDispatch
 from scheduler.control import CancelledInQueue, JobControl
 from scheduler.fair import FairQueue, token_cost
@@ -63,7 +63,7 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
         redis_url: str,
         worker_names: list[str],
         namespace: str,
-        worker_spawn: dict[str, Any] | None = None,
+        worker_spawn: WorkerSpawn | None = None,
         tool_names: list[str],
         limiter_name: str,
         board_name: str | None = None,

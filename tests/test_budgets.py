@@ -6,16 +6,19 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import uuid
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from agentpool.budgets import Day, Hold, Limits, Spend
 from agentpool.errors import BudgetExceeded
 from agentpool.models import TenantPolicy, Usage
+from cluster.budgets import BudgetLedger, Reservation, seconds_to_reset, utc_day
 from cluster.keys import Keys
-from scheduler.budgets import BudgetLedger, seconds_to_reset, utc_day
 
 NOON = dt.datetime(2026, 11, 21, 12, 0, tzinfo=dt.UTC).timestamp()
 
@@ -158,3 +161,96 @@ def test_reservations_never_let_spending_pass_the_budget(redis_url: str, ops: li
         await client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_the_redis_scripts_do_what_the_arithmetic_says(redis_url: str) -> None:
+    """Random sequences of reservations, settlements, refunds and time passing, run through
+    the ledger on a real redis-server and through `agentpool.budgets.Day`: every answer and
+    every field of the day's hash agree."""
+
+    class Machine(RuleBasedStateMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.loop = asyncio.new_event_loop()
+            self.client = connect(redis_url)
+            self.clock = Clock()
+            self.prefix = f"t{uuid.uuid4().hex[:10]}"
+            self.book = ledger(self.client, self.prefix, self.clock, ttl=30.0)
+            self.policy = TenantPolicy(daily_token_budget=1000, daily_cost_budget_usd=2.5)
+            self.limits = Limits(tokens=1000, cost_usd=2.5)
+            self.day = Day()
+            self.leases: list[str] = []  # every lease granted, held or not
+
+        def run(self, coro: Any) -> Any:
+            return self.loop.run_until_complete(coro)
+
+        @rule(tokens=st.integers(0, 600), cents=st.integers(0, 150))
+        def reserve(self, tokens: int, cents: int) -> None:
+            lease = f"l{len(self.leases) + 1}"
+            now = self.clock.now
+            expected = self.day.reserve(self.limits, lease, tokens, cents / 100, now=now, expires_at=now + 30.0)
+            try:
+                self.run(self.book.reserve("acme", self.policy, lease, tokens, cents / 100))
+            except BudgetExceeded as exc:
+                assert expected is not None and exc.fields["reason"] == expected.value
+            else:
+                assert expected is None
+                self.leases.append(lease)
+
+        @precondition(lambda self: self.leases)
+        @rule(data=st.data(), share=st.sampled_from([0.0, 0.5, 1.0]), refund=st.booleans())
+        def settle(self, data: st.DataObject, share: float, refund: bool) -> None:
+            lease = data.draw(st.sampled_from(self.leases))
+            hold = self.day.holds.get(lease, Hold(200, 0.5, 0.0))
+            spend = Spend(
+                input_tokens=int(hold.tokens * share),
+                output_tokens=int(hold.tokens * share / 2),
+                cache_read_input_tokens=3,
+                cache_creation_input_tokens=1,
+                cost_usd=round(hold.cost_usd * share, 2),
+            )
+            reservation = Reservation(self.book._keys.usage("acme", utc_day(self.clock.now)), lease)
+            if refund:
+                self.day.settle(lease, None)
+                self.run(self.book.refund(reservation))
+            else:
+                self.day.settle(lease, spend)
+                usage = Usage(
+                    input_tokens=spend.input_tokens,
+                    output_tokens=spend.output_tokens,
+                    cache_read_input_tokens=spend.cache_read_input_tokens,
+                    cache_creation_input_tokens=spend.cache_creation_input_tokens,
+                    cost_usd=spend.cost_usd,
+                )
+                self.run(self.book.settle("acme", reservation, usage))
+
+        @rule(seconds=st.sampled_from([1.0, 10.0, 29.0, 30.0, 45.0]))
+        def tick(self, seconds: float) -> None:
+            self.clock.now += seconds
+
+        @invariant()
+        def the_hash_is_the_day(self) -> None:
+            raw = self.run(self.client.hgetall(self.book._keys.usage("acme", utc_day(self.clock.now))))
+            holds = {k.removeprefix("lease:"): v for k, v in raw.items() if k.startswith("lease:")}
+            assert set(holds) == set(self.day.holds)
+            counts = {k: float(v) for k, v in raw.items() if not k.startswith("lease:")}
+            for name in (
+                "tokens",
+                "reserved_tokens",
+                "input_tokens",
+                "output_tokens",
+                "cache_read_input_tokens",
+                "cache_creation_input_tokens",
+                "calls",
+                "expired_reservations",
+            ):
+                assert counts.get(name, 0.0) == getattr(self.day, name), name
+            for name in ("cost_usd", "reserved_cost_usd"):
+                assert counts.get(name, 0.0) == pytest.approx(getattr(self.day, name), abs=1e-9), name
+
+        def teardown(self) -> None:
+            self.run(self.client.aclose())
+            self.loop.close()
+
+    Machine.TestCase.settings = settings(max_examples=30, stateful_step_count=30, deadline=None)
+    Machine.TestCase().runTest()

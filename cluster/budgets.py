@@ -1,4 +1,5 @@
-"""Daily tenant budgets (tokens and USD), reserved atomically in Redis.
+"""Daily tenant budgets (tokens and USD), reserved atomically in Redis: the storage of the
+arithmetic in `agentpool.budgets`, whose steps the scripts here run on the day's hash.
 
 Before an LLM call the worker reserves the call's worst case (estimated input plus the
 output reservation, priced at the dearer of input and cache-write rates); after it the
@@ -20,11 +21,14 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from agentpool.budgets import BudgetReason, Limits, admission_check
 from agentpool.errors import BudgetExceeded
 from agentpool.models import TenantPolicy, Usage
 from cluster.keys import Keys
 
 _DAY_KEY_TTL_S = 3 * 24 * 3600
+# The scripts subtract as `0 - x`, never `-x`: Lua's -0 reaches Redis as "-0", which HINCRBY
+# refuses ("not an integer"), so settling a reservation of 0 tokens failed.
 
 _OVER = """
 local function over(key, tb, cb, t, c)
@@ -53,8 +57,8 @@ if why then
       local lt, lc, exp = string.match(all[i + 1], '([^|]+)|([^|]+)|([^|]+)')
       if tonumber(exp) <= now then
         redis.call('HDEL', key, all[i])
-        redis.call('HINCRBY', key, 'reserved_tokens', -tonumber(lt))
-        redis.call('HINCRBYFLOAT', key, 'reserved_cost_usd', -tonumber(lc))
+        redis.call('HINCRBY', key, 'reserved_tokens', 0 - tonumber(lt))
+        redis.call('HINCRBYFLOAT', key, 'reserved_cost_usd', 0 - tonumber(lc))
         redis.call('HINCRBY', key, 'tokens', tonumber(lt))
         redis.call('HINCRBYFLOAT', key, 'cost_usd', tonumber(lc))
         redis.call('HINCRBY', key, 'expired_reservations', 1)
@@ -83,8 +87,8 @@ if lease ~= '' then
   if v then
     local lt, lc = string.match(v, '([^|]+)|([^|]+)|')
     redis.call('HDEL', key, 'lease:' .. lease)
-    redis.call('HINCRBY', key, 'reserved_tokens', -tonumber(lt))
-    redis.call('HINCRBYFLOAT', key, 'reserved_cost_usd', -tonumber(lc))
+    redis.call('HINCRBY', key, 'reserved_tokens', 0 - tonumber(lt))
+    redis.call('HINCRBYFLOAT', key, 'reserved_cost_usd', 0 - tonumber(lc))
   else
     swept = true
   end
@@ -117,14 +121,18 @@ def seconds_to_reset(now_unix: float) -> float:
     return midnight.timestamp() - now_unix
 
 
-def _budget_error(tenant: str, reason: str, now_unix: float, spent: dict[str, float]) -> BudgetExceeded:
+def limits_of(policy: TenantPolicy) -> Limits:
+    return Limits(tokens=policy.daily_token_budget, cost_usd=policy.daily_cost_budget_usd)
+
+
+def _budget_error(tenant: str, reason: BudgetReason, now_unix: float, spent: dict[str, float]) -> BudgetExceeded:
     wait = seconds_to_reset(now_unix)
     resets_at = dt.datetime.fromtimestamp(now_unix + wait, tz=dt.UTC).isoformat()
-    what = "token" if reason == "daily_token_budget" else "cost"
+    what = "token" if reason is BudgetReason.TOKENS else "cost"
     return BudgetExceeded(
         f"tenant {tenant!r} has spent its daily {what} budget; it resets at {resets_at}",
         tenant=tenant,
-        reason=reason,
+        reason=reason.value,
         retry_after_s=round(wait, 3),
         resets_at=resets_at,
         spent=spent,
@@ -167,7 +175,8 @@ class BudgetLedger:
         Raises:
             BudgetExceeded: If the reservation would take the tenant over a daily budget.
         """
-        if policy.daily_token_budget is None and policy.daily_cost_budget_usd is None:
+        limits = limits_of(policy)
+        if not limits:
             return None
         now = self._now()
         key = self._keys.usage(tenant, utc_day(now))
@@ -177,15 +186,15 @@ class BudgetLedger:
                 lease_id,
                 int(tokens),
                 repr(float(cost_usd)),
-                policy.daily_token_budget if policy.daily_token_budget is not None else -1,
-                repr(float(policy.daily_cost_budget_usd)) if policy.daily_cost_budget_usd is not None else -1,
+                limits.tokens if limits.tokens is not None else -1,
+                repr(float(limits.cost_usd)) if limits.cost_usd is not None else -1,
                 repr(now),
                 repr(now + self._ttl),
                 _DAY_KEY_TTL_S,
             ],
         )
         if why:
-            raise _budget_error(tenant, why, now, await self.spent(tenant))
+            raise _budget_error(tenant, BudgetReason(why), now, await self.spent(tenant))
         return Reservation(key, lease_id)
 
     async def settle(self, tenant: str, reservation: Reservation | None, usage: Usage) -> None:
@@ -216,16 +225,13 @@ class BudgetLedger:
         """At admission: the rejection when what is left of a daily budget cannot cover even
         the task's first call (`first_call_tokens`), else None. Reservations of calls in
         flight are not counted here: they may yet be refunded."""
-        if policy.daily_token_budget is None and policy.daily_cost_budget_usd is None:
+        limits = limits_of(policy)
+        if not limits:
             return None
         now = self._now()
         spent = await self.spent(tenant)
-        tokens = spent.get("tokens", 0) + first_call_tokens
-        if policy.daily_token_budget is not None and tokens > policy.daily_token_budget:
-            return _budget_error(tenant, "daily_token_budget", now, spent)
-        if policy.daily_cost_budget_usd is not None and spent.get("cost_usd", 0) >= policy.daily_cost_budget_usd:
-            return _budget_error(tenant, "daily_cost_budget", now, spent)
-        return None
+        why = admission_check(spent, limits, first_call_tokens)
+        return None if why is None else _budget_error(tenant, why, now, spent)
 
     async def usage_today(self, tenants: Iterable[str]) -> dict[str, dict[str, float]]:
         out: dict[str, dict[str, float]] = {}
