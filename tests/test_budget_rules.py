@@ -113,3 +113,40 @@ def test_calls_within_their_reservations_never_take_a_day_over_its_limits(
         assert day.reserved_cost_usd == pytest.approx(sum(h.cost_usd for h in day.holds.values()), abs=1e-9)
         assert day.tokens + day.reserved_tokens <= token_limit
         assert day.cost_usd + day.reserved_cost_usd <= limits.cost_usd + 1e-9
+
+
+def test_what_is_missing_from_the_day_counts_as_nothing() -> None:
+    assert admission_check({"tokens": 100}, Limits(tokens=100)) is None  # no first call given: 0
+    assert admission_check({}, Limits(tokens=10), first_call_tokens=10) is None
+    assert admission_check({}, Limits(cost_usd=0.5)) is None
+
+
+def test_usage_accumulates_field_by_field() -> None:
+    day = Day()
+    day.settle(
+        None,
+        Spend(input_tokens=1, output_tokens=2, cache_read_input_tokens=3, cache_creation_input_tokens=4, cost_usd=0.5),
+    )
+    day.settle(
+        None,
+        Spend(
+            input_tokens=10, output_tokens=20, cache_read_input_tokens=30, cache_creation_input_tokens=40, cost_usd=0.25
+        ),
+    )
+    assert (day.input_tokens, day.output_tokens, day.cache_read_input_tokens, day.cache_creation_input_tokens) == (
+        11,
+        22,
+        33,
+        44,
+    )
+    assert (day.tokens, day.cost_usd, day.calls) == (110, 0.75, 2)
+
+
+def test_a_sweep_moves_only_the_expired_reservations() -> None:
+    day = Day()
+    limits = Limits(tokens=100, cost_usd=10.0)
+    day.reserve(limits, "old", 10, 1.5, now=0.0, expires_at=5.0)
+    day.reserve(limits, "new", 20, 2.0, now=4.0, expires_at=34.0)
+    day.sweep(5.0)
+    assert (day.reserved_tokens, day.reserved_cost_usd, day.tokens, day.cost_usd) == (20, 2.0, 10, 1.5)
+    assert list(day.holds) == ["new"] and day.expired_reservations == 1
