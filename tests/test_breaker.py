@@ -302,67 +302,76 @@ def test_crash_loop_waits_double_per_crash_in_a_row_up_to_the_cap(steps: list[st
         assert 0.0 <= loop.wait_s("k", now) <= 30.0 + 1e-9
 
 
-def _half_open(calls: int = 2, **config: object) -> CircuitBreaker:
+def _permit(b: CircuitBreaker, now: float) -> Permit:
+    decision, _ = b.acquire(now)
+    assert isinstance(decision, Permit), decision
+    return decision
+
+
+def _half_open(calls: int = 2, failure_rate: float = 0.5, slow_call_rate: float = 1.0) -> CircuitBreaker:
     """A breaker opened by one failure at t=0 (open 10 s), half-open from t=10."""
-    settings_ = {"window_size": 1, "minimum_calls": 1, "open_wait_s": 10, "half_open_calls": calls, **config}
-    b = CircuitBreaker("t", BreakerConfig(**settings_), slow_call_s=1.0, trial_timeout_s=20.0)  # type: ignore[arg-type]
-    permit, _ = b.acquire(0.0)
-    assert isinstance(permit, Permit)
-    assert b.record(permit, 0.0, failed=True, duration_s=0.1) is not None
+    config = BreakerConfig(
+        window_size=1,
+        minimum_calls=1,
+        open_wait_s=10,
+        half_open_calls=calls,
+        failure_rate=failure_rate,
+        slow_call_rate=slow_call_rate,
+    )
+    b = CircuitBreaker("t", config, slow_call_s=1.0, trial_timeout_s=20.0)
+    assert b.record(_permit(b, 0.0), 0.0, failed=True, duration_s=0.1) is not None
     return b
 
 
 def test_the_open_wait_ends_exactly_on_time() -> None:
     b = _half_open()
-    assert b.acquire(9.999)[0] == Denied("open", pytest.approx(0.001))  # type: ignore[comparison-overlap]
+    denied, _ = b.acquire(9.999)
+    assert isinstance(denied, Denied) and denied.state == "open" and denied.retry_after_s == pytest.approx(0.001)
     trial, moved = b.acquire(10.0)
     assert isinstance(trial, Permit) and trial.trial and moved is not None and moved.to_state == "half_open"
 
 
 def test_a_lost_trial_counts_as_failed_and_slow_and_is_judged_at_the_next_acquire() -> None:
     b = _half_open(failure_rate=1.0, slow_call_rate=0.5)  # only the slow rate can reopen it
-    good, _ = b.acquire(10.0)
-    lost, _ = b.acquire(10.0)
-    assert isinstance(good, Permit) and isinstance(lost, Permit)
-    assert b.record(good, 11.0, failed=False, duration_s=0.1) is None
+    good, lost = _permit(b, 10.0), _permit(b, 10.0)
+    assert lost.trial and b.record(good, 11.0, failed=False, duration_s=0.1) is None
     denied, moved = b.acquire(30.0)  # the lost trial is 20 s old: counted, the trials judged
     assert moved is not None
     assert (moved.from_state, moved.to_state, moved.at, moved.calls) == ("half_open", "open", 30.0, 2)
     assert (moved.failure_rate, moved.slow_rate) == (0.5, 0.5)
     assert denied == Denied("open", 10.0)
     b2 = _half_open(failure_rate=0.5, slow_call_rate=1.0)  # only the failure rate can reopen it
-    good, _ = b2.acquire(10.0)
-    lost, _ = b2.acquire(10.0)
-    b2.record(good, 11.0, failed=False, duration_s=0.1)  # type: ignore[arg-type]
+    good, _ = _permit(b2, 10.0), _permit(b2, 10.0)
+    b2.record(good, 11.0, failed=False, duration_s=0.1)
     reopened = b2.expire(30.0)
     assert reopened is not None and reopened.to_state == "open" and reopened.at == 30.0
 
 
 def test_a_trial_reported_after_it_was_counted_lost_changes_nothing() -> None:
     b = _half_open()
-    early, _ = b.acquire(10.0)
+    early = _permit(b, 10.0)
     assert b.expire(25.0) is None
-    late, _ = b.acquire(25.0)
+    late = _permit(b, 25.0)
     assert b.expire(30.0) is None  # the early trial is lost; one result of two: no judgement yet
     assert b.snapshot(30.0)["trials_done"] == 1 and b.snapshot(30.0)["trials_outstanding"] == 1
-    assert b.record(early, 31.0, failed=False, duration_s=0.1) is None  # type: ignore[arg-type]
-    b.release(early)  # type: ignore[arg-type]
+    assert b.record(early, 31.0, failed=False, duration_s=0.1) is None
+    b.release(early)
     assert b.snapshot(31.0)["trials_done"] == 1 and b.snapshot(31.0)["trials_outstanding"] == 1
-    judged = b.record(late, 31.0, failed=False, duration_s=0.1)  # type: ignore[arg-type]
+    judged = b.record(late, 31.0, failed=False, duration_s=0.1)
     # The lost trial stays a failure (had the late report counted, 0 of 2 failed would close it).
     assert judged is not None and (judged.to_state, judged.failure_rate) == ("open", 0.5)
 
 
 def test_a_released_trial_frees_its_place_and_other_releases_change_nothing() -> None:
     b = _half_open(calls=1)
-    trial, _ = b.acquire(10.0)
+    trial = _permit(b, 10.0)
     assert isinstance(b.acquire(10.0)[0], Denied)
-    b.release(trial)  # type: ignore[arg-type]
+    b.release(trial)
     again, _ = b.acquire(10.0)
     assert isinstance(again, Permit) and again.trial
     closed = b.record(again, 10.5, failed=False, duration_s=0.1)
     assert closed is not None and closed.to_state == "closed"
-    b.release(trial)  # type: ignore[arg-type]  # from an earlier period: nothing
+    b.release(trial)  # from an earlier period: nothing
     permit, _ = b.acquire(11.0)
     assert isinstance(permit, Permit) and not permit.trial
     b.release(permit)
@@ -373,8 +382,7 @@ def test_a_time_window_holds_the_calls_of_its_last_seconds() -> None:
     config = BreakerConfig(window="time", window_size=5, minimum_calls=10)
     b = CircuitBreaker("t", config, slow_call_s=1.0, trial_timeout_s=20.0)
     for at, failed in ((0.2, True), (3.0, False), (3.5, True)):
-        permit, _ = b.acquire(at)
-        b.record(permit, at, failed=failed, duration_s=2.0)  # type: ignore[arg-type]
+        b.record(_permit(b, at), at, failed=failed, duration_s=2.0)
     assert b.snapshot(4.99) == {"state": "closed", "window_calls": 3, "window_failures": 2, "window_slow": 3}
     assert b.snapshot(5.0) == {"state": "closed", "window_calls": 2, "window_failures": 1, "window_slow": 2}
     assert b.snapshot(7.99)["window_calls"] == 2

@@ -28,7 +28,9 @@ def broker(now: float = 0.0, **kwargs: object) -> PermitBroker:
     return PermitBroker(**{**defaults, **kwargs})  # type: ignore[arg-type]
 
 
-def ask(lease_id: str, tenant: str = "a", model: str = "sonnet-4", input_tokens: int = 10, max_tokens: int = 10):  # type: ignore[no-untyped-def]
+def ask(
+    lease_id: str, tenant: str = "a", model: str = "sonnet-4", input_tokens: int = 10, max_tokens: int = 10
+) -> PermitRequest:
     return PermitRequest(lease_id, tenant, model, input_tokens, max_tokens, holder=f"w-{lease_id}")
 
 
@@ -216,7 +218,8 @@ def test_the_snapshot() -> None:
     assert isinstance(models, dict)
     assert models["sonnet"]["waiting"] == 1 and models["haiku"]["waiting"] == 0
     assert models["sonnet"]["dimensions"]["output_tokens"] == {"level": 2990.0, "capacity": 3000.0}
-    assert snap["tenants"] == {"capped": b.tenants["capped"].snapshot(0.0)}  # type: ignore[union-attr]
+    capped = b.tenants["capped"]
+    assert capped is not None and snap["tenants"] == {"capped": capped.snapshot(0.0)}
     assert set(snap["tenants"]) == {"capped"}  # tenants without caps are not listed
 
 
