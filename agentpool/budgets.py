@@ -21,6 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from agentpool.models import Usage
+
 
 class BudgetReason(StrEnum):
     """Which daily limit a call or task would cross."""
@@ -47,21 +49,6 @@ class Hold:
     tokens: int
     cost_usd: float
     expires_at: float
-
-
-@dataclass(frozen=True)
-class Spend:
-    """A call's actual usage, as the provider reported it and priced."""
-
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_read_input_tokens: int = 0
-    cache_creation_input_tokens: int = 0
-    cost_usd: float = 0.0
-
-    @property
-    def tokens(self) -> int:
-        return self.input_tokens + self.output_tokens + self.cache_read_input_tokens + self.cache_creation_input_tokens
 
 
 @dataclass
@@ -114,9 +101,9 @@ class Day:
                 self.cost_usd += hold.cost_usd
                 self.expired_reservations += 1
 
-    def settle(self, lease_id: str | None, spend: Spend | None) -> None:
-        """Releases the reservation `lease_id` (if any) and records `spend`; without
-        `spend`, a refund. A reservation already swept keeps standing for the call."""
+    def settle(self, lease_id: str | None, spend: Usage | None) -> None:
+        """Releases the reservation `lease_id` (if any) and records `spend`, the call's usage
+        as priced; without `spend`, a refund. A reservation already swept keeps standing for the call."""
         swept = False
         if lease_id is not None:
             hold = self.holds.pop(lease_id, None)
@@ -128,7 +115,12 @@ class Day:
         if spend is None:
             return
         if not swept:
-            self.tokens += spend.tokens
+            self.tokens += (
+                spend.input_tokens
+                + spend.output_tokens
+                + spend.cache_read_input_tokens
+                + spend.cache_creation_input_tokens
+            )
             self.input_tokens += spend.input_tokens
             self.output_tokens += spend.output_tokens
             self.cache_read_input_tokens += spend.cache_read_input_tokens

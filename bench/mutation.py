@@ -61,7 +61,7 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         # Asked for no mutant, mutmut generates them all and maps tests to functions, then
         # stops ("nothing matches"): the names to sample from are then known.
         _mutmut(["run", "agentpool-no-such-mutant*"], check=False)
-        sample = [name for name in all_mutants(modules) if _sampled(name)]
+        sample = sorted(name for name in read_verdicts(modules) if _sampled(name))
         if not sample:
             raise SystemExit("mutmut generated no mutants; run `python -m mutmut run` to see why")
         _mutmut(["run", *sample])
@@ -166,10 +166,6 @@ def load_accepted() -> dict[str, Listed]:
             raise SystemExit(f"{ACCEPTED.name}: {name} needs kind = equivalent|accepted and a reason")
         listed[name] = Listed(kind, reason)
     return listed
-
-
-def all_mutants(modules: list[str]) -> list[str]:
-    return sorted(read_verdicts(modules))
 
 
 def read_verdicts(modules: list[str]) -> dict[str, int]:

@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agentpool.budgets import BudgetReason, Day, Hold, Limits, Spend, admission_check
+from agentpool.budgets import BudgetReason, Day, Hold, Limits, admission_check
+from agentpool.models import Usage
 
 
 def test_a_reservation_fits_up_to_the_limit_and_not_beyond() -> None:
@@ -30,7 +31,7 @@ def test_settling_replaces_the_reservation_by_the_usage_and_a_refund_gives_it_ba
     day.reserve(limits, "b", 300, 1.0, now=0.0, expires_at=10.0)
     day.settle(
         "a",
-        Spend(
+        Usage(
             input_tokens=100, output_tokens=50, cache_read_input_tokens=7, cache_creation_input_tokens=3, cost_usd=0.25
         ),
     )
@@ -42,7 +43,7 @@ def test_settling_replaces_the_reservation_by_the_usage_and_a_refund_gives_it_ba
         7,
         3,
     )
-    day.settle(None, Spend(input_tokens=5, cost_usd=0.01))  # a call with nothing reserved (no budget then)
+    day.settle(None, Usage(input_tokens=5, cost_usd=0.01))  # a call with nothing reserved (no budget then)
     assert (day.tokens, day.calls, day.holds) == (165, 2, {})
 
 
@@ -58,7 +59,7 @@ def test_a_dead_holder_s_reservation_is_swept_as_spent_only_when_room_is_needed(
     )  # both swept: 90 spent
     assert (day.tokens, day.cost_usd, day.expired_reservations, day.holds) == (90, 0.7, 2, {})
     assert day.reserve(limits, "last", 10, 0.0, now=130.0, expires_at=160.0) is None
-    day.settle("dead", Spend(input_tokens=70, cost_usd=0.7))  # its call reports after all: counted once
+    day.settle("dead", Usage(input_tokens=70, cost_usd=0.7))  # its call reports after all: counted once
     assert (day.tokens, day.calls) == (90, 1)
 
 
@@ -106,7 +107,7 @@ def test_calls_within_their_reservations_never_take_a_day_over_its_limits(
             lease = sorted(day.holds)[a % len(day.holds)]
             hold = day.holds[lease]
             used = int(hold.tokens * b)
-            day.settle(lease, None if op == "refund" else Spend(input_tokens=used, cost_usd=hold.cost_usd * b))
+            day.settle(lease, None if op == "refund" else Usage(input_tokens=used, cost_usd=hold.cost_usd * b))
         elif op == "tick":
             now += a
         assert day.reserved_tokens == sum(h.tokens for h in day.holds.values())
@@ -125,11 +126,11 @@ def test_usage_accumulates_field_by_field() -> None:
     day = Day()
     day.settle(
         None,
-        Spend(input_tokens=1, output_tokens=2, cache_read_input_tokens=3, cache_creation_input_tokens=4, cost_usd=0.5),
+        Usage(input_tokens=1, output_tokens=2, cache_read_input_tokens=3, cache_creation_input_tokens=4, cost_usd=0.5),
     )
     day.settle(
         None,
-        Spend(
+        Usage(
             input_tokens=10, output_tokens=20, cache_read_input_tokens=30, cache_creation_input_tokens=40, cost_usd=0.25
         ),
     )

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from agentpool.budgets import Day, Hold, Limits, Spend
+from agentpool.budgets import Day, Hold, Limits
 from agentpool.errors import BudgetExceeded
 from agentpool.models import TenantPolicy, Usage
 from cluster.budgets import BudgetLedger, Reservation, seconds_to_reset, utc_day
@@ -202,7 +202,7 @@ def test_the_redis_scripts_do_what_the_arithmetic_says(redis_url: str) -> None:
         def settle(self, data: st.DataObject, share: float, refund: bool) -> None:
             lease = data.draw(st.sampled_from(self.leases))
             hold = self.day.holds.get(lease, Hold(200, 0.5, 0.0))
-            spend = Spend(
+            usage = Usage(
                 input_tokens=int(hold.tokens * share),
                 output_tokens=int(hold.tokens * share / 2),
                 cache_read_input_tokens=3,
@@ -214,14 +214,7 @@ def test_the_redis_scripts_do_what_the_arithmetic_says(redis_url: str) -> None:
                 self.day.settle(lease, None)
                 self.run(self.book.refund(reservation))
             else:
-                self.day.settle(lease, spend)
-                usage = Usage(
-                    input_tokens=spend.input_tokens,
-                    output_tokens=spend.output_tokens,
-                    cache_read_input_tokens=spend.cache_read_input_tokens,
-                    cache_creation_input_tokens=spend.cache_creation_input_tokens,
-                    cost_usd=spend.cost_usd,
-                )
+                self.day.settle(lease, usage)
                 self.run(self.book.settle("acme", reservation, usage))
 
         @rule(seconds=st.sampled_from([1.0, 10.0, 29.0, 30.0, 45.0]))
