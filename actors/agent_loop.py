@@ -15,10 +15,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from agentpool.actors.checkpoint import ApprovalRequest, LoopState
+from agentpool.actors.llm import Emit, LLMResponse
 from jsonschema import Draft202012Validator
 
-from actors.checkpoint import ApprovalRequest, LoopState
-from actors.llm import Emit, LLMResponse
 from agentpool import telemetry as tm
 from agentpool.errors import BudgetExceeded, ProviderError
 from agentpool.guardrails import DATA_NOTICE, screen, wrap_tool_output

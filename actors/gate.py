@@ -17,10 +17,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from agentpool.cluster.budgets import BudgetLedger, Reservation
+
 from agentpool import telemetry as tm
 from agentpool.models import TenantPolicy, Usage
 from agentpool.pricing import PriceTable
-from cluster.budgets import BudgetLedger, Reservation
 
 #: `anthropic-ratelimit-<name>-remaining` header names, by our bucket dimension.
 _REMAINING_HEADERS = {

@@ -12,9 +12,9 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import anthropic
+from agentpool.actors.backoff import Backoff, classify
+from agentpool.actors.response import parse_message
 
-from actors.backoff import Backoff, classify
-from actors.response import parse_message
 from agentpool import telemetry as tm
 from agentpool.errors import MalformedResponse, ProviderError
 from agentpool.secrets import Scrubber

@@ -19,12 +19,12 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
+from agentpool.actors.breaker import CircuitBreaker, CrashLoop, Denied, Permit, Suspended, Transition
+from agentpool.cluster.telemetry import Telemetered
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from actors.breaker import CircuitBreaker, CrashLoop, Denied, Permit, Suspended, Transition
 from agentpool import telemetry as tm
 from agentpool.config import BreakerConfig
-from cluster.telemetry import Telemetered
 
 #: Outcome kinds that count as failures for a breaker.
 FAILURES = frozenset({"error", "timeout", "crashed", "restarting"})

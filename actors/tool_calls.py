@@ -35,15 +35,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import ray
+from agentpool.actors.breaker import CrashLoop, Suspended
+from agentpool.cluster.keys import Keys
 from opentelemetry import trace
 from redis.exceptions import RedisError
 
-from actors.breaker import CrashLoop, Suspended
 from agentpool import telemetry as tm
 from agentpool.models import tool_arguments_problem
 from agentpool.protocol import ToolCall, ToolOutcome
 from agentpool.redact import redact
-from cluster.keys import Keys
 
 #: How long an at-most-once record is kept.
 RECORD_TTL_S = 7 * 86_400

@@ -19,16 +19,16 @@ import os
 import time
 
 import ray
+from agentpool.actors.tool_runtime import ToolRunner
+from agentpool.actors.tool_sandbox import Sandbox
+from agentpool.cluster.telemetry import Telemetered
 from opentelemetry import trace
 
-from actors.tool_runtime import ToolRunner
-from actors.tool_sandbox import Sandbox
 from agentpool import telemetry as tm
 from agentpool.config import Isolation
 from agentpool.protocol import ToolCall, ToolOutcome
 from agentpool.secrets import forget_env_secrets
 from agentpool.tools import load_tools
-from cluster.telemetry import Telemetered
 
 log = logging.getLogger(__name__)
 

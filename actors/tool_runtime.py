@@ -21,7 +21,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from actors.tool_sandbox import Sandbox
+from agentpool.actors.tool_sandbox import Sandbox
+
 from agentpool.config import Isolation
 from agentpool.errors import ToolError
 from agentpool.protocol import ToolCall, ToolOutcome

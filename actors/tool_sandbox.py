@@ -79,7 +79,7 @@ class Sandbox:
         """Launches the zygote now (it imports in the background); connected on first use."""
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "actors.tool_sandbox", *self._modules],
+            [sys.executable, "-m", "agentpool.actors.tool_sandbox", *self._modules],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,

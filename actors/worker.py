@@ -17,24 +17,24 @@ from typing import Any, TypeVar
 import anthropic
 import httpx2
 import ray
+from agentpool.actors.agent_loop import AgentLoop
+from agentpool.actors.backoff import Backoff
+from agentpool.actors.checkpoint import Checkpointer, LoopState
+from agentpool.actors.gate import TaskGate
+from agentpool.actors.llm import LLMClient
+from agentpool.actors.tool_calls import ToolCalls
+from agentpool.cluster.budgets import BudgetLedger
+from agentpool.cluster.store import ResultStore, RunStart
+from agentpool.cluster.telemetry import Telemetered
 from pydantic import BaseModel, SecretStr, ValidationError
 from redis.exceptions import RedisError
 
-from actors.agent_loop import AgentLoop
-from actors.backoff import Backoff
-from actors.checkpoint import Checkpointer, LoopState
-from actors.gate import TaskGate
-from actors.llm import LLMClient
-from actors.tool_calls import ToolCalls
 from agentpool import telemetry as tm
 from agentpool.config import PoolConfig
 from agentpool.models import AgentResult, ErrorInfo, Timings
 from agentpool.pricing import PriceTable
 from agentpool.protocol import ApprovalDecision, Dispatch, Paused
 from agentpool.secrets import Scrubber, forget_env_secrets, install_log_scrubber
-from cluster.budgets import BudgetLedger
-from cluster.store import ResultStore, RunStart
-from cluster.telemetry import Telemetered
 
 #: How often a run waiting on another run's lease looks again.
 _LEASE_POLL_S = 0.5

@@ -20,9 +20,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from agentpool.batch_view import demo_tasks, redis_cli_command, summary_table
+from agentpool.cluster.acl import display_url
 from agentpool.errors import AgentPoolError
 from agentpool.models import AgentResult, AgentTask
-from cluster.acl import display_url
 
 app = typer.Typer(
     help="A distributed pool of LLM agent workers on Ray.",
@@ -340,8 +340,8 @@ def results(
 ) -> None:
     """Prints a tenant's results from Redis as JSON Lines: the Redis of the running pool
     named --name, or the one --redis-url gives (a tenant's credentials, say)."""
-    from cluster.keys import Keys
-    from cluster.reader import ResultsReader
+    from agentpool.cluster.keys import Keys
+    from agentpool.cluster.reader import ResultsReader
 
     redis_url, prefix = _redis_of(name, address, redis_url, prefix)
     reader = ResultsReader(redis_url, tenant, keys=Keys(prefix))
@@ -400,9 +400,9 @@ def trace(
     """Shows a task's timeline from its events: each LLM call and tool call with its timing,
     tokens and cost, and how the task ended. Reads Redis only (the pool's, by --name, when no
     --redis-url is given)."""
+    from agentpool.cluster.keys import Keys
+    from agentpool.cluster.reader import ResultsReader, find_tenant
     from agentpool.views import timeline_table
-    from cluster.keys import Keys
-    from cluster.reader import ResultsReader, find_tenant
 
     url, prefix = _redis_of(name, address, redis_url, prefix)
     keys = Keys(prefix)
@@ -435,8 +435,8 @@ def tenant_credentials(
     """Prints a Redis URL that can read only TENANT's keys (a Redis ACL user; other keys give
     NOPERM), for `agentpool results TENANT --redis-url URL`. Running it again rotates the
     password; --revoke deletes the user."""
-    from cluster.acl import create_tenant_credentials, revoke_tenant_credentials
-    from cluster.keys import Keys
+    from agentpool.cluster.acl import create_tenant_credentials, revoke_tenant_credentials
+    from agentpool.cluster.keys import Keys
 
     url, prefix = _redis_of(name, address, redis_url, prefix)
     if revoke:

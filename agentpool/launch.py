@@ -10,10 +10,10 @@ import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from agentpool.cluster.telemetry import exported_env
 from agentpool.config import PoolConfig
 from agentpool.errors import ConfigError
 from agentpool.protocol import WorkerSpawn
-from cluster.telemetry import exported_env
 
 NAMESPACE = "agentpool"
 
@@ -61,7 +61,7 @@ def worker_spawn(config: PoolConfig, **kwargs: Any) -> WorkerSpawn:
 
 def start_worker(spawn: WorkerSpawn, name: str, extra: dict[str, Any]) -> Any:
     """Starts the agent worker `name` as `spawn` says (`WorkerSpawn.start`)."""
-    from actors.worker import AgentWorker
+    from agentpool.actors.worker import AgentWorker
 
     return AgentWorker.options(**spawn.options, **extra, name=name).remote(**spawn.kwargs)
 
@@ -157,7 +157,7 @@ def start_executor_group(
 ) -> tuple[list[str], list[Any]]:
     """Starts one executor group's actors. Ray restarts a dead executor but never re-sends
     its calls by itself (`max_task_retries=0`): the worker decides what may run again."""
-    from actors.tool_executor import ToolExecutor
+    from agentpool.actors.tool_executor import ToolExecutor
 
     shape = config.executor_group(group)
     names = [f"{config.name}-tools-{group}-{i}" for i in range(shape.executors)]

@@ -12,6 +12,11 @@ import ray
 from pydantic import SecretStr
 
 from agentpool import telemetry as tm
+from agentpool.cluster.acl import create_tenant_credentials, display_url, revoke_tenant_credentials
+from agentpool.cluster.keys import Keys
+from agentpool.cluster.reader import ResultsReader, find_tenant
+from agentpool.cluster.redis_server import EmbeddedRedis
+from agentpool.cluster.telemetry import TelemetryConfigError, check_env
 from agentpool.config import PoolConfig
 from agentpool.errors import ConfigError, PoolNotRunning
 from agentpool.launch import (
@@ -31,11 +36,6 @@ from agentpool.pool_telemetry import PoolTelemetry
 from agentpool.preflight import check_name_free, check_redis, first_line, name_taken, tools_as_actors_see_them
 from agentpool.protocol import new_trace_id, traceparent
 from agentpool.views import redis_trouble
-from cluster.acl import create_tenant_credentials, display_url, revoke_tenant_credentials
-from cluster.keys import Keys
-from cluster.reader import ResultsReader, find_tenant
-from cluster.redis_server import EmbeddedRedis
-from cluster.telemetry import TelemetryConfigError, check_env
 
 log = logging.getLogger("agentpool")
 
@@ -106,11 +106,11 @@ class AgentPool(PoolTelemetry):
             ConfigError: If a part cannot start (bad tool module, no redis-server, ...), or a
                 detached pool would live in a Ray instance that dies with this process.
         """
-        from actors.simulator_host import SimulatorHost
-        from actors.tool_board import ToolBoard
-        from cluster.redis_host import RedisHost
-        from scheduler.limiter import RateLimiter
-        from scheduler.scheduler import Scheduler
+        from agentpool.actors.simulator_host import SimulatorHost
+        from agentpool.actors.tool_board import ToolBoard
+        from agentpool.cluster.redis_host import RedisHost
+        from agentpool.scheduler.limiter import RateLimiter
+        from agentpool.scheduler.scheduler import Scheduler
 
         config = config or PoolConfig()
         uses_simulator = config.uses_simulator
@@ -340,7 +340,7 @@ class AgentPool(PoolTelemetry):
 
     def _added_workers(self) -> list[Any]:
         """The workers the autoscaler started (detached, so they outlive a scheduler restart)."""
-        from scheduler.fleet import worker_actor_names
+        from agentpool.scheduler.fleet import worker_actor_names
 
         handles = []
         for name in worker_actor_names(self.config, NAMESPACE):

@@ -11,11 +11,11 @@ from typing import Any
 
 import ray
 
+from agentpool.cluster.acl import display_url
+from agentpool.cluster.reader import ping
 from agentpool.errors import ConfigError, StoreError
 from agentpool.launch import NAMESPACE
 from agentpool.tools import load_tools
-from cluster.acl import display_url
-from cluster.reader import ping
 
 
 def check_redis(url: str, *, source: str) -> None:

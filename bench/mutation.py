@@ -1,6 +1,8 @@
 """`mutation`: how many deliberate mistakes in the pure policy cores the fast tests catch.
 
-mutmut (pinned in the `dev` extra) copies the packages into `mutants/`, makes every small
+mutmut (pinned in the `dev` extra) runs on a copy of the checkout in the installed layout
+(`.mutation/`, see bench/layout.py, so a mutant's name is its module's real name). It copies
+the package into `.mutation/mutants/`, makes every small
 change it knows in the modules listed under `only_mutate` in pyproject's `[tool.mutmut]`
 (a `<` for a `<=`, a constant off by one, a dropped argument, ...), and runs, for each
 mutant, the fast tests listed there that reach the mutated function (no Ray, no Redis).
@@ -30,7 +32,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -40,9 +41,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.layout import ROOT, stage
 from bench.report import write
 
-ROOT = Path(__file__).resolve().parent.parent
+#: Where mutmut runs; `cd .mutation && python -m mutmut show NAME` prints a mutant's change.
+STAGE = ROOT / ".mutation"
 ACCEPTED = Path(__file__).with_name("mutation_accepted.toml")
 QUICK_SHARE = 6
 MAX_CHILDREN = os.cpu_count() or 2
@@ -56,7 +59,8 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
     modules: list[str] = config["only_mutate"]
     accepted = load_accepted()
     started = time.monotonic()
-    shutil.rmtree(ROOT / "mutants", ignore_errors=True)  # cached verdicts would make it no run at all
+    # Staged afresh: mutmut's cached verdicts would make it no run at all.
+    stage(STAGE, also=("tests", "pyproject.toml"))
     if quick:
         # Asked for no mutant, mutmut generates them all and maps tests to functions, then
         # stops ("nothing matches"): the names to sample from are then known.
@@ -91,7 +95,7 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         },
         notes=(
             "Killed / (killed + survived) over the pure policy modules, judged by the fast tests. "
-            "`mutmut show NAME` prints a survivor's change.\n\n### Survivors\n\n"
+            "`cd .mutation && python -m mutmut show NAME` prints a survivor's change.\n\n### Survivors\n\n"
             + listing
             + ("\n\n### Listed in mutation_accepted.toml, no longer surviving\n\n" + "\n".join(stale) if stale else "")
         ),
@@ -145,7 +149,7 @@ def verdict(code: int | None) -> str:
 
 
 def module_of(mutant: str) -> str:
-    """`scheduler.fair.xǁFairQueueǁhead__mutmut_3` -> `scheduler.fair`."""
+    """`agentpool.scheduler.fair.xǁFairQueueǁhead__mutmut_3` -> `agentpool.scheduler.fair`."""
     return re.split(r"\.x[ǁ_]", mutant, maxsplit=1)[0]
 
 
@@ -172,7 +176,7 @@ def read_verdicts(modules: list[str]) -> dict[str, int]:
     """Every mutant of the mutated modules, with its exit code (None: not run)."""
     verdicts: dict[str, int] = {}
     for path in modules:
-        meta = ROOT / "mutants" / f"{path}.meta"
+        meta = STAGE / "mutants" / f"{path}.meta"
         if meta.exists():
             verdicts.update(json.loads(meta.read_text())["exit_code_by_key"])
     return verdicts
@@ -185,7 +189,7 @@ def _sampled(name: str) -> bool:
 def _mutmut(args: list[str], *, check: bool = True) -> None:
     env = {**os.environ, "HYPOTHESIS_PROFILE": "mutation"}
     command = [sys.executable, "-m", "mutmut", *args[:1], "--max-children", str(MAX_CHILDREN), *args[1:]]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    done = subprocess.run(command, cwd=STAGE, env=env, capture_output=True, text=True, check=False)
     if check and done.returncode != 0:
         raise SystemExit(f"mutmut {args[0]} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
 

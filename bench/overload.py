@@ -37,13 +37,13 @@ import aiohttp
 import anthropic
 import ray
 import redis
+from agentpool.actors.simulator_host import SimulatorHost
+from agentpool.cluster.keys import Keys
 
-from actors.simulator_host import SimulatorHost
 from agentpool import AgentPool, AgentResult, AgentTask, PoolConfig, RateLimit, SimulatorConfig, TenantPolicy
 from agentpool.simulator.config import ModelLimitsConfig
 from bench.load import Timeline, open_loop, wait_idle
 from bench.report import latency_cdf, percentile, timeseries, write
-from cluster.keys import Keys
 
 MODEL = "claude-sonnet-4-5"
 RPM = 600

@@ -18,11 +18,11 @@ import secrets
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis
+from agentpool.cluster.keys import Keys
 from pydantic import TypeAdapter, ValidationError
 
 from agentpool.errors import ConfigError, InvalidTask
 from agentpool.models import TenantName
-from cluster.keys import Keys
 
 #: What a tenant's consumer may run: reads of its own keys, consumer-group bookkeeping on its
 #: own streams, and connection housekeeping. Nothing that lists keys or reaches other keys.

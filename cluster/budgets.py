@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from agentpool.cluster.keys import Keys
 
 from agentpool.budgets import BudgetReason, Limits, admission_check
 from agentpool.errors import BudgetExceeded
 from agentpool.models import TenantPolicy, Usage
-from cluster.keys import Keys
 
 _DAY_KEY_TTL_S = 3 * 24 * 3600
 # The scripts subtract as `0 - x`, never `-x`: Lua's -0 reaches Redis as "-0", which HINCRBY

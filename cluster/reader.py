@@ -11,12 +11,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import redis
+from agentpool.cluster.acl import display_url
+from agentpool.cluster.keys import Keys
 from redis.exceptions import AuthenticationError, NoPermissionError, RedisError
 
 from agentpool.errors import StoreError, StoreUnavailable
 from agentpool.models import AgentResult
-from cluster.acl import display_url
-from cluster.keys import Keys
 
 #: A blocking read waits at most this long; the socket's timeout is longer, so an idle
 #: `follow()` is a read that returned empty, never a timeout.

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from agentpool.cluster.acl import display_url
+from agentpool.cluster.keys import Keys
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
@@ -25,8 +27,6 @@ from agentpool.config import PoolConfig
 from agentpool.errors import StoreError
 from agentpool.models import AgentResult, AgentTask
 from agentpool.redact import redact, redact_text
-from cluster.acl import display_url
-from cluster.keys import Keys
 
 #: One JSON line per structured event, when `PoolConfig.event_log` is on.
 EVENT_LOG = logging.getLogger("agentpool.events")

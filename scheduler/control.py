@@ -13,18 +13,18 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+from agentpool.scheduler.jobs import Job, trace_context
+from agentpool.scheduler.records import failed_record
 from redis.exceptions import RedisError
 
 from agentpool.models import AgentResult, AgentTask
 from agentpool.protocol import Admitted, ApprovalDecision, Paused, traceparent
-from scheduler.jobs import Job, trace_context
-from scheduler.records import failed_record
 
 if TYPE_CHECKING:
-    from cluster.store import ResultStore
-    from scheduler.fair import FairQueue
-    from scheduler.fleet import WorkerFleet
-    from scheduler.jobs import Approvals
+    from agentpool.cluster.store import ResultStore
+    from agentpool.scheduler.fair import FairQueue
+    from agentpool.scheduler.fleet import WorkerFleet
+    from agentpool.scheduler.jobs import Approvals
 
 
 log = logging.getLogger("agentpool.scheduler")

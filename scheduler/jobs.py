@@ -15,11 +15,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from agentpool.cluster.store import ResultStore
+
 from agentpool.models import AgentResult, AgentTask
 from agentpool.protocol import ApprovalDecision, Paused, new_trace_id, traceparent
 from agentpool.redact import redact
 from agentpool.telemetry import trace_id_of
-from cluster.store import ResultStore
 
 JobState = Literal["admitting", "queued", "running", "paused"]
 #: How many pending approval requests of a tenant are read when looking one up.

@@ -21,8 +21,8 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from scheduler.buckets import DIMENSIONS, BucketSet
-from scheduler.fair import FairQueue, token_cost
+from agentpool.scheduler.buckets import DIMENSIONS, BucketSet
+from agentpool.scheduler.fair import FairQueue, token_cost
 
 #: The output-token estimate needs this many responses of a model before replacing max_tokens.
 _ESTIMATE_MIN_SAMPLES = 20

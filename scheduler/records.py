@@ -9,17 +9,18 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from agentpool.scheduler.jobs import Job
+
 from agentpool.errors import AgentPoolError
 from agentpool.models import AgentResult, AgentTask, ErrorInfo, Timings
-from scheduler.jobs import Job
 
 log = logging.getLogger("agentpool.scheduler")
 
 if TYPE_CHECKING:
     from collections import Counter
 
-    from cluster.store import ResultStore
-    from scheduler.observe import TaskTelemetry
+    from agentpool.cluster.store import ResultStore
+    from agentpool.scheduler.observe import TaskTelemetry
 
 
 def _rejection_event(error: AgentPoolError) -> str:

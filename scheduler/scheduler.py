@@ -23,26 +23,26 @@ from collections import Counter
 from typing import Any
 
 import ray
+from agentpool.cluster.budgets import BudgetLedger
+from agentpool.cluster.store import ResultStore
+from agentpool.cluster.telemetry import Telemetered
+from agentpool.scheduler.admission import Admission, screen_task
+from agentpool.scheduler.alerts import AlertMonitor
+from agentpool.scheduler.capacity import ModelDispatch
+from agentpool.scheduler.control import CancelledInQueue, JobControl
+from agentpool.scheduler.fair import FairQueue, token_cost
+from agentpool.scheduler.fleet import WorkerFleet
+from agentpool.scheduler.jobs import Approvals, Job, trace_context
+from agentpool.scheduler.observe import TaskTelemetry
+from agentpool.scheduler.records import Records
+from agentpool.scheduler.shedding import DispatchRate, OverloadDetector, WaitForecast, sheds
+from agentpool.scheduler.status import StatusView
 from redis.exceptions import RedisError
 
 from agentpool.config import PoolConfig
 from agentpool.errors import AgentPoolError, Overloaded, RetryLater
 from agentpool.models import AgentResult, AgentTask
 from agentpool.protocol import Admitted, Dispatch, Paused, WorkerSpawn
-from cluster.budgets import BudgetLedger
-from cluster.store import ResultStore
-from cluster.telemetry import Telemetered
-from scheduler.admission import Admission, screen_task
-from scheduler.alerts import AlertMonitor
-from scheduler.capacity import ModelDispatch
-from scheduler.control import CancelledInQueue, JobControl
-from scheduler.fair import FairQueue, token_cost
-from scheduler.fleet import WorkerFleet
-from scheduler.jobs import Approvals, Job, trace_context
-from scheduler.observe import TaskTelemetry
-from scheduler.records import Records
-from scheduler.shedding import DispatchRate, OverloadDetector, WaitForecast, sheds
-from scheduler.status import StatusView
 
 #: How often queued tasks are checked against their deadlines and the queue for a standing wait.
 _TICK_S = 0.25

@@ -16,7 +16,7 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
-from scheduler.fair import PRIORITIES
+from agentpool.scheduler.fair import PRIORITIES
 
 
 class OverloadDetector:

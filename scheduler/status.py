@@ -10,16 +10,16 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import ray
+from agentpool.scheduler.alerts import ERROR_STATUSES, AlertMonitor
+from agentpool.scheduler.jobs import Job
 from redis.exceptions import RedisError
 
 from agentpool import telemetry as tm
 from agentpool.models import AgentResult
-from scheduler.alerts import ERROR_STATUSES, AlertMonitor
-from scheduler.jobs import Job
 
 if TYPE_CHECKING:
-    from cluster.store import ResultStore
-    from scheduler.observe import TaskTelemetry
+    from agentpool.cluster.store import ResultStore
+    from agentpool.scheduler.observe import TaskTelemetry
 
 log = logging.getLogger("agentpool.alerts")
 #: Tenants whose task ends `status()` counts, at most.

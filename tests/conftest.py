@@ -10,10 +10,10 @@ from collections.abc import Iterator
 import pytest
 import ray
 import redis
+from agentpool.cluster.redis_server import EmbeddedRedis
 from hypothesis import Phase, settings
 
 from agentpool.simulator import SimulatorConfig, SimulatorServer
-from cluster.redis_server import EmbeddedRedis
 
 # `python -m bench mutation` judges mutants with this profile: the same examples every run,
 # and no example database, so a verdict depends on the code and the tests alone; no

@@ -13,15 +13,15 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from agentpool.cluster.acl import create_tenant_credentials, display_url, revoke_tenant_credentials, tenant_rules
+from agentpool.cluster.keys import Keys
+from agentpool.cluster.reader import ResultsReader
+from agentpool.cluster.redis_server import EmbeddedRedis
 from hypothesis import given
 from hypothesis import strategies as st
 
 from agentpool.errors import InvalidTask, StoreError
 from agentpool.models import AgentResult
-from cluster.acl import create_tenant_credentials, display_url, revoke_tenant_credentials, tenant_rules
-from cluster.keys import Keys
-from cluster.reader import ResultsReader
-from cluster.redis_server import EmbeddedRedis
 
 TENANT_NAMES = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,20}", fullmatch=True)
 

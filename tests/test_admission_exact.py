@@ -8,12 +8,12 @@ from __future__ import annotations
 import math
 
 import pytest
+from agentpool.scheduler.buckets import BucketSet, TokenBucket
+from agentpool.scheduler.capacity import HEADROOM, SPARE, ModelCapacity, ModelDispatch
+from agentpool.scheduler.fair import MAX_REMEMBERED_TENANTS, FairQueue, token_cost
+from agentpool.scheduler.shedding import DispatchRate, OverloadDetector, WaitForecast
 
 from agentpool.models import AgentResult, RateLimit, Timings, Usage
-from scheduler.buckets import BucketSet, TokenBucket
-from scheduler.capacity import HEADROOM, SPARE, ModelCapacity, ModelDispatch
-from scheduler.fair import MAX_REMEMBERED_TENANTS, FairQueue, token_cost
-from scheduler.shedding import DispatchRate, OverloadDetector, WaitForecast
 
 LIMITS = {"requests": 60, "input_tokens": 600, "output_tokens": 600}
 

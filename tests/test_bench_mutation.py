@@ -13,32 +13,32 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_the_score_counts_timeouts_as_kills_and_leaves_out_only_equivalents() -> None:
     verdicts = {
-        "scheduler.fair.xǁFairQueueǁhead__mutmut_1": 1,  # killed
-        "scheduler.fair.xǁFairQueueǁhead__mutmut_2": 0,  # survived, equivalent
-        "scheduler.fair.xǁFairQueueǁhead__mutmut_3": 0,  # survived, accepted
-        "scheduler.fair.x_token_cost__mutmut_1": 36,  # timeout
-        "scheduler.fair.x_token_cost__mutmut_2": 33,  # no test reaches it
-        "actors.breaker.xǁCrashLoopǁcrashed__mutmut_1": 0,  # survived
-        "actors.breaker.xǁCrashLoopǁcrashed__mutmut_2": None,  # not run
+        "agentpool.scheduler.fair.xǁFairQueueǁhead__mutmut_1": 1,  # killed
+        "agentpool.scheduler.fair.xǁFairQueueǁhead__mutmut_2": 0,  # survived, equivalent
+        "agentpool.scheduler.fair.xǁFairQueueǁhead__mutmut_3": 0,  # survived, accepted
+        "agentpool.scheduler.fair.x_token_cost__mutmut_1": 36,  # timeout
+        "agentpool.scheduler.fair.x_token_cost__mutmut_2": 33,  # no test reaches it
+        "agentpool.actors.breaker.xǁCrashLoopǁcrashed__mutmut_1": 0,  # survived
+        "agentpool.actors.breaker.xǁCrashLoopǁcrashed__mutmut_2": None,  # not run
     }
     listed = {
-        "scheduler.fair.xǁFairQueueǁhead__mutmut_2": Listed("equivalent", "never read"),
-        "scheduler.fair.xǁFairQueueǁhead__mutmut_3": Listed("accepted", "no promise"),
+        "agentpool.scheduler.fair.xǁFairQueueǁhead__mutmut_2": Listed("equivalent", "never read"),
+        "agentpool.scheduler.fair.xǁFairQueueǁhead__mutmut_3": Listed("accepted", "no promise"),
     }
-    figures, survivors = summarise(verdicts, ["scheduler/fair.py", "actors/breaker.py"], listed)  # type: ignore[arg-type]
+    figures, survivors = summarise(verdicts, ["agentpool/scheduler/fair.py", "agentpool/actors/breaker.py"], listed)  # type: ignore[arg-type]
     assert figures["mutation_score"] == round(2 / 5, 4)  # killed + timeout over those plus 3 survivors
     assert (figures["killed"], figures["timeout"], figures["survived"], figures["no_tests"]) == (1, 1, 2, 1)
     assert (figures["equivalent"], figures["accepted"], figures["other"]) == (1, 1, 1)
-    assert figures["survived_scheduler.fair"] == 2 and figures["survived_actors.breaker"] == 1
+    assert figures["survived_agentpool.scheduler.fair"] == 2 and figures["survived_agentpool.actors.breaker"] == 1
     assert [name for name, _ in survivors] == [
-        "actors.breaker.xǁCrashLoopǁcrashed__mutmut_1",
-        "scheduler.fair.x_token_cost__mutmut_2",
-        "scheduler.fair.xǁFairQueueǁhead__mutmut_3",
+        "agentpool.actors.breaker.xǁCrashLoopǁcrashed__mutmut_1",
+        "agentpool.scheduler.fair.x_token_cost__mutmut_2",
+        "agentpool.scheduler.fair.xǁFairQueueǁhead__mutmut_3",
     ]
 
 
 def test_module_names_come_from_mutant_names() -> None:
-    assert module_of("scheduler.fair.xǁFairQueueǁhead__mutmut_3") == "scheduler.fair"
+    assert module_of("agentpool.scheduler.fair.xǁFairQueueǁhead__mutmut_3") == "agentpool.scheduler.fair"
     assert module_of("agentpool.redact.x_luhn_valid__mutmut_23") == "agentpool.redact"
 
 

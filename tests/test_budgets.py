@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from agentpool.cluster.budgets import BudgetLedger, Reservation, seconds_to_reset, utc_day
+from agentpool.cluster.keys import Keys
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -17,8 +19,6 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from agentpool.budgets import Day, Hold, Limits
 from agentpool.errors import BudgetExceeded
 from agentpool.models import TenantPolicy, Usage
-from cluster.budgets import BudgetLedger, Reservation, seconds_to_reset, utc_day
-from cluster.keys import Keys
 
 NOON = dt.datetime(2026, 11, 21, 12, 0, tzinfo=dt.UTC).timestamp()
 

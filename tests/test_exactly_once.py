@@ -9,13 +9,13 @@ import asyncio
 import uuid
 
 import redis
+from agentpool.cluster.keys import Keys
+from agentpool.cluster.store import ResultStore
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from agentpool.models import AgentResult, AgentTask
-from cluster.keys import Keys
-from cluster.store import ResultStore
 
 TASKS = [f"task{i}" for i in range(4)]
 STATUSES = ["succeeded", "failed", "cancelled", "rejected"]

@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 import ray
+from agentpool.actors.response import MAX_RESPONSE_BYTES, parse_message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from actors.response import MAX_RESPONSE_BYTES, parse_message
 from agentpool import AgentPool, AgentResult, AgentTask, PoolConfig, SimulatorConfig
 from agentpool.config import RetryPolicy
 from agentpool.errors import InvalidTaskInput, MalformedResponse

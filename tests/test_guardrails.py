@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 import redis
+from agentpool.cluster.keys import Keys
+from agentpool.cluster.store import ResultStore
 
 from agentpool import AgentPool, AgentTask, PoolConfig, SimulatorConfig, TenantPolicy
 from agentpool.guardrails import TAG
 from agentpool.models import Guardrails
-from cluster.keys import Keys
-from cluster.store import ResultStore
 
 
 def test_the_store_redacts_a_tenant_events_and_audit(redis_url: str, key_prefix: str) -> None:

@@ -9,8 +9,7 @@ import math
 import statistics
 
 import pytest
-
-from scheduler.permits import Lease, PermitBroker, PermitRequest
+from agentpool.scheduler.permits import Lease, PermitBroker, PermitRequest
 
 LIMITS = {"sonnet": {"requests": 120, "input_tokens": 6000, "output_tokens": 3000}, "haiku": {"requests": 60}}
 KEY = "sonnet"

@@ -11,13 +11,13 @@ from urllib.parse import urlsplit
 
 import pytest
 import ray
+from agentpool.cluster.keys import Keys
+from agentpool.cluster.reader import ResultsReader
+from agentpool.cluster.redis_server import EmbeddedRedis
+from agentpool.cluster.store import ResultStore
 
 from agentpool import AgentPool, AgentResult, AgentTask, PoolConfig
 from agentpool.errors import ConfigError, InvalidConfig, StoreError, StoreUnavailable
-from cluster.keys import Keys
-from cluster.reader import ResultsReader
-from cluster.redis_server import EmbeddedRedis
-from cluster.store import ResultStore
 from tests.pools import small_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")

@@ -20,14 +20,14 @@ import anthropic
 import httpx2
 import pytest
 import ray
+from agentpool.actors.backoff import classify
+from agentpool.actors.tool_runtime import ToolRunner
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
 import agentpool
-from actors.backoff import classify
-from actors.tool_runtime import ToolRunner
 from agentpool import AgentPool, AgentResult, AgentTask, PoolConfig, Timings
 from agentpool.batch_view import redis_cli_command, summary_table
 from agentpool.cli import app

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 
 import redis
+from agentpool.cluster.keys import Keys
+from agentpool.cluster.reader import ResultsReader
+from agentpool.cluster.store import ResultStore
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agentpool.models import AgentResult
-from cluster.keys import Keys
-from cluster.reader import ResultsReader
-from cluster.store import ResultStore
 
 
 def result(task_id: str, tenant: str = "acme", status: str = "succeeded", answer: str = "a") -> AgentResult:

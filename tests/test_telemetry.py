@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 import ray
 import redis
+from agentpool.cluster.keys import Keys
 
 from agentpool import AgentPool, AgentResult, AgentTask, PoolConfig, SimulatorConfig
 from agentpool.config import AlertConfig, RetryPolicy
 from agentpool.pricing import PriceTable
 from agentpool.telemetry import DURATION_BUCKETS, TOKEN_BUCKETS
-from cluster.keys import Keys
 from tests.otlp_receiver import OTLPReceiver
 
 pytestmark = pytest.mark.usefixtures("ray_session")

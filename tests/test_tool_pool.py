@@ -14,13 +14,13 @@ import pytest
 import ray
 import redis
 import redis.asyncio as aioredis
+from agentpool.actors.tool_calls import ToolCalls
+from agentpool.cluster.keys import Keys
 from typer.testing import CliRunner
 
-from actors.tool_calls import ToolCalls
 from agentpool import AgentPool, AgentTask, BreakerConfig, ExecutorGroupConfig, PoolConfig, SimulatorConfig
 from agentpool.cli import app
 from agentpool.protocol import ToolCall
-from cluster.keys import Keys
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
