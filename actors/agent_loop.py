@@ -15,11 +15,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from agentpool.actors.checkpoint import ApprovalRequest, LoopState
-from agentpool.actors.llm import Emit, LLMResponse
 from jsonschema import Draft202012Validator
 
 from agentpool import telemetry as tm
+from agentpool.actors.checkpoint import ApprovalRequest, LoopState
+from agentpool.actors.llm import Emit, LLMResponse
 from agentpool.errors import BudgetExceeded, ProviderError
 from agentpool.guardrails import DATA_NOTICE, screen, wrap_tool_output
 from agentpool.models import AgentResult, AgentTask, ErrorInfo, Guardrails, TaskStatus, ToolCallSummary, Usage

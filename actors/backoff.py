@@ -96,4 +96,4 @@ class Backoff:
         p = self.policy
         ceiling = min(p.max_delay_s, p.base_delay_s * 2 ** (attempt - 1))
         delay = ceiling * (1 - p.jitter * self._rng.random())
-        return max(delay, server_wait_s or 0.0)
+        return max(float(delay), server_wait_s or 0.0)

@@ -17,9 +17,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agentpool.cluster.budgets import BudgetLedger, Reservation
-
 from agentpool import telemetry as tm
+from agentpool.cluster.budgets import BudgetLedger, Reservation
 from agentpool.models import TenantPolicy, Usage
 from agentpool.pricing import PriceTable
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import anthropic
-from agentpool.actors.backoff import Backoff, classify
-from agentpool.actors.response import parse_message
 
 from agentpool import telemetry as tm
+from agentpool.actors.backoff import Backoff, classify
+from agentpool.actors.response import parse_message
 from agentpool.errors import MalformedResponse, ProviderError
 from agentpool.secrets import Scrubber
 

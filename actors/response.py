@@ -95,7 +95,7 @@ def parse_message(raw: bytes, *, model: str) -> dict[str, Any]:
     try:
         _Message.model_validate(body)
         for block in body["content"]:
-            _KNOWN.get(block.get("type"), _Block).model_validate(block)  # type: ignore[arg-type]
+            _KNOWN.get(block.get("type"), _Block).model_validate(block)
     except (ValidationError, AttributeError) as exc:
         where = ""
         if isinstance(exc, ValidationError) and exc.errors():

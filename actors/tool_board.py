@@ -19,11 +19,11 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
-from agentpool.actors.breaker import CircuitBreaker, CrashLoop, Denied, Permit, Suspended, Transition
-from agentpool.cluster.telemetry import Telemetered
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from agentpool import telemetry as tm
+from agentpool.actors.breaker import CircuitBreaker, CrashLoop, Denied, Permit, Suspended, Transition
+from agentpool.cluster.telemetry import Telemetered
 from agentpool.config import BreakerConfig
 
 #: Outcome kinds that count as failures for a breaker.

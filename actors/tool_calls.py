@@ -35,12 +35,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import ray
-from agentpool.actors.breaker import CrashLoop, Suspended
-from agentpool.cluster.keys import Keys
 from opentelemetry import trace
 from redis.exceptions import RedisError
 
 from agentpool import telemetry as tm
+from agentpool.actors.breaker import CrashLoop, Suspended
+from agentpool.cluster.keys import Keys
 from agentpool.models import tool_arguments_problem
 from agentpool.protocol import ToolCall, ToolOutcome
 from agentpool.redact import redact

@@ -19,12 +19,12 @@ import os
 import time
 
 import ray
-from agentpool.actors.tool_runtime import ToolRunner
-from agentpool.actors.tool_sandbox import Sandbox
-from agentpool.cluster.telemetry import Telemetered
 from opentelemetry import trace
 
 from agentpool import telemetry as tm
+from agentpool.actors.tool_runtime import ToolRunner
+from agentpool.actors.tool_sandbox import Sandbox
+from agentpool.cluster.telemetry import Telemetered
 from agentpool.config import Isolation
 from agentpool.protocol import ToolCall, ToolOutcome
 from agentpool.secrets import forget_env_secrets

@@ -22,7 +22,6 @@ from collections.abc import Callable
 from typing import Any
 
 from agentpool.actors.tool_sandbox import Sandbox
-
 from agentpool.config import Isolation
 from agentpool.errors import ToolError
 from agentpool.protocol import ToolCall, ToolOutcome

@@ -291,15 +291,15 @@ def serve(modules: list[str]) -> None:
             if key.data is None:
                 message = _read_frame(control_in)
                 if message is None:  # the executor is gone: so are its calls
-                    for child in children.values():
+                    for running in children.values():
                         with contextlib.suppress(ProcessLookupError):
-                            os.kill(child.pid, signal.SIGKILL)
+                            os.kill(running.pid, signal.SIGKILL)
                     return
                 if message[0] == "kill":
-                    for child in children.values():
-                        if child.call_id == message[1]:
+                    for running in children.values():
+                        if running.call_id == message[1]:
                             with contextlib.suppress(ProcessLookupError):
-                                os.kill(child.pid, signal.SIGKILL)
+                                os.kill(running.pid, signal.SIGKILL)
                     continue
                 _, call_id, name, kwargs = message
                 spec = tools.get(name)

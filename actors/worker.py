@@ -17,6 +17,10 @@ from typing import Any, TypeVar
 import anthropic
 import httpx2
 import ray
+from pydantic import BaseModel, SecretStr, ValidationError
+from redis.exceptions import RedisError
+
+from agentpool import telemetry as tm
 from agentpool.actors.agent_loop import AgentLoop
 from agentpool.actors.backoff import Backoff
 from agentpool.actors.checkpoint import Checkpointer, LoopState
@@ -26,10 +30,6 @@ from agentpool.actors.tool_calls import ToolCalls
 from agentpool.cluster.budgets import BudgetLedger
 from agentpool.cluster.store import ResultStore, RunStart
 from agentpool.cluster.telemetry import Telemetered
-from pydantic import BaseModel, SecretStr, ValidationError
-from redis.exceptions import RedisError
-
-from agentpool import telemetry as tm
 from agentpool.config import PoolConfig
 from agentpool.models import AgentResult, ErrorInfo, Timings
 from agentpool.pricing import PriceTable
@@ -132,7 +132,7 @@ class AgentWorker(Telemetered):
         """
         self.in_flight += 1
         task = dispatch.task
-        attributes = {
+        attributes: dict[str, str | int] = {
             "agentpool.task_id": task.task_id,
             "agentpool.tenant": task.tenant,
             "agentpool.attempt": dispatch.attempt,

@@ -41,7 +41,7 @@ def demo_tasks(n: int, tenants: list[str]) -> list[AgentTask]:
             AgentTask(
                 tenant=tenants[i % len(tenants)], prompt=prompt.format(i=i, a=1000 + i, b=37 + i), tools=tools, **extra
             )
-        )  # type: ignore[arg-type]
+        )
     return tasks
 
 

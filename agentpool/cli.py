@@ -11,7 +11,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, cast
 
 import typer
 from pydantic import ValidationError
@@ -23,6 +23,9 @@ from agentpool.batch_view import demo_tasks, redis_cli_command, summary_table
 from agentpool.cluster.acl import display_url
 from agentpool.errors import AgentPoolError
 from agentpool.models import AgentResult, AgentTask
+
+if TYPE_CHECKING:  # imported late at run time: `agentpool --help` starts without Ray
+    from agentpool.pool import AgentPool
 
 app = typer.Typer(
     help="A distributed pool of LLM agent workers on Ray.",
@@ -90,13 +93,13 @@ def friendly(command: F) -> F:
             stderr.print(f"[red]error:[/] {escape(_one_line(exc))}  [dim](--debug for the traceback)[/]")
             raise typer.Exit(1) from None
 
-    return run  # type: ignore[return-value]
+    return cast(F, run)
 
 
-def _run_with_progress(pool: object, tasks: list[AgentTask]) -> list[AgentResult]:
+def _run_with_progress(pool: AgentPool, tasks: list[AgentTask]) -> list[AgentResult]:
     import ray
 
-    refs = pool.submit(tasks)  # type: ignore[attr-defined]
+    refs = pool.submit(tasks)
     index = {ref: i for i, ref in enumerate(refs)}
     results: list[AgentResult | None] = [None] * len(refs)
     pending = list(refs)
@@ -111,9 +114,9 @@ def _run_with_progress(pool: object, tasks: list[AgentTask]) -> list[AgentResult
     return [r for r in results if r is not None]
 
 
-def _where_in_redis(pool: object, tenants: list[str], embedded: bool) -> None:
-    url = pool.redis_url  # type: ignore[attr-defined]
-    prefix = pool.config.key_prefix  # type: ignore[attr-defined]
+def _where_in_redis(pool: AgentPool, tenants: list[str], embedded: bool) -> None:
+    url = pool.redis_url
+    prefix = pool.config.key_prefix
     console.print(f"\n[bold]Results in Redis[/] at {display_url(url)}")
     for tenant in tenants:
         console.print(
@@ -166,7 +169,7 @@ RedisUrlOption = Annotated[
 PrefixOption = Annotated[str | None, typer.Option(envvar="AGENTPOOL_KEY_PREFIX", help="Key prefix.")]
 
 
-def _connect(name: str, address: str | None) -> object:
+def _connect(name: str, address: str | None) -> AgentPool:
     from agentpool import AgentPool
     from agentpool.errors import PoolNotRunning
 
@@ -209,7 +212,7 @@ def start(
 def stop(name: NameOption = "agentpool", address: AddressOption = None) -> None:
     """Stops a running (detached) pool: its actors and its embedded Redis, if any."""
     pool = _connect(name, address)
-    pool.terminate()  # type: ignore[attr-defined]
+    pool.terminate()
     console.print(f"pool [bold]{name}[/] stopped")
 
 
@@ -222,7 +225,7 @@ def cancel(
 ) -> None:
     """Cancels a queued, running or paused task and prints its final record (or, if it had
     ended already, the record it ended with)."""
-    result = _connect(name, address).cancel(task_id)  # type: ignore[attr-defined]
+    result = _connect(name, address).cancel(task_id)
     if result is None:
         stderr.print(f"[yellow]pool {name} has no task {task_id}, in progress or ended[/]")
         raise typer.Exit(1)
@@ -241,7 +244,7 @@ def approve(
     address: AddressOption = None,
 ) -> None:
     """Approves (or with --deny, denies) a task's tool calls waiting for a human."""
-    answer = _connect(name, address).approve(task_id, not deny, note=note)  # type: ignore[attr-defined]
+    answer = _connect(name, address).approve(task_id, not deny, note=note)
     console.print(f"{task_id}: {answer['status']}")
     if answer["status"] != "decided":
         raise typer.Exit(1)
@@ -265,12 +268,12 @@ def submit(
     tasks = read_tasks(file)
     if detach:
         pool = _connect(name, address)
-        answers = pool.enqueue(tasks)  # type: ignore[attr-defined]
+        answers = pool.enqueue(tasks)
         by_status: dict[str, int] = defaultdict(int)
         for answer in answers:
             by_status[answer["status"]] += 1
         console.print(", ".join(f"{n} {status}" for status, n in sorted(by_status.items())))
-        where = display_url(pool.redis_url)  # type: ignore[attr-defined]
+        where = display_url(pool.redis_url)
         named = "" if name == "agentpool" else f" --name {name}"
         console.print(f"results land in Redis at {where} (`agentpool results TENANT{named}`)")
         return
@@ -324,7 +327,7 @@ def _redis_of(name: str, address: str | None, redis_url: str | None, prefix: str
     if redis_url:
         return redis_url, prefix or "agentpool"
     pool = _connect(name, address)
-    return pool.redis_url, prefix or pool.config.key_prefix  # type: ignore[attr-defined]
+    return pool.redis_url, prefix or pool.config.key_prefix
 
 
 @app.command()
@@ -370,7 +373,7 @@ def status(
     from agentpool.views import status_view
 
     pool = _connect(name, address)
-    snapshot = pool.status()  # type: ignore[attr-defined]
+    snapshot = pool.status()
     if as_json:
         print(json.dumps(snapshot, indent=2, default=str))
         return
@@ -381,7 +384,7 @@ def status(
         with Live(status_view(snapshot), console=console, refresh_per_second=4, screen=False) as live:
             while True:
                 time.sleep(max(0.2, watch))
-                live.update(status_view(pool.status()))  # type: ignore[attr-defined]
+                live.update(status_view(pool.status()))
     except KeyboardInterrupt:
         pass
 
@@ -452,7 +455,7 @@ def metrics_targets(name: NameOption = "agentpool", address: AddressOption = Non
     """Prints where the pool's processes serve /metrics (OTEL_METRICS_EXPORTER=prometheus), as a
     Prometheus file_sd_configs JSON file."""
     pool = _connect(name, address)
-    print(json.dumps(pool.metrics_targets(), indent=2))  # type: ignore[attr-defined]
+    print(json.dumps(pool.metrics_targets(), indent=2))
 
 
 @app.command()

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_core import InitErrorDetails
 
 
 class AgentPoolError(Exception):
@@ -111,24 +112,25 @@ class InvalidTaskInput(InvalidTask, ValidationError):
     @classmethod
     def of(cls, message: str, problems: list[dict[str, Any]]) -> InvalidTaskInput:
         """The error for `problems` (`{index, loc, msg, type}`, with pydantic's `ctx` if any)."""
-        lines = []
+        lines: list[InitErrorDetails] = []
         for problem in problems:
             loc = tuple(problem["loc"]) if problem.get("index") is None else (problem["index"], *problem["loc"])
-            line: dict[str, Any] = {"type": problem["type"], "loc": loc, "input": None}
+            line: InitErrorDetails = {"type": problem["type"], "loc": loc, "input": None}
             if problem.get("ctx"):
                 line["ctx"] = problem["ctx"]
             lines.append(line)
         try:
             exc = cls.from_exception_data("AgentTask", lines, hide_input=True)
         except (KeyError, TypeError, ValueError):  # a type whose context is gone (unpickled): its message
-            plain = [
-                {"type": "value_error", "loc": line["loc"], "input": None, "ctx": {"error": problem["msg"]}}
+            plain: list[InitErrorDetails] = [
+                {"type": "value_error", "loc": line.get("loc", ()), "input": None, "ctx": {"error": problem["msg"]}}
                 for line, problem in zip(lines, problems, strict=True)
             ]
             exc = cls.from_exception_data("AgentTask", plain, hide_input=True)
         public = [{k: v for k, v in p.items() if k != "ctx"} for p in problems]
         exc.message = message
         exc.fields = {"errors": public}
+        # Our list, callable as pydantic's method: `errors` is both here (see _Problems).
         exc.errors = _Problems(public, exc)  # type: ignore[method-assign]
         exc.args = (message,)
         return exc
@@ -149,7 +151,8 @@ class InvalidTaskInput(InvalidTask, ValidationError):
         return self.message
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_input, (self.message, list(self.errors)))
+        problems: list[dict[str, Any]] = self.__dict__.get("errors", [])  # the _Problems set by `of`
+        return (_rebuild_input, (self.message, list(problems)))
 
 
 def task_problems(error: ValidationError, index: int | None = None) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 
 from agentpool.cluster.telemetry import exported_env
 from agentpool.config import PoolConfig
@@ -16,6 +16,13 @@ from agentpool.errors import ConfigError
 from agentpool.protocol import WorkerSpawn
 
 NAMESPACE = "agentpool"
+
+
+def actor_class(cls: type) -> Any:
+    """A class decorated with `@ray.remote`, as what Ray made of it. mypy keeps a decorated
+    class as the plain class, which has no `.options`; and Ray's own `ActorClass` types a
+    handle's methods as the plain methods, with no `.remote`. Handles are therefore `Any`."""
+    return cast(Any, cls)
 
 
 def actor_env(level: int) -> dict[str, Any]:
@@ -63,7 +70,7 @@ def start_worker(spawn: WorkerSpawn, name: str, extra: dict[str, Any]) -> Any:
     """Starts the agent worker `name` as `spawn` says (`WorkerSpawn.start`)."""
     from agentpool.actors.worker import AgentWorker
 
-    return AgentWorker.options(**spawn.options, **extra, name=name).remote(**spawn.kwargs)
+    return actor_class(AgentWorker).options(**spawn.options, **extra, name=name).remote(**spawn.kwargs)
 
 
 # Placeholder credential for the bundled simulator; it accepts any key and this is not secret.
@@ -162,14 +169,16 @@ def start_executor_group(
     shape = config.executor_group(group)
     names = [f"{config.name}-tools-{group}-{i}" for i in range(shape.executors)]
     handles = [
-        ToolExecutor.options(
+        actor_class(ToolExecutor)
+        .options(
             **{**ACTOR_OPTIONS, "max_task_retries": 0, "runtime_env": actor_env(shape.niceness)},
             resources=dict(config.placement.executor_resources),
             name=name,
             max_concurrency=shape.concurrency + 8,
             namespace=NAMESPACE,
             **lifetime,
-        ).remote(
+        )
+        .remote(
             config.all_tool_modules,
             config.tool_output_max_chars,
             group=group,

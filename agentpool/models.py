@@ -126,14 +126,14 @@ class AgentTask(_Model):
             raise _invalid(exc) from None
 
     @classmethod
-    def model_validate(cls, obj: Any, **options: Any) -> AgentTask:  # type: ignore[override]
+    def model_validate(cls, obj: Any, **options: Any) -> AgentTask:
         try:
             return super().model_validate(obj, **options)
         except ValidationError as exc:
             raise _invalid(exc) from None
 
     @classmethod
-    def model_validate_json(cls, json_data: str | bytes | bytearray, **options: Any) -> AgentTask:  # type: ignore[override]
+    def model_validate_json(cls, json_data: str | bytes | bytearray, **options: Any) -> AgentTask:
         try:
             return super().model_validate_json(json_data, **options)
         except ValidationError as exc:

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import ray
 from pydantic import SecretStr
@@ -22,6 +22,7 @@ from agentpool.errors import ConfigError, PoolNotRunning
 from agentpool.launch import (
     NAMESPACE,
     SIMULATOR_KEY,
+    actor_class,
     control,
     init_ray,
     kill_all,
@@ -148,7 +149,7 @@ class AgentPool(PoolTelemetry):
             host = {**control(config), "max_restarts": 0, "max_task_retries": 0, "namespace": NAMESPACE, **lifetime}
             redis_url = config.redis_url
             if redis_url is None and detached:  # the server must outlive this process too
-                redis_host = RedisHost.options(**host, name=f"{config.name}-redis").remote()
+                redis_host = actor_class(RedisHost).options(**host, name=f"{config.name}-redis").remote()
                 actors.append(redis_host)
                 redis_url = ray.get(redis_host.start.remote())
             elif redis_url is None:
@@ -156,7 +157,9 @@ class AgentPool(PoolTelemetry):
                 redis_url = embedded.start()
             simulator, base_url = None, config.anthropic_base_url
             if uses_simulator:
-                simulator = SimulatorHost.options(**host, name=f"{config.name}-simulator").remote(config.simulator)
+                simulator = (
+                    actor_class(SimulatorHost).options(**host, name=f"{config.name}-simulator").remote(config.simulator)
+                )
                 actors.append(simulator)
             # The default group first: its catalog says which other groups the tools ask for.
             # Its processes start while the simulator's does.
@@ -177,21 +180,29 @@ class AgentPool(PoolTelemetry):
             for group in sorted({entry["group"] for entry in catalog.values()} - {"default"}):
                 executor_names[group], _ = start_executor_group(config, group, actors, lifetime)
             board_name = f"{config.name}-tools"
-            board = ToolBoard.options(**control(config), name=board_name, namespace=NAMESPACE, **lifetime).remote(
-                catalog,
-                config.breaker.model_dump(),
+            board = (
+                actor_class(ToolBoard)
+                .options(**control(config), name=board_name, namespace=NAMESPACE, **lifetime)
+                .remote(
+                    catalog,
+                    config.breaker.model_dump(),
+                )
             )
             actors.append(board)
             limiter_name = f"{config.name}-limiter"
             # Every LLM attempt of every worker waits here: its concurrency is bounded only by
             # the attempts that can be in flight at once.
-            limiter = RateLimiter.options(
-                **control(config),
-                name=limiter_name,
-                namespace=NAMESPACE,
-                max_concurrency=config.worker_concurrency * config.max_workers * 2 + 100,
-                **lifetime,
-            ).remote(config)
+            limiter = (
+                actor_class(RateLimiter)
+                .options(
+                    **control(config),
+                    name=limiter_name,
+                    namespace=NAMESPACE,
+                    max_concurrency=config.worker_concurrency * config.max_workers * 2 + 100,
+                    **lifetime,
+                )
+                .remote(config)
+            )
             actors.append(limiter)
             spawn = worker_spawn(
                 config,
@@ -211,22 +222,31 @@ class AgentPool(PoolTelemetry):
             named += [board_name, limiter_name, *worker_names, scheduler_name]
             named += [f"{config.name}-simulator"] if simulator is not None else []
             named += [f"{config.name}-redis"] if detached and config.redis_url is None else []
-            scheduler = Scheduler.options(
-                **control(config),
-                name=scheduler_name,
-                namespace=NAMESPACE,
-                **lifetime,
-                max_concurrency=max(1000, config.max_queued + config.worker_concurrency * config.max_workers + 100),
-            ).remote(
-                config,
-                redis_url=redis_url,
-                worker_names=worker_names,
-                worker_spawn=spawn,
-                namespace=NAMESPACE,
-                tool_names=list(catalog),
-                limiter_name=limiter_name,
-                board_name=board_name,
-                extra_info={"actors": named, "detached": detached, "provider_url": base_url, "tools": list(catalog)},
+            scheduler = (
+                actor_class(Scheduler)
+                .options(
+                    **control(config),
+                    name=scheduler_name,
+                    namespace=NAMESPACE,
+                    **lifetime,
+                    max_concurrency=max(1000, config.max_queued + config.worker_concurrency * config.max_workers + 100),
+                )
+                .remote(
+                    config,
+                    redis_url=redis_url,
+                    worker_names=worker_names,
+                    worker_spawn=spawn,
+                    namespace=NAMESPACE,
+                    tool_names=list(catalog),
+                    limiter_name=limiter_name,
+                    board_name=board_name,
+                    extra_info={
+                        "actors": named,
+                        "detached": detached,
+                        "provider_url": base_url,
+                        "tools": list(catalog),
+                    },
+                )
             )
             actors.append(scheduler)
             ray.get([scheduler.status.remote(), *(w.ping.remote() for w in workers)])
@@ -269,7 +289,7 @@ class AgentPool(PoolTelemetry):
             scheduler = ray.get_actor(f"{name}-scheduler", namespace=NAMESPACE)
         except ValueError:
             raise PoolNotRunning(f"no pool named {name!r} is running on this cluster") from None
-        info = ray.get(scheduler.info.remote())
+        info = cast(dict[str, Any], ray.get(scheduler.info.remote()))
         config = PoolConfig.model_validate(info["config"])
         check_redis(info["redis_url"], source=f"the Redis of pool {name!r}")
         simulator = None

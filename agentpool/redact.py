@@ -116,14 +116,16 @@ def redact(value: Any, *, pii: Pii = True, keys: bool = True, numbers: bool = Tr
         return "[TOO_DEEP]"
     if isinstance(value, str):
         return redact_text(value, pii=pii)
-    more = {"pii": pii, "keys": keys, "numbers": numbers, "_depth": _depth + 1}
+    depth = _depth + 1
     if isinstance(value, dict):
         return {
-            k: "[REDACTED]" if keys and isinstance(k, str) and secret_key(k) else redact(v, **more)
+            k: "[REDACTED]"
+            if keys and isinstance(k, str) and secret_key(k)
+            else redact(v, pii=pii, keys=keys, numbers=numbers, _depth=depth)
             for k, v in value.items()
         }
     if isinstance(value, list | tuple):
-        return [redact(v, **more) for v in value]
+        return [redact(v, pii=pii, keys=keys, numbers=numbers, _depth=depth) for v in value]
     if numbers and isinstance(value, int) and not isinstance(value, bool) and pii_kinds(pii):
         text = redact_text(str(value), pii=pii)
         return value if text == str(value) else text

@@ -167,6 +167,7 @@ def tool(
                 tool=spec.name,
             )
         _REGISTRY[spec.name] = spec
+        # Marks the function as a tool for module scans; a function type declares no such attribute.
         func.__agentpool_tool__ = spec  # type: ignore[attr-defined]
         return func
 
@@ -221,9 +222,7 @@ def build_spec(
             raise ConfigError(f"tool {tool_name}: parameter {param.name!r} needs a type hint", tool=tool_name)
         default = ... if param.default is param.empty else param.default
         fields[param.name] = (hints[param.name], Field(default, description=arg_docs.get(param.name)))
-    model = create_model(  # type: ignore[call-overload]
-        f"{tool_name}_arguments", __config__=ConfigDict(extra="forbid"), **fields
-    )
+    model = create_model(f"{tool_name}_arguments", __config__=ConfigDict(extra="forbid"), **fields)
     return ToolSpec(
         name=tool_name,
         description=(description or summary or tool_name)[:1024],

@@ -37,7 +37,8 @@ def tenants_table(status: dict[str, Any]) -> Table:
     tenants = sorted(set(depth) | set(running) | set(ends) | {t for t, v in budgets.items() if isinstance(v, dict)})
     for tenant in tenants:
         ended = ends.get(tenant, {})
-        spent = budgets.get(tenant) if isinstance(budgets.get(tenant), dict) else {}
+        entry = budgets.get(tenant)
+        spent: dict[str, Any] = entry if isinstance(entry, dict) else {}
         other = sum(ended.values()) - ended.get("succeeded", 0) - errors.get(tenant, 0) - ended.get("rejected", 0)
         table.add_row(
             tenant,
@@ -53,13 +54,13 @@ def tenants_table(status: dict[str, Any]) -> Table:
     return table
 
 
-def status_tables(status: dict[str, object]) -> list[Table]:
+def status_tables(status: dict[str, Any]) -> list[Table]:
     """The pool's status as tables: queues and shedding, buckets, budgets, tools."""
     queues = Table(title="queues", show_header=True)
     for column in ("tenant", "critical", "standard", "sheddable", "in flight"):
         queues.add_column(column, justify="right" if column != "tenant" else "left")
-    depth: dict[str, dict[str, int]] = status.get("queued_by_tenant", {})  # type: ignore[assignment]
-    running: dict[str, int] = status.get("in_flight_by_tenant", {})  # type: ignore[assignment]
+    depth: dict[str, dict[str, int]] = status.get("queued_by_tenant", {})
+    running: dict[str, int] = status.get("in_flight_by_tenant", {})
     for tenant in sorted(set(depth) | set(running)):
         by_class = depth.get(tenant, {})
         queues.add_row(
@@ -67,7 +68,7 @@ def status_tables(status: dict[str, object]) -> list[Table]:
             *(str(by_class.get(p, 0)) for p in ("critical", "standard", "sheddable")),
             str(running.get(tenant, 0)),
         )
-    workers: dict[str, object] = status.get("workers") or {}  # type: ignore[assignment]
+    workers: dict[str, Any] = status.get("workers") or {}
     queues.caption = (
         f"queued {status.get('queued')}, in flight {status.get('in_flight')}/{status.get('capacity')}, "
         f"workers {workers.get('count')} (wanted {workers.get('desired')}, starting {workers.get('starting')}, "
@@ -78,8 +79,8 @@ def status_tables(status: dict[str, object]) -> list[Table]:
     buckets = Table(title="global rate limits", show_header=True)
     for column in ("limit", "dimension", "level", "capacity", "waiting", "paused s"):
         buckets.add_column(column)
-    limits: dict[str, object] = status.get("limits", {})  # type: ignore[assignment]
-    for key, model in (limits.get("models") or {}).items():  # type: ignore[union-attr]
+    limits: dict[str, Any] = status.get("limits", {})
+    for key, model in (limits.get("models") or {}).items():
         for dim, level in model["dimensions"].items():
             buckets.add_row(
                 key,
@@ -93,7 +94,7 @@ def status_tables(status: dict[str, object]) -> list[Table]:
     budgets = Table(title="usage today (UTC)", show_header=True)
     for column in ("tenant", "tokens", "cost USD", "reserved tokens", "calls"):
         budgets.add_column(column)
-    for tenant, spent in (status.get("budgets_today") or {}).items():  # type: ignore[union-attr]
+    for tenant, spent in (status.get("budgets_today") or {}).items():
         if not isinstance(spent, dict):  # {"error": ...} while Redis is away
             continue
         budgets.add_row(
@@ -106,8 +107,8 @@ def status_tables(status: dict[str, object]) -> list[Table]:
     tools = Table(title="tools", show_header=True)
     for column in ("tool", "breaker", "outcomes"):
         tools.add_column(column)
-    board: dict[str, object] = status.get("tools", {})  # type: ignore[assignment]
-    for name, entry in (board.get("tools") or {}).items():  # type: ignore[union-attr]
+    board: dict[str, Any] = status.get("tools", {})
+    for name, entry in (board.get("tools") or {}).items():
         breaker = entry.get("breaker") or {}
         state = str(breaker.get("state", "none"))
         if "retry_after_s" in breaker:

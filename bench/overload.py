@@ -37,10 +37,10 @@ import aiohttp
 import anthropic
 import ray
 import redis
-from agentpool.actors.simulator_host import SimulatorHost
-from agentpool.cluster.keys import Keys
 
 from agentpool import AgentPool, AgentResult, AgentTask, PoolConfig, RateLimit, SimulatorConfig, TenantPolicy
+from agentpool.actors.simulator_host import SimulatorHost
+from agentpool.cluster.keys import Keys
 from agentpool.simulator.config import ModelLimitsConfig
 from bench.load import Timeline, open_loop, wait_idle
 from bench.report import latency_cdf, percentile, timeseries, write

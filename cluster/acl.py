@@ -18,9 +18,9 @@ import secrets
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis
-from agentpool.cluster.keys import Keys
 from pydantic import TypeAdapter, ValidationError
 
+from agentpool.cluster.keys import Keys
 from agentpool.errors import ConfigError, InvalidTask
 from agentpool.models import TenantName
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from agentpool.cluster.keys import Keys
 
 from agentpool.budgets import BudgetReason, Limits, admission_check
+from agentpool.cluster.keys import Keys
 from agentpool.errors import BudgetExceeded
 from agentpool.models import TenantPolicy, Usage
 
@@ -219,7 +219,7 @@ class BudgetLedger:
     async def spent(self, tenant: str) -> dict[str, float]:
         """Today's usage of `tenant`: tokens, cost and what is reserved by calls in flight."""
         raw = await self._redis().hgetall(self._keys.usage(tenant, utc_day(self._now())))
-        return {k: float(v) for k, v in raw.items() if not k.startswith("lease:")}
+        return {str(k): float(v) for k, v in raw.items() if not str(k).startswith("lease:")}
 
     async def check(self, tenant: str, policy: TenantPolicy, first_call_tokens: int = 0) -> BudgetExceeded | None:
         """At admission: the rejection when what is left of a daily budget cannot cover even

@@ -4,6 +4,7 @@ all of one tenant's keys share a slot and an ACL pattern `~agentpool:{acme}:*` c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 
 @dataclass(frozen=True)
@@ -72,3 +73,13 @@ class Keys:
     def tool_cache(self, tenant: str, tool: str, digest: str) -> str:
         """A cacheable tool's result for one set of arguments."""
         return f"{self._tenant(tenant)}:toolcache:{tool}:{digest}"
+
+
+#: A stream entry as read back: its id and its fields.
+Entry = tuple[str, dict[str, str]]
+
+
+def stream_entries(reply: object) -> list[Entry]:
+    """redis-py's reply to XRANGE or XREVRANGE, typed as what a client with
+    `decode_responses=True` gives (its stubs also allow bytes and None)."""
+    return cast(list[Entry], reply or [])

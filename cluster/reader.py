@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import redis
-from agentpool.cluster.acl import display_url
-from agentpool.cluster.keys import Keys
 from redis.exceptions import AuthenticationError, NoPermissionError, RedisError
 
+from agentpool.cluster.acl import display_url
+from agentpool.cluster.keys import Keys, stream_entries
 from agentpool.errors import StoreError, StoreUnavailable
 from agentpool.models import AgentResult
 
@@ -96,7 +96,7 @@ class ResultsReader:
         cursor = start
         while count is None or seen < count:
             with store_errors(self._url):
-                entries = self._redis.xrange(self.stream, min=cursor, count=page)
+                entries = stream_entries(self._redis.xrange(self.stream, min=cursor, count=page))
             if cursor != start:
                 entries = entries[1:]  # xrange's min is inclusive: skip the last one we gave
             if not entries:
@@ -123,7 +123,7 @@ class ResultsReader:
         cursor, scanned = "+", 0
         while scanned < scan_limit:
             with store_errors(self._url):
-                entries = self._redis.xrevrange(stream, max=cursor, count=1000)
+                entries = stream_entries(self._redis.xrevrange(stream, max=cursor, count=1000))
             if cursor != "+":
                 entries = entries[1:]  # max is inclusive: skip the one we already read
             if not entries:
@@ -142,7 +142,7 @@ class ResultsReader:
     def audit(self, *, count: int = 1000) -> list[dict[str, str]]:
         """The newest `count` entries of the tenant's audit trail, oldest first."""
         with store_errors(self._url):
-            entries = self._redis.xrevrange(self.keys.audit(self.tenant), count=count)
+            entries = stream_entries(self._redis.xrevrange(self.keys.audit(self.tenant), count=count))
         return [{"id": entry_id, **fields} for entry_id, fields in reversed(entries)]
 
     def follow(

@@ -4,6 +4,7 @@ lives as long as the pool's actors, not as long as the process that started them
 from __future__ import annotations
 
 import ray
+
 from agentpool.cluster.redis_server import EmbeddedRedis
 
 

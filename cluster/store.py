@@ -14,15 +14,16 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
-from agentpool.cluster.acl import display_url
-from agentpool.cluster.keys import Keys
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
+from redis.typing import EncodableT, FieldT
 
+from agentpool.cluster.acl import display_url
+from agentpool.cluster.keys import Keys
 from agentpool.config import PoolConfig
 from agentpool.errors import StoreError
 from agentpool.models import AgentResult, AgentTask
@@ -373,6 +374,10 @@ class ResultStore:
         _ = self.redis
         return bool(await self._scripts["lease"](keys=[self.keys.lease(tenant, task_id)], args=[run_id, 0]))
 
+    async def mark_cancelled(self, tenant: str, task_id: str, reason: str) -> None:
+        """Tells a run of the task that starts or resumes later (anywhere) to end at once."""
+        await self.redis.set(self.keys.cancel(tenant, task_id), reason, ex=86_400)
+
     async def save_checkpoint(self, tenant: str, task_id: str, payload: str, ttl_s: int) -> None:
         await self.redis.set(self.keys.checkpoint(tenant, task_id), payload, ex=ttl_s)
 
@@ -436,7 +441,9 @@ class ResultStore:
                 batch = self._events[:_EVENT_BATCH]
                 pipe = self.redis.pipeline(transaction=False)
                 for key, entry, maxlen in batch:
-                    pipe.xadd(key, entry, maxlen=maxlen, approximate=True)
+                    # redis-py types the fields as a dict of its own key and value unions.
+                    fields = cast("dict[FieldT, EncodableT]", entry)
+                    pipe.xadd(key, fields, maxlen=maxlen, approximate=True)
                 try:
                     await pipe.execute()
                 except _REDIS_DOWN as exc:

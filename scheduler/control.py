@@ -13,18 +13,19 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from agentpool.scheduler.jobs import Job, trace_context
-from agentpool.scheduler.records import failed_record
 from redis.exceptions import RedisError
 
 from agentpool.models import AgentResult, AgentTask
 from agentpool.protocol import Admitted, ApprovalDecision, Paused, traceparent
+from agentpool.redact import redact
+from agentpool.scheduler.jobs import Job, trace_context
+from agentpool.scheduler.records import failed_record
 
 if TYPE_CHECKING:
+    from agentpool.cluster.approvals import Approvals
     from agentpool.cluster.store import ResultStore
     from agentpool.scheduler.fair import FairQueue
     from agentpool.scheduler.fleet import WorkerFleet
-    from agentpool.scheduler.jobs import Approvals
 
 
 log = logging.getLogger("agentpool.scheduler")
@@ -134,7 +135,9 @@ class JobControl:
         job.decision = asyncio.get_running_loop().create_future()
         if job.cancel_reason is None:
             with contextlib.suppress(RedisError, OSError):
-                await self._approvals.request(job, paused)
+                # The reviewer sees the arguments, less anything shaped like a credential.
+                shown = paused.model_copy(update={"arguments": redact(paused.arguments, pii=False)})
+                await self._approvals.request(shown, job.trace_id)
             try:
                 async with asyncio.timeout(max(0.0, paused.deadline_unix - time.time())):
                     await job.decision
@@ -175,7 +178,7 @@ class JobControl:
         task = job.task
         # For a run that starts or resumes later (or on another worker): it ends at once.
         with contextlib.suppress(RedisError, OSError):
-            await self._store.redis.set(self._store.keys.cancel(task.tenant, task_id), reason, ex=86_400)
+            await self._store.mark_cancelled(task.tenant, task_id, reason)
         if job.state == "queued" and not job.resumed and self._queue.remove(task.tenant, job):
             if not job.slot.done():
                 job.slot.set_exception(CancelledInQueue())

@@ -20,11 +20,11 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
-from agentpool.scheduler.autoscale import WorkerScaler
-from agentpool.scheduler.dispatch import LeastLoaded
 
 from agentpool.config import PoolConfig
 from agentpool.protocol import WorkerSpawn
+from agentpool.scheduler.autoscale import WorkerScaler
+from agentpool.scheduler.dispatch import LeastLoaded
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import ray
-from agentpool.cluster.telemetry import Telemetered
-from agentpool.scheduler.permits import PermitBroker, PermitRequest
 
+from agentpool.cluster.telemetry import Telemetered
 from agentpool.config import PoolConfig
+from agentpool.scheduler.permits import PermitBroker, PermitRequest
 
 
 def broker_for(config: PoolConfig, now: float, *, full: bool) -> PermitBroker:

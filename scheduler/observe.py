@@ -13,12 +13,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from agentpool.scheduler.jobs import Job
 from opentelemetry import trace
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from agentpool import telemetry as tm
 from agentpool.models import AgentResult
+from agentpool.scheduler.jobs import Job
 
 #: Statuses that mark the task's span as an error (a rejection or a cancellation is not one).
 _FAILED = frozenset({"failed", "timed_out", "iteration_cap", "budget_exhausted"})

@@ -9,10 +9,9 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from agentpool.scheduler.jobs import Job
-
 from agentpool.errors import AgentPoolError
 from agentpool.models import AgentResult, AgentTask, ErrorInfo, Timings
+from agentpool.scheduler.jobs import Job
 
 log = logging.getLogger("agentpool.scheduler")
 

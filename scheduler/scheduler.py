@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -23,26 +24,27 @@ from collections import Counter
 from typing import Any
 
 import ray
+from redis.exceptions import RedisError
+
+from agentpool.cluster.approvals import Approvals
 from agentpool.cluster.budgets import BudgetLedger
 from agentpool.cluster.store import ResultStore
 from agentpool.cluster.telemetry import Telemetered
+from agentpool.config import PoolConfig
+from agentpool.errors import AgentPoolError, Overloaded, RetryLater
+from agentpool.models import AgentResult, AgentTask
+from agentpool.protocol import Admitted, Dispatch, Paused, WorkerSpawn
 from agentpool.scheduler.admission import Admission, screen_task
 from agentpool.scheduler.alerts import AlertMonitor
 from agentpool.scheduler.capacity import ModelDispatch
 from agentpool.scheduler.control import CancelledInQueue, JobControl
 from agentpool.scheduler.fair import FairQueue, token_cost
 from agentpool.scheduler.fleet import WorkerFleet
-from agentpool.scheduler.jobs import Approvals, Job, trace_context
+from agentpool.scheduler.jobs import Job, trace_context
 from agentpool.scheduler.observe import TaskTelemetry
 from agentpool.scheduler.records import Records
 from agentpool.scheduler.shedding import DispatchRate, OverloadDetector, WaitForecast, sheds
 from agentpool.scheduler.status import StatusView
-from redis.exceptions import RedisError
-
-from agentpool.config import PoolConfig
-from agentpool.errors import AgentPoolError, Overloaded, RetryLater
-from agentpool.models import AgentResult, AgentTask
-from agentpool.protocol import Admitted, Dispatch, Paused, WorkerSpawn
 
 #: How often queued tasks are checked against their deadlines and the queue for a standing wait.
 _TICK_S = 0.25
@@ -137,7 +139,8 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
         try:
             return await asyncio.shield(self._job_for(task, traceparent).done)
         finally:
-            self._callers.discard(caller)  # type: ignore[arg-type]
+            if caller is not None:
+                self._callers.discard(caller)
 
     def _start(self, task: AgentTask, context: str, *, adopted: bool = False, admitted_unix: float = 0.0) -> Job:
         # Registered before the first await, so a duplicate arriving meanwhile joins this job.
@@ -150,7 +153,7 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
             log.exception("telemetry failed as task %s began", task.task_id)
         life = asyncio.get_running_loop().create_task(self._life(job))
         self._lives.add(life)  # the loop keeps only weak references to tasks
-        life.add_done_callback(lambda t, j=job: self._ended(t, j))
+        life.add_done_callback(functools.partial(self._ended, job=job))
         return job
 
     async def _life(self, job: Job) -> AgentResult:
@@ -387,7 +390,7 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
         """Which rate-limited models have calls waiting for permits. Only those are capped:
         while a model's buckets still hold a burst, its tasks are dispatched as fast as they come."""
         try:  # bounded: a limiter that is restarting must not hold up the deadline sweep
-            waiting = await asyncio.wait_for(self._limiter.backlog.remote(), _TICK_S * 4)
+            waiting: dict[str, int] = await asyncio.wait_for(self._limiter.backlog.remote(), _TICK_S * 4)
         except (ray.exceptions.RayError, TimeoutError):
             return
         if self._models.backlog(waiting):

@@ -10,12 +10,12 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import ray
-from agentpool.scheduler.alerts import ERROR_STATUSES, AlertMonitor
-from agentpool.scheduler.jobs import Job
 from redis.exceptions import RedisError
 
 from agentpool import telemetry as tm
 from agentpool.models import AgentResult
+from agentpool.scheduler.alerts import ERROR_STATUSES, AlertMonitor
+from agentpool.scheduler.jobs import Job
 
 if TYPE_CHECKING:
     from agentpool.cluster.store import ResultStore

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import pytest
 import ray
 import redis
-from agentpool.cluster.redis_server import EmbeddedRedis
 from hypothesis import Phase, settings
 
+from agentpool.cluster.redis_server import EmbeddedRedis
 from agentpool.simulator import SimulatorConfig, SimulatorServer
 
 # `python -m bench mutation` judges mutants with this profile: the same examples every run,

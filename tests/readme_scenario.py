@@ -66,8 +66,9 @@ def _run_bash(code: str, env: dict[str, str], cwd: str) -> str | None:
 
 def main() -> dict[str, Any]:
     import ray
-    from agentpool.cluster.redis_server import EmbeddedRedis, find_redis_server
     from ray.cluster_utils import Cluster
+
+    from agentpool.cluster.redis_server import EmbeddedRedis, find_redis_server
 
     root = Path(__file__).resolve().parent.parent
     work = Path(tempfile.mkdtemp(prefix="readme-"))

@@ -13,13 +13,13 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from hypothesis import given
+from hypothesis import strategies as st
+
 from agentpool.cluster.acl import create_tenant_credentials, display_url, revoke_tenant_credentials, tenant_rules
 from agentpool.cluster.keys import Keys
 from agentpool.cluster.reader import ResultsReader
 from agentpool.cluster.redis_server import EmbeddedRedis
-from hypothesis import given
-from hypothesis import strategies as st
-
 from agentpool.errors import InvalidTask, StoreError
 from agentpool.models import AgentResult
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 import math
 
 import pytest
+
+from agentpool.models import AgentResult, RateLimit, Timings, Usage
 from agentpool.scheduler.buckets import BucketSet, TokenBucket
 from agentpool.scheduler.capacity import HEADROOM, SPARE, ModelCapacity, ModelDispatch
 from agentpool.scheduler.fair import MAX_REMEMBERED_TENANTS, FairQueue, token_cost
 from agentpool.scheduler.shedding import DispatchRate, OverloadDetector, WaitForecast
-
-from agentpool.models import AgentResult, RateLimit, Timings, Usage
 
 LIMITS = {"requests": 60, "input_tokens": 600, "output_tokens": 600}
 

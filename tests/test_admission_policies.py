@@ -7,16 +7,16 @@ import itertools
 import math
 
 import pytest
-from agentpool.scheduler.buckets import BucketSet, TokenBucket
-from agentpool.scheduler.capacity import ModelCapacity
-from agentpool.scheduler.fair import PRIORITIES, FairQueue
-from agentpool.scheduler.permits import PermitBroker, PermitRequest
-from agentpool.scheduler.shedding import OverloadDetector, WaitForecast, sheds
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from agentpool.models import RateLimit
+from agentpool.scheduler.buckets import BucketSet, TokenBucket
+from agentpool.scheduler.capacity import ModelCapacity
+from agentpool.scheduler.fair import PRIORITIES, FairQueue
+from agentpool.scheduler.permits import PermitBroker, PermitRequest
+from agentpool.scheduler.shedding import OverloadDetector, WaitForecast, sheds
 
 # --- token buckets ---------------------------------------------------------------------------
 

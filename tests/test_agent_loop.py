@@ -7,11 +7,11 @@ from typing import Any
 
 import anthropic
 import pytest
+
 from agentpool.actors.agent_loop import AgentLoop
 from agentpool.actors.backoff import Backoff
 from agentpool.actors.llm import LLMClient
 from agentpool.actors.tool_runtime import ToolRunner
-
 from agentpool.config import PoolConfig, RetryPolicy
 from agentpool.models import AgentTask
 from agentpool.pricing import PriceTable

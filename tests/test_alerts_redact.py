@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 
-from agentpool.scheduler.alerts import ERROR_STATUSES, MAX_WINDOW, NOT_RUN, Alert, AlertMonitor, p95
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agentpool.config import AlertConfig
 from agentpool.redact import redact, redact_text
+from agentpool.scheduler.alerts import ERROR_STATUSES, MAX_WINDOW, NOT_RUN, Alert, AlertMonitor, p95
 from tests.reference import luhn_check_digit
 
 STATUSES = ["succeeded", "failed", "timed_out", "rejected", "cancelled", "iteration_cap"]

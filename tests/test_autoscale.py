@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 
 import pytest
-from agentpool.scheduler.autoscale import WorkerScaler
-from agentpool.scheduler.dispatch import LeastLoaded
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from agentpool.scheduler.autoscale import WorkerScaler
+from agentpool.scheduler.dispatch import LeastLoaded
 
 TARGET = 10.0
 

@@ -8,8 +8,8 @@ import random
 import anthropic
 import httpx2
 import pytest
-from agentpool.actors.backoff import Backoff, Decision, classify, retry_after_s
 
+from agentpool.actors.backoff import Backoff, Decision, classify, retry_after_s
 from agentpool.config import RetryPolicy
 from agentpool.errors import MalformedResponse
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from agentpool.actors.breaker import CircuitBreaker, CrashLoop, Denied, Permit, Suspended, Transition
-from agentpool.actors.tool_board import BreakerBoard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from agentpool.actors.breaker import CircuitBreaker, CrashLoop, Denied, Permit, Suspended, Transition
+from agentpool.actors.tool_board import BreakerBoard
 from agentpool.config import BreakerConfig
 
 CONFIGS = [

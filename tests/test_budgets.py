@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from agentpool.cluster.budgets import BudgetLedger, Reservation, seconds_to_reset, utc_day
-from agentpool.cluster.keys import Keys
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from agentpool.budgets import Day, Hold, Limits
+from agentpool.cluster.budgets import BudgetLedger, Reservation, seconds_to_reset, utc_day
+from agentpool.cluster.keys import Keys
 from agentpool.errors import BudgetExceeded
 from agentpool.models import TenantPolicy, Usage
 

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 import pytest
 import ray
 import redis
-from agentpool.cluster.redis_server import EmbeddedRedis
 
 from agentpool import AgentPool, AgentTask, PoolConfig, SimulatorConfig
+from agentpool.cluster.redis_server import EmbeddedRedis
 from tests.toolkit import nap_tasks, tally_count
 
 pytestmark = pytest.mark.usefixtures("ray_session")

@@ -9,12 +9,12 @@ import asyncio
 import uuid
 
 import redis
-from agentpool.cluster.keys import Keys
-from agentpool.cluster.store import ResultStore
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from agentpool.cluster.keys import Keys
+from agentpool.cluster.store import ResultStore
 from agentpool.models import AgentResult, AgentTask
 
 TASKS = [f"task{i}" for i in range(4)]

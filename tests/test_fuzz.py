@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 import ray
-from agentpool.actors.response import MAX_RESPONSE_BYTES, parse_message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agentpool import AgentPool, AgentResult, AgentTask, PoolConfig, SimulatorConfig
+from agentpool.actors.response import MAX_RESPONSE_BYTES, parse_message
 from agentpool.config import RetryPolicy
 from agentpool.errors import InvalidTaskInput, MalformedResponse
 from agentpool.models import MAX_TOOL_ARGS_DEPTH, tool_arguments_problem, validate_tasks

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 import redis
-from agentpool.cluster.keys import Keys
-from agentpool.cluster.store import ResultStore
 
 from agentpool import AgentPool, AgentTask, PoolConfig, SimulatorConfig, TenantPolicy
+from agentpool.cluster.keys import Keys
+from agentpool.cluster.store import ResultStore
 from agentpool.guardrails import TAG
 from agentpool.models import Guardrails
 

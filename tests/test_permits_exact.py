@@ -9,6 +9,7 @@ import math
 import statistics
 
 import pytest
+
 from agentpool.scheduler.permits import Lease, PermitBroker, PermitRequest
 
 LIMITS = {"sonnet": {"requests": 120, "input_tokens": 6000, "output_tokens": 3000}, "haiku": {"requests": 60}}

@@ -5,13 +5,13 @@ from __future__ import annotations
 import random
 
 import pytest
-from agentpool.actors.backoff import Backoff, retry_after_s
-from agentpool.scheduler.dispatch import LeastLoaded
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from agentpool.actors.backoff import Backoff, retry_after_s
 from agentpool.config import RetryPolicy
+from agentpool.scheduler.dispatch import LeastLoaded
 
 
 class DispatchMachine(RuleBasedStateMachine):

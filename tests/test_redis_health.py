@@ -11,12 +11,12 @@ from urllib.parse import urlsplit
 
 import pytest
 import ray
+
+from agentpool import AgentPool, AgentResult, AgentTask, PoolConfig
 from agentpool.cluster.keys import Keys
 from agentpool.cluster.reader import ResultsReader
 from agentpool.cluster.redis_server import EmbeddedRedis
 from agentpool.cluster.store import ResultStore
-
-from agentpool import AgentPool, AgentResult, AgentTask, PoolConfig
 from agentpool.errors import ConfigError, InvalidConfig, StoreError, StoreUnavailable
 from tests.pools import small_config
 

@@ -11,14 +11,14 @@ from collections import Counter
 from typing import Any
 
 import anthropic
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from agentpool.actors.agent_loop import AgentLoop
 from agentpool.actors.backoff import Backoff
 from agentpool.actors.checkpoint import LoopState
 from agentpool.actors.llm import LLMClient
 from agentpool.actors.tool_runtime import ToolRunner
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from agentpool.config import PoolConfig, RetryPolicy
 from agentpool.models import AgentResult, AgentTask
 from agentpool.pricing import PriceTable

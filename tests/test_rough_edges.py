@@ -20,8 +20,6 @@ import anthropic
 import httpx2
 import pytest
 import ray
-from agentpool.actors.backoff import classify
-from agentpool.actors.tool_runtime import ToolRunner
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -29,6 +27,8 @@ from typer.testing import CliRunner
 
 import agentpool
 from agentpool import AgentPool, AgentResult, AgentTask, PoolConfig, Timings
+from agentpool.actors.backoff import classify
+from agentpool.actors.tool_runtime import ToolRunner
 from agentpool.batch_view import redis_cli_command, summary_table
 from agentpool.cli import app
 from agentpool.errors import ConfigError, InvalidConfig, InvalidTaskInput

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from agentpool.actors.tool_runtime import ToolRunner
 from agentpool.actors.tool_sandbox import Sandbox
-
 from agentpool.errors import ToolError
 from agentpool.protocol import ToolCall
 from agentpool.tools import load_tools

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 import ray
-from agentpool.scheduler.fleet import worker_actor_names
 
 from agentpool import AgentPool, AgentTask, AutoscaleConfig, PoolConfig, SimulatorConfig
 from agentpool.pool import NAMESPACE
+from agentpool.scheduler.fleet import worker_actor_names
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

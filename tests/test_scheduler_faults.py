@@ -12,10 +12,10 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import agentpool.scheduler.scheduler as scheduler_module
 import pytest
 import ray
 
+import agentpool.scheduler.scheduler as scheduler_module
 from agentpool import AgentPool, AgentResult, AgentTask
 from agentpool.models import TaskStatus
 from tests.pools import small_config

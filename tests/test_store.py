@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import redis
-from agentpool.cluster.keys import Keys
-from agentpool.cluster.reader import ResultsReader
-from agentpool.cluster.store import ResultStore
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agentpool.cluster.keys import Keys
+from agentpool.cluster.reader import ResultsReader
+from agentpool.cluster.store import ResultStore
 from agentpool.models import AgentResult
 
 

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import ray
 import redis
-from agentpool.cluster.keys import Keys
 
 from agentpool import AgentPool, AgentResult, AgentTask, PoolConfig, SimulatorConfig
+from agentpool.cluster.keys import Keys
 from agentpool.config import AlertConfig, RetryPolicy
 from agentpool.pricing import PriceTable
 from agentpool.telemetry import DURATION_BUCKETS, TOKEN_BUCKETS

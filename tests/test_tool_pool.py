@@ -14,12 +14,12 @@ import pytest
 import ray
 import redis
 import redis.asyncio as aioredis
-from agentpool.actors.tool_calls import ToolCalls
-from agentpool.cluster.keys import Keys
 from typer.testing import CliRunner
 
 from agentpool import AgentPool, AgentTask, BreakerConfig, ExecutorGroupConfig, PoolConfig, SimulatorConfig
+from agentpool.actors.tool_calls import ToolCalls
 from agentpool.cli import app
+from agentpool.cluster.keys import Keys
 from agentpool.protocol import ToolCall
 
 pytestmark = pytest.mark.usefixtures("ray_session")

@@ -7,10 +7,10 @@ import contextlib
 import time
 
 import pytest
-from agentpool.actors.tool_runtime import ToolRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
+from agentpool.actors.tool_runtime import ToolRunner
 from agentpool.builtin_tools import evaluate, search
 from agentpool.errors import ConfigError
 from agentpool.protocol import ToolCall

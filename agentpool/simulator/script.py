@@ -166,7 +166,7 @@ def fail_key(body: dict[str, Any]) -> str:
 def plan_reply(body: dict[str, Any], directives: Directives, id_seed: str) -> Reply:
     """Decides the assistant turn for a validated request body."""
     messages = body["messages"]
-    offered = {t.get("name"): t for t in body.get("tools") or [] if isinstance(t, dict)}
+    offered = {str(t.get("name")): t for t in body.get("tools") or [] if isinstance(t, dict)}
     anchor, turns, last_result = conversation_state(messages)
     schema = _requested_schema(system_text(body))
 
