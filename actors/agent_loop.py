@@ -25,6 +25,7 @@ from agentpool.guardrails import DATA_NOTICE, screen, wrap_tool_output
 from agentpool.models import AgentResult, AgentTask, ErrorInfo, Guardrails, TaskStatus, ToolCallSummary, Usage
 from agentpool.pricing import PriceTable
 from agentpool.protocol import SCHEMA_MARKER, ApprovalDecision, Paused, ToolCall, ToolOutcome
+from agentpool.vocabulary import ErrorReason, EventType, ToolErrorKind
 
 CallLLM = Callable[[dict[str, Any], list[str], Emit], Awaitable[LLMResponse]]
 RunTool = Callable[[ToolCall], Awaitable[ToolOutcome]]
@@ -146,18 +147,19 @@ class AgentLoop:
             if self._cancel_reason is None:
                 raise
             return self._result(
-                "cancelled", error=ErrorInfo(type="Cancelled", message=self._cancel_reason, reason="cancelled")
+                TaskStatus.CANCELLED,
+                error=ErrorInfo(type="Cancelled", message=self._cancel_reason, reason=ErrorReason.CANCELLED),
             )
         except TimeoutError:
             return self._result(
-                "timed_out",
+                TaskStatus.TIMED_OUT,
                 error=ErrorInfo(
                     type="Timeout", message=f"task exceeded timeout_s={self.task.timeout_s}", retryable=True
                 ),
             )
         except BudgetExceeded as exc:  # the tenant's daily budget ran out between two calls
             result = self._result(
-                "budget_exhausted",
+                TaskStatus.BUDGET_EXHAUSTED,
                 error=ErrorInfo(
                     type=exc.type_name, message=exc.message, retryable=True, reason=exc.fields.get("reason")
                 ),
@@ -166,17 +168,17 @@ class AgentLoop:
             return result
         except _ApprovalExpired:
             return self._result(
-                "timed_out",
+                TaskStatus.TIMED_OUT,
                 error=ErrorInfo(
                     type="ApprovalTimeout",
                     message="no approval came for a tool call before its deadline",
-                    reason="approval_deadline",
+                    reason=ErrorReason.APPROVAL_DEADLINE,
                 ),
             )
         except ProviderError as exc:
             self.state.llm_attempts += int(exc.fields.get("attempts") or 0)
             return self._result(
-                "failed", error=ErrorInfo(type="ProviderError", message=exc.message, retryable=exc.retryable)
+                TaskStatus.FAILED, error=ErrorInfo(type="ProviderError", message=exc.message, retryable=exc.retryable)
             )
 
     # --- the loop --------------------------------------------------------------------
@@ -194,7 +196,7 @@ class AgentLoop:
                     return self._budget_exhausted()
                 max_tokens = min(max_tokens, remaining)
             response = await self._call_llm(self._request(max_tokens), self._models, self._emit)
-            await self._emit("llm_call", **self._record(iteration, response))
+            await self._emit(EventType.LLM_CALL, **self._record(iteration, response))
             message = response.message
             content = message.get("content", [])
             self.messages.append({"role": "assistant", "content": content})
@@ -205,12 +207,12 @@ class AgentLoop:
                 await self._tools_turn(iteration, [b for b in content if b.get("type") == "tool_use"])
                 continue
             if self.state.stop_reason == "refusal":
-                return self._result("failed", error=ErrorInfo(type="Refusal", message="the model refused"))
+                return self._result(TaskStatus.FAILED, error=ErrorInfo(type="Refusal", message="the model refused"))
             if validator is None:
-                return self._result("succeeded", answer=self.last_text or "")
+                return self._result(TaskStatus.SUCCEEDED, answer=self.last_text or "")
             answer, problem = _parse_structured(self.last_text or "", validator)
             if problem is None:
-                return self._result("succeeded", answer=answer)
+                return self._result(TaskStatus.SUCCEEDED, answer=answer)
             # Tell the model what was wrong so that the next turn can fix it.
             self.messages.append(
                 {
@@ -221,10 +223,10 @@ class AgentLoop:
                     ),
                 }
             )
-            await self._emit("output_invalid", iteration=iteration, problem=problem[:500])
+            await self._emit(EventType.OUTPUT_INVALID, iteration=iteration, problem=problem[:500])
             self._save()
         return self._result(
-            "iteration_cap",
+            TaskStatus.ITERATION_CAP,
             error=ErrorInfo(
                 type="IterationCap", message=f"no final answer within max_iterations={self.task.max_iterations}"
             ),
@@ -305,7 +307,7 @@ class AgentLoop:
         todo = [c for c in calls if c.tool_use_id not in done]
         denied = self._gate(todo)
         for call in todo:
-            await self._emit("tool_call", iteration=iteration, tool=call.name, tool_use_id=call.tool_use_id)
+            await self._emit(EventType.TOOL_CALL, iteration=iteration, tool=call.name, tool_use_id=call.tool_use_id)
 
         async def one(call: ToolCall) -> None:
             outcome = denied.get(call.tool_use_id) or await self._screened(iteration, await self._run_tool(call))
@@ -322,7 +324,7 @@ class AgentLoop:
                 )
             )
             await self._emit(
-                "tool_result",
+                EventType.TOOL_RESULT,
                 iteration=iteration,
                 tool=outcome.name,
                 tool_use_id=outcome.tool_use_id,
@@ -347,7 +349,7 @@ class AgentLoop:
             return outcome
         block = self._guard.injection == "block"
         await self._emit(
-            "injection_detected",
+            EventType.INJECTION_DETECTED,
             source="tool_result",
             iteration=iteration,
             tool=outcome.name,
@@ -396,7 +398,9 @@ class AgentLoop:
             return {}
         note = f": {decision.note}" if decision.note else ""
         return {
-            c.tool_use_id: ToolOutcome.failure(c, "denied", f"a human reviewer did not approve this call{note}")
+            c.tool_use_id: ToolOutcome.failure(
+                c, ToolErrorKind.DENIED, f"a human reviewer did not approve this call{note}"
+            )
             for c in gated
         }
 
@@ -413,7 +417,7 @@ class AgentLoop:
 
     def _budget_exhausted(self) -> AgentResult:
         return self._result(
-            "budget_exhausted",
+            TaskStatus.BUDGET_EXHAUSTED,
             error=ErrorInfo(
                 type="TokenBudgetExhausted",
                 message=f"used {self.usage.total_tokens} of token_budget={self.task.token_budget}",

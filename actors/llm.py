@@ -18,6 +18,7 @@ from agentpool.actors.backoff import Backoff, classify
 from agentpool.actors.response import parse_message
 from agentpool.errors import MalformedResponse, ProviderError
 from agentpool.secrets import Scrubber
+from agentpool.vocabulary import EventType
 
 Emit = Callable[..., Awaitable[None]]
 Sleep = Callable[[float], Awaitable[None]]
@@ -91,7 +92,10 @@ class LLMClient:
         for index, model in enumerate(models):
             if index > 0:
                 await emit(
-                    "fallback", from_model=models[index - 1], to_model=model, reason=last.message if last else ""
+                    EventType.FALLBACK,
+                    from_model=models[index - 1],
+                    to_model=model,
+                    reason=last.message if last else "",
                 )
             for attempt in range(1, max_attempts + 1):
                 attempts += 1
@@ -128,7 +132,7 @@ class LLMClient:
                         break
                     delay = self._backoff.delay_s(attempt, decision.retry_after_s)
                     await emit(
-                        "retry",
+                        EventType.RETRY,
                         model=model,
                         attempt=attempt,
                         status=decision.status_code,

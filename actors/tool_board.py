@@ -25,14 +25,8 @@ from agentpool import telemetry as tm
 from agentpool.actors.breaker import CircuitBreaker, CrashLoop, Denied, Permit, Suspended, Transition
 from agentpool.cluster.telemetry import Telemetered
 from agentpool.config import BreakerConfig
+from agentpool.vocabulary import ToolErrorKind, ToolTally, tally_ran
 
-#: Outcome kinds that count as failures for a breaker.
-FAILURES = frozenset({"error", "timeout", "crashed", "restarting"})
-#: Outcome kinds of calls that never ran: their permit goes back with no outcome.
-NOT_RUN = frozenset({"bulkhead_full", "invalid_arguments", "unknown_tool", "unavailable", "outcome_unknown"})
-#: Outcome kinds that do not show the tool's process survived it: they leave a crash streak
-#: running (every other outcome came back from a live executor and ends it).
-_NOT_RETURNED = NOT_RUN | {"crashed", "restarting"}
 #: Grace on top of a tool's timeout before an unreported half-open trial counts as failed.
 _TRIAL_GRACE_S = 10.0
 _MAX_TOOLS = 10_000
@@ -59,7 +53,7 @@ class BreakerBoard:
         self._clock = clock
         self._breakers: dict[str, CircuitBreaker] = {}
         self._crashes = CrashLoop()
-        self.counts: dict[str, Counter[str]] = {}
+        self.counts: dict[str, Counter[ToolTally]] = {}
         self.transitions: deque[dict[str, object]] = deque(maxlen=100)
 
     def breaker(self, tool: str) -> CircuitBreaker | None:
@@ -86,34 +80,37 @@ class BreakerBoard:
         breaker = self.breaker(tool)
         decision, transition = breaker.acquire(now) if breaker is not None else (None, None)
         if isinstance(decision, Denied):
-            self.count(tool, "breaker_open")
+            self.count(tool, ToolErrorKind.BREAKER_OPEN)
             return None, decision, self._log(transition)
         wait_s = self._crashes.wait_s(tool, now)
         if wait_s <= 0:
             return decision, None, self._log(transition)
-        self.count(tool, "restarting")
+        self.count(tool, ToolErrorKind.RESTARTING)
         if breaker is not None and decision is not None:  # refused for crashing: a failure of the tool
             self._log(transition)
             transition = breaker.record(decision, now, failed=True, duration_s=0.0)
         return None, Suspended(wait_s), self._log(transition)
 
-    def record(self, tool: str, permit: Permit | None, kind: str | None, duration_s: float) -> dict[str, object] | None:
+    def record(
+        self, tool: str, permit: Permit | None, kind: ToolErrorKind | None, duration_s: float
+    ) -> dict[str, object] | None:
         """The outcome of a call (`kind` None when it succeeded); returns the transition it caused."""
         self.count(tool, kind or "ok")
-        if kind == "crashed":
+        if kind is ToolErrorKind.CRASHED:
             self._crashes.crashed(tool, self._clock())
-        elif kind not in _NOT_RETURNED:
+        elif kind is None or kind.returned:  # back from a live process: a crash streak ends
             self._crashes.returned(tool)
         breaker = self._breakers.get(tool)
         if permit is None or breaker is None:
             return None
-        if kind in NOT_RUN:
+        if kind is not None and not kind.ran and not kind.is_failure:  # never started: no outcome
             breaker.release(permit)
             return None
-        transition = breaker.record(permit, self._clock(), failed=kind in FAILURES, duration_s=duration_s)
+        failed = kind is not None and kind.is_failure
+        transition = breaker.record(permit, self._clock(), failed=failed, duration_s=duration_s)
         return self._log(transition)
 
-    def count(self, tool: str, kind: str) -> None:
+    def count(self, tool: str, kind: ToolTally) -> None:
         if tool not in self.counts and len(self.counts) >= _MAX_TOOLS:
             tool = "(other)"  # invented tool names must not grow the table without bound
         self.counts.setdefault(tool, Counter())[kind] += 1
@@ -122,7 +119,7 @@ class BreakerBoard:
         if transition is None:
             return None
         counts = self.counts.get(transition.tool, Counter())
-        ran = sum(n for kind, n in counts.items() if kind not in NOT_RUN and kind not in ("breaker_open", "restarting"))
+        ran = sum(n for kind, n in counts.items() if tally_ran(kind))
         entry = {**transition.as_dict(), "calls_ran_so_far": ran, "unix_ts": round(time.time(), 3)}
         self.transitions.append(entry)
         return entry
@@ -176,10 +173,12 @@ class ToolBoard(Telemetered):
     def acquire(self, tool: str) -> tuple[Permit | None, Denied | Suspended | None, dict[str, object] | None]:
         return self._board.acquire(tool)
 
-    def record(self, tool: str, permit: Permit | None, kind: str | None, duration_s: float) -> dict[str, object] | None:
+    def record(
+        self, tool: str, permit: Permit | None, kind: ToolErrorKind | None, duration_s: float
+    ) -> dict[str, object] | None:
         return self._board.record(tool, permit, kind, duration_s)
 
-    def count(self, tool: str, kind: str) -> None:
+    def count(self, tool: str, kind: ToolTally) -> None:
         self._board.count(tool, kind)
 
     def status(self) -> dict[str, Any]:

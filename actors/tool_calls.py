@@ -44,6 +44,7 @@ from agentpool.cluster.keys import Keys
 from agentpool.models import tool_arguments_problem
 from agentpool.protocol import ToolCall, ToolOutcome
 from agentpool.redact import redact
+from agentpool.vocabulary import EventType, ToolErrorKind, ToolSource, ToolTally
 
 #: How long an at-most-once record is kept.
 RECORD_TTL_S = 7 * 86_400
@@ -57,8 +58,6 @@ _BACKOFF_S = 1.0
 _BACKOFF_MAX_S = 30.0
 #: Longest audit record of a call's (redacted) arguments.
 _AUDIT_ARGS_MAX = 4000
-#: Outcomes of calls whose tool never started.
-_NEVER_RAN = frozenset({"unavailable", "bulkhead_full", "invalid_arguments", "unknown_tool"})
 
 Emit = Callable[..., Awaitable[None]]
 _BACKGROUND: set[asyncio.Future[Any]] = set()
@@ -137,9 +136,9 @@ class ToolCalls:
                 # tool is not run blind. (Idempotent tools only touch Redis for their cache, which
                 # fails open.)
                 outcome = ToolOutcome.failure(
-                    call, "unavailable", f"tool {call.name} not run: Redis unavailable ({exc})"
+                    call, ToolErrorKind.UNAVAILABLE, f"tool {call.name} not run: Redis unavailable ({exc})"
                 )
-        kind = outcome.error_kind or outcome.source or "ok"
+        kind = outcome.kind
         span.set_attribute("agentpool.tool.outcome", kind)
         if outcome.is_error:
             span.set_attribute("error.type", kind)
@@ -168,14 +167,16 @@ class ToolCalls:
     async def _run(self, call: ToolCall, allowed: set[str], emit: Emit) -> ToolOutcome:
         if call.name not in allowed:
             # The model asked for a tool this task was not given (or invented one).
-            self._count(call.name if call.name in self._catalog else "(unknown)", "not_allowed")
+            self._count(call.name if call.name in self._catalog else "(unknown)", ToolErrorKind.NOT_ALLOWED)
             return ToolOutcome.failure(
-                call, "not_allowed", f"tool {call.name!r} is not available; use one of {sorted(allowed)}"
+                call, ToolErrorKind.NOT_ALLOWED, f"tool {call.name!r} is not available; use one of {sorted(allowed)}"
             )
         problem = tool_arguments_problem(call.arguments)
         if problem is not None:  # never sent: bounded before it reaches an executor or Redis
-            self._count(call.name, "invalid_arguments")
-            return ToolOutcome.failure(call, "invalid_arguments", f"invalid arguments for {call.name}: {problem}")
+            self._count(call.name, ToolErrorKind.INVALID_ARGUMENTS)
+            return ToolOutcome.failure(
+                call, ToolErrorKind.INVALID_ARGUMENTS, f"invalid arguments for {call.name}: {problem}"
+            )
         info = self._catalog[call.name]
         cache_key = self._cache_key(call) if info.get("cache_ttl_s") else None
         if cache_key is not None:
@@ -183,7 +184,12 @@ class ToolCalls:
             if cached is not None:
                 self._count(call.name, "cached")
                 return ToolOutcome.model_validate_json(cached).model_copy(
-                    update={"tool_use_id": call.tool_use_id, "source": "cache", "duration_ms": 0.0, "attempts": 0}
+                    update={
+                        "tool_use_id": call.tool_use_id,
+                        "source": ToolSource.CACHE,
+                        "duration_ms": 0.0,
+                        "attempts": 0,
+                    }
                 )
         record_key = None if info["idempotent"] else self._keys.tool_call(call.tenant, call.task_id, call.tool_use_id)
         claimed = False  # this attempt made the "started" mark, and removes it if the tool never runs
@@ -192,12 +198,12 @@ class ToolCalls:
             claimed = earlier is None
             if earlier is not None and earlier != _STARTED:
                 self._count(call.name, "replayed")
-                return ToolOutcome.model_validate_json(earlier).model_copy(update={"source": "record"})
+                return ToolOutcome.model_validate_json(earlier).model_copy(update={"source": ToolSource.RECORD})
             if earlier == _STARTED and not info["keyed"]:
-                self._count(call.name, "outcome_unknown")
+                self._count(call.name, ToolErrorKind.OUTCOME_UNKNOWN)
                 return ToolOutcome.failure(
                     call,
-                    "outcome_unknown",
+                    ToolErrorKind.OUTCOME_UNKNOWN,
                     f"an earlier run of this task started {call.name} and did not report back; it is not run "
                     "again, so its effect cannot happen twice. Check its effect before calling it anew.",
                 )
@@ -212,13 +218,13 @@ class ToolCalls:
             if isinstance(denied, Suspended):
                 return ToolOutcome.failure(
                     call,
-                    "restarting",
+                    ToolErrorKind.RESTARTING,
                     f"tool {call.name} crashed its executor's process; it is not run again for "
                     f"{denied.retry_after_s:.0f}s",
                 )
             return ToolOutcome.failure(
                 call,
-                "breaker_open",
+                ToolErrorKind.BREAKER_OPEN,
                 f"tool {call.name} is unavailable (failing or too slow; circuit {denied.state.replace('_', '-')}); "
                 f"do not call it again for {denied.retry_after_s:.0f}s",
             )
@@ -227,7 +233,7 @@ class ToolCalls:
         # The call has happened: a failure to record it must not hide its outcome. The
         # "started" mark then stays, and a re-run gets `outcome_unknown`: safe, never twice.
         with contextlib.suppress(RedisError):
-            if outcome.error_kind in _NEVER_RAN:
+            if outcome.error_kind is not None and not outcome.error_kind.ran:
                 if claimed:
                     await self._redis().delete(record_key)
             elif record_key is not None:
@@ -260,7 +266,7 @@ class ToolCalls:
                 wait_s = min(self._crashes.wait_s((group, i), self._clock()) for i in range(len(executors)))
                 return self._failed(
                     call,
-                    "restarting",
+                    ToolErrorKind.RESTARTING,
                     f"the executors running {call.name} crashed and are restarting; try again in {wait_s:.0f}s",
                     started,
                 )
@@ -268,7 +274,9 @@ class ToolCalls:
             try:
                 outcome: ToolOutcome = await asyncio.wait_for(executors[index].execute.remote(call), max(left, 0.001))
             except TimeoutError:
-                return self._failed(call, "timeout", f"tool {call.name} did not answer within {limit_s:.0f}s", started)
+                return self._failed(
+                    call, ToolErrorKind.TIMEOUT, f"tool {call.name} did not answer within {limit_s:.0f}s", started
+                )
             except ray.exceptions.RayError as exc:
                 crashes += 1
                 self._crashes.crashed((group, index), self._clock())
@@ -276,10 +284,13 @@ class ToolCalls:
                     if crashes <= 1 and self._clock() < deadline:
                         continue  # once more, elsewhere: it may have been another call that crashed the process
                 return self._failed(
-                    call, "crashed", f"tool {call.name} crashed its executor ({type(exc).__name__})", started
+                    call,
+                    ToolErrorKind.CRASHED,
+                    f"tool {call.name} crashed its executor ({type(exc).__name__})",
+                    started,
                 )
             self._crashes.returned((group, index))
-            if outcome.error_kind == "unavailable" and self._clock() < deadline:
+            if outcome.error_kind is ToolErrorKind.UNAVAILABLE and self._clock() < deadline:
                 # That executor is being replaced: leave it alone until its successor is up.
                 # When every executor of the group is, wait a little longer each time.
                 self._avoid[(group, index)] = self._clock() + _AVOID_S
@@ -298,7 +309,7 @@ class ToolCalls:
         preferred = [i for i in usable if self._avoid.get((group, i), 0.0) <= now] or usable
         return preferred[next(self._turn[group]) % len(preferred)]
 
-    def _failed(self, call: ToolCall, kind: str, message: str, started: float) -> ToolOutcome:
+    def _failed(self, call: ToolCall, kind: ToolErrorKind, message: str, started: float) -> ToolOutcome:
         outcome = ToolOutcome.failure(call, kind, message)
         outcome.duration_ms = (self._clock() - started) * 1000
         return outcome
@@ -324,9 +335,9 @@ class ToolCalls:
 
     async def _announce(self, transition: dict[str, object] | None, call: ToolCall, emit: Emit) -> None:
         if transition is not None:
-            await emit("breaker_state", **transition)
+            await emit(EventType.BREAKER_STATE, **transition)
 
-    def _count(self, tool: str, kind: str) -> None:
+    def _count(self, tool: str, kind: ToolTally) -> None:
         self._board.count.remote(tool, kind)
 
     @staticmethod

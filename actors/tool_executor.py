@@ -29,6 +29,7 @@ from agentpool.config import Isolation
 from agentpool.protocol import ToolCall, ToolOutcome
 from agentpool.secrets import forget_env_secrets
 from agentpool.tools import load_tools
+from agentpool.vocabulary import ToolErrorKind
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class ToolExecutor(Telemetered):
     async def execute(self, call: ToolCall) -> ToolOutcome:
         if self._draining:  # never started here: the caller sends it to another executor
             self._last_refused = time.monotonic()
-            return ToolOutcome.failure(call, "unavailable", "tool executor is being replaced")
+            return ToolOutcome.failure(call, ToolErrorKind.UNAVAILABLE, "tool executor is being replaced")
         self.in_flight += 1
         self._idle.clear()
         span = tm.tracer.start_span(

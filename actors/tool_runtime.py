@@ -26,6 +26,7 @@ from agentpool.config import Isolation
 from agentpool.errors import ToolError
 from agentpool.protocol import ToolCall, ToolOutcome
 from agentpool.tools import ToolSpec
+from agentpool.vocabulary import ToolErrorKind
 
 #: Backoff between retries of an idempotent tool: base * 2**attempt, capped, with jitter.
 RETRY_BASE_S = 0.05
@@ -89,19 +90,21 @@ class ToolRunner:
         try:
             spec = self.tools.get(call.name)
             if spec is None:
-                raise ToolError(f"unknown tool {call.name!r}", tool=call.name, kind="unknown_tool")
+                raise ToolError(f"unknown tool {call.name!r}", tool=call.name, kind=ToolErrorKind.UNKNOWN_TOOL)
             args = spec.validate_args(call.arguments if call.arguments is not None else {})
             async with self._bulkhead(spec):
                 content = await self._run(spec, spec.kwargs(args, call.idempotency_key), self._clock(), attempts)
         except ToolError as exc:
-            return self._outcome(call, exc.message, started, kind=exc.fields.get("kind", "error"), attempts=attempts[0])
+            # A tool's own `ToolError` may name a kind the pool does not know: it is an error.
+            kind = ToolErrorKind.of(str(exc.fields.get("kind", ToolErrorKind.ERROR)))
+            return self._outcome(call, exc.message, started, kind=kind, attempts=attempts[0])
         except TimeoutError:
             spec = self.tools[call.name]
             message = f"tool {call.name} timed out after {spec.timeout_s}s"
-            return self._outcome(call, message, started, kind="timeout", attempts=attempts[0])
+            return self._outcome(call, message, started, kind=ToolErrorKind.TIMEOUT, attempts=attempts[0])
         except Exception as exc:  # a tool's own bug: reported to the model, never raised
             name = getattr(exc, "type_name", type(exc).__name__)  # a process-isolated tool's, by name
-            return self._outcome(call, f"{name}: {exc}", started, kind="error", attempts=attempts[0])
+            return self._outcome(call, f"{name}: {exc}", started, kind=ToolErrorKind.ERROR, attempts=attempts[0])
         return self._outcome(call, content, started, kind=None, attempts=attempts[0])
 
     def _bulkhead(self, spec: ToolSpec) -> _Bulkhead:
@@ -148,7 +151,9 @@ class ToolRunner:
                 self._stuck.add(future)
             raise
 
-    def _outcome(self, call: ToolCall, content: str, started: float, *, kind: str | None, attempts: int) -> ToolOutcome:
+    def _outcome(
+        self, call: ToolCall, content: str, started: float, *, kind: ToolErrorKind | None, attempts: int
+    ) -> ToolOutcome:
         if len(content) > self.output_max_chars:
             dropped = len(content) - self.output_max_chars
             content = content[: self.output_max_chars] + f"\n[truncated {dropped} characters]"
@@ -188,7 +193,7 @@ class _Bulkhead:
             raise ToolError(
                 f"tool {self._tool} is at its concurrency limit; try again later",
                 tool=self._tool,
-                kind="bulkhead_full",
+                kind=ToolErrorKind.BULKHEAD_FULL,
             ) from None
 
     async def __aexit__(self, *exc: object) -> None:

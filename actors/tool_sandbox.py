@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from agentpool.errors import ToolError
+from agentpool.vocabulary import ToolErrorKind
 
 _HEADER = struct.Struct(">I")
 _PR_SET_PDEATHSIG = 1
@@ -147,7 +148,7 @@ class Sandbox:
         # fail as crashed, and the next call starts a new one.
         self.crashes += 1
         if not ready.done():
-            ready.set_exception(ToolError("the tool sandbox failed to start", tool="", kind="crashed"))
+            ready.set_exception(ToolError("the tool sandbox failed to start", tool="", kind=ToolErrorKind.CRASHED))
         for tool, future in list(self._pending.values()):
             if not future.done():
                 future.set_exception(_crashed(tool, "its sandbox process died"))
@@ -172,7 +173,7 @@ class Sandbox:
         if kind == "ok":
             future.set_result(message[2])
         elif kind == "tool_error":
-            future.set_exception(ToolError(message[3], tool=tool, kind=message[2]))
+            future.set_exception(ToolError(message[3], tool=tool, kind=ToolErrorKind.of(message[2])))
         elif kind == "error":
             future.set_exception(ToolRaised(message[2], message[3]))
         else:
@@ -193,10 +194,10 @@ class Sandbox:
 
 
 def _crashed(tool: str, how: str) -> ToolError:
-    return ToolError(f"tool {tool} crashed the process it ran in ({how})", tool=tool, kind="crashed")
+    return ToolError(f"tool {tool} crashed the process it ran in ({how})", tool=tool, kind=ToolErrorKind.CRASHED)
 
 
-# --- the zygote (runs as `python -m actors.tool_sandbox MODULE...`) ---------------------------
+# --- the zygote (runs as `python -m agentpool.actors.tool_sandbox MODULE...`) ---------------------------
 
 
 @dataclass

@@ -35,6 +35,7 @@ from agentpool.models import AgentResult, ErrorInfo, Timings
 from agentpool.pricing import PriceTable
 from agentpool.protocol import ApprovalDecision, Dispatch, Paused
 from agentpool.secrets import Scrubber, forget_env_secrets, install_log_scrubber
+from agentpool.vocabulary import EventType, TaskStatus
 
 #: How often a run waiting on another run's lease looks again.
 _LEASE_POLL_S = 0.5
@@ -153,7 +154,7 @@ class AgentWorker(Telemetered):
         started = time.monotonic()
         task = dispatch.task
 
-        async def emit(event: str, **fields: Any) -> None:
+        async def emit(event: EventType, **fields: Any) -> None:
             await self._store.emit(task.tenant, event, task_id=task.task_id, trace_id=dispatch.trace_id, **fields)
 
         begun = await self._begin(dispatch, emit)
@@ -199,7 +200,7 @@ class AgentWorker(Telemetered):
                 guardrails=policy.guardrails,
             )
             if loop.resumed_from is not None:
-                await emit("task_resumed", iteration=loop.resumed_from, attempt=dispatch.attempt)
+                await emit(EventType.TASK_RESUMED, iteration=loop.resumed_from, attempt=dispatch.attempt)
             self._loops[task.task_id] = loop
             if begun.cancelled:
                 loop.cancel("cancel requested before the run started")
@@ -209,7 +210,7 @@ class AgentWorker(Telemetered):
             outcome = AgentResult(
                 task_id=task.task_id,
                 tenant=task.tenant,
-                status="failed",
+                status=TaskStatus.FAILED,
                 trace_id=dispatch.trace_id,
                 error=ErrorInfo(type="InternalError", message=self._scrub(f"{type(exc).__name__}: {exc}")[:4000]),
             )
@@ -221,7 +222,7 @@ class AgentWorker(Telemetered):
         if isinstance(outcome, Paused):
             await checkpoints.flush()  # the pause is in Redis before the slot is given back
             await self._release(dispatch)
-            await emit("approval_requested", tools=outcome.tools, deadline_unix=outcome.deadline_unix)
+            await emit(EventType.APPROVAL_REQUESTED, tools=outcome.tools, deadline_unix=outcome.deadline_unix)
             await self._store.flush()
             return outcome
         checkpoints.discard()
@@ -239,10 +240,10 @@ class AgentWorker(Telemetered):
         stored, created = await self._store.write_result(result)
         if created and stored.status == "budget_exhausted":
             reason = stored.error.reason if stored.error else None
-            await emit("budget_exceeded", reason=reason, message=stored.error.message if stored.error else "")
+            await emit(EventType.BUDGET_EXCEEDED, reason=reason, message=stored.error.message if stored.error else "")
         if created:
             await emit(
-                "task_end",
+                EventType.TASK_END,
                 status=stored.status,
                 cost_usd=stored.usage.cost_usd,
                 models=loop.state.models if loop is not None else [],
@@ -272,7 +273,7 @@ class AgentWorker(Telemetered):
                 return begun
             if not waited:
                 waited = True
-                await emit("lease_wait", holder=begun.holder)
+                await emit(EventType.LEASE_WAIT, holder=begun.holder)
             await asyncio.sleep(_LEASE_POLL_S)
 
     async def _renew(self, dispatch: Dispatch) -> None:

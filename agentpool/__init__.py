@@ -46,6 +46,7 @@ from agentpool.models import (
 )
 from agentpool.simulator.config import SimulatorConfig
 from agentpool.tools import tool
+from agentpool.vocabulary import ErrorReason, EventType, TaskStatus, ToolErrorKind
 
 if TYPE_CHECKING:
     from agentpool.pool import AgentPool
@@ -71,6 +72,8 @@ __all__ = [
     "BudgetExceeded",
     "ConfigError",
     "ErrorInfo",
+    "ErrorReason",
+    "EventType",
     "ExecutorGroupConfig",
     "Guardrails",
     "InvalidConfig",
@@ -88,10 +91,12 @@ __all__ = [
     "SimulatorConfig",
     "StoreError",
     "StoreUnavailable",
+    "TaskStatus",
     "TenantPolicy",
     "Timings",
     "ToolCallSummary",
     "ToolError",
+    "ToolErrorKind",
     "UnknownTenant",
     "UnknownTool",
     "Usage",

@@ -19,16 +19,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 from agentpool.models import Usage
-
-
-class BudgetReason(StrEnum):
-    """Which daily limit a call or task would cross."""
-
-    TOKENS = "daily_token_budget"
-    COST = "daily_cost_budget"
+from agentpool.vocabulary import BudgetReason, ErrorReason
 
 
 @dataclass(frozen=True)
@@ -71,9 +64,9 @@ class Day:
         """The limit that `tokens` and `cost_usd` more, on top of everything spent and
         reserved, would cross; None when they fit."""
         if limits.tokens is not None and self.tokens + self.reserved_tokens + tokens > limits.tokens:
-            return BudgetReason.TOKENS
+            return ErrorReason.DAILY_TOKEN_BUDGET
         if limits.cost_usd is not None and self.cost_usd + self.reserved_cost_usd + cost_usd > limits.cost_usd:
-            return BudgetReason.COST
+            return ErrorReason.DAILY_COST_BUDGET
         return None
 
     def reserve(
@@ -134,7 +127,7 @@ def admission_check(spent: Mapping[str, float], limits: Limits, first_call_token
     call; None when it can. Reservations are left out (they may yet be refunded), and a cost
     budget is spent once it is reached."""
     if limits.tokens is not None and spent.get("tokens", 0) + first_call_tokens > limits.tokens:
-        return BudgetReason.TOKENS
+        return ErrorReason.DAILY_TOKEN_BUDGET
     if limits.cost_usd is not None and spent.get("cost_usd", 0) >= limits.cost_usd:
-        return BudgetReason.COST
+        return ErrorReason.DAILY_COST_BUDGET
     return None

@@ -11,6 +11,7 @@ from typing import Any, cast
 
 from agentpool.errors import ToolError
 from agentpool.tools import tool
+from agentpool.vocabulary import ToolErrorKind
 
 _BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
     ast.Add: operator.add,
@@ -108,7 +109,7 @@ def calculator(expression: str) -> str:
     try:
         return _format(evaluate(expression))
     except ValueError as exc:  # a refusal is the answer for this input: trying again gives the same
-        raise ToolError(str(exc), tool="calculator", kind="invalid_arguments") from None
+        raise ToolError(str(exc), tool="calculator", kind=ToolErrorKind.INVALID_ARGUMENTS) from None
 
 
 CORPUS: list[tuple[str, str]] = [

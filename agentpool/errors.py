@@ -19,6 +19,8 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_core import InitErrorDetails
 
+from agentpool.vocabulary import ToolErrorKind
+
 
 class AgentPoolError(Exception):
     """Raised for any error agentpool itself defines; the root of the hierarchy."""
@@ -218,7 +220,7 @@ class MalformedResponse(ProviderError):
 class ToolError(AgentPoolError):
     """Raised inside the tool pool when a tool call fails; becomes an `is_error` tool_result."""
 
-    def __init__(self, message: str, *, tool: str, kind: str = "error", **fields: Any) -> None:
+    def __init__(self, message: str, *, tool: str, kind: ToolErrorKind = ToolErrorKind.ERROR, **fields: Any) -> None:
         super().__init__(message, tool=tool, kind=kind, **fields)
 
 

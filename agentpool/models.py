@@ -13,6 +13,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
+# Re-exported (`as`): the public models name them, and users import them from here too.
+from agentpool.vocabulary import ErrorReason as ErrorReason
+from agentpool.vocabulary import TaskStatus as TaskStatus
+from agentpool.vocabulary import ToolErrorKind as ToolErrorKind
+
 #: The kinds of personal data redaction knows (`agentpool.redact`).
 PiiKind = Literal["email", "phone", "card", "national_id"]
 PII_KINDS: tuple[PiiKind, ...] = ("email", "phone", "card", "national_id")
@@ -27,16 +32,6 @@ ModelName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:@/-]{1,128}
 MetaValue = str | int | float | bool | None
 
 Priority = Literal["critical", "standard", "sheddable"]
-TaskStatus = Literal["succeeded", "failed", "rejected", "timed_out", "iteration_cap", "budget_exhausted", "cancelled"]
-TERMINAL_STATUSES: tuple[TaskStatus, ...] = (
-    "succeeded",
-    "failed",
-    "rejected",
-    "timed_out",
-    "iteration_cap",
-    "budget_exhausted",
-    "cancelled",
-)
 
 MAX_PROMPT_CHARS = 200_000
 MAX_SYSTEM_CHARS = 100_000
@@ -222,9 +217,11 @@ class ErrorInfo(_Model):
     type: str
     message: str = Field(max_length=4096)
     retryable: bool = False
-    #: For rejections, why: `overload`, `predicted_wait`, `queue_full`, `queue_timeout`,
-    #: `evicted`, `daily_token_budget` or `daily_cost_budget`.
-    reason: str | None = None
+    #: Why, where a program can act on it (`ErrorReason`): for rejections `overload`,
+    #: `predicted_wait`, `queue_full`, `queue_timeout`, `evicted`, `prompt_injection`,
+    #: `daily_token_budget` or `daily_cost_budget`; else `cancelled`, `approval_deadline`,
+    #: a daily budget, or None.
+    reason: ErrorReason | None = None
 
 
 class ToolCallSummary(_Model):
@@ -233,7 +230,7 @@ class ToolCallSummary(_Model):
     tool_use_id: str
     name: str
     ok: bool
-    error_kind: str | None = None
+    error_kind: ToolErrorKind | None = None
     duration_ms: float = 0.0
     iteration: int = 0
 

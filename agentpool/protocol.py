@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from agentpool.models import AgentTask
+from agentpool.vocabulary import ToolErrorKind, ToolSource
 
 
 def new_trace_id() -> str:
@@ -78,17 +79,21 @@ class ToolOutcome(BaseModel):
     name: str
     content: str
     is_error: bool = False
-    #: None when ok; else one of: invalid_arguments, unknown_tool, not_allowed, timeout,
-    #: error, crashed, restarting, bulkhead_full, breaker_open, outcome_unknown, unavailable.
-    error_kind: str | None = None
+    #: None when ok.
+    error_kind: ToolErrorKind | None = None
     duration_ms: float = Field(default=0.0, ge=0)
     attempts: int = Field(default=1, ge=0)
-    #: Where a result came from without running the tool: "cache", or "record" (an earlier
-    #: run of the same task already made this call).
-    source: str | None = None
+    #: Where a result came from without running the tool (None: the tool ran).
+    source: ToolSource | None = None
+
+    @property
+    def kind(self) -> str:
+        """How the call ended, as metrics, spans and the audit trail name it: its error
+        kind, else where its result came from, else `ok`."""
+        return self.error_kind or self.source or "ok"
 
     @classmethod
-    def failure(cls, call: ToolCall, kind: str, content: str) -> ToolOutcome:
+    def failure(cls, call: ToolCall, kind: ToolErrorKind, content: str) -> ToolOutcome:
         """An error outcome for a call that never produced a result of its own."""
         return cls(tool_use_id=call.tool_use_id, name=call.name, content=content, is_error=True, error_kind=kind)
 

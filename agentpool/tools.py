@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from agentpool.config import BreakerConfig, Isolation
 from agentpool.errors import ConfigError, ToolError
+from agentpool.vocabulary import ToolErrorKind
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 #: A tool parameter of this name is not shown to the model: it receives `task_id:tool_use_id`.
@@ -78,16 +79,16 @@ class ToolSpec:
         }
 
     def validate_args(self, args: Any) -> dict[str, Any]:
-        """Returns the validated arguments, or raises `ToolError(kind="invalid_arguments")`
+        """Returns the validated arguments, or raises `ToolError(kind=ToolErrorKind.INVALID_ARGUMENTS)`
         with a message the model can act on."""
         if not isinstance(args, dict):
-            raise ToolError("arguments must be a JSON object", tool=self.name, kind="invalid_arguments")
+            raise ToolError("arguments must be a JSON object", tool=self.name, kind=ToolErrorKind.INVALID_ARGUMENTS)
         try:
             parsed = self.args_model.model_validate(args)
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors())
             raise ToolError(
-                f"invalid arguments for {self.name}: {problems}", tool=self.name, kind="invalid_arguments"
+                f"invalid arguments for {self.name}: {problems}", tool=self.name, kind=ToolErrorKind.INVALID_ARGUMENTS
             ) from None
         return {name: getattr(parsed, name) for name in type(parsed).model_fields}
 

@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from agentpool.models import AgentResult
+from agentpool.vocabulary import EventType
 
 
 def tenants_table(status: dict[str, Any]) -> Table:
@@ -154,22 +155,22 @@ def _tokens(data: dict[str, Any]) -> str:
 
 def _detail(event: str, data: dict[str, Any]) -> tuple[str, str, str, str]:
     """(what, tokens, cost, took) of one event's row."""
-    if event == "llm_call":
+    if event == EventType.LLM_CALL:
         what = f"{data.get('model')} -> {data.get('stop_reason')}"
         if data.get("attempts", 1) > 1:
             what += f" ({data['attempts']} attempts)"
         return what, _tokens(data), f"{data.get('cost_usd', 0):.6f}", f"{data.get('latency_ms', 0):.0f} ms"
-    if event == "tool_call":
+    if event == EventType.TOOL_CALL:
         return f"{data.get('tool')} ({data.get('tool_use_id')})", "", "", ""
-    if event == "tool_result":
+    if event == EventType.TOOL_RESULT:
         outcome = "ok" if data.get("ok") else f"[red]{data.get('error_kind')}[/]"
         return f"{data.get('tool')}: {outcome}", "", "", f"{data.get('duration_ms', 0):.0f} ms"
-    if event == "retry":
+    if event == EventType.RETRY:
         what = f"{data.get('model')} attempt {data.get('attempt')}: {data.get('status')} {data.get('error_type')}"
         return what, "", "", f"wait {data.get('delay_s')} s"
-    if event == "fallback":
+    if event == EventType.FALLBACK:
         return f"{data.get('from_model')} -> {data.get('to_model')}: {data.get('reason', '')[:60]}", "", "", ""
-    if event == "task_end":
+    if event == EventType.TASK_END:
         usage = data.get("usage") or {}
         timings = data.get("timings") or {}
         return (

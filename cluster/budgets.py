@@ -21,10 +21,11 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from agentpool.budgets import BudgetReason, Limits, admission_check
+from agentpool.budgets import Limits, admission_check
 from agentpool.cluster.keys import Keys
 from agentpool.errors import BudgetExceeded
 from agentpool.models import TenantPolicy, Usage
+from agentpool.vocabulary import ErrorReason
 
 _DAY_KEY_TTL_S = 3 * 24 * 3600
 # The scripts subtract as `0 - x`, never `-x`: Lua's -0 reaches Redis as "-0", which HINCRBY
@@ -125,14 +126,14 @@ def limits_of(policy: TenantPolicy) -> Limits:
     return Limits(tokens=policy.daily_token_budget, cost_usd=policy.daily_cost_budget_usd)
 
 
-def _budget_error(tenant: str, reason: BudgetReason, now_unix: float, spent: dict[str, float]) -> BudgetExceeded:
+def _budget_error(tenant: str, reason: ErrorReason, now_unix: float, spent: dict[str, float]) -> BudgetExceeded:
     wait = seconds_to_reset(now_unix)
     resets_at = dt.datetime.fromtimestamp(now_unix + wait, tz=dt.UTC).isoformat()
-    what = "token" if reason is BudgetReason.TOKENS else "cost"
+    what = "token" if reason is ErrorReason.DAILY_TOKEN_BUDGET else "cost"
     return BudgetExceeded(
         f"tenant {tenant!r} has spent its daily {what} budget; it resets at {resets_at}",
         tenant=tenant,
-        reason=reason.value,
+        reason=reason,
         retry_after_s=round(wait, 3),
         resets_at=resets_at,
         spent=spent,
@@ -194,7 +195,7 @@ class BudgetLedger:
             ],
         )
         if why:
-            raise _budget_error(tenant, BudgetReason(why), now, await self.spent(tenant))
+            raise _budget_error(tenant, ErrorReason(why), now, await self.spent(tenant))
         return Reservation(key, lease_id)
 
     async def settle(self, tenant: str, reservation: Reservation | None, usage: Usage) -> None:

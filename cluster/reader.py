@@ -17,6 +17,7 @@ from agentpool.cluster.acl import display_url
 from agentpool.cluster.keys import Keys, stream_entries
 from agentpool.errors import StoreError, StoreUnavailable
 from agentpool.models import AgentResult
+from agentpool.vocabulary import EventType
 
 #: A blocking read waits at most this long; the socket's timeout is longer, so an idle
 #: `follow()` is a read that returned empty, never a timeout.
@@ -134,7 +135,7 @@ class ResultsReader:
                     continue
                 data = json.loads(fields.get("data") or "{}")
                 found.append({**fields, "id": entry_id, "ts": float(fields.get("ts", 0)), "data": data})
-                if fields.get("event") == "task_admitted" and not data.get("adopted"):
+                if fields.get("event") == EventType.TASK_ADMITTED and not data.get("adopted"):
                     return found[::-1]
             cursor = entries[-1][0]
         return found[::-1]

@@ -28,6 +28,7 @@ from agentpool.config import PoolConfig
 from agentpool.errors import StoreError
 from agentpool.models import AgentResult, AgentTask
 from agentpool.redact import redact, redact_text
+from agentpool.vocabulary import EventType
 
 #: One JSON line per structured event, when `PoolConfig.event_log` is on.
 EVENT_LOG = logging.getLogger("agentpool.events")
@@ -383,11 +384,11 @@ class ResultStore:
 
     # --- events ------------------------------------------------------------------------
 
-    async def emit(self, tenant: str, event: str, *, task_id: str, trace_id: str, **fields: Any) -> None:
+    async def emit(self, tenant: str, event: EventType, *, task_id: str, trace_id: str, **fields: Any) -> None:
         """Queues one structured event (see `post`)."""
         self.post(tenant, event, task_id=task_id, trace_id=trace_id, **fields)
 
-    def post(self, tenant: str, event: str, *, task_id: str, trace_id: str, **fields: Any) -> None:
+    def post(self, tenant: str, event: EventType, *, task_id: str, trace_id: str, **fields: Any) -> None:
         """Queues one structured event for the tenant's events stream.
 
         Events leave in pipelined batches, in order: those emitted in one turn of the event

@@ -10,6 +10,7 @@ from agentpool.config import PoolConfig
 from agentpool.errors import AgentPoolError, InjectionDetected, InvalidTask, UnknownTenant, UnknownTool
 from agentpool.guardrails import screen
 from agentpool.models import AgentTask, Guardrails
+from agentpool.vocabulary import ErrorReason
 
 
 def screen_task(task: AgentTask, guard: Guardrails) -> tuple[dict[str, list[str]], InjectionDetected | None]:
@@ -25,7 +26,7 @@ def screen_task(task: AgentTask, guard: Guardrails) -> tuple[dict[str, list[str]
     named = sorted({rule for rules in findings.values() for rule in rules})
     return findings, InjectionDetected(
         f"the task's {' and '.join(findings)} look like a prompt injection ({', '.join(named)})",
-        reason="prompt_injection",
+        reason=ErrorReason.PROMPT_INJECTION,
         rules=named,
     )
 

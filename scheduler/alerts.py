@@ -12,12 +12,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from agentpool.config import AlertConfig
+from agentpool.vocabulary import TaskStatus
 
 AlertKind = Literal["run_cost", "error_rate", "p95_latency"]
-#: Statuses that count as errors for the error rate (a rejection is shedding, not an error).
-ERROR_STATUSES = frozenset({"failed", "timed_out"})
-#: Statuses of tasks that never ran: left out of the error rate and the latency.
-NOT_RUN = frozenset({"rejected", "cancelled"})
 #: Most outcomes kept per tenant inside a window (the oldest go first beyond it).
 MAX_WINDOW = 100_000
 
@@ -59,17 +56,19 @@ class AlertMonitor:
         return any(v is not None for v in (c.run_cost_usd, c.error_rate, c.p95_latency_s))
 
     def observe(
-        self, tenant: str, task_id: str, status: str, latency_s: float, cost_usd: float, now: float
+        self, tenant: str, task_id: str, status: TaskStatus, latency_s: float, cost_usd: float, now: float
     ) -> list[Alert]:
-        """Takes one final record; returns the alerts it raises or resolves."""
+        """Takes one final record; returns the alerts it raises or resolves. Tasks that never
+        ran are left out of the error rate and the latency; errors are `TaskStatus.is_error`
+        (a rejection is shedding, not an error)."""
         c = self.config
         raised: list[Alert] = []
         if c.run_cost_usd is not None and cost_usd > c.run_cost_usd:
             raised.append(Alert(tenant, "run_cost", "firing", cost_usd, c.run_cost_usd, task_id))
-        if status in NOT_RUN or (c.error_rate is None and c.p95_latency_s is None):
+        if not status.ran or (c.error_rate is None and c.p95_latency_s is None):
             return raised
         window = self._windows.setdefault(tenant, _Window())
-        error = status in ERROR_STATUSES
+        error = status.is_error
         window.outcomes.append((now, error, latency_s))
         window.errors += error
         self._expire(window, now)

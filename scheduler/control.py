@@ -20,6 +20,7 @@ from agentpool.protocol import Admitted, ApprovalDecision, Paused, traceparent
 from agentpool.redact import redact
 from agentpool.scheduler.jobs import Job, trace_context
 from agentpool.scheduler.records import failed_record
+from agentpool.vocabulary import EventType
 
 if TYPE_CHECKING:
     from agentpool.cluster.approvals import Approvals
@@ -159,7 +160,12 @@ class JobControl:
         )
         await self._approvals.decide(job.task.tenant, task_id, decision)
         self._store.post(
-            job.task.tenant, "approval_decided", task_id=task_id, trace_id=job.trace_id, approved=approved, note=note
+            job.task.tenant,
+            EventType.APPROVAL_DECIDED,
+            task_id=task_id,
+            trace_id=job.trace_id,
+            approved=approved,
+            note=note,
         )
         if not job.decision.done():
             job.decision.set_result(decision)

@@ -19,9 +19,9 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from agentpool import telemetry as tm
 from agentpool.models import AgentResult
 from agentpool.scheduler.jobs import Job
+from agentpool.vocabulary import TaskStatus
 
 #: Statuses that mark the task's span as an error (a rejection or a cancellation is not one).
-_FAILED = frozenset({"failed", "timed_out", "iteration_cap", "budget_exhausted"})
 
 
 def _observe(read: Callable[[], dict[str, int]]) -> list[Observation]:
@@ -122,7 +122,7 @@ class TaskTelemetry:
     def ended(self, job: Job, result: AgentResult | None) -> None:
         """Closes the task's spans and counts its end (None: the scheduler's own bug)."""
         tenant = job.task.tenant
-        status = result.status if result is not None else "failed"
+        status = result.status if result is not None else TaskStatus.FAILED
         took_s = max(0.0, time.time() - job.admitted_unix)
         labels = {"agentpool.tenant": tenant, "agentpool.status": status}
         tm.tasks_ended.add(1, labels)
@@ -143,7 +143,7 @@ class TaskTelemetry:
             if result.error is not None:
                 attributes["error.type"] = result.error.type
         span.set_attributes(attributes)
-        if status in _FAILED:
+        if status.fell_short:
             message = result.error.message[:500] if result is not None and result.error else status
             span.set_status(trace.Status(trace.StatusCode.ERROR, message))
         span.end()

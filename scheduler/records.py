@@ -9,9 +9,10 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from agentpool.errors import AgentPoolError
+from agentpool.errors import AgentPoolError, BudgetExceeded
 from agentpool.models import AgentResult, AgentTask, ErrorInfo, Timings
 from agentpool.scheduler.jobs import Job
+from agentpool.vocabulary import ErrorReason, EventType, TaskStatus
 
 log = logging.getLogger("agentpool.scheduler")
 
@@ -22,10 +23,10 @@ if TYPE_CHECKING:
     from agentpool.scheduler.observe import TaskTelemetry
 
 
-def _rejection_event(error: AgentPoolError) -> str:
-    if error.type_name == "BudgetExceeded":
-        return "budget_exceeded"
-    return "shed" if error.retryable else "task_rejected"
+def _rejection_event(error: AgentPoolError) -> EventType:
+    if isinstance(error, BudgetExceeded):
+        return EventType.BUDGET_EXCEEDED
+    return EventType.SHED if error.retryable else EventType.TASK_REJECTED
 
 
 def failed_record(task: AgentTask, trace_id: str, exc: BaseException, queued_ms: float) -> AgentResult:
@@ -34,7 +35,7 @@ def failed_record(task: AgentTask, trace_id: str, exc: BaseException, queued_ms:
     return AgentResult(
         task_id=task.task_id,
         tenant=task.tenant,
-        status="failed",
+        status=TaskStatus.FAILED,
         trace_id=trace_id,
         error=ErrorInfo(type=type(exc).__name__, message=(message or type(exc).__name__)[:4000], retryable=True),
         timings=Timings(queued_ms=queued_ms),
@@ -104,7 +105,7 @@ class Records:
         result = AgentResult(
             task_id=task.task_id,
             tenant=task.tenant,
-            status="rejected",
+            status=TaskStatus.REJECTED,
             trace_id=trace_id,
             error=ErrorInfo(
                 type=error.type_name,
@@ -124,7 +125,8 @@ class Records:
                 task_id=task.task_id,
                 trace_id=trace_id,
                 error_type=error.type_name,
-                reason=error.fields.get("reason", error.message),
+                reason=result.error.reason if result.error else None,
+                message=error.message,
                 retry_after_s=retry_after,
             )
             await self._store.flush()
@@ -147,14 +149,20 @@ class Records:
         result = AgentResult(
             task_id=task.task_id,
             tenant=task.tenant,
-            status="cancelled",
+            status=TaskStatus.CANCELLED,
             trace_id=job.trace_id,
-            error=ErrorInfo(type="Cancelled", message=job.cancel_reason or "cancelled", reason="cancelled"),
+            error=ErrorInfo(type="Cancelled", message=job.cancel_reason or "cancelled", reason=ErrorReason.CANCELLED),
             attempts=0,
             timings=Timings(total_ms=round((time.time() - job.admitted_unix) * 1000, 3)),
         )
         stored, created = await self._store.write_result(result)
         if created:
-            self._store.post(task.tenant, "task_end", task_id=task.task_id, trace_id=job.trace_id, status="cancelled")
+            self._store.post(
+                task.tenant,
+                EventType.TASK_END,
+                task_id=task.task_id,
+                trace_id=job.trace_id,
+                status=TaskStatus.CANCELLED,
+            )
         self._counts[stored.status] += 1
         return stored

@@ -45,6 +45,7 @@ from agentpool.scheduler.observe import TaskTelemetry
 from agentpool.scheduler.records import Records
 from agentpool.scheduler.shedding import DispatchRate, OverloadDetector, WaitForecast, sheds
 from agentpool.scheduler.status import StatusView
+from agentpool.vocabulary import ErrorReason, EventType, TaskStatus
 
 #: How often queued tasks are checked against their deadlines and the queue for a standing wait.
 _TICK_S = 0.25
@@ -109,7 +110,7 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
         self._counts: Counter[str] = Counter()
         self._durable: Counter[str] = Counter()
         self._shed: Counter[str] = Counter()
-        self._ends: dict[str, Counter[str]] = {}
+        self._ends: dict[str, Counter[TaskStatus]] = {}
         self._alerts = AlertMonitor(config.alerts)
         self._ticker: asyncio.Task[None] | None = None
         self._loop_lag_s = 0.0
@@ -205,7 +206,7 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
         for source, rules in job.findings.items():
             fields = {"source": source, "rules": rules, "action": action}
             self._store.post(
-                job.task.tenant, "injection_detected", task_id=job.task.task_id, trace_id=job.trace_id, **fields
+                job.task.tenant, EventType.INJECTION_DETECTED, task_id=job.task.task_id, trace_id=job.trace_id, **fields
             )
 
     def _enqueue(self, job: Job) -> None:
@@ -225,7 +226,7 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
         self._telemetry.queued(job)
         self._store.post(
             task.tenant,
-            "task_admitted",
+            EventType.TASK_ADMITTED,
             task_id=task.task_id,
             trace_id=job.trace_id,
             priority=task.priority,
@@ -328,7 +329,7 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
             return Overloaded(
                 f"the pool is overloaded: {task.priority} work is shed until the queue drains",
                 tenant=task.tenant,
-                reason="overload",
+                reason=ErrorReason.OVERLOAD,
                 retry_after_s=self.config.admission.interval_s,
             )
         must_queue = (
@@ -343,7 +344,7 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
                 return Overloaded(
                     f"predicted queue wait {wait:.1f}s exceeds the {limit:.1f}s this task may wait",
                     tenant=task.tenant,
-                    reason="predicted_wait",
+                    reason=ErrorReason.PREDICTED_WAIT,
                     retry_after_s=round(min(wait - limit, 3600.0), 3) if math.isfinite(wait) else 60.0,
                 )
         if len(self._queue) >= self.config.max_queued:
@@ -352,10 +353,10 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
                 return Overloaded(
                     f"queue is full ({len(self._queue)} tasks waiting)",
                     tenant=task.tenant,
-                    reason="queue_full",
+                    reason=ErrorReason.QUEUE_FULL,
                     retry_after_s=round(max(0.1, self._forecast(task, key).seconds()), 3),
                 )
-            self._drop(victim[1], "evicted", f"made room for {task.priority} work of another tenant")
+            self._drop(victim[1], ErrorReason.EVICTED, f"made room for {task.priority} work of another tenant")
         return None
 
     def _drop(self, job: Job, reason: str, why: str) -> None:
@@ -402,7 +403,9 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
             waited = now - job.enqueued_at
             if waited > job.max_wait_s:
                 self._queue.remove(tenant, job)
-                self._drop(job, "queue_timeout", f"waited {waited:.1f}s, longer than its {job.max_wait_s:.1f}s")
+                self._drop(
+                    job, ErrorReason.QUEUE_TIMEOUT, f"waited {waited:.1f}s, longer than its {job.max_wait_s:.1f}s"
+                )
             else:
                 oldest = max(oldest, waited)
         if len(self._queue):
@@ -462,7 +465,9 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
             waited = now - job.enqueued_at
             if waited > job.max_wait_s:
                 self._slots.release(worker)
-                self._drop(job, "queue_timeout", f"waited {waited:.1f}s, longer than its {job.max_wait_s:.1f}s")
+                self._drop(
+                    job, ErrorReason.QUEUE_TIMEOUT, f"waited {waited:.1f}s, longer than its {job.max_wait_s:.1f}s"
+                )
                 continue
             self._detector.observe(waited, now)
             self._rate.record(now)

@@ -14,8 +14,9 @@ from redis.exceptions import RedisError
 
 from agentpool import telemetry as tm
 from agentpool.models import AgentResult
-from agentpool.scheduler.alerts import ERROR_STATUSES, AlertMonitor
+from agentpool.scheduler.alerts import AlertMonitor
 from agentpool.scheduler.jobs import Job
+from agentpool.vocabulary import EventType, TaskStatus
 
 if TYPE_CHECKING:
     from agentpool.cluster.store import ResultStore
@@ -32,7 +33,7 @@ class StatusView:
     _store: ResultStore
     _telemetry: TaskTelemetry
     _alerts: AlertMonitor
-    _ends: dict[str, Counter[str]]
+    _ends: dict[str, Counter[TaskStatus]]
 
     def _observe_end(self, job: Job, result: AgentResult | None) -> None:
         """Counts a task's end: its spans and metrics, its tenant's errors, and any alert."""
@@ -63,7 +64,7 @@ class StatusView:
                 alert.value,
                 alert.threshold,
             )
-            self._store.post(tenant, "alert", task_id=alert.task_id or "", trace_id=result.trace_id, **fields)
+            self._store.post(tenant, EventType.ALERT, task_id=alert.task_id or "", trace_id=result.trace_id, **fields)
 
     async def status(self: Any) -> dict[str, Any]:
         """Queues, in-flight work, shedding, errors and alerts, the global buckets, the tools'
@@ -101,7 +102,7 @@ class StatusView:
             },
             "shed_by_reason": dict(self._shed),
             "finished_by_tenant": {t: dict(c) for t, c in self._ends.items()},
-            "errors_by_tenant": {t: sum(c[s] for s in ERROR_STATUSES) for t, c in self._ends.items()},
+            "errors_by_tenant": {t: sum(n for s, n in c.items() if s.is_error) for t, c in self._ends.items()},
             "alerts_firing": self._alerts.firing(),
             "overload_level": self._detector.level(now),
             "dispatch_per_s": round(self._rate.per_s(now), 3),

@@ -10,10 +10,14 @@ from hypothesis import strategies as st
 
 from agentpool.config import AlertConfig
 from agentpool.redact import redact, redact_text
-from agentpool.scheduler.alerts import ERROR_STATUSES, MAX_WINDOW, NOT_RUN, Alert, AlertMonitor, p95
+from agentpool.scheduler.alerts import MAX_WINDOW, Alert, AlertMonitor, p95
+from agentpool.vocabulary import TaskStatus
 from tests.reference import luhn_check_digit
 
-STATUSES = ["succeeded", "failed", "timed_out", "rejected", "cancelled", "iteration_cap"]
+STATUSES = list(TaskStatus)
+#: The oracle's own reading of the rules: errors for the error rate, and tasks left out.
+ERROR_STATUSES = {"failed", "timed_out"}
+NOT_RUN = {"rejected", "cancelled"}
 outcome = st.tuples(
     st.sampled_from(STATUSES),
     st.floats(min_value=0, max_value=100, allow_nan=False),  # latency
@@ -50,7 +54,7 @@ def test_alerts_alternate_and_match_a_recount_of_the_window(outcomes: list, min_
 def test_no_thresholds_no_alerts() -> None:
     monitor = AlertMonitor(AlertConfig())
     assert not monitor.enabled
-    assert all(monitor.observe("t", "x", "failed", 1e6, 1e6, float(i)) == [] for i in range(100))
+    assert all(monitor.observe("t", "x", TaskStatus.FAILED, 1e6, 1e6, float(i)) == [] for i in range(100))
 
 
 def luhn_complete(prefix: str) -> str:
@@ -114,8 +118,8 @@ def test_p95_is_the_nearest_rank() -> None:
 
 def test_a_run_over_its_cost_alerts_on_its_own() -> None:
     monitor = AlertMonitor(AlertConfig(run_cost_usd=0.5))
-    assert monitor.observe("acme", "t1", "succeeded", 1.0, 0.5, 0.0) == []  # at the threshold: not over
-    assert monitor.observe("acme", "t2", "succeeded", 1.0, 0.75, 0.0) == [
+    assert monitor.observe("acme", "t1", TaskStatus.SUCCEEDED, 1.0, 0.5, 0.0) == []  # at the threshold: not over
+    assert monitor.observe("acme", "t2", TaskStatus.SUCCEEDED, 1.0, 0.75, 0.0) == [
         Alert("acme", "run_cost", "firing", 0.75, 0.5, "t2")
     ]
     assert monitor.firing() == {}  # a per-run alert holds no state
@@ -123,38 +127,42 @@ def test_a_run_over_its_cost_alerts_on_its_own() -> None:
 
 def test_windowed_checks_fire_and_resolve_with_their_values() -> None:
     monitor = AlertMonitor(AlertConfig(error_rate=0.5, p95_latency_s=2.0, window_s=10.0, min_tasks=2))
-    assert monitor.observe("acme", "t1", "failed", 3.0, 0.0, 0.0) == []  # below min_tasks
-    assert monitor.observe("acme", "t2", "succeeded", 1.0, 0.0, 1.0) == [
+    assert monitor.observe("acme", "t1", TaskStatus.FAILED, 3.0, 0.0, 0.0) == []  # below min_tasks
+    assert monitor.observe("acme", "t2", TaskStatus.SUCCEEDED, 1.0, 0.0, 1.0) == [
         Alert("acme", "p95_latency", "firing", 3.0, 2.0)  # 1 error of 2 is at, not over, 0.5
     ]
-    assert monitor.observe("acme", "t3", "timed_out", 1.0, 0.0, 2.0) == [
+    assert monitor.observe("acme", "t3", TaskStatus.TIMED_OUT, 1.0, 0.0, 2.0) == [
         Alert("acme", "error_rate", "firing", round(2 / 3, 6), 0.5)
     ]
     assert monitor.firing() == {"acme": ["error_rate", "p95_latency"]}
     # At 10.0 the outcome of 0.0 is exactly window_s old and leaves the window.
-    assert monitor.observe("acme", "t4", "succeeded", 1.0, 0.0, 10.0) == [
+    assert monitor.observe("acme", "t4", TaskStatus.SUCCEEDED, 1.0, 0.0, 10.0) == [
         Alert("acme", "error_rate", "resolved", round(1 / 3, 6), 0.5),
         Alert("acme", "p95_latency", "resolved", 1.0, 2.0),
     ]
-    assert monitor.observe("acme", "t5", "rejected", 9.0, 0.0, 10.0) == []  # never ran: not counted
+    assert monitor.observe("acme", "t5", TaskStatus.REJECTED, 9.0, 0.0, 10.0) == []  # never ran: not counted
     assert monitor.firing() == {}
 
 
 def test_only_the_checks_configured_are_kept() -> None:
     latency_only = AlertMonitor(AlertConfig(p95_latency_s=1.0, min_tasks=1))
-    assert latency_only.observe("a", "t", "failed", 5.0, 0.0, 0.0) == [Alert("a", "p95_latency", "firing", 5.0, 1.0)]
+    assert latency_only.observe("a", "t", TaskStatus.FAILED, 5.0, 0.0, 0.0) == [
+        Alert("a", "p95_latency", "firing", 5.0, 1.0)
+    ]
     errors_only = AlertMonitor(AlertConfig(error_rate=0.1, min_tasks=1))
-    assert errors_only.observe("a", "t", "failed", 5.0, 0.0, 0.0) == [Alert("a", "error_rate", "firing", 1.0, 0.1)]
+    assert errors_only.observe("a", "t", TaskStatus.FAILED, 5.0, 0.0, 0.0) == [
+        Alert("a", "error_rate", "firing", 1.0, 0.1)
+    ]
     neither = AlertMonitor(AlertConfig(run_cost_usd=1.0))
-    assert neither.observe("a", "t", "failed", 5.0, 0.0, 0.0) == [] and neither._windows == {}
+    assert neither.observe("a", "t", TaskStatus.FAILED, 5.0, 0.0, 0.0) == [] and neither._windows == {}
 
 
 def test_a_window_keeps_at_most_its_limit_of_outcomes() -> None:
     monitor = AlertMonitor(AlertConfig(error_rate=0.5, min_tasks=1, window_s=86_400))
-    assert monitor.observe("a", "t0", "failed", 1.0, 0.0, 0.0)[0].state == "firing"
+    assert monitor.observe("a", "t0", TaskStatus.FAILED, 1.0, 0.0, 0.0)[0].state == "firing"
     for i in range(MAX_WINDOW - 1):
-        monitor.observe("a", f"t{i + 1}", "succeeded", 1.0, 0.0, 0.0)
+        monitor.observe("a", f"t{i + 1}", TaskStatus.SUCCEEDED, 1.0, 0.0, 0.0)
     window = monitor._windows["a"]
     assert len(window.outcomes) == MAX_WINDOW and window.errors == 1  # full: the failure still in it
-    monitor.observe("a", "last", "succeeded", 1.0, 0.0, 0.0)
+    monitor.observe("a", "last", TaskStatus.SUCCEEDED, 1.0, 0.0, 0.0)
     assert len(window.outcomes) == MAX_WINDOW and window.errors == 0  # one more pushes it out

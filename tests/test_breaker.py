@@ -10,6 +10,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from agentpool.actors.breaker import CircuitBreaker, CrashLoop, Denied, Permit, Suspended, Transition
 from agentpool.actors.tool_board import BreakerBoard
 from agentpool.config import BreakerConfig
+from agentpool.vocabulary import ToolErrorKind
 
 CONFIGS = [
     BreakerConfig(window="count", window_size=5, minimum_calls=3, failure_rate=0.5, open_wait_s=10, half_open_calls=2),
@@ -254,10 +255,10 @@ def test_board_counts_every_outcome_and_never_judges_calls_that_did_not_run() ->
     for _ in range(5):
         permit, denied, _ = board.acquire("t")
         assert denied is None
-        board.record("t", permit, "bulkhead_full", 0.0)
+        board.record("t", permit, ToolErrorKind.BULKHEAD_FULL, 0.0)
     assert board.status()["tools"]["t"]["breaker"]["state"] == "closed"
     permit, _, _ = board.acquire("t")
-    assert board.record("t", permit, "crashed", 0.1) is None  # one call of the minimum two
+    assert board.record("t", permit, ToolErrorKind.CRASHED, 0.1) is None  # one call of the minimum two
     # In crash backoff: refused without running, and the refusal is a failure for its breaker.
     _, refused, opened = board.acquire("t")
     assert isinstance(refused, Suspended) and refused.retry_after_s == pytest.approx(1.0)
@@ -265,7 +266,7 @@ def test_board_counts_every_outcome_and_never_judges_calls_that_did_not_run() ->
     _, denied, _ = board.acquire("t")
     assert isinstance(denied, Denied) and denied.retry_after_s == pytest.approx(30.0)
     assert board.acquire("off") == (None, None, None)
-    board.record("off", None, "error", 0.1)
+    board.record("off", None, ToolErrorKind.ERROR, 0.1)
     status = board.status()
     assert status["tools"]["t"]["outcomes"] == {"bulkhead_full": 5, "crashed": 1, "restarting": 1, "breaker_open": 1}
     assert status["tools"]["off"] == {"breaker": None, "crash_backoff_s": 0.0, "outcomes": {"error": 1}}
@@ -277,7 +278,7 @@ def test_board_crash_backoff_doubles_per_crash_in_a_row_and_a_returned_call_ends
     board = BreakerBoard({"off": {"timeout_s": 1.0, "breaker": {"enabled": False}}}, BreakerConfig(), lambda: now[0])
     waits = []
     for outcome in ("crashed", "crashed", "error", "crashed"):
-        board.record("off", None, outcome, 0.1)
+        board.record("off", None, ToolErrorKind(outcome), 0.1)
         _, refused, _ = board.acquire("off")
         waits.append(refused.retry_after_s if isinstance(refused, Suspended) else 0.0)
         now[0] += waits[-1]  # wait it out

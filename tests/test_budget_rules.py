@@ -7,16 +7,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agentpool.budgets import BudgetReason, Day, Hold, Limits, admission_check
+from agentpool.budgets import Day, Hold, Limits, admission_check
 from agentpool.models import Usage
+from agentpool.vocabulary import ErrorReason
 
 
 def test_a_reservation_fits_up_to_the_limit_and_not_beyond() -> None:
     day = Day()
     limits = Limits(tokens=100, cost_usd=1.0)
     assert day.reserve(limits, "a", 60, 0.5, now=0.0, expires_at=10.0) is None
-    assert day.reserve(limits, "b", 41, 0.1, now=0.0, expires_at=10.0) is BudgetReason.TOKENS
-    assert day.reserve(limits, "b", 40, 0.6, now=0.0, expires_at=10.0) is BudgetReason.COST
+    assert day.reserve(limits, "b", 41, 0.1, now=0.0, expires_at=10.0) is ErrorReason.DAILY_TOKEN_BUDGET
+    assert day.reserve(limits, "b", 40, 0.6, now=0.0, expires_at=10.0) is ErrorReason.DAILY_COST_BUDGET
     assert day.reserve(limits, "b", 40, 0.5, now=0.0, expires_at=10.0) is None
     assert (day.reserved_tokens, day.reserved_cost_usd) == (100, 1.0)
     assert day.holds == {"a": Hold(60, 0.5, 10.0), "b": Hold(40, 0.5, 10.0)}
@@ -53,9 +54,11 @@ def test_a_dead_holder_s_reservation_is_swept_as_spent_only_when_room_is_needed(
     day.reserve(limits, "dead", 70, 0.7, now=0.0, expires_at=30.0)
     assert day.reserve(limits, "small", 20, 0.0, now=100.0, expires_at=130.0) is None
     assert "dead" in day.holds  # there was room: nothing swept
-    assert day.reserve(limits, "big", 20, 0.0, now=29.0, expires_at=59.0) is BudgetReason.TOKENS  # not expired yet
     assert (
-        day.reserve(limits, "big", 20, 0.0, now=130.0, expires_at=160.0) is BudgetReason.TOKENS
+        day.reserve(limits, "big", 20, 0.0, now=29.0, expires_at=59.0) is ErrorReason.DAILY_TOKEN_BUDGET
+    )  # not expired yet
+    assert (
+        day.reserve(limits, "big", 20, 0.0, now=130.0, expires_at=160.0) is ErrorReason.DAILY_TOKEN_BUDGET
     )  # both swept: 90 spent
     assert (day.tokens, day.cost_usd, day.expired_reservations, day.holds) == (90, 0.7, 2, {})
     assert day.reserve(limits, "last", 10, 0.0, now=130.0, expires_at=160.0) is None
@@ -66,12 +69,16 @@ def test_a_dead_holder_s_reservation_is_swept_as_spent_only_when_room_is_needed(
 def test_at_the_door_reservations_are_left_out_and_a_reached_cost_budget_is_spent() -> None:
     limits = Limits(tokens=100, cost_usd=1.0)
     assert admission_check({"tokens": 90, "cost_usd": 0.5}, limits, first_call_tokens=10) is None
-    assert admission_check({"tokens": 90, "cost_usd": 0.5}, limits, first_call_tokens=11) is BudgetReason.TOKENS
-    assert admission_check({"tokens": 0, "cost_usd": 1.0}, limits) is BudgetReason.COST
+    assert (
+        admission_check({"tokens": 90, "cost_usd": 0.5}, limits, first_call_tokens=11) is ErrorReason.DAILY_TOKEN_BUDGET
+    )
+    assert admission_check({"tokens": 0, "cost_usd": 1.0}, limits) is ErrorReason.DAILY_COST_BUDGET
     assert admission_check({"tokens": 0, "cost_usd": 0.99}, limits) is None
-    assert admission_check({}, Limits(tokens=0), first_call_tokens=1) is BudgetReason.TOKENS
+    assert admission_check({}, Limits(tokens=0), first_call_tokens=1) is ErrorReason.DAILY_TOKEN_BUDGET
     assert admission_check({"tokens": 10**9, "cost_usd": 10.0**9}, Limits()) is None
-    assert BudgetReason.TOKENS == "daily_token_budget" and BudgetReason.COST == "daily_cost_budget"
+    assert (
+        ErrorReason.DAILY_TOKEN_BUDGET == "daily_token_budget" and ErrorReason.DAILY_COST_BUDGET == "daily_cost_budget"
+    )
 
 
 steps = st.lists(
@@ -101,7 +108,7 @@ def test_calls_within_their_reservations_never_take_a_day_over_its_limits(
                 assert f"l{n}" not in day.holds
                 assert not any(h.expires_at <= now for h in day.holds.values())
                 tokens_over = day.tokens + day.reserved_tokens + a > token_limit
-                assert why is (BudgetReason.TOKENS if tokens_over else BudgetReason.COST)
+                assert why is (ErrorReason.DAILY_TOKEN_BUDGET if tokens_over else ErrorReason.DAILY_COST_BUDGET)
                 assert tokens_over or day.cost_usd + day.reserved_cost_usd + b / 100 > limits.cost_usd
         elif op in ("settle", "refund") and day.holds:
             lease = sorted(day.holds)[a % len(day.holds)]

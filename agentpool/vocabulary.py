@@ -1,0 +1,202 @@
+"""The pool's vocabulary: every closed set of names the code branches on, in one place.
+
+Each is a `StrEnum`: a member is its string (it compares, hashes, formats and serialises as
+the value), so records, events and metrics keep the names they always had, and code that
+branches on a member can be checked for exhaustiveness (`match` + `assert_never`): a new
+member that some branch does not handle fails type checking (tests/test_types.py).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal, assert_never
+
+
+class TaskStatus(StrEnum):
+    """How a task ended: `AgentResult.status`. Every status is final."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    REJECTED = "rejected"
+    TIMED_OUT = "timed_out"
+    ITERATION_CAP = "iteration_cap"
+    BUDGET_EXHAUSTED = "budget_exhausted"
+    CANCELLED = "cancelled"
+
+    @property
+    def ran(self) -> bool:
+        """The task was run (or was running) by an agent worker: False for a rejection at
+        admission and for a cancellation (which may come before a worker starts it; either
+        way its latency says nothing of the agents)."""
+        match self:
+            case TaskStatus.REJECTED | TaskStatus.CANCELLED:
+                return False
+            case (
+                TaskStatus.SUCCEEDED
+                | TaskStatus.FAILED
+                | TaskStatus.TIMED_OUT
+                | TaskStatus.ITERATION_CAP
+                | TaskStatus.BUDGET_EXHAUSTED
+            ):
+                return True
+            case _:
+                assert_never(self)
+
+    @property
+    def is_error(self) -> bool:
+        """The run broke: it failed, or ran out of time. What an error-rate alert counts (a
+        rejection is shedding, a cap or a budget is a limit the task was given)."""
+        return self in (TaskStatus.FAILED, TaskStatus.TIMED_OUT)
+
+    @property
+    def fell_short(self) -> bool:
+        """The task ran and did not reach its answer (an error, or one of its limits): its
+        trace span ends with an error status."""
+        return self.ran and self is not TaskStatus.SUCCEEDED
+
+
+class ErrorReason(StrEnum):
+    """Why a task did not succeed, where a program can act on it: `ErrorInfo.reason`."""
+
+    #: Rejected at admission: the pool sheds load (CoDel's standing queue).
+    OVERLOAD = "overload"
+    #: Rejected at admission: the predicted wait is past the task's deadline.
+    PREDICTED_WAIT = "predicted_wait"
+    #: Rejected at admission: the queue (the pool's or the tenant's) is full.
+    QUEUE_FULL = "queue_full"
+    #: Dropped from the queue: it waited longer than its deadline allowed.
+    QUEUE_TIMEOUT = "queue_timeout"
+    #: Dropped from the queue to make room for more important work of another tenant.
+    EVICTED = "evicted"
+    #: The tenant's daily token budget is spent.
+    DAILY_TOKEN_BUDGET = "daily_token_budget"
+    #: The tenant's daily cost budget is spent.
+    DAILY_COST_BUDGET = "daily_cost_budget"
+    #: The tenant's prompt-injection screen blocked the task.
+    PROMPT_INJECTION = "prompt_injection"
+    #: Cancelled by a request (`pool.cancel`, `agentpool cancel`).
+    CANCELLED = "cancelled"
+    #: A tool call waited for a human's approval past its deadline.
+    APPROVAL_DEADLINE = "approval_deadline"
+
+
+#: The reasons a tenant's daily budget gives.
+BudgetReason = Literal[ErrorReason.DAILY_TOKEN_BUDGET, ErrorReason.DAILY_COST_BUDGET]
+
+
+class EventType(StrEnum):
+    """The `event` field of an entry in a tenant's events stream."""
+
+    TASK_ADMITTED = "task_admitted"
+    INJECTION_DETECTED = "injection_detected"
+    TASK_RESUMED = "task_resumed"
+    LEASE_WAIT = "lease_wait"
+    LLM_CALL = "llm_call"
+    #: An LLM attempt failed and is retried after a wait.
+    RETRY = "retry"
+    FALLBACK = "fallback"
+    TOOL_CALL = "tool_call"
+    TOOL_RESULT = "tool_result"
+    BREAKER_STATE = "breaker_state"
+    OUTPUT_INVALID = "output_invalid"
+    APPROVAL_REQUESTED = "approval_requested"
+    APPROVAL_DECIDED = "approval_decided"
+    BUDGET_EXCEEDED = "budget_exceeded"
+    #: Rejected with a retry hint (overload, a full queue, a deadline): shedding.
+    SHED = "shed"
+    #: Rejected for good (the task itself is refused).
+    TASK_REJECTED = "task_rejected"
+    TASK_END = "task_end"
+    ALERT = "alert"
+
+
+class ToolErrorKind(StrEnum):
+    """Why a tool call gave an error result: `ToolOutcome.error_kind`."""
+
+    #: The arguments do not fit the tool's schema or the size bounds.
+    INVALID_ARGUMENTS = "invalid_arguments"
+    #: No tool of that name is registered.
+    UNKNOWN_TOOL = "unknown_tool"
+    #: The task was not given that tool.
+    NOT_ALLOWED = "not_allowed"
+    #: A human reviewer did not approve the call.
+    DENIED = "denied"
+    #: The tool ran past its timeout (and was abandoned, or its process killed).
+    TIMEOUT = "timeout"
+    #: The tool raised.
+    ERROR = "error"
+    #: The tool's process died while it ran.
+    CRASHED = "crashed"
+    #: The tool crashed its executors lately: refused until their backoff ends.
+    RESTARTING = "restarting"
+    #: Every thread or process of the tool's group was busy past the bulkhead's wait.
+    BULKHEAD_FULL = "bulkhead_full"
+    #: The tool's circuit breaker is open.
+    BREAKER_OPEN = "breaker_open"
+    #: An earlier run of the task started this side-effecting call and never reported back.
+    OUTCOME_UNKNOWN = "outcome_unknown"
+    #: No executor could take the call (being replaced), or Redis could not record it first.
+    UNAVAILABLE = "unavailable"
+
+    @classmethod
+    def of(cls, name: str) -> ToolErrorKind:
+        """The kind named `name`; a name the pool does not know (a tool's own `ToolError`
+        kind) is `ERROR`."""
+        try:
+            return cls(name)
+        except ValueError:
+            return cls.ERROR
+
+    @property
+    def ran(self) -> bool:
+        """The tool started in this call. When it did not, a side-effecting call's
+        "started" mark is taken back (a later run may make the call) and a breaker's permit
+        goes back with no outcome, unless the refusal itself counts as a failure."""
+        match self:
+            case ToolErrorKind.TIMEOUT | ToolErrorKind.ERROR | ToolErrorKind.CRASHED:
+                return True
+            case (
+                ToolErrorKind.INVALID_ARGUMENTS
+                | ToolErrorKind.UNKNOWN_TOOL
+                | ToolErrorKind.NOT_ALLOWED
+                | ToolErrorKind.DENIED
+                | ToolErrorKind.RESTARTING
+                | ToolErrorKind.BULKHEAD_FULL
+                | ToolErrorKind.BREAKER_OPEN
+                | ToolErrorKind.OUTCOME_UNKNOWN
+                | ToolErrorKind.UNAVAILABLE
+            ):
+                return False
+            case _:
+                assert_never(self)
+
+    @property
+    def is_failure(self) -> bool:
+        """The call counts as a failure of the tool for its circuit breaker: it raised, ran
+        too long or crashed, or it is refused for crashing its executors."""
+        return self.ran or self is ToolErrorKind.RESTARTING
+
+    @property
+    def returned(self) -> bool:
+        """The tool ran and its process survived it (a crash streak ends)."""
+        return self.ran and self is not ToolErrorKind.CRASHED
+
+
+#: What a tool's outcome counts are keyed by: an error kind, or how a call with no error
+#: was served (run, from the cache, or replayed from an earlier run's record).
+ToolTally = ToolErrorKind | Literal["ok", "cached", "replayed"]
+
+
+def tally_ran(tally: ToolTally) -> bool:
+    """The counted call was served (ran, or came from the cache or a record) or ran and
+    failed; False for the refusals and the calls that never started."""
+    return tally in ("ok", "cached", "replayed") or ToolErrorKind(tally).ran
+
+
+class ToolSource(StrEnum):
+    """Where a tool result came from without running the tool: `ToolOutcome.source`."""
+
+    #: The tool's result cache (`@tool(cache_ttl_s=...)`).
+    CACHE = "cache"
+    #: An earlier run of the same task already made this call (the at-most-once record).
+    RECORD = "record"
