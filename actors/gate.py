@@ -8,16 +8,16 @@ and the reservation is replaced by the actual usage (or refunded when the attemp
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from agentpool import telemetry as tm
+from agentpool.background import Background
 from agentpool.cluster.budgets import BudgetLedger, Reservation
 from agentpool.models import TenantPolicy, Usage
 from agentpool.pricing import PriceTable
@@ -87,7 +87,7 @@ class TaskGate:
         # limits, or the tenant's own. Elsewhere a call skips the limiter's two round trips.
         self._limited = limited
         self._tenant_limited = bool(policy.limits.per_minute())
-        self._pending: set[asyncio.Future[Any]] = set()
+        self._pending = Background()
         #: Time this task's calls spent waiting for rate permits (the scheduler learns from it).
         self.permit_wait_s = 0.0
 
@@ -157,13 +157,10 @@ class TaskGate:
         as_cache_write = Usage(cache_creation_input_tokens=input_tokens, output_tokens=output_tokens)
         return max(self._prices.priced(model, u).cost_usd for u in (as_input, as_cache_write))
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._pending.add(task)  # the loop keeps only weak references to tasks
-        task.add_done_callback(self._pending.discard)
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        self._pending.spawn(coro)
 
     async def drain(self) -> None:
         """Waits for this task's budget writes, so its usage is recorded when its result is
         returned. A write that fails leaves its reservation to expire into spending."""
-        if self._pending:
-            await asyncio.gather(*self._pending, return_exceptions=True)
+        await self._pending.wait()

@@ -31,7 +31,7 @@ import hashlib
 import itertools
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import ray
@@ -40,6 +40,7 @@ from redis.exceptions import RedisError
 
 from agentpool import telemetry as tm
 from agentpool.actors.breaker import CrashLoop, Suspended
+from agentpool.background import Background
 from agentpool.cluster.keys import Keys
 from agentpool.models import tool_arguments_problem
 from agentpool.protocol import ToolCall, ToolOutcome
@@ -60,7 +61,7 @@ _BACKOFF_MAX_S = 30.0
 _AUDIT_ARGS_MAX = 4000
 
 Emit = Callable[..., Awaitable[None]]
-_BACKGROUND: set[asyncio.Future[Any]] = set()
+_BACKGROUND = Background()
 
 
 class ToolCalls:
@@ -104,9 +105,7 @@ class ToolCalls:
         """The call's outcome. If the task is cancelled meanwhile (its own timeout), the call
         still runs to its end in the background, bounded by the tool's timeout, so that its
         outcome reaches the breaker, the counts and the at-most-once record."""
-        running = asyncio.ensure_future(self._guarded(call, allowed, emit))
-        _BACKGROUND.add(running)
-        running.add_done_callback(_BACKGROUND.discard)
+        running = _BACKGROUND.spawn(self._guarded(call, allowed, emit))
         return await asyncio.shield(running)
 
     async def _guarded(self, call: ToolCall, allowed: set[str], emit: Emit) -> ToolOutcome:
@@ -341,7 +340,5 @@ class ToolCalls:
         self._board.count.remote(tool, kind)
 
     @staticmethod
-    def _spawn(coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
-        _BACKGROUND.add(task)  # the loop keeps only weak references to tasks
-        task.add_done_callback(_BACKGROUND.discard)
+    def _spawn(coro: Coroutine[Any, Any, None]) -> None:
+        _BACKGROUND.spawn(coro)

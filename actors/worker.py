@@ -31,9 +31,10 @@ from agentpool.cluster.budgets import BudgetLedger
 from agentpool.cluster.store import ResultStore, RunStart
 from agentpool.cluster.telemetry import Telemetered
 from agentpool.config import PoolConfig
+from agentpool.errors import ConfigError
 from agentpool.models import AgentResult, ErrorInfo, Timings
 from agentpool.pricing import PriceTable
-from agentpool.protocol import ApprovalDecision, Dispatch, Paused
+from agentpool.protocol import ApprovalDecision, Dispatch, Paused, provider_key_name
 from agentpool.secrets import Scrubber, forget_env_secrets, install_log_scrubber
 from agentpool.vocabulary import EventType, TaskStatus
 
@@ -62,7 +63,6 @@ class AgentWorker(Telemetered):
         *,
         redis_url: str,
         base_url: str | None,
-        api_key: SecretStr,
         tool_catalog: dict[str, dict[str, Any]],
         executor_names: dict[str, list[str]],
         namespace: str,
@@ -72,7 +72,7 @@ class AgentWorker(Telemetered):
         self._setup_telemetry("worker")
         self.config = config
         self._base_url = base_url
-        self._api_key = api_key
+        self._api_key = api_key = _provider_key(config.name, namespace)
         # Whatever this process logs or records passes the scrubber: the key never leaves it.
         self._scrub = Scrubber([api_key])
         forget_env_secrets()
@@ -314,3 +314,13 @@ class AgentWorker(Telemetered):
     def node(self) -> str:
         """The id of the Ray node this worker runs on."""
         return ray.get_runtime_context().get_node_id()
+
+
+def _provider_key(pool: str, namespace: str) -> SecretStr:
+    """The pool's provider key, from Ray's internal store (`provider_key_name`)."""
+    from ray.experimental import internal_kv
+
+    raw = internal_kv._internal_kv_get(provider_key_name(pool), namespace=namespace)
+    if raw is None:  # the pool was terminated while this worker (re)started
+        raise ConfigError(f"pool {pool!r} has no provider key in Ray's store: it is stopped or stopping")
+    return SecretStr(raw.decode())

@@ -63,10 +63,6 @@ class Overloaded(RetryLater):
     """Raised when the pool sheds a task because its queue is full or too slow."""
 
 
-class QuotaExceeded(RetryLater):
-    """Raised when a tenant is over one of its rate or concurrency quotas."""
-
-
 class BudgetExceeded(RetryLater):
     """Raised when a tenant's daily token or cost budget is spent; retry after the reset."""
 
@@ -224,10 +220,6 @@ class ToolError(AgentPoolError):
         super().__init__(message, tool=tool, kind=kind, **fields)
 
 
-class OutputValidationError(AgentPoolError):
-    """Raised when a final answer does not match the task's output schema after all attempts."""
-
-
 class StoreError(AgentPoolError):
     """Raised when Redis refuses a request or answers something the store did not expect."""
 
@@ -242,7 +234,6 @@ ALL_ERRORS: tuple[type[AgentPoolError], ...] = (
     AgentPoolError,
     RetryLater,
     Overloaded,
-    QuotaExceeded,
     BudgetExceeded,
     ConfigError,
     InvalidConfig,
@@ -255,7 +246,6 @@ ALL_ERRORS: tuple[type[AgentPoolError], ...] = (
     ProviderError,
     MalformedResponse,
     ToolError,
-    OutputValidationError,
     StoreError,
     StoreUnavailable,
 )

@@ -10,10 +10,12 @@ import os
 from collections.abc import Iterable, Iterator
 from typing import Any, cast
 
+from pydantic import SecretStr
+
 from agentpool.cluster.telemetry import exported_env
 from agentpool.config import PoolConfig
 from agentpool.errors import ConfigError
-from agentpool.protocol import WorkerSpawn
+from agentpool.protocol import WorkerSpawn, provider_key_name
 
 NAMESPACE = "agentpool"
 
@@ -64,6 +66,23 @@ def worker_spawn(config: PoolConfig, **kwargs: Any) -> WorkerSpawn:
     if config.placement.spread_workers:
         options["scheduling_strategy"] = "SPREAD"
     return WorkerSpawn(start_worker, options, {"config": config, "namespace": NAMESPACE, **kwargs})
+
+
+def hand_over_provider_key(pool: str, key: SecretStr) -> None:
+    """Leaves the provider key where only the pool's agent workers read it
+    (`agentpool.protocol.provider_key_name`). Ray keeps an actor's constructor arguments for
+    its restarts in the same store, so this adds no copy: it takes the key out of the
+    arguments, and out of the scheduler, which starts workers but never calls the provider."""
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_put(provider_key_name(pool), key.get_secret_value(), overwrite=True, namespace=NAMESPACE)
+
+
+def withdraw_provider_key(pool: str) -> None:
+    from ray.experimental import internal_kv
+
+    with contextlib.suppress(Exception):  # Ray already gone: so is its store
+        internal_kv._internal_kv_del(provider_key_name(pool), namespace=NAMESPACE)
 
 
 def start_worker(spawn: WorkerSpawn, name: str, extra: dict[str, Any]) -> Any:

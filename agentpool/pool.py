@@ -9,32 +9,25 @@ from collections.abc import Iterable
 from typing import Any, cast
 
 import ray
-from pydantic import SecretStr
 
 from agentpool import telemetry as tm
 from agentpool.cluster.acl import create_tenant_credentials, display_url, revoke_tenant_credentials
 from agentpool.cluster.keys import Keys
 from agentpool.cluster.reader import ResultsReader, find_tenant
 from agentpool.cluster.redis_server import EmbeddedRedis
-from agentpool.cluster.telemetry import TelemetryConfigError, check_env
 from agentpool.config import PoolConfig
-from agentpool.errors import ConfigError, PoolNotRunning
+from agentpool.errors import PoolNotRunning
 from agentpool.launch import (
     NAMESPACE,
-    SIMULATOR_KEY,
-    actor_class,
-    control,
-    init_ray,
     kill_all,
     quiet_ray_init,
-    ray_auth_enabled,
-    start_executor_group,
     stop_order,
-    worker_spawn,
+    withdraw_provider_key,
 )
+from agentpool.launcher import Launcher
 from agentpool.models import AgentResult, AgentTask, validate_tasks
 from agentpool.pool_telemetry import PoolTelemetry
-from agentpool.preflight import check_name_free, check_redis, first_line, name_taken, tools_as_actors_see_them
+from agentpool.preflight import check_redis
 from agentpool.protocol import new_trace_id, traceparent
 from agentpool.views import redis_trouble
 
@@ -107,171 +100,18 @@ class AgentPool(PoolTelemetry):
             ConfigError: If a part cannot start (bad tool module, no redis-server, ...), or a
                 detached pool would live in a Ray instance that dies with this process.
         """
-        from agentpool.actors.simulator_host import SimulatorHost
-        from agentpool.actors.tool_board import ToolBoard
-        from agentpool.cluster.redis_host import RedisHost
-        from agentpool.scheduler.limiter import RateLimiter
-        from agentpool.scheduler.scheduler import Scheduler
-
-        config = config or PoolConfig()
-        uses_simulator = config.uses_simulator
-        try:
-            check_env()
-        except TelemetryConfigError as exc:
-            raise ConfigError(str(exc)) from None
-        # Everything that can be checked here is, before a single actor starts.
-        catalog_here = tools_as_actors_see_them(config.all_tool_modules)
-        if config.redis_url is not None:
-            check_redis(config.redis_url, source="AGENTPOOL_REDIS_URL (PoolConfig.redis_url)")
-        lifetime: dict[str, Any] = {"lifetime": "detached"} if detached else {}
-        started_ray = not ray.is_initialized()
-        if started_ray:
-            init_ray(config, detached=detached)
-        try:
-            if config.require_ray_auth and not ray_auth_enabled():
-                raise ConfigError(
-                    "the Ray cluster runs without token authentication: anyone who reaches it runs code in it "
-                    "(and reads the provider key). Start it with RAY_AUTH_MODE=token, or set "
-                    "PoolConfig.require_ray_auth=False for a cluster on an isolated network"
-                )
-            check_name_free(config.name)
-        except ConfigError:
-            if started_ray:
-                ray.shutdown()
-            raise
-        api_key = config.anthropic_api_key or SecretStr(SIMULATOR_KEY)
-        config = config.for_actors()
-        embedded = None
-        actors: list[Any] = []
-        try:
-            # The simulator and Redis hosts go where the control plane goes (`control_resources`),
-            # never onto a worker node that may go away. Not restarted: a new one has a new port.
-            host = {**control(config), "max_restarts": 0, "max_task_retries": 0, "namespace": NAMESPACE, **lifetime}
-            redis_url = config.redis_url
-            if redis_url is None and detached:  # the server must outlive this process too
-                redis_host = actor_class(RedisHost).options(**host, name=f"{config.name}-redis").remote()
-                actors.append(redis_host)
-                redis_url = ray.get(redis_host.start.remote())
-            elif redis_url is None:
-                embedded = EmbeddedRedis()
-                redis_url = embedded.start()
-            simulator, base_url = None, config.anthropic_base_url
-            if uses_simulator:
-                simulator = (
-                    actor_class(SimulatorHost).options(**host, name=f"{config.name}-simulator").remote(config.simulator)
-                )
-                actors.append(simulator)
-            # The default group first: its catalog says which other groups the tools ask for.
-            # Its processes start while the simulator's does.
-            default_names, default_group = start_executor_group(config, "default", actors, lifetime)
-            if simulator is not None:
-                base_url = ray.get(simulator.start.remote())
-            try:
-                catalog: dict[str, dict[str, Any]] = ray.get(default_group[0].catalog.remote())
-            except ray.exceptions.RayActorError as exc:
-                raise ConfigError(f"tool executors could not start: {first_line(exc)}") from None
-            if set(catalog) != set(catalog_here):  # the executors import the same modules elsewhere
-                log.warning(
-                    "the tool executors found tools %s, this process %s",
-                    sorted(set(catalog) - set(catalog_here)),
-                    sorted(set(catalog_here) - set(catalog)),
-                )
-            executor_names = {"default": default_names}
-            for group in sorted({entry["group"] for entry in catalog.values()} - {"default"}):
-                executor_names[group], _ = start_executor_group(config, group, actors, lifetime)
-            board_name = f"{config.name}-tools"
-            board = (
-                actor_class(ToolBoard)
-                .options(**control(config), name=board_name, namespace=NAMESPACE, **lifetime)
-                .remote(
-                    catalog,
-                    config.breaker.model_dump(),
-                )
-            )
-            actors.append(board)
-            limiter_name = f"{config.name}-limiter"
-            # Every LLM attempt of every worker waits here: its concurrency is bounded only by
-            # the attempts that can be in flight at once.
-            limiter = (
-                actor_class(RateLimiter)
-                .options(
-                    **control(config),
-                    name=limiter_name,
-                    namespace=NAMESPACE,
-                    max_concurrency=config.worker_concurrency * config.max_workers * 2 + 100,
-                    **lifetime,
-                )
-                .remote(config)
-            )
-            actors.append(limiter)
-            spawn = worker_spawn(
-                config,
-                redis_url=redis_url,
-                base_url=base_url,
-                api_key=api_key,
-                tool_catalog=catalog,
-                executor_names=executor_names,
-                limiter_name=limiter_name,
-                board_name=board_name,
-            )
-            worker_names = [config.worker_name(i) for i in range(config.initial_workers)]
-            workers = [spawn.launch(n, **lifetime) for n in worker_names]
-            actors.extend(workers)
-            scheduler_name = f"{config.name}-scheduler"
-            named = [n for group in executor_names.values() for n in group]
-            named += [board_name, limiter_name, *worker_names, scheduler_name]
-            named += [f"{config.name}-simulator"] if simulator is not None else []
-            named += [f"{config.name}-redis"] if detached and config.redis_url is None else []
-            scheduler = (
-                actor_class(Scheduler)
-                .options(
-                    **control(config),
-                    name=scheduler_name,
-                    namespace=NAMESPACE,
-                    **lifetime,
-                    max_concurrency=max(1000, config.max_queued + config.worker_concurrency * config.max_workers + 100),
-                )
-                .remote(
-                    config,
-                    redis_url=redis_url,
-                    worker_names=worker_names,
-                    worker_spawn=spawn,
-                    namespace=NAMESPACE,
-                    tool_names=list(catalog),
-                    limiter_name=limiter_name,
-                    board_name=board_name,
-                    extra_info={
-                        "actors": named,
-                        "detached": detached,
-                        "provider_url": base_url,
-                        "tools": list(catalog),
-                    },
-                )
-            )
-            actors.append(scheduler)
-            ray.get([scheduler.status.remote(), *(w.ping.remote() for w in workers)])
-        except BaseException as exc:
-            for actor in actors:
-                with contextlib.suppress(Exception):
-                    ray.kill(actor)
-            if embedded is not None:
-                embedded.stop()
-            if started_ray:
-                ray.shutdown()
-            if isinstance(exc, ValueError) and "already taken" in str(exc):
-                raise ConfigError(name_taken(config.name)) from None
-            raise
+        started = Launcher(config or PoolConfig(), detached=detached).run()
         return cls(
-            config,
-            scheduler=scheduler,
-            redis_url=redis_url,
-            actors=actors,
-            embedded_redis=embedded,
-            started_ray=started_ray,
-            simulator=simulator,
-            provider_url=base_url,
-            actor_names=named,
-            tools=list(catalog),
+            started.config,
+            scheduler=started.scheduler,
+            redis_url=started.redis_url,
+            actors=started.actors,
+            embedded_redis=started.embedded_redis,
+            started_ray=started.started_ray,
+            simulator=started.simulator,
+            provider_url=started.provider_url,
+            actor_names=started.actor_names,
+            tools=started.tools,
         )
 
     @classmethod
@@ -345,6 +185,7 @@ class AgentPool(PoolTelemetry):
         kill_all([by_name[n] for n in sorted(by_name, key=order.__getitem__) if order[n] >= 2])
         if len(by_name) < len(self._actor_names):  # some not found by name: the handles this process holds
             kill_all(self._actors)
+        withdraw_provider_key(self.config.name)
         if self._embedded_redis is not None:
             self._embedded_redis.stop()
         if self._started_ray:

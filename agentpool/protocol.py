@@ -133,6 +133,14 @@ class ApprovalDecision(BaseModel):
         return set(tool_use_ids) <= set(self.tool_use_ids)
 
 
+def provider_key_name(pool: str) -> str:
+    """Where in Ray's internal key-value store (GCS, namespace `agentpool`) the pool's
+    provider key waits for its agent workers. The facade puts it there; each worker reads it
+    as it starts (and again after Ray restarts it), so no other process (the scheduler that
+    starts workers, the limiter, the executors) ever receives it."""
+    return f"agentpool:{pool}:provider-key"
+
+
 @dataclass(frozen=True)
 class WorkerSpawn:
     """How to start an agent worker, built by the facade (`agentpool.launch.worker_spawn`):

@@ -12,7 +12,7 @@ import logging
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -22,6 +22,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
+from agentpool.background import Background
 from agentpool.cluster.acl import display_url
 from agentpool.cluster.keys import Keys
 from agentpool.config import PoolConfig
@@ -129,7 +130,7 @@ class ResultStore:
         #: (stream, entry, MAXLEN or None) in order: events and audit entries.
         self._events: list[tuple[str, dict[str, str], int | None]] = []
         self._lookups: list[tuple[AgentTask, str, asyncio.Future[tuple[str | None, bool]]]] = []
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background = Background()
         self._kick: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
         self._outbox: deque[AgentResult | tuple[str, str, str]] = deque()
@@ -454,11 +455,8 @@ class ResultStore:
                     return
                 del self._events[: len(batch)]
 
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)  # the loop keeps only weak references to tasks
-        task.add_done_callback(self._background.discard)
-        return task
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        return self._background.spawn(coro)
 
     async def close(self) -> None:
         if self._redis is not None:

@@ -16,11 +16,12 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import ray
 
+from agentpool.background import Background
 from agentpool.config import PoolConfig
 from agentpool.protocol import WorkerSpawn
 from agentpool.scheduler.autoscale import WorkerScaler
@@ -99,7 +100,7 @@ class WorkerFleet:
         self.suspects: set[int] = set()
         self.desired = len(self.handles)
         self.history: deque[tuple[float, int]] = deque([(time.time(), len(self.handles))], maxlen=_HISTORY)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = Background()
         self._last_observed = float("-inf")
 
     @property
@@ -125,10 +126,8 @@ class WorkerFleet:
                 self._run(self._drain(index))
             self._note()
 
-    def _run(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)  # held: the loop keeps only weak references
-        task.add_done_callback(self._tasks.discard)
+    def _run(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._tasks.spawn(coro)
 
     async def _start_one(self, timeout_s: float) -> None:
         assert self._spawn_spec is not None

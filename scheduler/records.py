@@ -9,6 +9,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from agentpool.background import Background
 from agentpool.errors import AgentPoolError, BudgetExceeded
 from agentpool.models import AgentResult, AgentTask, ErrorInfo, Timings
 from agentpool.scheduler.jobs import Job
@@ -51,8 +52,8 @@ class Records:
     _shed: Counter[str]
     _telemetry: TaskTelemetry
     _jobs: dict[str, Job]
-    _lives: set[asyncio.Task[AgentResult]]
-    _writes: set[asyncio.Task[Any]]
+    _lives: Background
+    _writes: Background
 
     if TYPE_CHECKING:  # Scheduler's; declared here for the type checker only
 
@@ -63,7 +64,6 @@ class Records:
     def _ended(self, life: asyncio.Task[AgentResult], job: Job) -> None:
         """Resolves the job whatever its life did: every waiter (a `run` call, `enqueue`,
         `cancel`) gets a record, even when the life itself failed (a bug of ours)."""
-        self._lives.discard(life)
         if self._jobs.get(job.task.task_id) is job:
             del self._jobs[job.task.task_id]
         if not job.accepted.done():
@@ -90,12 +90,9 @@ class Records:
 
     def _spawn_write(self, result: AgentResult) -> None:
         """Writes a record the scheduler made outside a task's life, in the background."""
-        write = asyncio.get_running_loop().create_task(self._store.write_result(result))
-        self._writes.add(write)
-        write.add_done_callback(self._writes_done)
+        self._writes.spawn(self._store.write_result(result), then=self._writes_done)
 
     def _writes_done(self, write: asyncio.Task[Any]) -> None:
-        self._writes.discard(write)
         if not write.cancelled() and write.exception() is not None:
             log.error("could not write a final record: %s", write.exception())
 

@@ -26,6 +26,7 @@ from typing import Any
 import ray
 from redis.exceptions import RedisError
 
+from agentpool.background import Background
 from agentpool.cluster.approvals import Approvals
 from agentpool.cluster.budgets import BudgetLedger
 from agentpool.cluster.store import ResultStore
@@ -90,8 +91,8 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
         self._tenant_running: Counter[str] = Counter()
         self._models = ModelDispatch(config.limits)
         self._jobs: dict[str, Job] = {}
-        self._lives: set[asyncio.Task[AgentResult]] = set()
-        self._writes: set[asyncio.Task[Any]] = set()
+        self._lives = Background()
+        self._writes = Background()
         #: The `run` calls waiting for their task's record (the ones `withdraw` ends).
         self._callers: set[asyncio.Task[Any]] = set()
         self._extra_info = dict(extra_info or {})
@@ -152,9 +153,7 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
             self._telemetry.begin(job)
         except Exception:  # telemetry is never a reason for a task not to run
             log.exception("telemetry failed as task %s began", task.task_id)
-        life = asyncio.get_running_loop().create_task(self._life(job))
-        self._lives.add(life)  # the loop keeps only weak references to tasks
-        life.add_done_callback(functools.partial(self._ended, job=job))
+        self._lives.spawn(self._life(job), then=functools.partial(self._ended, job=job))
         return job
 
     async def _life(self, job: Job) -> AgentResult:

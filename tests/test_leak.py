@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import pickle
 import sys
 import uuid
 from collections.abc import Iterator
@@ -21,9 +22,11 @@ import pytest
 import ray
 import redis
 from pydantic import SecretStr
+from ray.experimental import internal_kv
 
 from agentpool import AgentPool, AgentResult, AgentTask, PoolConfig
 from agentpool.config import RetryPolicy
+from agentpool.protocol import provider_key_name
 from agentpool.secrets import Scrubber
 from agentpool.simulator import SimulatorServer
 from tests.otlp_receiver import OTLPReceiver
@@ -75,6 +78,8 @@ def leaked(redis_url: str, sim_server: SimulatorServer) -> Iterator[tuple[AgentP
             yield pool, receiver, results
         finally:
             pool.shutdown()
+    # The key's one copy for the workers goes with the pool.
+    assert internal_kv._internal_kv_get(provider_key_name(pool.config.name), namespace="agentpool") is None
 
 
 def _hits(text: str | bytes) -> list[str]:
@@ -116,6 +121,17 @@ def test_no_redis_key_holds_the_key(leaked: Any, redis_url: str) -> None:
     finally:
         client.close()
     assert seen > 10
+
+
+def test_only_the_agent_workers_receive_the_key(leaked: Any) -> None:
+    """The scheduler starts workers but never calls the provider: neither the spawn spec it
+    holds nor its configuration carries the key. Workers read it from Ray's store."""
+    pool, _, _ = leaked
+    scheduler = ray.get_actor(f"{pool.config.name}-scheduler", namespace="agentpool")
+    held = ray.get(scheduler.__ray_call__.remote(lambda self: pickle.dumps((self._fleet._spawn_spec, self.config))))
+    assert _hits(held) == []
+    stored = internal_kv._internal_kv_get(provider_key_name(pool.config.name), namespace="agentpool")
+    assert stored == KEY.encode()
 
 
 def test_no_ray_log_holds_the_key(leaked: Any) -> None:
@@ -182,11 +198,11 @@ def test_log_records_are_scrubbed_with_their_tracebacks() -> None:
 
 
 def test_the_pool_refuses_a_ray_cluster_without_token_auth(monkeypatch: pytest.MonkeyPatch) -> None:
-    from agentpool import pool as pool_module
+    from agentpool import launcher
     from agentpool.errors import ConfigError
     from agentpool.launch import ray_auth_enabled
 
     assert ray_auth_enabled()  # the suite's own cluster runs with token authentication
-    monkeypatch.setattr(pool_module, "ray_auth_enabled", lambda: False)  # as on a cluster started without it
+    monkeypatch.setattr(launcher, "ray_auth_enabled", lambda: False)  # as on a cluster started without it
     with pytest.raises(ConfigError, match="token authentication"):
         AgentPool.start(PoolConfig(name=f"noauth{uuid.uuid4().hex[:6]}"))
