@@ -17,15 +17,17 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
+from agentpool import events
 from agentpool import telemetry as tm
 from agentpool.actors.checkpoint import ApprovalRequest, LoopState
-from agentpool.actors.llm import Emit, LLMResponse
+from agentpool.actors.llm import LLMResponse
 from agentpool.errors import BudgetExceeded, ProviderError
+from agentpool.events import Emit
 from agentpool.guardrails import DATA_NOTICE, screen, wrap_tool_output
 from agentpool.models import AgentResult, AgentTask, ErrorInfo, Guardrails, TaskStatus, ToolCallSummary, Usage
 from agentpool.pricing import PriceTable
 from agentpool.protocol import SCHEMA_MARKER, ApprovalDecision, Paused, ToolCall, ToolOutcome
-from agentpool.vocabulary import ErrorReason, EventType, ToolErrorKind
+from agentpool.vocabulary import ErrorReason, ToolErrorKind
 
 CallLLM = Callable[[dict[str, Any], list[str], Emit], Awaitable[LLMResponse]]
 RunTool = Callable[[ToolCall], Awaitable[ToolOutcome]]
@@ -196,7 +198,7 @@ class AgentLoop:
                     return self._budget_exhausted()
                 max_tokens = min(max_tokens, remaining)
             response = await self._call_llm(self._request(max_tokens), self._models, self._emit)
-            await self._emit(EventType.LLM_CALL, **self._record(iteration, response))
+            await self._emit(self._record(iteration, response))
             message = response.message
             content = message.get("content", [])
             self.messages.append({"role": "assistant", "content": content})
@@ -223,7 +225,7 @@ class AgentLoop:
                     ),
                 }
             )
-            await self._emit(EventType.OUTPUT_INVALID, iteration=iteration, problem=problem[:500])
+            await self._emit(events.OutputInvalid(iteration=iteration, problem=problem[:500]))
             self._save()
         return self._result(
             TaskStatus.ITERATION_CAP,
@@ -252,8 +254,8 @@ class AgentLoop:
             request["tools"] = tools
         return request
 
-    def _record(self, iteration: int, response: LLMResponse) -> dict[str, Any]:
-        """Folds one response into the loop's state; returns the `llm_call` event fields."""
+    def _record(self, iteration: int, response: LLMResponse) -> events.LlmCall:
+        """Folds one response into the loop's state; returns its `llm_call` event."""
         message = response.message
         usage = self._prices.priced(response.model, Usage.from_api(message.get("usage")))
         st = self.state
@@ -278,18 +280,18 @@ class AgentLoop:
             if count:
                 tm.tokens.add(count, {**labels, "gen_ai.token.type": kind})
         tm.cost.add(usage.cost_usd, labels)
-        return {
-            "iteration": iteration,
-            "model": response.model,
-            "stop_reason": st.stop_reason,
-            "input_tokens": usage.input_tokens,
-            "output_tokens": usage.output_tokens,
-            "cache_read_input_tokens": usage.cache_read_input_tokens,
-            "cache_creation_input_tokens": usage.cache_creation_input_tokens,
-            "cost_usd": usage.cost_usd,
-            "latency_ms": round(response.latency_ms, 2),
-            "attempts": response.attempts,
-        }
+        return events.LlmCall(
+            iteration=iteration,
+            model=response.model,
+            stop_reason=st.stop_reason,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cache_read_input_tokens=usage.cache_read_input_tokens,
+            cache_creation_input_tokens=usage.cache_creation_input_tokens,
+            cost_usd=usage.cost_usd,
+            latency_ms=round(response.latency_ms, 2),
+            attempts=response.attempts,
+        )
 
     async def _tools_turn(self, iteration: int, blocks: list[dict[str, Any]]) -> None:
         calls = [
@@ -307,7 +309,7 @@ class AgentLoop:
         todo = [c for c in calls if c.tool_use_id not in done]
         denied = self._gate(todo)
         for call in todo:
-            await self._emit(EventType.TOOL_CALL, iteration=iteration, tool=call.name, tool_use_id=call.tool_use_id)
+            await self._emit(events.ToolCallStarted(iteration=iteration, tool=call.name, tool_use_id=call.tool_use_id))
 
         async def one(call: ToolCall) -> None:
             outcome = denied.get(call.tool_use_id) or await self._screened(iteration, await self._run_tool(call))
@@ -324,13 +326,14 @@ class AgentLoop:
                 )
             )
             await self._emit(
-                EventType.TOOL_RESULT,
-                iteration=iteration,
-                tool=outcome.name,
-                tool_use_id=outcome.tool_use_id,
-                ok=not outcome.is_error,
-                error_kind=outcome.error_kind,
-                duration_ms=round(outcome.duration_ms, 2),
+                events.ToolResult(
+                    iteration=iteration,
+                    tool=outcome.name,
+                    tool_use_id=outcome.tool_use_id,
+                    ok=not outcome.is_error,
+                    error_kind=outcome.error_kind,
+                    duration_ms=round(outcome.duration_ms, 2),
+                )
             )
 
         await asyncio.gather(*(one(c) for c in todo))
@@ -349,18 +352,19 @@ class AgentLoop:
             return outcome
         block = self._guard.injection == "block"
         await self._emit(
-            EventType.INJECTION_DETECTED,
-            source="tool_result",
-            iteration=iteration,
-            tool=outcome.name,
-            tool_use_id=outcome.tool_use_id,
-            rules=rules,
-            action="withheld" if block else "flagged",
+            events.InjectionDetected(
+                source="tool_result",
+                iteration=iteration,
+                tool=outcome.name,
+                tool_use_id=outcome.tool_use_id,
+                rules=rules,
+                action="withheld" if block else "flagged",
+            )
         )
         if not block:
             return outcome
         withheld = f"the output of {outcome.name} was withheld: it looks like a prompt injection ({', '.join(rules)})"
-        return outcome.model_copy(update={"content": withheld, "is_error": True, "error_kind": "injection"})
+        return outcome.model_copy(update={"content": withheld, "is_error": True, "error_kind": ToolErrorKind.INJECTION})
 
     def _block(self, outcome: ToolOutcome) -> dict[str, Any]:
         block = outcome.as_block()

@@ -13,14 +13,14 @@ from typing import Any, Protocol
 
 import anthropic
 
+from agentpool import events
 from agentpool import telemetry as tm
 from agentpool.actors.backoff import Backoff, classify
 from agentpool.actors.response import parse_message
 from agentpool.errors import MalformedResponse, ProviderError
+from agentpool.events import Emit
 from agentpool.secrets import Scrubber
-from agentpool.vocabulary import EventType
 
-Emit = Callable[..., Awaitable[None]]
 Sleep = Callable[[float], Awaitable[None]]
 
 
@@ -91,12 +91,8 @@ class LLMClient:
         max_attempts = self._backoff.policy.max_attempts_per_model
         for index, model in enumerate(models):
             if index > 0:
-                await emit(
-                    EventType.FALLBACK,
-                    from_model=models[index - 1],
-                    to_model=model,
-                    reason=last.message if last else "",
-                )
+                reason = last.message if last else ""
+                await emit(events.Fallback(from_model=models[index - 1], to_model=model, reason=reason))
             for attempt in range(1, max_attempts + 1):
                 attempts += 1
                 ticket = await gate.before(model, request) if gate is not None else None
@@ -132,12 +128,13 @@ class LLMClient:
                         break
                     delay = self._backoff.delay_s(attempt, decision.retry_after_s)
                     await emit(
-                        EventType.RETRY,
-                        model=model,
-                        attempt=attempt,
-                        status=decision.status_code,
-                        error_type=decision.error_type,
-                        delay_s=round(delay, 3),
+                        events.Retry(
+                            model=model,
+                            attempt=attempt,
+                            status=decision.status_code,
+                            error_type=decision.error_type,
+                            delay_s=round(delay, 3),
+                        )
                     )
                     await self._sleep(delay)
                     continue

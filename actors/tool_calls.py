@@ -20,38 +20,36 @@ In order:
    breaker) instead of waiting on restarts. The call is also bounded here, in case an
    executor stops answering altogether.
 6. The outcome goes to the board (counts, breaker, crash streak) and to the cache or the
-   record.
+   record (both in Redis, through `agentpool.cluster.tool_records`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import itertools
 import json
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import ray
 from opentelemetry import trace
 from redis.exceptions import RedisError
 
+from agentpool import events
 from agentpool import telemetry as tm
 from agentpool.actors.breaker import CrashLoop, Suspended
 from agentpool.background import Background
-from agentpool.cluster.keys import Keys
+from agentpool.cluster.tool_records import ToolRecords
+from agentpool.events import Emit
 from agentpool.models import tool_arguments_problem
 from agentpool.protocol import ToolCall, ToolOutcome
 from agentpool.redact import redact
-from agentpool.vocabulary import EventType, ToolErrorKind, ToolSource, ToolTally
+from agentpool.vocabulary import ToolErrorKind, ToolSource, ToolTally
 
-#: How long an at-most-once record is kept.
-RECORD_TTL_S = 7 * 86_400
 #: On top of a tool's timeout and bulkhead wait, before a worker gives up on an executor.
 _EXECUTOR_GRACE_S = 5.0
-_STARTED = "started"
 #: How long a worker keeps away from an executor that said it is being replaced.
 _AVOID_S = 10.0
 #: Crash-loop backoff of an executor whose process died: first and longest wait.
@@ -60,7 +58,7 @@ _BACKOFF_MAX_S = 30.0
 #: Longest audit record of a call's (redacted) arguments.
 _AUDIT_ARGS_MAX = 4000
 
-Emit = Callable[..., Awaitable[None]]
+
 _BACKGROUND = Background()
 
 
@@ -71,8 +69,7 @@ class ToolCalls:
         catalog: Per tool, `ToolSpec.info()` (group, timeout, idempotent, keyed, cache TTL).
         groups: Executor actor handles per group.
         board: The pool's `ToolBoard` actor.
-        redis: Returns the worker's asyncio Redis client.
-        keys: The pool's key layout.
+        records: The tool-call records and the tool cache in Redis.
         bulkhead_wait_s: The executors' bulkhead wait (part of the time a call may take).
         audit: Appends an entry to the tenant's audit trail (`ResultStore.audit`).
     """
@@ -83,8 +80,7 @@ class ToolCalls:
         catalog: dict[str, dict[str, Any]],
         groups: dict[str, list[Any]],
         board: Any,
-        redis: Callable[[], Any],
-        keys: Keys,
+        records: ToolRecords,
         bulkhead_wait_s: float,
         audit: Callable[..., None] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -95,8 +91,7 @@ class ToolCalls:
         self._avoid: dict[tuple[str, int], float] = {}
         self._crashes = CrashLoop(_BACKOFF_S, _BACKOFF_MAX_S)  # per executor (group, index)
         self._board = board
-        self._redis = redis
-        self._keys = keys
+        self._records = records
         self._bulkhead_wait_s = bulkhead_wait_s
         self._audit = audit
         self._clock = clock
@@ -177,12 +172,12 @@ class ToolCalls:
                 call, ToolErrorKind.INVALID_ARGUMENTS, f"invalid arguments for {call.name}: {problem}"
             )
         info = self._catalog[call.name]
-        cache_key = self._cache_key(call) if info.get("cache_ttl_s") else None
+        cache_key = self._records.cache_key(call) if info.get("cache_ttl_s") else None
         if cache_key is not None:
             cached = await self._cached(cache_key)
             if cached is not None:
                 self._count(call.name, "cached")
-                return ToolOutcome.model_validate_json(cached).model_copy(
+                return cached.model_copy(
                     update={
                         "tool_use_id": call.tool_use_id,
                         "source": ToolSource.CACHE,
@@ -190,15 +185,15 @@ class ToolCalls:
                         "attempts": 0,
                     }
                 )
-        record_key = None if info["idempotent"] else self._keys.tool_call(call.tenant, call.task_id, call.tool_use_id)
+        recorded = not info["idempotent"]  # side effects: at most once, through its record
         claimed = False  # this attempt made the "started" mark, and removes it if the tool never runs
-        if record_key is not None:
-            earlier = await self._claim(record_key)
-            claimed = earlier is None
-            if earlier is not None and earlier != _STARTED:
+        if recorded:
+            claim = await self._records.claim(call)
+            claimed = claim.first
+            if claim.outcome is not None:
                 self._count(call.name, "replayed")
-                return ToolOutcome.model_validate_json(earlier).model_copy(update={"source": ToolSource.RECORD})
-            if earlier == _STARTED and not info["keyed"]:
+                return claim.outcome.model_copy(update={"source": ToolSource.RECORD})
+            if not claim.first and not info["keyed"]:
                 self._count(call.name, ToolErrorKind.OUTCOME_UNKNOWN)
                 return ToolOutcome.failure(
                     call,
@@ -213,7 +208,7 @@ class ToolCalls:
         await self._announce(transition, call, emit)
         if denied is not None:
             if claimed:
-                await self._redis().delete(record_key)  # it never ran: a later attempt may
+                await self._records.release(call)  # it never ran: a later attempt may
             if isinstance(denied, Suspended):
                 return ToolOutcome.failure(
                     call,
@@ -234,20 +229,19 @@ class ToolCalls:
         with contextlib.suppress(RedisError):
             if outcome.error_kind is not None and not outcome.error_kind.ran:
                 if claimed:
-                    await self._redis().delete(record_key)
-            elif record_key is not None:
-                await self._redis().set(record_key, outcome.model_dump_json(), ex=RECORD_TTL_S)
+                    await self._records.release(call)
+            elif recorded:
+                await self._records.record(call, outcome)
         if cache_key is not None and not outcome.is_error:
             with contextlib.suppress(RedisError):  # a cache that cannot be written is only a miss later
-                await self._redis().set(cache_key, outcome.model_dump_json(), ex=max(1, round(info["cache_ttl_s"])))
+                await self._records.cache(cache_key, outcome, info["cache_ttl_s"])
         return outcome
 
-    async def _cached(self, key: str) -> str | None:
+    async def _cached(self, key: str) -> ToolOutcome | None:
         try:
-            value: str | None = await self._redis().get(key)
+            return await self._records.cached(key)
         except RedisError:  # Redis away: run the tool
             return None
-        return value
 
     async def _execute(self, call: ToolCall, info: dict[str, Any]) -> ToolOutcome:
         group = info["group"]
@@ -313,17 +307,6 @@ class ToolCalls:
         outcome.duration_ms = (self._clock() - started) * 1000
         return outcome
 
-    async def _claim(self, key: str) -> str | None:
-        """Marks the call started; returns what an earlier run left, or None if it is the first."""
-        redis = self._redis()
-        if await redis.set(key, _STARTED, nx=True, ex=RECORD_TTL_S):
-            return None
-        return await redis.get(key) or _STARTED
-
-    def _cache_key(self, call: ToolCall) -> str:
-        canonical = json.dumps(call.arguments, sort_keys=True, separators=(",", ":"), default=str)
-        return self._keys.tool_cache(call.tenant, call.name, hashlib.sha256(canonical.encode()).hexdigest()[:32])
-
     async def _report(self, call: ToolCall, permit: Any, outcome: ToolOutcome, emit: Emit) -> None:
         try:
             duration_s = outcome.duration_ms / 1000
@@ -334,7 +317,7 @@ class ToolCalls:
 
     async def _announce(self, transition: dict[str, object] | None, call: ToolCall, emit: Emit) -> None:
         if transition is not None:
-            await emit(EventType.BREAKER_STATE, **transition)
+            await emit(events.BreakerState.model_validate(transition))
 
     def _count(self, tool: str, kind: ToolTally) -> None:
         self._board.count.remote(tool, kind)

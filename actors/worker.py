@@ -20,6 +20,7 @@ import ray
 from pydantic import BaseModel, SecretStr, ValidationError
 from redis.exceptions import RedisError
 
+from agentpool import events
 from agentpool import telemetry as tm
 from agentpool.actors.agent_loop import AgentLoop
 from agentpool.actors.backoff import Backoff
@@ -30,13 +31,15 @@ from agentpool.actors.tool_calls import ToolCalls
 from agentpool.cluster.budgets import BudgetLedger
 from agentpool.cluster.store import ResultStore, RunStart
 from agentpool.cluster.telemetry import Telemetered
+from agentpool.cluster.tool_records import ToolRecords
 from agentpool.config import PoolConfig
 from agentpool.errors import ConfigError
+from agentpool.events import Event
 from agentpool.models import AgentResult, ErrorInfo, Timings
 from agentpool.pricing import PriceTable
 from agentpool.protocol import ApprovalDecision, Dispatch, Paused, provider_key_name
 from agentpool.secrets import Scrubber, forget_env_secrets, install_log_scrubber
-from agentpool.vocabulary import EventType, TaskStatus
+from agentpool.vocabulary import TaskStatus
 
 #: How often a run waiting on another run's lease looks again.
 _LEASE_POLL_S = 0.5
@@ -92,8 +95,7 @@ class AgentWorker(Telemetered):
             catalog=tool_catalog,
             groups={g: [ray.get_actor(n, namespace=namespace) for n in names] for g, names in executor_names.items()},
             board=ray.get_actor(board_name, namespace=namespace),
-            redis=lambda: self._store.redis,
-            keys=self._store.keys,
+            records=ToolRecords(lambda: self._store.redis, self._store.keys),
             bulkhead_wait_s=config.bulkhead_wait_s,
             audit=self._store.audit,
         )
@@ -154,8 +156,8 @@ class AgentWorker(Telemetered):
         started = time.monotonic()
         task = dispatch.task
 
-        async def emit(event: EventType, **fields: Any) -> None:
-            await self._store.emit(task.tenant, event, task_id=task.task_id, trace_id=dispatch.trace_id, **fields)
+        async def emit(event: Event) -> None:
+            await self._store.emit(task.tenant, event, task_id=task.task_id, trace_id=dispatch.trace_id)
 
         begun = await self._begin(dispatch, emit)
         if isinstance(begun, AgentResult):
@@ -200,7 +202,7 @@ class AgentWorker(Telemetered):
                 guardrails=policy.guardrails,
             )
             if loop.resumed_from is not None:
-                await emit(EventType.TASK_RESUMED, iteration=loop.resumed_from, attempt=dispatch.attempt)
+                await emit(events.TaskResumed(iteration=loop.resumed_from, attempt=dispatch.attempt))
             self._loops[task.task_id] = loop
             if begun.cancelled:
                 loop.cancel("cancel requested before the run started")
@@ -222,7 +224,7 @@ class AgentWorker(Telemetered):
         if isinstance(outcome, Paused):
             await checkpoints.flush()  # the pause is in Redis before the slot is given back
             await self._release(dispatch)
-            await emit(EventType.APPROVAL_REQUESTED, tools=outcome.tools, deadline_unix=outcome.deadline_unix)
+            await emit(events.ApprovalRequested(tools=outcome.tools, deadline_unix=outcome.deadline_unix))
             await self._store.flush()
             return outcome
         checkpoints.discard()
@@ -240,17 +242,19 @@ class AgentWorker(Telemetered):
         stored, created = await self._store.write_result(result)
         if created and stored.status == "budget_exhausted":
             reason = stored.error.reason if stored.error else None
-            await emit(EventType.BUDGET_EXCEEDED, reason=reason, message=stored.error.message if stored.error else "")
+            message = stored.error.message if stored.error else ""
+            await emit(events.BudgetExceeded(reason=reason, message=message))
         if created:
             await emit(
-                EventType.TASK_END,
-                status=stored.status,
-                cost_usd=stored.usage.cost_usd,
-                models=loop.state.models if loop is not None else [],
-                iterations=stored.iterations,
-                usage=stored.usage.model_dump(),
-                timings=stored.timings.model_dump(),
-                error=stored.error.model_dump() if stored.error else None,
+                events.TaskEnd(
+                    status=stored.status,
+                    cost_usd=stored.usage.cost_usd,
+                    models=loop.state.models if loop is not None else [],
+                    iterations=stored.iterations,
+                    usage=stored.usage,
+                    timings=stored.timings,
+                    error=stored.error,
+                )
             )
         await self._store.flush()  # this task's events are in Redis when its result is returned
         return stored
@@ -273,7 +277,7 @@ class AgentWorker(Telemetered):
                 return begun
             if not waited:
                 waited = True
-                await emit(EventType.LEASE_WAIT, holder=begun.holder)
+                await emit(events.LeaseWait(holder=begun.holder))
             await asyncio.sleep(_LEASE_POLL_S)
 
     async def _renew(self, dispatch: Dispatch) -> None:

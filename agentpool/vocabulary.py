@@ -137,6 +137,8 @@ class ToolErrorKind(StrEnum):
     OUTCOME_UNKNOWN = "outcome_unknown"
     #: No executor could take the call (being replaced), or Redis could not record it first.
     UNAVAILABLE = "unavailable"
+    #: The tool ran, and its result was withheld: the tenant's screen found an injection in it.
+    INJECTION = "injection"
 
     @classmethod
     def of(cls, name: str) -> ToolErrorKind:
@@ -153,7 +155,7 @@ class ToolErrorKind(StrEnum):
         "started" mark is taken back (a later run may make the call) and a breaker's permit
         goes back with no outcome, unless the refusal itself counts as a failure."""
         match self:
-            case ToolErrorKind.TIMEOUT | ToolErrorKind.ERROR | ToolErrorKind.CRASHED:
+            case ToolErrorKind.TIMEOUT | ToolErrorKind.ERROR | ToolErrorKind.CRASHED | ToolErrorKind.INJECTION:
                 return True
             case (
                 ToolErrorKind.INVALID_ARGUMENTS
@@ -174,7 +176,7 @@ class ToolErrorKind(StrEnum):
     def is_failure(self) -> bool:
         """The call counts as a failure of the tool for its circuit breaker: it raised, ran
         too long or crashed, or it is refused for crashing its executors."""
-        return self.ran or self is ToolErrorKind.RESTARTING
+        return self in (ToolErrorKind.ERROR, ToolErrorKind.TIMEOUT, ToolErrorKind.CRASHED, ToolErrorKind.RESTARTING)
 
     @property
     def returned(self) -> bool:

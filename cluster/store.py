@@ -27,9 +27,9 @@ from agentpool.cluster.acl import display_url
 from agentpool.cluster.keys import Keys
 from agentpool.config import PoolConfig
 from agentpool.errors import StoreError
+from agentpool.events import Event
 from agentpool.models import AgentResult, AgentTask
 from agentpool.redact import redact, redact_text
-from agentpool.vocabulary import EventType
 
 #: One JSON line per structured event, when `PoolConfig.event_log` is on.
 EVENT_LOG = logging.getLogger("agentpool.events")
@@ -385,11 +385,11 @@ class ResultStore:
 
     # --- events ------------------------------------------------------------------------
 
-    async def emit(self, tenant: str, event: EventType, *, task_id: str, trace_id: str, **fields: Any) -> None:
+    async def emit(self, tenant: str, event: Event, *, task_id: str, trace_id: str) -> None:
         """Queues one structured event (see `post`)."""
-        self.post(tenant, event, task_id=task_id, trace_id=trace_id, **fields)
+        self.post(tenant, event, task_id=task_id, trace_id=trace_id)
 
-    def post(self, tenant: str, event: EventType, *, task_id: str, trace_id: str, **fields: Any) -> None:
+    def post(self, tenant: str, event: Event, *, task_id: str, trace_id: str) -> None:
         """Queues one structured event for the tenant's events stream.
 
         Events leave in pipelined batches, in order: those emitted in one turn of the event
@@ -398,11 +398,12 @@ class ResultStore:
         While Redis is unreachable they wait here, up to `MAX_PENDING_EVENTS`, and the outbox
         retries them; beyond that the oldest are dropped and counted in `events_dropped`.
         """
+        fields = event.data()
         kinds = self._pii(tenant)
         if kinds:
             fields = redact(fields, pii=kinds, keys=False, numbers=False)
         entry = {
-            "event": event,
+            "event": event.TYPE.value,
             "task_id": task_id,
             "trace_id": trace_id,
             "ts": f"{time.time():.6f}",

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
+from agentpool import events
 from agentpool.models import AgentResult, AgentTask
 from agentpool.protocol import Admitted, ApprovalDecision, Paused, traceparent
 from agentpool.redact import redact
 from agentpool.scheduler.jobs import Job, trace_context
 from agentpool.scheduler.records import failed_record
-from agentpool.vocabulary import EventType
 
 if TYPE_CHECKING:
     from agentpool.cluster.approvals import Approvals
@@ -159,14 +159,8 @@ class JobControl:
             tool_use_ids=job.paused.tool_use_ids, approved=approved, note=note[:2000], decided_unix=time.time()
         )
         await self._approvals.decide(job.task.tenant, task_id, decision)
-        self._store.post(
-            job.task.tenant,
-            EventType.APPROVAL_DECIDED,
-            task_id=task_id,
-            trace_id=job.trace_id,
-            approved=approved,
-            note=note,
-        )
+        decided = events.ApprovalDecided(approved=approved, note=note)
+        self._store.post(job.task.tenant, decided, task_id=task_id, trace_id=job.trace_id)
         if not job.decision.done():
             job.decision.set_result(decision)
         return {"task_id": task_id, "status": "decided"}

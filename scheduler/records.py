@@ -9,11 +9,12 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from agentpool import events
 from agentpool.background import Background
 from agentpool.errors import AgentPoolError, BudgetExceeded
 from agentpool.models import AgentResult, AgentTask, ErrorInfo, Timings
 from agentpool.scheduler.jobs import Job
-from agentpool.vocabulary import ErrorReason, EventType, TaskStatus
+from agentpool.vocabulary import ErrorReason, TaskStatus
 
 log = logging.getLogger("agentpool.scheduler")
 
@@ -24,10 +25,10 @@ if TYPE_CHECKING:
     from agentpool.scheduler.observe import TaskTelemetry
 
 
-def _rejection_event(error: AgentPoolError) -> EventType:
+def _rejection_event(error: AgentPoolError) -> type[events.BudgetExceeded | events.Shed | events.TaskRejected]:
     if isinstance(error, BudgetExceeded):
-        return EventType.BUDGET_EXCEEDED
-    return EventType.SHED if error.retryable else EventType.TASK_REJECTED
+        return events.BudgetExceeded
+    return events.Shed if error.retryable else events.TaskRejected
 
 
 def failed_record(task: AgentTask, trace_id: str, exc: BaseException, queued_ms: float) -> AgentResult:
@@ -116,16 +117,13 @@ class Records:
         )
         stored, created = await self._store.write_result(result)
         if created:
-            self._store.post(
-                task.tenant,
-                _rejection_event(error),
-                task_id=task.task_id,
-                trace_id=trace_id,
+            event = _rejection_event(error)(
                 error_type=error.type_name,
                 reason=result.error.reason if result.error else None,
                 message=error.message,
                 retry_after_s=retry_after,
             )
+            self._store.post(task.tenant, event, task_id=task.task_id, trace_id=trace_id)
             await self._store.flush()
         reason = str(error.fields.get("reason") or error.type_name)
         self._counts["rejected"] += 1
@@ -154,12 +152,7 @@ class Records:
         )
         stored, created = await self._store.write_result(result)
         if created:
-            self._store.post(
-                task.tenant,
-                EventType.TASK_END,
-                task_id=task.task_id,
-                trace_id=job.trace_id,
-                status=TaskStatus.CANCELLED,
-            )
+            ended = events.TaskEnd(status=TaskStatus.CANCELLED)
+            self._store.post(task.tenant, ended, task_id=task.task_id, trace_id=job.trace_id)
         self._counts[stored.status] += 1
         return stored

@@ -26,6 +26,7 @@ from typing import Any
 import ray
 from redis.exceptions import RedisError
 
+from agentpool import events
 from agentpool.background import Background
 from agentpool.cluster.approvals import Approvals
 from agentpool.cluster.budgets import BudgetLedger
@@ -46,7 +47,7 @@ from agentpool.scheduler.observe import TaskTelemetry
 from agentpool.scheduler.records import Records
 from agentpool.scheduler.shedding import DispatchRate, OverloadDetector, WaitForecast, sheds
 from agentpool.scheduler.status import StatusView
-from agentpool.vocabulary import ErrorReason, EventType, TaskStatus
+from agentpool.vocabulary import ErrorReason, TaskStatus
 
 #: How often queued tasks are checked against their deadlines and the queue for a standing wait.
 _TICK_S = 0.25
@@ -203,10 +204,8 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
 
     def _report_findings(self, job: Job, action: str) -> None:
         for source, rules in job.findings.items():
-            fields = {"source": source, "rules": rules, "action": action}
-            self._store.post(
-                job.task.tenant, EventType.INJECTION_DETECTED, task_id=job.task.task_id, trace_id=job.trace_id, **fields
-            )
+            found = events.InjectionDetected(source=source, rules=rules, action=action)
+            self._store.post(job.task.tenant, found, task_id=job.task.task_id, trace_id=job.trace_id)
 
     def _enqueue(self, job: Job) -> None:
         task = job.task
@@ -223,15 +222,8 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
         if not job.accepted.done():
             job.accepted.set_result(None)
         self._telemetry.queued(job)
-        self._store.post(
-            task.tenant,
-            EventType.TASK_ADMITTED,
-            task_id=task.task_id,
-            trace_id=job.trace_id,
-            priority=task.priority,
-            queued=len(self._queue),
-            adopted=job.adopted,
-        )
+        admitted = events.TaskAdmitted(priority=task.priority, queued=len(self._queue), adopted=job.adopted)
+        self._store.post(task.tenant, admitted, task_id=task.task_id, trace_id=job.trace_id)
         self._report_findings(job, "flagged")
         self._pump()
 

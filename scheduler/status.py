@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING, Any
 import ray
 from redis.exceptions import RedisError
 
+from agentpool import events
 from agentpool import telemetry as tm
 from agentpool.models import AgentResult
 from agentpool.scheduler.alerts import AlertMonitor
 from agentpool.scheduler.jobs import Job
-from agentpool.vocabulary import EventType, TaskStatus
+from agentpool.vocabulary import TaskStatus
 
 if TYPE_CHECKING:
     from agentpool.cluster.store import ResultStore
@@ -52,7 +53,7 @@ class StatusView:
             tenant, result.task_id, result.status, result.timings.total_ms / 1000, result.usage.cost_usd, time.time()
         )
         for alert in raised:
-            fields = {"kind": alert.kind, "state": alert.state, "value": alert.value, "threshold": alert.threshold}
+            event = events.Alert(kind=alert.kind, state=alert.state, value=alert.value, threshold=alert.threshold)
             tm.alerts.add(
                 1, {"agentpool.tenant": tenant, "agentpool.alert": alert.kind, "agentpool.state": alert.state}
             )
@@ -64,7 +65,7 @@ class StatusView:
                 alert.value,
                 alert.threshold,
             )
-            self._store.post(tenant, EventType.ALERT, task_id=alert.task_id or "", trace_id=result.trace_id, **fields)
+            self._store.post(tenant, event, task_id=alert.task_id or "", trace_id=result.trace_id)
 
     async def status(self: Any) -> dict[str, Any]:
         """Queues, in-flight work, shedding, errors and alerts, the global buckets, the tools'

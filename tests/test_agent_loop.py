@@ -13,6 +13,7 @@ from agentpool.actors.backoff import Backoff
 from agentpool.actors.llm import LLMClient
 from agentpool.actors.tool_runtime import ToolRunner
 from agentpool.config import PoolConfig, RetryPolicy
+from agentpool.events import Event
 from agentpool.models import AgentTask
 from agentpool.pricing import PriceTable
 from agentpool.protocol import ToolCall, ToolOutcome
@@ -37,8 +38,8 @@ class Harness:
     async def _sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
 
-    async def emit(self, event: str, **fields: Any) -> None:
-        self.events.append((event, fields))
+    async def emit(self, event: Event) -> None:
+        self.events.append((event.TYPE, event.data()))
 
     async def run_tool(self, call: ToolCall) -> ToolOutcome:
         return await self.runner.execute(call)

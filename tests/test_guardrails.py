@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from agentpool import AgentPool, AgentTask, PoolConfig, SimulatorConfig, TenantPolicy
+from agentpool import events as event_models
 from agentpool.cluster.keys import Keys
 from agentpool.cluster.store import ResultStore
 from agentpool.guardrails import TAG
@@ -28,7 +29,8 @@ def test_the_store_redacts_a_tenant_events_and_audit(redis_url: str, key_prefix:
     async def write() -> None:
         store = ResultStore.for_pool(redis_url, config)
         for tenant in ("private", "open"):
-            store.post(tenant, "note", task_id="t", trace_id="x", text="reach me at jane@example.com", input_tokens=7)
+            note = event_models.OutputInvalid(iteration=7, problem="reach me at jane@example.com")
+            store.post(tenant, note, task_id="t", trace_id="x")
             store.audit(tenant, tool="mail", arguments=json.dumps({"to": "jane@example.com"}))
         await store.flush()
         await store.close()
@@ -37,7 +39,7 @@ def test_the_store_redacts_a_tenant_events_and_audit(redis_url: str, key_prefix:
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     keys = Keys(key_prefix)
     private = json.loads(client.xrange(keys.events("private"))[0][1]["data"])
-    assert private == {"text": "reach me at [EMAIL]", "input_tokens": 7}
+    assert private == {"iteration": 7, "problem": "reach me at [EMAIL]"}
     assert "[EMAIL]" in client.xrange(keys.audit("private"))[0][1]["arguments"]
     assert "jane@example.com" in client.xrange(keys.events("open"))[0][1]["data"]  # off unless configured
     client.close()

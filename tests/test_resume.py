@@ -20,6 +20,7 @@ from agentpool.actors.checkpoint import LoopState
 from agentpool.actors.llm import LLMClient
 from agentpool.actors.tool_runtime import ToolRunner
 from agentpool.config import PoolConfig, RetryPolicy
+from agentpool.events import Event
 from agentpool.models import AgentResult, AgentTask
 from agentpool.pricing import PriceTable
 from agentpool.protocol import ToolCall, ToolOutcome
@@ -50,7 +51,7 @@ class Run:
         self.executed[call.tool_use_id] += 1
         return await self.runner.execute(call)
 
-    async def emit(self, event: str, **fields: Any) -> None:
+    async def emit(self, event: Event) -> None:
         pass
 
     async def once(self, task: AgentTask, state: LoopState | None, die_at: int | None) -> AgentResult:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agentpool import events
 from agentpool.cluster.keys import Keys
 from agentpool.cluster.reader import ResultsReader
 from agentpool.cluster.store import ResultStore
@@ -79,11 +81,11 @@ def test_writes_are_idempotent_per_task_id(redis_url: str, ids: list[str], tenan
 
 async def test_events_are_structured(redis_url: str, key_prefix: str, redis_client: redis.Redis) -> None:
     store = ResultStore(redis_url, keys=Keys(key_prefix))
-    await store.emit("acme", "llm_call", task_id="t1", trace_id="abc", iteration=1, model="m")
+    await store.emit("acme", events.OutputInvalid(iteration=1, problem="m"), task_id="t1", trace_id="abc")
     await store.flush()
     ((_, fields),) = redis_client.xrange(Keys(key_prefix).events("acme"))
-    assert fields["event"] == "llm_call" and fields["trace_id"] == "abc" and fields["task_id"] == "t1"
-    assert '"iteration":1' in fields["data"]
+    assert fields["event"] == "output_invalid" and fields["trace_id"] == "abc" and fields["task_id"] == "t1"
+    assert json.loads(fields["data"]) == {"iteration": 1, "problem": "m"}
     await store.close()
 
 
@@ -92,13 +94,13 @@ async def test_events_leave_in_order_and_wait_while_redis_is_away(
 ) -> None:
     store = ResultStore(redis_url, keys=Keys(key_prefix))
     for i in range(1200):  # more than one pipeline's worth, emitted in one turn of the loop
-        await store.emit("acme", "tick", task_id=f"t{i}", trace_id="x")
+        await store.emit("acme", events.LeaseWait(holder=None), task_id=f"t{i}", trace_id="x")
     await store.flush()
     entries = redis_client.xrange(Keys(key_prefix).events("acme"))
     assert [f["task_id"] for _, f in entries] == [f"t{i}" for i in range(1200)]
     await store.close()
     away = ResultStore("redis://127.0.0.1:9/0", keys=Keys(key_prefix))  # nothing listens there
-    await away.emit("acme", "tick", task_id="kept", trace_id="x")
+    await away.emit("acme", events.LeaseWait(holder=None), task_id="kept", trace_id="x")
     await away.flush()  # does not raise: the event stays queued for the next flush
     assert away.pending_events == 1 and away.events_dropped == 0
     await away.close()

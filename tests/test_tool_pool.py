@@ -20,6 +20,7 @@ from agentpool import AgentPool, AgentTask, BreakerConfig, ExecutorGroupConfig, 
 from agentpool.actors.tool_calls import ToolCalls
 from agentpool.cli import app
 from agentpool.cluster.keys import Keys
+from agentpool.cluster.tool_records import ToolRecords
 from agentpool.protocol import ToolCall
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -176,8 +177,7 @@ async def _tool_calls(pool: AgentPool, client: aioredis.Redis) -> ToolCalls:
         catalog=await default[0].catalog.remote(),
         groups={"default": default, "chaos": _executors(pool, "chaos", 2)},
         board=ray.get_actor(f"{pool.config.name}-tools", namespace="agentpool"),
-        redis=lambda: client,
-        keys=Keys(pool.config.key_prefix),
+        records=ToolRecords(lambda: client, Keys(pool.config.key_prefix)),
         bulkhead_wait_s=pool.config.bulkhead_wait_s,
     )
 

@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+from agentpool import events
+from agentpool.events import EVENTS
 from agentpool.models import AgentResult, ErrorInfo, ToolCallSummary
 from agentpool.protocol import ToolCall, ToolOutcome
 from agentpool.vocabulary import ErrorReason, EventType, TaskStatus, ToolErrorKind, ToolSource, tally_ran
@@ -25,6 +27,7 @@ TOOL_KINDS = {
     "breaker_open": (False, False, False),
     "outcome_unknown": (False, False, False),
     "unavailable": (False, False, False),
+    "injection": (True, False, True),
 }
 # status: (ran, counts as an error, a run that fell short)
 STATUSES = {
@@ -62,7 +65,7 @@ def test_statuses(name: str) -> None:
 
 def test_tallies_count_served_calls_and_runs() -> None:
     assert all(tally_ran(t) for t in ("ok", "cached", "replayed"))
-    assert [k.value for k in ToolErrorKind if tally_ran(k)] == ["timeout", "error", "crashed"]
+    assert [k.value for k in ToolErrorKind if tally_ran(k)] == ["timeout", "error", "crashed", "injection"]
 
 
 def test_members_are_their_strings_in_records_and_json() -> None:
@@ -91,3 +94,20 @@ def test_a_tool_outcome_names_how_it_ended() -> None:
     assert ok.model_copy(update={"source": ToolSource.RECORD}).kind == "record"
     with pytest.raises(ValueError):
         ErrorReason("slow")
+
+
+def test_every_event_type_has_one_model_and_data_keeps_set_fields_only() -> None:
+    assert set(EVENTS) == set(EventType)
+    ended = events.TaskEnd(status=TaskStatus.CANCELLED)
+    assert ended.data() == {"status": "cancelled"}
+    breaker = events.BreakerState.model_validate(
+        {"tool": "t", "from": "closed", "to": "open", "calls": 4, "failure_rate": 0.5, "slow_rate": 0.0}
+        | {"calls_ran_so_far": 4, "unix_ts": 1.5}
+    )
+    assert breaker.data()["from"] == "closed" and "from_state" not in breaker.data()
+    result = events.ToolResult(
+        iteration=1, tool="t", tool_use_id="u", ok=False, error_kind=ToolErrorKind.TIMEOUT, duration_ms=2.0
+    )
+    assert json.dumps(result.data())  # JSON types only
+    with pytest.raises(ValueError):
+        events.TaskAdmitted(priority="standard", queued=1, adopted=False, surprise=True)  # type: ignore[call-arg]

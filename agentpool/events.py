@@ -1,0 +1,195 @@
+"""The structured events of a tenant's events stream, one model per `EventType`.
+
+An entry of `agentpool:{<tenant>}:events` holds `event` (the type), `task_id`, `trace_id`,
+`ts` and `data`: the event's fields as JSON, written by `Event.data()` (the one place events
+are serialised; `ResultStore.post` writes them). Optional fields appear in `data` only when
+the event sets them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from agentpool.models import ErrorInfo, Timings, Usage
+from agentpool.vocabulary import ErrorReason, EventType, TaskStatus, ToolErrorKind
+
+#: Every event model, by its type (filled as they are defined).
+EVENTS: dict[EventType, type[Event]] = {}
+#: Sends one event of the task at hand (a worker binds its tenant, task and trace).
+Emit = Callable[["Event"], Awaitable[None]]
+
+
+class Event(BaseModel):
+    """One event; subclasses name their `TYPE`."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="forbid")
+    TYPE: ClassVar[EventType]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "TYPE" in cls.__dict__:
+            if cls.TYPE in EVENTS:
+                raise TypeError(f"two event models for {cls.TYPE}: {EVENTS[cls.TYPE].__name__}, {cls.__name__}")
+            EVENTS[cls.TYPE] = cls
+
+    def data(self) -> dict[str, Any]:
+        """The event's fields as they are stored: JSON types, set fields only."""
+        return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
+
+class TaskAdmitted(Event):
+    TYPE = EventType.TASK_ADMITTED
+    priority: str
+    #: Tasks queued in the pool when this one was admitted.
+    queued: int
+    #: Accepted before (a restarted scheduler, or a repeated delivery): not new work.
+    adopted: bool
+
+
+class InjectionDetected(Event):
+    TYPE = EventType.INJECTION_DETECTED
+    #: Where: the task's `prompt`, `system` or `metadata`, or a `tool_result`.
+    source: str
+    rules: list[str]
+    #: What the tenant's screen did: `flagged`, `withheld` or `rejected`.
+    action: str
+    iteration: int | None = None
+    tool: str | None = None
+    tool_use_id: str | None = None
+
+
+class TaskResumed(Event):
+    TYPE = EventType.TASK_RESUMED
+    #: The iteration its checkpoint ended at.
+    iteration: int
+    attempt: int
+
+
+class LeaseWait(Event):
+    TYPE = EventType.LEASE_WAIT
+    #: The run that holds the task (another worker's, still alive).
+    holder: str | None
+
+
+class LlmCall(Event):
+    TYPE = EventType.LLM_CALL
+    iteration: int
+    model: str
+    stop_reason: str | None
+    input_tokens: int
+    output_tokens: int
+    cache_read_input_tokens: int
+    cache_creation_input_tokens: int
+    cost_usd: float
+    latency_ms: float
+    attempts: int
+
+
+class Retry(Event):
+    TYPE = EventType.RETRY
+    model: str
+    attempt: int
+    #: The provider's HTTP status (None: no answer, e.g. a connection error).
+    status: int | None
+    error_type: str | None
+    delay_s: float
+
+
+class Fallback(Event):
+    TYPE = EventType.FALLBACK
+    from_model: str
+    to_model: str
+    reason: str
+
+
+class ToolCallStarted(Event):
+    TYPE = EventType.TOOL_CALL
+    iteration: int
+    tool: str
+    tool_use_id: str
+
+
+class ToolResult(Event):
+    TYPE = EventType.TOOL_RESULT
+    iteration: int
+    tool: str
+    tool_use_id: str
+    ok: bool
+    error_kind: ToolErrorKind | None
+    duration_ms: float
+
+
+class BreakerState(Event):
+    TYPE = EventType.BREAKER_STATE
+    tool: str
+    from_state: str = Field(alias="from")
+    to: str
+    calls: int
+    failure_rate: float
+    slow_rate: float
+    calls_ran_so_far: int
+    unix_ts: float
+
+
+class OutputInvalid(Event):
+    TYPE = EventType.OUTPUT_INVALID
+    iteration: int
+    problem: str
+
+
+class ApprovalRequested(Event):
+    TYPE = EventType.APPROVAL_REQUESTED
+    tools: list[str]
+    deadline_unix: float
+
+
+class ApprovalDecided(Event):
+    TYPE = EventType.APPROVAL_DECIDED
+    approved: bool
+    note: str
+
+
+class _Rejection(Event):
+    #: The error's type (`Overloaded`, `BudgetExceeded`, `UnknownTenant`, ...).
+    error_type: str | None = None
+    reason: ErrorReason | None = None
+    message: str = ""
+    retry_after_s: float | None = None
+
+
+class BudgetExceeded(_Rejection):
+    """At admission (with the error's type and retry hint), or between two LLM calls of a
+    running task (its reason and message)."""
+
+    TYPE = EventType.BUDGET_EXCEEDED
+
+
+class Shed(_Rejection):
+    TYPE = EventType.SHED
+
+
+class TaskRejected(_Rejection):
+    TYPE = EventType.TASK_REJECTED
+
+
+class TaskEnd(Event):
+    TYPE = EventType.TASK_END
+    status: TaskStatus
+    cost_usd: float | None = None
+    models: list[str] | None = None
+    iterations: int | None = None
+    usage: Usage | None = None
+    timings: Timings | None = None
+    error: ErrorInfo | None = None
+
+
+class Alert(Event):
+    TYPE = EventType.ALERT
+    kind: str
+    #: `firing` or `resolved`.
+    state: str
+    value: float
+    threshold: float
