@@ -14,7 +14,7 @@ import re
 from collections.abc import Collection
 from typing import Any
 
-from agentpool.models import PII_KINDS
+from agentpool.models import PII_KINDS, AgentResult
 
 #: `pii=` of the redaction functions: all kinds (True), none (False), or the kinds named.
 Pii = bool | Collection[str]
@@ -130,3 +130,23 @@ def redact(value: Any, *, pii: Pii = True, keys: bool = True, numbers: bool = Tr
         text = redact_text(str(value), pii=pii)
         return value if text == str(value) else text
     return value
+
+
+def redact_record(result: AgentResult, kinds: Collection[str]) -> AgentResult:
+    """A final record as a tenant that redacts `kinds` of personal data stores it: its answer
+    and error message redacted (a copy). Usage, timings and ids are the pool's own data."""
+    if not kinds:
+        return result
+    update: dict[str, Any] = {"answer": redact(result.answer, pii=kinds, keys=False)}
+    if result.error is not None:
+        update["error"] = result.error.model_copy(update={"message": redact_text(result.error.message, pii=kinds)})
+    return result.model_copy(update=update)
+
+
+def redact_fields(fields: dict[str, Any], kinds: Collection[str]) -> dict[str, Any]:
+    """An event's or audit entry's fields as a tenant that redacts `kinds` stores them: text
+    redacted, numbers kept (they are the pool's counts, sizes and timestamps)."""
+    if not kinds:
+        return fields
+    redacted: dict[str, Any] = redact(fields, pii=kinds, keys=False, numbers=False)
+    return redacted

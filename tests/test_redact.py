@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agentpool.redact import MAX_DEPTH, luhn_valid, redact, redact_text, secret_key
+from agentpool.models import AgentResult, ErrorInfo
+from agentpool.redact import MAX_DEPTH, luhn_valid, redact, redact_fields, redact_record, redact_text, secret_key
 from tests.reference import PUBLISHED_CARDS, luhn_check_digit, luhn_ok
 
 
@@ -136,3 +137,36 @@ def test_each_kind_and_secrets_get_their_own_marker() -> None:
     )
     assert redact_text(text, pii=["phone"]) == "ssn 123-45-6789, ni AB 12 34 56 C, key [SECRET], tel [PHONE]"
     assert redact_text(text, pii=False) == "ssn 123-45-6789, ni AB 12 34 56 C, key [SECRET], tel +1 415 555 0100"
+
+
+def test_a_record_loses_personal_data_in_its_answer_and_error_message_only() -> None:
+    record = AgentResult(
+        task_id="t-jane@example.com",
+        tenant="acme",
+        status="failed",
+        answer={"to": "jane@example.com", "note": "call 415 555 0199", "count": 4111111111111111},
+        error=ErrorInfo(type="ToolError", message="mail to jane@example.com bounced"),
+    )
+    kept = redact_record(record, [])
+    assert kept is record
+    emails = redact_record(record, ["email"])
+    assert emails.answer == {"to": "[EMAIL]", "note": "call 415 555 0199", "count": 4111111111111111}
+    assert emails.error is not None and emails.error.message == "mail to [EMAIL] bounced"
+    assert emails.task_id == record.task_id and record.answer["to"] == "jane@example.com"  # a copy
+    assert redact_record(record.model_copy(update={"error": None}), ["email"]).error is None
+    every = redact_record(record, ["email", "phone", "card"])
+    assert every.answer == {
+        "to": "[EMAIL]",
+        "note": "call [PHONE]",
+        "count": "[CARD]",
+    }  # a card number, as a number too
+
+
+def test_event_fields_keep_their_numbers_and_lose_personal_text() -> None:
+    fields = {"problem": "reach jane@example.com", "tokens": 4111111111111111, "api_key": "sk-live"}
+    assert redact_fields(fields, []) is fields
+    assert redact_fields(fields, ["email", "card"]) == {
+        "problem": "reach [EMAIL]",
+        "tokens": 4111111111111111,
+        "api_key": "sk-live",  # credentials are the caller's to scrub; this is the PII rule
+    }

@@ -38,7 +38,9 @@ def test_workers_follow_the_load_up_and_back_down(redis_url: str) -> None:
         name=f"p{uuid.uuid4().hex[:8]}",
         key_prefix=f"t{uuid.uuid4().hex[:8]}",
         redis_url=redis_url,
-        simulator=SimulatorConfig(latency_ms=400, latency_sigma=0),
+        # A backlog of 60 x 1 s / 4 loops = 15 s: well past the ~7 s a new worker process takes
+        # to start on a loaded 2-core machine, so the pool is still busy when both are up.
+        simulator=SimulatorConfig(latency_ms=1000, latency_sigma=0),
         num_workers=1,
         worker_concurrency=4,
         autoscale=AutoscaleConfig(

@@ -1,0 +1,194 @@
+"""The store's connection to Redis and what it does while Redis is away.
+
+`StoreBase` is shared by the store's parts (`cluster.records`, `cluster.journal`,
+`cluster.runs`, `cluster.event_log`), which `cluster.store.ResultStore` puts together: one
+client per process, created on first use, the Lua scripts registered on it, and the outbox.
+While Redis is away, final records and admissions wait in an in-memory outbox (bounded by
+`MAX_PENDING_WRITES`, in order) and events in their own buffer, and a background task
+retries them with backoff; callers get their results meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError
+
+from agentpool.background import Background
+from agentpool.cluster.acl import display_url
+from agentpool.cluster.keys import Keys
+from agentpool.models import AgentResult, AgentTask
+
+log = logging.getLogger("agentpool.store")
+
+#: Events waiting for Redis, at most, per process.
+MAX_PENDING_EVENTS = 100_000
+#: Final records (and admissions) waiting for Redis, at most, per process.
+MAX_PENDING_WRITES = 20_000
+#: Retry delays of the outbox while Redis is away: first, growth, longest.
+_RETRY_FIRST_S, _RETRY_GROWTH, _RETRY_MAX_S = 0.05, 2.0, 2.0
+REDIS_DOWN = (RedisError, OSError)
+
+
+class StoreBase:
+    """Async access to one pool's keys: the connection, the scripts and the outbox."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        keys: Keys,
+        pool: str = "agentpool",
+        result_ttl_s: int | None = None,
+        stream_maxlen: int = 100_000,
+        event_log: bool = False,
+        audit_maxlen: int | None = None,
+        pii: Callable[[str], list[str]] | None = None,
+    ) -> None:
+        self.keys = keys
+        #: The kinds of personal data to redact from a tenant's records (its guardrails).
+        self._pii = pii or (lambda tenant: [])
+        self.pool = pool
+        self._url = url
+        self._ttl = result_ttl_s or 0
+        self._maxlen = stream_maxlen
+        self._event_log = event_log
+        self._audit_maxlen = audit_maxlen
+        self._redis: aioredis.Redis | None = None
+        self._scripts: dict[str, Any] = {}
+        #: (stream, entry, MAXLEN or None) in order: events and audit entries.
+        self._events: list[tuple[str, dict[str, str], int | None]] = []
+        self._lookups: list[tuple[AgentTask, str, asyncio.Future[tuple[str | None, bool]]]] = []
+        self._background = Background()
+        self._kick: asyncio.Task[None] | None = None
+        self._flush_lock = asyncio.Lock()
+        self._outbox: deque[AgentResult | tuple[str, str, str]] = deque()
+        self._drainer: asyncio.Task[None] | None = None
+        self.events_dropped = 0
+        self.writes_dropped = 0
+        self.writes_retried = 0
+        #: When the current outage began (wall clock), and what Redis answered then.
+        self.unreachable_since: float | None = None
+        self.last_error: str | None = None
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        # Created lazily, on first use, so that the client binds to the actor's event loop.
+        # A blocking pool: under a burst (thousands of tasks admitted at once) callers wait for
+        # a free connection instead of failing with "Too many connections". A dropped
+        # connection is retried briefly; a longer outage is the outbox's to ride out.
+        if self._redis is None:
+            pool = aioredis.BlockingConnectionPool.from_url(
+                self._url,
+                decode_responses=True,
+                max_connections=64,
+                timeout=60,
+                socket_connect_timeout=2,
+                socket_timeout=30,
+                retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+            )
+            self._redis = aioredis.Redis(connection_pool=pool)
+            self._scripts = {}
+        return self._redis
+
+    def _script(self, name: str, source: str) -> Any:
+        """The Lua script `source`, registered once on this process's client."""
+        client = self.redis
+        if name not in self._scripts:
+            self._scripts[name] = client.register_script(source)
+        return self._scripts[name]
+
+    def _down(self, exc: BaseException) -> None:
+        """Notes that Redis failed a write; warns once per outage."""
+        self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+        if self.unreachable_since is None:
+            self.unreachable_since = time.time()
+            log.warning(
+                "Redis at %s is unreachable (%s): final records and events wait in this process's memory "
+                "(at most %d and %d) and are retried until it is back",
+                display_url(self._url),
+                self.last_error,
+                MAX_PENDING_WRITES,
+                MAX_PENDING_EVENTS,
+            )
+
+    def _up(self) -> None:
+        if self.unreachable_since is not None:
+            log.warning(
+                "Redis at %s is back after %.1f s; what waited has been written",
+                display_url(self._url),
+                time.time() - self.unreachable_since,
+            )
+        self.unreachable_since = None
+
+    def _buffer(self, item: AgentResult | tuple[str, str, str]) -> None:
+        self._outbox.append(item)
+        if len(self._outbox) > MAX_PENDING_WRITES:
+            self._outbox.popleft()
+            self.writes_dropped += 1
+        if self._drainer is None or self._drainer.done():
+            self._drainer = self._spawn(self._drain())
+
+    async def _drain(self) -> None:
+        delay = _RETRY_FIRST_S
+        while self._outbox or self._events:
+            try:
+                while self._outbox:
+                    item = self._outbox[0]
+                    if isinstance(item, AgentResult):
+                        await self._write(item)
+                    else:
+                        await self.redis.hsetnx(*item)
+                    self._outbox.popleft()
+                    self.writes_retried += 1
+                await self.flush()
+                if self._events:
+                    raise ConnectionError("events still pending")
+                delay = _RETRY_FIRST_S
+            except REDIS_DOWN as exc:
+                self._down(exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * _RETRY_GROWTH, _RETRY_MAX_S)
+        self._up()
+
+    @property
+    def backlog(self) -> dict[str, int]:
+        """Writes waiting for Redis and what was dropped for want of room."""
+        return {
+            "pending_writes": len(self._outbox),
+            "pending_events": len(self._events),
+            "writes_dropped": self.writes_dropped,
+            "events_dropped": self.events_dropped,
+        }
+
+    async def reachable(self, timeout_s: float = 1.0) -> tuple[bool, str | None]:
+        """Whether Redis answers a PING now, and if not, why (for `status()`)."""
+        try:
+            await asyncio.wait_for(self.redis.ping(), timeout_s)
+        except (TimeoutError, *REDIS_DOWN) as exc:
+            return False, f"{type(exc).__name__}: {exc}"[:300]
+        return True, None
+
+    # --- provided by the parts -----------------------------------------------------------
+
+    async def _write(self, result: AgentResult) -> tuple[AgentResult, bool]:
+        raise NotImplementedError  # cluster.records.FinalRecords
+
+    async def flush(self) -> None:
+        raise NotImplementedError  # cluster.event_log.EventLog
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        return self._background.spawn(coro)
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None

@@ -1,0 +1,102 @@
+"""A tenant's events stream and audit trail: queued in order, sent in pipelined batches."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from typing import Any, cast
+
+from redis.typing import EncodableT, FieldT
+
+from agentpool.cluster.connection import MAX_PENDING_EVENTS, REDIS_DOWN, StoreBase
+from agentpool.events import Event
+from agentpool.redact import redact_fields
+
+#: One JSON line per structured event, when `PoolConfig.event_log` is on.
+EVENT_LOG = logging.getLogger("agentpool.events")
+#: Events sent in one pipeline.
+_EVENT_BATCH = 500
+
+
+def log_events_to_stderr() -> None:
+    """The event log's lines go to the actor's stderr: Ray's worker log files (set up once,
+    by the first event a process logs)."""
+    if not EVENT_LOG.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        EVENT_LOG.addHandler(handler)
+        EVENT_LOG.setLevel(logging.INFO)
+        EVENT_LOG.propagate = False
+
+
+class EventLog(StoreBase):
+    async def emit(self, tenant: str, event: Event, *, task_id: str, trace_id: str) -> None:
+        """Queues one structured event (see `post`)."""
+        self.post(tenant, event, task_id=task_id, trace_id=trace_id)
+
+    def post(self, tenant: str, event: Event, *, task_id: str, trace_id: str) -> None:
+        """Queues one structured event for the tenant's events stream.
+
+        Events leave in pipelined batches, in order: those emitted in one turn of the event
+        loop go out together right after it, and `flush` sends the rest at once (the worker
+        calls it before returning a task's result, so a result's events are in Redis by then).
+        While Redis is unreachable they wait here, up to `MAX_PENDING_EVENTS`, and the outbox
+        retries them; beyond that the oldest are dropped and counted in `events_dropped`.
+        """
+        fields = event.data()
+        fields = redact_fields(fields, self._pii(tenant))
+        entry = {
+            "event": event.TYPE.value,
+            "task_id": task_id,
+            "trace_id": trace_id,
+            "ts": f"{time.time():.6f}",
+            "data": json.dumps(fields, default=str, separators=(",", ":")),
+        }
+        if self._event_log:
+            log_events_to_stderr()
+            EVENT_LOG.info(json.dumps({"tenant": tenant, **entry, "data": fields}, default=str))
+        self._queue((self.keys.events(tenant), entry, self._maxlen))
+
+    def audit(self, tenant: str, **fields: Any) -> None:
+        """Appends one entry to the tenant's append-only audit trail (`...:audit` stream; see
+        `PoolConfig.audit_maxlen`). The caller redacts secrets from what it passes; the
+        tenant's PII redaction applies here."""
+        fields = redact_fields(fields, self._pii(tenant))
+        entry = {k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in fields.items()}
+        entry["ts"] = f"{time.time():.6f}"
+        self._queue((self.keys.audit(tenant), entry, self._audit_maxlen))
+
+    def _queue(self, item: tuple[str, dict[str, str], int | None]) -> None:
+        self._events.append(item)
+        if len(self._events) > MAX_PENDING_EVENTS:
+            del self._events[0]
+            self.events_dropped += 1
+        if self._kick is None:
+            self._kick = asyncio.get_running_loop().create_task(self.flush())
+
+    @property
+    def pending_events(self) -> int:
+        return len(self._events)
+
+    async def flush(self) -> None:
+        """Sends every queued event; leaves them queued (for the outbox to retry) if Redis fails."""
+        async with self._flush_lock:  # one batch at a time keeps the events in order
+            self._kick = None
+            while self._events:
+                batch = self._events[:_EVENT_BATCH]
+                pipe = self.redis.pipeline(transaction=False)
+                for key, entry, maxlen in batch:
+                    # redis-py types the fields as a dict of its own key and value unions.
+                    fields = cast("dict[FieldT, EncodableT]", entry)
+                    pipe.xadd(key, fields, maxlen=maxlen, approximate=True)
+                try:
+                    await pipe.execute()
+                except REDIS_DOWN as exc:
+                    self._down(exc)
+                    if self._drainer is None or self._drainer.done():
+                        self._drainer = self._spawn(self._drain())
+                    return
+                del self._events[: len(batch)]
