@@ -101,6 +101,19 @@ def test_the_pii_choice_reaches_nested_values() -> None:
     assert redact(("a.b@example.org",)) == ["[EMAIL]"]
 
 
+def test_the_keys_and_numbers_choices_reach_nested_values() -> None:
+    value = {"outer": {"password": "hunter2", "n": 4111111111111111}, "rows": [{"token": "t"}, 4111111111111111]}
+    assert redact(value, keys=False, numbers=False) == value
+    assert redact(value, pii=False) == {
+        "outer": {"password": "[REDACTED]", "n": 4111111111111111},
+        "rows": [{"token": "[REDACTED]"}, 4111111111111111],
+    }
+    assert redact(value) == {
+        "outer": {"password": "[REDACTED]", "n": "[CARD]"},
+        "rows": [{"token": "[REDACTED]"}, "[CARD]"],
+    }
+
+
 def _nested(depth: int) -> object:
     value: object = "a.b@example.org"
     for _ in range(depth):
@@ -114,6 +127,20 @@ def test_nesting_deeper_than_the_limit_is_dropped() -> None:
         kept, dropped = kept[0], dropped[0]  # type: ignore[index]
     assert kept == "[EMAIL]"
     assert dropped == ["[TOO_DEEP]"]
+
+
+def test_dicts_count_towards_the_nesting_limit() -> None:
+    def nested(depth: int) -> object:
+        value: object = "a.b@example.org"
+        for _ in range(depth):
+            value = {"k": value}
+        return value
+
+    kept, dropped = redact(nested(MAX_DEPTH)), redact(nested(MAX_DEPTH + 1))
+    for _ in range(MAX_DEPTH):
+        kept, dropped = kept["k"], dropped["k"]  # type: ignore[index]
+    assert kept == "[EMAIL]"
+    assert dropped == {"k": "[TOO_DEEP]"}
 
 
 def test_integers_that_read_as_cards_or_phones_are_replaced_other_numbers_kept() -> None:
@@ -144,14 +171,15 @@ def test_a_record_loses_personal_data_in_its_answer_and_error_message_only() -> 
         task_id="t-jane@example.com",
         tenant="acme",
         status="failed",
-        answer={"to": "jane@example.com", "note": "call 415 555 0199", "count": 4111111111111111},
-        error=ErrorInfo(type="ToolError", message="mail to jane@example.com bounced"),
+        answer={"to": "jane@example.com", "note": "call 415 555 0199", "count": 4111111111111111, "password": "pw"},
+        error=ErrorInfo(type="ToolError", message="mail to jane@example.com bounced, call 415 555 0199"),
     )
     kept = redact_record(record, [])
     assert kept is record
     emails = redact_record(record, ["email"])
-    assert emails.answer == {"to": "[EMAIL]", "note": "call 415 555 0199", "count": 4111111111111111}
-    assert emails.error is not None and emails.error.message == "mail to [EMAIL] bounced"
+    # Only the kinds named; a credential-named key is the caller's (it is not personal data).
+    assert emails.answer == {"to": "[EMAIL]", "note": "call 415 555 0199", "count": 4111111111111111, "password": "pw"}
+    assert emails.error is not None and emails.error.message == "mail to [EMAIL] bounced, call 415 555 0199"
     assert emails.task_id == record.task_id and record.answer["to"] == "jane@example.com"  # a copy
     assert redact_record(record.model_copy(update={"error": None}), ["email"]).error is None
     every = redact_record(record, ["email", "phone", "card"])
@@ -159,14 +187,15 @@ def test_a_record_loses_personal_data_in_its_answer_and_error_message_only() -> 
         "to": "[EMAIL]",
         "note": "call [PHONE]",
         "count": "[CARD]",
+        "password": "pw",
     }  # a card number, as a number too
 
 
 def test_event_fields_keep_their_numbers_and_lose_personal_text() -> None:
-    fields = {"problem": "reach jane@example.com", "tokens": 4111111111111111, "api_key": "sk-live"}
+    fields = {"problem": "reach jane@example.com or 415 555 0199", "tokens": 4111111111111111, "api_key": "sk-live"}
     assert redact_fields(fields, []) is fields
     assert redact_fields(fields, ["email", "card"]) == {
-        "problem": "reach [EMAIL]",
+        "problem": "reach [EMAIL] or 415 555 0199",
         "tokens": 4111111111111111,
         "api_key": "sk-live",  # credentials are the caller's to scrub; this is the PII rule
     }
