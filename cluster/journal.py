@@ -10,6 +10,7 @@ from agentpool.cluster.connection import REDIS_DOWN, StoreBase
 from agentpool.errors import StoreError
 from agentpool.models import AgentResult, AgentTask
 
+# Records an admission unless the task already has a final record (then returns it) or was
 # admitted before. Returns {record or false, 1 if admitted before}.
 _ADMIT = """
 local existing = redis.call('GET', KEYS[1])

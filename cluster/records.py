@@ -25,7 +25,6 @@ end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'task_id', ARGV[2], 'status', ARGV[3], 'result', ARGV[1])
 return {1, ARGV[1]}
 """
-# Records an admission unless the task already has a final record (then returns it) or was
 
 
 class FinalRecords(StoreBase):
