@@ -153,15 +153,22 @@ class PlacementConfig(BaseModel):
 class AdmissionConfig(BaseModel):
     """Load shedding at admission and in the queue.
 
-    A task is rejected at once when its predicted queue wait exceeds its `deadline_s` or
-    `max_queue_wait_s`. Overload is detected CoDel-style: when even the shortest queue wait
-    seen over `interval_s` stays above `target_wait_s`, a standing queue has formed; new
-    `sheddable` tasks are then rejected, and after `escalate_intervals` such intervals in a
-    row `standard` ones too. `critical` tasks are refused only when the queue is full, and
-    then a queued task of a lower class makes room for them.
+    Interactive work, a task with a `deadline_s` or of `sheddable` priority, is rejected at
+    once when its predicted queue wait exceeds its deadline (or `max_queue_wait_s`, if set),
+    and dropped if it waits longer. Overload is detected CoDel-style on the waits of
+    interactive work: when even the shortest wait seen over `interval_s` stays above
+    `target_wait_s`, a standing queue has formed; new interactive `sheddable` tasks are
+    then rejected, and after `escalate_intervals` such intervals in a row `standard` ones
+    too. `critical` tasks are refused only when the queue is full, and then a queued task of
+    a lower class makes room for them.
+
+    A task with no deadline that is not `sheddable` is a batch: it waits its turn however
+    long the backlog is, bounded only by `PoolConfig.max_queued`, and is never shed for
+    overload; a batch submitted at once is not an overload. `max_queue_wait_s`, if set,
+    caps every task's wait, batches included.
     """
 
-    max_queue_wait_s: float = Field(default=60.0, gt=0, le=86_400)
+    max_queue_wait_s: float | None = Field(default=None, gt=0, le=86_400)
     target_wait_s: float = Field(default=0.5, gt=0, le=3600)
     interval_s: float = Field(default=2.0, gt=0, le=3600)
     escalate_intervals: int = Field(default=3, ge=1, le=1000)

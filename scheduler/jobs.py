@@ -46,6 +46,8 @@ class Job:
     state: JobState = "admitting"
     enqueued_at: float = 0.0
     max_wait_s: float = math.inf
+    #: Interactive work (a deadline, or `sheddable`): its waits are what tells an overload.
+    watched: bool = False
     estimate: float = 0.0
     limit_key: str | None = None
     slot: asyncio.Future[int] = field(default_factory=_future)
@@ -76,4 +78,5 @@ class Job:
         self.slot = _future()
         self.enqueued_at = now
         self.max_wait_s = math.inf
+        self.watched = False
         self.state = "queued"

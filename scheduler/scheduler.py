@@ -45,7 +45,7 @@ from agentpool.scheduler.fleet import WorkerFleet
 from agentpool.scheduler.jobs import Job, trace_context
 from agentpool.scheduler.observe import TaskTelemetry
 from agentpool.scheduler.records import Records
-from agentpool.scheduler.shedding import DispatchRate, OverloadDetector, WaitForecast, sheds
+from agentpool.scheduler.shedding import DispatchRate, OverloadDetector, WaitForecast, interactive, sheds
 from agentpool.scheduler.status import StatusView
 from agentpool.vocabulary import ErrorReason, TaskStatus
 
@@ -218,6 +218,7 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
             self._queue.push(task.tenant, "critical", job, front=True)
         else:
             job.max_wait_s = self._max_wait_s(task)
+            job.watched = interactive(task.priority, task.deadline_s)
             self._queue.push(task.tenant, task.priority, job)
         if not job.accepted.done():
             job.accepted.set_result(None)
@@ -296,8 +297,10 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
     # --- shedding ----------------------------------------------------------------------
 
     def _max_wait_s(self, task: AgentTask) -> float:
+        """How long the task may wait in the queue: its deadline and the configured cap, if
+        any; a task with neither waits its turn however long the backlog is."""
         limit = self.config.admission.max_queue_wait_s
-        return min(limit, task.deadline_s) if task.deadline_s is not None else limit
+        return min(limit or math.inf, task.deadline_s if task.deadline_s is not None else math.inf)
 
     def _forecast(self, task: AgentTask, key: str | None) -> WaitForecast:
         tenant = task.tenant
@@ -316,7 +319,7 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
     def _shed_or_make_room(self, task: AgentTask, key: str | None) -> Overloaded | None:
         now = self._clock()
         level = self._detector.level(now)
-        if sheds(task.priority, level):
+        if sheds(task.priority, level, task.deadline_s):
             return Overloaded(
                 f"the pool is overloaded: {task.priority} work is shed until the queue drains",
                 tenant=task.tenant,
@@ -389,7 +392,7 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
             self._pump()
 
     def _expire_waiting(self, now: float) -> None:
-        oldest = 0.0
+        oldest: float | None = None  # of the interactive work waiting: what the detector watches
         for tenant, _, job in self._queue.items():
             waited = now - job.enqueued_at
             if waited > job.max_wait_s:
@@ -397,9 +400,9 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
                 self._drop(
                     job, ErrorReason.QUEUE_TIMEOUT, f"waited {waited:.1f}s, longer than its {job.max_wait_s:.1f}s"
                 )
-            else:
-                oldest = max(oldest, waited)
-        if len(self._queue):
+            elif job.watched:
+                oldest = waited if oldest is None else max(oldest, waited)
+        if oldest is not None:
             self._detector.observe(oldest, now)
         else:
             self._detector.idle()
@@ -460,7 +463,8 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
                     job, ErrorReason.QUEUE_TIMEOUT, f"waited {waited:.1f}s, longer than its {job.max_wait_s:.1f}s"
                 )
                 continue
-            self._detector.observe(waited, now)
+            if job.watched:
+                self._detector.observe(waited, now)
             self._rate.record(now)
             self._queue.charge(tenant, job.estimate)
             self._tenant_running[tenant] += 1

@@ -8,6 +8,10 @@ above the target, a standing queue has formed and the pool is overloaded: level 
 `sheddable` arrivals, and if it lasts `escalate_intervals` intervals, level 2 sheds
 `standard` ones too. `critical` work is refused only when it cannot start in time or the
 queue is full of work at least as important.
+
+Only interactive work is shed, and only its waits are watched: work that declares a
+`deadline_s`, or is `sheddable`. Work with neither is a batch: it waits its turn in the queue,
+bounded by the backlog's size, and a batch submitted at once is not mistaken for an overload.
 """
 
 from __future__ import annotations
@@ -52,9 +56,15 @@ class OverloadDetector:
         return 1
 
 
-def sheds(priority: str, level: int) -> bool:
-    """Whether an arrival of `priority` is refused at overload `level`."""
-    return PRIORITIES.index(priority) >= len(PRIORITIES) - level
+def interactive(priority: str, deadline_s: float | None) -> bool:
+    """Whether work may be shed for overload, and its waits tell an overload: it declares a
+    deadline, or it is `sheddable`. The rest (a batch) waits as long as the backlog holds it."""
+    return deadline_s is not None or priority == "sheddable"
+
+
+def sheds(priority: str, level: int, deadline_s: float | None) -> bool:
+    """Whether an arrival of `priority` with `deadline_s` is refused at overload `level`."""
+    return interactive(priority, deadline_s) and PRIORITIES.index(priority) >= len(PRIORITIES) - level
 
 
 class DispatchRate:

@@ -104,8 +104,12 @@ def test_budgets_hold_under_concurrency_and_reject_with_the_reset_time(pool: Age
 
 
 def test_deadlines_and_overload_shed_fast_in_priority_order(pool: AgentPool, redis_url: str) -> None:
-    # 16 slots; 80 tasks of 300 ms make a standing queue for about 1.5 s.
-    flood = [AgentTask(tenant="acme", prompt=f"sim: delay 300\nsim: answer f{i}", max_tokens=10) for i in range(80)]
+    # 16 slots; 80 interactive tasks of 300 ms (they have a deadline) make a standing queue
+    # for about 1.5 s.
+    flood = [
+        AgentTask(tenant="acme", prompt=f"sim: delay 300\nsim: answer f{i}", max_tokens=10, deadline_s=60)
+        for i in range(80)
+    ]
     flood_refs = pool.submit(flood)
     # A task that may wait 50 ms cannot start in time: refused at once, not run late.
     (hurried,) = pool.run([AgentTask(tenant="acme", prompt="sim: answer h", deadline_s=0.05)])
@@ -133,6 +137,27 @@ def test_deadlines_and_overload_shed_fast_in_priority_order(pool: AgentPool, red
     ]
     assert {"overload"} <= {e["reason"] for e in shed_events}
     assert pool.status()["shed_by_reason"]["overload"] >= 1
+
+
+def test_a_batch_is_queued_whole_and_not_taken_for_an_overload(pool: AgentPool) -> None:
+    # 160 tasks of 300 ms with no deadline: 3 s of queue on 16 slots, many times the 0.05 s
+    # target over the 0.3 s interval. A batch: none of it is shed, and the detector, which
+    # watches interactive work only, sees no overload.
+    batch = [AgentTask(tenant="acme", prompt=f"sim: delay 300\nsim: answer b{i}", max_tokens=10) for i in range(160)]
+    refs = pool.submit(batch)
+    levels = []
+    for _ in range(5):
+        ray.wait(refs, num_returns=len(refs), timeout=0.1)
+        levels.append(pool.status()["overload_level"])
+    # Interactive work of another tenant arriving meanwhile is served at its fair share.
+    (probe,) = pool.run([AgentTask(tenant="other", prompt="sim: answer p", priority="sheddable", max_tokens=10)])
+    assert probe.status == "succeeded"
+    pending = refs
+    while pending:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.1)
+        levels.append(pool.status()["overload_level"])
+    assert [r.status for r in ray.get(refs)] == ["succeeded"] * len(batch)
+    assert len(levels) >= 10 and set(levels) == {0}, levels
 
 
 def test_status_command_shows_queues_buckets_and_budgets(pool: AgentPool) -> None:

@@ -16,7 +16,7 @@ from agentpool.scheduler.buckets import BucketSet, TokenBucket
 from agentpool.scheduler.capacity import ModelCapacity
 from agentpool.scheduler.fair import PRIORITIES, FairQueue
 from agentpool.scheduler.permits import PermitBroker, PermitRequest
-from agentpool.scheduler.shedding import OverloadDetector, WaitForecast, sheds
+from agentpool.scheduler.shedding import OverloadDetector, WaitForecast, interactive, sheds
 
 # --- token buckets ---------------------------------------------------------------------------
 
@@ -442,9 +442,15 @@ def test_overload_needs_a_whole_interval_above_target(waits: list[tuple[float, f
 
 
 def test_shedding_order_and_forecast() -> None:
-    assert [p for p in PRIORITIES if sheds(p, 0)] == []
-    assert [p for p in PRIORITIES if sheds(p, 1)] == ["sheddable"]
-    assert [p for p in PRIORITIES if sheds(p, 2)] == ["standard", "sheddable"]
+    assert [p for p in PRIORITIES if sheds(p, 0, 30.0)] == []
+    assert [p for p in PRIORITIES if sheds(p, 1, 30.0)] == ["sheddable"]
+    assert [p for p in PRIORITIES if sheds(p, 2, 30.0)] == ["standard", "sheddable"]
+    # Without a deadline only `sheddable` work is interactive: a batch is never shed.
+    assert [p for p in PRIORITIES if interactive(p, None)] == ["sheddable"]
+    assert [p for p in PRIORITIES if interactive(p, 0.5)] == list(PRIORITIES)
+    assert [p for p in PRIORITIES if sheds(p, 1, None)] == ["sheddable"]
+    assert [p for p in PRIORITIES if sheds(p, 2, None)] == ["sheddable"]
+    assert [p for p in PRIORITIES if sheds(p, 0, None)] == []
     # 9 ahead of it, 100 tasks/s, a fifth of the pool: (9 + 1) / 20 per s
     assert WaitForecast(ahead=9, share=0.2, rate_per_s=100).seconds() == pytest.approx(0.5)
     assert WaitForecast(ahead=0, share=1.0, rate_per_s=0).seconds() == 0
