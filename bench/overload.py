@@ -174,19 +174,30 @@ async def _post_many(url: str, n: int) -> None:
 
 def _spend_burst(pool: AgentPool) -> list[ray.ObjectRef]:
     """Takes what the request bucket holds with tasks that are not measured, so that the k x
-    phase starts with it empty, as after a minute at full rate. Returns once they are all
-    dispatched (some may still be running: their refs are returned)."""
+    phase starts with it empty, as after a minute at full rate. Returns once every one of them
+    holds its request permit (some may still be running: their refs are returned).
+
+    The bucket's level is read only once the tasks sent before hold their permits: a task
+    still queued, or waiting at the limiter, has not taken its token yet, and counting the
+    level then would send more than the bucket holds. Those extra tasks would wait for the
+    refill ahead of the phase's own (the quick run's first seconds measured them)."""
     refs: list[ray.ObjectRef] = []
     while True:
-        status = pool.status()
-        spare = _requests_left(status) - status["queued"]
+        status = _settled(pool)
+        spare = _requests_left(status)
         if spare <= PEAK:
-            break
+            return refs
         refs += pool.submit([_burst_task(len(refs) + i) for i in range(int(spare))])
         time.sleep(0.2)
-    while pool.status()["queued"]:
+
+
+def _settled(pool: AgentPool) -> dict[str, Any]:
+    """The pool's status once no task waits in its queue or at its limiter."""
+    while True:
+        status = pool.status()
+        if not status["queued"] and not status["limits"]["waiting"]:
+            return status
         time.sleep(0.05)
-    return refs
 
 
 def _requests_left(status: dict[str, Any]) -> float:
