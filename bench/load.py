@@ -1,4 +1,5 @@
-"""Open-loop load: Poisson arrivals per stream, each stream from its own seeded generator."""
+"""Open-loop load: arrivals per stream (Poisson, or bursty with heavy-tailed gaps), each
+stream from its own seeded generator."""
 
 from __future__ import annotations
 
@@ -14,6 +15,24 @@ from agentpool import AgentPool, AgentResult, AgentTask
 
 #: Makes the k-th task of a stream, drawing whatever it needs from the stream's generator.
 MakeTask = Callable[[str, int, random.Random], AgentTask]
+#: The gap before a stream's next arrival, for a mean rate (per second), from its generator.
+Gaps = Callable[[random.Random, float], float]
+
+
+def poisson(rng: random.Random, rate: float) -> float:
+    """Exponential gaps: a Poisson process (coefficient of variation 1)."""
+    return rng.expovariate(rate)
+
+
+def bursty(cv: float) -> Gaps:
+    """Gamma-distributed gaps with mean 1/rate and coefficient of variation `cv`: above 1,
+    arrivals come in bursts separated by long lulls, as in traces of real LLM traffic."""
+    shape = 1 / cv**2
+
+    def gap(rng: random.Random, rate: float) -> float:
+        return rng.gammavariate(shape, 1 / (rate * shape))
+
+    return gap
 
 
 @dataclass
@@ -44,6 +63,7 @@ def open_loop(
     *,
     measured: set[str] | None = None,
     timeline: Timeline | None = None,
+    gaps: Gaps = poisson,
 ) -> dict[str, list[AgentResult]]:
     """Submits each stream's arrivals on time, whatever has finished (arrivals never wait for
     completions). A stream's arrival times and tasks depend only on its name and `seed`, so
@@ -56,10 +76,10 @@ def open_loop(
     arrivals: list[tuple[float, str, AgentTask]] = []
     for stream, rate in rates.items():
         rng = random.Random(f"{seed}:{stream}")
-        at, k = rng.expovariate(rate), 0
+        at, k = gaps(rng, rate), 0
         while at < duration_s:
             arrivals.append((at, stream, make_task(stream, k, rng)))
-            at, k = at + rng.expovariate(rate), k + 1
+            at, k = at + gaps(rng, rate), k + 1
     arrivals.sort(key=lambda a: a[0])
     refs: dict[str, list[ray.ObjectRef]] = {s: [] for s in rates}
     begin = time.monotonic()

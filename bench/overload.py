@@ -7,10 +7,12 @@ Each task is one LLM call, so the peak is RPM / 60 tasks per second. Three tenan
 weights 1:2:5 each offer a third of the arrivals; each task tolerates `DEADLINE_S` of
 queueing, and 20% are `sheddable`, 10% `critical`.
 
-Phases, all in the same run: the pool at 0.5x peak (its latency baseline), at k x peak;
+Phases, all in the same run: the pool at 0.5x peak (its latency baseline), at k x peak with
+Poisson arrivals, at k x peak with bursty arrivals (Gamma gaps with a coefficient of
+variation of `BURSTY_CV`, and output sizes spread lognormally: figures prefixed `bursty_`);
 then a naive pool (Ray actors called round-robin, each with `AsyncAnthropic` and the SDK's
 default retries, no admission control) at 0.5x and k x peak against a fresh simulator with
-the same limits. Before the measured phases each run spends the buckets' burst (a minute's
+the same limits. Before each measured phase the run spends the buckets' burst (a minute's
 worth of requests, as Anthropic's buckets start full) right before the k x phase, so that
 k x peak is an overload from its first second.
 
@@ -19,7 +21,8 @@ only those that ended within the phase count, so that the naive pool's retries a
 not lend it capacity it never had),
 `admitted_p99_ratio` (p99 end-to-end latency of the tasks that ran, k x over 0.5x),
 `reject_p99_ms` (time to a rejection on arrival; `dropped_p99_ms` for queued tasks dropped
-once past their deadline), `shed_fraction` (by reason), `provider_429`,
+once past their deadline), `rejected_at_arrival_fraction` (rejections within `ARRIVAL_MS`
+of arrival, over all rejections), `shed_fraction` (by reason), `provider_429`,
 `lost_tasks` and `duplicate_results` (every submitted task reconciled against Redis), and
 `baseline_goodput_ratio`, `baseline_p99_ratio`, `baseline_provider_429`.
 """
@@ -27,9 +30,11 @@ once past their deadline), `shed_fraction` (by reason), `provider_429`,
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +47,7 @@ from agentpool import AgentPool, AgentResult, AgentTask, PoolConfig, RateLimit, 
 from agentpool.actors.simulator_host import SimulatorHost
 from agentpool.cluster.keys import Keys
 from agentpool.simulator.config import ModelLimitsConfig
-from bench.load import Timeline, open_loop, wait_idle
+from bench.load import Gaps, MakeTask, Timeline, bursty, open_loop, poisson, wait_idle
 from bench.report import latency_cdf, percentile, timeseries, write
 
 MODEL = "claude-sonnet-4-5"
@@ -51,6 +56,10 @@ PEAK = RPM / 60  # tasks per second: one call per task
 WEIGHTS = {"gold": 5.0, "silver": 2.0, "bronze": 1.0}
 DEADLINE_S = 0.5
 OUTPUT_TOKENS = 30
+#: The bursty phase: Gamma inter-arrival gaps with this coefficient of variation (Poisson: 1).
+BURSTY_CV = 3.0
+#: A rejection this soon after arrival counts as refused at arrival.
+ARRIVAL_MS = 10.0
 
 
 def _sim_config(seed: int) -> SimulatorConfig:
@@ -75,6 +84,15 @@ def _task(tenant: str, k: int, rng: random.Random) -> AgentTask:
         priority=priority,
         deadline_s=DEADLINE_S,
     )
+
+
+def _spread_task(tenant: str, k: int, rng: random.Random) -> AgentTask:
+    """As `_task`, with output sizes spread as real answers are: lognormal around
+    `OUTPUT_TOKENS` (sigma 0.8, so a tenth are under a third of it or over three times it),
+    within `max_tokens`."""
+    task = _task(tenant, k, rng)
+    tokens = max(1, min(task.max_tokens - 4, round(rng.lognormvariate(math.log(OUTPUT_TOKENS), 0.8))))
+    return task.model_copy(update={"prompt": f"sim: output_tokens {tokens}\nsim: answer {tenant}-{k}"})
 
 
 def _rates(load: float) -> dict[str, float]:
@@ -225,6 +243,66 @@ def _reconcile(pool: AgentPool, submitted: list[AgentResult]) -> tuple[int, int]
     return lost, duplicated
 
 
+@dataclass
+class _Phase:
+    """One measured phase of the pool at k x peak: its results, timeline and 429s."""
+
+    results: list[AgentResult]
+    timeline: Timeline
+    elapsed_s: float
+    provider_429: int
+
+    @property
+    def succeeded(self) -> list[AgentResult]:
+        return [r for r in self.results if r.status == "succeeded"]
+
+    @property
+    def rejected(self) -> list[AgentResult]:
+        return [r for r in self.results if r.status == "rejected"]
+
+
+def _phase(pool: AgentPool, load: float, duration_s: float, seed: int, gaps: Gaps, make: MakeTask) -> _Phase:
+    """Spends the buckets' burst, then offers `load` x peak for `duration_s`."""
+    wait_idle(pool)
+    burst = _spend_burst(pool)
+    before = int((pool.simulator_stats() or {}).get("rate_limited", 0))
+    started = time.monotonic()
+    timeline = Timeline()
+    offered = open_loop(pool, _rates(load), duration_s, seed, make, timeline=timeline, gaps=gaps)
+    elapsed = max(duration_s, time.monotonic() - started)
+    ray.get(burst)
+    after = int((pool.simulator_stats() or {}).get("rate_limited", 0))
+    return _Phase([r for rs in offered.values() for r in rs], timeline, elapsed, after - before)
+
+
+def _phase_figures(phase: _Phase, ran_low: list[float], duration_s: float) -> dict[str, Any]:
+    high, succeeded, rejected = phase.results, phase.succeeded, phase.rejected
+    ran_high = [r.timings.total_ms for r in succeeded]
+    reasons = Counter(str(r.error.reason if r.error else None) for r in rejected)
+    # Refused on arrival, versus dropped from the queue once their deadline had passed
+    # (those waited, by definition, and are timed apart).
+    at_once = [r.timings.total_ms for r in rejected if r.error is None or r.error.reason != "queue_timeout"]
+    dropped = [r.timings.total_ms for r in rejected if r.error is not None and r.error.reason == "queue_timeout"]
+    return {
+        "goodput_ratio": round(sum(phase.timeline.ended_at(r) <= duration_s for r in succeeded) / duration_s / PEAK, 4),
+        "admitted_p99_ratio": round(percentile(ran_high, 0.99) / percentile(ran_low, 0.99), 4),
+        "reject_p99_ms": round(percentile(at_once, 0.99), 2) if at_once else 0.0,
+        "dropped_p99_ms": round(percentile(dropped, 0.99), 2) if dropped else 0.0,
+        # Of all rejections, those that came within 10 ms of arrival (the rest waited first).
+        "rejected_at_arrival_fraction": round(
+            sum(r.timings.total_ms <= ARRIVAL_MS for r in rejected) / len(rejected), 4
+        )
+        if rejected
+        else 1.0,
+        "shed_fraction": round(len(rejected) / max(1, len(high)), 4),
+        "shed_fraction_by_reason": {k: round(v / max(1, len(high)), 4) for k, v in sorted(reasons.items())},
+        "provider_429": phase.provider_429,
+        "failed_fraction": round(sum(r.status not in ("succeeded", "rejected") for r in high) / max(1, len(high)), 4),
+        "admitted_p99_ms": round(percentile(ran_high, 0.99), 1),
+        "phase_s": round(phase.elapsed_s, 1),
+    }
+
+
 def run(out: Path, quick: bool, load: float = 2.0) -> dict[str, Any]:
     duration_s = 7.0 if quick else 60.0
     warm_s = 3.0 if quick else 30.0
@@ -238,41 +316,21 @@ def run(out: Path, quick: bool, load: float = 2.0) -> dict[str, Any]:
     )
     with AgentPool.start(config) as pool:
         low = [r for rs in open_loop(pool, _rates(0.5), warm_s, 1, _task).values() for r in rs]
-        wait_idle(pool)
-        burst = _spend_burst(pool)
-        started = time.monotonic()
-        timeline = Timeline()
-        high = [r for rs in open_loop(pool, _rates(load), duration_s, 2, _task, timeline=timeline).values() for r in rs]
-        elapsed = max(duration_s, time.monotonic() - started)
-        ray.get(burst)
-        stats = pool.simulator_stats() or {}
-        lost, duplicated = _reconcile(pool, low + high)
+        poisson_phase = _phase(pool, load, duration_s, 2, poisson, _task)
+        bursty_phase = _phase(pool, load, duration_s, 3, bursty(BURSTY_CV), _spread_task)
+        lost, duplicated = _reconcile(pool, low + poisson_phase.results + bursty_phase.results)
         status = pool.status()
     ran_low = [r.timings.total_ms for r in low if r.status == "succeeded"]
-    succeeded = [r for r in high if r.status == "succeeded"]
-    ran_high = [r.timings.total_ms for r in succeeded]
-    rejected = [r for r in high if r.status == "rejected"]
-    reasons = Counter(str(r.error.reason if r.error else None) for r in rejected)
-    # Refused on arrival, versus dropped from the queue once their deadline had passed
-    # (those waited, by definition, and are timed apart).
-    at_once = [r.timings.total_ms for r in rejected if r.error is None or r.error.reason != "queue_timeout"]
-    dropped = [r.timings.total_ms for r in rejected if r.error is not None and r.error.reason == "queue_timeout"]
-    figures: dict[str, Any] = {
-        "goodput_ratio": round(sum(timeline.ended_at(r) <= duration_s for r in succeeded) / duration_s / PEAK, 4),
-        "admitted_p99_ratio": round(percentile(ran_high, 0.99) / percentile(ran_low, 0.99), 4),
-        "reject_p99_ms": round(percentile(at_once, 0.99), 2) if at_once else 0.0,
-        "dropped_p99_ms": round(percentile(dropped, 0.99), 2) if dropped else 0.0,
-        "shed_fraction": round(len(rejected) / max(1, len(high)), 4),
-        "shed_fraction_by_reason": {k: round(v / max(1, len(high)), 4) for k, v in sorted(reasons.items())},
-        "provider_429": int(stats.get("rate_limited", 0)),
+    figures: dict[str, Any] = _phase_figures(poisson_phase, ran_low, duration_s)
+    figures |= {f"bursty_{k}": v for k, v in _phase_figures(bursty_phase, ran_low, duration_s).items()}
+    figures |= {
         "lost_tasks": lost,
         "duplicate_results": duplicated,
-        "failed_fraction": round(sum(r.status not in ("succeeded", "rejected") for r in high) / max(1, len(high)), 4),
-        "admitted_p99_ms": round(percentile(ran_high, 0.99), 1),
         "unloaded_p99_ms": round(percentile(ran_low, 0.99), 1),
-        "phase_s": round(elapsed, 1),
         "model_capacity": status.get("model_capacity", {}),
     }
+    timeline, succeeded, rejected = poisson_phase.timeline, poisson_phase.succeeded, poisson_phase.rejected
+    ran_high = [r.timings.total_ms for r in succeeded]
     naive_figures, naive_ok, naive_ended = _naive(duration_s, warm_s, load)
     figures |= naive_figures
     over_time = timeseries(
@@ -294,6 +352,7 @@ def run(out: Path, quick: bool, load: float = 2.0) -> dict[str, Any]:
         {
             "agentpool, 0.5x peak": ran_low,
             f"agentpool, {load:g}x peak (admitted)": ran_high,
+            f"agentpool, {load:g}x peak, bursty (admitted)": [r.timings.total_ms for r in bursty_phase.succeeded],
             f"naive pool, {load:g}x peak (completed)": naive_ok,
         },
         title=f"overload: latency of completed tasks at {load:g}x peak",
@@ -303,8 +362,10 @@ def run(out: Path, quick: bool, load: float = 2.0) -> dict[str, Any]:
         f"sigma 0.5), 1% 529 and 0.5% 500. One call per task, so peak = {PEAK:g} tasks/s. Arrivals: Poisson, "
         f"{load:g} x peak for {duration_s:g} s (0.5 x for {warm_s:g} s as the latency baseline), three tenants "
         f"(weights {WEIGHTS}), 20% sheddable and 10% critical, deadline_s={DEADLINE_S}. The buckets' burst "
-        "(a minute of requests) is spent first. The naive baseline: 2 Ray actors called round-robin, "
-        "AsyncAnthropic with default retries, no admission control, same arrivals, a fresh simulator."
+        "(a minute of requests) is spent first. The bursty phase: the same mean rate with Gamma inter-arrival "
+        f"gaps (coefficient of variation {BURSTY_CV:g}) and output sizes spread lognormally around "
+        f"{OUTPUT_TOKENS} tokens; its figures are prefixed bursty_. The naive baseline: 2 Ray actors called "
+        "round-robin, AsyncAnthropic with default retries, no admission control, same arrivals, a fresh simulator."
     )
     write(out, "overload", figures=figures, notes=notes, plots=[plot, over_time], config={"quick": quick, "load": load})
     return figures
