@@ -48,6 +48,8 @@ class Job:
     max_wait_s: float = math.inf
     #: Interactive work (a deadline, or `sheddable`): its waits are what tells an overload.
     watched: bool = False
+    #: The queue wait forecast for it at admission, until its real wait is reported.
+    predicted_wait_s: float | None = None
     estimate: float = 0.0
     limit_key: str | None = None
     slot: asyncio.Future[int] = field(default_factory=_future)

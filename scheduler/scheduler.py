@@ -45,7 +45,14 @@ from agentpool.scheduler.fleet import WorkerFleet
 from agentpool.scheduler.jobs import Job, trace_context
 from agentpool.scheduler.observe import TaskTelemetry
 from agentpool.scheduler.records import Records
-from agentpool.scheduler.shedding import DispatchRate, OverloadDetector, WaitForecast, interactive, sheds
+from agentpool.scheduler.shedding import (
+    DispatchRate,
+    OverloadDetector,
+    WaitCalibration,
+    WaitForecast,
+    interactive,
+    sheds,
+)
 from agentpool.scheduler.status import StatusView
 from agentpool.vocabulary import ErrorReason, TaskStatus
 
@@ -104,6 +111,7 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
         a = config.admission
         self._detector = OverloadDetector(a.target_wait_s, a.interval_s, a.escalate_intervals)
         self._rate = DispatchRate()
+        self._calibration = WaitCalibration()
         self._clock = time.monotonic
         self._mean_run_s = 1.0
         self._task_cost: dict[str, float] = {}
@@ -200,7 +208,7 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
             rejection = await self._ledger.check(task.tenant, policy, first_call + task.max_tokens)
         # No await between the shedding decision and the enqueue: concurrent arrivals must
         # not all pass the check before any of them is counted.
-        return rejection if rejection is not None else self._shed_or_make_room(task, self._limit_key(task))
+        return rejection if rejection is not None else self._shed_or_make_room(job, self._limit_key(task))
 
     def _report_findings(self, job: Job, action: str) -> None:
         for source, rules in job.findings.items():
@@ -316,7 +324,8 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
             rate = min(rate, key_rate)  # a rate-limited model is served no faster than its limits allow
         return WaitForecast(self._queue.length(tenant, at_least=task.priority), share, rate)
 
-    def _shed_or_make_room(self, task: AgentTask, key: str | None) -> Overloaded | None:
+    def _shed_or_make_room(self, job: Job, key: str | None) -> Overloaded | None:
+        task = job.task
         now = self._clock()
         level = self._detector.level(now)
         if sheds(task.priority, level, task.deadline_s):
@@ -332,8 +341,13 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
             or not self._models.has_room(key)
         )
         if must_queue or self._queue.length(task.tenant):
-            wait = self._forecast(task, key).seconds()
+            forecast = self._forecast(task, key).seconds()
             limit = self._max_wait_s(task)
+            if math.isfinite(limit):
+                job.predicted_wait_s = forecast  # checked against the wait it gets
+            # Forecasts fall short (later arrivals of higher priority or weight go first):
+            # by as much as they have fallen short lately.
+            wait = forecast * self._calibration.factor()
             if wait > limit:
                 return Overloaded(
                     f"predicted queue wait {wait:.1f}s exceeds the {limit:.1f}s this task may wait",
@@ -397,6 +411,7 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
             waited = now - job.enqueued_at
             if waited > job.max_wait_s:
                 self._queue.remove(tenant, job)
+                self._calibrate(job, waited)
                 self._drop(
                     job, ErrorReason.QUEUE_TIMEOUT, f"waited {waited:.1f}s, longer than its {job.max_wait_s:.1f}s"
                 )
@@ -406,6 +421,12 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
             self._detector.observe(oldest, now)
         else:
             self._detector.idle()
+
+    def _calibrate(self, job: Job, waited: float) -> None:
+        """Reports a forecast task's wait (once: at dispatch, or when it is dropped)."""
+        if job.predicted_wait_s is not None:
+            self._calibration.observe(job.predicted_wait_s, waited)
+            job.predicted_wait_s = None
 
     # --- fair sharing --------------------------------------------------------------------
 
@@ -457,6 +478,7 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
                 continue
             now = self._clock()
             waited = now - job.enqueued_at
+            self._calibrate(job, waited)
             if waited > job.max_wait_s:
                 self._slots.release(worker)
                 self._drop(

@@ -16,6 +16,7 @@ bounded by the backlog's size, and a batch submitted at once is not mistaken for
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -97,3 +98,48 @@ class WaitForecast:
         if self.rate_per_s <= 0 or self.share <= 0:
             return math.inf if self.ahead > 0 else 0.0
         return (self.ahead + 1) / (self.rate_per_s * self.share)
+
+
+class WaitCalibration:
+    """How far the queue-wait forecasts fall short of the waits that follow them.
+
+    Each task admitted on a forecast reports, once dispatched or dropped, the wait it had
+    against the wait predicted for it. `factor()` is the `quantile` of (waited + `slack_s`) /
+    (predicted + `slack_s`) over the last `window` such tasks, at least 1 and at most
+    `max_factor`: admission multiplies its forecast by it, so that a task the pool would
+    drop after waiting is refused on arrival instead. The slack keeps near-zero forecasts
+    from turning small absolute errors into huge ratios. Until `min_samples` reports, 1.
+    """
+
+    def __init__(
+        self,
+        *,
+        window: int = 256,
+        quantile: float = 0.9,
+        min_samples: int = 20,
+        slack_s: float = 0.05,
+        max_factor: float = 10.0,
+    ) -> None:
+        self.quantile = quantile
+        self.min_samples = min_samples
+        self.slack_s = slack_s
+        self.max_factor = max_factor
+        self.window = window
+        self._ratios: deque[float] = deque()  # in arrival order
+        self._sorted: list[float] = []  # the same, in order of size
+
+    def observe(self, predicted_s: float, waited_s: float) -> None:
+        if not (math.isfinite(predicted_s) and math.isfinite(waited_s)):
+            return
+        ratio = (max(0.0, waited_s) + self.slack_s) / (max(0.0, predicted_s) + self.slack_s)
+        self._ratios.append(ratio)
+        bisect.insort(self._sorted, ratio)
+        if len(self._ratios) > self.window:
+            del self._sorted[bisect.bisect_left(self._sorted, self._ratios.popleft())]
+
+    def factor(self) -> float:
+        n = len(self._sorted)
+        if n < self.min_samples:
+            return 1.0
+        at = self._sorted[min(n - 1, max(0, math.ceil(self.quantile * n) - 1))]
+        return min(self.max_factor, max(1.0, at))

@@ -16,7 +16,7 @@ from agentpool.scheduler.buckets import BucketSet, TokenBucket
 from agentpool.scheduler.capacity import ModelCapacity
 from agentpool.scheduler.fair import PRIORITIES, FairQueue
 from agentpool.scheduler.permits import PermitBroker, PermitRequest
-from agentpool.scheduler.shedding import OverloadDetector, WaitForecast, interactive, sheds
+from agentpool.scheduler.shedding import OverloadDetector, WaitCalibration, WaitForecast, interactive, sheds
 
 # --- token buckets ---------------------------------------------------------------------------
 
@@ -471,3 +471,60 @@ def test_model_capacity_follows_the_binding_limit_and_the_unqueued_service_time(
         tokens_bound.observe(calls=1, input_tokens=500, output_tokens=10, run_s=1.0, permit_wait_s=0.0)
     assert tokens_bound.tasks_per_s() == pytest.approx(2.0)  # 1,000 input tokens/s, 500 a task
     assert tokens_bound.cap() == math.ceil(2.0 * 1.0 * 1.1) + 1
+
+
+def _nearest_rank(values: list[float], q: float) -> float:
+    """The q-quantile by the nearest-rank rule, written from its definition."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q * len(ordered)))
+    return ordered[rank - 1]
+
+
+def test_wait_calibration_is_one_until_it_has_seen_enough() -> None:
+    calibration = WaitCalibration(min_samples=3, slack_s=0.0)
+    assert calibration.factor() == 1.0
+    calibration.observe(1.0, 4.0)
+    calibration.observe(1.0, 4.0)
+    assert calibration.factor() == 1.0
+    calibration.observe(1.0, 4.0)
+    assert calibration.factor() == 4.0
+
+
+def test_wait_calibration_examples() -> None:
+    calibration = WaitCalibration(window=4, quantile=0.5, min_samples=1, slack_s=0.1, max_factor=5.0)
+    calibration.observe(0.9, 1.9)  # (1.9 + 0.1) / (0.9 + 0.1) = 2
+    assert calibration.factor() == pytest.approx(2.0)
+    calibration.observe(0.0, 0.0)  # slack over slack: 1
+    assert calibration.factor() == pytest.approx(1.0)  # the median of [1, 2] by nearest rank
+    calibration.observe(0.0, 10.0)  # 101: capped at 5
+    calibration.observe(1.0, 0.0)  # waits shorter than forecast: 0.09, but never below 1
+    assert calibration.factor() == pytest.approx(1.0)  # [0.09, 1, 2, 101] -> 1
+    calibration.observe(0.0, 10.0)  # the oldest, 2, leaves the window: [0.09, 1, 101, 101]
+    assert calibration.factor() == pytest.approx(1.0)
+    calibration.observe(0.0, 10.0)  # [0.09, 101, 101, 101]
+    assert calibration.factor() == 5.0
+    calibration.observe(math.inf, 1.0)  # an infinite forecast says nothing
+    calibration.observe(1.0, math.nan)
+    assert calibration.factor() == 5.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.floats(0, 100, allow_nan=False), st.floats(0, 100, allow_nan=False)), min_size=0, max_size=60
+    ),
+    st.integers(1, 20),
+    st.sampled_from([0.5, 0.9, 0.99, 1.0]),
+    st.integers(1, 10),
+)
+def test_wait_calibration_is_the_quantile_of_the_recent_ratios(
+    reports: list[tuple[float, float]], window: int, quantile: float, min_samples: int
+) -> None:
+    calibration = WaitCalibration(window=window, quantile=quantile, min_samples=min_samples, slack_s=0.05)
+    ratios: list[float] = []
+    for predicted, waited in reports:
+        calibration.observe(predicted, waited)
+        ratios.append((waited + 0.05) / (predicted + 0.05))
+        recent = ratios[-window:]
+        want = 1.0 if len(recent) < min_samples else min(10.0, max(1.0, _nearest_rank(recent, quantile)))
+        assert calibration.factor() == pytest.approx(want)
