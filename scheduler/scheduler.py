@@ -347,7 +347,7 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
                 job.predicted_wait_s = forecast  # checked against the wait it gets
             # Forecasts fall short (later arrivals of higher priority or weight go first):
             # by as much as they have fallen short lately.
-            wait = forecast * self._calibration.factor()
+            wait = forecast * self._calibration.factor(now)
             if wait > limit:
                 return Overloaded(
                     f"predicted queue wait {wait:.1f}s exceeds the {limit:.1f}s this task may wait",
@@ -411,7 +411,7 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
             waited = now - job.enqueued_at
             if waited > job.max_wait_s:
                 self._queue.remove(tenant, job)
-                self._calibrate(job, waited)
+                self._calibrate(job, waited, now)
                 self._drop(
                     job, ErrorReason.QUEUE_TIMEOUT, f"waited {waited:.1f}s, longer than its {job.max_wait_s:.1f}s"
                 )
@@ -422,10 +422,10 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
         else:
             self._detector.idle()
 
-    def _calibrate(self, job: Job, waited: float) -> None:
+    def _calibrate(self, job: Job, waited: float, now: float) -> None:
         """Reports a forecast task's wait (once: at dispatch, or when it is dropped)."""
         if job.predicted_wait_s is not None:
-            self._calibration.observe(job.predicted_wait_s, waited)
+            self._calibration.observe(job.predicted_wait_s, waited, now)
             job.predicted_wait_s = None
 
     # --- fair sharing --------------------------------------------------------------------
@@ -478,7 +478,7 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
                 continue
             now = self._clock()
             waited = now - job.enqueued_at
-            self._calibrate(job, waited)
+            self._calibrate(job, waited, now)
             if waited > job.max_wait_s:
                 self._slots.release(worker)
                 self._drop(

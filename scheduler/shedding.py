@@ -104,42 +104,53 @@ class WaitCalibration:
     """How far the queue-wait forecasts fall short of the waits that follow them.
 
     Each task admitted on a forecast reports, once dispatched or dropped, the wait it had
-    against the wait predicted for it. `factor()` is the `quantile` of (waited + `slack_s`) /
-    (predicted + `slack_s`) over the last `window` such tasks, at least 1 and at most
-    `max_factor`: admission multiplies its forecast by it, so that a task the pool would
-    drop after waiting is refused on arrival instead. The slack keeps near-zero forecasts
-    from turning small absolute errors into huge ratios. Until `min_samples` reports, 1.
+    against the wait predicted for it. `factor(now)` is the `quantile` of (waited +
+    `slack_s`) / (predicted + `slack_s`) over the last `window` reports of the last
+    `horizon_s` seconds, at least 1 and at most `max_factor`: admission multiplies its
+    forecast by it, so that a task the pool would drop after waiting is refused on arrival
+    instead. The slack keeps near-zero forecasts from turning small absolute errors into
+    huge ratios. With fewer than `min_samples` reports, 1. The horizon matters: a factor
+    high enough to refuse every forecast task would get no new reports to lower it, so old
+    ones expire and the factor falls back to 1.
     """
 
     def __init__(
         self,
         *,
         window: int = 256,
+        horizon_s: float = 30.0,
         quantile: float = 0.9,
         min_samples: int = 20,
         slack_s: float = 0.05,
         max_factor: float = 10.0,
     ) -> None:
+        self.window = window
+        self.horizon_s = horizon_s
         self.quantile = quantile
         self.min_samples = min_samples
         self.slack_s = slack_s
         self.max_factor = max_factor
-        self.window = window
-        self._ratios: deque[float] = deque()  # in arrival order
-        self._sorted: list[float] = []  # the same, in order of size
+        self._reports: deque[tuple[float, float]] = deque()  # (when, ratio), oldest first
+        self._sorted: list[float] = []  # the same ratios, in order of size
 
-    def observe(self, predicted_s: float, waited_s: float) -> None:
+    def observe(self, predicted_s: float, waited_s: float, now: float) -> None:
         if not (math.isfinite(predicted_s) and math.isfinite(waited_s)):
             return
         ratio = (max(0.0, waited_s) + self.slack_s) / (max(0.0, predicted_s) + self.slack_s)
-        self._ratios.append(ratio)
+        self._reports.append((now, ratio))
         bisect.insort(self._sorted, ratio)
-        if len(self._ratios) > self.window:
-            del self._sorted[bisect.bisect_left(self._sorted, self._ratios.popleft())]
+        if len(self._reports) > self.window:
+            self._forget_oldest()
 
-    def factor(self) -> float:
+    def factor(self, now: float) -> float:
+        while self._reports and self._reports[0][0] <= now - self.horizon_s:
+            self._forget_oldest()
         n = len(self._sorted)
         if n < self.min_samples:
             return 1.0
         at = self._sorted[min(n - 1, max(0, math.ceil(self.quantile * n) - 1))]
         return min(self.max_factor, max(1.0, at))
+
+    def _forget_oldest(self) -> None:
+        _, ratio = self._reports.popleft()
+        del self._sorted[bisect.bisect_left(self._sorted, ratio)]

@@ -107,7 +107,7 @@ class StatusView:
             "alerts_firing": self._alerts.firing(),
             "overload_level": self._detector.level(now),
             # How much longer than forecast queue waits have lately been (admission scales by it).
-            "wait_forecast_factor": round(self._calibration.factor(), 3),
+            "wait_forecast_factor": round(self._calibration.factor(now), 3),
             "dispatch_per_s": round(self._rate.per_s(now), 3),
             "mean_run_s": round(self._mean_run_s, 4),
             "model_capacity": self._models.snapshot(),

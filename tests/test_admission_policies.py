@@ -482,49 +482,75 @@ def _nearest_rank(values: list[float], q: float) -> float:
 
 def test_wait_calibration_is_one_until_it_has_seen_enough() -> None:
     calibration = WaitCalibration(min_samples=3, slack_s=0.0)
-    assert calibration.factor() == 1.0
-    calibration.observe(1.0, 4.0)
-    calibration.observe(1.0, 4.0)
-    assert calibration.factor() == 1.0
-    calibration.observe(1.0, 4.0)
-    assert calibration.factor() == 4.0
+    assert calibration.factor(0.0) == 1.0
+    calibration.observe(1.0, 4.0, 0.0)
+    calibration.observe(1.0, 4.0, 0.0)
+    assert calibration.factor(0.0) == 1.0
+    calibration.observe(1.0, 4.0, 0.0)
+    assert calibration.factor(0.0) == 4.0
 
 
 def test_wait_calibration_examples() -> None:
     calibration = WaitCalibration(window=4, quantile=0.5, min_samples=1, slack_s=0.1, max_factor=5.0)
-    calibration.observe(0.9, 1.9)  # (1.9 + 0.1) / (0.9 + 0.1) = 2
-    assert calibration.factor() == pytest.approx(2.0)
-    calibration.observe(0.0, 0.0)  # slack over slack: 1
-    assert calibration.factor() == pytest.approx(1.0)  # the median of [1, 2] by nearest rank
-    calibration.observe(0.0, 10.0)  # 101: capped at 5
-    calibration.observe(1.0, 0.0)  # waits shorter than forecast: 0.09, but never below 1
-    assert calibration.factor() == pytest.approx(1.0)  # [0.09, 1, 2, 101] -> 1
-    calibration.observe(0.0, 10.0)  # the oldest, 2, leaves the window: [0.09, 1, 101, 101]
-    assert calibration.factor() == pytest.approx(1.0)
-    calibration.observe(0.0, 10.0)  # [0.09, 101, 101, 101]
-    assert calibration.factor() == 5.0
-    calibration.observe(math.inf, 1.0)  # an infinite forecast says nothing
-    calibration.observe(1.0, math.nan)
-    assert calibration.factor() == 5.0
+    calibration.observe(0.9, 1.9, 0.0)  # (1.9 + 0.1) / (0.9 + 0.1) = 2
+    assert calibration.factor(0.0) == pytest.approx(2.0)
+    calibration.observe(0.0, 0.0, 0.0)  # slack over slack: 1
+    assert calibration.factor(0.0) == pytest.approx(1.0)  # the median of [1, 2] by nearest rank
+    calibration.observe(0.0, 10.0, 0.0)  # 101: capped at 5
+    calibration.observe(1.0, 0.0, 0.0)  # waits shorter than forecast: 0.09, but never below 1
+    assert calibration.factor(0.0) == pytest.approx(1.0)  # [0.09, 1, 2, 101] -> 1
+    calibration.observe(0.0, 10.0, 0.0)  # the oldest, 2, leaves the window: [0.09, 1, 101, 101]
+    assert calibration.factor(0.0) == pytest.approx(1.0)
+    calibration.observe(0.0, 10.0, 0.0)  # [0.09, 101, 101, 101]
+    assert calibration.factor(0.0) == 5.0
+    calibration.observe(math.inf, 1.0, 0.0)  # an infinite forecast says nothing
+    calibration.observe(1.0, math.nan, 0.0)
+    assert calibration.factor(0.0) == 5.0
+
+
+def test_a_high_factor_falls_back_once_its_reports_are_old() -> None:
+    # A factor that refuses every forecast task gets no new reports: its old ones expire.
+    calibration = WaitCalibration(horizon_s=30.0, min_samples=2, slack_s=0.0)
+    calibration.observe(0.1, 1.0, 0.0)
+    calibration.observe(0.1, 1.0, 10.0)
+    assert calibration.factor(29.9) == pytest.approx(10.0)
+    assert calibration.factor(30.0) == 1.0  # the report of 0.0 has expired: one left, too few
+    calibration.observe(1.0, 3.0, 35.0)
+    assert calibration.factor(39.9) == pytest.approx(10.0)  # [3, 10] by nearest rank at 0.9
+    assert calibration.factor(40.0) == 1.0
 
 
 @settings(max_examples=200, deadline=None)
 @given(
     st.lists(
-        st.tuples(st.floats(0, 100, allow_nan=False), st.floats(0, 100, allow_nan=False)), min_size=0, max_size=60
+        st.tuples(st.floats(0, 100, allow_nan=False), st.floats(0, 100, allow_nan=False), st.floats(0, 20)),
+        min_size=0,
+        max_size=60,
     ),
     st.integers(1, 20),
     st.sampled_from([0.5, 0.9, 0.99, 1.0]),
     st.integers(1, 10),
 )
 def test_wait_calibration_is_the_quantile_of_the_recent_ratios(
-    reports: list[tuple[float, float]], window: int, quantile: float, min_samples: int
+    reports: list[tuple[float, float, float]], window: int, quantile: float, min_samples: int
 ) -> None:
-    calibration = WaitCalibration(window=window, quantile=quantile, min_samples=min_samples, slack_s=0.05)
-    ratios: list[float] = []
-    for predicted, waited in reports:
-        calibration.observe(predicted, waited)
-        ratios.append((waited + 0.05) / (predicted + 0.05))
-        recent = ratios[-window:]
+    horizon = 30.0
+    calibration = WaitCalibration(
+        window=window, horizon_s=horizon, quantile=quantile, min_samples=min_samples, slack_s=0.05
+    )
+    seen: list[tuple[float, float]] = []
+    now = 0.0
+
+    def check(at: float) -> None:
+        recent = [ratio for when, ratio in seen[-window:] if when > at - horizon]
         want = 1.0 if len(recent) < min_samples else min(10.0, max(1.0, _nearest_rank(recent, quantile)))
-        assert calibration.factor() == pytest.approx(want)
+        assert calibration.factor(at) == pytest.approx(want)
+
+    for predicted, waited, step in reports:
+        now += step
+        check(now)  # what the reports so far say now (the clock only moves forward)
+        calibration.observe(predicted, waited, now)
+        seen.append((now, (waited + 0.05) / (predicted + 0.05)))
+        check(now)
+    for later in (horizon / 2, horizon):  # and as they age, with no new report
+        check(now + later)
