@@ -124,6 +124,8 @@ class WaitCalibration:
         slack_s: float = 0.05,
         max_factor: float = 10.0,
     ) -> None:
+        if not 0 < quantile <= 1:
+            raise ValueError(f"quantile must be in (0, 1], not {quantile}")
         self.window = window
         self.horizon_s = horizon_s
         self.quantile = quantile

@@ -554,3 +554,29 @@ def test_wait_calibration_is_the_quantile_of_the_recent_ratios(
         check(now)
     for later in (horizon / 2, horizon):  # and as they age, with no new report
         check(now + later)
+
+
+def test_the_scheduler_calibration_defaults() -> None:
+    """As the README says: the 0.9 quantile of the last 256 reports of the last 30 s, from
+    20 reports on, with 50 ms of slack."""
+    calibration = WaitCalibration()
+    for _ in range(19):
+        calibration.observe(0.0, 0.05, 0.0)  # (0.05 + 0.05) / 0.05 = 2
+    assert calibration.factor(0.0) == 1.0
+    for _ in range(7):
+        calibration.observe(0.0, 0.05, 0.0)
+    assert calibration.factor(0.0) == pytest.approx(2.0)
+    for _ in range(230):
+        calibration.observe(1.0, 1.0, 1.0)
+    # 26 twos over 230 ones: the 231st of 256 (the 0.9 quantile by nearest rank) is a 2.
+    assert calibration.factor(1.0) == pytest.approx(2.0)
+    calibration.observe(1.0, 1.0, 1.0)  # the 257th report pushes out a 2: 231 ones
+    assert calibration.factor(1.0) == 1.0
+    calibration = WaitCalibration()
+    for _ in range(20):
+        calibration.observe(0.0, 0.05, 0.0)
+    assert calibration.factor(29.99) == pytest.approx(2.0)
+    assert calibration.factor(30.0) == 1.0
+    for wrong in (0.0, 1.5):
+        with pytest.raises(ValueError, match="quantile"):
+            WaitCalibration(quantile=wrong)
