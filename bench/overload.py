@@ -88,8 +88,8 @@ def _task(tenant: str, k: int, rng: random.Random) -> AgentTask:
 
 def _spread_task(tenant: str, k: int, rng: random.Random) -> AgentTask:
     """As `_task`, with output sizes spread as real answers are: lognormal around
-    `OUTPUT_TOKENS` (sigma 0.8, so a tenth are under a third of it or over three times it),
-    within `max_tokens`."""
+    `OUTPUT_TOKENS` (sigma 0.8: about 8% under a third of it), capped a little under
+    `max_tokens` (60 tokens, reached by about a fifth) so that no answer is cut short."""
     task = _task(tenant, k, rng)
     tokens = max(1, min(task.max_tokens - 4, round(rng.lognormvariate(math.log(OUTPUT_TOKENS), 0.8))))
     return task.model_copy(update={"prompt": f"sim: output_tokens {tokens}\nsim: answer {tenant}-{k}"})
