@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -38,7 +39,7 @@ _RETRY_FIRST_S, _RETRY_GROWTH, _RETRY_MAX_S = 0.05, 2.0, 2.0
 REDIS_DOWN = (RedisError, OSError)
 
 
-class StoreBase:
+class StoreBase(ABC):
     """Async access to one pool's keys: the connection, the scripts and the outbox."""
 
     def __init__(
@@ -177,13 +178,15 @@ class StoreBase:
             return False, f"{type(exc).__name__}: {exc}"[:300]
         return True, None
 
-    # --- provided by the parts -----------------------------------------------------------
+    # --- what the outbox retries, provided by the parts ------------------------------------
 
+    @abstractmethod
     async def _write(self, result: AgentResult) -> tuple[AgentResult, bool]:
-        raise NotImplementedError  # cluster.records.FinalRecords
+        """Writes a final record (`cluster.records.FinalRecords`)."""
 
+    @abstractmethod
     async def flush(self) -> None:
-        raise NotImplementedError  # cluster.event_log.EventLog
+        """Sends the queued events (`cluster.event_log.EventLog`)."""
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         return self._background.spawn(coro)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from agentpool.models import AgentResult, AgentTask
 from agentpool.protocol import ApprovalDecision, Paused, new_trace_id, traceparent
+from agentpool.scheduler.shedding import interactive
 from agentpool.telemetry import trace_id_of
 
 JobState = Literal["admitting", "queued", "running", "paused"]
@@ -46,8 +47,6 @@ class Job:
     state: JobState = "admitting"
     enqueued_at: float = 0.0
     max_wait_s: float = math.inf
-    #: Interactive work (a deadline, or `sheddable`): its waits are what tells an overload.
-    watched: bool = False
     #: The queue wait forecast for it at admission, until its real wait is reported.
     predicted_wait_s: float | None = None
     estimate: float = 0.0
@@ -76,9 +75,13 @@ class Job:
         """It ran before: queued again, it goes first and is never dropped for waiting."""
         return self.adopted or self.attempt > 1 or self.paused is not None
 
+    @property
+    def watched(self) -> bool:
+        """Interactive work waiting its first turn: its waits are what tells an overload."""
+        return not self.resumed and interactive(self.task.priority, self.task.deadline_s)
+
     def requeue(self, now: float) -> None:
         self.slot = _future()
         self.enqueued_at = now
         self.max_wait_s = math.inf
-        self.watched = False
         self.state = "queued"

@@ -4,8 +4,9 @@ It returns `AgentResult` values, never refs: the client calls `run.remote`, so t
 owns each task's ref, and the scheduler awaits the worker itself (see DESIGN.md).
 
 Admission, in order: static checks (tenant, tools, models), the tenant's daily budgets
-(Redis), then shedding from live state: overload level, the predicted wait at the tenant's
-fair share against the task's deadline, and the queue bound. Waiting tasks are served by
+(Redis), then shedding from live state (`LoadShedding`, in load_shedding.py): overload level,
+the predicted wait at the tenant's fair share against the task's deadline, and the queue bound.
+Waiting tasks are served by
 weighted fair queueing across tenants (`FairQueue`) and dropped, not run late, once they
 have waited longer than they may.
 """
@@ -33,7 +34,7 @@ from agentpool.cluster.budgets import BudgetLedger
 from agentpool.cluster.store import ResultStore
 from agentpool.cluster.telemetry import Telemetered
 from agentpool.config import PoolConfig
-from agentpool.errors import AgentPoolError, Overloaded, RetryLater
+from agentpool.errors import AgentPoolError, RetryLater
 from agentpool.models import AgentResult, AgentTask
 from agentpool.protocol import Admitted, Dispatch, Paused, WorkerSpawn
 from agentpool.scheduler.admission import Admission, screen_task
@@ -43,18 +44,12 @@ from agentpool.scheduler.control import CancelledInQueue, JobControl
 from agentpool.scheduler.fair import FairQueue, token_cost
 from agentpool.scheduler.fleet import WorkerFleet
 from agentpool.scheduler.jobs import Job, trace_context
+from agentpool.scheduler.load_shedding import LoadShedding
 from agentpool.scheduler.observe import TaskTelemetry
 from agentpool.scheduler.records import Records
-from agentpool.scheduler.shedding import (
-    DispatchRate,
-    OverloadDetector,
-    WaitCalibration,
-    WaitForecast,
-    interactive,
-    sheds,
-)
+from agentpool.scheduler.shedding import DispatchRate, OverloadDetector, WaitCalibration
 from agentpool.scheduler.status import StatusView
-from agentpool.vocabulary import ErrorReason, TaskStatus
+from agentpool.vocabulary import TaskStatus
 
 #: How often queued tasks are checked against their deadlines and the queue for a standing wait.
 _TICK_S = 0.25
@@ -65,7 +60,7 @@ log = logging.getLogger("agentpool.scheduler")
 
 
 @ray.remote
-class Scheduler(JobControl, Records, StatusView, Telemetered):
+class Scheduler(JobControl, LoadShedding, Records, StatusView, Telemetered):
     """Named async actor; one per pool."""
 
     def __init__(
@@ -226,7 +221,6 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
             self._queue.push(task.tenant, "critical", job, front=True)
         else:
             job.max_wait_s = self._max_wait_s(task)
-            job.watched = interactive(task.priority, task.deadline_s)
             self._queue.push(task.tenant, task.priority, job)
         if not job.accepted.done():
             job.accepted.set_result(None)
@@ -302,83 +296,6 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
             self._counts[outcome.status] += 1
         return outcome
 
-    # --- shedding ----------------------------------------------------------------------
-
-    def _max_wait_s(self, task: AgentTask) -> float:
-        """How long the task may wait in the queue: its deadline and the configured cap, if
-        any; a task with neither waits its turn however long the backlog is."""
-        limit = self.config.admission.max_queue_wait_s
-        return min(limit or math.inf, task.deadline_s if task.deadline_s is not None else math.inf)
-
-    def _forecast(self, task: AgentTask, key: str | None) -> WaitForecast:
-        tenant = task.tenant
-        backlogged = set(self._queue.backlogged()) | {tenant}
-        share = self._weight(tenant) / sum(self._weight(t) for t in backlogged)
-        rate = self._slots.capacity / max(self._mean_run_s, 1e-3)
-        policy = self.config.policy_for(tenant)
-        if policy is not None and policy.max_concurrency is not None:
-            # A tenant at its concurrency cap is served no faster than its cap allows.
-            share = min(share, policy.max_concurrency / max(self._mean_run_s, 1e-3) / rate)
-        key_rate = self._models.tasks_per_s(key)
-        if key_rate is not None:
-            rate = min(rate, key_rate)  # a rate-limited model is served no faster than its limits allow
-        return WaitForecast(self._queue.length(tenant, at_least=task.priority), share, rate)
-
-    def _shed_or_make_room(self, job: Job, key: str | None) -> Overloaded | None:
-        task = job.task
-        now = self._clock()
-        level = self._detector.level(now)
-        if sheds(task.priority, level, task.deadline_s):
-            return Overloaded(
-                f"the pool is overloaded: {task.priority} work is shed until the queue drains",
-                tenant=task.tenant,
-                reason=ErrorReason.OVERLOAD,
-                retry_after_s=self.config.admission.interval_s,
-            )
-        must_queue = (
-            self._slots.in_flight >= self._slots.capacity
-            or not self._tenant_has_room(task.tenant)
-            or not self._models.has_room(key)
-        )
-        if must_queue or self._queue.length(task.tenant):
-            forecast = self._forecast(task, key).seconds()
-            limit = self._max_wait_s(task)
-            if math.isfinite(limit):
-                job.predicted_wait_s = forecast  # checked against the wait it gets
-            # Forecasts fall short (later arrivals of higher priority or weight go first):
-            # by as much as they have fallen short lately.
-            wait = forecast * self._calibration.factor(now)
-            if wait > limit:
-                return Overloaded(
-                    f"predicted queue wait {wait:.1f}s exceeds the {limit:.1f}s this task may wait",
-                    tenant=task.tenant,
-                    reason=ErrorReason.PREDICTED_WAIT,
-                    retry_after_s=round(min(wait - limit, 3600.0), 3) if math.isfinite(wait) else 60.0,
-                )
-        if len(self._queue) >= self.config.max_queued:
-            victim = self._queue.evict_for(task.tenant, task.priority)
-            if victim is None:
-                return Overloaded(
-                    f"queue is full ({len(self._queue)} tasks waiting)",
-                    tenant=task.tenant,
-                    reason=ErrorReason.QUEUE_FULL,
-                    retry_after_s=round(max(0.1, self._forecast(task, key).seconds()), 3),
-                )
-            self._drop(victim[1], ErrorReason.EVICTED, f"made room for {task.priority} work of another tenant")
-        return None
-
-    def _drop(self, job: Job, reason: str, why: str) -> None:
-        """Ends a queued task with a rejection (its life writes the record)."""
-        if not job.slot.done():
-            job.slot.set_exception(
-                Overloaded(
-                    f"dropped from the queue: {why}",
-                    tenant=job.task.tenant,
-                    reason=reason,
-                    retry_after_s=self.config.admission.interval_s,
-                )
-            )
-
     def _start_ticker(self) -> None:
         if self._ticker is None or self._ticker.done():
             self._ticker = asyncio.get_running_loop().create_task(self._tick())
@@ -404,29 +321,6 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
             return
         if self._models.backlog(waiting):
             self._pump()
-
-    def _expire_waiting(self, now: float) -> None:
-        oldest: float | None = None  # of the interactive work waiting: what the detector watches
-        for tenant, _, job in self._queue.items():
-            waited = now - job.enqueued_at
-            if waited > job.max_wait_s:
-                self._queue.remove(tenant, job)
-                self._calibrate(job, waited, now)
-                self._drop(
-                    job, ErrorReason.QUEUE_TIMEOUT, f"waited {waited:.1f}s, longer than its {job.max_wait_s:.1f}s"
-                )
-            elif job.watched:
-                oldest = waited if oldest is None else max(oldest, waited)
-        if oldest is not None:
-            self._detector.observe(oldest, now)
-        else:
-            self._detector.idle()
-
-    def _calibrate(self, job: Job, waited: float, now: float) -> None:
-        """Reports a forecast task's wait (once: at dispatch, or when it is dropped)."""
-        if job.predicted_wait_s is not None:
-            self._calibration.observe(job.predicted_wait_s, waited, now)
-            job.predicted_wait_s = None
 
     # --- fair sharing --------------------------------------------------------------------
 
@@ -478,13 +372,11 @@ class Scheduler(JobControl, Records, StatusView, Telemetered):
                 continue
             now = self._clock()
             waited = now - job.enqueued_at
-            self._calibrate(job, waited, now)
             if waited > job.max_wait_s:
                 self._slots.release(worker)
-                self._drop(
-                    job, ErrorReason.QUEUE_TIMEOUT, f"waited {waited:.1f}s, longer than its {job.max_wait_s:.1f}s"
-                )
+                self._expire(job, waited, now)
                 continue
+            self._calibrate(job, waited, now)
             if job.watched:
                 self._detector.observe(waited, now)
             self._rate.record(now)
