@@ -4,11 +4,10 @@ It returns `AgentResult` values, never refs: the client calls `run.remote`, so t
 owns each task's ref, and the scheduler awaits the worker itself (see DESIGN.md).
 
 Admission, in order: static checks (tenant, tools, models), the tenant's daily budgets
-(Redis), then shedding from live state (`LoadShedding`, in load_shedding.py): overload level,
-the predicted wait at the tenant's fair share against the task's deadline, and the queue bound.
-Waiting tasks are served by
-weighted fair queueing across tenants (`FairQueue`) and dropped, not run late, once they
-have waited longer than they may.
+(Redis), then shedding from live state (`LoadShedding`, in load_shedding.py): overload
+level, the predicted wait at the tenant's fair share against the task's deadline, and the
+queue bound. Waiting tasks are served by weighted fair queueing across tenants
+(`FairQueue`) and dropped, not run late, once they have waited longer than they may.
 """
 
 from __future__ import annotations
