@@ -37,3 +37,20 @@ class Background:
         """Until every task running now has ended (their errors are theirs to report)."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+#: How long `withdraw` lets the replies of the calls it ended leave before its own.
+_REPLY_GRACE_S = 0.3
+
+
+async def withdraw_calls(callers: set[asyncio.Task[Any]]) -> int:
+    """Ends the actor calls still waiting (their tasks, `callers`) with a cancellation, and
+    gives their replies a moment to leave before the caller's own: an actor stopped with
+    calls unanswered makes Ray print a line per call. Returns how many."""
+    waiting = list(callers)
+    for caller in waiting:
+        caller.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    if waiting:
+        await asyncio.sleep(_REPLY_GRACE_S)
+    return len(waiting)

@@ -163,7 +163,7 @@ class AdmissionConfig(BaseModel):
     a lower class makes room for them.
 
     A task with no deadline that is not `sheddable` is a batch: it waits its turn however
-    long the backlog is, bounded only by `PoolConfig.max_queued`, and is never shed for
+    long the backlog is (in Redis), bounded only by `PoolConfig.max_queued`, and is never shed for
     overload; a batch submitted at once is not an overload. `max_queue_wait_s`, if set,
     caps every task's wait, batches included.
     """
@@ -261,7 +261,12 @@ class PoolConfig(BaseSettings):
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     num_tool_executors: int = Field(default=1, ge=1, le=1024)
     executor_concurrency: int = Field(default=64, ge=1, le=10_000)
-    max_queued: int = Field(default=10_000, ge=1, le=10_000_000)
+    #: Accepted tasks waiting for a worker, at most: in memory and in the Redis backlog.
+    max_queued: int = Field(default=1_000_000, ge=1, le=100_000_000)
+    #: Batch tasks (no deadline) queued in the scheduler's memory at most; the rest wait in
+    #: the Redis backlog and are read back as the queue drains (interactive work is always
+    #: queued in memory: its deadline bounds it).
+    queue_window: int = Field(default=2_000, ge=1, le=1_000_000)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     # --- tools and tenants
     tool_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)

@@ -215,7 +215,7 @@ def start_executor_group(
 def stop_order(pool: str, name: str) -> int:
     """When the actor `name` of `pool` stops at shutdown: callers first (see `AgentPool.shutdown`)."""
     role = name.removeprefix(f"{pool}-")
-    if role == "scheduler":
+    if role in ("relay", "scheduler"):
         return 0
     if role.startswith("worker-"):
         return 1

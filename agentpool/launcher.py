@@ -48,6 +48,7 @@ class Started:
     provider_url: str | None
     actor_names: list[str]
     tools: list[str]
+    relay: Any
 
 
 @dataclass
@@ -100,7 +101,8 @@ class Launcher:
             )
             workers, worker_names = self.workers(spawn)
             scheduler = self.scheduler(redis_url, spawn, worker_names, tools, limiter_name, provider_url)
-            ray.get([scheduler.status.remote(), *(w.ping.remote() for w in workers)])
+            relay = self.relay(redis_url)
+            ray.get([scheduler.status.remote(), relay.waiting.remote(), *(w.ping.remote() for w in workers)])
         except BaseException as exc:
             self.abort()
             if isinstance(exc, ValueError) and "already taken" in str(exc):
@@ -117,6 +119,7 @@ class Launcher:
             provider_url=provider_url,
             actor_names=self.names,
             tools=list(tools.catalog),
+            relay=relay,
         )
 
     def preflight(self) -> dict[str, Any]:
@@ -253,8 +256,9 @@ class Launcher:
 
         config = self.config
         name = f"{config.name}-scheduler"
-        self.names.append(name)
-        concurrency = max(1000, config.max_queued + config.worker_concurrency * config.max_workers + 100)
+        self.names += [name, f"{config.name}-relay"]  # the relay starts next (`relay`)
+        # Room for every `run` call waiting on its task: a call beyond it waits in Ray's queue.
+        concurrency = max(1000, min(config.max_queued, 100_000) + config.worker_concurrency * config.max_workers + 100)
         options = {**control(config), "name": name, "namespace": NAMESPACE, "max_concurrency": concurrency}
         scheduler = (
             actor_class(Scheduler)
@@ -278,6 +282,27 @@ class Launcher:
         )
         self.actors.append(scheduler)
         return scheduler
+
+    def relay(self, redis_url: str) -> Any:
+        """The relay, where the calls of `AgentPool.submit` wait for their tasks' records
+        (so that the scheduler holds none): room for as many as the pool may queue."""
+        from agentpool.actors.relay import Relay
+
+        config = self.config
+        concurrency = max(1000, min(config.max_queued, 1_000_000) + config.worker_concurrency * config.max_workers)
+        options = {
+            **control(config),
+            "name": f"{config.name}-relay",
+            "namespace": NAMESPACE,
+            "max_concurrency": concurrency,
+        }
+        relay = (
+            actor_class(Relay)
+            .options(**options, **self.lifetime)
+            .remote(f"{config.name}-scheduler", NAMESPACE, redis_url, config.key_prefix)
+        )
+        self.actors.append(relay)
+        return relay
 
     def abort(self) -> None:
         """Stops what this launch started: its actors, its embedded Redis, the key it left

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Collection, Iterable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
@@ -32,6 +32,8 @@ ModelName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:@/-]{1,128}
 MetaValue = str | int | float | bool | None
 
 Priority = Literal["critical", "standard", "sheddable"]
+#: The priority classes, the most important first.
+PRIORITIES: tuple[Priority, ...] = get_args(Priority)
 
 MAX_PROMPT_CHARS = 200_000
 MAX_SYSTEM_CHARS = 100_000

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, cast
 
 import ray
 
 from agentpool import telemetry as tm
 from agentpool.cluster.acl import create_tenant_credentials, display_url, revoke_tenant_credentials
+from agentpool.cluster.completions import Completions
 from agentpool.cluster.keys import Keys
 from agentpool.cluster.reader import ResultsReader, find_tenant
 from agentpool.cluster.redis_server import EmbeddedRedis
@@ -67,9 +69,12 @@ class AgentPool(PoolTelemetry):
         actor_names: list[str] | None = None,
         owned: bool = True,
         tools: list[str] | None = None,
+        relay: Any = None,
     ) -> None:
         self.config = config
         self._scheduler = scheduler
+        #: Where `submit`'s calls wait (None: a pool without one; they wait in the scheduler).
+        self._relay = relay
         self._redis_url = redis_url
         self._actors = actors
         self._embedded_redis = embedded_redis
@@ -112,6 +117,7 @@ class AgentPool(PoolTelemetry):
             provider_url=started.provider_url,
             actor_names=started.actor_names,
             tools=started.tools,
+            relay=started.relay,
         )
 
     @classmethod
@@ -132,10 +138,12 @@ class AgentPool(PoolTelemetry):
         info = cast(dict[str, Any], ray.get(scheduler.info.remote()))
         config = PoolConfig.model_validate(info["config"])
         check_redis(info["redis_url"], source=f"the Redis of pool {name!r}")
-        simulator = None
+        simulator = relay = None
         if f"{name}-simulator" in info.get("actors", []):
             with contextlib.suppress(ValueError):
                 simulator = ray.get_actor(f"{name}-simulator", namespace=NAMESPACE)
+        with contextlib.suppress(ValueError):
+            relay = ray.get_actor(f"{name}-relay", namespace=NAMESPACE)
         return cls(
             config,
             scheduler=scheduler,
@@ -146,6 +154,7 @@ class AgentPool(PoolTelemetry):
             actor_names=info.get("actors", []),
             owned=False,
             tools=info.get("tools"),
+            relay=relay,
         )
 
     def terminate(self) -> None:
@@ -222,6 +231,9 @@ class AgentPool(PoolTelemetry):
 
         Each ref resolves to that task's `AgentResult` as soon as the task ends; `ray.get`
         never raises for task-level outcomes (rejection, failure and timeout are statuses).
+        Each ref is a call waiting in the pool's relay actor, which costs Ray about 54 KB
+        there (and about 30 KB here, per ref) until it resolves: for batches of hundreds of
+        thousands of tasks, `map` (bounded memory everywhere) or `enqueue` cost far less.
 
         Raises:
             InvalidTaskInput: If a task is malformed, over a size bound, or names a tool
@@ -231,13 +243,16 @@ class AgentPool(PoolTelemetry):
         """
         self._check_running()
         validated = validate_tasks(tasks, tools=self.tools)
-        return [self._scheduler.run.remote(task, _trace_context(task)) for task in validated]
+        waiter = self._relay if self._relay is not None else self._scheduler
+        return [waiter.run.remote(task, _trace_context(task)) for task in validated]
 
     def _withdraw_calls(self, timeout_s: float = 5.0) -> None:
-        """Has the scheduler answer every `run` call still waiting (the tasks stay accepted,
-        in Redis): Ray prints a line for each call still going to an actor it stops."""
+        """Has the relay and the scheduler answer every `run` call still waiting (the tasks
+        stay accepted, in Redis): Ray prints a line for each call still going to an actor
+        it stops."""
+        waiters = [w for w in (self._relay, self._scheduler) if w is not None]
         with contextlib.suppress(Exception):
-            ray.get(self._scheduler.withdraw.remote(), timeout=timeout_s)
+            ray.get([w.withdraw.remote() for w in waiters], timeout=timeout_s)
 
     def enqueue(self, tasks: Iterable[AgentTask | dict[str, Any]], *, chunk: int = 1000) -> list[dict[str, Any]]:
         """Submits tasks without refs to wait on (a detached submission): returns, per task in
@@ -257,6 +272,47 @@ class AgentPool(PoolTelemetry):
             part = validated[i : i + chunk]
             out += ray.get(self._scheduler.enqueue.remote(part, [_trace_context(t) for t in part]))
         return out
+
+    def map(
+        self, tasks: Iterable[AgentTask | dict[str, Any]], *, window: int = 10_000, chunk: int = 1000
+    ) -> Iterator[AgentResult]:
+        """Runs tasks of a batch of any size and yields each `AgentResult` as its task ends
+        (in the order they end, not input order).
+
+        The input is read lazily, and at most `window` tasks are submitted and not yet
+        yielded at any time, so memory stays bounded in every process whatever the batch's
+        size: tasks go to the pool `chunk` at a time as detached submissions (no pending
+        Ray call per task, as with `enqueue`), and their records are read from Redis as
+        they are written. Stopping the iteration early leaves the tasks submitted running.
+
+        Raises:
+            InvalidTaskInput: If a task is malformed, over a size bound, or names a tool
+                this pool does not have; raised when its chunk is reached (the chunks
+                before it were submitted and run).
+            PoolNotRunning: After `shutdown()`.
+        """
+        self._check_running()
+        if window < 1 or chunk < 1:
+            raise ValueError("window and chunk must be at least 1")
+        source = iter(tasks)
+        completions = Completions(self._redis_url, keys=Keys(self.config.key_prefix))
+        try:
+            exhausted = False
+            while True:
+                while not exhausted and len(completions) < window:
+                    part = list(itertools.islice(source, min(chunk, window - len(completions))))
+                    if not part:
+                        exhausted = True
+                        break
+                    validated = validate_tasks(part, tools=self.tools)
+                    completions.watch(validated)
+                    replies = ray.get(self._scheduler.enqueue.remote(validated, [_trace_context(t) for t in validated]))
+                    yield from completions.fetch([r["task_id"] for r in replies if r["status"] != "accepted"])
+                if exhausted and not len(completions):
+                    return
+                yield from completions.take(block_ms=1000)
+        finally:
+            completions.close()
 
     def cancel(self, task_id: str, *, reason: str = "cancelled by request") -> AgentResult | None:
         """Stops a queued, running or paused task: its permits and slot go back and its final

@@ -52,6 +52,8 @@ class Admitted(BaseModel):
     admitted_unix: float
     #: The submitter's trace context (older admissions have only the trace id).
     traceparent: str = ""
+    #: A `submit` call waits for its record in the pool's relay: the record is sent there.
+    reply: bool = False
 
 
 class ToolCall(BaseModel):

@@ -16,6 +16,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -37,6 +38,14 @@ MAX_PENDING_WRITES = 20_000
 #: Retry delays of the outbox while Redis is away: first, growth, longest.
 _RETRY_FIRST_S, _RETRY_GROWTH, _RETRY_MAX_S = 0.05, 2.0, 2.0
 REDIS_DOWN = (RedisError, OSError)
+
+
+@dataclass(frozen=True)
+class PendingAdmission:
+    """An admission not yet recorded: the task and its `protocol.Admitted` JSON."""
+
+    task: AgentTask
+    entry: str
 
 
 class StoreBase(ABC):
@@ -67,11 +76,11 @@ class StoreBase(ABC):
         self._scripts: dict[str, Any] = {}
         #: (stream, entry, MAXLEN or None) in order: events and audit entries.
         self._events: list[tuple[str, dict[str, str], int | None]] = []
-        self._lookups: list[tuple[AgentTask, str, asyncio.Future[tuple[str | None, bool]]]] = []
+        self._lookups: list[tuple[PendingAdmission, asyncio.Future[Any]]] = []
         self._background = Background()
         self._kick: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
-        self._outbox: deque[AgentResult | tuple[str, str, str]] = deque()
+        self._outbox: deque[AgentResult | PendingAdmission] = deque()
         self._drainer: asyncio.Task[None] | None = None
         self.events_dropped = 0
         self.writes_dropped = 0
@@ -130,7 +139,7 @@ class StoreBase(ABC):
             )
         self.unreachable_since = None
 
-    def _buffer(self, item: AgentResult | tuple[str, str, str]) -> None:
+    def _buffer(self, item: AgentResult | PendingAdmission) -> None:
         self._outbox.append(item)
         if len(self._outbox) > MAX_PENDING_WRITES:
             self._outbox.popleft()
@@ -147,7 +156,7 @@ class StoreBase(ABC):
                     if isinstance(item, AgentResult):
                         await self._write(item)
                     else:
-                        await self.redis.hsetnx(*item)
+                        await self._admit_again(item)
                     self._outbox.popleft()
                     self.writes_retried += 1
                 await self.flush()
@@ -183,6 +192,10 @@ class StoreBase(ABC):
     @abstractmethod
     async def _write(self, result: AgentResult) -> tuple[AgentResult, bool]:
         """Writes a final record (`cluster.records.FinalRecords`)."""
+
+    @abstractmethod
+    async def _admit_again(self, pending: PendingAdmission) -> None:
+        """Records an admission that waited (`cluster.journal.Journal`)."""
 
     @abstractmethod
     async def flush(self) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import cast
 
+from agentpool.models import PRIORITIES
+
 
 @dataclass(frozen=True)
 class Keys:
@@ -37,6 +39,23 @@ class Keys:
     def admitted_pattern(self, pool: str) -> str:
         """A SCAN pattern matching every tenant's admissions hash of one pool."""
         return f"{self.prefix}:{{*}}:admitted:{pool}"
+
+    def backlog(self, tenant: str, pool: str, priority: str) -> str:
+        """Sorted set task_id -> arrival number: the order in which the tenant's accepted,
+        unfinished tasks of one priority class are served (their bodies are in `admitted`)."""
+        return f"{self._tenant(tenant)}:backlog:{pool}:{priority}"
+
+    def backlogs(self, tenant: str, pool: str) -> list[str]:
+        """The tenant's backlog sets, one per priority class, the most important first."""
+        return [self.backlog(tenant, pool, p) for p in PRIORITIES]
+
+    def backlog_pattern(self, pool: str) -> str:
+        """A SCAN pattern matching every tenant's backlog sets of one pool."""
+        return f"{self.prefix}:{{*}}:backlog:{pool}:*"
+
+    def arrivals(self, tenant: str, pool: str) -> str:
+        """Counter: the arrival number of the tenant's latest accepted task (orders the backlog)."""
+        return f"{self._tenant(tenant)}:arrivals:{pool}"
 
     def lease(self, tenant: str, task_id: str) -> str:
         """Which run of a task holds it now (a worker refreshes it while it runs)."""

@@ -9,11 +9,14 @@ from agentpool.redact import redact_record
 # Writes the final record and its stream entry in one atomic step, only if no record exists
 # for this task_id yet. A task that ran twice (after a crash, or submitted twice) therefore
 # yields one record and one stream entry; the loser gets the winner's record back, so every
-# caller returns the same result. Either way the task leaves the pool's admissions and its
+# caller returns the same result. Either way the task leaves the pool's backlog and its
 # transient keys (checkpoint, lease, cancel flag, approval) go. Every key carries the
 # tenant's hash tag: one slot in a cluster.
 _WRITE_ONCE = """
 redis.call('HDEL', KEYS[3], ARGV[2])
+redis.call('ZREM', KEYS[8], ARGV[2])
+redis.call('ZREM', KEYS[9], ARGV[2])
+redis.call('ZREM', KEYS[10], ARGV[2])
 redis.call('DEL', KEYS[4], KEYS[5], KEYS[6], KEYS[7])
 local existing = redis.call('GET', KEYS[1])
 if existing then return {0, existing} end
@@ -54,6 +57,7 @@ class FinalRecords(StoreBase):
                 self.keys.results(t),
                 self.keys.admitted(t, self.pool),
                 *self.keys.task_keys(t, task_id),
+                *self.keys.backlogs(t, self.pool),
             ],
             args=[result.model_dump_json(), task_id, result.status, self._ttl, self._maxlen],
         )

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import RedisError
 
 from agentpool import events
+from agentpool.background import withdraw_calls
 from agentpool.models import AgentResult, AgentTask
-from agentpool.protocol import Admitted, ApprovalDecision, Paused, traceparent
+from agentpool.protocol import ApprovalDecision, Paused
 from agentpool.redact import redact
 from agentpool.scheduler.jobs import Job, trace_context
 from agentpool.scheduler.records import failed_record
@@ -33,8 +34,6 @@ log = logging.getLogger("agentpool.scheduler")
 
 #: How long `status()` waits for the workers' Redis backlogs.
 _BACKLOG_WAIT_S = 1.0
-#: How long `withdraw` lets the replies of the calls it ended leave before its own.
-_REPLY_GRACE_S = 0.3
 
 
 class CancelledInQueue(Exception):
@@ -53,6 +52,7 @@ class JobControl:
     _counts: Counter[str]
     _durable: Counter[str]
     _booted: bool
+    _deferred: dict[str, Job]
     _callers: set[asyncio.Task[Any]]
 
     if TYPE_CHECKING:  # Scheduler's; declared here for the type checker only
@@ -63,10 +63,18 @@ class JobControl:
 
         def _spawn_write(self, result: AgentResult) -> None: ...
 
+        async def _count_backlog(self) -> int: ...
+
+        async def _find_backlogged(self, task_id: str) -> Job | None: ...
+
+        def _left_backlog(self, task: AgentTask) -> None: ...
+
+        async def _cancelled(self, job: Job) -> AgentResult: ...
+
     def _job_for(self, task: AgentTask, context: str) -> Job:
         """The task's job: the one already under way for its id, or a new one. Never raises:
         a job that cannot start (a bug of ours) comes back done, `failed`, saying why."""
-        job = self._jobs.get(task.task_id)
+        job = self._jobs.get(task.task_id) or self._deferred.get(task.task_id)
         if job is not None:
             return job
         try:
@@ -85,48 +93,40 @@ class JobControl:
         """Ends every `run` call still waiting, with a cancellation (the tasks themselves go
         on, and stay accepted in Redis): the pool calls it before it stops the scheduler,
         which would otherwise leave Ray printing a line per call. Returns how many."""
-        callers = list(self._callers)
-        for caller in callers:
-            caller.cancel()
-        await asyncio.gather(*callers, return_exceptions=True)
-        if callers:  # their replies leave after this one may: give them a moment to go first
-            await asyncio.sleep(_REPLY_GRACE_S)
-        return len(callers)
+        return await withdraw_calls(self._callers)
 
     async def boot(self) -> int:
-        """Takes up every task this pool accepted and has not finished (its admissions in
-        Redis): after a restart they are queued again, ahead of new work, and run from their
-        checkpoints. Runs once, when the actor starts. Returns how many it took up."""
+        """Takes up every task this pool accepted and has not finished (its backlog in Redis):
+        after a restart they are read back in their turn, the interactive ones first, and run
+        from their checkpoints. Runs once, when the actor starts. Returns how many wait."""
         if self._booted:
             return 0
         self._booted = True
-        taken = 0
-        async for _tenant, task_id, entry in self._store.admissions():
-            if task_id in self._jobs:
-                continue  # a caller's re-delivered call got here first
-            try:
-                admitted = Admitted.model_validate_json(entry)
-            except ValueError:
-                continue
-            context = admitted.traceparent or traceparent(admitted.trace_id)
-            try:
-                self._start(admitted.task, context, adopted=True, admitted_unix=admitted.admitted_unix)
-            except Exception:  # one task that cannot start keeps no other from being taken up
-                log.exception("task %s could not be taken up", task_id)
-                continue
-            taken += 1
-        self._durable["recovered"] += taken
-        return taken
+        waiting = await self._count_backlog()
+        self._durable["recovered"] += waiting
+        return waiting
 
-    async def enqueue(self, tasks: list[AgentTask], traceparents: list[str]) -> list[dict[str, Any]]:
+    async def enqueue(
+        self, tasks: list[AgentTask], traceparents: list[str], *, reply: bool = False
+    ) -> list[dict[str, Any]]:
         """Accepts tasks without waiting for them to run (a detached submission): returns, per
-        task, `accepted` or the final record it already has (a rejection, say). Their results
-        land in Redis."""
+        task, `accepted` or the final status it already has (a rejection, say). Their results
+        land in Redis. With `reply` (the relay's calls), each record is also sent to the
+        relay when its task ends, and one that exists already comes back as `record`."""
         jobs = [self._job_for(t, tp) for t, tp in zip(tasks, traceparents, strict=True)]
+        for job in jobs:
+            job.reply = job.reply or reply
         await asyncio.gather(*(asyncio.shield(j.accepted) for j in jobs))
-        return [
-            {"task_id": j.task.task_id, "status": j.done.result().status if j.done.done() else "accepted"} for j in jobs
-        ]
+        out: list[dict[str, Any]] = []
+        for job in jobs:
+            reply_to: dict[str, Any] = {"task_id": job.task.task_id, "status": "accepted"}
+            if job.done.done() and not job.done.cancelled():
+                record = job.done.result()
+                reply_to["status"] = record.status
+                if reply:
+                    reply_to["record"] = record
+            out.append(reply_to)
+        return out
 
     async def _await_decision(self, job: Job, paused: Paused) -> None:
         """Holds a paused job (no slot) until its approval comes, it is cancelled, or its
@@ -173,7 +173,7 @@ class JobControl:
         or how it ended if it ended first). None if this pool has no such task running."""
         job = self._jobs.get(task_id)
         if job is None:
-            return None
+            return await self._cancel_backlogged(task_id, reason)
         job.cancel_reason = reason
         task = job.task
         # For a run that starts or resumes later (or on another worker): it ends at once.
@@ -187,6 +187,22 @@ class JobControl:
         elif job.state == "paused" and job.decision is not None and not job.decision.done():
             job.decision.set_result(None)  # it resumes only to end as cancelled, with its work so far
         return await asyncio.shield(job.done)
+
+    async def _cancel_backlogged(self, task_id: str, reason: str) -> AgentResult | None:
+        """Cancels a task that waits in the Redis backlog (with or without a caller)."""
+        job = self._deferred.get(task_id)
+        if job is not None:
+            job.cancel_reason = reason
+            if job.pulled is not None and not job.pulled.done():
+                job.pulled.set_exception(CancelledInQueue())
+            return await asyncio.shield(job.done)
+        job = await self._find_backlogged(task_id)
+        if job is None or task_id in self._jobs:  # not here, or read into the queue meanwhile
+            return None if job is None else await self.cancel(task_id, reason)
+        job.cancel_reason = reason
+        result = await self._cancelled(job)
+        self._left_backlog(job.task)
+        return result
 
     def _awaiting(self) -> dict[str, list[str]]:
         """Paused tasks waiting for a human, by tenant."""

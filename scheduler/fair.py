@@ -18,9 +18,11 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
+from agentpool.models import PRIORITIES
+
 T = TypeVar("T")
 
-PRIORITIES: tuple[str, ...] = ("critical", "standard", "sheddable")
+__all__ = ["PRIORITIES", "FairQueue", "token_cost"]
 #: Idle tenants whose counters no longer matter are forgotten beyond this many.
 MAX_REMEMBERED_TENANTS = 10_000
 

@@ -1,8 +1,9 @@
 """A task's life in the scheduler (`Job`).
 
-A job is accepted once, then queued, run, and perhaps paused (for a human's approval) or
-queued again (its worker died, its approval came) until its final record exists. Everything
-about it that must survive the scheduler lives in Redis: the admission, the checkpoint, the
+A job is accepted once, then queued (in memory, or first in the Redis backlog), run, and
+perhaps paused (for a human's approval) or queued again (its worker died, its approval came)
+until its final record exists. Everything about it that must survive the scheduler lives in
+Redis: the admission, the checkpoint, the
 approval request and decision; the job itself is only the in-memory handle on it.
 """
 
@@ -41,6 +42,15 @@ class Job:
     #: Accepted before (by a scheduler that restarted, or on an earlier delivery of the same
     #: call): it goes straight to the queue, ahead of new work, and never waits out a deadline.
     adopted: bool = False
+    #: Read from the backlog in Redis: accepted (and checked) already, it is only queued.
+    from_backlog: bool = False
+    #: How many `run` calls wait for its record (none: a detached submission).
+    callers: int = 0
+    #: The relay waits for its record (a `submit` call): it is sent there when it ends.
+    reply: bool = False
+    #: While it waits in the Redis backlog for its turn with callers waiting: set when it is
+    #: read into the queue (or with `CancelledInQueue`, cancelled there).
+    pulled: asyncio.Future[None] | None = None
     done: asyncio.Future[AgentResult] = field(default_factory=_future)
     #: Set once the job is queued or done: what `Scheduler.enqueue` waits for.
     accepted: asyncio.Future[None] = field(default_factory=_future)

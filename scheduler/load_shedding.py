@@ -33,6 +33,7 @@ class LoadShedding:
     _calibration: WaitCalibration
     _clock: Callable[[], float]
     _mean_run_s: float
+    _waiting_total: int
 
     if TYPE_CHECKING:  # Scheduler's; declared here for the type checker only
 
@@ -91,11 +92,11 @@ class LoadShedding:
                     reason=ErrorReason.PREDICTED_WAIT,
                     retry_after_s=round(min(wait - limit, 3600.0), 3) if math.isfinite(wait) else 60.0,
                 )
-        if len(self._queue) >= self.config.max_queued:
+        if len(self._queue) + self._waiting_total >= self.config.max_queued:
             victim = self._queue.evict_for(task.tenant, task.priority)
             if victim is None:
                 return Overloaded(
-                    f"queue is full ({len(self._queue)} tasks waiting)",
+                    f"queue is full ({len(self._queue) + self._waiting_total} tasks waiting)",
                     tenant=task.tenant,
                     reason=ErrorReason.QUEUE_FULL,
                     retry_after_s=round(max(0.1, self._forecast(task, key).seconds()), 3),

@@ -119,6 +119,14 @@ class TaskTelemetry:
     def shed(self, tenant: str, reason: str) -> None:
         tm.shed.add(1, {"agentpool.tenant": tenant, "agentpool.reason": reason})
 
+    def backlogged(self, job: Job) -> None:
+        """Closes the spans of a task left to wait in the Redis backlog with no caller: it
+        gets new ones when it is read back."""
+        if job.span is not None:
+            job.span.set_attribute("agentpool.backlogged", True)
+            job.span.end()
+            job.span = None
+
     def ended(self, job: Job, result: AgentResult | None) -> None:
         """Closes the task's spans and counts its end (None: the scheduler's own bug)."""
         tenant = job.task.tenant

@@ -9,6 +9,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+import ray
+
 from agentpool import events
 from agentpool.background import Background
 from agentpool.errors import AgentPoolError, BudgetExceeded
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
     from collections import Counter
 
     from agentpool.cluster.store import ResultStore
+    from agentpool.config import PoolConfig
     from agentpool.scheduler.observe import TaskTelemetry
 
 
@@ -55,6 +58,10 @@ class Records:
     _jobs: dict[str, Job]
     _lives: Background
     _writes: Background
+    _replies: list[AgentResult]
+    _relay: Any
+    _namespace: str
+    config: PoolConfig
 
     if TYPE_CHECKING:  # Scheduler's; declared here for the type checker only
 
@@ -62,7 +69,7 @@ class Records:
 
         def _observe_end(self, job: Job, result: AgentResult | None) -> None: ...
 
-    def _ended(self, life: asyncio.Task[AgentResult], job: Job) -> None:
+    def _ended(self, life: asyncio.Task[AgentResult | None], job: Job) -> None:
         """Resolves the job whatever its life did: every waiter (a `run` call, `enqueue`,
         `cancel`) gets a record, even when the life itself failed (a bug of ours)."""
         if self._jobs.get(job.task.task_id) is job:
@@ -72,6 +79,8 @@ class Records:
         result: AgentResult | None = None
         if not life.cancelled() and life.exception() is None:
             result = life.result()
+            if result is None:  # left in the Redis backlog, with no caller: read back in its turn
+                return
         elif not life.cancelled():  # `_life` reports its failures as records: this is a bug of ours
             error = life.exception()
             self._abandon(job)
@@ -82,12 +91,32 @@ class Records:
             self._observe_end(job, result)
         except Exception:  # counting an end must never keep its waiters waiting
             log.exception("observing the end of task %s failed", job.task.task_id)
+        if job.reply and result is not None:
+            self._reply(result)
         if job.done.done():
             return
         if result is None:
             job.done.cancel()
         else:
             job.done.set_result(result)
+
+    def _reply(self, result: AgentResult) -> None:
+        """Sends a record to the relay, where a `submit` call waits for it: the records
+        ending in one turn of the event loop go in one call. If the relay does not get it
+        (it is restarting), it finds the record in Redis."""
+        self._replies.append(result)
+        if len(self._replies) == 1:
+            asyncio.get_running_loop().call_soon(self._send_replies)
+
+    def _send_replies(self) -> None:
+        batch, self._replies = self._replies, []
+        try:
+            if self._relay is None:
+                self._relay = ray.get_actor(f"{self.config.name}-relay", namespace=self._namespace)
+            self._relay.deliver.remote(batch)
+        except Exception as exc:  # the relay looks the records up itself
+            self._relay = None
+            log.warning("could not send %d records to the relay: %s", len(batch), exc)
 
     def _spawn_write(self, result: AgentResult) -> None:
         """Writes a record the scheduler made outside a task's life, in the background."""

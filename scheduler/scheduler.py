@@ -38,6 +38,7 @@ from agentpool.models import AgentResult, AgentTask
 from agentpool.protocol import Admitted, Dispatch, Paused, WorkerSpawn
 from agentpool.scheduler.admission import Admission, screen_task
 from agentpool.scheduler.alerts import AlertMonitor
+from agentpool.scheduler.backlog import BacklogWindow
 from agentpool.scheduler.capacity import ModelDispatch
 from agentpool.scheduler.control import CancelledInQueue, JobControl
 from agentpool.scheduler.fair import FairQueue, token_cost
@@ -59,7 +60,7 @@ log = logging.getLogger("agentpool.scheduler")
 
 
 @ray.remote
-class Scheduler(JobControl, LoadShedding, Records, StatusView, Telemetered):
+class Scheduler(JobControl, BacklogWindow, LoadShedding, Records, StatusView, Telemetered):
     """Named async actor; one per pool."""
 
     def __init__(
@@ -93,6 +94,11 @@ class Scheduler(JobControl, LoadShedding, Records, StatusView, Telemetered):
         self._tenant_running: Counter[str] = Counter()
         self._models = ModelDispatch(config.limits)
         self._jobs: dict[str, Job] = {}
+        self._init_backlog()
+        #: Records on their way to the relay (`_reply`), and its handle once found.
+        self._replies: list[AgentResult] = []
+        self._relay: Any = None
+        self._namespace = namespace
         self._lives = Background()
         self._writes = Background()
         #: The `run` calls waiting for their task's record (the ones `withdraw` ends).
@@ -141,16 +147,26 @@ class Scheduler(JobControl, LoadShedding, Records, StatusView, Telemetered):
         caller = asyncio.current_task()
         if caller is not None:
             self._callers.add(caller)
+        job = self._job_for(task, traceparent)
+        job.callers += 1
         try:
-            return await asyncio.shield(self._job_for(task, traceparent).done)
+            return await asyncio.shield(job.done)
         finally:
             if caller is not None:
                 self._callers.discard(caller)
 
-    def _start(self, task: AgentTask, context: str, *, adopted: bool = False, admitted_unix: float = 0.0) -> Job:
+    def _start(
+        self,
+        task: AgentTask,
+        context: str,
+        *,
+        adopted: bool = False,
+        admitted_unix: float = 0.0,
+        from_backlog: bool = False,
+    ) -> Job:
         # Registered before the first await, so a duplicate arriving meanwhile joins this job.
         job = Job(task, trace_context(context), admitted_unix or time.time())
-        job.adopted = adopted
+        job.adopted, job.from_backlog = adopted, from_backlog
         self._jobs[task.task_id] = job
         try:
             self._telemetry.begin(job)
@@ -159,19 +175,34 @@ class Scheduler(JobControl, LoadShedding, Records, StatusView, Telemetered):
         self._lives.spawn(self._life(job), then=functools.partial(self._ended, job=job))
         return job
 
-    async def _life(self, job: Job) -> AgentResult:
+    async def _life(self, job: Job) -> AgentResult | None:
+        """Admits, queues and runs the job; its final record, or None when the task was left
+        to wait in the Redis backlog with no caller waiting (it is read back in its turn)."""
         task, trace_id = job.task, job.trace_id
         try:
-            if not job.adopted:
-                entry = Admitted(
-                    task=task, trace_id=trace_id, traceparent=job.traceparent, admitted_unix=job.admitted_unix
-                ).model_dump_json()
-                existing, job.adopted = await self._store.admit(task, entry)
-                if existing is not None:
-                    return existing
-            rejection = None if job.adopted else await self._admission_check(job)
-            if rejection is not None:
-                return await self._reject(task, trace_id, rejection, job.admitted_unix)
+            if not job.from_backlog:
+                arrival = 0  # adopted at boot: in memory, whatever the backlog holds
+                if not job.adopted:
+                    entry = Admitted(
+                        task=task,
+                        trace_id=trace_id,
+                        traceparent=job.traceparent,
+                        admitted_unix=job.admitted_unix,
+                        reply=job.reply,
+                    ).model_dump_json()
+                    admission = await self._store.admit(task, entry)
+                    if admission.record is not None:
+                        return admission.record
+                    job.adopted, arrival = admission.known, admission.arrival
+                rejection = None if job.adopted else await self._admission_check(job)
+                if rejection is not None:
+                    return await self._reject(task, trace_id, rejection, job.admitted_unix)
+                if self._defer(job, arrival):
+                    if not job.callers:
+                        self._telemetry.backlogged(job)
+                        return None
+                    if not await self._wait_in_backlog(job):
+                        return await self._cancelled(job)
             self._enqueue(job)
             return await self._through(job)
         except Exception as exc:  # ray.get must never raise for a task: report it as a result
@@ -307,7 +338,7 @@ class Scheduler(JobControl, LoadShedding, Records, StatusView, Telemetered):
             # How late the event loop woke us: the scheduler's own congestion, reported in status().
             self._loop_lag_s = max(0.0, now - before - _TICK_S)
             self._expire_waiting(now)
-            self._fleet.observe(now, self._slots.in_flight + len(self._queue))
+            self._fleet.observe(now, self._slots.in_flight + len(self._queue) + self._waiting_total)
             if self._models:
                 await self._watch_limiter()
 
@@ -354,17 +385,24 @@ class Scheduler(JobControl, LoadShedding, Records, StatusView, Telemetered):
 
     def _pump(self) -> None:
         """Hands free worker slots to waiting tasks in fair order, skipping tenants at their
-        concurrency cap and dropping tasks that have waited longer than they may."""
+        concurrency cap and dropping tasks that have waited longer than they may; then reads
+        on in the Redis backlog if the queue has room."""
+        if self._dispatch():
+            self._detector.idle()
+        self._kick_pull()
+
+    def _dispatch(self) -> bool:
+        """Dispatches while a slot and an eligible task remain; True if the queue emptied."""
         while len(self._queue):
             worker = self._slots.acquire()
             if worker is None:
-                return
+                return False
             popped = self._queue.pop(
                 lambda tenant, job: self._tenant_has_room(tenant) and self._models.has_room(job.limit_key)
             )
             if popped is None:
                 self._slots.release(worker)
-                return
+                return False
             tenant, job = popped
             if job.slot.done():  # cancelled, and its life has not run its cleanup yet
                 self._slots.release(worker)
@@ -385,7 +423,7 @@ class Scheduler(JobControl, LoadShedding, Records, StatusView, Telemetered):
             self._telemetry.dequeued(job, waited, worker)
             job.held = worker
             job.slot.set_result(worker)
-        self._detector.idle()
+        return True
 
     def _tenant_has_room(self, tenant: str) -> bool:
         policy = self.config.policy_for(tenant)

@@ -84,8 +84,11 @@ class StatusView:
         tenants = dict.fromkeys([*self.config.tenants, *self._seen])
         backlog, (reachable, error) = await asyncio.gather(self._redis_backlog(), self._store.reachable())
         return {
-            "queued": len(self._queue),
-            "queued_by_tenant": self._queue.depth(),
+            "queued": len(self._queue) + self._waiting_total,
+            "queued_by_tenant": _merged(self._queue.depth(), self._backlog_depth()),
+            # Of `queued`: the tasks waiting in the Redis backlog only (not in memory).
+            "queued_in_redis": self._waiting_total,
+            "jobs_in_memory": len(self._jobs) + len(self._deferred),
             "in_flight": self._slots.in_flight,
             "in_flight_by_tenant": dict(self._tenant_running),
             "capacity": self._slots.capacity,
@@ -123,3 +126,13 @@ class StatusView:
             return dict(await self._ledger.usage_today(tenants))
         except (RedisError, OSError) as exc:  # status must answer while Redis is away
             return {"error": f"Redis unavailable: {type(exc).__name__}"}
+
+
+def _merged(a: dict[str, dict[str, int]], b: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """Counts per tenant and class, added up."""
+    out = {tenant: dict(classes) for tenant, classes in a.items()}
+    for tenant, classes in b.items():
+        mine = out.setdefault(tenant, {})
+        for priority, count in classes.items():
+            mine[priority] = mine.get(priority, 0) + count
+    return out

@@ -1,7 +1,9 @@
 """The exactly-once record against a real Redis, as a hypothesis state machine: any
 interleaving of admissions, runs' final writes, checkpoints and leases leaves each task with
 at most one record and one stream entry, the first written, and nothing of a finished task
-behind (no admission, checkpoint, lease, cancel flag or decision)."""
+behind (no admission, backlog entry, checkpoint, lease, cancel flag or decision); the
+backlog holds exactly the unfinished admissions, in the order they came, and a read of it
+from any point returns what follows that point."""
 
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ def test_exactly_once_state_machine(redis_url: str) -> None:
             self.store = ResultStore(redis_url, keys=self.keys, pool="p")
             self.client = redis.Redis.from_url(redis_url, decode_responses=True)
             self.final: dict[str, str] = {}  # task -> status of the first record
-            self.admitted: set[str] = set()
+            self.admitted: dict[str, int] = {}  # task -> arrival number
             self.leases: dict[str, str] = {}
 
         def _task(self, task_id: str) -> AgentTask:
@@ -38,12 +40,16 @@ def test_exactly_once_state_machine(redis_url: str) -> None:
 
         @rule(task_id=st.sampled_from(TASKS))
         def admit(self, task_id: str) -> None:
-            existing, known = self.loop.run_until_complete(self.store.admit(self._task(task_id), "{}"))
+            admission = self.loop.run_until_complete(self.store.admit(self._task(task_id), "{}"))
             if task_id in self.final:
-                assert existing is not None and existing.status == self.final[task_id]
+                assert admission.record is not None and admission.record.status == self.final[task_id]
             else:
-                assert existing is None and known == (task_id in self.admitted)
-                self.admitted.add(task_id)
+                assert admission.record is None and admission.known == (task_id in self.admitted)
+                if not admission.known:  # a new arrival number, after every earlier one
+                    assert admission.arrival > max(self.admitted.values(), default=0)
+                    self.admitted[task_id] = admission.arrival
+                else:  # admitted before: its own arrival number again
+                    assert admission.arrival == self.admitted[task_id]
 
         @rule(task_id=st.sampled_from(TASKS), status=st.sampled_from(STATUSES))
         def finish(self, task_id: str, status: str) -> None:
@@ -52,7 +58,7 @@ def test_exactly_once_state_machine(redis_url: str) -> None:
             assert created == (task_id not in self.final)
             self.final.setdefault(task_id, status)
             assert stored.status == self.final[task_id]  # every run returns the first record
-            self.admitted.discard(task_id)
+            self.admitted.pop(task_id, None)
             self.leases.pop(task_id, None)
 
         @rule(task_id=st.sampled_from(TASKS))
@@ -86,9 +92,18 @@ def test_exactly_once_state_machine(redis_url: str) -> None:
                 assert self.client.exists(self.keys.result("acme", task_id))
                 assert not self.client.hexists(self.keys.admitted("acme", "p"), task_id)
 
+        @rule(after=st.integers(min_value=0, max_value=12), limit=st.integers(min_value=1, max_value=5))
+        def pull(self, after: int, limit: int) -> None:
+            [read] = self.loop.run_until_complete(self.store.pull([("acme", "standard", str(after), limit)]))
+            later = sorted((n, t) for t, n in self.admitted.items() if n > after)
+            assert [(t, n) for t, n, _ in read.entries] == [(t, n) for n, t in later[:limit]]
+            assert read.left == len(later) - len(read.entries)
+
         @invariant()
         def admissions_match(self) -> None:
-            assert set(self.client.hkeys(self.keys.admitted("acme", "p"))) == self.admitted
+            assert set(self.client.hkeys(self.keys.admitted("acme", "p"))) == set(self.admitted)
+            in_order = sorted(self.admitted, key=self.admitted.__getitem__)
+            assert self.client.zrange(self.keys.backlog("acme", "p", "standard"), 0, -1) == in_order
 
         def teardown(self) -> None:
             self.loop.run_until_complete(self.store.close())
