@@ -1,36 +1,51 @@
-"""`scale`: a 100,000-task batch submitted at once, and how many agent loops the pool holds.
+"""`scale`: batches far larger than Ray could hold as pending calls, and how many agent
+loops the pool holds. Every phase runs one-call tasks against a simulator that answers at
+once, on 2 workers x 256 loops, and checks that every task has its record.
 
-Phase 1, the batch: 100,000 one-call tasks (3,000 with `--quick`) submitted in one
-`pool.submit`, against a simulator that answers at once.
-- `submit_100k_s`: from the `submit` call until the scheduler has taken in every task
-  (queued, running or finished).
-- `bytes_per_queued_task`: the scheduler process's resident memory at the largest queue,
-  minus before the batch, per queued task, minus the task's own pickled size (the payload,
-  reported as `payload_bytes`): what holding a task in the queue costs (Ray's pending call,
-  the coroutine, the queue entry). `ray_bytes_per_pending_call` is the same measure for a
-  bare async actor whose calls only await an event, in the same run: what Ray itself costs.
-- `complete_100k_s` and `tasks_per_s`: until every result is back.
+Phase 1, `enqueue` (1,000,000 tasks; 20,000 with `--quick`): detached submission, chunks of
+10,000 made as they are sent, the whole batch accepted before much of it runs.
+- `enqueue_tasks_per_s`: tasks accepted per second, seen from the client.
+- `enqueue_scheduler_rss_growth_mib`: the scheduler's largest resident memory during the
+  phase over its memory before (the goal: at most 256 MB whatever the backlog).
+- `redis_bytes_per_queued_task` at the largest backlog (`MEMORY USAGE` of the tenant's
+  backlog structures over their tasks), `redis_payload_bytes` (the mean admission entry,
+  the task itself) and `redis_overhead_bytes_per_task`, their difference (goal: 1 KB).
+- `enqueue_lost` (tasks with no record, by id) and `enqueue_tasks_done_per_s`.
 
-Phase 2, concurrency: 2,200 tasks against a simulator that takes 15 s per call (8 s with
-`--quick`), with room
-for 2,400 loops in two workers. `max_concurrent_loops` is the largest number of requests
-the simulator had open at once (each is an agent loop waiting on its LLM call); every task
-must succeed.
+Phase 2, `map` (the same size): `pool.map` over a generator, window 10,000.
+- `map_driver_rss_growth_mib`: this process's largest resident memory over before (goal:
+  512 MB); `map_scheduler_rss_growth_mib`, `map_lost`, `map_tasks_per_s`.
+
+Phase 3, `submit` (100,000; 3,000 with `--quick`): one `pool.submit`, one ref per task.
+- `submit_100k_s`: until the pool has accepted every task; `complete_100k_s` and
+  `tasks_per_s`: until every result is back.
+- `relay_bytes_per_pending_ref`: the relay's resident memory at its largest count of waiting
+  calls over before, per waiting call; `ray_bytes_per_pending_call` is the same for a bare
+  async actor whose calls only await an event, in the same run (Ray's own cost), and
+  `pending_ref_cost_ratio` the first over the second (goal: 1.1).
+- `submit_scheduler_rss_growth_mib` (goal: 256 MB).
+
+Phase 4, concurrency: 2,200 tasks against a simulator that takes 15 s per call (8 s with
+`--quick`), with room for 2,400 loops in two workers. `max_concurrent_loops` is the largest
+number of requests the simulator had open at once; every task must succeed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import pickle
+import sys
 import time
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
 import ray
+import redis
 
-from agentpool import AgentPool, AgentTask, PoolConfig, SimulatorConfig
-from agentpool.config import AdmissionConfig
+from agentpool import AgentPool, AgentResult, AgentTask, PoolConfig, SimulatorConfig
+from agentpool.cluster.keys import Keys
 from bench.load import require_succeeded
 from bench.report import write
 
@@ -38,17 +53,19 @@ SLOW_CALL_MS = 15_000
 LOOPS = 2_200
 
 
-def _task(i: int) -> AgentTask:
-    return AgentTask(tenant=f"t{i % 4}", prompt=f"sim: answer ok {i}", max_tokens=64)
+def _task(i: int, run: str = "") -> AgentTask:
+    """Task `i` of four tenants; with `run`, its id is `<run><i>` (so the bench can find its record)."""
+    ids = {"task_id": f"{run}{i}"} if run else {}
+    return AgentTask(tenant=f"t{i % 4}", prompt=f"sim: answer ok {i}", max_tokens=64, **ids)
 
 
-def _scheduler_process(pool_name: str) -> psutil.Process:
-    """The scheduler's process on this machine (the bench runs a local cluster)."""
+def _process(prefix: str) -> psutil.Process:
+    """An actor's process on this machine by its class (the bench runs a local cluster)."""
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = proc.info["cmdline"] or []
-        if cmdline and cmdline[0].startswith("ray::Scheduler"):
+        if cmdline and cmdline[0].startswith(f"ray::{prefix}"):
             return proc
-    raise RuntimeError(f"no scheduler process found for pool {pool_name}")
+    raise RuntimeError(f"no {prefix} process found")
 
 
 @ray.remote
@@ -87,54 +104,175 @@ def _ray_bytes_per_pending_call(n: int) -> float:
     return (after - before) / n
 
 
-def _admitted(status: dict[str, Any]) -> int:
-    return int(status["queued"]) + int(status["in_flight"]) + sum(status["finished_by_status"].values())
+def _config(name: str, **overrides: Any) -> PoolConfig:
+    base: dict[str, Any] = {
+        "name": name,
+        "num_workers": 2,
+        "worker_concurrency": 256,
+        "simulator": SimulatorConfig(latency_ms=0, latency_sigma=0, seed=1),
+        # Records of a million tasks: the stream keeps them all, so none is trimmed unread.
+        "stream_maxlen": 2_000_000,
+    }
+    return PoolConfig(**{**base, **overrides})
 
 
-def _batch(n: int) -> dict[str, Any]:
-    config = PoolConfig(
-        name="bench-scale",
-        num_workers=2,
-        worker_concurrency=256,
-        max_queued=n + 1000,
-        simulator=SimulatorConfig(latency_ms=0, latency_sigma=0, seed=1),
-        # The whole batch waits its turn: this measures holding it, not shedding it.
-        admission=AdmissionConfig(max_queue_wait_s=86_400, target_wait_s=3600),
-    )
-    with AgentPool.start(config) as pool:
+def _finished(status: dict[str, Any]) -> int:
+    return sum(status["finished_by_status"].values())
+
+
+def _missing(pool: AgentPool, run: str, n: int) -> int:
+    """Tasks of the run (ids `<run><i>`) without a succeeded record."""
+    client = redis.Redis.from_url(pool.redis_url, decode_responses=True)
+    keys = Keys(pool.config.key_prefix)
+    missing = 0
+    try:
+        for start in range(0, n, 10_000):
+            ids = range(start, min(n, start + 10_000))
+            pipe = client.pipeline(transaction=False)
+            for i in ids:
+                pipe.get(keys.result(f"t{i % 4}", f"{run}{i}"))
+            for raw in pipe.execute():
+                missing += raw is None or AgentResult.model_validate_json(raw).status != "succeeded"
+    finally:
+        client.close()
+    return missing
+
+
+def _backlog_bytes(pool: AgentPool) -> tuple[float, float, int]:
+    """(bytes per task in the backlog structures, mean admission entry bytes, tasks there)."""
+    client = redis.Redis.from_url(pool.redis_url, decode_responses=True)
+    keys, name = Keys(pool.config.key_prefix), pool.config.name
+    total, entries, payload = 0, 0, 0.0
+    try:
+        for tenant in (f"t{i}" for i in range(4)):
+            structures = [keys.admitted(tenant, name), *keys.backlogs(tenant, name), keys.arrivals(tenant, name)]
+            total += sum(int(client.memory_usage(k, samples=0) or 0) for k in structures)
+            size = int(client.hlen(keys.admitted(tenant, name)))
+            entries += size
+            if size:
+                sample = [f for _, f in zip(range(200), client.hscan_iter(keys.admitted(tenant, name)), strict=False)]
+                payload += size * sum(len(v) for _, v in sample) / len(sample)
+    finally:
+        client.close()
+    return total / max(1, entries), payload / max(1, entries), entries
+
+
+def _chunks(n: int, run: str, size: int = 10_000) -> Iterator[list[AgentTask]]:
+    for start in range(0, n, size):
+        yield [_task(i, run) for i in range(start, min(n, start + size))]
+
+
+def _wait_finished(pool: AgentPool, target: int, sample: Callable[[], None], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _finished(pool.status()) < target:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {_finished(pool.status())} of {target} tasks finished in {timeout_s:.0f} s")
+        sample()
+        time.sleep(1.0)
+
+
+def _enqueue(n: int) -> dict[str, Any]:
+    with AgentPool.start(_config("bench-scale-enqueue", max_queued=n + 10_000)) as pool:
         pool.run([_task(i) for i in range(200)])  # warm up
-        scheduler = _scheduler_process(config.name)
-        rss_before = scheduler.memory_info().rss
-        done_before = _admitted(pool.status())
+        scheduler = _process("Scheduler")
+        before = scheduler.memory_info().rss
+        peak = [before]
+
+        def sample() -> None:
+            peak[0] = max(peak[0], scheduler.memory_info().rss)
+
+        done_before = _finished(pool.status())
+        run = f"e{uuid.uuid4().hex[:6]}-"
+        started = time.monotonic()
+        for chunk in _chunks(n, run):
+            replies = pool.enqueue(chunk, chunk=1000)
+            if any(r["status"] != "accepted" for r in replies):
+                raise RuntimeError(f"enqueue refused tasks: {sorted({r['status'] for r in replies})}")
+            sample()
+        admitted_s = time.monotonic() - started
+        per_task, payload, backlog = _backlog_bytes(pool)
+        _wait_finished(pool, done_before + n, sample, timeout_s=n / 50 + 600)
+        complete_s = time.monotonic() - started
+        lost = _missing(pool, run, n)
+    return {
+        "enqueue_tasks_per_s": round(n / admitted_s, 1),
+        "enqueue_scheduler_rss_growth_mib": round((peak[0] - before) / 2**20, 1),
+        "redis_bytes_per_queued_task": round(per_task, 1),
+        "redis_payload_bytes": round(payload, 1),
+        "redis_overhead_bytes_per_task": round(per_task - payload, 1),
+        "redis_backlog_measured": backlog,
+        "enqueue_lost": lost,
+        "enqueue_tasks_done_per_s": round(n / complete_s, 1),
+        "enqueue_batch": n,
+    }
+
+
+def _map(n: int) -> dict[str, Any]:
+    with AgentPool.start(_config("bench-scale-map", max_queued=n + 10_000)) as pool:
+        pool.run([_task(i) for i in range(200)])  # warm up
+        scheduler, driver = _process("Scheduler"), psutil.Process()
+        before, driver_before = scheduler.memory_info().rss, driver.memory_info().rss
+        peak, driver_peak = before, driver_before
+        run = f"m{uuid.uuid4().hex[:6]}-"
+        seen: set[str] = set()
+        failed = 0
+        started = time.monotonic()
+        for k, result in enumerate(pool.map((_task(i, run) for i in range(n)), window=10_000)):
+            seen.add(result.task_id)
+            failed += result.status != "succeeded"
+            if k % 2000 == 0:
+                peak = max(peak, scheduler.memory_info().rss)
+                driver_peak = max(driver_peak, driver.memory_info().rss)
+        elapsed = time.monotonic() - started
+    return {
+        # The ids seen (up to 1M short strings, ~70 MB) are the bench's own, not map's: less them.
+        "map_driver_rss_growth_mib": round((driver_peak - driver_before - _set_bytes(seen)) / 2**20, 1),
+        "map_scheduler_rss_growth_mib": round((peak - before) / 2**20, 1),
+        "map_lost": n - len(seen) + failed,
+        "map_tasks_per_s": round(n / elapsed, 1),
+        "map_batch": n,
+    }
+
+
+def _set_bytes(ids: set[str]) -> int:
+    return sys.getsizeof(ids) + sum(sys.getsizeof(i) for i in ids)
+
+
+def _submit(n: int) -> dict[str, Any]:
+    with AgentPool.start(_config("bench-scale", max_queued=n + 1000)) as pool:
+        pool.run([_task(i) for i in range(200)])  # warm up
+        scheduler, relay = _process("Scheduler"), _process("Relay")
+        rss_before, relay_before = scheduler.memory_info().rss, relay.memory_info().rss
+        done_before = _finished(pool.status())
         tasks = [_task(i) for i in range(n)]
-        payload = len(pickle.dumps(tasks[0]))
         started = time.monotonic()
         refs = pool.submit(tasks)
-        peak_queued, peak_rss, admitted_s = 0, rss_before, None
-        while admitted_s is None:
+        del tasks
+        handle = ray.get_actor("bench-scale-relay", namespace="agentpool")
+        peak_rss, peak_waiting, relay_at_peak, admitted_s = rss_before, 0, relay_before, None
+        while True:
             status = pool.status()
-            rss = scheduler.memory_info().rss
-            if status["queued"] > peak_queued:
-                peak_queued, peak_rss = int(status["queued"]), rss
-            if _admitted(status) - done_before >= n:
+            waiting = int(ray.get(handle.waiting.remote()))
+            peak_rss = max(peak_rss, scheduler.memory_info().rss)
+            if waiting > peak_waiting:
+                peak_waiting, relay_at_peak = waiting, relay.memory_info().rss
+            accepted = int(status["queued"]) + int(status["in_flight"]) + _finished(status) - done_before
+            if admitted_s is None and accepted >= n:
                 admitted_s = time.monotonic() - started
-            else:
-                time.sleep(0.2)
+            if _finished(status) - done_before >= n:
+                break
+            time.sleep(0.2)
         results = ray.get(refs)
         complete_s = time.monotonic() - started
     require_succeeded(results, "scale batch")
-    per_task = (peak_rss - rss_before) / max(1, peak_queued)
     return {
-        "submit_100k_s": round(admitted_s * 100_000 / n, 2),
-        "bytes_per_queued_task": round(per_task - payload),
-        "payload_bytes": payload,
+        "submit_100k_s": round((admitted_s or complete_s) * 100_000 / n, 2),
         "complete_100k_s": round(complete_s * 100_000 / n, 1),
         "tasks_per_s": round(n / complete_s, 1),
+        "relay_bytes_per_pending_ref": round((relay_at_peak - relay_before) / max(1, peak_waiting)),
+        "relay_peak_waiting": peak_waiting,
+        "submit_scheduler_rss_growth_mib": round((peak_rss - rss_before) / 2**20, 1),
         "batch_size": n,
-        "submit_s": round(admitted_s, 2),
-        "peak_queued": peak_queued,
-        "scheduler_rss_mib_before": round(rss_before / 2**20, 1),
-        "scheduler_rss_mib_at_peak": round(peak_rss / 2**20, 1),
     }
 
 
@@ -162,16 +300,23 @@ def _loops(n: int, slow_call_ms: int) -> dict[str, Any]:
 
 
 def run(out: Path, quick: bool) -> dict[str, Any]:
+    big = 20_000 if quick else 1_000_000
     n = 3_000 if quick else 100_000
     slow_call_ms = 8_000 if quick else SLOW_CALL_MS
-    figures = _batch(n) | _loops(LOOPS, slow_call_ms)
+    figures = _enqueue(big) | _map(big) | _submit(n) | _loops(LOOPS, slow_call_ms)
     figures["ray_bytes_per_pending_call"] = round(_ray_bytes_per_pending_call(5_000 if quick else 20_000))
-    notes = (
-        f"Batch: {n:,} one-call tasks in one submit, zero-latency simulator, 2 workers x 256 loops; figures "
-        "scaled to 100k where the batch is smaller (--quick). Memory: the scheduler's RSS at the largest queue "
-        f"over its RSS before, per queued task, less the pickled task. Loops: {LOOPS:,} tasks against a "
-        f"simulator taking {slow_call_ms / 1000:g} s per call, room for {LOOPS + 200:,} loops in 2 workers. Ray's "
-        "own cost per waiting call: a bare async actor holding 20,000 of them (5,000 with --quick)."
+    figures["pending_ref_cost_ratio"] = round(
+        figures["relay_bytes_per_pending_ref"] / max(1, figures["ray_bytes_per_pending_call"]), 3
     )
-    write(out, "scale", figures=figures, notes=notes, config={"quick": quick, "batch": n, "loops": LOOPS})
+    notes = (
+        f"enqueue and map: {big:,} one-call tasks each, zero-latency simulator, 2 workers x 256 loops, "
+        f"the scheduler's queue window at its default (2,000). submit: {n:,} tasks in one call, figures "
+        "scaled to 100k where the batch is smaller (--quick). Memory: resident set sizes of the scheduler, "
+        "relay and driver processes (psutil), Redis `MEMORY USAGE` of the backlog structures. Loops: "
+        f"{LOOPS:,} tasks against a simulator taking {slow_call_ms / 1000:g} s per call, room for "
+        f"{LOOPS + 200:,} loops in 2 workers. Ray's own cost per waiting call: a bare async actor holding "
+        "20,000 of them (5,000 with --quick)."
+    )
+    config = {"quick": quick, "enqueue": big, "map": big, "submit": n, "loops": LOOPS}
+    write(out, "scale", figures=figures, notes=notes, config=config)
     return figures
