@@ -267,11 +267,12 @@ class AgentPool(PoolTelemetry):
         """
         self._check_running()
         validated = validate_tasks(tasks, tools=self.tools)
-        out: list[dict[str, Any]] = []
-        for i in range(0, len(validated), chunk):
-            part = validated[i : i + chunk]
-            out += ray.get(self._scheduler.enqueue.remote(part, [_trace_context(t) for t in part]))
-        return out
+        # Every chunk's call at once: the scheduler admits them side by side.
+        refs = [
+            self._scheduler.enqueue.remote(part, [_trace_context(t) for t in part])
+            for part in (validated[i : i + chunk] for i in range(0, len(validated), chunk))
+        ]
+        return [reply for replies in ray.get(refs) for reply in replies]
 
     def map(
         self, tasks: Iterable[AgentTask | dict[str, Any]], *, window: int = 10_000, chunk: int = 1000

@@ -90,11 +90,17 @@ class Journal(StoreBase):
         share one pipelined round trip. If Redis is away the admission waits in the outbox
         and the task is reported as new, with no arrival number (0).
         """
-        future: asyncio.Future[Admission] = asyncio.get_running_loop().create_future()
-        self._lookups.append((PendingAdmission(task, entry), future))
-        if len(self._lookups) == 1:
-            asyncio.get_running_loop().call_soon(self._start_lookups)
-        return await future
+        [admission] = await self.admit_many([PendingAdmission(task, entry)])
+        return admission
+
+    async def admit_many(self, pending: Sequence[PendingAdmission]) -> list[Admission]:
+        """`admit` for several tasks at once (one round trip with the others of this turn)."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Admission]] = [loop.create_future() for _ in pending]
+        if not self._lookups:
+            loop.call_soon(self._start_lookups)
+        self._lookups.extend(zip(pending, futures, strict=True))
+        return list(await asyncio.gather(*futures))
 
     def _start_lookups(self) -> None:
         batch, self._lookups = self._lookups, []

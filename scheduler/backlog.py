@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from agentpool.cluster.connection import REDIS_DOWN
-from agentpool.models import PRIORITIES, AgentTask
+from agentpool.cluster.budgets import limits_of
+from agentpool.cluster.connection import REDIS_DOWN, PendingAdmission
+from agentpool.models import PRIORITIES, AgentResult, AgentTask
 from agentpool.protocol import Admitted, traceparent
-from agentpool.scheduler.jobs import Job
+from agentpool.scheduler.admission import Admission
+from agentpool.scheduler.jobs import Job, trace_context
 from agentpool.scheduler.shedding import interactive
+from agentpool.telemetry import trace_id_of
 
 if TYPE_CHECKING:
     from agentpool.cluster.store import ResultStore
@@ -57,6 +61,7 @@ class BacklogWindow:
     _cursors: dict[Key, str]
     _deferred: dict[str, Job]
     _puller: asyncio.Task[None] | None
+    _admission: Admission
 
     if TYPE_CHECKING:  # Scheduler's; declared here for the type checker only
 
@@ -71,6 +76,8 @@ class BacklogWindow:
         ) -> Job: ...
 
         _pump: Callable[[], None]
+
+        def _note_tenant(self, tenant: str) -> None: ...
 
     def _init_backlog(self) -> None:
         self._waiting = Counter()
@@ -94,43 +101,89 @@ class BacklogWindow:
             out.setdefault(tenant, {})[priority] = count
         return out
 
-    def _defer(self, job: Job, arrival: int) -> bool:
-        """Leaves a task just accepted (arrival number `arrival`) to wait in Redis only, if it
-        is batch work and the queue's window is full or its tenant's class already waits
-        there. A deferred job leaves `_jobs`: with callers waiting it is kept in `_deferred`
-        until it is read; without, nothing of it stays in memory but its count.
+    def _leave_in_redis(self, task: AgentTask, arrival: int, *, known: bool, detached: bool, placing: int = 0) -> bool:
+        """Whether a task just accepted (arrival number `arrival`) waits in Redis only, and if
+        so counts it: batch work when the queue's window is full or its tenant's class
+        already waits there; a task accepted before (`known`, submitted again without a
+        caller: a relay that restarted, say) always, as it is there already.
 
-        Never a task a read of the backlog has gone past (it skipped the task as in memory,
-        while this job was being admitted): nothing would read it again."""
-        task = job.task
+        Never a task a read of the backlog has gone past (the read skipped it as in memory,
+        while it was being admitted): nothing would read it again. Nor a task with no
+        arrival number (Redis is away: its admission waits in the outbox). `placing`: tasks
+        on their way into the queue that it does not count yet."""
         key = (task.tenant, task.priority)
-        cursor = float(self._cursors.get(key, "-inf"))
-        if job.adopted and not job.callers and not interactive(task.priority, task.deadline_s) and arrival > cursor:
-            # Submitted again (a relay that restarted, say) while it waits in the backlog, where
-            # no read has passed it yet: it is read there in its turn, counted already or not.
-            if not self._waiting[key]:
-                self._set_waiting(key, 1)  # so that a read happens; a read to the end corrects it
-            self._deferrals[key] += 1
-            if self._jobs.get(task.task_id) is job:
-                del self._jobs[task.task_id]
-            self._kick_pull()
-            return True
-        if (
-            interactive(task.priority, task.deadline_s)
-            or arrival <= 0  # not in the backlog yet (Redis is away): it is queued in memory
-            or arrival <= cursor  # a read went past it already
-            or (not self._waiting[key] and len(self._queue) < self.config.queue_window)
-        ):
+        if interactive(task.priority, task.deadline_s) or arrival <= max(0.0, float(self._cursors.get(key, "-inf"))):
             return False
-        self._set_waiting(key, self._waiting[key] + 1)
+        if known:
+            if not detached:
+                return False
+            if not self._waiting[key]:  # counted already or not: a read happens, and corrects it
+                self._set_waiting(key, 1)
+        elif not self._waiting[key] and len(self._queue) + placing < self.config.queue_window:
+            return False
+        else:
+            self._set_waiting(key, self._waiting[key] + 1)
         self._deferrals[key] += 1
+        self._kick_pull()
+        return True
+
+    def _defer(self, job: Job, arrival: int) -> bool:
+        """`_leave_in_redis` for a job being admitted. A deferred job leaves `_jobs`: with
+        callers waiting it is kept in `_deferred` until it is read; without, nothing of it
+        stays in memory but its count."""
+        task = job.task
+        if not self._leave_in_redis(task, arrival, known=job.adopted, detached=not job.callers):
+            return False
         if self._jobs.get(task.task_id) is job:
             del self._jobs[task.task_id]
         if job.callers:
             job.pulled = asyncio.get_running_loop().create_future()
             self._deferred[task.task_id] = job
-        self._kick_pull()
         return True
+
+    def _admits_in_batch(self, task: AgentTask, ahead: int) -> bool:
+        """Whether `enqueue` may admit the task with others in one step (`_admit_batch`):
+        batch work of a tenant with no budget and no injection screen, that passes the
+        static checks, while the backlog has room (for it and the `ahead` tasks of the same
+        batch before it). Anything else takes a job's own path
+        (which writes its rejection, its findings, its eviction)."""
+        policy = self.config.policy_for(task.tenant)
+        return (
+            policy is not None
+            and not interactive(task.priority, task.deadline_s)
+            and policy.guardrails.injection == "off"
+            and not limits_of(policy)
+            and self._admission.check(task) is None
+            and len(self._queue) + self._waiting_total + ahead < self.config.max_queued
+        )
+
+    async def _admit_batch(self, tasks: list[AgentTask], contexts: list[str], reply: bool) -> list[AgentResult | None]:
+        """Admits batch work in one round trip to Redis, with no job for the tasks that wait
+        there: per task, the record it has already, or None (accepted)."""
+        now = time.time()
+        contexts = [trace_context(c) for c in contexts]
+        admitted = [
+            Admitted(task=t, trace_id=trace_id_of(c), traceparent=c, admitted_unix=now, reply=reply)
+            for t, c in zip(tasks, contexts, strict=True)
+        ]
+        pending = [PendingAdmission(a.task, a.model_dump_json()) for a in admitted]
+        out: list[AgentResult | None] = []
+        placing = 0  # jobs started here are queued when their lives first run, after this loop
+        for task, context, admission in zip(tasks, contexts, await self._store.admit_many(pending), strict=True):
+            out.append(admission.record)
+            if admission.record is not None:
+                continue
+            self._note_tenant(task.tenant)
+            joined = self._jobs.get(task.task_id) or self._deferred.get(task.task_id)
+            if joined is not None:  # submitted again meanwhile: one job
+                joined.reply = joined.reply or reply
+            elif not self._leave_in_redis(
+                task, admission.arrival, known=admission.known, detached=True, placing=placing
+            ):
+                job = self._start(task, context, adopted=admission.known, admitted_unix=now, from_backlog=True)
+                job.reply = reply
+                placing += 1
+        return out
 
     async def _wait_in_backlog(self, job: Job) -> bool:
         """Holds a deferred job whose callers wait until its task is read from the backlog

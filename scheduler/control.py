@@ -71,6 +71,12 @@ class JobControl:
 
         async def _cancelled(self, job: Job) -> AgentResult: ...
 
+        def _admits_in_batch(self, task: AgentTask, ahead: int) -> bool: ...
+
+        async def _admit_batch(
+            self, tasks: list[AgentTask], contexts: list[str], reply: bool
+        ) -> list[AgentResult | None]: ...
+
     def _job_for(self, task: AgentTask, context: str) -> Job:
         """The task's job: the one already under way for its id, or a new one. Never raises:
         a job that cannot start (a bug of ours) comes back done, `failed`, saying why."""
@@ -113,15 +119,25 @@ class JobControl:
         task, `accepted` or the final status it already has (a rejection, say). Their results
         land in Redis. With `reply` (the relay's calls), each record is also sent to the
         relay when its task ends, and one that exists already comes back as `record`."""
-        jobs = [self._job_for(t, tp) for t, tp in zip(tasks, traceparents, strict=True)]
-        for job in jobs:
-            job.reply = job.reply or reply
-        await asyncio.gather(*(asyncio.shield(j.accepted) for j in jobs))
+        batch: list[int] = []
+        for i, t in enumerate(tasks):
+            if t.task_id not in self._jobs and t.task_id not in self._deferred and self._admits_in_batch(t, len(batch)):
+                batch.append(i)
+        quick = set(batch)
+        jobs = {i: self._job_for(t, traceparents[i]) for i, t in enumerate(tasks) if i not in quick}
+        for joined in jobs.values():
+            joined.reply = joined.reply or reply
+        records = await self._admit_batch([tasks[i] for i in batch], [traceparents[i] for i in batch], reply)
+        ended = dict(zip(batch, records, strict=True))
+        await asyncio.gather(*(asyncio.shield(j.accepted) for j in jobs.values()))
         out: list[dict[str, Any]] = []
-        for job in jobs:
-            reply_to: dict[str, Any] = {"task_id": job.task.task_id, "status": "accepted"}
-            if job.done.done() and not job.done.cancelled():
+        for i, task in enumerate(tasks):
+            record = ended.get(i)
+            job = jobs.get(i)
+            if job is not None and job.done.done() and not job.done.cancelled():
                 record = job.done.result()
+            reply_to: dict[str, Any] = {"task_id": task.task_id, "status": "accepted"}
+            if record is not None:
                 reply_to["status"] = record.status
                 if reply:
                     reply_to["record"] = record
