@@ -28,6 +28,7 @@ from agentpool.models import PRIORITIES, AgentResult, AgentTask
 from agentpool.protocol import Admitted, traceparent
 from agentpool.scheduler.admission import Admission
 from agentpool.scheduler.jobs import Job, trace_context
+from agentpool.scheduler.records import failed_record
 from agentpool.scheduler.shedding import interactive
 from agentpool.telemetry import trace_id_of
 
@@ -78,6 +79,8 @@ class BacklogWindow:
         _pump: Callable[[], None]
 
         def _note_tenant(self, tenant: str) -> None: ...
+
+        def _spawn_write(self, result: AgentResult) -> None: ...
 
     def _init_backlog(self) -> None:
         self._waiting = Counter()
@@ -167,9 +170,10 @@ class BacklogWindow:
             for t, c in zip(tasks, contexts, strict=True)
         ]
         pending = [PendingAdmission(a.task, a.model_dump_json()) for a in admitted]
+        admissions = await self._store.admit_many(pending)
         out: list[AgentResult | None] = []
         placing = 0  # jobs started here are queued when their lives first run, after this loop
-        for task, context, admission in zip(tasks, contexts, await self._store.admit_many(pending), strict=True):
+        for task, context, admission in zip(tasks, contexts, admissions, strict=True):
             out.append(admission.record)
             if admission.record is not None:
                 continue
@@ -180,7 +184,14 @@ class BacklogWindow:
             elif not self._leave_in_redis(
                 task, admission.arrival, known=admission.known, detached=True, placing=placing
             ):
-                job = self._start(task, context, adopted=admission.known, admitted_unix=now, from_backlog=True)
+                try:
+                    job = self._start(task, context, adopted=admission.known, admitted_unix=now, from_backlog=True)
+                except Exception as exc:  # a bug of ours: the task ends `failed`, saying why
+                    log.error("task %s could not start in the scheduler", task.task_id, exc_info=exc)
+                    failed = failed_record(task, trace_id_of(context), exc, 0.0)
+                    self._spawn_write(failed)
+                    out[-1] = failed
+                    continue
                 job.reply = reply
                 placing += 1
         return out

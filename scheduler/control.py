@@ -127,7 +127,14 @@ class JobControl:
         jobs = {i: self._job_for(t, traceparents[i]) for i, t in enumerate(tasks) if i not in quick}
         for joined in jobs.values():
             joined.reply = joined.reply or reply
-        records = await self._admit_batch([tasks[i] for i in batch], [traceparents[i] for i in batch], reply)
+        try:
+            records = await self._admit_batch([tasks[i] for i in batch], [traceparents[i] for i in batch], reply)
+        except Exception as exc:  # Redis refused the step, say: each task takes a job's own path
+            log.warning("admitting %d tasks in one step failed (%s); admitting them one by one", len(batch), exc)
+            jobs.update({i: self._job_for(tasks[i], traceparents[i]) for i in batch})
+            for i in batch:
+                jobs[i].reply = jobs[i].reply or reply
+            records = [None] * len(batch)
         ended = dict(zip(batch, records, strict=True))
         await asyncio.gather(*(asyncio.shield(j.accepted) for j in jobs.values()))
         out: list[dict[str, Any]] = []
