@@ -64,9 +64,8 @@ class Relay:
         self._scheduler: Any = None
         self._namespace = namespace
         self._url = redis_url
-        self._keys = Keys(key_prefix)
         self._redis: aioredis.Redis | None = None
-        self._book = CompletionBook(self._keys)
+        self._book = CompletionBook(Keys(key_prefix))
         self._futures: dict[str, asyncio.Future[AgentResult]] = {}
         self._outgoing: list[tuple[AgentTask, str]] = []
         self._sweeper: asyncio.Task[None] | None = None
