@@ -35,7 +35,7 @@ from agentpool.telemetry import trace_id_of
 if TYPE_CHECKING:
     from agentpool.cluster.store import ResultStore
     from agentpool.config import PoolConfig
-    from agentpool.scheduler.fair import FairQueue
+    from agentpool.scheduler.core import SchedulerCore
 
 log = logging.getLogger("agentpool.scheduler")
 
@@ -52,11 +52,11 @@ class BacklogWindow:
 
     config: PoolConfig
     _store: ResultStore
-    _queue: FairQueue[Job]
+    _core: SchedulerCore[Job]
     _jobs: dict[str, Job]
-    #: Tasks waiting in Redis only (not in memory), per (tenant, priority).
+    #: Tasks waiting in Redis only (not in memory), per (tenant, priority); their total is
+    #: the core's `outside`, which counts against the backlog's bound.
     _waiting: Counter[Key]
-    _waiting_total: int
     #: Bumped whenever a task is deferred: a read that ended before it cannot zero its count.
     _deferrals: Counter[Key]
     _cursors: dict[Key, str]
@@ -84,7 +84,6 @@ class BacklogWindow:
 
     def _init_backlog(self) -> None:
         self._waiting = Counter()
-        self._waiting_total = 0
         self._deferrals = Counter()
         self._cursors = {}
         self._deferred = {}
@@ -92,7 +91,7 @@ class BacklogWindow:
 
     def _set_waiting(self, key: Key, count: int) -> None:
         count = max(0, count)
-        self._waiting_total += count - self._waiting[key]
+        self._core.outside += count - self._waiting[key]
         if count:
             self._waiting[key] = count
         else:
@@ -122,7 +121,7 @@ class BacklogWindow:
                 return False
             if not self._waiting[key]:  # counted already or not: a read happens, and corrects it
                 self._set_waiting(key, 1)
-        elif not self._waiting[key] and len(self._queue) + placing < self.config.queue_window:
+        elif not self._waiting[key] and len(self._core.queue) + placing < self.config.queue_window:
             return False
         else:
             self._set_waiting(key, self._waiting[key] + 1)
@@ -157,7 +156,7 @@ class BacklogWindow:
             and policy.guardrails.injection == "off"
             and not limits_of(policy)
             and self._admission.check(task) is None
-            and len(self._queue) + self._waiting_total + ahead < self.config.max_queued
+            and self._core.waiting + ahead < self.config.max_queued
         )
 
     async def _admit_batch(self, tasks: list[AgentTask], contexts: list[str], reply: bool) -> list[AgentResult | None]:
@@ -211,8 +210,8 @@ class BacklogWindow:
         return True
 
     def _kick_pull(self) -> None:
-        if self._waiting_total and (self._puller is None or self._puller.done()):
-            if len(self._queue) < self.config.queue_window // 2 + 1:
+        if self._core.outside and (self._puller is None or self._puller.done()):
+            if len(self._core.queue) < self.config.queue_window // 2 + 1:
                 self._puller = asyncio.get_running_loop().create_task(self._pull())
 
     def _pull_order(self, room: int) -> list[tuple[Key, int]]:
@@ -222,7 +221,7 @@ class BacklogWindow:
         for tenant, priority in self._waiting:
             if tenant not in first or PRIORITIES.index(priority) < PRIORITIES.index(first[tenant]):
                 first[tenant] = priority
-        counters = self._queue.counters
+        counters = self._core.queue.counters
         tenants = sorted(first, key=lambda t: counters.get(t, 0.0))[: max(1, room)]
         share = max(1, room // max(1, len(tenants)))
         return [((t, first[t]), min(_PULL_MAX, share, self._waiting[(t, first[t])])) for t in tenants]
@@ -230,8 +229,8 @@ class BacklogWindow:
     async def _pull(self) -> None:
         """Reads tasks from the backlog into the queue until it holds half its window again
         or nothing waits in Redis."""
-        while self._waiting_total and len(self._queue) < self.config.queue_window // 2 + 1:
-            order = self._pull_order(self.config.queue_window - len(self._queue))
+        while self._core.outside and len(self._core.queue) < self.config.queue_window // 2 + 1:
+            order = self._pull_order(self.config.queue_window - len(self._core.queue))
             deferrals = {key: self._deferrals[key] for key, _ in order}
             reads = [(t, p, self._cursors.get((t, p), "-inf"), n) for (t, p), n in order]
             try:
@@ -291,7 +290,9 @@ class BacklogWindow:
         if found is None:
             return None
         admitted = Admitted.model_validate_json(found[1])
-        return Job(admitted.task, admitted.traceparent or traceparent(admitted.trace_id), admitted.admitted_unix)
+        job = Job(admitted.task, admitted.traceparent or traceparent(admitted.trace_id), admitted.admitted_unix)
+        job.ticket = self._core.ticket(job, admitted.task)
+        return job
 
     def _left_backlog(self, task: AgentTask) -> None:
         """Counts out a task that ended while it waited in Redis (cancelled there)."""

@@ -26,7 +26,7 @@ from agentpool.scheduler.records import failed_record
 if TYPE_CHECKING:
     from agentpool.cluster.approvals import Approvals
     from agentpool.cluster.store import ResultStore
-    from agentpool.scheduler.fair import FairQueue
+    from agentpool.scheduler.core import SchedulerCore
     from agentpool.scheduler.fleet import WorkerFleet
 
 
@@ -46,7 +46,7 @@ class JobControl:
 
     _jobs: dict[str, Job]
     _store: ResultStore
-    _queue: FairQueue[Job]
+    _core: SchedulerCore[Job]
     _fleet: WorkerFleet
     _approvals: Approvals
     _counts: Counter[str]
@@ -202,7 +202,7 @@ class JobControl:
         # For a run that starts or resumes later (or on another worker): it ends at once.
         with contextlib.suppress(RedisError, OSError):
             await self._store.mark_cancelled(task.tenant, task_id, reason)
-        if job.state == "queued" and not job.resumed and self._queue.remove(task.tenant, job):
+        if job.state == "queued" and not job.resumed and self._core.remove(job.ticket):
             if not job.slot.done():
                 job.slot.set_exception(CancelledInQueue())
         elif job.state == "running" and job.worker is not None:

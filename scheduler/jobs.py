@@ -10,13 +10,12 @@ approval request and decision; the job itself is only the in-memory handle on it
 from __future__ import annotations
 
 import asyncio
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from agentpool.models import AgentResult, AgentTask
 from agentpool.protocol import ApprovalDecision, Paused, new_trace_id, traceparent
-from agentpool.scheduler.shedding import interactive
+from agentpool.scheduler.core import Ticket
 from agentpool.telemetry import trace_id_of
 
 JobState = Literal["admitting", "queued", "running", "paused"]
@@ -55,15 +54,11 @@ class Job:
     #: Set once the job is queued or done: what `Scheduler.enqueue` waits for.
     accepted: asyncio.Future[None] = field(default_factory=_future)
     state: JobState = "admitting"
-    enqueued_at: float = 0.0
-    max_wait_s: float = math.inf
-    #: The queue wait forecast for it at admission, until its real wait is reported.
-    predicted_wait_s: float | None = None
-    estimate: float = 0.0
-    limit_key: str | None = None
+    #: Its place in the scheduler's core (queue, slot, forecast, cost estimate); set as
+    #: the job is made.
+    ticket: Ticket[Job] = field(init=False)
+    #: The worker slot, once the core grants one (or why it will not).
     slot: asyncio.Future[int] = field(default_factory=_future)
-    #: The worker slot granted to the job and not yet given back.
-    held: int | None = None
     attempt: int = 1
     worker: int | None = None
     paused: Paused | None = None
@@ -85,13 +80,7 @@ class Job:
         """It ran before: queued again, it goes first and is never dropped for waiting."""
         return self.adopted or self.attempt > 1 or self.paused is not None
 
-    @property
-    def watched(self) -> bool:
-        """Interactive work waiting its first turn: its waits are what tells an overload."""
-        return not self.resumed and interactive(self.task.priority, self.task.deadline_s)
-
-    def requeue(self, now: float) -> None:
+    def requeue(self) -> None:
+        """Queued again (its worker died, its approval came): a new wait for a slot."""
         self.slot = _future()
-        self.enqueued_at = now
-        self.max_wait_s = math.inf
         self.state = "queued"

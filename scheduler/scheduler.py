@@ -3,11 +3,12 @@
 It returns `AgentResult` values, never refs: the client calls `run.remote`, so the client
 owns each task's ref, and the scheduler awaits the worker itself (see DESIGN.md).
 
-Admission, in order: static checks (tenant, tools, models), the tenant's daily budgets
-(Redis), then shedding from live state (`LoadShedding`, in load_shedding.py): overload
-level, the predicted wait at the tenant's fair share against the task's deadline, and the
-queue bound. Waiting tasks are served by weighted fair queueing across tenants
-(`FairQueue`) and dropped, not run late, once they have waited longer than they may.
+Admission, in order: static checks (tenant, tools, models), the tenant's prompt-injection
+screen and daily budgets (Redis), then the pure core's rules from live state
+(`SchedulerCore`, in core.py): overload level, the predicted wait at the tenant's fair share
+against the task's deadline, and the queue bound. The core also queues (weighted fair
+queueing across tenants), dispatches and drops tasks that waited longer than they may; this
+actor is its I/O shell, carrying out the decisions it returns.
 """
 
 from __future__ import annotations
@@ -39,15 +40,12 @@ from agentpool.protocol import Admitted, Dispatch, Paused, WorkerSpawn
 from agentpool.scheduler.admission import Admission, screen_task
 from agentpool.scheduler.alerts import AlertMonitor
 from agentpool.scheduler.backlog import BacklogWindow
-from agentpool.scheduler.capacity import ModelDispatch
 from agentpool.scheduler.control import CancelledInQueue, JobControl
-from agentpool.scheduler.fair import FairQueue, token_cost
+from agentpool.scheduler.core import Drop, Reject, SchedulerCore
 from agentpool.scheduler.fleet import WorkerFleet
 from agentpool.scheduler.jobs import Job, trace_context
-from agentpool.scheduler.load_shedding import LoadShedding
 from agentpool.scheduler.observe import TaskTelemetry
 from agentpool.scheduler.records import Records
-from agentpool.scheduler.shedding import DispatchRate, OverloadDetector, WaitCalibration
 from agentpool.scheduler.status import StatusView
 from agentpool.vocabulary import TaskStatus
 
@@ -60,7 +58,7 @@ log = logging.getLogger("agentpool.scheduler")
 
 
 @ray.remote
-class Scheduler(JobControl, BacklogWindow, LoadShedding, Records, StatusView, Telemetered):
+class Scheduler(JobControl, BacklogWindow, Records, StatusView, Telemetered):
     """Named async actor; one per pool."""
 
     def __init__(
@@ -84,15 +82,12 @@ class Scheduler(JobControl, BacklogWindow, LoadShedding, Records, StatusView, Te
         self._limiter = ray.get_actor(limiter_name, namespace=namespace)
         self._board = ray.get_actor(board_name, namespace=namespace) if board_name else None
         self._admission = Admission(config, set(tool_names))
-        self._queue: FairQueue[Job] = FairQueue(self._weight)
+        self._core: SchedulerCore[Job] = SchedulerCore(config, self._fleet.slots)
         self._telemetry = TaskTelemetry(
             config.name,
-            lambda: {t: sum(d.values()) for t, d in self._queue.depth().items()},
-            lambda: dict(self._tenant_running),
+            lambda: {t: sum(d.values()) for t, d in self._core.queue.depth().items()},
+            lambda: dict(self._core.running),
         )
-        self._slots = self._fleet.slots
-        self._tenant_running: Counter[str] = Counter()
-        self._models = ModelDispatch(config.limits)
         self._jobs: dict[str, Job] = {}
         self._init_backlog()
         #: Records on their way to the relay (`_reply`), and its handle once found.
@@ -108,14 +103,7 @@ class Scheduler(JobControl, BacklogWindow, LoadShedding, Records, StatusView, Te
         self._ledger = BudgetLedger(
             lambda: self._store.redis, self._store.keys, reservation_ttl_s=config.lease_expiry_s
         )
-        a = config.admission
-        self._detector = OverloadDetector(a.target_wait_s, a.interval_s, a.escalate_intervals)
-        self._rate = DispatchRate()
-        self._calibration = WaitCalibration()
         self._clock = time.monotonic
-        self._mean_run_s = 1.0
-        self._task_cost: dict[str, float] = {}
-        self._pool_cost: float | None = None
         self._seen: dict[str, None] = {}
         self._counts: Counter[str] = Counter()
         self._durable: Counter[str] = Counter()
@@ -166,6 +154,7 @@ class Scheduler(JobControl, BacklogWindow, LoadShedding, Records, StatusView, Te
     ) -> Job:
         # Registered before the first await, so a duplicate arriving meanwhile joins this job.
         job = Job(task, trace_context(context), admitted_unix or time.time())
+        job.ticket = self._core.ticket(job, task)
         job.adopted, job.from_backlog = adopted, from_backlog
         self._jobs[task.task_id] = job
         try:
@@ -212,11 +201,10 @@ class Scheduler(JobControl, BacklogWindow, LoadShedding, Records, StatusView, Te
     def _abandon(self, job: Job) -> None:
         """Takes a job an error stopped out of the queue, and gives back a slot it holds, so
         that nothing of it is left to be dispatched or counted as running."""
-        if job.state == "queued":
-            self._queue.remove(job.task.tenant, job)
+        self._core.finish(job.ticket)
         if not job.slot.done():
             job.slot.cancel()
-        self._release_job(job)
+        self._pump()
 
     async def _admission_check(self, job: Job) -> AgentPoolError | None:
         task = job.task
@@ -231,9 +219,16 @@ class Scheduler(JobControl, BacklogWindow, LoadShedding, Records, StatusView, Te
         if rejection is None and policy is not None:
             first_call = math.ceil((len(task.prompt) + len(task.system or "")) / self.config.input_chars_per_token)
             rejection = await self._ledger.check(task.tenant, policy, first_call + task.max_tokens)
-        # No await between the shedding decision and the enqueue: concurrent arrivals must
+        if rejection is not None:
+            return rejection
+        # No await between the core's decision and the enqueue: concurrent arrivals must
         # not all pass the check before any of them is counted.
-        return rejection if rejection is not None else self._shed_or_make_room(job, self._limit_key(task))
+        verdict = self._core.admit(job.ticket, self._clock())
+        if isinstance(verdict, Reject):
+            return verdict.error(task.tenant)
+        for evicted in verdict.evicted:
+            self._drop(evicted)
+        return None
 
     def _report_findings(self, job: Job, action: str) -> None:
         for source, rules in job.findings.items():
@@ -244,18 +239,12 @@ class Scheduler(JobControl, BacklogWindow, LoadShedding, Records, StatusView, Te
         task = job.task
         self._start_ticker()
         job.state = "queued"
-        job.enqueued_at = self._clock()
-        job.limit_key = self._limit_key(task)
-        job.estimate = self._estimate(task)
-        if job.adopted:  # accepted before: it goes first and never waits out a deadline
-            self._queue.push(task.tenant, "critical", job, front=True)
-        else:
-            job.max_wait_s = self._max_wait_s(task)
-            self._queue.push(task.tenant, task.priority, job)
+        # Accepted before: it goes first and never waits out a deadline.
+        self._core.enqueue(job.ticket, self._clock(), resumed=job.adopted)
         if not job.accepted.done():
             job.accepted.set_result(None)
         self._telemetry.queued(job)
-        admitted = events.TaskAdmitted(priority=task.priority, queued=len(self._queue), adopted=job.adopted)
+        admitted = events.TaskAdmitted(priority=task.priority, queued=len(self._core.queue), adopted=job.adopted)
         self._store.post(task.tenant, admitted, task_id=task.task_id, trace_id=job.trace_id)
         self._report_findings(job, "flagged")
         self._pump()
@@ -280,27 +269,27 @@ class Scheduler(JobControl, BacklogWindow, LoadShedding, Records, StatusView, Te
             else:  # its worker died: run it again elsewhere, from its checkpoint
                 job.attempt += 1
                 self._durable["redispatched"] += 1
-            job.requeue(self._clock())
+            job.requeue()
             self._telemetry.queued(job)
-            self._queue.push(task.tenant, "critical", job, front=True)
+            self._core.enqueue(job.ticket, self._clock(), resumed=True)
             self._pump()
 
     async def _run_on(self, worker: int, job: Job) -> AgentResult | Paused | Exception:
         """One dispatch. The run goes on even if the caller is cancelled (ray.cancel, a caller
         gone): the worker ends it and writes its record, and only then is the slot given back."""
         task = job.task
-        outcome: AgentResult | Paused | Exception
+        outcome: AgentResult | Paused | Exception | None = None
+        started = self._clock()
         try:  # from the first line: whatever fails here, the slot goes back
             dispatch = Dispatch(
                 task=task,
                 trace_id=job.trace_id,
                 traceparent=self._telemetry.dispatch_traceparent(job),
                 admitted_at_unix=job.admitted_unix,
-                queued_ms=(self._clock() - job.enqueued_at) * 1000,
+                queued_ms=(started - job.ticket.enqueued_at) * 1000,
                 attempt=job.attempt,
             )
             job.state, job.worker = "running", worker
-            started = self._clock()
             try:
                 outcome = await self._fleet.handles[worker].run.remote(dispatch)
             except ray.exceptions.ActorDiedError as exc:
@@ -314,15 +303,13 @@ class Scheduler(JobControl, BacklogWindow, LoadShedding, Records, StatusView, Te
                 outcome = exc
             except (ray.exceptions.RayError, AgentPoolError) as exc:
                 outcome = await self._fail(task, job.trace_id, exc, dispatch.queued_ms)
-            if isinstance(outcome, AgentResult):
-                run_s = self._clock() - started
-                self._mean_run_s = 0.9 * self._mean_run_s + 0.1 * run_s
-                self._models.learn(job.limit_key, outcome, run_s)  # before the slot is given back
         finally:
             job.worker = None
-            self._release_job(job)
+            result = outcome if isinstance(outcome, AgentResult) else None
+            self._core.finish(job.ticket, result, self._clock() - started)
+            self._pump()
+        assert outcome is not None  # the try either set it or raised
         if isinstance(outcome, AgentResult):
-            self._account(task.tenant, job.estimate, outcome)
             self._counts[outcome.status] += 1
         return outcome
 
@@ -337,9 +324,11 @@ class Scheduler(JobControl, BacklogWindow, LoadShedding, Records, StatusView, Te
             now = self._clock()
             # How late the event loop woke us: the scheduler's own congestion, reported in status().
             self._loop_lag_s = max(0.0, now - before - _TICK_S)
-            self._expire_waiting(now)
-            self._fleet.observe(now, self._slots.in_flight + len(self._queue) + self._waiting_total)
-            if self._models:
+            for expired in self._core.tick(now):
+                self._drop(expired)
+            core = self._core
+            self._fleet.observe(now, core.slots.in_flight + core.waiting)
+            if core.models:
                 await self._watch_limiter()
 
     async def _watch_limiter(self) -> None:
@@ -349,31 +338,8 @@ class Scheduler(JobControl, BacklogWindow, LoadShedding, Records, StatusView, Te
             waiting: dict[str, int] = await asyncio.wait_for(self._limiter.backlog.remote(), _TICK_S * 4)
         except (ray.exceptions.RayError, TimeoutError):
             return
-        if self._models.backlog(waiting):
+        if self._core.limiter_backlog(waiting):
             self._pump()
-
-    # --- fair sharing --------------------------------------------------------------------
-
-    def _weight(self, tenant: str) -> float:
-        policy = self.config.policy_for(tenant)
-        return policy.weight if policy is not None else 1.0
-
-    def _estimate(self, task: AgentTask) -> float:
-        """Service a task will receive, in VTC units, until its real usage is known."""
-        known = self._task_cost.get(task.tenant, self._pool_cost)
-        return known if known is not None else token_cost(len(task.prompt) / 4, task.max_tokens)
-
-    def _account(self, tenant: str, estimate: float, result: AgentResult) -> None:
-        u = result.usage
-        actual = token_cost(u.input_tokens + u.cache_creation_input_tokens + u.cache_read_input_tokens, u.output_tokens)
-        self._queue.charge(tenant, actual - estimate)
-        if result.iterations:
-            known = self._task_cost.pop(tenant, None)
-            self._task_cost[tenant] = actual if known is None else 0.8 * known + 0.2 * actual
-            if len(self._task_cost) > _MAX_SEEN_TENANTS:  # least recently finished first
-                del self._task_cost[next(iter(self._task_cost))]
-            # A tenant's first tasks are estimated from everyone's, not from max_tokens.
-            self._pool_cost = actual if self._pool_cost is None else 0.95 * self._pool_cost + 0.05 * actual
 
     def _note_tenant(self, tenant: str) -> None:
         self._seen.pop(tenant, None)
@@ -384,69 +350,30 @@ class Scheduler(JobControl, BacklogWindow, LoadShedding, Records, StatusView, Te
     # --- dispatch ----------------------------------------------------------------------
 
     def _pump(self) -> None:
-        """Hands free worker slots to waiting tasks in fair order, skipping tenants at their
-        concurrency cap and dropping tasks that have waited longer than they may; then reads
-        on in the Redis backlog if the queue has room."""
-        if self._dispatch():
-            self._detector.idle()
+        """Carries out the core's dispatch: free worker slots to waiting tasks in fair order,
+        drops of tasks that waited longer than they may; then reads on in the Redis backlog
+        if the queue has room."""
+        again = True
+        while again:
+            again = False
+            for decision in self._core.dispatch(self._clock()):
+                if isinstance(decision, Drop):
+                    self._drop(decision)
+                    continue
+                job = decision.ticket.item
+                if job.slot.done():  # cancelled, and its life has not run its cleanup yet
+                    self._core.finish(decision.ticket)
+                    again = True
+                    continue
+                self._telemetry.dequeued(job, decision.waited_s, decision.worker)
+                job.slot.set_result(decision.worker)
         self._kick_pull()
 
-    def _dispatch(self) -> bool:
-        """Dispatches while a slot and an eligible task remain; True if the queue emptied."""
-        while len(self._queue):
-            worker = self._slots.acquire()
-            if worker is None:
-                return False
-            popped = self._queue.pop(
-                lambda tenant, job: self._tenant_has_room(tenant) and self._models.has_room(job.limit_key)
-            )
-            if popped is None:
-                self._slots.release(worker)
-                return False
-            tenant, job = popped
-            if job.slot.done():  # cancelled, and its life has not run its cleanup yet
-                self._slots.release(worker)
-                continue
-            now = self._clock()
-            waited = now - job.enqueued_at
-            if waited > job.max_wait_s:
-                self._slots.release(worker)
-                self._expire(job, waited, now)
-                continue
-            self._calibrate(job, waited, now)
-            if job.watched:
-                self._detector.observe(waited, now)
-            self._rate.record(now)
-            self._queue.charge(tenant, job.estimate)
-            self._tenant_running[tenant] += 1
-            self._models.started(job.limit_key)
-            self._telemetry.dequeued(job, waited, worker)
-            job.held = worker
-            job.slot.set_result(worker)
-        return True
-
-    def _tenant_has_room(self, tenant: str) -> bool:
-        policy = self.config.policy_for(tenant)
-        cap = policy.max_concurrency if policy is not None else None
-        return cap is None or self._tenant_running[tenant] < cap
-
-    def _limit_key(self, task: AgentTask) -> str | None:
-        """The limits entry governing the first model this task will call."""
-        chain = self.config.models_for(task.tenant, task.model, task.fallback_models)
-        return self.config.limit_key(chain[0]) if chain else None
-
-    def _release_job(self, job: Job) -> None:
-        """Gives back the slot the job holds, if it holds one (at most once per grant)."""
-        worker, job.held = job.held, None
-        if worker is None:
-            return
-        tenant = job.task.tenant
-        self._slots.release(worker)
-        self._tenant_running[tenant] -= 1
-        if self._tenant_running[tenant] <= 0:
-            del self._tenant_running[tenant]
-        self._models.finished(job.limit_key)
-        self._pump()
+    def _drop(self, drop: Drop[Job]) -> None:
+        """Ends a task the core took out of the queue with a rejection (its life writes the record)."""
+        job = drop.ticket.item
+        if not job.slot.done():
+            job.slot.set_exception(drop.error())
 
     def pid(self) -> int:
         """This actor's process id (for operators, and the chaos tests that kill it)."""

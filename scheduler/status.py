@@ -70,7 +70,7 @@ class StatusView:
     async def status(self: Any) -> dict[str, Any]:
         """Queues, in-flight work, shedding, errors and alerts, the global buckets, the tools'
         breakers and today's spend per tenant."""
-        now = self._clock()
+        now, core = self._clock(), self._core
         try:
             limits = await self._limiter.status.remote()
         except ray.exceptions.RayError as exc:
@@ -84,15 +84,15 @@ class StatusView:
         tenants = dict.fromkeys([*self.config.tenants, *self._seen])
         backlog, (reachable, error) = await asyncio.gather(self._redis_backlog(), self._store.reachable())
         return {
-            "queued": len(self._queue) + self._waiting_total,
-            "queued_by_tenant": _merged(self._queue.depth(), self._backlog_depth()),
+            "queued": core.waiting,
+            "queued_by_tenant": _merged(core.queue.depth(), self._backlog_depth()),
             # Of `queued`: the tasks waiting in the Redis backlog only (not in memory).
-            "queued_in_redis": self._waiting_total,
+            "queued_in_redis": core.outside,
             "jobs_in_memory": len(self._jobs) + len(self._deferred),
-            "in_flight": self._slots.in_flight,
-            "in_flight_by_tenant": dict(self._tenant_running),
-            "capacity": self._slots.capacity,
-            "worker_load": list(self._slots.load),
+            "in_flight": core.slots.in_flight,
+            "in_flight_by_tenant": dict(core.running),
+            "capacity": core.slots.capacity,
+            "worker_load": list(core.slots.load),
             "workers": self._fleet.snapshot(),
             "finished_by_status": dict(self._counts),
             "awaiting_approval": self._awaiting(),
@@ -108,14 +108,14 @@ class StatusView:
             "finished_by_tenant": {t: dict(c) for t, c in self._ends.items()},
             "errors_by_tenant": {t: sum(n for s, n in c.items() if s.is_error) for t, c in self._ends.items()},
             "alerts_firing": self._alerts.firing(),
-            "overload_level": self._detector.level(now),
+            "overload_level": core.detector.level(now),
             # How much longer than forecast queue waits have lately been (admission scales by it).
-            "wait_forecast_factor": round(self._calibration.factor(now), 3),
-            "dispatch_per_s": round(self._rate.per_s(now), 3),
-            "mean_run_s": round(self._mean_run_s, 4),
-            "model_capacity": self._models.snapshot(),
+            "wait_forecast_factor": round(core.calibration.factor(now), 3),
+            "dispatch_per_s": round(core.rate.per_s(now), 3),
+            "mean_run_s": round(core.mean_run_s, 4),
+            "model_capacity": core.models.snapshot(),
             "loop_lag_ms": round(self._loop_lag_s * 1000, 1),
-            "fair_counters": {t: round(c, 1) for t, c in self._queue.counters.items() if t in tenants},
+            "fair_counters": {t: round(c, 1) for t, c in core.queue.counters.items() if t in tenants},
             "limits": limits,
             "tools": tools,
             "budgets_today": await self._budgets_today(tenants),
