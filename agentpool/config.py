@@ -267,6 +267,10 @@ class PoolConfig(BaseSettings):
     #: the Redis backlog and are read back as the queue drains (interactive work is always
     #: queued in memory: its deadline bounds it).
     queue_window: int = Field(default=2_000, ge=1, le=1_000_000)
+    #: `submit` calls a client keeps waiting at the scheduler itself, at most (one Ray hop
+    #: less each: the latency of a few tasks at a time); beyond them its calls wait in the
+    #: relay, so the scheduler's memory is bounded per client, not per task.
+    submit_direct_calls: int = Field(default=256, ge=0, le=10_000)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     # --- tools and tenants
     tool_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)

@@ -36,6 +36,14 @@ from agentpool.views import redis_trouble
 log = logging.getLogger("agentpool")
 
 
+def _unresolved(refs: list[ray.ObjectRef]) -> list[ray.ObjectRef]:
+    """The refs not resolved yet (none is fetched, none waited for)."""
+    if not refs:
+        return refs
+    _, pending = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+    return list(pending)
+
+
 def _trace_context(task: AgentTask) -> str:
     """The `traceparent` a task's trace starts from: a `submit_task` span of this process
     (a child of the caller's current span, if any), when this process records traces; else
@@ -75,6 +83,9 @@ class AgentPool(PoolTelemetry):
         self._scheduler = scheduler
         #: Where `submit`'s calls wait (None: a pool without one; they wait in the scheduler).
         self._relay = relay
+        #: This client's `submit` calls waiting at the scheduler itself (as many as
+        #: `config.submit_direct_calls`), pruned of the resolved ones at each `submit`.
+        self._direct: list[ray.ObjectRef] = []
         self._redis_url = redis_url
         self._actors = actors
         self._embedded_redis = embedded_redis
@@ -231,9 +242,11 @@ class AgentPool(PoolTelemetry):
 
         Each ref resolves to that task's `AgentResult` as soon as the task ends; `ray.get`
         never raises for task-level outcomes (rejection, failure and timeout are statuses).
-        Each ref is a call waiting in the pool's relay actor, which costs Ray about 54 KB
-        there (and about 30 KB here, per ref) until it resolves: for batches of hundreds of
-        thousands of tasks, `map` (bounded memory everywhere) or `enqueue` cost far less.
+        Each ref is a call waiting in the pool, which costs Ray about 54 KB there (and about
+        30 KB here, per ref) until it resolves: up to `PoolConfig.submit_direct_calls` (256)
+        of this client's calls at a time wait at the scheduler, one hop shorter; the rest
+        wait in the relay actor. For batches of hundreds of thousands of tasks, `map`
+        (bounded memory everywhere) or `enqueue` cost far less.
 
         Raises:
             InvalidTaskInput: If a task is malformed, over a size bound, or names a tool
@@ -243,8 +256,14 @@ class AgentPool(PoolTelemetry):
         """
         self._check_running()
         validated = validate_tasks(tasks, tools=self.tools)
-        waiter = self._relay if self._relay is not None else self._scheduler
-        return [waiter.run.remote(task, _trace_context(task)) for task in validated]
+        if self._relay is None:
+            return [self._scheduler.run.remote(task, _trace_context(task)) for task in validated]
+        # A few calls at a time wait at the scheduler (one hop less); the rest in the relay.
+        self._direct = _unresolved(self._direct)
+        room = max(0, self.config.submit_direct_calls - len(self._direct))
+        direct = [self._scheduler.run.remote(task, _trace_context(task)) for task in validated[:room]]
+        self._direct += direct
+        return direct + [self._relay.run.remote(task, _trace_context(task)) for task in validated[room:]]
 
     def _withdraw_calls(self, timeout_s: float = 5.0) -> None:
         """Has the relay and the scheduler answer every `run` call still waiting (the tasks

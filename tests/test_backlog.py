@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -83,15 +84,43 @@ def test_submit_beyond_the_window_keeps_its_contract(redis_url: str) -> None:
         while len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) < len(refs):
             peak = max(peak, pool.status()["jobs_in_memory"])
             time.sleep(0.02)
-        # The calls wait in the relay; the scheduler holds its window, the tasks running and
-        # the chunk (1,000) the relay hands it at a time.
-        assert peak <= 1000 + 2 * (cfg.queue_window + 8)
+        # The calls wait in the relay but for the client's first few; the scheduler holds
+        # those, its window, the tasks running and the chunk (1,000) the relay hands it.
+        assert peak <= cfg.submit_direct_calls + 1000 + 2 * (cfg.queue_window + 8)
         results = ray.get(refs, timeout=300)
         assert [r.task_id for r in results] == [t.task_id for t in tasks]
         assert [r.answer for r in results] == [str(i) for i in range(len(tasks))]
         status = pool.status()
         assert status["finished_by_status"] == {"succeeded": len(tasks)}
         assert status["jobs_in_memory"] == 0 and status["queued"] == 0
+
+
+def _until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "not in time"
+        time.sleep(0.05)
+
+
+def test_a_client_keeps_only_a_few_calls_waiting_at_the_scheduler(redis_url: str) -> None:
+    """`submit_direct_calls` of a client's calls wait at the scheduler (one hop less); the
+    rest wait in the relay, and a direct call that resolved makes room for another."""
+    cfg = small_config(redis_url, tag="bl", worker_concurrency=2, submit_direct_calls=4)
+    with AgentPool.start(cfg) as pool:
+        relay = ray.get_actor(f"{cfg.name}-relay", namespace="agentpool")
+        slow = _batch(10, delay_ms=3000)
+        first = pool.submit(slow)
+        _until(lambda: ray.get(relay.waiting.remote()) == 6)  # an async actor may run calls out of order
+        others = _batch(3, "other", delay_ms=1)
+        more = pool.submit(others)  # the 4 direct calls still wait
+        _until(lambda: ray.get(relay.waiting.remote()) == 9)
+        results = ray.get(first + more, timeout=120)
+        assert [r.task_id for r in results] == [t.task_id for t in slow + others]
+        assert [r.answer for r in results] == [str(i) for i in range(10)] + ["0", "1", "2"]
+        assert ray.get(relay.waiting.remote()) == 0
+        again = pool.submit(_batch(4, "third", delay_ms=1))  # room again: all four go direct
+        assert ray.get(relay.waiting.remote()) == 0
+        assert {r.status for r in ray.get(again, timeout=60)} == {"succeeded"}
 
 
 def test_later_critical_work_goes_before_a_standard_backlog(redis_url: str) -> None:
