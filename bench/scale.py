@@ -12,6 +12,17 @@ Phase 1, `enqueue` (1,000,000 tasks; 20,000 with `--quick`): detached submission
   the task itself) and `redis_overhead_bytes_per_task`, their difference (goal: 1 KB).
 - `enqueue_lost` (tasks with no record, by id) and `enqueue_tasks_done_per_s`.
 
+Phase 1b, `backlog` (1,000,000 tasks; 20,000 with `--quick`): the same detached submission
+against a provider that takes 10 minutes per call, so the whole batch waits in the backlog;
+then the scheduler is killed (SIGKILL) with it there.
+- `backlog_tasks_per_s`: tasks accepted per second, seen from the client, with nothing else
+  running; `backlog_scheduler_rss_growth_mib` at the full backlog (goal: 256 MB);
+  `backlog_redis_bytes_per_task`, `backlog_redis_payload_bytes`.
+- `backlog_lost_after_kill`: accepted tasks found neither in the backlog nor with a record
+  once the restarted scheduler has counted the backlog again; `backlog_counted_after_kill`
+  (queued plus running, as the new scheduler's `status()` says; the goal is the batch), and
+  `backlog_recovery_s`, from the kill until it says so.
+
 Phase 2, `map` (the same size): `pool.map` over a generator, window 10,000.
 - `map_driver_rss_growth_mib`: this process's largest resident memory over before (goal:
   512 MB); `map_scheduler_rss_growth_mib`, `map_lost`, `map_tasks_per_s`.
@@ -208,6 +219,57 @@ def _enqueue(n: int) -> dict[str, Any]:
     }
 
 
+def _backlog(n: int) -> dict[str, Any]:
+    cfg = _config(
+        "bench-scale-backlog",
+        max_queued=n + 10_000,
+        num_workers=1,
+        worker_concurrency=64,
+        simulator=SimulatorConfig(latency_ms=600_000, latency_sigma=0, seed=1),
+    )
+    with AgentPool.start(cfg) as pool:
+        scheduler = _process("Scheduler")
+        before = scheduler.memory_info().rss
+        peak = before
+        run = f"b{uuid.uuid4().hex[:6]}-"
+        started = time.monotonic()
+        for chunk in _chunks(n, run):
+            replies = pool.enqueue(chunk, chunk=1000)
+            if any(r["status"] != "accepted" for r in replies):
+                raise RuntimeError(f"enqueue refused tasks: {sorted({r['status'] for r in replies})}")
+            peak = max(peak, scheduler.memory_info().rss)
+        admitted_s = time.monotonic() - started
+        per_task, payload, held = _backlog_bytes(pool)
+        os.kill(scheduler.pid, 9)
+        killed = time.monotonic()
+        counted, deadline = 0, killed + 600
+        while time.monotonic() < deadline:
+            try:
+                status = pool.status()
+            except Exception:  # the scheduler is restarting
+                time.sleep(0.5)
+                continue
+            counted = status["queued"] + status["in_flight"]
+            if counted >= n:
+                break
+            time.sleep(0.5)
+        recovery_s = time.monotonic() - killed
+        _, _, held_after = _backlog_bytes(pool)
+        records = n - _missing(pool, run, n)  # none is expected: a call takes 10 minutes
+        lost = n - held_after - records
+    return {
+        "backlog_tasks_per_s": round(n / admitted_s, 1),
+        "backlog_scheduler_rss_growth_mib": round((peak - before) / 2**20, 1),
+        "backlog_redis_bytes_per_task": round(per_task, 1),
+        "backlog_redis_payload_bytes": round(payload, 1),
+        "backlog_measured": held,
+        "backlog_lost_after_kill": lost,
+        "backlog_counted_after_kill": counted,
+        "backlog_recovery_s": round(recovery_s, 1),
+        "backlog_batch": n,
+    }
+
+
 def _map(n: int) -> dict[str, Any]:
     with AgentPool.start(_config("bench-scale-map", max_queued=n + 10_000)) as pool:
         pool.run([_task(i) for i in range(200)])  # warm up
@@ -306,13 +368,27 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
     big = int(os.environ.get("BENCH_SCALE_TASKS") or (20_000 if quick else 1_000_000))
     n = 3_000 if quick else 100_000
     slow_call_ms = 8_000 if quick else SLOW_CALL_MS
-    figures = _enqueue(big) | _map(big) | _submit(n) | _loops(LOOPS, slow_call_ms)
-    figures["ray_bytes_per_pending_call"] = round(_ray_bytes_per_pending_call(5_000 if quick else 20_000))
-    figures["pending_ref_cost_ratio"] = round(
-        figures["relay_bytes_per_pending_ref"] / max(1, figures["ray_bytes_per_pending_call"]), 3
-    )
+    held = int(os.environ.get("BENCH_SCALE_BACKLOG") or (20_000 if quick else 1_000_000))
+    # BENCH_SCALE_PHASES: a comma-separated subset of the phases (a partial run, said in the config).
+    phases = os.environ.get("BENCH_SCALE_PHASES", "enqueue,backlog,map,submit,loops").split(",")
+    steps: dict[str, Callable[[], dict[str, Any]]] = {
+        "enqueue": lambda: _enqueue(big),
+        "backlog": lambda: _backlog(held),
+        "map": lambda: _map(big),
+        "submit": lambda: _submit(n),
+        "loops": lambda: _loops(LOOPS, slow_call_ms),
+    }
+    figures: dict[str, Any] = {}
+    for phase in phases:
+        figures |= steps[phase]()
+    if "submit" in phases:
+        figures["ray_bytes_per_pending_call"] = round(_ray_bytes_per_pending_call(5_000 if quick else 20_000))
+        figures["pending_ref_cost_ratio"] = round(
+            figures["relay_bytes_per_pending_ref"] / max(1, figures["ray_bytes_per_pending_call"]), 3
+        )
     notes = (
         f"enqueue and map: {big:,} one-call tasks each, zero-latency simulator, 2 workers x 256 loops, "
+        f"backlog: {held:,} tasks against a simulator taking 10 minutes per call, 1 worker x 64 loops, "
         f"the scheduler's queue window at its default (2,000). submit: {n:,} tasks in one call, figures "
         "scaled to 100k where the batch is smaller (--quick). Memory: resident set sizes of the scheduler, "
         "relay and driver processes (psutil), Redis `MEMORY USAGE` of the backlog structures. Loops: "
@@ -320,6 +396,7 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         f"{LOOPS + 200:,} loops in 2 workers. Ray's own cost per waiting call: a bare async actor holding "
         "20,000 of them (5,000 with --quick)."
     )
-    config = {"quick": quick, "enqueue": big, "map": big, "submit": n, "loops": LOOPS}
+    config = {"quick": quick, "phases": phases, "enqueue": big, "backlog": held, "map": big, "submit": n}
+    config["loops"] = LOOPS
     write(out, "scale", figures=figures, notes=notes, config=config)
     return figures
