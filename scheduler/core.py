@@ -178,6 +178,9 @@ class WaitWithinDeadline:
 
     def __call__(self, core: SchedulerCore[T], ticket: Ticket[T], now: float) -> Reject | None:
         task = ticket.task
+        limit = core.max_wait_s(task)
+        if not math.isfinite(limit):  # a batch task: it waits its turn, however long
+            return None
         must_queue = (
             core.slots.in_flight >= core.slots.capacity
             or not core.tenant_has_room(task.tenant)
@@ -186,9 +189,7 @@ class WaitWithinDeadline:
         if not must_queue and not core.queue.length(task.tenant):
             return None
         forecast = core.forecast(ticket).seconds()
-        limit = core.max_wait_s(task)
-        if math.isfinite(limit):
-            ticket.predicted_wait_s = forecast
+        ticket.predicted_wait_s = forecast
         wait = forecast * core.calibration.factor(now)
         if wait <= limit:
             return None
