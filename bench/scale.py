@@ -36,6 +36,14 @@ Phase 3, `submit` (100,000; 3,000 with `--quick`): one `pool.submit`, one ref pe
   `pending_ref_cost_ratio` the first over the second (goal: 1.1).
 - `submit_scheduler_rss_growth_mib` (goal: 256 MB).
 
+Phase 3b, `default` (100,000 tasks; 5,000 with `--quick`): the pool with its default
+configuration (2 workers x 64 loops, default admission; only the simulator answers at once),
+a batch with no deadlines through `pool.map`.
+- `default_batch_rejected`: tasks not run (goal: 0); `default_batch_tasks_per_s`.
+- `many_tenants_time_ratio`: the time 10,000 tasks (1,000 with `--quick`) from 5,000 tenants
+  (2 each) take through `submit` over the time the same tasks from one tenant take, each
+  measured twice in the order one, many, many, one (goal: at most 1.1).
+
 Phase 4, concurrency: 2,200 tasks against a simulator that takes 15 s per call (8 s with
 `--quick`), with room for 2,400 loops in two workers. `max_concurrent_loops` is the largest
 number of requests the simulator had open at once; every task must succeed.
@@ -48,6 +56,7 @@ import os
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -65,10 +74,10 @@ SLOW_CALL_MS = 15_000
 LOOPS = 2_200
 
 
-def _task(i: int, run: str = "") -> AgentTask:
+def _task(i: int, run: str = "", **fields: Any) -> AgentTask:
     """Task `i` of four tenants; with `run`, its id is `<run><i>` (so the bench can find its record)."""
     ids = {"task_id": f"{run}{i}"} if run else {}
-    return AgentTask(tenant=f"t{i % 4}", prompt=f"sim: answer ok {i}", max_tokens=64, **ids)
+    return AgentTask(tenant=f"t{i % 4}", prompt=f"sim: answer ok {i}", max_tokens=64, **ids, **fields)
 
 
 def _process(prefix: str) -> psutil.Process:
@@ -132,22 +141,20 @@ def _finished(status: dict[str, Any]) -> int:
     return sum(status["finished_by_status"].values())
 
 
-def _missing(pool: AgentPool, run: str, n: int) -> int:
-    """Tasks of the run (ids `<run><i>`) without a succeeded record."""
+def _statuses(pool: AgentPool, run: str, n: int) -> Counter[str]:
+    """The final status of each task of the run (ids `<run><i>`); `none` for no record yet."""
     client = redis.Redis.from_url(pool.redis_url, decode_responses=True)
     keys = Keys(pool.config.key_prefix)
-    missing = 0
+    out: Counter[str] = Counter()
     try:
         for start in range(0, n, 10_000):
-            ids = range(start, min(n, start + 10_000))
             pipe = client.pipeline(transaction=False)
-            for i in ids:
+            for i in range(start, min(n, start + 10_000)):
                 pipe.get(keys.result(f"t{i % 4}", f"{run}{i}"))
-            for raw in pipe.execute():
-                missing += raw is None or AgentResult.model_validate_json(raw).status != "succeeded"
+            out.update(AgentResult.model_validate_json(raw).status if raw else "none" for raw in pipe.execute())
     finally:
         client.close()
-    return missing
+    return out
 
 
 def _backlog_bytes(pool: AgentPool) -> tuple[float, float, int]:
@@ -169,9 +176,9 @@ def _backlog_bytes(pool: AgentPool) -> tuple[float, float, int]:
     return total / max(1, entries), payload / max(1, entries), entries
 
 
-def _chunks(n: int, run: str, size: int = 10_000) -> Iterator[list[AgentTask]]:
+def _chunks(n: int, run: str, size: int = 10_000, **fields: Any) -> Iterator[list[AgentTask]]:
     for start in range(0, n, size):
-        yield [_task(i, run) for i in range(start, min(n, start + size))]
+        yield [_task(i, run, **fields) for i in range(start, min(n, start + size))]
 
 
 def _wait_finished(pool: AgentPool, target: int, sample: Callable[[], None], timeout_s: float) -> None:
@@ -205,7 +212,7 @@ def _enqueue(n: int) -> dict[str, Any]:
         per_task, payload, backlog = _backlog_bytes(pool)
         _wait_finished(pool, done_before + n, sample, timeout_s=n / 50 + 600)
         complete_s = time.monotonic() - started
-        lost = _missing(pool, run, n)
+        lost = n - _statuses(pool, run, n)["succeeded"]
     return {
         "enqueue_tasks_per_s": round(n / admitted_s, 1),
         "enqueue_scheduler_rss_growth_mib": round((peak[0] - before) / 2**20, 1),
@@ -233,7 +240,9 @@ def _backlog(n: int) -> dict[str, Any]:
         peak = before
         run = f"b{uuid.uuid4().hex[:6]}-"
         started = time.monotonic()
-        for chunk in _chunks(n, run):
+        # A day's timeout: the tasks running when the scheduler is killed are still running
+        # when the backlog is counted again (none ends while the phase lasts).
+        for chunk in _chunks(n, run, timeout_s=86_400.0):
             replies = pool.enqueue(chunk, chunk=1000)
             if any(r["status"] != "accepted" for r in replies):
                 raise RuntimeError(f"enqueue refused tasks: {sorted({r['status'] for r in replies})}")
@@ -254,8 +263,9 @@ def _backlog(n: int) -> dict[str, Any]:
                 break
             time.sleep(0.5)
         recovery_s = time.monotonic() - killed
+        restarted = _process("Scheduler").memory_info().rss
         _, _, held_after = _backlog_bytes(pool)
-        records = n - _missing(pool, run, n)  # none is expected: a call takes 10 minutes
+        records = n - _statuses(pool, run, n)["none"]  # none is expected: a call takes 10 minutes
         lost = n - held_after - records
     return {
         "backlog_tasks_per_s": round(n / admitted_s, 1),
@@ -265,8 +275,48 @@ def _backlog(n: int) -> dict[str, Any]:
         "backlog_measured": held,
         "backlog_lost_after_kill": lost,
         "backlog_counted_after_kill": counted,
+        "backlog_records_after_kill": records,
+        # The restarted scheduler's memory over the first one's before the batch: a count per
+        # tenant and class, and its window, whatever the backlog.
+        "backlog_restarted_scheduler_rss_over_before_mib": round((restarted - before) / 2**20, 1),
         "backlog_recovery_s": round(recovery_s, 1),
         "backlog_batch": n,
+    }
+
+
+def _default(n: int, pairs: int) -> dict[str, Any]:
+    cfg = PoolConfig(
+        name="bench-scale-default",
+        simulator=SimulatorConfig(latency_ms=0, latency_sigma=0, seed=1),
+        stream_maxlen=2 * n,
+    )
+    with AgentPool.start(cfg) as pool:
+        pool.run([_task(i) for i in range(200)])  # warm up
+        run = f"d{uuid.uuid4().hex[:6]}-"
+        started = time.monotonic()
+        statuses = Counter(r.status for r in pool.map((_task(i, run) for i in range(n)), window=10_000))
+        batch_s = time.monotonic() - started
+
+        def timed(tenant: Callable[[int], str]) -> float:
+            tasks = [AgentTask(tenant=tenant(i), prompt=f"sim: answer ok {i}", max_tokens=64) for i in range(2 * pairs)]
+            begun = time.monotonic()
+            require_succeeded(ray.get(pool.submit(tasks)), "tenants")
+            return time.monotonic() - begun
+
+        solo = uuid.uuid4().hex[:6]
+        one = timed(lambda i: f"solo-{solo}")
+        many = timed(lambda i: f"m{i // 2}")
+        many += timed(lambda i: f"n{i // 2}")
+        one += timed(lambda i: f"solo-{solo}")
+    return {
+        "default_batch_rejected": n - statuses.get("succeeded", 0),
+        "default_batch_statuses": dict(statuses),
+        "default_batch_tasks_per_s": round(n / batch_s, 1),
+        "default_batch": n,
+        "many_tenants_time_ratio": round(many / one, 3),
+        "many_tenants_s": round(many / 2, 2),
+        "one_tenant_s": round(one / 2, 2),
+        "many_tenants_tasks": 2 * pairs,
     }
 
 
@@ -370,12 +420,13 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
     slow_call_ms = 8_000 if quick else SLOW_CALL_MS
     held = int(os.environ.get("BENCH_SCALE_BACKLOG") or (20_000 if quick else 1_000_000))
     # BENCH_SCALE_PHASES: a comma-separated subset of the phases (a partial run, said in the config).
-    phases = os.environ.get("BENCH_SCALE_PHASES", "enqueue,backlog,map,submit,loops").split(",")
+    phases = os.environ.get("BENCH_SCALE_PHASES", "enqueue,backlog,map,submit,default,loops").split(",")
     steps: dict[str, Callable[[], dict[str, Any]]] = {
         "enqueue": lambda: _enqueue(big),
         "backlog": lambda: _backlog(held),
         "map": lambda: _map(big),
         "submit": lambda: _submit(n),
+        "default": lambda: _default(5_000 if quick else 100_000, 500 if quick else 5_000),
         "loops": lambda: _loops(LOOPS, slow_call_ms),
     }
     figures: dict[str, Any] = {}
@@ -389,6 +440,7 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
     notes = (
         f"enqueue and map: {big:,} one-call tasks each, zero-latency simulator, 2 workers x 256 loops, "
         f"backlog: {held:,} tasks against a simulator taking 10 minutes per call, 1 worker x 64 loops, "
+        "default: the default PoolConfig (2 workers x 64 loops) with a zero-latency simulator, "
         f"the scheduler's queue window at its default (2,000). submit: {n:,} tasks in one call, figures "
         "scaled to 100k where the batch is smaller (--quick). Memory: resident set sizes of the scheduler, "
         "relay and driver processes (psutil), Redis `MEMORY USAGE` of the backlog structures. Loops: "
