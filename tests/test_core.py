@@ -827,3 +827,24 @@ def test_the_heap_sheds_its_stale_entries_and_still_chooses_right() -> None:
     assert len(queue._heap) <= 2 * 2 + 64 + 1
     assert queue.pop() == ("b", 2)
     assert queue.pop() == ("a", 1)
+
+
+def test_a_tenants_share_is_its_weight_over_the_backlogged_weights() -> None:
+    core = core_of(workers=1, slots=1)  # b's cap of 1 is the whole pool: its weight decides
+    queued(core, task("a", 1))
+    assert core.forecast(core.ticket("x", task("b", 2))).share == 2 / 3
+
+
+def test_tick_watches_the_oldest_interactive_wait_not_the_newest() -> None:
+    core = core_of(workers=1, slots=1)
+    core.slots.close(0)
+    core.slots.add()
+    core.mean_run_s = 0.001
+    busy = queued(core, task("c", 0))
+    core.dispatch(0.0)
+    queued(core, task("a", 1, deadline_s=60.0), now=0.0)
+    queued(core, task("a", 2, deadline_s=60.0), now=0.9)
+    core.tick(1.0)  # the oldest waited 1 s, above the 0.5 s target; the newest 0.1 s
+    core.tick(2.0)
+    assert core.detector.level(2.0) == 1
+    core.finish(busy)
