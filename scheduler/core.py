@@ -216,14 +216,7 @@ class QueueBound:
                 f"queue is full ({core.waiting} tasks waiting)",
                 _retry_hint(wait) if math.isfinite(wait) else UNKNOWN_WAIT_RETRY_S,
             )
-        evicted = victim[1]
-        evicted.place = Place.OUT
-        return Drop(
-            evicted,
-            ErrorReason.EVICTED,
-            f"made room for {task.priority} work of another tenant",
-            core.config.admission.interval_s,
-        )
+        return core.dropped(victim[1], ErrorReason.EVICTED, f"made room for {task.priority} work of another tenant")
 
 
 def _retry_hint(seconds: float) -> float:
@@ -436,6 +429,11 @@ class SchedulerCore(Generic[T]):
         some key stopped being capped (dispatch may go on)."""
         return self.models.backlog(waiting)
 
+    def dropped(self, ticket: Ticket[T], reason: ErrorReason, why: str) -> Drop[T]:
+        """Ends a ticket already out of the queue without running it (retry after an interval)."""
+        ticket.place = Place.OUT
+        return Drop(ticket, reason, why, self.config.admission.interval_s)
+
     def report_wait(self, ticket: Ticket[T], waited: float, now: float) -> None:
         """Reports a forecast task's wait to the calibration (once: dispatched or dropped)."""
         if ticket.predicted_wait_s is not None:
@@ -451,12 +449,8 @@ class SchedulerCore(Generic[T]):
     def _expire(self, ticket: Ticket[T], waited: float, now: float) -> Drop[T]:
         """A task, out of the queue now, that waited longer than it may."""
         self.report_wait(ticket, waited, now)
-        ticket.place = Place.OUT
-        return Drop(
-            ticket,
-            ErrorReason.QUEUE_TIMEOUT,
-            f"waited {waited:.1f}s, longer than its {ticket.max_wait_s:.1f}s",
-            self.config.admission.interval_s,
+        return self.dropped(
+            ticket, ErrorReason.QUEUE_TIMEOUT, f"waited {waited:.1f}s, longer than its {ticket.max_wait_s:.1f}s"
         )
 
     def _account(self, ticket: Ticket[T], result: AgentResult) -> None:

@@ -380,17 +380,31 @@ def test_a_pause_is_reported_to_the_millisecond() -> None:
     assert buckets.snapshot(0.0)["paused_for_s"] == 12.346
 
 
-def test_idle_tenants_are_forgotten_beyond_the_limit_only_at_or_below_the_backlogged_minimum() -> None:
+def _full_memory() -> FairQueue[int]:
+    """A queue remembering as many idle tenants as it may (counters 0 .. 9,999), with `busy`
+    (served 5,000) and `other` (lifted to it) backlogged."""
     queue: FairQueue[int] = FairQueue(lambda t: 1.0)
     queue.counters.update({f"idle{i}": float(i) for i in range(MAX_REMEMBERED_TENANTS)})
     queue.push("busy", "standard", 1)
     queue.charge("busy", 5000)
     queue.push("other", "standard", 2)
+    return queue
+
+
+def test_idle_tenants_are_forgotten_beyond_the_limit_only_at_or_below_the_backlogged_minimum() -> None:
+    queue = _full_memory()
     assert queue.counters["other"] == 5000.0  # lifted to the backlogged minimum
     assert queue.pop() == ("busy", 1)  # a tie: busy waited longer; now idle, 10,002 remembered
     assert "busy" not in queue.counters and "idle5000" not in queue.counters  # at the floor: gone
     assert "idle5001" in queue.counters and queue.counters["other"] == 5000.0
     assert len(queue.counters) == 4999 + 1
+
+
+def test_forgetting_idle_tenants_uses_the_backlogged_minimum_not_the_last_served() -> None:
+    queue = _full_memory()
+    queue.charge("elsewhere", 7000)  # not backlogged: the last served is now 7,000
+    assert queue.pop() == ("busy", 1)
+    assert "idle5000" not in queue.counters and "idle5001" in queue.counters  # floor: other's 5,000
 
 
 def test_nobody_is_forgotten_at_the_limit_and_with_no_backlog_the_floor_is_the_last_served() -> None:
