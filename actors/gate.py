@@ -19,6 +19,7 @@ from typing import Any
 from agentpool import telemetry as tm
 from agentpool.background import Background
 from agentpool.cluster.budgets import BudgetLedger, Reservation
+from agentpool.cluster.connection import Scripted
 from agentpool.models import TenantPolicy, Usage
 from agentpool.pricing import PriceTable
 
@@ -50,6 +51,15 @@ def remaining_from_headers(headers: Mapping[str, str] | None) -> dict[str, float
         except ValueError:
             continue
     return out
+
+
+@dataclass(frozen=True)
+class Unsettled:
+    """Usage taken from a gate to be recorded (`TaskGate.unsettled`), and its write."""
+
+    usage: Usage
+    calls: int
+    write: Scripted
 
 
 @dataclass
@@ -88,6 +98,9 @@ class TaskGate:
         self._limited = limited
         self._tenant_limited = bool(policy.limits.per_minute())
         self._pending = Background()
+        #: Usage no budget reserved and no write has recorded yet (see `unsettled`).
+        self._unsettled: Usage | None = None
+        self._unsettled_calls = 0
         #: Time this task's calls spent waiting for rate permits (the scheduler learns from it).
         self.permit_wait_s = 0.0
 
@@ -140,10 +153,33 @@ class TaskGate:
             }
             self._limiter.release.remote(ticket.lease_id, counted, remaining or None, None, ticket.model)
         priced = self._prices.priced(ticket.model, Usage.from_api(usage))
+        if ticket.reservation is None:
+            # No budget to release: the usage goes to Redis with the task's next write (its
+            # checkpoint or its record, see `unsettled`), in the same round trip.
+            self._unsettled = priced if self._unsettled is None else self._unsettled + priced
+            self._unsettled_calls += 1
+            return
         # Off the call's path: a reservation already holds the worst case, so settling late
         # only lowers what is counted; if this process dies first, the reservation expires
         # into spending (never less than was used).
         self._spawn(self._ledger.settle(self._tenant, ticket.reservation, priced))
+
+    def unsettled(self) -> Unsettled | None:
+        """Takes the usage of this task's calls that no budget reserved and no write has
+        recorded yet, as a write to send with the task's next one; None if there is none.
+        Sent with a checkpoint, usage is counted once per run of the turns it produced: a run
+        that resumes from the checkpoint makes (and counts) only the calls after it. If the
+        write fails, give it back with `unsent`."""
+        if self._unsettled is None:
+            return None
+        usage, calls = self._unsettled, self._unsettled_calls
+        self._unsettled, self._unsettled_calls = None, 0
+        return Unsettled(usage, calls, self._ledger.settle_write(self._tenant, None, usage, calls))
+
+    def unsent(self, taken: Unsettled) -> None:
+        """A write carrying `taken` failed: its usage goes with the next one."""
+        self._unsettled = taken.usage if self._unsettled is None else self._unsettled + taken.usage
+        self._unsettled_calls += taken.calls
 
     def abandon(self, ticket: Ticket) -> None:
         # The rate permit goes back at once. The budget reservation stays: the request may

@@ -167,10 +167,20 @@ class AgentWorker(Telemetered):
         heartbeat = asyncio.ensure_future(self._renew(dispatch)) if begun.leased else None
         # A paused task's checkpoint must outlive its wait for approval.
         ttl_s = max(self.config.checkpoint_ttl_s, int(self.config.approval_timeout_s) + 3600)
-        checkpoints = Checkpointer(
-            functools.partial(self._store.save_checkpoint, task.tenant, task.task_id, ttl_s=ttl_s)
-        )
         gate: TaskGate | None = None
+
+        async def save(payload: str) -> None:
+            # The usage of the turns this state holds goes with it, in the same round trip.
+            taken = gate.unsettled() if gate is not None else None
+            also = (taken.write,) if taken is not None else ()
+            try:
+                await self._store.save_checkpoint(task.tenant, task.task_id, payload, ttl_s=ttl_s, also=also)
+            except BaseException:
+                if gate is not None and taken is not None:
+                    gate.unsent(taken)
+                raise
+
+        checkpoints = Checkpointer(save)
         loop: AgentLoop | None = None
         try:
             state = _loaded(begun.checkpoint, LoopState)
@@ -225,6 +235,7 @@ class AgentWorker(Telemetered):
                 heartbeat.cancel()
         if isinstance(outcome, Paused):
             await checkpoints.flush()  # the pause is in Redis before the slot is given back
+            await self._settle(task.tenant, gate)
             await self._release(dispatch)
             await emit(events.ApprovalRequested(tools=outcome.tools, deadline_unix=outcome.deadline_unix))
             await self._store.flush()
@@ -241,25 +252,35 @@ class AgentWorker(Telemetered):
             permit_wait_ms=round(gate.permit_wait_s * 1000, 3) if gate is not None else 0.0,
             total_ms=round(total_ms, 3),
         )
-        stored, created = await self._store.write_result(result)
-        if created and stored.status == "budget_exhausted":
-            reason = stored.error.reason if stored.error else None
-            message = stored.error.message if stored.error else ""
-            await emit(events.BudgetExceeded(reason=reason, message=message))
-        if created:
-            await emit(
-                events.TaskEnd(
-                    status=stored.status,
-                    cost_usd=stored.usage.cost_usd,
-                    models=loop.state.models if loop is not None else [],
-                    iterations=stored.iterations,
-                    usage=stored.usage,
-                    timings=stored.timings,
-                    error=stored.error,
-                )
+        # One round trip: this process's queued events, the usage no write has recorded yet,
+        # the record, and (only if this write creates the record) the task's last events.
+        ending: list[Event] = []
+        if result.status == TaskStatus.BUDGET_EXHAUSTED:
+            error = result.error
+            message = error.message if error else ""
+            ending.append(events.BudgetExceeded(reason=error.reason if error else None, message=message))
+        ending.append(
+            events.TaskEnd(
+                status=result.status,
+                cost_usd=result.usage.cost_usd,
+                models=loop.state.models if loop is not None else [],
+                iterations=result.iterations,
+                usage=result.usage,
+                timings=result.timings,
+                error=result.error,
             )
-        await self._store.flush()  # this task's events are in Redis when its result is returned
+        )
+        taken = gate.unsettled() if gate is not None else None
+        also = (taken.write,) if taken is not None else ()
+        stored, _ = await self._store.write_result(result, events=ending, also=also)
         return stored
+
+    async def _settle(self, tenant: str, gate: TaskGate | None) -> None:
+        """Records the usage no write has recorded yet (a task that stops to wait for approval)."""
+        taken = gate.unsettled() if gate is not None else None
+        if taken is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._ledger.settle(tenant, None, taken.usage, taken.calls)
 
     async def _begin(self, dispatch: Dispatch, emit: Any) -> RunStart | AgentResult:
         """Takes the task's lease, or waits while another live run holds it: for that run's

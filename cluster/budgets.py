@@ -22,6 +22,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from agentpool.budgets import Limits, admission_check
+from agentpool.cluster.connection import Scripted
 from agentpool.cluster.keys import Keys
 from agentpool.errors import BudgetExceeded
 from agentpool.models import TenantPolicy, Usage
@@ -94,7 +95,7 @@ if lease ~= '' then
     swept = true
   end
 end
-if #ARGV == 7 then
+if #ARGV == 8 then
   if not swept then
     local i, o, cr, cw = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
     redis.call('HINCRBY', key, 'tokens', i + o + cr + cw)
@@ -104,7 +105,7 @@ if #ARGV == 7 then
     redis.call('HINCRBY', key, 'cache_creation_input_tokens', cw)
     redis.call('HINCRBYFLOAT', key, 'cost_usd', tonumber(ARGV[6]))
   end
-  redis.call('HINCRBY', key, 'calls', 1)
+  redis.call('HINCRBY', key, 'calls', tonumber(ARGV[7]))
 end
 redis.call('EXPIRE', key, ARGV[#ARGV])
 return 1
@@ -198,19 +199,25 @@ class BudgetLedger:
             raise _budget_error(tenant, ErrorReason(why), now, await self.spent(tenant))
         return Reservation(key, lease_id)
 
-    async def settle(self, tenant: str, reservation: Reservation | None, usage: Usage) -> None:
-        """Records a call's actual usage, releasing its reservation (if any)."""
+    async def settle(self, tenant: str, reservation: Reservation | None, usage: Usage, calls: int = 1) -> None:
+        """Records the actual usage of `calls` calls, releasing their reservation (if any)."""
+        write = self.settle_write(tenant, reservation, usage, calls)
+        await self._script("settle", _SETTLE)(keys=list(write.keys), args=list(write.args))
+
+    def settle_write(self, tenant: str, reservation: Reservation | None, usage: Usage, calls: int = 1) -> Scripted:
+        """`settle` as a write to send in a pipeline with others (`ResultStore.write_result`)."""
         key = reservation.key if reservation else self._keys.usage(tenant, utc_day(self._now()))
-        args = [
+        args = (
             reservation.lease_id if reservation else "",
             usage.input_tokens,
             usage.output_tokens,
             usage.cache_read_input_tokens,
             usage.cache_creation_input_tokens,
             repr(float(usage.cost_usd)),
+            calls,
             _DAY_KEY_TTL_S,
-        ]
-        await self._script("settle", _SETTLE)(keys=[key], args=args)
+        )
+        return Scripted(_SETTLE, (key,), args)
 
     async def refund(self, reservation: Reservation | None) -> None:
         """Gives a failed or abandoned call's reservation back."""

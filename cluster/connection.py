@@ -17,12 +17,13 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
+from redis.typing import EncodableT, FieldT
 
 from agentpool.background import Background
 from agentpool.cluster.acl import display_url
@@ -38,6 +39,29 @@ MAX_PENDING_WRITES = 20_000
 #: Retry delays of the outbox while Redis is away: first, growth, longest.
 _RETRY_FIRST_S, _RETRY_GROWTH, _RETRY_MAX_S = 0.05, 2.0, 2.0
 REDIS_DOWN = (RedisError, OSError)
+#: Events sent in one pipeline, at most.
+_EVENT_BATCH = 500
+
+
+def raised(value: Any) -> Any:
+    """A pipelined command's result (`StoreBase._pipelined`), or the error it failed with, raised."""
+    if isinstance(value, Exception):
+        raise value
+    return value
+
+
+@dataclass(frozen=True)
+class Scripted:
+    """A Lua script's call, to run in a pipeline with other writes (`ResultStore.write_result`'s
+    `also`): sent as EVAL, so a pipeline of them costs one round trip whether or not Redis has
+    the script cached."""
+
+    source: str
+    keys: tuple[str, ...]
+    args: tuple[str | int | float, ...]
+
+    def add_to(self, pipe: Any) -> None:
+        pipe.eval(self.source, len(self.keys), *self.keys, *self.args)
 
 
 @dataclass(frozen=True)
@@ -79,6 +103,8 @@ class StoreBase(ABC):
         self._lookups: list[tuple[PendingAdmission, asyncio.Future[Any]]] = []
         self._background = Background()
         self._kick: asyncio.Task[None] | None = None
+        #: Writes waiting to go with the next batch of events (`_pipelined`).
+        self._ops: list[tuple[Callable[[Any], int], asyncio.Future[list[Any]]]] = []
         self._flush_lock = asyncio.Lock()
         self._outbox: deque[AgentResult | PendingAdmission] = deque()
         self._drainer: asyncio.Task[None] | None = None
@@ -168,6 +194,58 @@ class StoreBase(ABC):
                 await asyncio.sleep(delay)
                 delay = min(delay * _RETRY_GROWTH, _RETRY_MAX_S)
         self._up()
+
+    async def _pipelined(self, add: Callable[[Any], int]) -> list[Any]:
+        """Sends the commands `add` puts on a pipeline (it returns how many) with the next
+        batch of this process's writes, after the events queued before it; returns their
+        results, each an exception if its command failed. Ops and events queued in one turn
+        of the event loop share one round trip, so under load a task's writes cost a share
+        of one, and alone they cost one.
+
+        Raises:
+            RedisError, OSError: If Redis could not be reached.
+        """
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._ops.append((add, future))
+        self._kick_flush()
+        return await future
+
+    def _kick_flush(self) -> None:
+        if self._kick is None:
+            self._kick = asyncio.get_running_loop().create_task(self.flush())
+
+    async def _send_queued(self) -> None:
+        """Sends the queued events and ops in order, in pipelines of at most `_EVENT_BATCH`
+        events (ops go with the last). Events stay queued (for the outbox) if Redis fails;
+        the ops in flight hear of the failure."""
+        async with self._flush_lock:  # one batch at a time keeps the events in order
+            self._kick = None
+            while self._events or self._ops:
+                batch = self._events[:_EVENT_BATCH]
+                ops: list[tuple[Callable[[Any], int], asyncio.Future[list[Any]]]] = []
+                if len(self._events) <= _EVENT_BATCH:
+                    ops, self._ops = self._ops, []
+                try:
+                    pipe = self.redis.pipeline(transaction=False)
+                    for key, entry, maxlen in batch:
+                        pipe.xadd(key, cast("dict[FieldT, EncodableT]", entry), maxlen=maxlen, approximate=True)
+                    counts = [add(pipe) for add, _ in ops]
+                    results = await pipe.execute(raise_on_error=False)
+                except BaseException as exc:
+                    for _, future in ops:
+                        if not future.done():
+                            future.set_exception(exc)
+                    raise
+                del self._events[: len(batch)]
+                failed = [r for r in results[: len(batch)] if isinstance(r, Exception)]
+                if failed:  # refused, not lost in transit: sending them again would not help
+                    self.events_dropped += len(failed)
+                    log.error("Redis refused %d events: %s", len(failed), failed[0])
+                at = len(batch)
+                for (_, future), count in zip(ops, counts, strict=True):
+                    if not future.done():
+                        future.set_result(list(results[at : at + count]))
+                    at += count
 
     @property
     def backlog(self) -> dict[str, int]:

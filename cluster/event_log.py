@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sys
 import time
-from typing import Any, cast
-
-from redis.typing import EncodableT, FieldT
+from typing import Any
 
 from agentpool.cluster.connection import MAX_PENDING_EVENTS, REDIS_DOWN, StoreBase
 from agentpool.events import Event
@@ -17,8 +14,6 @@ from agentpool.redact import redact_fields
 
 #: One JSON line per structured event, when `PoolConfig.event_log` is on.
 EVENT_LOG = logging.getLogger("agentpool.events")
-#: Events sent in one pipeline.
-_EVENT_BATCH = 500
 
 
 def log_events_to_stderr() -> None:
@@ -46,19 +41,26 @@ class EventLog(StoreBase):
         While Redis is unreachable they wait here, up to `MAX_PENDING_EVENTS`, and the outbox
         retries them; beyond that the oldest are dropped and counted in `events_dropped`.
         """
-        fields = event.data()
-        fields = redact_fields(fields, self._pii(tenant))
-        entry = {
+        entry = self._entry(tenant, event, task_id=task_id, trace_id=trace_id)
+        self._logged(tenant, entry)
+        self._queue((self.keys.events(tenant), entry, self._maxlen))
+
+    def _entry(self, tenant: str, event: Event, *, task_id: str, trace_id: str) -> dict[str, str]:
+        """An event's entry in its tenant's stream, with the tenant's PII redaction applied."""
+        fields = redact_fields(event.data(), self._pii(tenant))
+        return {
             "event": event.TYPE.value,
             "task_id": task_id,
             "trace_id": trace_id,
             "ts": f"{time.time():.6f}",
             "data": json.dumps(fields, default=str, separators=(",", ":")),
         }
+
+    def _logged(self, tenant: str, entry: dict[str, str]) -> None:
+        """The event log's line for an entry written to the stream (`PoolConfig.event_log`)."""
         if self._event_log:
             log_events_to_stderr()
-            EVENT_LOG.info(json.dumps({"tenant": tenant, **entry, "data": fields}, default=str))
-        self._queue((self.keys.events(tenant), entry, self._maxlen))
+            EVENT_LOG.info(json.dumps({"tenant": tenant, **entry, "data": json.loads(entry["data"])}, default=str))
 
     def audit(self, tenant: str, **fields: Any) -> None:
         """Appends one entry to the tenant's append-only audit trail (`...:audit` stream; see
@@ -74,8 +76,7 @@ class EventLog(StoreBase):
         if len(self._events) > MAX_PENDING_EVENTS:
             del self._events[0]
             self.events_dropped += 1
-        if self._kick is None:
-            self._kick = asyncio.get_running_loop().create_task(self.flush())
+        self._kick_flush()
 
     @property
     def pending_events(self) -> int:
@@ -83,20 +84,9 @@ class EventLog(StoreBase):
 
     async def flush(self) -> None:
         """Sends every queued event; leaves them queued (for the outbox to retry) if Redis fails."""
-        async with self._flush_lock:  # one batch at a time keeps the events in order
-            self._kick = None
-            while self._events:
-                batch = self._events[:_EVENT_BATCH]
-                pipe = self.redis.pipeline(transaction=False)
-                for key, entry, maxlen in batch:
-                    # redis-py types the fields as a dict of its own key and value unions.
-                    fields = cast("dict[FieldT, EncodableT]", entry)
-                    pipe.xadd(key, fields, maxlen=maxlen, approximate=True)
-                try:
-                    await pipe.execute()
-                except REDIS_DOWN as exc:
-                    self._down(exc)
-                    if self._drainer is None or self._drainer.done():
-                        self._drainer = self._spawn(self._drain())
-                    return
-                del self._events[: len(batch)]
+        try:
+            await self._send_queued()
+        except REDIS_DOWN as exc:
+            self._down(exc)
+            if self._drainer is None or self._drainer.done():
+                self._drainer = self._spawn(self._drain())

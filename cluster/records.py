@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-from agentpool.cluster.connection import REDIS_DOWN, StoreBase
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from agentpool.cluster.connection import REDIS_DOWN, Scripted, StoreBase, raised
+from agentpool.events import Event
 from agentpool.models import AgentResult
 from agentpool.redact import redact_record
+
+log = logging.getLogger("agentpool.store")
 
 # Writes the final record and its stream entry in one atomic step, only if no record exists
 # for this task_id yet. A task that ran twice (after a crash, or submitted twice) therefore
@@ -26,41 +33,98 @@ else
   redis.call('SET', KEYS[1], ARGV[1])
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'task_id', ARGV[2], 'status', ARGV[3], 'result', ARGV[1])
+for i = 7, #ARGV, 5 do
+  redis.call('XADD', KEYS[11], 'MAXLEN', '~', ARGV[6], '*', 'event', ARGV[i], 'task_id', ARGV[i + 1],
+    'trace_id', ARGV[i + 2], 'ts', ARGV[i + 3], 'data', ARGV[i + 4])
+end
 return {1, ARGV[1]}
 """
+#: The fields of an event's stream entry, in the order `_WRITE_ONCE` takes them.
+_EVENT_FIELDS = ("event", "task_id", "trace_id", "ts", "data")
 
 
 class FinalRecords(StoreBase):
-    async def write_result(self, result: AgentResult) -> tuple[AgentResult, bool]:
+    async def write_result(
+        self, result: AgentResult, *, events: Sequence[Event] = (), also: Sequence[Scripted] = ()
+    ) -> tuple[AgentResult, bool]:
         """Writes the final record unless one exists. Returns (the stored record, created).
 
+        One round trip: the events queued in this process go first, then `also` (the task's
+        usage, say), then the record, with `events` (the task's last ones) added to the
+        tenant's stream in the same atomic step only if this write creates the record. So a
+        record's events are in Redis when it is, and a task that ran twice ends once.
+
         If Redis is unreachable the record waits in the outbox, and is reported as created:
-        the caller has no other record to return. The tenant's PII redaction applies to the
-        answer and the error message first; the record returned is the one written.
+        the caller has no other record to return; its `events` wait with the other events.
+        The tenant's PII redaction applies to the answer and the error message first; the
+        record returned is the one written.
         """
         result = redact_record(result, self._pii(result.tenant))
         if self._outbox:  # keep order behind what is already waiting
-            self._buffer(result)
-            return result, True
+            return self._wait_for_redis(result, events)
+        entries = [self._entry(result.tenant, e, task_id=result.task_id, trace_id=result.trace_id) for e in events]
+
+        def add(pipe: Any) -> int:
+            for write in also:
+                write.add_to(pipe)
+            self._add_write(pipe, result, entries)
+            return len(also) + 1
+
         try:
-            return await self._write(result)
+            results = await self._pipelined(add)
+            created, stored = raised(results[-1])
+            for failed in (r for r in results[:-1] if isinstance(r, Exception)):
+                log.warning("a write sent with the record of task %s failed: %s", result.task_id, failed)
         except REDIS_DOWN as exc:
             self._down(exc)
-            self._buffer(result)
-            return result, True
+            return self._wait_for_redis(result, events)
+        if not created:
+            return AgentResult.model_validate_json(stored), False
+        for entry in entries:
+            self._logged(result.tenant, entry)
+        return result, True
 
-    async def _write(self, result: AgentResult) -> tuple[AgentResult, bool]:
+    def _wait_for_redis(self, result: AgentResult, events: Sequence[Event]) -> tuple[AgentResult, bool]:
+        for event in events:
+            self.post(result.tenant, event, task_id=result.task_id, trace_id=result.trace_id)
+        self._buffer(result)
+        return result, True
+
+    def _add_write(self, pipe: Any, result: AgentResult, entries: Sequence[dict[str, str]] = ()) -> None:
         t, task_id = result.tenant, result.task_id
-        created, stored = await self._script("write", _WRITE_ONCE)(
-            keys=[
+        Scripted(
+            _WRITE_ONCE,
+            keys=(
                 self.keys.result(t, task_id),
                 self.keys.results(t),
                 self.keys.admitted(t, self.pool),
                 *self.keys.task_keys(t, task_id),
                 *self.keys.backlogs(t, self.pool),
-            ],
-            args=[result.model_dump_json(), task_id, result.status, self._ttl, self._maxlen],
-        )
+                self.keys.events(t),
+            ),
+            args=(
+                result.model_dump_json(),
+                task_id,
+                result.status,
+                self._ttl,
+                self._maxlen,
+                self._maxlen,
+                *(entry[field] for entry in entries for field in _EVENT_FIELDS),
+            ),
+        ).add_to(pipe)
+
+    async def _write(self, result: AgentResult) -> tuple[AgentResult, bool]:
+        pipe = self.redis.pipeline(transaction=False)
+        self._add_write(pipe, result)
+        ((created, stored),) = await pipe.execute()
         if created:
             return result, True
         return AgentResult.model_validate_json(stored), False
+
+    if TYPE_CHECKING:  # EventLog's; declared here for the type checker only
+
+        def _entry(self, tenant: str, event: Event, *, task_id: str, trace_id: str) -> dict[str, str]: ...
+
+        def _logged(self, tenant: str, entry: dict[str, str]) -> None: ...
+
+        def post(self, tenant: str, event: Event, *, task_id: str, trace_id: str) -> None: ...

@@ -3,9 +3,11 @@ checkpoint, and the marks a later run reads as it starts (cancel request, approv
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from agentpool.cluster.connection import StoreBase
+from agentpool.cluster.connection import Scripted, StoreBase, raised
 from agentpool.models import AgentResult
 
 # Refreshes a run's lease, or deletes it (ARGV[2] == 0), only while that run holds it.
@@ -33,14 +35,17 @@ class Runs(StoreBase):
         """Takes the task's lease (unless another run holds it) and reads what an earlier run
         left: its checkpoint, a cancel request, an approval decision, or its final record."""
         checkpoint, lease, cancel, approval = self.keys.task_keys(tenant, task_id)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.set(lease, run_id, nx=True, px=lease_ms)
-        pipe.get(lease)
-        pipe.get(checkpoint)
-        pipe.exists(cancel)
-        pipe.get(approval)
-        pipe.get(self.keys.result(tenant, task_id))
-        leased, holder, saved, cancelled, decision, raw = await pipe.execute()
+
+        def add(pipe: Any) -> int:
+            pipe.set(lease, run_id, nx=True, px=lease_ms)
+            pipe.get(lease)
+            pipe.get(checkpoint)
+            pipe.exists(cancel)
+            pipe.get(approval)
+            pipe.get(self.keys.result(tenant, task_id))
+            return 6
+
+        leased, holder, saved, cancelled, decision, raw = map(raised, await self._pipelined(add))
         return RunStart(
             leased=bool(leased),
             holder=holder,
@@ -64,5 +69,16 @@ class Runs(StoreBase):
         """Tells a run of the task that starts or resumes later (anywhere) to end at once."""
         await self.redis.set(self.keys.cancel(tenant, task_id), reason, ex=86_400)
 
-    async def save_checkpoint(self, tenant: str, task_id: str, payload: str, ttl_s: int) -> None:
-        await self.redis.set(self.keys.checkpoint(tenant, task_id), payload, ex=ttl_s)
+    async def save_checkpoint(
+        self, tenant: str, task_id: str, payload: str, ttl_s: int, also: Sequence[Scripted] = ()
+    ) -> None:
+        """Saves a run's state, and `also` (the usage of the calls it holds) in the same round trip."""
+        key = self.keys.checkpoint(tenant, task_id)
+
+        def add(pipe: Any) -> int:
+            pipe.set(key, payload, ex=ttl_s)
+            for write in also:
+                write.add_to(pipe)
+            return 1 + len(also)
+
+        raised((await self._pipelined(add))[0])

@@ -62,6 +62,8 @@ class BacklogWindow:
     _cursors: dict[Key, str]
     _deferred: dict[str, Job]
     _puller: asyncio.Task[None] | None
+    #: Tasks whose jobs ended while a read of the backlog was in flight; None when none is.
+    _ended_in_read: set[str] | None
     _admission: Admission
 
     if TYPE_CHECKING:  # Scheduler's; declared here for the type checker only
@@ -88,6 +90,7 @@ class BacklogWindow:
         self._cursors = {}
         self._deferred = {}
         self._puller = None
+        self._ended_in_read = None
 
     def _set_waiting(self, key: Key, count: int) -> None:
         count = max(0, count)
@@ -233,23 +236,33 @@ class BacklogWindow:
             order = self._pull_order(self.config.queue_window - len(self._core.queue))
             deferrals = {key: self._deferrals[key] for key, _ in order}
             reads = [(t, p, self._cursors.get((t, p), "-inf"), n) for (t, p), n in order]
+            self._ended_in_read = set()
             try:
                 pulled = await self._store.pull(reads)
             except REDIS_DOWN as exc:
                 log.warning("could not read the backlog (%s); trying again", exc)
                 await asyncio.sleep(_PULL_RETRY_S)
                 continue
+            finally:
+                ended, self._ended_in_read = self._ended_in_read, None
             for (key, _), result in zip(order, pulled, strict=True):
                 self._cursors[key] = result.cursor
-                fresh = sum(self._take(task_id, entry) for task_id, _, entry in result.entries)
+                fresh = sum(self._take(task_id, entry, ended) for task_id, _, entry in result.entries)
                 self._set_waiting(key, self._waiting[key] - fresh)
                 if not result.left and deferrals[key] == self._deferrals[key]:
                     self._set_waiting(key, 0)  # read to the end: nothing of this class waits there
             self._pump()
 
-    def _take(self, task_id: str, entry: str) -> bool:
-        """Queues a task read from the backlog; False if it is in memory already."""
-        if task_id in self._jobs:
+    def _note_ended(self, task_id: str) -> None:
+        """A job ended. If a read of the backlog is in flight, its answer may hold the task
+        still (read while the job ran): it must not be taken again, nor counted as read."""
+        if self._ended_in_read is not None:
+            self._ended_in_read.add(task_id)
+
+    def _take(self, task_id: str, entry: str, ended: set[str]) -> bool:
+        """Queues a task read from the backlog; False if it is in memory already, or its job
+        ended while the read was in flight (its record is written)."""
+        if task_id in self._jobs or task_id in ended:
             return False
         job = self._deferred.pop(task_id, None)
         if job is not None:

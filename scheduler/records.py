@@ -69,6 +69,8 @@ class Records:
 
         def _observe_end(self, job: Job, result: AgentResult | None) -> None: ...
 
+        def _note_ended(self, task_id: str) -> None: ...
+
     def _ended(self, life: asyncio.Task[AgentResult | None], job: Job) -> None:
         """Resolves the job whatever its life did: every waiter (a `run` call, `enqueue`,
         `cancel`) gets a record, even when the life itself failed (a bug of ours)."""
@@ -87,6 +89,8 @@ class Records:
             log.error("task %s: its life in the scheduler failed", job.task.task_id, exc_info=error)
             result = failed_record(job.task, job.trace_id, error or RuntimeError("unknown"), 0.0)
             self._spawn_write(result)
+        if result is not None:  # its record is written (or on its way): a read of the backlog must skip it
+            self._note_ended(job.task.task_id)
         try:
             self._observe_end(job, result)
         except Exception:  # counting an end must never keep its waiters waiting
@@ -144,16 +148,13 @@ class Records:
             attempts=0,
             timings=Timings(queued_ms=took_ms, total_ms=took_ms),
         )
-        stored, created = await self._store.write_result(result)
-        if created:
-            event = _rejection_event(error)(
-                error_type=error.type_name,
-                reason=result.error.reason if result.error else None,
-                message=error.message,
-                retry_after_s=retry_after,
-            )
-            self._store.post(task.tenant, event, task_id=task.task_id, trace_id=trace_id)
-            await self._store.flush()
+        event = _rejection_event(error)(
+            error_type=error.type_name,
+            reason=result.error.reason if result.error else None,
+            message=error.message,
+            retry_after_s=retry_after,
+        )
+        stored, _ = await self._store.write_result(result, events=[event])
         reason = str(error.fields.get("reason") or error.type_name)
         self._counts["rejected"] += 1
         self._shed[reason] += 1
@@ -179,9 +180,6 @@ class Records:
             attempts=0,
             timings=Timings(total_ms=round((time.time() - job.admitted_unix) * 1000, 3)),
         )
-        stored, created = await self._store.write_result(result)
-        if created:
-            ended = events.TaskEnd(status=TaskStatus.CANCELLED)
-            self._store.post(task.tenant, ended, task_id=task.task_id, trace_id=job.trace_id)
+        stored, _ = await self._store.write_result(result, events=[events.TaskEnd(status=TaskStatus.CANCELLED)])
         self._counts[stored.status] += 1
         return stored

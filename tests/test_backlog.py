@@ -4,6 +4,7 @@ scheduler killed with it, and can be cancelled where it waits."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -14,6 +15,7 @@ import pytest
 import ray
 import redis
 
+import agentpool.scheduler.scheduler as scheduler_module
 from agentpool import AgentPool, AgentTask
 from agentpool.errors import InvalidTaskInput
 from tests.pools import small_config
@@ -154,6 +156,48 @@ def test_the_scheduler_killed_with_a_backlog_loses_and_duplicates_nothing(
         assert sorted(ids) == sorted(t.task_id for t in tasks)  # one record each
         assert pool.status()["durability"]["recovered"] > 100
         assert not _backlog_keys(redis_client, pool)
+
+
+class SlowReads(scheduler_module.Scheduler.__ray_actor_class__):  # type: ignore[misc,name-defined]
+    """The real scheduler, whose reads of the backlog reach it 0.3 s after Redis answered
+    them (a slow network, a loaded host): tasks read while in memory end meanwhile."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        pull = self._store.pull
+
+        async def slow_pull(reads: Any) -> Any:
+            answer = await pull(reads)
+            await asyncio.sleep(0.3)
+            return answer
+
+        self._store.pull = slow_pull
+
+
+def test_a_task_that_ends_while_a_read_of_the_backlog_is_in_flight_is_not_taken_again(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    """A read returns the tasks in memory too (it skips them); one that ends before the
+    answer arrives must not be taken again. It once was: it ran twice, was counted as read
+    from Redis, and as many tasks as were taken twice stayed in Redis, never run."""
+    real = scheduler_module.Scheduler
+    scheduler_module.Scheduler = ray.remote(SlowReads)
+    try:
+        pool = AgentPool.start(small_config(redis_url, tag="bl", worker_concurrency=8, queue_window=20))
+    finally:
+        scheduler_module.Scheduler = real
+    tasks = _batch(300, delay_ms=1)
+    try:
+        pool.enqueue(tasks)
+        records = _wait_all(pool, "acme", len(tasks), timeout_s=60)
+        assert set(records) == {t.task_id for t in tasks}
+        _until(lambda: not pool.status()["in_flight"])
+        status = pool.status()
+        assert status["finished_by_status"] == {"succeeded": len(tasks)}  # each ran once
+        assert status["queued_in_redis"] == 0 and status["queued"] == 0
+        assert not _backlog_keys(redis_client, pool)
+    finally:
+        pool.shutdown()
 
 
 def test_cancel_a_task_waiting_in_redis(redis_url: str, redis_client: redis.Redis) -> None:

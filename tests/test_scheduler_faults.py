@@ -45,12 +45,12 @@ class FaultyScheduler(Base):  # type: ignore[misc]
             _maybe(task, "store_admit")
             return await admit(task, entry)
 
-        async def faulty_write(result: AgentResult) -> Any:
+        async def faulty_write(result: AgentResult, **kwargs: Any) -> Any:
             if result.status != "succeeded":  # the worker's own record goes through untouched
                 task = self._jobs[result.task_id].task if result.task_id in self._jobs else None
                 if task is not None:
                     _maybe(task, "store_write")
-            return await write(result)
+            return await write(result, **kwargs)
 
         self._store.admit = faulty_admit
         self._store.write_result = faulty_write

@@ -10,10 +10,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agentpool import events
+from agentpool.cluster.budgets import BudgetLedger
 from agentpool.cluster.keys import Keys
 from agentpool.cluster.reader import ResultsReader
 from agentpool.cluster.store import ResultStore
-from agentpool.models import AgentResult
+from agentpool.models import AgentResult, Usage
+from agentpool.vocabulary import TaskStatus
 
 
 def result(task_id: str, tenant: str = "acme", status: str = "succeeded", answer: str = "a") -> AgentResult:
@@ -39,6 +41,34 @@ async def test_same_task_twice_gives_one_record_and_one_entry(
     assert second.answer == "first" == first.answer
     assert redis_client.xlen(Keys(key_prefix).results("acme")) == 1
     assert 0 < redis_client.ttl(Keys(key_prefix).result("acme", "t1")) <= 60
+    await store.close()
+
+
+async def test_a_record_goes_with_its_events_and_usage_in_one_step(
+    redis_url: str, key_prefix: str, redis_client: redis.Redis
+) -> None:
+    """The events queued before a record are in the stream before its own last events, which
+    are added only by the write that creates the record; what goes with it (usage) is
+    applied with it; many tasks ending at once share round trips and each gets its answer."""
+    keys = Keys(key_prefix)
+    store = ResultStore(redis_url, keys=keys)
+    ledger = BudgetLedger(lambda: store.redis, keys, reservation_ttl_s=60)
+    usage = Usage(input_tokens=10, output_tokens=5, cost_usd=0.25)
+    store.post("acme", events.LeaseWait(holder="another run"), task_id="t1", trace_id="x")
+    end = events.TaskEnd(status=TaskStatus.SUCCEEDED)
+    first = await store.write_result(
+        result("t1"), events=[end], also=[ledger.settle_write("acme", None, usage, calls=2)]
+    )
+    again = await store.write_result(result("t1", answer="other"), events=[end])
+    assert (first[1], again[1]) == (True, False) and again[0].answer == "a"
+    stream = [fields["event"] for _, fields in redis_client.xrange(keys.events("acme"))]
+    assert stream == ["lease_wait", "task_end"]
+    spent = await ledger.spent("acme")
+    assert (spent["input_tokens"], spent["output_tokens"], spent["calls"], spent["cost_usd"]) == (10, 5, 2, 0.25)
+    outs = await asyncio.gather(*(store.write_result(result(f"m{i}"), events=[end]) for i in range(200)))
+    assert all(created for _, created in outs)
+    assert redis_client.xlen(keys.results("acme")) == 201
+    assert redis_client.xlen(keys.events("acme")) == 202
     await store.close()
 
 
