@@ -18,7 +18,7 @@ from typing import Any
 
 from agentpool import telemetry as tm
 from agentpool.background import Background
-from agentpool.cluster.budgets import BudgetLedger, Reservation
+from agentpool.cluster.budgets import BudgetLedger, Reservation, limits_of
 from agentpool.cluster.connection import Scripted
 from agentpool.models import TenantPolicy, Usage
 from agentpool.pricing import PriceTable
@@ -97,6 +97,7 @@ class TaskGate:
         # limits, or the tenant's own. Elsewhere a call skips the limiter's two round trips.
         self._limited = limited
         self._tenant_limited = bool(policy.limits.per_minute())
+        self._budgeted = bool(limits_of(policy))
         self._pending = Background()
         #: Usage no budget reserved and no write has recorded yet (see `unsettled`).
         self._unsettled: Usage | None = None
@@ -105,6 +106,9 @@ class TaskGate:
         self.permit_wait_s = 0.0
 
     async def before(self, model: str, request: dict[str, Any]) -> Ticket:
+        limited = self._tenant_limited or self._limited(model)
+        if not (limited or self._budgeted):  # nothing to reserve or take: no estimate, no id
+            return Ticket(None, model, None)
         lease_id = uuid.uuid4().hex
         input_tokens = estimate_input_tokens(request, self._chars_per_token)
         max_tokens = int(request["max_tokens"])
@@ -115,7 +119,7 @@ class TaskGate:
             input_tokens + max_tokens,
             self._worst_cost(model, input_tokens, max_tokens),
         )
-        if not (self._tenant_limited or self._limited(model)):
+        if not limited:
             return Ticket(None, model, reservation)
         asked = time.monotonic()
         try:

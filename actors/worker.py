@@ -12,6 +12,7 @@ import contextlib
 import functools
 import os
 import time
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 import anthropic
@@ -37,7 +38,7 @@ from agentpool.errors import ConfigError
 from agentpool.events import Event
 from agentpool.models import AgentResult, ErrorInfo, Timings
 from agentpool.pricing import PriceTable
-from agentpool.protocol import ApprovalDecision, Dispatch, Paused, provider_key_name
+from agentpool.protocol import ApprovalDecision, Dispatch, Outcome, Paused, RunFailed, provider_key_name
 from agentpool.secrets import Scrubber, forget_env_secrets, install_log_scrubber
 from agentpool.vocabulary import TaskStatus
 
@@ -153,6 +154,24 @@ class AgentWorker(Telemetered):
             if isinstance(outcome, AgentResult) and outcome.resumes:
                 span.set_attribute("agentpool.resumes", outcome.resumes)
             return outcome
+
+    async def run_batch(self, dispatches: list[Dispatch]) -> AsyncIterator[list[tuple[int, Outcome]]]:
+        """Runs several dispatches at once and streams their outcomes as they end, each with
+        its index in `dispatches`: one Ray call for all the tasks a scheduler hands this
+        worker in one turn of its event loop (call it with `num_returns="streaming"`). The
+        outcomes that end in one turn of this worker's loop come back together."""
+        running = {asyncio.ensure_future(self.run(d)): i for i, d in enumerate(dispatches)}
+        while running:
+            done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            out: list[tuple[int, Outcome]] = []
+            for run in done:
+                index = running.pop(run)
+                error = run.exception()
+                if error is None:
+                    out.append((index, run.result()))
+                else:  # run() reports failures as records: this is a bug of ours
+                    out.append((index, RunFailed(type(error).__name__, self._scrub(str(error))[:4000])))
+            yield out
 
     async def _run(self, dispatch: Dispatch) -> AgentResult | Paused:
         started = time.monotonic()

@@ -220,6 +220,11 @@ class ToolError(AgentPoolError):
         super().__init__(message, tool=tool, kind=kind, **fields)
 
 
+class WorkerFailed(AgentPoolError):
+    """Raised in the scheduler when a worker's run of a task raised instead of returning its
+    record (a bug of ours); the task ends `failed`, saying what the worker raised."""
+
+
 class StoreError(AgentPoolError):
     """Raised when Redis refuses a request or answers something the store did not expect."""
 
@@ -246,6 +251,7 @@ ALL_ERRORS: tuple[type[AgentPoolError], ...] = (
     ProviderError,
     MalformedResponse,
     ToolError,
+    WorkerFailed,
     StoreError,
     StoreUnavailable,
 )

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from agentpool.models import AgentTask
+from agentpool.models import AgentResult, AgentTask
 from agentpool.vocabulary import ToolErrorKind, ToolSource
 
 
@@ -42,6 +42,14 @@ class Dispatch(BaseModel):
     attempt: int = 1
     #: Names this dispatch: the run holding the task's lease in Redis.
     run_id: str = Field(default_factory=lambda: os.urandom(8).hex())
+
+
+@dataclass(frozen=True)
+class RunFailed:
+    """What a worker sends back for a dispatch whose run raised instead of returning a record."""
+
+    error_type: str
+    message: str
 
 
 class Admitted(BaseModel):
@@ -121,6 +129,10 @@ class Paused(BaseModel):
     arguments: list[Any] = Field(default_factory=list)
     requested_unix: float
     deadline_unix: float
+
+
+#: What a worker sends back for one dispatch.
+Outcome = AgentResult | Paused | RunFailed
 
 
 class ApprovalDecision(BaseModel):

@@ -20,7 +20,7 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from agentpool.cluster.connection import REDIS_DOWN, PendingAdmission, StoreBase
+from agentpool.cluster.connection import REDIS_DOWN, PendingAdmission, Scripted, StoreBase
 from agentpool.errors import StoreError
 from agentpool.models import AgentResult, AgentTask
 
@@ -120,7 +120,7 @@ class Journal(StoreBase):
             pipe = self.redis.pipeline(transaction=False)
             for pending, _ in batch:
                 keys = self._admit_keys(pending.task)
-                await self._script("admit", _ADMIT)(keys=keys, args=[pending.task.task_id, pending.entry], client=pipe)
+                Scripted(_ADMIT, tuple(keys), (pending.task.task_id, pending.entry)).add_to(pipe)
             values = await pipe.execute()
         except REDIS_DOWN as exc:
             self._down(exc)
@@ -148,10 +148,9 @@ class Journal(StoreBase):
         """Reads on in several backlog sets in one round trip: per (tenant, priority,
         cursor, at most), the next tasks after the cursor (`"-inf"` from the start)."""
         pipe = self.redis.pipeline(transaction=False)
-        script = self._script("pull", _PULL)
         for tenant, priority, cursor, limit in reads:
-            keys = [self.keys.backlog(tenant, self.pool, priority), self.keys.admitted(tenant, self.pool)]
-            await script(keys=keys, args=[cursor, limit], client=pipe)
+            keys = (self.keys.backlog(tenant, self.pool, priority), self.keys.admitted(tenant, self.pool))
+            Scripted(_PULL, keys, (cursor, limit)).add_to(pipe)
         out = []
         for flat, last, left in await pipe.execute():
             entries = [(flat[i], int(float(flat[i + 1])), flat[i + 2]) for i in range(0, len(flat), 3)]

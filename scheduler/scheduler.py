@@ -34,14 +34,15 @@ from agentpool.cluster.budgets import BudgetLedger
 from agentpool.cluster.store import ResultStore
 from agentpool.cluster.telemetry import Telemetered
 from agentpool.config import PoolConfig
-from agentpool.errors import AgentPoolError, RetryLater
+from agentpool.errors import AgentPoolError, RetryLater, WorkerFailed
 from agentpool.models import AgentResult, AgentTask
-from agentpool.protocol import Admitted, Dispatch, Paused, WorkerSpawn
+from agentpool.protocol import Admitted, Dispatch, Paused, RunFailed, WorkerSpawn
 from agentpool.scheduler.admission import Admission, screen_task
 from agentpool.scheduler.alerts import AlertMonitor
 from agentpool.scheduler.backlog import BacklogWindow
 from agentpool.scheduler.control import CancelledInQueue, JobControl
 from agentpool.scheduler.core import Drop, Reject, SchedulerCore
+from agentpool.scheduler.calls import WorkerCalls
 from agentpool.scheduler.fleet import WorkerFleet
 from agentpool.scheduler.jobs import Job, trace_context
 from agentpool.scheduler.observe import TaskTelemetry
@@ -79,6 +80,7 @@ class Scheduler(JobControl, BacklogWindow, Records, StatusView, Telemetered):
         self.redis_url = redis_url
         # Handles by name, so constructor arguments are plain data a restart can always reuse.
         self._fleet = WorkerFleet(config, worker_names, worker_spawn, namespace, on_capacity=self._pump)
+        self._calls = WorkerCalls(lambda worker: self._fleet.handles[worker])
         self._limiter = ray.get_actor(limiter_name, namespace=namespace)
         self._board = ray.get_actor(board_name, namespace=namespace) if board_name else None
         self._admission = Admission(config, set(tool_names))
@@ -291,7 +293,10 @@ class Scheduler(JobControl, BacklogWindow, Records, StatusView, Telemetered):
             )
             job.state, job.worker = "running", worker
             try:
-                outcome = await self._fleet.handles[worker].run.remote(dispatch)
+                sent = await self._calls.send(worker, dispatch)
+                if isinstance(sent, RunFailed):  # the worker's run raised: a bug of ours
+                    raise WorkerFailed(f"{sent.error_type}: {sent.message}")
+                outcome = sent
             except ray.exceptions.ActorDiedError as exc:
                 # The process is gone: free the task's lease so the next run need not wait it out.
                 self._fleet.suspect(worker)
