@@ -67,6 +67,8 @@ class Relay:
         self._redis: aioredis.Redis | None = None
         self._book = CompletionBook(Keys(key_prefix))
         self._futures: dict[str, asyncio.Future[AgentResult]] = {}
+        #: Further calls for a task already waiting (the same task submitted again).
+        self._also: dict[str, list[asyncio.Future[AgentResult]]] = {}
         self._outgoing: list[tuple[AgentTask, str]] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._sender: asyncio.Task[None] | None = None
@@ -80,25 +82,28 @@ class Relay:
 
     async def run(self, task: AgentTask, traceparent: str) -> AgentResult:
         """Submits one task (batched with the others arriving now) and returns its record."""
-        future = self._futures.get(task.task_id)
-        if future is None:
-            future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[AgentResult] = loop.create_future()
+        if task.task_id in self._futures:  # submitted again while it waits: one more waiter
+            self._also.setdefault(task.task_id, []).append(future)
+        else:
             self._futures[task.task_id] = future
             self._outgoing.append((task, traceparent))
             if len(self._outgoing) == 1:
-                asyncio.get_running_loop().call_soon(self._send)
+                loop.call_soon(self._send)
+        del task, traceparent  # this frame waits long: it keeps nothing of the task
         caller = asyncio.current_task()
         if caller is not None:
             self._callers.add(caller)
         try:
-            return await asyncio.shield(future)
+            return await future  # each call its own future: cancelling one ends no other
         finally:
             if caller is not None:
                 self._callers.discard(caller)
 
     def waiting(self) -> int:
         """Calls waiting for their task's record."""
-        return len(self._futures)
+        return len(self._futures) + sum(len(also) for also in self._also.values())
 
     async def withdraw(self) -> int:
         """Ends every `run` call still waiting, with a cancellation (the tasks go on): the
@@ -147,8 +152,9 @@ class Relay:
         for result in results:
             self._book.forget(result.task_id)
             future = self._futures.pop(result.task_id, None)
-            if future is not None and not future.done():
-                future.set_result(result)
+            for waiter in [future, *self._also.pop(result.task_id, [])]:
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(result)
 
     async def _sweep(self) -> None:
         """Looks up in Redis, a page at a time, the records of the tasks still awaited."""

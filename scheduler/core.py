@@ -204,6 +204,9 @@ class QueueBound:
     """The backlog (in memory and in Redis) holds at most `max_queued` tasks: a full one makes
     room by evicting less important work (or a hog's newest), or refuses the arrival."""
 
+    #: It changes the queue when it admits: `SchedulerCore.refusal` leaves it to `admit`.
+    evicts = True
+
     def __call__(self, core: SchedulerCore[T], ticket: Ticket[T], now: float) -> Reject | Drop[T] | None:
         task = ticket.task
         if core.waiting < core.config.max_queued:
@@ -328,6 +331,18 @@ class SchedulerCore(Generic[T]):
             if verdict is not None:
                 evicted.append(verdict)
         return Admit(ticket, tuple(evicted))
+
+    def refusal(self, ticket: Ticket[T], now: float) -> Reject | None:
+        """The rules' refusal of an arrival, if any, changing nothing: the shell asks before
+        it records an arrival in the backlog, so work refused at once costs no write there.
+        Rules that make room by evicting (`evicts`) are left to `admit`, which decides again."""
+        for rule in self.rules:
+            if getattr(rule, "evicts", False):
+                continue
+            verdict = rule(self, ticket, now)
+            if isinstance(verdict, Reject):
+                return verdict
+        return None
 
     def enqueue(self, ticket: Ticket[T], now: float, *, resumed: bool = False) -> None:
         """Queues a ticket: new work at the back of its tenant's class; work that ran before

@@ -40,13 +40,14 @@ from agentpool.protocol import Admitted, Dispatch, Paused, RunFailed, WorkerSpaw
 from agentpool.scheduler.admission import Admission, screen_task
 from agentpool.scheduler.alerts import AlertMonitor
 from agentpool.scheduler.backlog import BacklogWindow
+from agentpool.scheduler.calls import WorkerCalls
 from agentpool.scheduler.control import CancelledInQueue, JobControl
 from agentpool.scheduler.core import Drop, Reject, SchedulerCore
-from agentpool.scheduler.calls import WorkerCalls
 from agentpool.scheduler.fleet import WorkerFleet
 from agentpool.scheduler.jobs import Job, trace_context
 from agentpool.scheduler.observe import TaskTelemetry
 from agentpool.scheduler.records import Records
+from agentpool.scheduler.shedding import interactive
 from agentpool.scheduler.status import StatusView
 from agentpool.vocabulary import TaskStatus
 
@@ -173,6 +174,9 @@ class Scheduler(JobControl, BacklogWindow, Records, StatusView, Telemetered):
         try:
             if not job.from_backlog:
                 arrival = 0  # adopted at boot: in memory, whatever the backlog holds
+                refusal = None if job.adopted else self._refusal(job)
+                if refusal is not None:  # refused at once: never in the backlog
+                    return await self._reject(task, trace_id, refusal, job.admitted_unix)
                 if not job.adopted:
                     entry = Admitted(
                         task=task,
@@ -207,6 +211,19 @@ class Scheduler(JobControl, BacklogWindow, Records, StatusView, Telemetered):
         if not job.slot.done():
             job.slot.cancel()
         self._pump()
+
+    def _refusal(self, job: Job) -> AgentPoolError | None:
+        """What refuses an arrival before it is recorded: the static checks, and for
+        interactive work the core's rules (`SchedulerCore.refusal`). `_admission_check`
+        decides again once it is recorded."""
+        task = job.task
+        self._start_ticker()
+        self._note_tenant(task.tenant)
+        rejection = self._admission.check(task)
+        if rejection is None and interactive(task.priority, task.deadline_s):
+            refused = self._core.refusal(job.ticket, self._clock())
+            rejection = refused.error(task.tenant) if refused is not None else None
+        return rejection
 
     async def _admission_check(self, job: Job) -> AgentPoolError | None:
         task = job.task

@@ -129,6 +129,23 @@ def test_an_arrival_that_would_miss_its_deadline_is_refused_at_once() -> None:
     assert isinstance(other, Ticket) and other.predicted_wait_s == 2.0  # 1 / (1 x 1/2)
 
 
+def test_a_refusal_is_known_before_admission_and_asking_changes_nothing() -> None:
+    core = core_of(config(max_queued=1))
+    queued(core, task(n=0))
+    core.dispatch(0.0)  # busy: one a second
+    queued(core, task(n=1, deadline_s=1.5))
+    late = core.ticket("late", task(n=2, deadline_s=1.5))
+    before = (len(core.queue), core.waiting, core.slots.in_flight, late.place, late.predicted_wait_s)
+    assert core.refusal(late, 0.0) == core.admit(late, 0.0)  # the same verdict, at once
+    assert isinstance(core.refusal(late, 0.0), Reject)
+    assert (len(core.queue), core.waiting, core.slots.in_flight, late.place) == before[:4]
+    # The queue is full: making room is the evicting rule's to decide, at admission.
+    critical = core.ticket("c", task("c", 3, priority="critical"))
+    assert core.refusal(critical, 0.0) is None and len(core.queue) == 1 and core.waiting == 1
+    admitted = core.admit(critical, 0.0)
+    assert isinstance(admitted, Admit) and len(admitted.evicted) == 1 and len(core.queue) == 0
+
+
 def test_the_forecast_is_scaled_by_how_far_forecasts_fell_short() -> None:
     core = core_of()
     for i in range(20):
