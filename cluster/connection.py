@@ -233,8 +233,12 @@ class StoreBase(ABC):
                     results = await pipe.execute(raise_on_error=False)
                 except BaseException as exc:
                     for _, future in ops:
-                        if not future.done():
+                        if future.done():
+                            continue
+                        if isinstance(exc, Exception):
                             future.set_exception(exc)
+                        else:  # this flush was cancelled (the process stops): so are its ops
+                            future.cancel()
                     raise
                 del self._events[: len(batch)]
                 failed = [r for r in results[: len(batch)] if isinstance(r, Exception)]

@@ -31,7 +31,7 @@ class WorkerCalls:
         self._handle = handle
         self._outgoing: dict[int, Pending] = {}
         self._streams = Background()
-        #: Calls made, and dispatches they carried (for `status()`).
+        #: Calls made, and the dispatches they carried.
         self.calls = 0
         self.dispatches = 0
 
