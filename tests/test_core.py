@@ -146,6 +146,21 @@ def test_a_refusal_is_known_before_admission_and_asking_changes_nothing() -> Non
     assert isinstance(admitted, Admit) and len(admitted.evicted) == 1 and len(core.queue) == 0
 
 
+def test_a_refusal_asks_every_rule_that_does_not_evict_at_the_time_given() -> None:
+    """An evicting rule is passed over, not the end of the question; and the rules judge at
+    `now` (the overload is seen at 1.0, not before)."""
+    core: SchedulerCore[str] = SchedulerCore(config(), LeastLoaded(1, 1), rules=(QueueBound(), ShedOnOverload()))
+    core.detector.observe(2.0, 0.0)
+    core.detector.observe(2.0, 1.0)  # a whole interval above target: level 1 at 1.0
+    shed = core.ticket("s", task(priority="sheddable"))
+    assert core.refusal(shed, 1.0) == Reject(
+        ErrorReason.OVERLOAD, "the pool is overloaded: sheddable work is shed until the queue drains", 1.0
+    )
+    standard = core.ticket("d", task(n=1, deadline_s=30.0))
+    assert core.refusal(standard, 1.0) is None  # level 1 sheds sheddable work only
+    assert isinstance(core.refusal(standard, 2.0), Reject)  # level 2, an interval later
+
+
 def test_the_forecast_is_scaled_by_how_far_forecasts_fell_short() -> None:
     core = core_of()
     for i in range(20):
