@@ -226,12 +226,12 @@ class Scheduler(JobControl, BacklogWindow, Records, StatusView, Telemetered):
         return rejection
 
     async def _admission_check(self, job: Job) -> AgentPoolError | None:
+        """The rest of admission, once the arrival is recorded (it passed `_refusal`): the
+        tenant's injection screen and budgets, then the core's rules again, committing."""
         task = job.task
-        self._start_ticker()
-        self._note_tenant(task.tenant)
-        rejection = self._admission.check(task)
+        rejection: AgentPoolError | None = None
         policy = self.config.policy_for(task.tenant)
-        if rejection is None and policy is not None and policy.guardrails.injection != "off":
+        if policy is not None and policy.guardrails.injection != "off":
             job.findings, rejection = screen_task(task, policy.guardrails)
             if rejection is not None:
                 self._report_findings(job, "rejected")
