@@ -12,7 +12,7 @@ import contextlib
 import functools
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import anthropic
@@ -23,11 +23,11 @@ from redis.exceptions import RedisError
 
 from agentpool import events
 from agentpool import telemetry as tm
-from agentpool.actors.agent_loop import AgentLoop
+from agentpool.actors.agent_loop import AgentLoop, CallLLM
 from agentpool.actors.backoff import Backoff
 from agentpool.actors.checkpoint import Checkpointer, LoopState
 from agentpool.actors.gate import TaskGate
-from agentpool.actors.llm import LLMClient
+from agentpool.actors.llm import LLMClient, LLMResponse
 from agentpool.actors.tool_calls import ToolCalls
 from agentpool.cluster.budgets import BudgetLedger
 from agentpool.cluster.store import ResultStore, RunStart
@@ -35,7 +35,7 @@ from agentpool.cluster.telemetry import Telemetered
 from agentpool.cluster.tool_records import ToolRecords
 from agentpool.config import PoolConfig
 from agentpool.errors import ConfigError
-from agentpool.events import Event
+from agentpool.events import Emit, Event
 from agentpool.models import AgentResult, ErrorInfo, Timings
 from agentpool.pricing import PriceTable
 from agentpool.protocol import ApprovalDecision, Dispatch, Outcome, Paused, RunFailed, provider_key_name
@@ -55,6 +55,30 @@ def _loaded(raw: str | None, model: type[_M]) -> _M | None:
         return model.model_validate_json(raw)
     except ValidationError:
         return None
+
+
+class _Superseded(Exception):
+    """A fresh task's begin found what an earlier run left (or another run holding it)."""
+
+
+def _nothing_before(begun: RunStart | AgentResult) -> bool:
+    """Whether a begin found what a task that never ran finds: a free lease (or Redis away),
+    no checkpoint, cancel request, approval or record."""
+    if isinstance(begun, AgentResult):
+        return False
+    free = begun.leased or begun.holder is None
+    return free and begun.checkpoint is None and not begun.cancelled and begun.approval is None
+
+
+def _confirmed(call: CallLLM, confirm: Callable[[], Awaitable[None]]) -> CallLLM:
+    """`call`, each answer returned only once `confirm` has passed."""
+
+    async def call_llm(request: dict[str, Any], models: list[str], emit: Emit) -> LLMResponse:
+        response = await call(request, models, emit)
+        await confirm()
+        return response
+
+    return call_llm
 
 
 @ray.remote
@@ -180,9 +204,39 @@ class AgentWorker(Telemetered):
         async def emit(event: Event) -> None:
             await self._store.emit(task.tenant, event, task_id=task.task_id, trace_id=dispatch.trace_id)
 
-        begun = await self._begin(dispatch, emit)
+        if dispatch.fresh:
+            # A task its scheduler has just accepted has never run: its begin can only take
+            # the lease and find nothing an earlier run left. It goes to Redis while the first
+            # LLM call is made, and what it found is checked before anything else the run
+            # does (a tool, a checkpoint, the record); if it found more after all, that call's
+            # answer is set aside (its usage kept) and the run starts over from what it found.
+            pending = asyncio.ensure_future(self._begin(dispatch, emit))
+            try:
+                return await self._execute(dispatch, RunStart(leased=True), emit, started, pending)
+            except _Superseded:
+                begun = pending.result()
+        else:
+            begun = await self._begin(dispatch, emit)
         if isinstance(begun, AgentResult):
             return begun
+        return await self._execute(dispatch, begun, emit, started, None)
+
+    async def _execute(
+        self,
+        dispatch: Dispatch,
+        begun: RunStart,
+        emit: Callable[[Event], Awaitable[None]],
+        started: float,
+        pending: asyncio.Future[RunStart | AgentResult] | None,
+    ) -> AgentResult | Paused:
+        """Runs the loop from what the run's begin found; with `pending` (a fresh task's begin
+        still in flight), raises `_Superseded` once it turns out to have found more."""
+        task = dispatch.task
+
+        async def confirm() -> None:
+            if pending is not None and not _nothing_before(await pending):
+                raise _Superseded
+
         heartbeat = asyncio.ensure_future(self._renew(dispatch)) if begun.leased else None
         # A paused task's checkpoint must outlive its wait for approval.
         ttl_s = max(self.config.checkpoint_ttl_s, int(self.config.approval_timeout_s) + 3600)
@@ -218,7 +272,7 @@ class AgentWorker(Telemetered):
             )
             loop = AgentLoop(
                 task,
-                call_llm=functools.partial(self._client().create, gate=gate),
+                call_llm=_confirmed(functools.partial(self._client().create, gate=gate), confirm),
                 run_tool=lambda call: self._tools.run(call, allowed, emit),
                 tool_defs=[self._tool_defs[name] for name in task.tools if name in allowed],
                 models=self.config.models_for(task.tenant, task.model, task.fallback_models),
@@ -237,8 +291,10 @@ class AgentWorker(Telemetered):
             self._loops[task.task_id] = loop
             if begun.cancelled:
                 loop.cancel("cancel requested before the run started")
-            outcome = await loop.run()
+            outcome: AgentResult | Paused | None = await loop.run()
             await gate.drain()
+        except _Superseded:
+            outcome = None
         except Exception as exc:  # a bug of ours must cost this task, never the actor
             outcome = AgentResult(
                 task_id=task.task_id,
@@ -252,6 +308,12 @@ class AgentWorker(Telemetered):
                 del self._loops[task.task_id]
             if heartbeat is not None:
                 heartbeat.cancel()
+        # Checked again for a loop that ended before its first answer (cancelled, say).
+        if outcome is None or (pending is not None and not _nothing_before(await pending)):
+            if gate is not None:
+                await gate.drain()
+            await self._settle(task.tenant, gate)
+            raise _Superseded
         if isinstance(outcome, Paused):
             await checkpoints.flush()  # the pause is in Redis before the slot is given back
             await self._settle(task.tenant, gate)

@@ -42,6 +42,9 @@ class Dispatch(BaseModel):
     attempt: int = 1
     #: Names this dispatch: the run holding the task's lease in Redis.
     run_id: str = Field(default_factory=lambda: os.urandom(8).hex())
+    #: The scheduler accepted the task as new and this is its first dispatch: no run of it
+    #: can exist, so the worker makes its first LLM call while its begin is in flight.
+    fresh: bool = False
 
 
 @dataclass(frozen=True)

@@ -188,6 +188,7 @@ class BacklogWindow:
             ):
                 try:
                     job = self._start(task, context, adopted=admission.known, admitted_unix=now, from_backlog=True)
+                    job.fresh = not admission.known
                 except Exception as exc:  # a bug of ours: the task ends `failed`, saying why
                     log.error("task %s could not start in the scheduler", task.task_id, exc_info=exc)
                     failed = failed_record(task, trace_id_of(context), exc, 0.0)

@@ -43,6 +43,9 @@ class Job:
     adopted: bool = False
     #: Read from the backlog in Redis: accepted (and checked) already, it is only queued.
     from_backlog: bool = False
+    #: Accepted by this scheduler as new (Redis held no admission of it) and not dispatched
+    #: since: no run of it can exist anywhere (`Dispatch.fresh`).
+    fresh: bool = False
     #: How many `run` calls wait for its record (none: a detached submission).
     callers: int = 0
     #: The relay waits for its record (a `submit` call): it is sent there when it ends.

@@ -189,6 +189,7 @@ class Scheduler(JobControl, BacklogWindow, Records, StatusView, Telemetered):
                     if admission.record is not None:
                         return admission.record
                     job.adopted, arrival = admission.known, admission.arrival
+                    job.fresh = not admission.known
                 rejection = None if job.adopted else await self._admission_check(job)
                 if rejection is not None:
                     return await self._reject(task, trace_id, rejection, job.admitted_unix)
@@ -307,7 +308,9 @@ class Scheduler(JobControl, BacklogWindow, Records, StatusView, Telemetered):
                 admitted_at_unix=job.admitted_unix,
                 queued_ms=(started - job.ticket.enqueued_at) * 1000,
                 attempt=job.attempt,
+                fresh=job.fresh and job.attempt == 1 and job.paused is None,
             )
+            job.fresh = False  # a later dispatch may find this one's run
             job.state, job.worker = "running", worker
             try:
                 sent = await self._calls.send(worker, dispatch)

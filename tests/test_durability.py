@@ -3,6 +3,7 @@ a worker, the scheduler, a tool executor; plus cancellation and approval gates."
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -13,8 +14,12 @@ import pytest
 import ray
 import redis
 
-from agentpool import AgentPool, AgentTask, PoolConfig, SimulatorConfig
+from agentpool import AgentPool, AgentResult, AgentTask, PoolConfig, SimulatorConfig
+from agentpool.cluster.keys import Keys
 from agentpool.cluster.redis_server import EmbeddedRedis
+from agentpool.cluster.store import ResultStore
+from agentpool.protocol import Dispatch
+from agentpool.vocabulary import TaskStatus
 from tests.toolkit import nap_tasks, tally_count
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -171,6 +176,64 @@ def test_approval_gates_approve_deny_and_expire(pool: AgentPool, redis_client: r
     assert pool.approve(ok.task_id, True)["status"] == "not_awaiting_approval"
     events = [f["event"] for _, f in redis_client.xrange(f"{pool.config.key_prefix}:{{initech}}:events")]
     assert events.count("approval_requested") == 3 and events.count("approval_decided") == 2
+
+
+def _tallying() -> tuple[str, AgentTask]:
+    """A task whose first answer asks for a `tally` (of a label of its own), then answers `mine`."""
+    label = f"fresh-{uuid.uuid4().hex[:8]}"
+    prompt = f'sim: tool tally {{"label": "{label}"}}\nsim: answer mine'
+    return label, AgentTask(tenant="fresh", prompt=prompt, tools=["tally"])
+
+
+def _fresh(task: AgentTask) -> Dispatch:
+    """A dispatch as a scheduler sends a task it has just accepted (`fresh`)."""
+    return Dispatch(task=task, trace_id="0" * 32, traceparent="", admitted_at_unix=time.time(), fresh=True)
+
+
+def test_a_fresh_dispatch_acts_on_nothing_before_its_begin_and_yields_to_a_run_it_finds(
+    pool: AgentPool, redis_client: redis.Redis
+) -> None:
+    """A fresh task's first LLM call goes out while its begin is in flight; when the begin
+    finds another run holding the task, the answer is set aside: its tool never runs, and
+    the dispatch returns the other run's record once that run writes it."""
+    label, task = _tallying()
+    keys = Keys(pool.config.key_prefix)
+    redis_client.set(keys.lease(task.tenant, task.task_id), "another-run", px=60_000)
+    worker = ray.get_actor(pool.config.worker_name(0), namespace="agentpool")
+    ref = worker.run.remote(_fresh(task))
+    ready, _ = ray.wait([ref], timeout=1.5)
+    assert not ready and tally_count(label) == 0  # waiting for the other run; its tool call not made
+
+    theirs = AgentResult(task_id=task.task_id, tenant=task.tenant, status=TaskStatus.SUCCEEDED, answer="theirs")
+    asyncio.run(ResultStore.for_pool(pool.redis_url, pool.config).write_result(theirs))
+    result = ray.get(ref, timeout=30)
+    assert (result.answer, tally_count(label)) == ("theirs", 0)
+    assert final_records(redis_client, pool, task.tenant)[task.task_id] == 1
+
+
+@pytest.mark.parametrize("found", ["record", "cancel"])
+def test_a_fresh_dispatch_whose_begin_finds_a_record_or_a_cancel_request_follows_it(
+    pool: AgentPool, redis_client: redis.Redis, found: str
+) -> None:
+    label, task = _tallying()
+    if found == "record":
+        before = AgentResult(task_id=task.task_id, tenant=task.tenant, status=TaskStatus.FAILED)
+        asyncio.run(ResultStore.for_pool(pool.redis_url, pool.config).write_result(before))
+    else:
+        redis_client.set(Keys(pool.config.key_prefix).cancel(task.tenant, task.task_id), "stop", ex=60)
+    worker = ray.get_actor(pool.config.worker_name(0), namespace="agentpool")
+    result = ray.get(worker.run.remote(_fresh(task)), timeout=30)
+    expected = TaskStatus.FAILED if found == "record" else TaskStatus.CANCELLED
+    assert (result.status, tally_count(label)) == (expected, 0)
+    assert final_records(redis_client, pool, task.tenant)[task.task_id] == 1
+
+
+def test_a_fresh_dispatch_runs_its_task_once_holding_the_lease(pool: AgentPool, redis_client: redis.Redis) -> None:
+    label, task = _tallying()
+    worker = ray.get_actor(pool.config.worker_name(0), namespace="agentpool")
+    result = ray.get(worker.run.remote(_fresh(task)), timeout=30)
+    assert (result.status, result.answer, tally_count(label)) == (TaskStatus.SUCCEEDED, "mine", 1), result
+    assert redis_client.exists(Keys(pool.config.key_prefix).lease(task.tenant, task.task_id)) == 0
 
 
 # Last in the module: the workers keep away from a crashed executor for a while after.
