@@ -22,7 +22,8 @@ not lend it capacity it never had),
 `admitted_p99_ratio` (p99 end-to-end latency of the tasks that ran, k x over 0.5x),
 `reject_p99_ms` (time to a rejection on arrival; `dropped_p99_ms` for queued tasks dropped
 once past their deadline), `rejected_at_arrival_fraction` (rejections within `ARRIVAL_MS`
-of arrival, over all rejections), `shed_fraction` (by reason), `provider_429`,
+of arrival, over all rejections), `shed_fraction` (by reason), `queue_timeout_by_priority` (the
+share of each class's arrivals dropped after waiting), `provider_429`,
 `lost_tasks` and `duplicate_results` (every submitted task reconciled against Redis), and
 `baseline_goodput_ratio`, `baseline_p99_ratio`, `baseline_provider_429`.
 """
@@ -251,6 +252,8 @@ class _Phase:
     timeline: Timeline
     elapsed_s: float
     provider_429: int
+    #: Each task's priority class, by task_id.
+    priorities: dict[str, str]
 
     @property
     def succeeded(self) -> list[AgentResult]:
@@ -268,11 +271,18 @@ def _phase(pool: AgentPool, load: float, duration_s: float, seed: int, gaps: Gap
     before = int((pool.simulator_stats() or {}).get("rate_limited", 0))
     started = time.monotonic()
     timeline = Timeline()
-    offered = open_loop(pool, _rates(load), duration_s, seed, make, timeline=timeline, gaps=gaps)
+    priorities: dict[str, str] = {}
+
+    def noted(tenant: str, k: int, rng: random.Random) -> AgentTask:
+        task = make(tenant, k, rng)
+        priorities[task.task_id] = task.priority
+        return task
+
+    offered = open_loop(pool, _rates(load), duration_s, seed, noted, timeline=timeline, gaps=gaps)
     elapsed = max(duration_s, time.monotonic() - started)
     ray.get(burst)
     after = int((pool.simulator_stats() or {}).get("rate_limited", 0))
-    return _Phase([r for rs in offered.values() for r in rs], timeline, elapsed, after - before)
+    return _Phase([r for rs in offered.values() for r in rs], timeline, elapsed, after - before, priorities)
 
 
 def _phase_figures(phase: _Phase, ran_low: list[float], duration_s: float) -> dict[str, Any]:
@@ -282,7 +292,9 @@ def _phase_figures(phase: _Phase, ran_low: list[float], duration_s: float) -> di
     # Refused on arrival, versus dropped from the queue once their deadline had passed
     # (those waited, by definition, and are timed apart).
     at_once = [r.timings.total_ms for r in rejected if r.error is None or r.error.reason != "queue_timeout"]
-    dropped = [r.timings.total_ms for r in rejected if r.error is not None and r.error.reason == "queue_timeout"]
+    late = [r for r in rejected if r.error is not None and r.error.reason == "queue_timeout"]
+    dropped = [r.timings.total_ms for r in late]
+    arrivals = Counter(phase.priorities[r.task_id] for r in high)
     return {
         "goodput_ratio": round(sum(phase.timeline.ended_at(r) <= duration_s for r in succeeded) / duration_s / PEAK, 4),
         "admitted_p99_ratio": round(percentile(ran_high, 0.99) / percentile(ran_low, 0.99), 4),
@@ -296,6 +308,11 @@ def _phase_figures(phase: _Phase, ran_low: list[float], duration_s: float) -> di
         else 1.0,
         "shed_fraction": round(len(rejected) / max(1, len(high)), 4),
         "shed_fraction_by_reason": {k: round(v / max(1, len(high)), 4) for k, v in sorted(reasons.items())},
+        # Per class: the share of its arrivals dropped after waiting (the late rejections).
+        "queue_timeout_by_priority": {
+            p: round(sum(phase.priorities[r.task_id] == p for r in late) / max(1, arrivals[p]), 4)
+            for p in sorted(arrivals)
+        },
         "provider_429": phase.provider_429,
         "failed_fraction": round(sum(r.status not in ("succeeded", "rejected") for r in high) / max(1, len(high)), 4),
         "admitted_p99_ms": round(percentile(ran_high, 0.99), 1),

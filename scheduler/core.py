@@ -42,9 +42,9 @@ from agentpool.scheduler.capacity import ModelDispatch
 from agentpool.scheduler.dispatch import LeastLoaded
 from agentpool.scheduler.fair import FairQueue, token_cost
 from agentpool.scheduler.shedding import (
+    ClassCalibration,
     DispatchRate,
     OverloadDetector,
-    WaitCalibration,
     WaitForecast,
     interactive,
     sheds,
@@ -190,7 +190,7 @@ class WaitWithinDeadline:
             return None
         forecast = core.forecast(ticket).seconds()
         ticket.predicted_wait_s = forecast
-        wait = forecast * core.calibration.factor(now)
+        wait = forecast * core.calibration.factor(task.priority, now)
         if wait <= limit:
             return None
         return Reject(
@@ -258,7 +258,7 @@ class SchedulerCore(Generic[T]):
         self.models = ModelDispatch(config.limits)
         a = config.admission
         self.detector = OverloadDetector(a.target_wait_s, a.interval_s, a.escalate_intervals)
-        self.calibration = WaitCalibration()
+        self.calibration = ClassCalibration()
         self.rate = DispatchRate()
         #: Mean run time of a task (s), for the wait forecast.
         self.mean_run_s = 1.0
@@ -452,7 +452,7 @@ class SchedulerCore(Generic[T]):
     def report_wait(self, ticket: Ticket[T], waited: float, now: float) -> None:
         """Reports a forecast task's wait to the calibration (once: dispatched or dropped)."""
         if ticket.predicted_wait_s is not None:
-            self.calibration.observe(ticket.predicted_wait_s, waited, now)
+            self.calibration.observe(ticket.task.priority, ticket.predicted_wait_s, waited, now)
             ticket.predicted_wait_s = None
 
     # --- inside ----------------------------------------------------------------------------

@@ -19,8 +19,10 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from agentpool.models import Priority
 from agentpool.scheduler.fair import PRIORITIES
 
 
@@ -144,15 +146,41 @@ class WaitCalibration:
         if len(self._reports) > self.window:
             self._forget_oldest()
 
-    def factor(self, now: float) -> float:
+    def enough(self, now: float) -> bool:
+        """Whether it has the `min_samples` recent reports a factor other than 1 needs."""
         while self._reports and self._reports[0][0] <= now - self.horizon_s:
             self._forget_oldest()
-        n = len(self._sorted)
-        if n < self.min_samples:
+        return len(self._sorted) >= self.min_samples
+
+    def factor(self, now: float) -> float:
+        if not self.enough(now):
             return 1.0
+        n = len(self._sorted)
         at = self._sorted[min(n - 1, max(0, math.ceil(self.quantile * n) - 1))]
         return min(self.max_factor, max(1.0, at))
 
     def _forget_oldest(self) -> None:
         _, ratio = self._reports.popleft()
         del self._sorted[bisect.bisect_left(self._sorted, ratio)]
+
+
+class ClassCalibration:
+    """`WaitCalibration` per priority class, over one of all classes together.
+
+    The classes fall short of their forecasts differently: a forecast counts the work ahead
+    of a task now, and work of a higher class that arrives later goes ahead of it too, so the
+    lower a class, the longer its waits run over. Each class's forecasts are scaled by its own
+    reports once it has enough of them, by all classes' until then.
+    """
+
+    def __init__(self, make: Callable[[], WaitCalibration] = WaitCalibration) -> None:
+        self.pooled = make()
+        self.by_class: dict[Priority, WaitCalibration] = {priority: make() for priority in PRIORITIES}
+
+    def observe(self, priority: Priority, predicted_s: float, waited_s: float, now: float) -> None:
+        self.pooled.observe(predicted_s, waited_s, now)
+        self.by_class[priority].observe(predicted_s, waited_s, now)
+
+    def factor(self, priority: Priority, now: float) -> float:
+        own = self.by_class[priority]
+        return own.factor(now) if own.enough(now) else self.pooled.factor(now)

@@ -110,7 +110,10 @@ class StatusView:
             "alerts_firing": self._alerts.firing(),
             "overload_level": core.detector.level(now),
             # How much longer than forecast queue waits have lately been (admission scales by it).
-            "wait_forecast_factor": round(core.calibration.factor(now), 3),
+            "wait_forecast_factor": round(core.calibration.pooled.factor(now), 3),
+            "wait_forecast_factor_by_priority": {
+                p: round(core.calibration.factor(p, now), 3) for p in core.calibration.by_class
+            },
             "dispatch_per_s": round(core.rate.per_s(now), 3),
             "mean_run_s": round(core.mean_run_s, 4),
             "model_capacity": core.models.snapshot(),

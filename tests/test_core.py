@@ -164,7 +164,7 @@ def test_a_refusal_asks_every_rule_that_does_not_evict_at_the_time_given() -> No
 def test_the_forecast_is_scaled_by_how_far_forecasts_fell_short() -> None:
     core = core_of()
     for i in range(20):
-        core.calibration.observe(1.0, 2.95, float(i) / 100)  # (2.95 + 0.05) / (1 + 0.05)
+        core.calibration.observe("standard", 1.0, 2.95, float(i) / 100)  # (2.95 + 0.05) / (1 + 0.05)
     queued(core, task(n=0))
     core.dispatch(0.0)
     refused = arrive(core, task(n=1, deadline_s=2.5), now=0.5)
@@ -172,6 +172,19 @@ def test_the_forecast_is_scaled_by_how_far_forecasts_fell_short() -> None:
     assert refused.message == "predicted queue wait 2.9s exceeds the 2.5s this task may wait"
     assert refused.retry_after_s == round(3.0 / 1.05 - 2.5, 3)
 
+
+
+def test_each_class_is_scaled_by_how_far_its_own_forecasts_fell_short() -> None:
+    core = core_of()
+    for i in range(20):  # sheddable waits ran 2.86x over their forecasts, standard ones did not
+        core.calibration.observe("sheddable", 1.0, 2.95, float(i) / 100)
+        core.calibration.observe("standard", 1.0, 1.0, float(i) / 100)
+    queued(core, task(n=0))
+    core.dispatch(0.0)
+    refused = arrive(core, task(n=1, deadline_s=2.5, priority="sheddable"), now=0.5)
+    assert isinstance(refused, Reject) and refused.message.startswith("predicted queue wait 2.9s")
+    admitted = arrive(core, task(n=2, deadline_s=2.5), now=0.5)  # the same forecast, 1 s, unscaled
+    assert isinstance(admitted, Ticket) and admitted.predicted_wait_s == 1.0
 
 def test_an_unknown_rate_refuses_deadline_work_with_a_minute_to_wait() -> None:
     core = core_of(config(limits={}))
@@ -308,7 +321,7 @@ def test_a_forecast_task_reports_its_wait_once() -> None:
     core.finish(first, result(first.task), run_s=1.0)
     assert starts(core.dispatch(3.0)) == [("a-1", 0)]
     assert forecast.predicted_wait_s is None
-    assert list(core.calibration._reports) == [(3.0, (3.0 + 0.05) / (1.0 + 0.05))]
+    assert list(core.calibration.pooled._reports) == [(3.0, (3.0 + 0.05) / (1.0 + 0.05))]
 
 
 def test_costs_are_remembered_for_a_bounded_number_of_tenants() -> None:

@@ -46,7 +46,7 @@ def test_dispatch_at_the_wait_limit_and_past_it() -> None:
         Drop(late, ErrorReason.QUEUE_TIMEOUT, "waited 6.0s, longer than its 5.0s", 2.0),
         Start(on_time, 0, 5.0),
     ]
-    assert list(core.calibration._reports) == [(7.0, (6.0 + 0.05) / (0.5 + 0.05))]
+    assert list(core.calibration.pooled._reports) == [(7.0, (6.0 + 0.05) / (0.5 + 0.05))]
     third = queued(core, task("c", 3), now=7.5)
     assert starts(core.dispatch(8.0)) == [("c-3", 0)] and third.place is Place.RUNNING
     assert core.rate.per_s(8.0) == 2 / 1.0  # starts at 7.0 and 8.0

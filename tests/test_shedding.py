@@ -10,7 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agentpool.scheduler.fair import PRIORITIES
-from agentpool.scheduler.shedding import OverloadDetector, WaitCalibration, WaitForecast, interactive, sheds
+from agentpool.scheduler.shedding import (
+    ClassCalibration,
+    OverloadDetector,
+    WaitCalibration,
+    WaitForecast,
+    interactive,
+    sheds,
+)
 
 
 @given(waits=st.lists(st.tuples(st.floats(0, 2), st.floats(0, 0.5)), min_size=1, max_size=100))
@@ -92,6 +99,23 @@ def test_a_high_factor_falls_back_once_its_reports_are_old() -> None:
     calibration.observe(1.0, 3.0, 35.0)
     assert calibration.factor(39.9) == pytest.approx(10.0)  # [3, 10] by nearest rank at 0.9
     assert calibration.factor(40.0) == 1.0
+
+
+def test_each_class_is_scaled_by_its_own_reports_once_it_has_enough_by_all_until_then() -> None:
+    calibration = ClassCalibration(lambda: WaitCalibration(min_samples=2, slack_s=0.0, quantile=1.0))
+    calibration.observe("sheddable", 1.0, 4.0, 0.0)
+    calibration.observe("critical", 1.0, 1.0, 0.0)
+    # No class has two reports: each is scaled by all of them (the largest ratio, 4).
+    assert [calibration.factor(p, 0.0) for p in ("critical", "standard", "sheddable")] == [4.0, 4.0, 4.0]
+    calibration.observe("critical", 1.0, 2.0, 1.0)
+    calibration.observe("sheddable", 1.0, 6.0, 1.0)
+    assert calibration.factor("critical", 1.0) == 2.0  # its own: [1, 2]
+    assert calibration.factor("sheddable", 1.0) == 6.0  # its own: [4, 6]
+    assert calibration.factor("standard", 1.0) == 6.0  # none of its own: all four, [1, 2, 4, 6]
+    assert calibration.pooled.factor(1.0) == 6.0
+    # The first reports expire 30 s after they came: each class is left with one, too few.
+    assert calibration.factor("critical", 30.0) == 6.0
+    assert calibration.factor("critical", 31.0) == 1.0  # none left at all
 
 
 @settings(max_examples=200, deadline=None)
