@@ -233,8 +233,11 @@ class AgentWorker(Telemetered):
         still in flight), raises `_Superseded` once it turns out to have found more."""
         task = dispatch.task
 
+        async def found_more() -> bool:
+            return pending is not None and not _nothing_before(await pending)
+
         async def confirm() -> None:
-            if pending is not None and not _nothing_before(await pending):
+            if await found_more():
                 raise _Superseded
 
         heartbeat = asyncio.ensure_future(self._renew(dispatch)) if begun.leased else None
@@ -309,7 +312,7 @@ class AgentWorker(Telemetered):
             if heartbeat is not None:
                 heartbeat.cancel()
         # Checked again for a loop that ended before its first answer (cancelled, say).
-        if outcome is None or (pending is not None and not _nothing_before(await pending)):
+        if outcome is None or await found_more():
             if gate is not None:
                 await gate.drain()
             await self._settle(task.tenant, gate)

@@ -308,9 +308,9 @@ class Scheduler(JobControl, BacklogWindow, Records, StatusView, Telemetered):
                 admitted_at_unix=job.admitted_unix,
                 queued_ms=(started - job.ticket.enqueued_at) * 1000,
                 attempt=job.attempt,
-                fresh=job.fresh and job.attempt == 1 and job.paused is None,
+                fresh=job.fresh,
             )
-            job.fresh = False  # a later dispatch may find this one's run
+            job.fresh = False  # a later dispatch (a retry, after a pause) may find this one's run
             job.state, job.worker = "running", worker
             try:
                 sent = await self._calls.send(worker, dispatch)
