@@ -38,6 +38,7 @@ from agentpool.models import (
     ErrorInfo,
     Guardrails,
     RateLimit,
+    TaskState,
     TenantPolicy,
     Timings,
     ToolCallSummary,
@@ -45,7 +46,7 @@ from agentpool.models import (
 )
 from agentpool.simulator.config import SimulatorConfig
 from agentpool.tools import tool
-from agentpool.vocabulary import ErrorReason, EventType, TaskStatus, ToolErrorKind
+from agentpool.vocabulary import ErrorReason, EventType, TaskPhase, TaskStatus, ToolErrorKind
 
 if TYPE_CHECKING:
     from agentpool.pool import AgentPool
@@ -89,6 +90,8 @@ __all__ = [
     "SimulatorConfig",
     "StoreError",
     "StoreUnavailable",
+    "TaskPhase",
+    "TaskState",
     "TaskStatus",
     "TenantPolicy",
     "Timings",

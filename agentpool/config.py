@@ -213,6 +213,12 @@ class PoolConfig(BaseSettings):
     key_prefix: str = Field(default="agentpool", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     result_ttl_s: int | None = Field(default=7 * 24 * 3600, ge=1)
     stream_maxlen: int = Field(default=100_000, ge=100)
+    #: Each task's events are also kept in a stream of their own (`...:events:<task_id>`),
+    #: which `pool.events(task_id)` and the HTTP API's SSE follow, for this long after its
+    #: latest event; 0 keeps none (a task's events are then only in its tenant's stream).
+    task_events_ttl_s: int = Field(default=3600, ge=0, le=30 * 24 * 3600)
+    #: The most entries one task's stream keeps (about; the oldest go first).
+    task_events_maxlen: int = Field(default=2000, ge=100, le=1_000_000)
     # --- provider
     anthropic_api_key: SecretStr | None = Field(
         default=None,

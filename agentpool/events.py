@@ -8,7 +8,8 @@ the event sets them.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import json
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,6 +39,49 @@ class Event(BaseModel):
     def data(self) -> dict[str, Any]:
         """The event's fields as they are stored: JSON types, set fields only."""
         return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
+
+class EventEntry(BaseModel):
+    """One entry of an events stream as read back (`pool.events`, SSE): its stream id, which
+    a reader resumes after, and the entry's fields with `data` decoded."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str
+    event: EventType
+    task_id: str
+    trace_id: str = ""
+    ts: float = 0.0
+    data: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def from_stream(cls, entry_id: str, fields: dict[str, str]) -> EventEntry:
+        return cls(
+            id=entry_id,
+            event=EventType(fields["event"]),
+            task_id=fields.get("task_id", ""),
+            trace_id=fields.get("trace_id", ""),
+            ts=float(fields.get("ts") or 0.0),
+            data=json.loads(fields.get("data") or "{}"),
+        )
+
+
+def progress(entries: Iterable[EventEntry]) -> tuple[int, Usage]:
+    """A task's LLM turns so far and their usage, from its events (each `llm_call` is one
+    successful call: its iteration and what it cost)."""
+    iteration, usage = 0, Usage()
+    for entry in entries:
+        if entry.event == EventType.LLM_CALL:
+            data = entry.data
+            iteration = max(iteration, int(data.get("iteration") or 0))
+            usage = usage + Usage(
+                input_tokens=int(data.get("input_tokens") or 0),
+                output_tokens=int(data.get("output_tokens") or 0),
+                cache_read_input_tokens=int(data.get("cache_read_input_tokens") or 0),
+                cache_creation_input_tokens=int(data.get("cache_creation_input_tokens") or 0),
+                cost_usd=float(data.get("cost_usd") or 0.0),
+            )
+    return iteration, usage
 
 
 class TaskAdmitted(Event):

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 # Re-exported (`as`): the public models name them, and users import them from here too.
 from agentpool.vocabulary import ErrorReason as ErrorReason
+from agentpool.vocabulary import TaskPhase as TaskPhase
 from agentpool.vocabulary import TaskStatus as TaskStatus
 from agentpool.vocabulary import ToolErrorKind as ToolErrorKind
 
@@ -275,6 +276,27 @@ class AgentResult(_Model):
     @property
     def ok(self) -> bool:
         return self.status == "succeeded"
+
+
+class TaskState(_Model):
+    """Where one task stands now (`pool.get`, `GET /v1/runs/{id}`)."""
+
+    task_id: str
+    tenant: str
+    phase: TaskPhase
+    #: Queued: the tasks of its tenant that go before it (0: it is next).
+    place: int | None = None
+    #: Queued in the scheduler: when it should start, by the scheduler's wait forecast.
+    predicted_start_unix: float | None = None
+    #: Running or paused: which run of it this is (more than 1 after a crash).
+    attempt: int | None = None
+    #: Running or paused: LLM turns done and what they cost, from its events so far.
+    iteration: int = 0
+    usage: Usage = Field(default_factory=Usage)
+    #: Awaiting approval: the tools, their arguments (credentials redacted) and the deadline.
+    approval: dict[str, Any] | None = None
+    #: Finished: the final record.
+    result: AgentResult | None = None
 
 
 class RateLimit(_Model):

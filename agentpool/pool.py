@@ -19,6 +19,7 @@ from agentpool.cluster.reader import ResultsReader, find_tenant
 from agentpool.cluster.redis_server import EmbeddedRedis
 from agentpool.config import PoolConfig
 from agentpool.errors import PoolNotRunning
+from agentpool.events import EventEntry
 from agentpool.launch import (
     NAMESPACE,
     kill_all,
@@ -27,7 +28,7 @@ from agentpool.launch import (
     withdraw_provider_key,
 )
 from agentpool.launcher import Launcher
-from agentpool.models import AgentResult, AgentTask, validate_tasks
+from agentpool.models import AgentResult, AgentTask, TaskState, validate_tasks
 from agentpool.pool_telemetry import PoolTelemetry
 from agentpool.preflight import check_redis
 from agentpool.protocol import new_trace_id, traceparent
@@ -55,6 +56,13 @@ def _trace_context(task: AgentTask) -> str:
     )
     span.end()
     return tm.span_traceparent(span) or tm.current_traceparent() or traceparent(new_trace_id())
+
+
+def _read_events(reader: ResultsReader, task_id: str, after: str, follow: bool) -> Iterator[EventEntry]:
+    try:
+        yield from reader.events(task_id, after=after, follow=follow)
+    finally:
+        reader.close()
 
 
 class AgentPool(PoolTelemetry):
@@ -367,6 +375,44 @@ class AgentPool(PoolTelemetry):
         """The tenant's tasks waiting for approval: task_id, tools, arguments, deadline."""
         self._check_running()
         return list(ray.get(self._scheduler.pending_approvals.remote(tenant)))
+
+    def get(self, task_id: str, *, tenant: str | None = None) -> TaskState | None:
+        """Where the task stands now: `queued` (its place among its tenant's tasks and, while
+        the scheduler holds it, its predicted start), `running` or `awaiting_approval` (the
+        attempt, LLM turns and usage so far; the approval asked for), or `finished` (its
+        final record). None if the pool knows no such task. Without `tenant`, a task the
+        scheduler does not hold is looked for by a SCAN of Redis (give `tenant` to skip it).
+
+        Raises:
+            StoreUnavailable: If Redis is needed and cannot be reached.
+        """
+        self._check_running()
+        state: TaskState | None = ray.get(self._scheduler.where.remote(task_id, tenant))
+        if state is None and tenant is None:
+            owner = find_tenant(self._redis_url, task_id, keys=Keys(self.config.key_prefix))
+            if owner is not None:
+                state = ray.get(self._scheduler.where.remote(task_id, owner))
+        return state
+
+    def events(
+        self, task_id: str, *, tenant: str | None = None, after: str = "0-0", follow: bool = True
+    ) -> Iterator[EventEntry]:
+        """The task's events, oldest first, from after stream id `after` (each entry's `id`:
+        resume where a reader stopped); with `follow`, live until the task has ended and its
+        last event was given. Empty if the pool knows no such task.
+
+        Raises:
+            StoreUnavailable: If Redis cannot be reached.
+        """
+        self._check_running()
+        if tenant is None:
+            state = self.get(task_id)
+            if state is None:
+                return iter(())
+            tenant = state.tenant
+        return _read_events(
+            ResultsReader(self._redis_url, tenant, keys=Keys(self.config.key_prefix)), task_id, after, follow
+        )
 
     def run(self, tasks: Iterable[AgentTask | dict[str, Any]]) -> list[AgentResult]:
         """Submits tasks and waits for all their results (`ray.get(pool.submit(tasks))`)."""

@@ -84,6 +84,18 @@ class ErrorReason(StrEnum):
 BudgetReason = Literal[ErrorReason.DAILY_TOKEN_BUDGET, ErrorReason.DAILY_COST_BUDGET]
 
 
+class TaskPhase(StrEnum):
+    """Where a task stands at a given moment: `TaskState.phase` (`pool.get`)."""
+
+    #: Accepted and waiting for a worker (in the scheduler's queue or in the Redis backlog).
+    QUEUED = "queued"
+    RUNNING = "running"
+    #: Paused until a human approves or denies its tool calls.
+    AWAITING_APPROVAL = "awaiting_approval"
+    #: Its final record exists (`TaskState.result`).
+    FINISHED = "finished"
+
+
 class EventType(StrEnum):
     """The `event` field of an entry in a tenant's events stream."""
 

@@ -85,6 +85,8 @@ class StoreBase(ABC):
         stream_maxlen: int = 100_000,
         event_log: bool = False,
         audit_maxlen: int | None = None,
+        task_events_ttl_s: int = 0,
+        task_events_maxlen: int = 2000,
         pii: Callable[[str], list[str]] | None = None,
     ) -> None:
         self.keys = keys
@@ -96,10 +98,13 @@ class StoreBase(ABC):
         self._maxlen = stream_maxlen
         self._event_log = event_log
         self._audit_maxlen = audit_maxlen
+        self._task_events_ttl = task_events_ttl_s
+        self._task_events_maxlen = task_events_maxlen
         self._redis: aioredis.Redis | None = None
         self._scripts: dict[str, Any] = {}
-        #: (stream, entry, MAXLEN or None) in order: events and audit entries.
-        self._events: list[tuple[str, dict[str, str], int | None]] = []
+        #: (stream, entry, MAXLEN or None, TTL in s or 0) in order: events (each in its
+        #: tenant's stream and its task's), and audit entries.
+        self._events: list[tuple[str, dict[str, str], int | None, int]] = []
         self._lookups: list[tuple[PendingAdmission, asyncio.Future[Any]]] = []
         self._background = Background()
         self._kick: asyncio.Task[None] | None = None
@@ -227,8 +232,12 @@ class StoreBase(ABC):
                     ops, self._ops = self._ops, []
                 try:
                     pipe = self.redis.pipeline(transaction=False)
-                    for key, entry, maxlen in batch:
+                    sent = 0
+                    for key, entry, maxlen, ttl in batch:
                         pipe.xadd(key, cast("dict[FieldT, EncodableT]", entry), maxlen=maxlen, approximate=True)
+                        if ttl:
+                            pipe.expire(key, ttl)
+                        sent += 2 if ttl else 1
                     counts = [add(pipe) for add, _ in ops]
                     results = await pipe.execute(raise_on_error=False)
                 except BaseException as exc:
@@ -241,11 +250,11 @@ class StoreBase(ABC):
                             future.cancel()
                     raise
                 del self._events[: len(batch)]
-                failed = [r for r in results[: len(batch)] if isinstance(r, Exception)]
+                failed = [r for r in results[:sent] if isinstance(r, Exception)]
                 if failed:  # refused, not lost in transit: sending them again would not help
                     self.events_dropped += len(failed)
                     log.error("Redis refused %d events: %s", len(failed), failed[0])
-                at = len(batch)
+                at = sent
                 for (_, future), count in zip(ops, counts, strict=True):
                     if not future.done():
                         future.set_result(list(results[at : at + count]))

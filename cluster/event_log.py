@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from agentpool.cluster.connection import MAX_PENDING_EVENTS, REDIS_DOWN, StoreBase
+from agentpool.cluster.keys import Entry, stream_entries
 from agentpool.events import Event
 from agentpool.redact import redact_fields
 
@@ -43,7 +44,11 @@ class EventLog(StoreBase):
         """
         entry = self._entry(tenant, event, task_id=task_id, trace_id=trace_id)
         self._logged(tenant, entry)
-        self._queue((self.keys.events(tenant), entry, self._maxlen))
+        self._queue((self.keys.events(tenant), entry, self._maxlen, 0))
+        if self._task_events_ttl:  # the task's own stream, for `pool.events` and SSE
+            self._queue(
+                (self.keys.task_events(tenant, task_id), entry, self._task_events_maxlen, self._task_events_ttl)
+            )
 
     def _entry(self, tenant: str, event: Event, *, task_id: str, trace_id: str) -> dict[str, str]:
         """An event's entry in its tenant's stream, with the tenant's PII redaction applied."""
@@ -55,6 +60,12 @@ class EventLog(StoreBase):
             "ts": f"{time.time():.6f}",
             "data": json.dumps(fields, default=str, separators=(",", ":")),
         }
+
+    async def task_events(self, tenant: str, task_id: str, *, after: str = "-", count: int = 10_000) -> list[Entry]:
+        """The entries of the task's own events stream after id `after` (`-`: from its
+        first), oldest first, at most `count`."""
+        start = after if after == "-" else f"({after}"
+        return stream_entries(await self.redis.xrange(self.keys.task_events(tenant, task_id), min=start, count=count))
 
     def _logged(self, tenant: str, entry: dict[str, str]) -> None:
         """The event log's line for an entry written to the stream (`PoolConfig.event_log`)."""
@@ -69,9 +80,9 @@ class EventLog(StoreBase):
         fields = redact_fields(fields, self._pii(tenant))
         entry = {k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in fields.items()}
         entry["ts"] = f"{time.time():.6f}"
-        self._queue((self.keys.audit(tenant), entry, self._audit_maxlen))
+        self._queue((self.keys.audit(tenant), entry, self._audit_maxlen, 0))
 
-    def _queue(self, item: tuple[str, dict[str, str], int | None]) -> None:
+    def _queue(self, item: tuple[str, dict[str, str], int | None, int]) -> None:
         self._events.append(item)
         if len(self._events) > MAX_PENDING_EVENTS:
             del self._events[0]

@@ -165,6 +165,21 @@ class Journal(StoreBase):
             if size:
                 yield tenant, key.rsplit(":", 1)[1], int(size)
 
+    async def backlog_place(self, tenant: str, task_id: str) -> int | None:
+        """How many of the tenant's tasks go before `task_id` in its backlog here (classes
+        in order, then arrival); None if it is not in the backlog."""
+        pipe = self.redis.pipeline(transaction=False)
+        for key in self.keys.backlogs(tenant, self.pool):
+            pipe.zrank(key, task_id)
+            pipe.zcard(key)
+        replies = await pipe.execute()
+        before = 0
+        for rank, size in zip(replies[::2], replies[1::2], strict=True):
+            if rank is not None:
+                return before + int(rank)
+            before += int(size)
+        return None
+
     async def find_admitted(self, tenants: Sequence[str], task_id: str) -> tuple[str, str] | None:
         """Which of `tenants` has `task_id` accepted and unfinished here: (tenant, admission)."""
         if not tenants:

@@ -25,6 +25,11 @@ class Keys:
     def events(self, tenant: str) -> str:
         return f"{self._tenant(tenant)}:events"
 
+    def task_events(self, tenant: str, task_id: str) -> str:
+        """Stream: one task's events (copies of its entries in `events`), kept for
+        `PoolConfig.task_events_ttl_s` after the last; what `pool.events` and SSE follow."""
+        return f"{self._tenant(tenant)}:events:{task_id}"
+
     def audit(self, tenant: str) -> str:
         """Stream: the append-only audit trail of the tenant's tool calls."""
         return f"{self._tenant(tenant)}:audit"

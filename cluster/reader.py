@@ -16,6 +16,7 @@ from redis.exceptions import AuthenticationError, NoPermissionError, RedisError
 from agentpool.cluster.acl import display_url
 from agentpool.cluster.keys import Keys, stream_entries
 from agentpool.errors import StoreError, StoreUnavailable
+from agentpool.events import EventEntry
 from agentpool.models import AgentResult
 from agentpool.vocabulary import EventType
 
@@ -139,6 +140,39 @@ class ResultsReader:
                     return found[::-1]
             cursor = entries[-1][0]
         return found[::-1]
+
+    def events(
+        self, task_id: str, *, after: str = "0-0", follow: bool = False, block_ms: int = 5000
+    ) -> Iterator[EventEntry]:
+        """The task's events from its own stream (`PoolConfig.task_events_ttl_s`), oldest
+        first, after stream id `after` (an entry's `id`: a reader resumes where it stopped).
+
+        With `follow`, waits for more as they are written and ends once the task's final
+        record exists and every event written with it has been given (the record and its
+        last events are written in one atomic step); without, ends at the stream's end.
+
+        Raises:
+            StoreUnavailable: If Redis cannot be reached.
+            StoreError: If Redis refuses the credentials or the keys (ACL).
+        """
+        key = self.keys.task_events(self.tenant, task_id)
+        block_ms = max(1, min(block_ms, MAX_BLOCK_MS))
+        cursor, ending, block = after, False, None
+        while True:
+            with store_errors(self._url):
+                reply: Any = self._redis.xread({key: cursor}, count=500, block=block)
+            entries = stream_entries(reply[0][1] if reply else None)
+            for entry_id, fields in entries:
+                yield EventEntry.from_stream(entry_id, fields)
+                cursor = entry_id
+            if entries or block is not None:
+                block = None  # at the stream's end, the record is checked before waiting
+                continue
+            if not follow or ending:
+                return
+            with store_errors(self._url):
+                ending = bool(self._redis.exists(self.keys.result(self.tenant, task_id)))
+            block = None if ending else block_ms
 
     def audit(self, *, count: int = 1000) -> list[dict[str, str]]:
         """The newest `count` entries of the tenant's audit trail, oldest first."""

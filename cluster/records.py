@@ -18,7 +18,8 @@ log = logging.getLogger("agentpool.store")
 # yields one record and one stream entry; the loser gets the winner's record back, so every
 # caller returns the same result. Either way the task leaves the pool's backlog and its
 # transient keys (checkpoint, lease, cancel flag, approval) go. Every key carries the
-# tenant's hash tag: one slot in a cluster.
+# tenant's hash tag: one slot in a cluster. The task's last events go to its tenant's stream,
+# and to its own (KEYS[12]) unless those are off (a TTL of 0).
 _WRITE_ONCE = """
 redis.call('HDEL', KEYS[3], ARGV[2])
 redis.call('ZREM', KEYS[8], ARGV[2])
@@ -33,9 +34,15 @@ else
   redis.call('SET', KEYS[1], ARGV[1])
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'task_id', ARGV[2], 'status', ARGV[3], 'result', ARGV[1])
-for i = 7, #ARGV, 5 do
+local task_ttl = tonumber(ARGV[8])
+for i = 9, #ARGV, 5 do
   redis.call('XADD', KEYS[11], 'MAXLEN', '~', ARGV[6], '*', 'event', ARGV[i], 'task_id', ARGV[i + 1],
     'trace_id', ARGV[i + 2], 'ts', ARGV[i + 3], 'data', ARGV[i + 4])
+  if task_ttl > 0 then
+    redis.call('XADD', KEYS[12], 'MAXLEN', '~', ARGV[7], '*', 'event', ARGV[i], 'task_id', ARGV[i + 1],
+      'trace_id', ARGV[i + 2], 'ts', ARGV[i + 3], 'data', ARGV[i + 4])
+    redis.call('EXPIRE', KEYS[12], task_ttl)
+  end
 end
 return {1, ARGV[1]}
 """
@@ -84,6 +91,11 @@ class FinalRecords(StoreBase):
             self._logged(result.tenant, entry)
         return result, True
 
+    async def read_result(self, tenant: str, task_id: str) -> AgentResult | None:
+        """The task's final record, or None if it has none (yet)."""
+        raw = await self.redis.get(self.keys.result(tenant, task_id))
+        return AgentResult.model_validate_json(raw) if raw else None
+
     def _wait_for_redis(self, result: AgentResult, events: Sequence[Event]) -> tuple[AgentResult, bool]:
         for event in events:
             self.post(result.tenant, event, task_id=result.task_id, trace_id=result.trace_id)
@@ -101,6 +113,7 @@ class FinalRecords(StoreBase):
                 *self.keys.task_keys(t, task_id),
                 *self.keys.backlogs(t, self.pool),
                 self.keys.events(t),
+                self.keys.task_events(t, task_id),
             ),
             args=(
                 result.model_dump_json(),
@@ -109,6 +122,8 @@ class FinalRecords(StoreBase):
                 self._ttl,
                 self._maxlen,
                 self._maxlen,
+                self._task_events_maxlen,
+                self._task_events_ttl,
                 *(entry[field] for entry in entries for field in _EVENT_FIELDS),
             ),
         ).add_to(pipe)

@@ -33,5 +33,7 @@ class ResultStore(FinalRecords, Journal, Runs, EventLog):
             stream_maxlen=config.stream_maxlen,
             event_log=config.event_log,
             audit_maxlen=config.audit_maxlen,
+            task_events_ttl_s=config.task_events_ttl_s,
+            task_events_maxlen=config.task_events_maxlen,
             pii=lambda tenant: (config.policy_for(tenant) or config.default_tenant_policy).guardrails.pii,
         )

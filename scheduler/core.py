@@ -311,6 +311,15 @@ class SchedulerCore(Generic[T]):
             rate = min(rate, key_rate)  # a rate-limited model is served no faster than its limits allow
         return WaitForecast(self.queue.length(tenant, at_least=task.priority), share, rate)
 
+    def standing(self, ticket: Ticket[T]) -> tuple[int, float] | None:
+        """A queued ticket's place (its tenant's items ahead of it) and the wait forecast
+        from there, in seconds; None if it is not queued."""
+        ahead = self.queue.ahead(ticket.tenant, ticket)
+        if ahead is None:
+            return None
+        whole = self.forecast(ticket)
+        return ahead, WaitForecast(ahead, whole.share, whole.rate_per_s).seconds()
+
     def estimate(self, task: AgentTask) -> float:
         """Service a task will receive, in VTC units, until its real usage is known: what its
         tenant's tasks cost lately, else anyone's, else its prompt and `max_tokens`."""

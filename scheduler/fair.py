@@ -192,6 +192,20 @@ class FairQueue(Generic[T]):
         top = len(PRIORITIES) if at_least is None else PRIORITIES.index(at_least) + 1
         return sum(len(classes[p]) for p in PRIORITIES[:top])
 
+    def ahead(self, tenant: str, item: T) -> int | None:
+        """How many of `tenant`'s items go before `item` (classes in order, then FIFO within
+        its class); None if it is not queued."""
+        classes = self._queues.get(tenant)
+        if classes is None:
+            return None
+        before = 0
+        for priority in PRIORITIES:
+            queue = classes[priority]
+            if item in queue:
+                return before + queue.index(item)
+            before += len(queue)
+        return None
+
     def weighted_length(self, tenant: str) -> float:
         return self.length(tenant) / self._weight(tenant)
 

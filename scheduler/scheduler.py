@@ -45,6 +45,7 @@ from agentpool.scheduler.control import CancelledInQueue, JobControl
 from agentpool.scheduler.core import Drop, Reject, SchedulerCore
 from agentpool.scheduler.fleet import WorkerFleet
 from agentpool.scheduler.jobs import Job, trace_context
+from agentpool.scheduler.lookup import TaskLookup
 from agentpool.scheduler.observe import TaskTelemetry
 from agentpool.scheduler.records import Records
 from agentpool.scheduler.shedding import interactive
@@ -60,7 +61,7 @@ log = logging.getLogger("agentpool.scheduler")
 
 
 @ray.remote
-class Scheduler(JobControl, BacklogWindow, Records, StatusView, Telemetered):
+class Scheduler(JobControl, BacklogWindow, Records, StatusView, TaskLookup, Telemetered):
     """Named async actor; one per pool."""
 
     def __init__(

@@ -173,7 +173,6 @@ def test_the_forecast_is_scaled_by_how_far_forecasts_fell_short() -> None:
     assert refused.retry_after_s == round(3.0 / 1.05 - 2.5, 3)
 
 
-
 def test_each_class_is_scaled_by_how_far_its_own_forecasts_fell_short() -> None:
     core = core_of()
     for i in range(20):  # sheddable waits ran 2.86x over their forecasts, standard ones did not
@@ -185,6 +184,7 @@ def test_each_class_is_scaled_by_how_far_its_own_forecasts_fell_short() -> None:
     assert isinstance(refused, Reject) and refused.message.startswith("predicted queue wait 2.9s")
     admitted = arrive(core, task(n=2, deadline_s=2.5), now=0.5)  # the same forecast, 1 s, unscaled
     assert isinstance(admitted, Ticket) and admitted.predicted_wait_s == 1.0
+
 
 def test_an_unknown_rate_refuses_deadline_work_with_a_minute_to_wait() -> None:
     core = core_of(config(limits={}))

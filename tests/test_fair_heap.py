@@ -99,3 +99,30 @@ def test_the_heap_sheds_its_stale_entries_and_still_chooses_right() -> None:
     assert len(queue._heap) <= 2 * 2 + 64 + 1
     assert queue.pop() == ("b", 2)
     assert queue.pop() == ("a", 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    pushes=st.lists(
+        st.tuples(st.sampled_from(["a", "b"]), st.sampled_from(["critical", "standard", "sheddable"]), st.booleans()),
+        max_size=40,
+    ),
+    removed=st.sets(st.integers(0, 39), max_size=10),
+)
+def test_a_place_is_how_many_of_its_tenants_items_are_served_before_it(
+    pushes: list[tuple[str, str, bool]], removed: set[int]
+) -> None:
+    fair: FairQueue[int] = FairQueue(lambda tenant: 1.0)
+    for item, (tenant, priority, front) in enumerate(pushes):
+        fair.push(tenant, priority, item, front=front)
+    for item in sorted(removed):
+        if item < len(pushes):
+            assert fair.remove(pushes[item][0], item)
+    places = {item: fair.ahead(tenant, item) for item, (tenant, _, _) in enumerate(pushes)}
+    assert all(places[item] is None for item in removed if item < len(pushes))
+    assert fair.ahead("c", 0) is None  # a tenant with nothing queued
+    for tenant in ("a", "b"):
+        served = []
+        while (chosen := fair.pop(lambda t, _, mine=tenant: t == mine)) is not None:
+            served.append(chosen[1])
+        assert {item: places[item] for item in served} == {item: n for n, item in enumerate(served)}

@@ -368,9 +368,10 @@ class SimulatorServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
-        # aiohttp keeps the listening asyncio.Server private; its port is chosen by the OS.
+        # aiohttp keeps the listening server private (asyncio's, or uvloop's where Ray runs
+        # actors on uvloop); its port is chosen by the OS.
         server = site._server
-        sockets = server.sockets if isinstance(server, asyncio.Server) else []
+        sockets = list(getattr(server, "sockets", None) or [])
         self.port = sockets[0].getsockname()[1]
         return self.url
 
