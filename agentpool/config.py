@@ -193,6 +193,37 @@ class AlertConfig(BaseModel):
     min_tasks: int = Field(default=20, ge=1, le=1_000_000)
 
 
+class HttpConfig(BaseModel):
+    """The HTTP API on Ray Serve (`agentpool serve`, `agentpool.http.serve`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    #: Serve's autoscaling of the API's replicas (each holds no state of its own).
+    min_replicas: int = Field(default=1, ge=1, le=100)
+    max_replicas: int = Field(default=4, ge=1, le=1000)
+    #: Requests in progress per replica that Serve's autoscaler aims for; SSE streams count.
+    target_ongoing_requests: float = Field(default=200, gt=0)
+    max_ongoing_requests: int = Field(default=2000, ge=1)
+    #: A comment line on an SSE stream after this long without an event (proxies and
+    #: load balancers close idle connections).
+    sse_heartbeat_s: float = Field(default=15.0, gt=0, le=300)
+    #: How long an `Idempotency-Key`'s response is replayed (the key is free again after).
+    idempotency_ttl_s: int = Field(default=24 * 3600, ge=60, le=30 * 24 * 3600)
+    #: Failed authentications from one source address allowed per window; the rest get 429.
+    auth_failures_per_window: int = Field(default=20, ge=1)
+    auth_failure_window_s: int = Field(default=60, ge=1, le=3600)
+    #: `POST /v1/runs/wait`: the longest `wait_s` a request may ask for.
+    max_wait_s: float = Field(default=300.0, gt=0, le=3600)
+    #: Request bodies: one run, and a batch (JSON or JSONL).
+    max_run_bytes: int = Field(default=1 << 20, ge=1024)
+    max_batch_bytes: int = Field(default=128 << 20, ge=1024)
+    max_batch_tasks: int = Field(default=100_000, ge=1, le=1_000_000)
+    #: How long a batch's list of members is kept (its records have their own TTL).
+    batch_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
+
+
 class PoolConfig(BaseSettings):
     """Everything a pool needs; every field can come from `AGENTPOOL_<FIELD>`.
 
@@ -309,6 +340,7 @@ class PoolConfig(BaseSettings):
     #: the stream to about that many (retention).
     audit_maxlen: int | None = Field(default=None, ge=1000)
     alerts: AlertConfig = Field(default_factory=AlertConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
     # --- security
     #: Refuse to run on a Ray cluster without token authentication (`RAY_AUTH_MODE=token`,
     #: Ray's default for a local cluster): anyone who reaches an unauthenticated cluster

@@ -148,9 +148,13 @@ class InvalidTaskInput(InvalidTask, ValidationError):
     def __str__(self) -> str:
         return self.message
 
+    @property
+    def problems(self) -> list[dict[str, Any]]:
+        """What is wrong: `{index, loc, msg, type}` per problem, without the values."""
+        return list(self.__dict__.get("errors", []))  # the _Problems set by `of`
+
     def __reduce__(self) -> tuple[Any, ...]:
-        problems: list[dict[str, Any]] = self.__dict__.get("errors", [])  # the _Problems set by `of`
-        return (_rebuild_input, (self.message, list(problems)))
+        return (_rebuild_input, (self.message, self.problems))
 
 
 def task_problems(error: ValidationError, index: int | None = None) -> list[dict[str, Any]]:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import itertools
 import logging
 import os
-from collections.abc import Iterable, Iterator
-from typing import Any, cast
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import Any, TypeVar, cast
 
 import ray
+import redis.asyncio as aioredis
 
 from agentpool import telemetry as tm
 from agentpool.cluster.acl import create_tenant_credentials, display_url, revoke_tenant_credentials
+from agentpool.cluster.api_keys import ApiKeys
 from agentpool.cluster.completions import Completions
 from agentpool.cluster.keys import Keys
 from agentpool.cluster.reader import ResultsReader, find_tenant
@@ -35,6 +39,7 @@ from agentpool.protocol import new_trace_id, traceparent
 from agentpool.views import redis_trouble
 
 log = logging.getLogger("agentpool")
+T = TypeVar("T")
 
 
 def _unresolved(refs: list[ray.ObjectRef]) -> list[ray.ObjectRef]:
@@ -56,6 +61,25 @@ def _trace_context(task: AgentTask) -> str:
     )
     span.end()
     return tm.span_traceparent(span) or tm.current_traceparent() or traceparent(new_trace_id())
+
+
+def _blocking(call: Callable[[ApiKeys], Awaitable[T]], redis_url: str, prefix: str) -> T:
+    """Runs one call of `ApiKeys` to completion from synchronous code (on a thread of its
+    own when this thread already runs an event loop, as in a notebook)."""
+
+    async def once() -> T:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True, socket_connect_timeout=5)
+        try:
+            return await call(ApiKeys(client, Keys(prefix)))
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(once())
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        return thread.submit(asyncio.run, once()).result()
 
 
 def _read_events(reader: ResultsReader, task_id: str, after: str, follow: bool) -> Iterator[EventEntry]:
@@ -436,6 +460,29 @@ class AgentPool(PoolTelemetry):
     def revoke_tenant_credentials(self, tenant: str) -> bool:
         """Deletes `tenant`'s ACL user; returns whether it existed."""
         return revoke_tenant_credentials(self._redis_url, tenant, keys=Keys(self.config.key_prefix))
+
+    def create_api_key(self, tenant: str, *, name: str = "") -> str:
+        """A new key of the HTTP API for `tenant` (`Authorization: Bearer <key>`), returned
+        once: Redis keeps only its salted hash. A tenant may hold several (rotation).
+
+        Raises:
+            InvalidTask: If the tenant name is not valid.
+        """
+        self._check_running()
+        created, _ = _blocking(lambda keys: keys.create(tenant, name=name), self._redis_url, self.config.key_prefix)
+        return created
+
+    def api_keys(self, tenant: str) -> list[dict[str, Any]]:
+        """The tenant's HTTP API keys: id, name, when made (never the key or its hash)."""
+        self._check_running()
+        found = _blocking(lambda keys: keys.list(tenant), self._redis_url, self.config.key_prefix)
+        return [dict(k.__dict__) for k in found]
+
+    def revoke_api_key(self, key_id: str) -> bool:
+        """Revokes an HTTP API key by its id (requests with it get 401 from now on); whether
+        it existed."""
+        self._check_running()
+        return _blocking(lambda keys: keys.revoke(key_id), self._redis_url, self.config.key_prefix)
 
     def status(self) -> dict[str, Any]:
         """The pool's live state, from the scheduler and the rate limiter.

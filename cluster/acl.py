@@ -87,7 +87,7 @@ def tenant_rules(keys: Keys, tenant: str, password: str) -> list[str]:
     ]
 
 
-def _checked(tenant: str) -> str:
+def checked_tenant(tenant: str) -> str:
     try:
         return _TENANT.validate_python(tenant)
     except ValidationError:
@@ -105,7 +105,7 @@ def create_tenant_credentials(admin_url: str, tenant: str, *, keys: Keys | None 
         InvalidTask: If the tenant name is not valid.
         ConfigError: If the server refuses (no ACL support, or the admin user may not set users).
     """
-    tenant = _checked(tenant)
+    tenant = checked_tenant(tenant)
     keys = keys or Keys()
     user, password = tenant_user(keys, tenant), secrets.token_urlsafe(32)
     client = redis.Redis.from_url(admin_url)
@@ -124,7 +124,7 @@ def create_tenant_credentials(admin_url: str, tenant: str, *, keys: Keys | None 
 def revoke_tenant_credentials(admin_url: str, tenant: str, *, keys: Keys | None = None) -> bool:
     """Deletes `tenant`'s ACL user (connections logged in as it are closed). Returns whether
     there was one."""
-    tenant = _checked(tenant)
+    tenant = checked_tenant(tenant)
     client = redis.Redis.from_url(admin_url)
     try:
         return bool(client.execute_command("ACL", "DELUSER", tenant_user(keys or Keys(), tenant)))

@@ -94,6 +94,27 @@ class Keys:
         """A side-effecting tool call's record: started, then its outcome."""
         return f"{self._tenant(tenant)}:toolcall:{task_id}:{tool_use_id}"
 
+    def api_keys(self) -> str:
+        """Hash key_id -> JSON: every HTTP API key (tenant, salt, salted hash, when made)."""
+        return f"{self.prefix}:apikeys"
+
+    def tenant_api_keys(self, tenant: str) -> str:
+        """Set: the ids of the tenant's API keys."""
+        return f"{self._tenant(tenant)}:apikeys"
+
+    def auth_failures(self, source: str) -> str:
+        """Counter: failed authentications from one source address in the current window."""
+        return f"{self.prefix}:authfail:{source}"
+
+    def idempotency(self, tenant: str, digest: str) -> str:
+        """An `Idempotency-Key`'s record (digest of the key): the request's fingerprint, and
+        its response once there is one."""
+        return f"{self._tenant(tenant)}:idem:{digest}"
+
+    def batch(self, tenant: str, batch_id: str) -> str:
+        """List: the task ids of one batch submitted over HTTP, in input order."""
+        return f"{self._tenant(tenant)}:batch:{batch_id}"
+
     def tool_cache(self, tenant: str, tool: str, digest: str) -> str:
         """A cacheable tool's result for one set of arguments."""
         return f"{self._tenant(tenant)}:toolcache:{tool}:{digest}"

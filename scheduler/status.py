@@ -124,6 +124,12 @@ class StatusView:
             "budgets_today": await self._budgets_today(tenants),
         }
 
+    async def ready(self: Any) -> dict[str, Any]:
+        """Whether the pool can take work now (`GET /readyz`): workers reachable and Redis
+        answering."""
+        reachable, error = await self._store.reachable()
+        return {"workers": self._core.slots.open_count, "capacity": self._core.slots.capacity, "redis": reachable, "redis_error": error}
+
     async def _budgets_today(self: Any, tenants: dict[str, None]) -> dict[str, Any]:
         try:
             return dict(await self._ledger.usage_today(tenants))

@@ -1,0 +1,461 @@
+"""The HTTP API (FastAPI, served by Ray Serve: `agentpool.http.serve`).
+
+Every pattern a service uses to call agents: start a run and poll it (`POST /v1/runs`,
+`GET /v1/runs/{id}`), start one and wait for it (`POST /v1/runs/wait`), follow one live
+over Server-Sent Events that resume with `Last-Event-ID`, batches of up to 100,000 tasks,
+cancellation and approvals. The tenant comes from the API key (`Authorization: Bearer`),
+never from the body; another tenant's run is a 404. Bad requests get a 4xx with a reason,
+and nothing is enqueued for them.
+"""
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from importlib import resources
+from typing import Annotated, Any
+
+import ray
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import generate_latest
+from pydantic import BaseModel, Field
+from redis.exceptions import RedisError
+from sse_starlette.sse import EventSourceResponse
+
+from agentpool.cluster.api_keys import ApiKey
+from agentpool.cluster.front import IdemState, StoredResponse
+from agentpool.errors import AgentPoolError, InvalidTaskInput
+from agentpool.http.gateway import Gateway
+from agentpool.models import AgentResult, TaskState, validate_tasks
+from agentpool.protocol import new_trace_id, traceparent
+from agentpool.vocabulary import TaskPhase, TaskStatus
+
+_ENTRY_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+_TASK_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+#: Tasks per `enqueue` call when a batch is sent to the scheduler.
+_CHUNK = 1000
+
+
+class ApprovalBody(BaseModel):
+    approved: bool
+    note: str = Field(default="", max_length=2000)
+
+
+def _problem(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, **extra}}, status_code=status)
+
+
+def _task_from(body: Any, tenant: str, index: int | None = None) -> dict[str, Any]:
+    """A task's fields from a request body, with the tenant of the key (a body naming
+    another tenant is refused: the key decides)."""
+    if not isinstance(body, dict):
+        where = "" if index is None else f" (task {index})"
+        raise HTTPException(422, f"a task is a JSON object{where}")
+    named = body.get("tenant")
+    if named is not None and named != tenant:
+        raise HTTPException(422, "the tenant comes from the API key; the body names another")
+    return {**body, "tenant": tenant}
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request's body, refused (413) past `limit` bytes without reading further."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise HTTPException(413, f"the body is larger than {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"the body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HTTPException(400, f"the body is not JSON: {exc}"[:300]) from None
+
+
+def _run_reply(task_id: str, status: str, record: AgentResult | None) -> StoredResponse:
+    """The answer to a run's admission: 202 for an accepted run (or one that ended already),
+    429 with `Retry-After` if the pool shed it, 403 if it was refused for good."""
+    location = f"/v1/runs/{task_id}"
+    body: dict[str, Any] = {"task_id": task_id, "status": status, "url": location}
+    if status != TaskStatus.REJECTED or record is None:
+        return StoredResponse(202, body, location)
+    body["result"] = record.model_dump(mode="json")
+    if record.retry_after_s is not None:
+        return StoredResponse(429, body, location, str(max(1, round(record.retry_after_s))))
+    return StoredResponse(403, body, location)
+
+
+def build_app(connect: Callable[[], Awaitable[Gateway]]) -> FastAPI:
+    """The API's app; `connect` gives the replica's `Gateway` at start-up."""
+    holder: dict[str, Gateway] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        holder["gw"] = await connect()
+        try:
+            yield
+        finally:
+            await holder["gw"].close()
+
+    app = FastAPI(
+        lifespan=lifespan,
+        title="agentpool",
+        version="1",
+        summary="Agent runs on a Ray pool: start, wait, poll, follow live, cancel, approve, batch.",
+    )
+
+    def gw() -> Gateway:
+        return holder["gw"]
+
+    @app.middleware("http")
+    async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        try:
+            response = await call_next(request)
+        except (RedisError, OSError, ray.exceptions.RayError) as exc:
+            response = _problem(503, f"the pool cannot answer now: {type(exc).__name__}", retryable=True)
+            response.headers["Retry-After"] = "1"
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        if "gw" in holder:
+            metrics = holder["gw"].metrics
+            metrics.requests.labels(request.method, path, str(response.status_code)).inc()
+            metrics.latency.labels(request.method, path).observe(time.perf_counter() - started)
+        return response
+
+    @app.exception_handler(InvalidTaskInput)
+    async def _invalid(request: Request, exc: InvalidTaskInput) -> JSONResponse:
+        return _problem(422, exc.message, problems=exc.problems[:50])
+
+    @app.exception_handler(AgentPoolError)
+    async def _refused(request: Request, exc: AgentPoolError) -> JSONResponse:
+        return _problem(422 if not exc.retryable else 503, exc.message, type=type(exc).__name__)
+
+    async def tenant_key(request: Request) -> ApiKey:
+        """The caller's API key (401 without a valid one; 429 after too many failures from
+        its address). Neither the key nor its hash is ever logged."""
+        g = gw()
+        source = request.client.host if request.client else "unknown"
+        if await g.api_keys.failures(source) >= g.http.auth_failures_per_window:
+            raise HTTPException(
+                429, "too many failed authentications", headers={"Retry-After": str(g.http.auth_failure_window_s)}
+            )
+        header = request.headers.get("authorization", "")
+        scheme, _, presented = header.partition(" ")
+        key = await g.api_keys.check(presented.strip()) if scheme.lower() == "bearer" else None
+        if key is None:
+            await g.api_keys.failed(source, g.http.auth_failure_window_s)
+            raise HTTPException(401, "a valid API key is required", headers={"WWW-Authenticate": "Bearer"})
+        return key
+
+    Tenant = Annotated[ApiKey, Depends(tenant_key)]
+
+    async def owned(task_id: str, key: ApiKey) -> TaskState:
+        """The task's state if it is the key's tenant's; 404 otherwise (another tenant's
+        task is indistinguishable from none)."""
+        if not _TASK_ID.match(task_id):
+            raise HTTPException(404, "no such run")
+        state: TaskState | None = await gw().scheduler.where.remote(task_id, key.tenant)
+        if state is None:
+            raise HTTPException(404, "no such run")
+        return state
+
+    async def idempotent(
+        request: Request, key: ApiKey, raw: bytes, handle: Callable[[], Awaitable[StoredResponse]]
+    ) -> Response:
+        """Runs `handle` once per `Idempotency-Key` (when given): a retry gets the stored
+        response, a concurrent one 409, the same key with another request 422."""
+        g = gw()
+        idem = request.headers.get("idempotency-key")
+        if idem is None:
+            return _stored(await handle())
+        if not 1 <= len(idem) <= 255:
+            raise HTTPException(400, "Idempotency-Key must be 1 to 255 characters")
+        fingerprint = hashlib.sha256(f"{request.method} {request.url.path}\n".encode() + raw).hexdigest()
+        ttl = g.http.idempotency_ttl_s
+        claim = await g.store.claim(key.tenant, idem, fingerprint, ttl)
+        if isinstance(claim, StoredResponse):
+            response = _stored(claim)
+            response.headers["Idempotent-Replayed"] = "true"
+            return response
+        if claim == IdemState.BUSY:
+            raise HTTPException(409, "a request with this Idempotency-Key is in progress")
+        if claim == IdemState.MISMATCH:
+            raise HTTPException(422, "this Idempotency-Key was used with a different request")
+        try:
+            stored = await handle()
+        except BaseException:
+            await g.store.release(key.tenant, idem)
+            raise
+        if stored.status_code < 500:
+            await g.store.remember(key.tenant, idem, fingerprint, stored, ttl)
+        else:
+            await g.store.release(key.tenant, idem)
+        return _stored(stored)
+
+    async def record(tenant: str, task_id: str) -> AgentResult | None:
+        raw = await gw().store.result_json(tenant, task_id)
+        return AgentResult.model_validate_json(raw) if raw else None
+
+    # --- runs --------------------------------------------------------------------------
+
+    @app.post("/v1/runs", status_code=202, tags=["runs"])
+    async def create_run(request: Request, key: Tenant) -> Response:
+        """Starts a run (the body is an `AgentTask` without `tenant`): 202 with its id and
+        `Location`; 429 with `Retry-After` if the pool shed it."""
+        raw = await _read_body(request, gw().http.max_run_bytes)
+
+        async def handle() -> StoredResponse:
+            task = validate_tasks([_task_from(_json(raw), key.tenant)], tools=gw().tools)[0]
+            (reply,) = await gw().scheduler.enqueue.remote([task], [traceparent(new_trace_id())])
+            ended = await record(key.tenant, task.task_id) if reply["status"] == TaskStatus.REJECTED else None
+            return _run_reply(task.task_id, reply["status"], ended)
+
+        return await idempotent(request, key, raw, handle)
+
+    @app.post("/v1/runs/wait", tags=["runs"])
+    async def create_run_and_wait(
+        request: Request, key: Tenant, wait_s: Annotated[float, Query(gt=0, le=3600)] = 60.0
+    ) -> Response:
+        """Starts a run and answers with its final record (200) when it ends within
+        `wait_s`; else 202 with the URL to poll."""
+        g = gw()
+        raw = await _read_body(request, g.http.max_run_bytes)
+        wait_s = min(wait_s, g.http.max_wait_s)
+
+        async def handle() -> StoredResponse:
+            task = validate_tasks([_task_from(_json(raw), key.tenant)], tools=g.tools)[0]
+            ref = g.scheduler.run.remote(task, traceparent(new_trace_id()))
+            waiting = asyncio.ensure_future(asyncio.wrap_future(ref.future()))
+            done, _ = await asyncio.wait({waiting}, timeout=wait_s)
+            location = f"/v1/runs/{task.task_id}"
+            if not done:  # the call goes on at the scheduler; the run is polled from here
+                body = {"task_id": task.task_id, "status": "in_progress", "url": location}
+                return StoredResponse(202, body, location)
+            ended: AgentResult = waiting.result()
+            if ended.status == TaskStatus.REJECTED:
+                return _run_reply(task.task_id, ended.status, ended)
+            return StoredResponse(200, ended.model_dump(mode="json"), location)
+
+        return await idempotent(request, key, raw, handle)
+
+    @app.get("/v1/runs/{task_id}", tags=["runs"])
+    async def get_run(task_id: str, key: Tenant) -> Any:
+        """Where the run stands: `queued` (place, predicted start), `running` (iteration,
+        usage so far), `awaiting_approval`, or `finished` with its record."""
+        return (await owned(task_id, key)).model_dump(mode="json")
+
+    @app.post("/v1/runs/{task_id}/cancel", tags=["runs"])
+    async def cancel_run(task_id: str, key: Tenant) -> Any:
+        """Stops the run (queued, running or paused): its record says `cancelled`, with the
+        work done so far; a run that had ended keeps its record."""
+        state = await owned(task_id, key)
+        if state.phase == TaskPhase.FINISHED:
+            return state.result.model_dump(mode="json") if state.result else None
+        cancelled: AgentResult | None = await gw().scheduler.cancel.remote(task_id, "cancelled over HTTP")
+        if cancelled is None:  # ended between the two calls
+            cancelled = await record(key.tenant, task_id)
+        return cancelled.model_dump(mode="json") if cancelled else None
+
+    @app.get("/v1/runs/{task_id}/events", tags=["runs"])
+    async def run_events(request: Request, task_id: str, key: Tenant, after: str | None = None) -> EventSourceResponse:
+        """The run's events as Server-Sent Events: `id:` is the stream entry id (reconnect
+        with `Last-Event-ID` to resume with nothing lost or repeated), a comment line as a
+        heartbeat while idle, and a final `end` event with the run's status."""
+        g = gw()
+        start = request.headers.get("last-event-id") or after or "0-0"
+        if not _ENTRY_ID.match(start):
+            raise HTTPException(422, "Last-Event-ID (or after) must be an event id such as 1700000000000-0")
+        await owned(task_id, key)
+        return EventSourceResponse(
+            _sse(g, key.tenant, task_id, start), ping=g.http.sse_heartbeat_s, headers={"Cache-Control": "no-store"}
+        )
+
+    # --- batches -----------------------------------------------------------------------
+
+    @app.post("/v1/batches", status_code=202, tags=["batches"])
+    async def create_batch(request: Request, key: Tenant) -> Response:
+        """Submits up to `max_batch_tasks` tasks at once: a JSON body `{"tasks": [...]}` or
+        JSONL (one task per line). Every task is checked first; one bad task refuses the
+        batch (422, listing the problems by index) and nothing is enqueued."""
+        g = gw()
+        raw = await _read_body(request, g.http.max_batch_bytes)
+
+        async def handle() -> StoredResponse:
+            bodies = _batch_bodies(raw, request.headers.get("content-type", ""), g.http.max_batch_tasks)
+            tasks = validate_tasks([_task_from(b, key.tenant, i) for i, b in enumerate(bodies)], tools=g.tools)
+            batch_id = f"batch_{uuid.uuid4().hex}"
+            await g.store.create_batch(key.tenant, batch_id, [t.task_id for t in tasks], g.http.batch_ttl_s)
+            calls = [
+                g.scheduler.enqueue.remote(part, [traceparent(new_trace_id()) for _ in part])
+                for part in (tasks[i : i + _CHUNK] for i in range(0, len(tasks), _CHUNK))
+            ]
+            replies = [r for chunk in await asyncio.gather(*calls) for r in chunk]
+            counts: dict[str, int] = {}
+            for reply in replies:
+                counts[reply["status"]] = counts.get(reply["status"], 0) + 1
+            location = f"/v1/batches/{batch_id}"
+            body = {"batch_id": batch_id, "tasks": len(tasks), "by_status": counts, "url": location}
+            return StoredResponse(202, body, location)
+
+        return await idempotent(request, key, raw, handle)
+
+    @app.get("/v1/batches/{batch_id}", tags=["batches"])
+    async def get_batch(batch_id: str, key: Tenant) -> Any:
+        """The batch's tasks counted by status (`in_progress` until a task has its record)."""
+        members, records = await _batch(batch_id, key)
+        counts: dict[str, int] = {}
+        for raw in records:
+            status = "in_progress" if raw is None else json.loads(raw)["status"]
+            counts[status] = counts.get(status, 0) + 1
+        ended = len(members) - counts.get("in_progress", 0)
+        return {"batch_id": batch_id, "tasks": len(members), "ended": ended, "done": ended == len(members), **counts}
+
+    @app.get("/v1/batches/{batch_id}/results", tags=["batches"])
+    async def batch_results(batch_id: str, key: Tenant) -> StreamingResponse:
+        """The final records of the batch's tasks that have ended, as JSONL, in input order."""
+        members, _ = await _batch(batch_id, key, fetch=False)
+
+        async def lines() -> AsyncIterator[bytes]:
+            for i in range(0, len(members), _CHUNK):
+                for raw in await gw().store.results_json(key.tenant, members[i : i + _CHUNK]):
+                    if raw is not None:
+                        yield raw.encode() + b"\n"
+
+        return StreamingResponse(lines(), media_type="application/jsonl")
+
+    async def _batch(batch_id: str, key: ApiKey, *, fetch: bool = True) -> tuple[list[str], list[str | None]]:
+        if not _TASK_ID.match(batch_id):
+            raise HTTPException(404, "no such batch")
+        members = await gw().store.batch_members(key.tenant, batch_id)
+        if members is None:
+            raise HTTPException(404, "no such batch")
+        return members, (await gw().store.results_json(key.tenant, members) if fetch else [])
+
+    # --- approvals ---------------------------------------------------------------------
+
+    @app.get("/v1/approvals", tags=["approvals"])
+    async def approvals(key: Tenant) -> Any:
+        """The tenant's runs paused for a human: task id, tools, arguments, deadline."""
+        return await gw().scheduler.pending_approvals.remote(key.tenant)
+
+    @app.post("/v1/approvals/{task_id}", tags=["approvals"])
+    async def decide(task_id: str, decision: ApprovalBody, key: Tenant) -> Any:
+        """Approves or denies a paused run's tool calls (with a note for the model); 409 if
+        it is not waiting for approval."""
+        await owned(task_id, key)
+        reply: dict[str, Any] = await gw().scheduler.approve.remote(task_id, decision.approved, decision.note)
+        if reply["status"] != "decided":
+            raise HTTPException(409, "the run is not waiting for approval")
+        return reply
+
+    # --- operations --------------------------------------------------------------------
+
+    @app.get("/healthz", tags=["operations"])
+    async def healthz() -> Any:
+        """This replica's process is alive."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["operations"])
+    async def readyz() -> Any:
+        """The scheduler, Redis and at least one worker answer (503 if not)."""
+        state = await gw().ready()
+        return JSONResponse(state, status_code=200 if state["ready"] else 503)
+
+    @app.get("/metrics", tags=["operations"])
+    async def metrics() -> PlainTextResponse:
+        """This replica's metrics (requests, latency, SSE streams) and the pool's queues, in
+        Prometheus' text format."""
+        g = gw()
+        with_state = await g.ready()
+        for what in ("workers", "capacity"):
+            if what in with_state:
+                g.metrics.pool.labels(what).set(with_state[what])
+        return PlainTextResponse(generate_latest(g.metrics.registry).decode(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", include_in_schema=False)
+    async def console() -> HTMLResponse:
+        """The operator console (one page, no build step)."""
+        return HTMLResponse(resources.files("agentpool.http").joinpath("console.html").read_text())
+
+    @app.get("/v1/status", tags=["operations"])
+    async def status(key: Tenant) -> Any:
+        """The pool's queues, slots, breakers and workers (the tenant's own counts only)."""
+        full: dict[str, Any] = await gw().scheduler.status.remote()
+        mine = key.tenant
+        return {
+            "tenant": mine,
+            "queued": full["queued_by_tenant"].get(mine, {}),
+            "in_flight": full["in_flight_by_tenant"].get(mine, 0),
+            "finished": full["finished_by_tenant"].get(mine, {}),
+            "awaiting_approval": full["awaiting_approval"].get(mine, []),
+            "pool": {
+                "queued": full["queued"],
+                "in_flight": full["in_flight"],
+                "capacity": full["capacity"],
+                "overload_level": full["overload_level"],
+                "workers": {k: v for k, v in full["workers"].items() if k != "history"},
+                "tools": full["tools"],
+                "limits": full["limits"],
+            },
+        }
+
+    return app
+
+
+def _stored(stored: StoredResponse) -> JSONResponse:
+    response = JSONResponse(stored.body, status_code=stored.status_code)
+    if stored.location:
+        response.headers["Location"] = stored.location
+    if stored.retry_after:
+        response.headers["Retry-After"] = stored.retry_after
+    return response
+
+
+def _batch_bodies(raw: bytes, content_type: str, limit: int) -> list[Any]:
+    """A batch body's tasks: JSON `{"tasks": [...]}` (or a bare list), or JSONL."""
+    bodies: list[Any] = []
+    if "jsonl" in content_type or "ndjson" in content_type:
+        for number, line in enumerate(raw.splitlines(), start=1):
+            if line.strip():
+                try:
+                    bodies.append(json.loads(line))
+                except (ValueError, UnicodeDecodeError):
+                    raise HTTPException(400, f"line {number} of the body is not JSON") from None
+    else:
+        parsed = _json(raw)
+        listed = parsed.get("tasks") if isinstance(parsed, dict) else parsed
+        if not isinstance(listed, list):
+            raise HTTPException(422, 'a batch is {"tasks": [...]} or JSONL')
+        bodies = listed
+    if not bodies:
+        raise HTTPException(422, "the batch has no tasks")
+    if len(bodies) > limit:
+        raise HTTPException(413, f"the batch has {len(bodies)} tasks; at most {limit}")
+    return bodies
+
+
+async def _sse(g: Gateway, tenant: str, task_id: str, after: str) -> AsyncIterator[dict[str, Any]]:
+    """The run's events as SSE messages, then `end` with its status."""
+    g.metrics.streams.inc()
+    try:
+        async for batch in g.store.follow(tenant, task_id, after=after, block_ms=int(g.http.sse_heartbeat_s * 1000)):
+            for entry in batch:
+                data = {"task_id": entry.task_id, "ts": entry.ts, "trace_id": entry.trace_id, **entry.data}
+                yield {"id": entry.id, "event": entry.event.value, "data": json.dumps(data, default=str)}
+        raw = await g.store.result_json(tenant, task_id)
+        status = json.loads(raw)["status"] if raw else None
+        yield {"event": "end", "data": json.dumps({"task_id": task_id, "status": status})}
+    finally:
+        g.metrics.streams.dec()

@@ -1,0 +1,96 @@
+"""The HTTP API as a Ray Serve application: replicas (FastAPI ingress) that hold no state of
+their own and scale with Serve's autoscaler, in front of one pool found by name.
+
+From Python: `serve_http(pool)` (or `agentpool serve`). On a cluster, with Serve's CLI or
+a config file: `serve run agentpool.http.serve:build pool=agentpool`, or an `import_path` of
+`agentpool.http.serve:build` with `args: {pool: agentpool}` (see the README).
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import ray
+from ray import serve
+from ray.serve import Application
+from starlette.types import ASGIApp
+
+from agentpool.config import HttpConfig, PoolConfig
+from agentpool.errors import PoolNotRunning
+from agentpool.http.app import build_app
+from agentpool.http.gateway import Gateway
+from agentpool.launch import NAMESPACE
+
+
+def app_name(pool: str) -> str:
+    """The Serve application's name for a pool's API."""
+    return f"{pool}-http"
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress()
+class HttpFront:
+    """One replica of the API (Serve makes and removes them)."""
+
+    def __init__(self, pool: str) -> None:
+        self._pool = pool
+
+    async def __serve_build_asgi_app__(self) -> ASGIApp:
+        return build_app(lambda: Gateway.connect(self._pool))
+
+
+def application(pool: str, http: HttpConfig) -> Application:
+    """The API of the pool named `pool`, with its replicas' scaling from `http`."""
+    deployment: Any = HttpFront  # a serve.Deployment once decorated
+    return deployment.options(
+        autoscaling_config={
+            "min_replicas": http.min_replicas,
+            "max_replicas": max(http.min_replicas, http.max_replicas),
+            "target_ongoing_requests": http.target_ongoing_requests,
+        },
+        max_ongoing_requests=http.max_ongoing_requests,
+    ).bind(pool)
+
+
+def build(args: dict[str, Any]) -> Application:
+    """Serve's application builder: `serve run agentpool.http.serve:build pool=NAME`. The
+    scaling comes from the running pool's `PoolConfig.http`."""
+    pool = str(args.get("pool", "agentpool"))
+    return application(pool, _pool_config(pool).http)
+
+
+def serve_http(pool: str, http: HttpConfig | None = None) -> str:
+    """Starts Serve's HTTP proxy (at `http.host:http.port`, if Serve is not running yet) and
+    the API of the pool named `pool`; returns its base URL once it is ready.
+
+    Raises:
+        PoolNotRunning: If no pool of that name runs on this Ray cluster.
+    """
+    http = http or _pool_config(pool).http
+    serve.start(http_options={"host": http.host, "port": http.port})
+    serve.run(application(pool, http), name=app_name(pool), route_prefix="/", blocking=False)
+    return base_url()
+
+
+def base_url() -> str:
+    """The address Serve's HTTP proxy listens on (the port it really bound)."""
+    client = serve.context._get_global_client()
+    if client is None:
+        raise RuntimeError("Serve is not running on this cluster")
+    options = client.http_config
+    host = "127.0.0.1" if options.host in ("0.0.0.0", "::") else options.host
+    return f"http://{host}:{options.port}"
+
+
+def stop_http(pool: str) -> None:
+    """Removes the pool's API from Serve (the proxy stays for other applications)."""
+    serve.delete(app_name(pool))
+
+
+def _pool_config(pool: str) -> PoolConfig:
+    try:
+        scheduler = ray.get_actor(f"{pool}-scheduler", namespace=NAMESPACE)
+    except ValueError:
+        raise PoolNotRunning(f"no pool named {pool!r} is running on this cluster") from None
+    info = cast(dict[str, Any], ray.get(scheduler.info.remote()))
+    return PoolConfig.model_validate(info["config"])

@@ -1,0 +1,298 @@
+"""The HTTP API on Ray Serve, end to end: real HTTP clients (httpx, httpx-sse) against the
+Serve app of a real pool on the session's local Ray."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from httpx_sse import connect_sse
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agentpool import AgentPool, PoolConfig, SimulatorConfig
+from agentpool.config import HttpConfig
+from agentpool.http.serve import serve_http, stop_http
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class Api:
+    """The pool, its API's base URL and a key per tenant."""
+
+    def __init__(self, pool: AgentPool, url: str) -> None:
+        self.pool = pool
+        self.url = url
+        self.keys = {t: pool.create_api_key(t) for t in ("acme", "globex", "fuzz")}
+        self.client = httpx.Client(base_url=url, timeout=60)
+
+    def auth(self, tenant: str = "acme") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[tenant]}"}
+
+    def wait_finished(self, task_id: str, tenant: str = "acme", timeout_s: float = 30) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            state = self.client.get(f"/v1/runs/{task_id}", headers=self.auth(tenant)).json()
+            if state["phase"] == "finished":
+                return dict(state)
+            time.sleep(0.05)
+        raise AssertionError(f"run {task_id} did not finish")
+
+
+@pytest.fixture(scope="module")
+def api(redis_url: str) -> Iterator[Api]:
+    config = PoolConfig(
+        name=f"h{uuid.uuid4().hex[:8]}",
+        key_prefix=f"t{uuid.uuid4().hex[:8]}",
+        redis_url=redis_url,
+        tool_modules=["tests.toolkit"],
+        simulator=SimulatorConfig(latency_ms=2, latency_sigma=0),
+        num_workers=1,
+        worker_concurrency=16,
+        approval_timeout_s=60.0,
+        http=HttpConfig(port=free_port(), sse_heartbeat_s=0.3, auth_failures_per_window=200),
+    )
+    with AgentPool.start(config) as pool:
+        url = serve_http(pool.config.name)
+        try:
+            yield Api(pool, url)
+        finally:
+            stop_http(pool.config.name)
+
+
+def napping(*seconds: float) -> dict[str, Any]:
+    naps = "".join(f'sim: tool nap {{"seconds": {s}}}\n' for s in seconds)
+    return {"prompt": f"{naps}sim: answer woke", "tools": ["nap"]}
+
+
+def test_operations_endpoints_answer(api: Api) -> None:
+    assert api.client.get("/healthz").json() == {"status": "ok"}
+    ready = api.client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] and ready.json()["workers"] >= 1
+    spec = api.client.get("/openapi.json").json()
+    assert {"/v1/runs", "/v1/runs/wait", "/v1/runs/{task_id}/events", "/v1/batches", "/v1/approvals"} <= set(
+        spec["paths"]
+    )
+    metrics = api.client.get("/metrics").text
+    assert 'agentpool_http_requests_total{code="200",method="GET",route="/healthz"}' in metrics
+
+
+def test_start_a_run_and_poll_it(api: Api) -> None:
+    started = api.client.post("/v1/runs", json={"prompt": "What is 1234*5678?"}, headers=api.auth())
+    assert started.status_code == 202
+    task_id = started.json()["task_id"]
+    assert started.headers["location"] == f"/v1/runs/{task_id}"
+    state = api.wait_finished(task_id)
+    assert state["tenant"] == "acme" and state["result"]["status"] == "succeeded"
+    assert state["result"] == api.pool.get(task_id, tenant="acme").result.model_dump(mode="json")  # type: ignore[union-attr]
+
+
+def test_wait_for_a_run_or_get_the_url_to_poll(api: Api) -> None:
+    quick = api.client.post("/v1/runs/wait", json={"prompt": "What is 2+2?"}, headers=api.auth())
+    assert quick.status_code == 200 and quick.json()["status"] == "succeeded" and quick.json()["tenant"] == "acme"
+    slow = api.client.post("/v1/runs/wait", params={"wait_s": 0.3}, json=napping(1.5), headers=api.auth())
+    assert slow.status_code == 202 and slow.json()["status"] == "in_progress"
+    assert slow.headers["location"] == f"/v1/runs/{slow.json()['task_id']}"
+    assert api.wait_finished(slow.json()["task_id"])["result"]["answer"] == "woke"
+
+
+def test_a_key_sees_only_its_tenants_runs(api: Api, redis_client: redis.Redis) -> None:
+    mine = api.client.post("/v1/runs/wait", json={"prompt": "hello"}, headers=api.auth("acme")).json()
+    task_id = mine["task_id"]
+    assert api.client.get(f"/v1/runs/{task_id}").status_code == 401  # no key
+    assert api.client.get(f"/v1/runs/{task_id}", headers={"Authorization": "Bearer ap_nope"}).status_code == 401
+    revoked = api.pool.create_api_key("acme", name="to revoke")
+    assert api.client.get(f"/v1/runs/{task_id}", headers={"Authorization": f"Bearer {revoked}"}).status_code == 200
+    key_id = revoked.split("_")[1]
+    assert api.pool.revoke_api_key(key_id) and not api.pool.revoke_api_key(key_id)
+    assert api.client.get(f"/v1/runs/{task_id}", headers={"Authorization": f"Bearer {revoked}"}).status_code == 401
+    other = api.auth("globex")
+    assert api.client.get(f"/v1/runs/{task_id}", headers=other).status_code == 404  # not "forbidden": unseen
+    assert api.client.post(f"/v1/runs/{task_id}/cancel", headers=other).status_code == 404
+    assert api.client.get(f"/v1/runs/{task_id}/events", headers=other).status_code == 404
+    assert api.client.post(f"/v1/approvals/{task_id}", json={"approved": True}, headers=other).status_code == 404
+    spoof = api.client.post("/v1/runs", json={"prompt": "x", "tenant": "acme"}, headers=other)
+    assert spoof.status_code == 422 and "API key" in spoof.json()["detail"]
+    # Redis keeps the keys' salted hashes only.
+    stored = redis_client.hgetall(f"{api.pool.config.key_prefix}:apikeys")
+    assert stored and all(api.keys["acme"].split("_")[2] not in raw for raw in stored.values())
+    listed = api.pool.api_keys("acme")
+    assert {k["key_id"] for k in listed} == {api.keys["acme"].split("_")[1]} and "hash" not in listed[0]
+
+
+def test_idempotency_keys_replay_refuse_a_concurrent_retry_and_a_changed_body(api: Api) -> None:
+    key = {"Idempotency-Key": f"k-{uuid.uuid4().hex}", **api.auth()}
+    first = api.client.post("/v1/runs", json={"prompt": "once"}, headers=key)
+    again = api.client.post("/v1/runs", json={"prompt": "once"}, headers=key)
+    assert first.status_code == again.status_code == 202
+    assert again.json() == first.json() and again.headers["idempotent-replayed"] == "true"
+    changed = api.client.post("/v1/runs", json={"prompt": "twice"}, headers=key)
+    assert changed.status_code == 422
+    slow = {"Idempotency-Key": f"k-{uuid.uuid4().hex}", **api.auth()}
+    with concurrent.futures.ThreadPoolExecutor(2) as threads:
+        waiting = threads.submit(api.client.post, "/v1/runs/wait", json=napping(1.0), headers=slow)
+        time.sleep(0.4)
+        assert api.client.post("/v1/runs/wait", json=napping(1.0), headers=slow).status_code == 409
+        done = waiting.result()
+    assert done.status_code == 200
+    replay = api.client.post("/v1/runs/wait", json=napping(1.0), headers=slow)
+    assert replay.json() == done.json()  # the same run's record, not a second run
+    assert api.pool.get(first.json()["task_id"], tenant="acme") is not None
+
+
+def test_sse_cut_mid_run_resumes_with_last_event_id_losing_and_repeating_nothing(
+    api: Api, redis_client: redis.Redis
+) -> None:
+    task_id = api.client.post("/v1/runs", json=napping(0.4, 0.4, 0.4), headers=api.auth()).json()["task_id"]
+    url = f"/v1/runs/{task_id}/events"
+    got: list[tuple[str, str]] = []
+    with connect_sse(api.client, "GET", url, headers=api.auth()) as source:
+        for sse in source.iter_sse():
+            got.append((sse.id, sse.event))
+            if len(got) == 3:
+                break  # the connection is cut mid-run
+    pings = 0
+    with api.client.stream("GET", url, headers={**api.auth(), "Last-Event-ID": got[-1][0]}) as raw:
+        event, entry = "", ""
+        for line in raw.iter_lines():
+            pings += line.startswith(":")
+            if line.startswith("id:"):
+                entry = line[3:].strip()
+            elif line.startswith("event:"):
+                event = line[6:].strip()
+            elif line == "" and event:
+                got.append((entry, event))
+                event, entry = "", ""
+    assert got[-1] == ("", "end")
+    assert pings >= 1  # heartbeats while the run naps (sse_heartbeat_s=0.3)
+    stream = redis_client.xrange(f"{api.pool.config.key_prefix}:{{acme}}:events:{task_id}")
+    assert got[:-1] == [(entry_id, fields["event"]) for entry_id, fields in stream]
+    assert [e for _, e in got].count("tool_result") == 3
+    bad = api.client.get(url, headers={**api.auth(), "Last-Event-ID": "yesterday"})
+    assert bad.status_code == 422
+
+
+def test_cancel_over_http_stops_the_work(api: Api) -> None:
+    task_id = api.client.post("/v1/runs", json=napping(20), headers=api.auth()).json()["task_id"]
+    deadline = time.monotonic() + 20
+    while api.client.get(f"/v1/runs/{task_id}", headers=api.auth()).json()["iteration"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    before = api.pool.simulator_stats()["requests"]  # type: ignore[index]
+    cancelled = api.client.post(f"/v1/runs/{task_id}/cancel", headers=api.auth())
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    time.sleep(0.5)
+    assert api.pool.simulator_stats()["requests"] == before  # type: ignore[index]  # no LLM call after it
+    assert api.wait_finished(task_id)["result"]["status"] == "cancelled"
+
+
+def test_a_batch_as_jsonl_runs_and_its_results_stream_back_in_order(api: Api) -> None:
+    lines = "\n".join(json.dumps({"prompt": f"sim: answer number {i}"}) for i in range(60))
+    created = api.client.post("/v1/batches", content=lines, headers={**api.auth(), "Content-Type": "application/jsonl"})
+    assert created.status_code == 202 and created.json()["tasks"] == 60
+    url = created.headers["location"]
+    deadline = time.monotonic() + 60
+    while not (counts := api.client.get(url, headers=api.auth()).json())["done"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert counts["succeeded"] == 60 and counts["ended"] == 60
+    results = api.client.get(f"{url}/results", headers=api.auth())
+    answers = [json.loads(line)["answer"] for line in results.text.splitlines()]
+    assert answers == [f"number {i}" for i in range(60)]
+    assert api.client.get(url, headers=api.auth("globex")).status_code == 404
+    one_bad = {"tasks": [{"prompt": "fine"}, {"prompt": ""}, {"prompt": "fine", "tools": ["no_such_tool"]}]}
+    refused = api.client.post("/v1/batches", json=one_bad, headers=api.auth())
+    assert refused.status_code == 422 and {p["index"] for p in refused.json()["error"]["problems"]} == {1, 2}
+
+
+def test_approve_a_paused_run_over_http(api: Api) -> None:
+    body = {"prompt": 'sim: tool wire_money {"amount": 500, "to": "bob"}\nsim: answer paid', "tools": ["wire_money"]}
+    task_id = api.client.post("/v1/runs", json=body, headers=api.auth()).json()["task_id"]
+    deadline = time.monotonic() + 20
+    while not any(p["task_id"] == task_id for p in api.client.get("/v1/approvals", headers=api.auth()).json()):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert api.client.get(f"/v1/runs/{task_id}", headers=api.auth()).json()["phase"] == "awaiting_approval"
+    decided = api.client.post(f"/v1/approvals/{task_id}", json={"approved": True, "note": "ok"}, headers=api.auth())
+    assert decided.status_code == 200 and decided.json()["status"] == "decided"
+    assert api.wait_finished(task_id)["result"]["answer"] == "paid"
+    again = api.client.post(f"/v1/approvals/{task_id}", json={"approved": True}, headers=api.auth())
+    assert again.status_code == 409
+
+
+_FIELDS = ["prompt", "system", "tools", "model", "max_tokens", "max_iterations", "timeout_s", "priority", "metadata"]
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+#: Bodies that are never a valid task: not an object, an unknown field, a field of the wrong
+#: type, or a prompt that is empty or too long.
+_bad_bodies = st.one_of(
+    _json_values.filter(lambda v: not isinstance(v, dict)).map(json.dumps),
+    st.dictionaries(st.sampled_from(_FIELDS), _json_values, max_size=4)
+    .map(lambda d: {**d, "unknown_" + str(len(d)): 1})
+    .map(json.dumps),
+    st.builds(lambda v: json.dumps({"prompt": v}), st.integers() | st.lists(st.text(), max_size=2) | st.just("")),
+    st.just(json.dumps({"prompt": "x" * 2_000_000})),
+    st.binary(max_size=64).map(lambda b: b.decode("latin-1")),
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    path=st.sampled_from(["/v1/runs", "/v1/runs/wait", "/v1/batches", "/v1/approvals/some-task"]),
+    body=_bad_bodies,
+    content_type=st.sampled_from(["application/json", "application/jsonl", "text/plain", "", "multipart/form-data"]),
+    idem=st.none() | st.text(max_size=300).filter(lambda s: "\n" not in s and "\r" not in s),
+    wait_s=st.sampled_from(["", "0", "-1", "nan", "1e9", "abc"]),
+)
+def test_fuzzed_requests_get_4xx_and_enqueue_nothing(
+    api: Api, path: str, body: str, content_type: str, idem: str | None, wait_s: str
+) -> None:
+    headers = {**api.auth("fuzz"), "Content-Type": content_type}
+    if idem is not None:
+        try:
+            idem.encode("ascii")
+            headers["Idempotency-Key"] = idem
+        except UnicodeEncodeError:
+            pass
+    params = {"wait_s": wait_s} if wait_s else {}
+    if path == "/v1/batches" and body.startswith("{"):
+        body = json.dumps({"tasks": [json.loads(body)]})
+    response = api.client.post(path, content=body.encode("utf-8", "surrogatepass"), headers=headers, params=params)
+    assert 400 <= response.status_code < 500, (response.status_code, response.text[:300])
+
+
+def test_nothing_of_the_fuzzed_requests_was_enqueued(api: Api, redis_client: redis.Redis) -> None:
+    prefix = api.pool.config.key_prefix
+    assert redis_client.keys(f"{prefix}:{{fuzz}}:result:*") == []
+    assert redis_client.keys(f"{prefix}:{{fuzz}}:events*") == []
+    assert "fuzz" not in api.pool.status()["finished_by_tenant"]
+
+
+def test_failed_authentications_are_rate_limited_per_source(api: Api, redis_client: redis.Redis) -> None:
+    limit = api.pool.config.http.auth_failures_per_window
+    redis_client.delete(f"{api.pool.config.key_prefix}:authfail:127.0.0.1")  # the other tests' failures
+    codes = [
+        api.client.get("/v1/approvals", headers={"Authorization": f"Bearer ap_{i}"}).status_code for i in range(limit)
+    ]
+    assert set(codes) == {401}
+    blocked = api.client.get("/v1/approvals", headers=api.auth())  # even a good key, from this source, for a while
+    assert blocked.status_code == 429 and int(blocked.headers["retry-after"]) > 0
+    redis_client.delete(f"{api.pool.config.key_prefix}:authfail:127.0.0.1")
+    assert api.client.get("/v1/approvals", headers=api.auth()).status_code == 200
