@@ -224,6 +224,30 @@ class HttpConfig(BaseModel):
     batch_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
 
 
+class WebhookConfig(BaseModel):
+    """Delivery of webhooks (`pool.add_webhook`, `POST /v1/webhooks`): at least once, by the
+    pool's deliverer actor, retried with exponential backoff and jitter, then dead-lettered."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Loopback, link-local and private addresses are refused unless this is on (a receiver
+    #: inside the cluster's own network; no SSRF through webhooks otherwise).
+    allow_private_addresses: bool = False
+    timeout_s: float = Field(default=10.0, gt=0, le=120)
+    first_retry_s: float = Field(default=5.0, gt=0, le=3600)
+    max_retry_s: float = Field(default=3600.0, gt=0, le=24 * 3600)
+    #: A message still undelivered this long after its first attempt goes to the dead letters.
+    give_up_after_s: float = Field(default=24 * 3600, gt=0, le=30 * 24 * 3600)
+    #: Deliverer actors (they share the work: a consumer group, and leases on deliveries).
+    deliverers: int = Field(default=1, ge=1, le=64)
+    #: Deliveries in flight at once (per deliverer).
+    concurrency: int = Field(default=64, ge=1, le=10_000)
+    #: How long delivery logs and dead letters are kept.
+    log_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
+    #: Endpoints per tenant, at most.
+    max_endpoints: int = Field(default=20, ge=1, le=1000)
+
+
 class PoolConfig(BaseSettings):
     """Everything a pool needs; every field can come from `AGENTPOOL_<FIELD>`.
 
@@ -341,6 +365,7 @@ class PoolConfig(BaseSettings):
     audit_maxlen: int | None = Field(default=None, ge=1000)
     alerts: AlertConfig = Field(default_factory=AlertConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    webhooks: WebhookConfig = Field(default_factory=WebhookConfig)
     # --- security
     #: Refuse to run on a Ray cluster without token authentication (`RAY_AUTH_MODE=token`,
     #: Ray's default for a local cluster): anyone who reaches an unauthenticated cluster

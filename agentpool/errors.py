@@ -84,6 +84,11 @@ class InvalidTask(AgentPoolError):
     """Raised when a task is well-formed but cannot run here (unknown tool, unknown tenant)."""
 
 
+class InvalidWebhook(AgentPoolError):
+    """Raised when a webhook endpoint cannot be registered: not an http(s) URL, a host off
+    the tenant's allowlist or an internal address, an unknown event, too many endpoints."""
+
+
 class _Problems(list[dict[str, Any]]):
     """`InvalidTaskInput.errors`: the list of problems, `{index, loc, msg, type}`; called
     (`errors()`), pydantic's own list, as for any `ValidationError`."""

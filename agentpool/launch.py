@@ -221,7 +221,7 @@ def stop_order(pool: str, name: str) -> int:
         return 1
     if role.startswith("tools-"):  # an executor group's actors
         return 2
-    if role in ("tools", "limiter"):
+    if role in ("tools", "limiter") or role.startswith("webhooks-"):
         return 3
     return 4  # the simulator and Redis hosts
 

@@ -102,7 +102,15 @@ class Launcher:
             workers, worker_names = self.workers(spawn)
             scheduler = self.scheduler(redis_url, spawn, worker_names, tools, limiter_name, provider_url)
             relay = self.relay(redis_url)
-            ray.get([scheduler.status.remote(), relay.waiting.remote(), *(w.ping.remote() for w in workers)])
+            deliverers = self.webhooks(redis_url)
+            ray.get(
+                [
+                    scheduler.status.remote(),
+                    relay.waiting.remote(),
+                    *(d.stats.remote() for d in deliverers),
+                    *(w.ping.remote() for w in workers),
+                ]
+            )
         except BaseException as exc:
             self.abort()
             if isinstance(exc, ValueError) and "already taken" in str(exc):
@@ -303,6 +311,22 @@ class Launcher:
         )
         self.actors.append(relay)
         return relay
+
+    def webhooks(self, redis_url: str) -> list[Any]:
+        """The webhook deliverers: they send the tenants' webhooks, apart from the workers."""
+        from agentpool.actors.webhook_deliverer import WebhookDeliverer
+
+        config = self.config
+        started = []
+        for index in range(config.webhooks.deliverers):
+            name = f"{config.name}-webhooks-{index}"
+            options = {**control(config), "name": name, "namespace": NAMESPACE, "max_concurrency": 1000}
+            deliverer = (
+                actor_class(WebhookDeliverer).options(**options, **self.lifetime).remote(config, redis_url, index)
+            )
+            self._started(deliverer, name)
+            started.append(deliverer)
+        return started
 
     def abort(self) -> None:
         """Stops what this launch started: its actors, its embedded Redis, the key it left

@@ -362,6 +362,9 @@ class TenantPolicy(_Model):
     allowed_tools: list[ToolName] | None = None
     allowed_models: list[ModelName] | None = None
     guardrails: Guardrails = Field(default_factory=Guardrails)
+    #: Hosts the tenant's webhooks may be sent to (exact names, or patterns like
+    #: `*.example.com`); None allows any public host.
+    webhook_hosts: list[Annotated[str, StringConstraints(max_length=253)]] | None = Field(default=None, max_length=100)
 
 
 def _invalid(error: ValidationError) -> Exception:

@@ -115,6 +115,30 @@ class Keys:
         """List: the task ids of one batch submitted over HTTP, in input order."""
         return f"{self._tenant(tenant)}:batch:{batch_id}"
 
+    def webhooks(self, tenant: str) -> str:
+        """Hash endpoint_id -> JSON: the tenant's webhook endpoints (URL, events, secret)."""
+        return f"{self._tenant(tenant)}:webhooks"
+
+    def webhook_tenants(self) -> str:
+        """Set: the tenants with at least one webhook endpoint (whose results the deliverer reads)."""
+        return f"{self.prefix}:webhook_tenants"
+
+    def webhook_jobs(self, tenant: str) -> str:
+        """Hash delivery_id -> JSON: the tenant's deliveries not yet done (message, attempts)."""
+        return f"{self._tenant(tenant)}:whjobs"
+
+    def webhook_due(self, tenant: str) -> str:
+        """Sorted set delivery_id -> when its next attempt is due (unix seconds)."""
+        return f"{self._tenant(tenant)}:whdue"
+
+    def webhook_log(self, tenant: str, task_id: str) -> str:
+        """List: every delivery attempt of a run's messages (JSON), oldest first."""
+        return f"{self._tenant(tenant)}:whlog:{task_id}"
+
+    def webhook_dead(self, tenant: str) -> str:
+        """Stream: deliveries given up on (dead letters), with their last error."""
+        return f"{self._tenant(tenant)}:whdead"
+
     def tool_cache(self, tenant: str, tool: str, digest: str) -> str:
         """A cacheable tool's result for one set of arguments."""
         return f"{self._tenant(tenant)}:toolcache:{tool}:{digest}"

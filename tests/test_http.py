@@ -19,8 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agentpool import AgentPool, PoolConfig, SimulatorConfig
-from agentpool.config import HttpConfig
+from agentpool.config import HttpConfig, WebhookConfig
 from agentpool.http.serve import serve_http, stop_http
+from agentpool.webhooks import verify
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -65,6 +66,7 @@ def api(redis_url: str) -> Iterator[Api]:
         worker_concurrency=16,
         approval_timeout_s=60.0,
         http=HttpConfig(port=free_port(), sse_heartbeat_s=0.3, auth_failures_per_window=200),
+        webhooks=WebhookConfig(allow_private_addresses=True, first_retry_s=0.5, max_retry_s=2.0),
     )
     with AgentPool.start(config) as pool:
         url = serve_http(pool.config.name)
@@ -232,6 +234,31 @@ def test_approve_a_paused_run_over_http(api: Api) -> None:
     assert api.wait_finished(task_id)["result"]["answer"] == "paid"
     again = api.client.post(f"/v1/approvals/{task_id}", json={"approved": True}, headers=api.auth())
     assert again.status_code == 409
+
+
+def test_webhooks_over_http_register_deliver_log_and_remove(api: Api) -> None:
+    from tests.test_webhooks import Receiver, wait_for
+
+    receiver = Receiver()
+    receiver.up()
+    try:
+        assert api.client.post("/v1/webhooks", json={"url": "ftp://x"}, headers=api.auth()).status_code == 422
+        created = api.client.post("/v1/webhooks", json={"url": receiver.url}, headers=api.auth("globex"))
+        assert created.status_code == 201 and created.json()["secret"].startswith("whsec_")
+        endpoint_id = created.json()["id"]
+        listed = api.client.get("/v1/webhooks", headers=api.auth("globex")).json()
+        assert [e["id"] for e in listed] == [endpoint_id] and "secret" not in listed[0]
+        assert api.client.get("/v1/webhooks", headers=api.auth("acme")).json() == []  # another tenant's
+        run = api.client.post("/v1/runs/wait", json={"prompt": "hook me"}, headers=api.auth("globex")).json()
+        log_url = f"/v1/runs/{run['task_id']}/webhooks"
+        wait_for(lambda: any(a["ok"] for a in api.client.get(log_url, headers=api.auth("globex")).json()), 20)
+        headers, body = receiver.got[-1]
+        assert verify(body, headers, created.json()["secret"])["data"]["task_id"] == run["task_id"]
+        assert api.client.delete(f"/v1/webhooks/{endpoint_id}", headers=api.auth("acme")).status_code == 404
+        assert api.client.delete(f"/v1/webhooks/{endpoint_id}", headers=api.auth("globex")).status_code == 204
+        assert api.client.get("/v1/webhooks/dead", headers=api.auth("globex")).json() == []
+    finally:
+        receiver.down()
 
 
 _FIELDS = ["prompt", "system", "tools", "model", "max_tokens", "max_iterations", "timeout_s", "priority", "metadata"]

@@ -34,11 +34,18 @@ from agentpool.http.gateway import Gateway
 from agentpool.models import AgentResult, TaskState, validate_tasks
 from agentpool.protocol import new_trace_id, traceparent
 from agentpool.vocabulary import TaskPhase, TaskStatus
+from agentpool.webhooks import WebhookEvent, check_endpoint, new_secret
 
 _ENTRY_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 _TASK_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 #: Tasks per `enqueue` call when a batch is sent to the scheduler.
 _CHUNK = 1000
+
+
+class WebhookBody(BaseModel):
+    url: str = Field(max_length=2048)
+    events: list[str] = Field(default_factory=lambda: [WebhookEvent.RUN_COMPLETED.value], max_length=10)
+    description: str = Field(default="", max_length=200)
 
 
 class ApprovalBody(BaseModel):
@@ -359,6 +366,40 @@ def build_app(connect: Callable[[], Awaitable[Gateway]]) -> FastAPI:
         if reply["status"] != "decided":
             raise HTTPException(409, "the run is not waiting for approval")
         return reply
+
+    # --- webhooks ----------------------------------------------------------------------
+
+    @app.post("/v1/webhooks", status_code=201, tags=["webhooks"])
+    async def add_webhook(body: WebhookBody, key: Tenant) -> Any:
+        """Registers an endpoint: the tenant's runs that end from now on are POSTed to it,
+        signed per Standard Webhooks. The answer holds its `secret`, shown only now."""
+        g = gw()
+        events = check_endpoint(g.config, key.tenant, body.url, body.events)
+        if len(await g.webhooks.endpoints(key.tenant)) >= g.config.webhooks.max_endpoints:
+            raise HTTPException(422, f"at most {g.config.webhooks.max_endpoints} webhook endpoints per tenant")
+        return await g.webhooks.add(key.tenant, body.url, events, body.description, new_secret())
+
+    @app.get("/v1/webhooks", tags=["webhooks"])
+    async def list_webhooks(key: Tenant) -> Any:
+        """The tenant's endpoints (never their secrets)."""
+        return [{k: v for k, v in e.items() if k != "secret"} for e in await gw().webhooks.endpoints(key.tenant)]
+
+    @app.delete("/v1/webhooks/{endpoint_id}", status_code=204, tags=["webhooks"])
+    async def remove_webhook(endpoint_id: str, key: Tenant) -> Response:
+        if not await gw().webhooks.remove(key.tenant, endpoint_id):
+            raise HTTPException(404, "no such webhook endpoint")
+        return Response(status_code=204)
+
+    @app.get("/v1/webhooks/dead", tags=["webhooks"])
+    async def dead_webhooks(key: Tenant) -> Any:
+        """Deliveries given up on, newest first, with their last error."""
+        return await gw().webhooks.dead_letters(key.tenant)
+
+    @app.get("/v1/runs/{task_id}/webhooks", tags=["webhooks"])
+    async def run_webhooks(task_id: str, key: Tenant) -> Any:
+        """Every delivery attempt of the run's webhooks (the delivery log)."""
+        await owned(task_id, key)
+        return await gw().webhooks.log(key.tenant, task_id)
 
     # --- operations --------------------------------------------------------------------
 

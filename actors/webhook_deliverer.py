@@ -1,0 +1,265 @@
+"""The webhook deliverer: a pool actor that turns final records into signed webhook
+deliveries and sends them, at least once, apart from the workers (a slow or dead receiver
+holds no worker and no task).
+
+Two loops: intake reads the results streams of the tenants that have endpoints (a consumer
+group, so an entry it read and did not schedule is read again after a restart) and records
+one delivery per endpoint; dispatch claims due deliveries (a lease: a deliverer that dies
+loses none), sends them with bounded concurrency, and logs each attempt: delivered,
+due again after an exponential backoff with jitter, or a dead letter once
+`WebhookConfig.give_up_after_s` has passed. Outbound addresses are checked at every attempt,
+after resolution (no SSRF through a name that resolves to an internal address).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import ipaddress
+import logging
+import socket
+import time
+from collections import Counter
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import ray
+import redis.asyncio as aioredis
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
+from redis.exceptions import RedisError
+
+from agentpool.background import Background
+from agentpool.cluster.keys import Keys
+from agentpool.cluster.webhook_store import WebhookStore
+from agentpool.config import PoolConfig
+from agentpool.webhooks import WebhookEvent, address_allowed, host_allowed, retry_delay_s, sign
+
+log = logging.getLogger("agentpool.webhooks")
+#: A claimed delivery is due again after this long if its deliverer has not settled it.
+_LEASE_S = 120.0
+#: How often dispatch looks for due deliveries when nothing woke it.
+_POLL_S = 0.25
+
+
+class AddressRefused(OSError):
+    """The webhook's host resolves only to addresses the pool may not send to."""
+
+
+class _CheckedResolver(AbstractResolver):
+    """Resolves as usual, keeping only the addresses webhooks may go to."""
+
+    def __init__(self, allow_private: bool) -> None:
+        self._inner = DefaultResolver()
+        self._allow_private = allow_private
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        found = await self._inner.resolve(host, port, family)
+        kept = [r for r in found if address_allowed(r["host"], allow_private=self._allow_private)]
+        if not kept:
+            raise AddressRefused(f"{host} resolves only to addresses webhooks may not be sent to")
+        return kept
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def _literal_refused(url: str, allow_private: bool) -> bool:
+    """A URL whose host is an IP address the pool may not send to (aiohttp resolves no literal)."""
+    host = urlsplit(url).hostname or ""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return not address_allowed(host, allow_private=allow_private)
+
+
+@ray.remote
+class WebhookDeliverer:
+    """Async actor `<pool>-webhooks`."""
+
+    def __init__(self, config: PoolConfig, redis_url: str, index: int = 0) -> None:
+        self._config = config
+        self._hooks = config.webhooks
+        self._redis = aioredis.Redis.from_url(redis_url, decode_responses=True, socket_connect_timeout=5)
+        self._store = WebhookStore(self._redis, Keys(config.key_prefix), config.name)
+        self._consumer = f"deliverer-{index}"
+        self._background = Background()
+        self._slots = asyncio.Semaphore(self._hooks.concurrency)
+        self._wake = asyncio.Event()
+        self._session: aiohttp.ClientSession | None = None
+        self._counts: Counter[str] = Counter()
+        self._endpoints: dict[str, tuple[float, dict[str, dict[str, Any]]]] = {}
+        self._loops: list[asyncio.Task[None]] = []
+        # Starts its loops in a call to itself, which runs once this constructor returns.
+        self._boot = ray.get_runtime_context().current_actor.start.remote()
+
+    async def start(self) -> None:
+        if not self._loops:
+            self._loops = [asyncio.ensure_future(self._intake()), asyncio.ensure_future(self._dispatch())]
+
+    def stats(self) -> dict[str, Any]:
+        """Deliveries made, attempts that failed, dead letters, and deliveries in flight."""
+        return {**self._counts, "in_flight": self._hooks.concurrency - self._slots._value}
+
+    # --- intake ------------------------------------------------------------------------
+
+    async def _intake(self) -> None:
+        pending = True  # first this consumer's own unacknowledged entries (after a restart)
+        while True:
+            try:
+                tenants = await self._store.tenants()
+                if not tenants:
+                    await asyncio.sleep(0.5)
+                    continue
+                rows = await self._store.read_results(
+                    tenants, self._consumer, pending=pending, block_ms=None if pending else 1000
+                )
+                if pending and not rows:
+                    pending = False
+                    continue
+                now = time.time()
+                for tenant, entry_id, fields in rows:
+                    endpoints = await self._endpoints_of(tenant, fresh=True)
+                    jobs = [
+                        self._job(endpoint, fields, now)
+                        for endpoint in endpoints.values()
+                        if WebhookEvent.RUN_COMPLETED in endpoint["events"]
+                    ]
+                    await self._store.schedule(tenant, entry_id, jobs, now)
+                if rows:
+                    self._wake.set()
+            except (RedisError, OSError) as exc:
+                log.warning("webhook intake: Redis unavailable (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(1.0)
+
+    @staticmethod
+    def _job(endpoint: dict[str, Any], fields: dict[str, str], now: float) -> dict[str, Any]:
+        task_id = fields["task_id"]
+        body = f'{{"type":"{WebhookEvent.RUN_COMPLETED}","timestamp":"{_iso(now)}","data":{fields["result"]}}}'
+        return {
+            "id": f"{endpoint['id']}:{task_id}",
+            "msg_id": f"msg_{task_id}",
+            "endpoint": endpoint["id"],
+            "task_id": task_id,
+            "event": WebhookEvent.RUN_COMPLETED.value,
+            "body": body,
+            "attempts": 0,
+            "first_unix": now,
+        }
+
+    async def _endpoints_of(self, tenant: str, *, fresh: bool = False) -> dict[str, dict[str, Any]]:
+        """The tenant's endpoints by id, read again at most every 2 s."""
+        cached = self._endpoints.get(tenant)
+        if fresh or cached is None or time.monotonic() - cached[0] > 2.0:
+            found = {e["id"]: e for e in await self._store.endpoints(tenant)}
+            self._endpoints[tenant] = (time.monotonic(), found)
+            return found
+        return cached[1]
+
+    # --- dispatch ----------------------------------------------------------------------
+
+    async def _dispatch(self) -> None:
+        while True:
+            try:
+                free = self._slots._value
+                if free:
+                    now = time.time()
+                    for tenant in await self._store.tenants():
+                        for job in await self._store.claim(tenant, now, _LEASE_S, free):
+                            await self._slots.acquire()
+                            self._background.spawn(self._deliver(tenant, job))
+            except (RedisError, OSError) as exc:
+                log.warning("webhook dispatch: Redis unavailable (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(1.0)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), _POLL_S)
+
+    async def _deliver(self, tenant: str, job: dict[str, Any]) -> None:
+        try:
+            await self._attempt(tenant, job)
+        except (RedisError, OSError) as exc:  # the lease ends and the delivery is claimed again
+            log.warning("webhook %s: could not record its attempt (%s)", job["id"], type(exc).__name__)
+        finally:
+            self._slots.release()
+
+    async def _attempt(self, tenant: str, job: dict[str, Any]) -> None:
+        endpoint = (await self._endpoints_of(tenant)).get(job["endpoint"])
+        job["attempts"] += 1
+        started = time.time()
+        attempt: dict[str, Any] = {
+            "attempt": job["attempts"],
+            "webhook_id": job["msg_id"],
+            "endpoint": job["endpoint"],
+            "event": job["event"],
+            "ts": round(started, 3),
+            "status_code": None,
+            "ok": False,
+            "error": None,
+        }
+        if endpoint is None:
+            attempt["error"] = "the endpoint was removed"
+            await self._settle(tenant, job, attempt, retry_at=None, dead=False)
+            return
+        attempt["url"] = endpoint["url"]
+        policy = self._config.policy_for(tenant) or self._config.default_tenant_policy
+        if not host_allowed(endpoint["url"], policy.webhook_hosts):
+            attempt["error"] = "the host is not on the tenant's webhook allowlist"
+            await self._settle(tenant, job, attempt, retry_at=None, dead=True)
+            return
+        try:
+            status = await self._post(endpoint, job)
+            attempt["status_code"] = status
+            attempt["ok"] = 200 <= status < 300
+            if not attempt["ok"]:
+                attempt["error"] = f"HTTP {status}"
+        except AddressRefused as exc:
+            attempt["error"] = str(exc)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            attempt["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        attempt["duration_ms"] = round((time.time() - started) * 1000, 1)
+        if attempt["ok"]:
+            self._counts["delivered"] += 1
+            await self._settle(tenant, job, attempt, retry_at=None, dead=False)
+            return
+        self._counts["failed_attempts"] += 1
+        delay = retry_delay_s(job["attempts"], first_s=self._hooks.first_retry_s, max_s=self._hooks.max_retry_s)
+        if started + delay - job["first_unix"] > self._hooks.give_up_after_s:
+            self._counts["dead"] += 1
+            log.warning("webhook %s to %s given up after %d attempts", job["id"], endpoint["url"], job["attempts"])
+            await self._settle(tenant, job, attempt, retry_at=None, dead=True)
+        else:
+            await self._settle(tenant, job, attempt, retry_at=started + delay, dead=False)
+
+    async def _settle(
+        self, tenant: str, job: dict[str, Any], attempt: dict[str, Any], *, retry_at: float | None, dead: bool
+    ) -> None:
+        await self._store.settle(tenant, job, attempt, retry_at=retry_at, dead=dead, ttl_s=self._hooks.log_ttl_s)
+
+    async def _post(self, endpoint: dict[str, Any], job: dict[str, Any]) -> int:
+        allow_private = self._hooks.allow_private_addresses
+        if _literal_refused(endpoint["url"], allow_private):
+            raise AddressRefused(f"{urlsplit(endpoint['url']).hostname} is an address webhooks may not be sent to")
+        if self._session is None:
+            connector = aiohttp.TCPConnector(resolver=_CheckedResolver(allow_private), limit=self._hooks.concurrency)
+            self._session = aiohttp.ClientSession(connector=connector)
+        headers = {
+            **sign(endpoint["secret"], job["msg_id"], dt.datetime.now(dt.UTC), job["body"]),
+            "content-type": "application/json",
+            "user-agent": "agentpool-webhooks",
+        }
+        timeout = aiohttp.ClientTimeout(total=self._hooks.timeout_s)
+        async with self._session.post(
+            endpoint["url"], data=job["body"].encode(), headers=headers, timeout=timeout, allow_redirects=False
+        ) as response:
+            await response.read()
+            return response.status
+
+
+def _iso(unix: float) -> str:
+    return dt.datetime.fromtimestamp(unix, dt.UTC).isoformat().replace("+00:00", "Z")
