@@ -56,6 +56,11 @@ class FrontStore:
             out.extend(None if raw is None else str(raw) for raw in await self.redis.mget(keys))
         return out
 
+    async def recent_results(self, tenant: str, count: int) -> list[dict[str, Any]]:
+        """The tenant's newest final records, newest first (from its results stream)."""
+        entries = stream_entries(await self.redis.xrevrange(self.keys.results(tenant), count=count))
+        return [json.loads(fields["result"]) for _, fields in entries if "result" in fields]
+
     async def follow(
         self, tenant: str, task_id: str, *, after: str = "0-0", block_ms: int = 5000
     ) -> AsyncIterator[list[EventEntry]]:

@@ -60,6 +60,21 @@ class TaskLookup:
             return None
         return TaskState(task_id=task_id, tenant=tenant, phase=TaskPhase.FINISHED, result=result)
 
+    def active(self, tenant: str, limit: int = 200) -> list[TaskState]:
+        """The tenant's tasks this scheduler holds (queued, running, paused), at most `limit`,
+        without their progress (`where` gives one task's)."""
+        out: list[TaskState] = []
+        for job in (*self._jobs.values(), *self._deferred.values()):
+            if job.task.tenant != tenant:
+                continue
+            phase = {"running": TaskPhase.RUNNING, "paused": TaskPhase.AWAITING_APPROVAL}.get(
+                job.state, TaskPhase.QUEUED
+            )
+            out.append(TaskState(task_id=job.task.task_id, tenant=tenant, phase=phase, attempt=job.attempt))
+            if len(out) >= limit:
+                break
+        return out
+
     async def _state_of(self, job: Job) -> TaskState:
         task = job.task
         state = TaskState(task_id=task.task_id, tenant=task.tenant, phase=TaskPhase.QUEUED)

@@ -128,7 +128,12 @@ class StatusView:
         """Whether the pool can take work now (`GET /readyz`): workers reachable and Redis
         answering."""
         reachable, error = await self._store.reachable()
-        return {"workers": self._core.slots.open_count, "capacity": self._core.slots.capacity, "redis": reachable, "redis_error": error}
+        return {
+            "workers": self._core.slots.open_count,
+            "capacity": self._core.slots.capacity,
+            "redis": reachable,
+            "redis_error": error,
+        }
 
     async def _budgets_today(self: Any, tenants: dict[str, None]) -> dict[str, Any]:
         try:

@@ -257,6 +257,15 @@ def build_app(connect: Callable[[], Awaitable[Gateway]]) -> FastAPI:
 
         return await idempotent(request, key, raw, handle)
 
+    @app.get("/v1/runs", tags=["runs"])
+    async def list_runs(key: Tenant, limit: Annotated[int, Query(ge=1, le=500)] = 50) -> Any:
+        """The tenant's runs in progress (`active`) and its latest finished ones (`recent`,
+        newest first)."""
+        g = gw()
+        active: list[TaskState] = await g.scheduler.active.remote(key.tenant, limit)
+        recent = await g.store.recent_results(key.tenant, limit)
+        return {"active": [s.model_dump(mode="json", exclude_none=True) for s in active], "recent": recent}
+
     @app.get("/v1/runs/{task_id}", tags=["runs"])
     async def get_run(task_id: str, key: Tenant) -> Any:
         """Where the run stands: `queued` (place, predicted start), `running` (iteration,
