@@ -22,6 +22,9 @@ from agentpool.events import Emit
 from agentpool.secrets import Scrubber
 
 Sleep = Callable[[float], Awaitable[None]]
+#: A streamed call's text reaches the events in pieces of at least this many characters, or
+#: after this long, and in at most this many events per attempt.
+_DELTA_CHARS, _DELTA_S, _MAX_DELTAS = 200, 0.25, 200
 
 
 class CallGate(Protocol):
@@ -76,11 +79,20 @@ class LLMClient:
         self._sleep = sleep
 
     async def create(
-        self, request: dict[str, Any], models: list[str], emit: Emit, gate: CallGate | None = None
+        self,
+        request: dict[str, Any],
+        models: list[str],
+        emit: Emit,
+        gate: CallGate | None = None,
+        *,
+        stream: bool = False,
     ) -> LLMResponse:
         """Returns the first successful response along the model chain.
 
         Every attempt, retries included, passes `gate` (rate permits, budgets) before it is sent.
+        With `stream`, each attempt uses the streaming Messages API and its text reaches
+        `emit` as `text_delta` events as it comes (coalesced, bounded); the response and its
+        usage are the same as without.
 
         Raises:
             ProviderError: When the error is not retryable, or every model's attempts failed.
@@ -99,9 +111,12 @@ class LLMClient:
                 started = self._clock()
                 span = tm.ChatSpan(model, request, self._server)
                 try:
-                    raw = await self._client.messages.with_raw_response.create(**request, model=model)
-                    # Read as JSON and checked here, not built by the SDK, which does not validate.
-                    body = parse_message(raw.http_response.content, model=model)
+                    if stream:
+                        body, headers = await self._streamed(request, model, attempts, emit)
+                    else:
+                        raw = await self._client.messages.with_raw_response.create(**request, model=model)
+                        # Read as JSON and checked here, not built by the SDK, which does not validate.
+                        body, headers = parse_message(raw.http_response.content, model=model), raw.headers
                 except (anthropic.APIError, OSError, MalformedResponse) as exc:
                     decision = classify(exc)
                     decision = replace(decision, message=self._scrub(decision.message))
@@ -146,7 +161,36 @@ class LLMClient:
                 latency_ms = (self._clock() - started) * 1000
                 span.succeeded(body)
                 if gate is not None:
-                    await gate.after(ticket, usage=body.get("usage"), headers=raw.headers, retry_after_s=None)
+                    await gate.after(ticket, usage=body.get("usage"), headers=headers, retry_after_s=None)
                 return LLMResponse(body, model, attempts, latency_ms)
         assert last is not None  # the loop ran at least once and only breaks after a failure
         raise last
+
+    async def _streamed(
+        self, request: dict[str, Any], model: str, attempt: int, emit: Emit
+    ) -> tuple[dict[str, Any], Mapping[str, str]]:
+        """One attempt through the streaming API: its text goes to `emit` in pieces of at
+        least `_DELTA_CHARS` characters or `_DELTA_S` seconds (at most `_MAX_DELTAS` events;
+        the rest comes with the response); returns the final message, checked, and the
+        response's headers."""
+        pieces: list[str] = []
+        sent, last = 0, self._clock()
+
+        async def flush() -> None:
+            nonlocal sent, last
+            if pieces and sent < _MAX_DELTAS:
+                await emit(events.TextDelta(model=model, attempt=attempt, text=self._scrub("".join(pieces))))
+                sent += 1
+            pieces.clear()
+            last = self._clock()
+
+        async with self._client.messages.stream(**request, model=model) as messages:
+            async for event in messages:
+                if event.type == "text":
+                    pieces.append(event.text)
+                    if sum(map(len, pieces)) >= _DELTA_CHARS or self._clock() - last >= _DELTA_S:
+                        await flush()
+            await flush()
+            final = await messages.get_final_message()
+            headers = messages.response.headers
+        return parse_message(final.to_json().encode(), model=model), headers

@@ -275,7 +275,7 @@ class AgentWorker(Telemetered):
             )
             loop = AgentLoop(
                 task,
-                call_llm=_confirmed(functools.partial(self._client().create, gate=gate), confirm),
+                call_llm=_confirmed(functools.partial(self._client().create, gate=gate, stream=task.stream), confirm),
                 run_tool=lambda call: self._tools.run(call, allowed, emit),
                 tool_defs=[self._tool_defs[name] for name in task.tools if name in allowed],
                 models=self.config.models_for(task.tenant, task.model, task.fallback_models),

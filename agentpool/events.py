@@ -132,6 +132,14 @@ class LlmCall(Event):
     attempts: int
 
 
+class TextDelta(Event):
+    TYPE = EventType.TEXT_DELTA
+    model: str
+    #: The attempt of the call it belongs to (a retried attempt's text is superseded).
+    attempt: int
+    text: str
+
+
 class Retry(Event):
     TYPE = EventType.RETRY
     model: str

@@ -112,6 +112,9 @@ class AgentTask(_Model):
     #: in time is rejected at once (or dropped from the queue) instead of running late.
     deadline_s: float | None = Field(default=None, gt=0, le=86_400)
     metadata: dict[Annotated[str, StringConstraints(max_length=64)], MetaValue] = Field(default_factory=dict)
+    #: LLM calls use the streaming API, and their text reaches the task's events as it comes
+    #: (`text_delta`, coalesced); the result and its usage are the same.
+    stream: bool = False
 
     def __init__(self, **data: Any) -> None:
         """Raises:

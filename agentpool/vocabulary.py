@@ -104,6 +104,8 @@ class EventType(StrEnum):
     TASK_RESUMED = "task_resumed"
     LEASE_WAIT = "lease_wait"
     LLM_CALL = "llm_call"
+    #: Text of a streamed LLM call as it comes (`AgentTask.stream`), coalesced.
+    TEXT_DELTA = "text_delta"
     #: An LLM attempt failed and is retried after a wait.
     RETRY = "retry"
     FALLBACK = "fallback"

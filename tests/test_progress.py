@@ -109,3 +109,16 @@ def test_events_follow_a_run_live_and_resume_after_any_entry(pool: AgentPool, re
         rest = list(pool.events(task.task_id, tenant="acme", after=seen[cut].id))
         assert rest == seen[cut + 1 :]
     assert list(pool.events("no-such-task")) == []
+
+
+def test_a_streamed_task_sends_its_text_as_it_comes_with_the_same_result(pool: AgentPool) -> None:
+    answer = " ".join(f"word{i}" for i in range(300))
+    streamed = AgentTask(tenant="acme", prompt=f"sim: answer {answer}", stream=True)
+    plain = AgentTask(tenant="acme", prompt=f"sim: answer {answer}")
+    first, second = pool.run([streamed, plain])
+    assert first.answer == second.answer == answer
+    assert first.usage == second.usage  # the same tokens and cost, streamed or not
+    deltas = [e for e in pool.events(streamed.task_id, tenant="acme") if e.event == EventType.TEXT_DELTA]
+    assert "".join(e.data["text"] for e in deltas) == answer
+    assert 5 <= len(deltas) <= len(answer) // 200 + 2  # coalesced from 16-character pieces
+    assert not any(e.event == EventType.TEXT_DELTA for e in pool.events(plain.task_id, tenant="acme"))

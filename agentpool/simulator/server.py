@@ -309,6 +309,10 @@ def _anchor_text(body: dict[str, Any]) -> str:
     return conversation_state(body["messages"])[0]
 
 
+#: Characters per `text_delta` when the simulator streams a text block.
+_STREAM_CHUNK = 16
+
+
 async def _stream(
     request: web.Request, message: dict[str, Any], reply: Reply, headers: dict[str, str]
 ) -> web.StreamResponse:
@@ -325,12 +329,15 @@ async def _stream(
     for index, block in enumerate(reply.content):
         if block["type"] == "text":
             await send("content_block_start", {"index": index, "content_block": {"type": "text", "text": ""}})
-            delta = {"type": "text_delta", "text": block["text"]}
+            text = block["text"]  # in small pieces, as the API streams tokens
+            for at in range(0, max(len(text), 1), _STREAM_CHUNK):
+                delta = {"type": "text_delta", "text": text[at : at + _STREAM_CHUNK]}
+                await send("content_block_delta", {"index": index, "delta": delta})
         else:
             empty = {**block, "input": {}}
             await send("content_block_start", {"index": index, "content_block": empty})
             delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}
-        await send("content_block_delta", {"index": index, "delta": delta})
+            await send("content_block_delta", {"index": index, "delta": delta})
         await send("content_block_stop", {"index": index})
     await send(
         "message_delta",
