@@ -11,7 +11,7 @@ from typing import Any
 import ray
 
 from agentpool.pool import NAMESPACE
-from bench import autoscale, batch, chaos, fairness, mutation, overhead, overload, ratelimit, scale, tools
+from bench import autoscale, batch, chaos, fairness, http, mutation, overhead, overload, ratelimit, scale, tools
 
 BENCHMARKS: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
     "batch": batch.run,
@@ -23,6 +23,7 @@ BENCHMARKS: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
     "scale": scale.run,
     "autoscale": autoscale.run,
     "chaos": chaos.run,
+    "http": http.run,
     "mutation": mutation.run,
 }
 #: Benchmarks of pure code, run without Ray (and left out of `all`, which measures the pool).

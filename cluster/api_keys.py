@@ -62,13 +62,19 @@ class ApiKeys:
         await pipe.execute()
         return f"ap_{key_id}_{secret}", record
 
-    async def check(self, presented: str) -> ApiKey | None:
-        """The key's record if `presented` is a live key, else None."""
+    async def check(self, presented: str, source: str) -> tuple[ApiKey | None, int]:
+        """The key's record if `presented` is a live key (else None), and the failed
+        authentications from `source` in the current window: one round trip."""
         match = _KEY.match(presented)
-        if match is None:
-            return None
-        key_id, secret = match.groups()
-        raw = await self._redis.hget(self._keys.api_keys(), key_id)
+        key_id, secret = match.groups() if match is not None else ("", "")
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.get(self._keys.auth_failures(source))
+        pipe.hget(self._keys.api_keys(), key_id or "-")
+        failures, raw = await pipe.execute()
+        return (self._verified(raw, secret) if match is not None else None), int(failures or 0)
+
+    @staticmethod
+    def _verified(raw: str | None, secret: str) -> ApiKey | None:
         if raw is None:
             return None
         stored: dict[str, Any] = json.loads(raw)
@@ -94,10 +100,6 @@ class ApiKeys:
         pipe.srem(self._keys.tenant_api_keys(json.loads(raw)["tenant"]), key_id)
         await pipe.execute()
         return True
-
-    async def failures(self, source: str) -> int:
-        """Failed authentications from `source` in the current window."""
-        return int(await self._redis.get(self._keys.auth_failures(source)) or 0)
 
     async def failed(self, source: str, window_s: int) -> int:
         """Counts one failed authentication from `source`; the window starts at its first."""

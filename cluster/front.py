@@ -3,6 +3,7 @@ and a task's events followed live, `Idempotency-Key` records, and HTTP batches' 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import AsyncIterator, Sequence
@@ -37,10 +38,88 @@ class IdemState:
     MISMATCH = "mismatch"  # the key was used with another request (422)
 
 
+def _entry_order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class _Subscription:
+    """One follower of one stream: woken when the hub sees new entries in it."""
+
+    def __init__(self, key: str, cursor: str) -> None:
+        self.key = key
+        self.cursor = cursor
+        self._event = asyncio.Event()
+
+    def wake(self) -> None:
+        self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+        self._event.clear()
+
+
+class EventHub:
+    """Watches every stream this process follows with one blocking XREAD at a time, and
+    wakes the followers of a stream that got new entries (they read them themselves).
+
+    Each read waits at most `block_ms`, then takes in the streams followed since; a stream
+    followed since its last read is caught up by its follower, so nothing is missed."""
+
+    def __init__(self, redis: aioredis.Redis, block_ms: int = 250) -> None:
+        self._redis = redis
+        self._block_ms = block_ms
+        self._subs: dict[str, set[_Subscription]] = {}
+        #: The newest entry id the hub has seen, per stream.
+        self._seen: dict[str, str] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.reads = 0
+
+    def subscribe(self, key: str, cursor: str) -> _Subscription:
+        sub = _Subscription(key, cursor)
+        self._subs.setdefault(key, set()).add(sub)
+        self.advance(key, cursor)
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._watch())
+        return sub
+
+    def advance(self, key: str, cursor: str) -> None:
+        """A follower of `key` has read up to `cursor`: the hub watches for what comes after."""
+        seen = self._seen.get(key)
+        if seen is None or _entry_order(cursor) > _entry_order(seen):
+            self._seen[key] = cursor
+
+    def unsubscribe(self, sub: _Subscription) -> None:
+        subs = self._subs.get(sub.key)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._subs[sub.key]
+                self._seen.pop(sub.key, None)
+
+    async def _watch(self) -> None:
+        while self._subs:
+            streams: dict[Any, Any] = {key: self._seen.get(key, "0-0") for key in self._subs}
+            try:
+                reply: Any = await self._redis.xread(streams, count=1, block=self._block_ms)
+            except (aioredis.RedisError, OSError):
+                await asyncio.sleep(0.5)  # the followers read, and fail, themselves
+                continue
+            self.reads += 1
+            for key, entries in reply or []:
+                found = stream_entries(entries)
+                if found and key in self._subs:
+                    self.advance(key, found[-1][0])
+                    for sub in self._subs[key]:
+                        sub.wake()
+
+
 class FrontStore:
     def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
+        #: One blocking read for every task stream followed in this process.
+        self.hub = EventHub(redis)
 
     # --- records and events ------------------------------------------------------------
 
@@ -66,24 +145,38 @@ class FrontStore:
     ) -> AsyncIterator[list[EventEntry]]:
         """The task's events after stream id `after`, batch by batch as they are written (an
         empty batch after each `block_ms` without any); ends once its final record exists
-        and every event written with it has been given."""
+        and every event written with it has been given.
+
+        What is in the stream already is read at once; live events come through this
+        process's `EventHub` (one blocking read for every stream followed here, so a
+        thousand followers hold one Redis connection, not a thousand)."""
         key = self.keys.task_events(tenant, task_id)
-        cursor, ending, block = after, False, None
-        while True:
-            reply: Any = await self.redis.xread({key: cursor}, count=500, block=block)
-            entries = [EventEntry.from_stream(i, f) for i, f in stream_entries(reply[0][1] if reply else None)]
-            if entries:
+        cursor = after
+        subscription = self.hub.subscribe(key, cursor)
+        try:
+            while True:
+                entries = await self._read_after(key, cursor)
+                if not entries:  # caught up: wait for the hub, or the record
+                    if await self.redis.exists(self.keys.result(tenant, task_id)):
+                        entries = await self._read_after(key, cursor)  # written with the record
+                        if entries:
+                            yield entries
+                        return
+                    try:
+                        async with asyncio.timeout(block_ms / 1000):
+                            await subscription.wait()
+                    except TimeoutError:
+                        yield []  # idle: the caller may send a heartbeat
+                    continue
                 cursor = entries[-1].id
+                self.hub.advance(key, cursor)
                 yield entries
-            if entries or block is not None:
-                if block is not None and not entries:
-                    yield []  # idle: the caller may send a heartbeat
-                block = None  # at the stream's end, the record is checked before waiting
-                continue
-            if ending:
-                return
-            ending = bool(await self.redis.exists(self.keys.result(tenant, task_id)))
-            block = None if ending else block_ms
+        finally:
+            self.hub.unsubscribe(subscription)
+
+    async def _read_after(self, key: str, cursor: str) -> list[EventEntry]:
+        entries = stream_entries(await self.redis.xrange(key, min=f"({cursor}", count=500))
+        return [EventEntry.from_stream(i, f) for i, f in entries]
 
     # --- Idempotency-Key -----------------------------------------------------------------
 

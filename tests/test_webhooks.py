@@ -38,6 +38,13 @@ from agentpool.webhooks import (
 # --- the pure rules -------------------------------------------------------------------------
 
 
+class _Backlogged(ThreadingHTTPServer):
+    """A receiver whose listen backlog holds a burst (the standard library's is 5: the
+    connections past it wait a second for TCP to try again)."""
+
+    request_queue_size = 1024
+
+
 @given(attempt=st.integers(1, 200), first=st.floats(0.01, 60), cap=st.floats(0.01, 7200), seed=st.integers())
 def test_retry_delays_double_from_the_first_within_the_cap_with_jitter(
     attempt: int, first: float, cap: float, seed: int
@@ -164,7 +171,7 @@ class Receiver:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server = _Backlogged(("127.0.0.1", self.port), Handler)
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     def down(self) -> None:

@@ -26,6 +26,7 @@ from prometheus_client import generate_latest
 from pydantic import BaseModel, Field
 from redis.exceptions import RedisError
 from sse_starlette.sse import EventSourceResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agentpool.cluster.api_keys import ApiKey
 from agentpool.cluster.front import IdemState, StoredResponse
@@ -125,21 +126,15 @@ def build_app(connect: Callable[[], Awaitable[Gateway]]) -> FastAPI:
     def gw() -> Gateway:
         return holder["gw"]
 
-    @app.middleware("http")
-    async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        started = time.perf_counter()
-        try:
-            response = await call_next(request)
-        except (RedisError, OSError, ray.exceptions.RayError) as exc:
-            response = _problem(503, f"the pool cannot answer now: {type(exc).__name__}", retryable=True)
-            response.headers["Retry-After"] = "1"
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        if "gw" in holder:
-            metrics = holder["gw"].metrics
-            metrics.requests.labels(request.method, path, str(response.status_code)).inc()
-            metrics.latency.labels(request.method, path).observe(time.perf_counter() - started)
+    app.add_middleware(_Metrics, gateway=lambda: holder.get("gw"))
+
+    async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+        response = _problem(503, f"the pool cannot answer now: {type(exc).__name__}", retryable=True)
+        response.headers["Retry-After"] = "1"
         return response
+
+    for unavailable in (RedisError, OSError, ray.exceptions.RayError):
+        app.add_exception_handler(unavailable, _unavailable)
 
     @app.exception_handler(InvalidTaskInput)
     async def _invalid(request: Request, exc: InvalidTaskInput) -> JSONResponse:
@@ -154,13 +149,12 @@ def build_app(connect: Callable[[], Awaitable[Gateway]]) -> FastAPI:
         its address). Neither the key nor its hash is ever logged."""
         g = gw()
         source = request.client.host if request.client else "unknown"
-        if await g.api_keys.failures(source) >= g.http.auth_failures_per_window:
+        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+        key, failures = await g.api_keys.check(presented.strip() if scheme.lower() == "bearer" else "", source)
+        if failures >= g.http.auth_failures_per_window:
             raise HTTPException(
                 429, "too many failed authentications", headers={"Retry-After": str(g.http.auth_failure_window_s)}
             )
-        header = request.headers.get("authorization", "")
-        scheme, _, presented = header.partition(" ")
-        key = await g.api_keys.check(presented.strip()) if scheme.lower() == "bearer" else None
         if key is None:
             await g.api_keys.failed(source, g.http.auth_failure_window_s)
             raise HTTPException(401, "a valid API key is required", headers={"WWW-Authenticate": "Bearer"})
@@ -462,6 +456,35 @@ def build_app(connect: Callable[[], Awaitable[Gateway]]) -> FastAPI:
         }
 
     return app
+
+
+class _Metrics:
+    """Counts every response by method, route and status, and times it (a plain ASGI
+    middleware: Starlette's BaseHTTPMiddleware costs a task and a stream per request)."""
+
+    def __init__(self, app: ASGIApp, gateway: Callable[[], Gateway | None]) -> None:
+        self._app = app
+        self._gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                g = self._gateway()
+                if g is not None:
+                    route = getattr(scope.get("route"), "path", "unmatched")
+                    g.metrics.requests.labels(scope["method"], route, str(status)).inc()
+                    g.metrics.latency.labels(scope["method"], route).observe(time.perf_counter() - started)
+            await send(message)
+
+        await self._app(scope, receive, sending)
 
 
 def _stored(stored: StoredResponse) -> JSONResponse:

@@ -47,7 +47,12 @@ class Gateway:
         self.config = config
         self.http: HttpConfig = config.http
         self.tools = tools
-        self.redis = aioredis.Redis.from_url(redis_url, decode_responses=True, socket_connect_timeout=5)
+        # A bounded pool that makes a request wait for a connection (the default pool refuses
+        # past 100): a thousand SSE streams and their requests share a few dozen connections.
+        connections = aioredis.BlockingConnectionPool.from_url(
+            redis_url, decode_responses=True, socket_connect_timeout=5, max_connections=64, timeout=30
+        )
+        self.redis = aioredis.Redis(connection_pool=connections)
         keys = Keys(config.key_prefix)
         self.store = FrontStore(self.redis, keys)
         self.api_keys = ApiKeys(self.redis, keys)
@@ -72,7 +77,7 @@ class Gateway:
         return cls(scheduler, config, info["redis_url"], None if tools is None else frozenset(tools))
 
     async def close(self) -> None:
-        await self.redis.aclose()
+        await self.redis.aclose(close_connection_pool=True)
 
     async def ready(self, timeout_s: float = 2.0) -> dict[str, Any]:
         """The scheduler's answer (workers, Redis) and this replica's Redis, within `timeout_s`."""
