@@ -11,7 +11,8 @@ The simulator answers at once (zero latency), so what is measured is the front d
 - `runs_per_s`: `POST /v1/runs` (202, the async path) sustained by `concurrency` clients;
   `runs_per_http_cpu_s`: the same per CPU second spent by Serve's proxy and the API's
   replica (the processes the front door adds), `runs_per_s_per_core` over the machine's cores.
-- `sse_streams_held`: of `streams` SSE streams opened at once on one long run, those still
+- `sse_streams_held`: of `streams` SSE streams opened at once on one run (paused for an
+  approval that does not come), those still
   open after `hold_s` with a heartbeat every `heartbeat_s`; `sse_heartbeats_min`: the
   fewest heartbeats one of them received (at least hold_s / heartbeat_s - 1 expected);
   `sse_end_p99_ms`: from the run's record to its `end` event at each stream;
@@ -221,6 +222,7 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
     config = PoolConfig(
         name="bench-http",
         tool_modules=["tests.toolkit"],
+        approval_timeout_s=3600,
         num_workers=2,
         worker_concurrency=128,
         simulator=SimulatorConfig(latency_ms=0, latency_sigma=0, seed=1),
@@ -245,8 +247,11 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
                     client.get("/healthz")
                     floor.append((time.perf_counter() - started) * 1000)
             floor_count, floor_wall = asyncio.run(_sustained(url, key, concurrency, seconds / 2, path="/healthz"))
+            # A run paused for approval stays in progress as long as it is not decided.
             long_run = AgentTask(
-                tenant="bench", prompt='sim: tool nap {"seconds": 600}\nsim: answer late', tools=["nap"]
+                tenant="bench",
+                prompt='sim: tool wire_money {"amount": 1, "to": "x"}\nsim: answer paid',
+                tools=["wire_money"],
             )
             pool.enqueue([long_run])
 
@@ -315,7 +320,8 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         f"Zero-latency simulator, one LLM call per task, one API replica. Latency: {sequential} tasks one at a time "
         f"through pool.run and through POST /v1/runs/wait (interleaved, keep-alive client). Rate: {concurrency} "
         f"clients posting /v1/runs for {seconds:.0f} s; CPU of Serve's proxy and replica processes. Streams: "
-        f"{streams} SSE streams on one running task held {hold_s:.0f} s with a heartbeat every {heartbeat_s:.0f} s, "
+        f"{streams} SSE streams on one run paused for approval held {hold_s:.0f} s with a heartbeat every "
+        f"{heartbeat_s:.0f} s, "
         f"then the task is cancelled. Webhooks: {hooks} runs to a receiver on this machine."
     )
     write(out, "http", figures=figures, notes=notes, config={"quick": quick}, plots=[plot])

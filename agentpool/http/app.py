@@ -17,15 +17,17 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import ray
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from redis.exceptions import RedisError
 from sse_starlette.sse import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agentpool.cluster.api_keys import ApiKey
@@ -37,6 +39,7 @@ from agentpool.protocol import new_trace_id, traceparent
 from agentpool.vocabulary import TaskPhase, TaskStatus
 from agentpool.webhooks import WebhookEvent, check_endpoint, new_secret
 
+_BodyT = TypeVar("_BodyT", bound=BaseModel)
 _ENTRY_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 _TASK_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 #: Tasks per `enqueue` call when a batch is sent to the scheduler.
@@ -82,6 +85,16 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise HTTPException(413, f"the body is larger than {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _body_as(model: type[_BodyT], raw: bytes) -> _BodyT:
+    """A small JSON body as `model` (whatever its Content-Type says), or 422 with the
+    problems (never the values)."""
+    try:
+        return model.model_validate(_json(raw))
+    except ValidationError as exc:
+        problems = [{"loc": e["loc"], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        raise HTTPException(422, {"message": "the body is not valid", "problems": problems}) from None
 
 
 def _json(raw: bytes) -> Any:
@@ -135,6 +148,16 @@ def build_app(connect: Callable[[], Awaitable[Gateway]]) -> FastAPI:
 
     for unavailable in (RedisError, OSError, ray.exceptions.RayError):
         app.add_exception_handler(unavailable, _unavailable)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, dict) else {"message": str(exc.detail)}
+        return JSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _malformed(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+        return _problem(422, "the request is not valid", problems=problems[:50])
 
     @app.exception_handler(InvalidTaskInput)
     async def _invalid(request: Request, exc: InvalidTaskInput) -> JSONResponse:
@@ -361,9 +384,10 @@ def build_app(connect: Callable[[], Awaitable[Gateway]]) -> FastAPI:
         return await gw().scheduler.pending_approvals.remote(key.tenant)
 
     @app.post("/v1/approvals/{task_id}", tags=["approvals"])
-    async def decide(task_id: str, decision: ApprovalBody, key: Tenant) -> Any:
-        """Approves or denies a paused run's tool calls (with a note for the model); 409 if
-        it is not waiting for approval."""
+    async def decide(request: Request, task_id: str, key: Tenant) -> Any:
+        """Approves or denies a paused run's tool calls (`{"approved": true, "note": ...}`;
+        the note reaches the model with a denial); 409 if it is not waiting for approval."""
+        decision = _body_as(ApprovalBody, await _read_body(request, 64 * 1024))
         await owned(task_id, key)
         reply: dict[str, Any] = await gw().scheduler.approve.remote(task_id, decision.approved, decision.note)
         if reply["status"] != "decided":
@@ -373,10 +397,12 @@ def build_app(connect: Callable[[], Awaitable[Gateway]]) -> FastAPI:
     # --- webhooks ----------------------------------------------------------------------
 
     @app.post("/v1/webhooks", status_code=201, tags=["webhooks"])
-    async def add_webhook(body: WebhookBody, key: Tenant) -> Any:
-        """Registers an endpoint: the tenant's runs that end from now on are POSTed to it,
-        signed per Standard Webhooks. The answer holds its `secret`, shown only now."""
+    async def add_webhook(request: Request, key: Tenant) -> Any:
+        """Registers an endpoint (`{"url", "events", "description"}`): the tenant's runs that
+        end from now on are POSTed to it, signed per Standard Webhooks. The answer holds
+        its `secret`, shown only now."""
         g = gw()
+        body = _body_as(WebhookBody, await _read_body(request, 64 * 1024))
         events = check_endpoint(g.config, key.tenant, body.url, body.events)
         if len(await g.webhooks.endpoints(key.tenant)) >= g.config.webhooks.max_endpoints:
             raise HTTPException(422, f"at most {g.config.webhooks.max_endpoints} webhook endpoints per tenant")
