@@ -30,6 +30,7 @@ from agentpool.scheduler.core import (
     WaitWithinDeadline,
 )
 from agentpool.scheduler.dispatch import LeastLoaded
+from agentpool.scheduler.shedding import WaitForecast
 from agentpool.vocabulary import ErrorReason
 from tests.core_cases import LIMITED, MODEL, arrive, config, core_of, queued, result, starts, task
 
@@ -370,3 +371,20 @@ def test_rejections_and_drops_become_typed_errors() -> None:
         ErrorReason.EVICTED,
         1.0,
     )
+
+
+def test_a_queued_tasks_standing_is_its_place_and_the_wait_forecast_from_there() -> None:
+    core = core_of()
+    first, second, third = (queued(core, task("a", n)) for n in range(3))
+    other = queued(core, task("b", 9))
+    urgent = queued(core, task("a", 8, priority="critical"))
+    whole = core.forecast(urgent)  # the tenant's share of the pool's rate, as admission forecasts it
+    assert core.standing(urgent) == (0, WaitForecast(0, whole.share, whole.rate_per_s).seconds())
+    places = [core.standing(t) for t in (first, second, third, other)]
+    assert [p[0] if p else None for p in places] == [1, 2, 3, 0]  # the critical one goes first
+    waits = [p[1] if p else 0.0 for p in places]
+    assert waits[0] < waits[1] < waits[2]  # the further back, the longer the forecast wait
+    assert waits[2] == WaitForecast(3, whole.share, whole.rate_per_s).seconds()
+    core.dispatch(1.0)  # the critical one starts
+    assert core.standing(urgent) is None and core.standing(first) is not None
+    assert core.standing(first)[0] == 0  # type: ignore[index]
