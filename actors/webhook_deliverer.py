@@ -206,7 +206,7 @@ class WebhookDeliverer:
             attempt["error"] = "the endpoint was removed"
             await self._settle(tenant, job, attempt, retry_at=None, dead=False)
             return
-        attempt["url"] = endpoint["url"]
+        attempt["url"] = _shown(endpoint["url"])
         policy = self._config.policy_for(tenant) or self._config.default_tenant_policy
         if not host_allowed(endpoint["url"], policy.webhook_hosts):
             attempt["error"] = "the host is not on the tenant's webhook allowlist"
@@ -231,7 +231,7 @@ class WebhookDeliverer:
         delay = retry_delay_s(job["attempts"], first_s=self._hooks.first_retry_s, max_s=self._hooks.max_retry_s)
         if started + delay - job["first_unix"] > self._hooks.give_up_after_s:
             self._counts["dead"] += 1
-            log.warning("webhook %s to %s given up after %d attempts", job["id"], endpoint["url"], job["attempts"])
+            log.warning("webhook %s to %s given up after %d attempts", job["id"], attempt["url"], job["attempts"])
             await self._settle(tenant, job, attempt, retry_at=None, dead=True)
         else:
             await self._settle(tenant, job, attempt, retry_at=started + delay, dead=False)
@@ -259,6 +259,13 @@ class WebhookDeliverer:
         ) as response:
             await response.read()
             return response.status
+
+
+def _shown(url: str) -> str:
+    """A URL as logs and delivery logs show it: without its query or fragment (receivers
+    put tokens there)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}{parts.path}"
 
 
 def _iso(unix: float) -> str:

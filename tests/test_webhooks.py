@@ -21,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agentpool import AgentPool, AgentTask, PoolConfig, SimulatorConfig, TenantPolicy
-from agentpool.actors.webhook_deliverer import AddressRefused, _CheckedResolver
+from agentpool.actors.webhook_deliverer import AddressRefused, _CheckedResolver, _shown
 from agentpool.config import WebhookConfig
 from agentpool.errors import InvalidWebhook
 from agentpool.webhooks import (
@@ -120,6 +120,10 @@ def test_a_signature_verifies_with_its_secret_only_and_not_when_stale() -> None:
     stale = sign(secret, "msg_t1", dt.datetime.now(dt.UTC) - dt.timedelta(minutes=10), body)
     with pytest.raises(WebhookVerificationError):
         verify(body, stale, secret)
+
+
+def test_logs_show_a_webhook_url_without_its_query() -> None:
+    assert _shown("https://hooks.example.com/in?token=s3cret#frag") == "https://hooks.example.com/in"
 
 
 def test_the_resolver_drops_internal_addresses_of_a_name() -> None:
