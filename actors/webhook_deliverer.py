@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import ipaddress
+import json
 import logging
 import socket
 import time
@@ -35,7 +36,7 @@ from agentpool.background import Background
 from agentpool.cluster.keys import Keys
 from agentpool.cluster.webhook_store import WebhookStore
 from agentpool.config import PoolConfig
-from agentpool.webhooks import WebhookEvent, address_allowed, host_allowed, retry_delay_s, sign
+from agentpool.webhooks import EVENT_SOURCES, WebhookEvent, address_allowed, host_allowed, retry_delay_s, sign
 
 log = logging.getLogger("agentpool.webhooks")
 #: A claimed delivery is due again after this long if its deliverer has not settled it.
@@ -112,41 +113,64 @@ class WebhookDeliverer:
         pending = True  # first this consumer's own unacknowledged entries (after a restart)
         while True:
             try:
-                tenants = await self._store.tenants()
-                if not tenants:
+                sources = await self._sources()
+                if not sources:
                     await asyncio.sleep(0.5)
                     continue
-                rows = await self._store.read_results(
-                    tenants, self._consumer, pending=pending, block_ms=None if pending else 1000
+                rows = await self._store.read_sources(
+                    list(sources), self._consumer, pending=pending, block_ms=None if pending else 1000
                 )
                 if pending and not rows:
                     pending = False
                     continue
                 now = time.time()
-                for tenant, entry_id, fields in rows:
+                for stream, entry_id, fields in rows:
+                    tenant, completed = sources[stream]
+                    kind = WebhookEvent.RUN_COMPLETED if completed else _event_kind(fields)
                     endpoints = await self._endpoints_of(tenant, fresh=True)
                     jobs = [
-                        self._job(endpoint, fields, now)
+                        self._job(endpoint, kind, fields, entry_id, now)
                         for endpoint in endpoints.values()
-                        if WebhookEvent.RUN_COMPLETED in endpoint["events"]
+                        if kind is not None and kind in endpoint["events"]
                     ]
-                    await self._store.schedule(tenant, entry_id, jobs, now)
+                    await self._store.schedule(tenant, stream, entry_id, jobs, now)
                 if rows:
                     self._wake.set()
             except (RedisError, OSError) as exc:
                 log.warning("webhook intake: Redis unavailable (%s); retrying", type(exc).__name__)
                 await asyncio.sleep(1.0)
 
+    async def _sources(self) -> dict[str, tuple[str, bool]]:
+        """The streams messages come from now: stream -> (tenant, whether it is the results
+        stream), for the events the tenants' endpoints subscribe to."""
+        sources: dict[str, tuple[str, bool]] = {}
+        for tenant in await self._store.tenants():
+            endpoints = await self._endpoints_of(tenant)
+            events = sorted({e for endpoint in endpoints.values() for e in endpoint["events"]})
+            for stream in self._store.streams_of(tenant, events):
+                sources[stream] = (tenant, stream == self._store.keys.results(tenant))
+        return sources
+
     @staticmethod
-    def _job(endpoint: dict[str, Any], fields: dict[str, str], now: float) -> dict[str, Any]:
+    def _job(
+        endpoint: dict[str, Any], kind: WebhookEvent, fields: dict[str, str], entry_id: str, now: float
+    ) -> dict[str, Any]:
+        """One message to one endpoint. `webhook-id` is the same on every attempt: the task's
+        for its completion, the task's and its event's entry for the others."""
         task_id = fields["task_id"]
-        body = f'{{"type":"{WebhookEvent.RUN_COMPLETED}","timestamp":"{_iso(now)}","data":{fields["result"]}}}'
+        stamp = _iso(now)
+        if kind is WebhookEvent.RUN_COMPLETED:
+            key, body = task_id, f'{{"type":"{kind}","timestamp":"{stamp}","data":{fields["result"]}}}'
+        else:
+            key = f"{task_id}_{entry_id}"
+            data = {"task_id": task_id, "trace_id": fields.get("trace_id", ""), "event": json.loads(fields["data"])}
+            body = json.dumps({"type": kind.value, "timestamp": stamp, "data": data}, separators=(",", ":"))
         return {
-            "id": f"{endpoint['id']}:{task_id}",
-            "msg_id": f"msg_{task_id}",
+            "id": f"{endpoint['id']}:{key}",
+            "msg_id": f"msg_{key}",
             "endpoint": endpoint["id"],
             "task_id": task_id,
-            "event": WebhookEvent.RUN_COMPLETED.value,
+            "event": kind.value,
             "body": body,
             "attempts": 0,
             "first_unix": now,
@@ -259,6 +283,15 @@ class WebhookDeliverer:
         ) as response:
             await response.read()
             return response.status
+
+
+def _event_kind(fields: dict[str, str]) -> WebhookEvent | None:
+    """The webhook an events-stream entry makes, if any (a task taken up again after a
+    restart is not queued anew)."""
+    kind = EVENT_SOURCES.get(fields.get("event", ""))
+    if kind is WebhookEvent.RUN_QUEUED and json.loads(fields.get("data") or "{}").get("adopted"):
+        return None
+    return kind
 
 
 def _shown(url: str) -> str:

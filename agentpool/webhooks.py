@@ -26,6 +26,7 @@ from agentpool.config import PoolConfig
 from agentpool.errors import InvalidWebhook
 
 __all__ = [
+    "EVENT_SOURCES",
     "WebhookEvent",
     "WebhookVerificationError",
     "address_allowed",
@@ -43,6 +44,22 @@ class WebhookEvent(StrEnum):
 
     #: A run ended (any final status); the body's `data` is its final record.
     RUN_COMPLETED = "run.completed"
+    #: A run was accepted and queued; `data` is `{"task_id", "event"}` with the event's fields.
+    RUN_QUEUED = "run.queued"
+    #: A run paused for a human's approval (the tools and the deadline in `data.event`).
+    RUN_APPROVAL_REQUESTED = "run.approval_requested"
+
+    @property
+    def from_events(self) -> bool:
+        """Made from the tenant's events stream (every kind but `run.completed`)."""
+        return self is not WebhookEvent.RUN_COMPLETED
+
+
+#: The events-stream entry each event-made webhook comes from.
+EVENT_SOURCES: dict[str, WebhookEvent] = {
+    "task_admitted": WebhookEvent.RUN_QUEUED,
+    "approval_requested": WebhookEvent.RUN_APPROVAL_REQUESTED,
+}
 
 
 def new_secret() -> str:

@@ -50,7 +50,8 @@ class WebhookStore:
     # --- endpoints -----------------------------------------------------------------------
 
     async def add(self, tenant: str, url: str, events: Sequence[str], description: str, secret: str) -> dict[str, Any]:
-        """Registers an endpoint; its messages start with the results written from now on."""
+        """Registers an endpoint; its messages start with the results (and, for an endpoint
+        of other events, the tenant's events) written from now on."""
         endpoint: dict[str, Any] = {
             "id": f"ep_{secrets.token_hex(8)}",
             "url": url,
@@ -59,11 +60,12 @@ class WebhookStore:
             "created_unix": round(time.time(), 3),
             "secret": secret,
         }
-        try:
-            await self.redis.xgroup_create(self.keys.results(tenant), self.group, id="$", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        for stream in self.streams_of(tenant, events):
+            try:
+                await self.redis.xgroup_create(stream, self.group, id="$", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(self.keys.webhooks(tenant), endpoint["id"], json.dumps(endpoint))
         pipe.sadd(self.keys.webhook_tenants(), tenant)
@@ -84,43 +86,55 @@ class WebhookStore:
     async def tenants(self) -> list[str]:
         return sorted(str(t) for t in await self.redis.smembers(self.keys.webhook_tenants()))
 
-    # --- intake: results -> deliveries ---------------------------------------------------
+    def streams_of(self, tenant: str, events: Sequence[str]) -> list[str]:
+        """The streams an endpoint's messages come from: the results stream for
+        `run.completed`, the events stream for the others."""
+        streams = []
+        if "run.completed" in events:
+            streams.append(self.keys.results(tenant))
+        if any(e != "run.completed" for e in events):
+            streams.append(self.keys.events(tenant))
+        return streams
 
-    async def read_results(
-        self, tenants: Sequence[str], consumer: str, *, pending: bool, block_ms: int | None, count: int = 200
+    # --- intake: results and events -> deliveries --------------------------------------
+
+    async def read_sources(
+        self, streams: Sequence[str], consumer: str, *, pending: bool, block_ms: int | None, count: int = 200
     ) -> list[tuple[str, str, dict[str, str]]]:
-        """Results of `tenants` for this consumer: its own unacknowledged ones (`pending`),
-        or new ones, waiting up to `block_ms`. (tenant, entry id, fields) each."""
-        if not tenants:
+        """Entries of `streams` (results or events streams) for this consumer: its own
+        unacknowledged ones (`pending`), or new ones, waiting up to `block_ms`. (stream,
+        entry id, fields) each."""
+        if not streams:
             return []
-        streams: dict[Any, Any] = {self.keys.results(t): "0" if pending else ">" for t in tenants}
+        wanted: dict[Any, Any] = {key: "0" if pending else ">" for key in streams}
         try:
-            reply: Any = await self.redis.xreadgroup(self.group, consumer, streams, count=count, block=block_ms)
+            reply: Any = await self.redis.xreadgroup(self.group, consumer, wanted, count=count, block=block_ms)
         except ResponseError as exc:  # a group is missing (the stream was deleted): made again
             if "NOGROUP" not in str(exc):
                 raise
-            for t in tenants:
+            for key in streams:
                 try:
-                    await self.redis.xgroup_create(self.keys.results(t), self.group, id="$", mkstream=True)
+                    await self.redis.xgroup_create(key, self.group, id="$", mkstream=True)
                 except ResponseError:
                     pass
             return []
-        by_key = {self.keys.results(t): t for t in tenants}
         return [
-            (by_key[str(key)], entry_id, fields)
+            (str(key), entry_id, fields)
             for key, entries in reply or []
             for entry_id, fields in stream_entries(entries)
             if fields
         ]
 
-    async def schedule(self, tenant: str, entry_id: str, jobs: Sequence[dict[str, Any]], now: float) -> None:
-        """Records the deliveries of one result (once: a job that exists is left as it is)
-        and acknowledges the result."""
+    async def schedule(
+        self, tenant: str, stream: str, entry_id: str, jobs: Sequence[dict[str, Any]], now: float
+    ) -> None:
+        """Records the deliveries of one entry (once: a job that exists is left as it is)
+        and acknowledges the entry."""
         pipe = self.redis.pipeline(transaction=True)
         for job in jobs:
             pipe.hsetnx(self.keys.webhook_jobs(tenant), job["id"], json.dumps(job))
             pipe.zadd(self.keys.webhook_due(tenant), {job["id"]: now}, nx=True)
-        pipe.xack(self.keys.results(tenant), self.group, entry_id)
+        pipe.xack(stream, self.group, entry_id)
         await pipe.execute()
 
     # --- dispatch ------------------------------------------------------------------------

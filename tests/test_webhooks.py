@@ -269,3 +269,31 @@ def test_a_receiver_that_keeps_failing_ends_in_the_dead_letters(redis_url: str, 
         deliverer = ray.get_actor(f"{pool.config.name}-webhooks-0", namespace="agentpool")
         assert ray.get(deliverer.stats.remote())["dead"] == 1
     receiver.down()
+
+
+def test_an_endpoint_gets_the_events_it_chose(pool: AgentPool) -> None:
+    receiver = Receiver()
+    receiver.up()
+    endpoint = pool.add_webhook("hooli", receiver.url, events=["run.queued", "run.completed"])
+    queued_only = pool.add_webhook("hooli", receiver.url + "/queued", events=["run.queued"])
+    results = pool.run([AgentTask(tenant="hooli", prompt=f"sim: answer {i}") for i in range(3)])
+    wait_for(lambda: len(receiver.got) >= 9, 20)  # 3 queued + 3 completed, and 3 queued
+    time.sleep(0.5)  # nothing more comes
+    by_type: dict[str, set[str]] = {}
+    for headers, body in receiver.got:
+        secret = endpoint["secret"]
+        try:
+            message = verify(body, headers, secret)
+        except WebhookVerificationError:
+            message = verify(body, headers, queued_only["secret"])
+        task_id = message["data"]["task_id"]
+        by_type.setdefault(message["type"], set()).add(task_id)
+        if message["type"] == "run.queued":
+            assert message["data"]["event"]["priority"] == "standard" and headers["webhook-id"] != f"msg_{task_id}"
+    assert len(receiver.got) == 9
+    assert by_type == {"run.queued": {r.task_id for r in results}, "run.completed": {r.task_id for r in results}}
+    with pytest.raises(InvalidWebhook, match="unknown webhook event"):
+        pool.add_webhook("hooli", receiver.url, events=["run.exploded"])
+    for e in (endpoint, queued_only):
+        pool.remove_webhook("hooli", e["id"])
+    receiver.down()
