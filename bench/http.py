@@ -20,6 +20,10 @@ The simulator answers at once (zero latency), so what is measured is the front d
   stream held.
 - `webhook_p50_ms`, `webhook_p99_ms`: from a run's record (its results-stream entry) to
   its webhook's arrival at a receiver on this machine.
+- `batch_accept_s`, `batch_accept_tasks_per_s`: `POST /v1/batches` of `batch_tasks` tasks
+  (JSONL; 100,000 in a full run) until its 202 (every task checked, then enqueued);
+  `batch_status_ms`: `GET /v1/batches/{id}` counting them; `batch_replica_rss_mb`: the
+  replica's memory after.
 """
 
 from __future__ import annotations
@@ -192,6 +196,24 @@ async def _streams(
     }
 
 
+def _batch(url: str, key: str, size: int) -> dict[str, Any]:
+    """One batch of `size` tasks as JSONL: how long until it is accepted (202), how long its
+    status takes to count, and the replica's memory after it."""
+    lines = "\n".join(json.dumps({"prompt": f"sim: answer b{i}"}) for i in range(size))
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/jsonl"}
+    with httpx.Client(base_url=url, timeout=600) as client:
+        started = time.perf_counter()
+        created = client.post("/v1/batches", content=lines, headers=headers)
+        accept_s = time.perf_counter() - started
+        assert created.status_code == 202 and created.json()["tasks"] == size, created.text[:300]
+        started = time.perf_counter()
+        counts = client.get(created.headers["location"], headers=headers).json()
+        status_ms = (time.perf_counter() - started) * 1000
+        assert counts["tasks"] == size
+    replica = [p for p in _serve_processes() if "ServeReplica" in " ".join(p.cmdline())]
+    return {"accept_s": accept_s, "status_ms": status_ms, "replica_rss": sum(p.memory_info().rss for p in replica)}
+
+
 class _Receiver:
     """Records when each webhook arrives (task id -> unix time)."""
 
@@ -219,6 +241,7 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
     concurrency, seconds = 32, (8.0 if quick else 20.0)
     streams, hold_s, heartbeat_s = 1000, (10.0 if quick else 30.0), 2.0
     hooks = 100 if quick else 400
+    batch_size = 10_000 if quick else 100_000
     config = PoolConfig(
         name="bench-http",
         tool_modules=["tests.toolkit"],
@@ -288,6 +311,8 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
             cpu_before = _cpu_s(http_procs)
             accepted, wall = asyncio.run(_sustained(url, key, concurrency, seconds))
             http_cpu = _cpu_s(http_procs) - cpu_before
+            print("  batch", flush=True)
+            batch = _batch(url, key, batch_size)
         finally:
             r.close()
             stop_http(pool.config.name)
@@ -311,6 +336,11 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         "sse_end_p50_ms": round(percentile(held["end_ms"], 0.5), 1),
         "sse_end_p99_ms": round(percentile(held["end_ms"], 0.99), 1),
         "replica_rss_mb_with_streams": round(held["replica_rss"] / 2**20, 1),
+        "batch_tasks": batch_size,
+        "batch_accept_s": round(batch["accept_s"], 2),
+        "batch_accept_tasks_per_s": round(batch_size / batch["accept_s"], 1),
+        "batch_status_ms": round(batch["status_ms"], 1),
+        "batch_replica_rss_mb": round(batch["replica_rss"] / 2**20, 1),
         "webhooks_delivered": len(webhook_ms),
         "webhook_p50_ms": round(percentile(webhook_ms, 0.5), 1),
         "webhook_p99_ms": round(percentile(webhook_ms, 0.99), 1),
@@ -322,7 +352,8 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         f"clients posting /v1/runs for {seconds:.0f} s; CPU of Serve's proxy and replica processes. Streams: "
         f"{streams} SSE streams on one run paused for approval held {hold_s:.0f} s with a heartbeat every "
         f"{heartbeat_s:.0f} s, "
-        f"then the task is cancelled. Webhooks: {hooks} runs to a receiver on this machine."
+        f"then the task is cancelled. Webhooks: {hooks} runs to a receiver on this machine. Batch: {batch_size} tasks "
+        "as JSONL, last."
     )
     write(out, "http", figures=figures, notes=notes, config={"quick": quick}, plots=[plot])
     return figures
