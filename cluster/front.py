@@ -14,9 +14,14 @@ import redis.asyncio as aioredis
 
 from agentpool.cluster.keys import Keys, stream_entries
 from agentpool.events import EventEntry
+from agentpool.vocabulary import EventType
 
 #: Keys read per MGET when a batch's records are fetched.
 _CHUNK = 1000
+#: Entries read per XRANGE of a task's events.
+_PAGE = 500
+#: The events a task's record is written with (its last): a follower that reads one is done.
+_FINAL_EVENTS = frozenset({EventType.TASK_END, EventType.SHED, EventType.TASK_REJECTED})
 
 
 @dataclass(frozen=True)
@@ -171,11 +176,16 @@ class FrontStore:
                 cursor = entries[-1].id
                 self.hub.advance(key, cursor)
                 yield entries
+                # A task's last events are written with its record, in one step: once one of
+                # them is read (and the record is there), everything has been given.
+                final = any(e.event in _FINAL_EVENTS for e in entries)
+                if final and len(entries) < _PAGE and await self.redis.exists(self.keys.result(tenant, task_id)):
+                    return
         finally:
             self.hub.unsubscribe(subscription)
 
     async def _read_after(self, key: str, cursor: str) -> list[EventEntry]:
-        entries = stream_entries(await self.redis.xrange(key, min=f"({cursor}", count=500))
+        entries = stream_entries(await self.redis.xrange(key, min=f"({cursor}", count=_PAGE))
         return [EventEntry.from_stream(i, f) for i, f in entries]
 
     # --- Idempotency-Key -----------------------------------------------------------------

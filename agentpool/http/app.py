@@ -36,7 +36,7 @@ from agentpool.errors import AgentPoolError, InvalidTaskInput
 from agentpool.http.gateway import Gateway
 from agentpool.models import AgentResult, TaskState, validate_tasks
 from agentpool.protocol import new_trace_id, traceparent
-from agentpool.vocabulary import TaskPhase, TaskStatus
+from agentpool.vocabulary import EventType, TaskPhase, TaskStatus
 from agentpool.webhooks import WebhookEvent, check_endpoint, new_secret
 
 _BodyT = TypeVar("_BodyT", bound=BaseModel)
@@ -548,13 +548,19 @@ def _batch_bodies(raw: bytes, content_type: str, limit: int) -> list[Any]:
 async def _sse(g: Gateway, tenant: str, task_id: str, after: str) -> AsyncIterator[dict[str, Any]]:
     """The run's events as SSE messages, then `end` with its status."""
     g.metrics.streams.inc()
+    status: str | None = None
     try:
         async for batch in g.store.follow(tenant, task_id, after=after, block_ms=int(g.http.sse_heartbeat_s * 1000)):
             for entry in batch:
                 data = {"task_id": entry.task_id, "ts": entry.ts, "trace_id": entry.trace_id, **entry.data}
                 yield {"id": entry.id, "event": entry.event.value, "data": json.dumps(data, default=str)}
-        raw = await g.store.result_json(tenant, task_id)
-        status = json.loads(raw)["status"] if raw else None
+                if entry.event == EventType.TASK_END:
+                    status = str(entry.data.get("status") or "") or None
+                elif entry.event in (EventType.SHED, EventType.TASK_REJECTED):
+                    status = TaskStatus.REJECTED.value
+        if status is None:  # the run had ended before this stream's position: its record says how
+            raw = await g.store.result_json(tenant, task_id)
+            status = json.loads(raw)["status"] if raw else None
         yield {"event": "end", "data": json.dumps({"task_id": task_id, "status": status})}
     finally:
         g.metrics.streams.dec()
