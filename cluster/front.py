@@ -51,9 +51,8 @@ def _entry_order(entry_id: str) -> tuple[int, int]:
 class _Subscription:
     """One follower of one stream: woken when the hub sees new entries in it."""
 
-    def __init__(self, key: str, cursor: str) -> None:
+    def __init__(self, key: str) -> None:
         self.key = key
-        self.cursor = cursor
         self._event = asyncio.Event()
 
     def wake(self) -> None:
@@ -78,10 +77,9 @@ class EventHub:
         #: The newest entry id the hub has seen, per stream.
         self._seen: dict[str, str] = {}
         self._task: asyncio.Task[None] | None = None
-        self.reads = 0
 
     def subscribe(self, key: str, cursor: str) -> _Subscription:
-        sub = _Subscription(key, cursor)
+        sub = _Subscription(key)
         self._subs.setdefault(key, set()).add(sub)
         self.advance(key, cursor)
         if self._task is None or self._task.done():
@@ -110,7 +108,6 @@ class EventHub:
             except (aioredis.RedisError, OSError):
                 await asyncio.sleep(0.5)  # the followers read, and fail, themselves
                 continue
-            self.reads += 1
             for key, entries in reply or []:
                 found = stream_entries(entries)
                 if found and key in self._subs:
