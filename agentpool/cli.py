@@ -3,26 +3,34 @@ results, status, trace, simulator."""
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from agentpool.batch_view import demo_tasks, redis_cli_command, summary_table
+from agentpool.cli_common import (
+    AddressOption,
+    NameOption,
+    PrefixOption,
+    RedisUrlOption,
+    _connect,
+    _debug,
+    console,
+    friendly,
+    stderr,
+)
+from agentpool.cli_http import keys_app, serve
 from agentpool.cluster.acl import display_url
-from agentpool.errors import AgentPoolError
 from agentpool.models import AgentResult, AgentTask
 
 if TYPE_CHECKING:  # imported late at run time: `agentpool --help` starts without Ray
@@ -34,16 +42,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-# Wide enough for the summary table even when output is piped (CI logs, files).
-console = Console(width=None if sys.stdout.isatty() else 110)
-#: Errors and notices go to stderr, so that stdout holds only what a command prints as data.
-# Soft wrap: an error is one line however long, for a log or a script reading it.
-stderr = Console(stderr=True, soft_wrap=True)
-_debug = {"on": False}
 #: At most this many bad lines of a JSONL file are listed.
 _MAX_BAD_LINES = 50
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 @app.callback()
@@ -57,44 +57,6 @@ def _options(
     if not debug:  # Ray's INFO/WARNING lines are for operators debugging Ray, not for a command's output
         for name in ("ray", "ray._private", "ray.util", "ray.serve"):
             logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def _one_line(exc: BaseException) -> str:
-    """What went wrong, in one line: our own errors as they say it, anyone else's by type."""
-    if isinstance(exc, AgentPoolError):
-        text = exc.message
-    elif isinstance(exc, ValidationError):
-        first = exc.errors(include_url=False)[0]
-        where = ".".join(str(p) for p in first["loc"])
-        text = f"{exc.error_count()} invalid value(s); first: {where}: {first['msg']}"
-    else:
-        text = f"{type(exc).__name__}: {exc}"
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return _masked(lines[0] if lines else type(exc).__name__)
-
-
-def _masked(text: str) -> str:
-    """`text` with any Redis URL's password masked."""
-    words = [display_url(word) if "://" in word and "@" in word else word for word in text.split(" ")]
-    return " ".join(words)
-
-
-def friendly(command: F) -> F:
-    """A command's failures as one line on stderr and exit code 1 (a traceback with --debug)."""
-
-    @functools.wraps(command)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as exc:
-            if _debug["on"]:
-                raise
-            stderr.print(f"[red]error:[/] {escape(_one_line(exc))}  [dim](--debug for the traceback)[/]")
-            raise typer.Exit(1) from None
-
-    return cast(F, run)
 
 
 def _run_with_progress(pool: AgentPool, tasks: list[AgentTask]) -> list[AgentResult]:
@@ -160,31 +122,6 @@ def demo(
         example = next((r for r in results if r.tool_calls), results[0])
         console.print(f"example: [cyan]{example.task_id}[/] {example.status}: {str(example.answer)[:100]!r}")
         _where_in_redis(pool, names, embedded=config.redis_url is None)
-
-
-NameOption = Annotated[str, typer.Option(envvar="AGENTPOOL_NAME", help="The pool's PoolConfig.name.")]
-AddressOption = Annotated[str | None, typer.Option(envvar="RAY_ADDRESS", help="Ray cluster address.")]
-RedisUrlOption = Annotated[
-    str | None, typer.Option(envvar="AGENTPOOL_REDIS_URL", help="Redis URL (else the pool's, by --name).")
-]
-PrefixOption = Annotated[str | None, typer.Option(envvar="AGENTPOOL_KEY_PREFIX", help="Key prefix.")]
-
-
-def _connect(name: str, address: str | None) -> AgentPool:
-    from agentpool import AgentPool
-    from agentpool.errors import PoolNotRunning
-
-    try:
-        return AgentPool.connect(name, address=address)
-    except PoolNotRunning as exc:
-        stderr.print(f"[red]error:[/] {escape(exc.message)} (start one with `agentpool start --detach`)")
-        raise typer.Exit(1) from None
-    except ConnectionError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        stderr.print(
-            f"[red]error:[/] no Ray cluster to connect to ({escape(first)}): run `ray start --head` or set RAY_ADDRESS"
-        )
-        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -484,98 +421,8 @@ def simulator(
         server.stop()
 
 
-def _interrupted(*_: object) -> None:
-    """SIGTERM ends `serve` as Ctrl-C does (a service manager's stop)."""
-    raise KeyboardInterrupt
-
-
-keys_app = typer.Typer(help="API keys of the HTTP API, per tenant (shown once; Redis keeps a salted hash).")
 app.add_typer(keys_app, name="keys")
-
-
-@keys_app.command("create")
-@friendly
-def keys_create(
-    tenant: Annotated[str, typer.Argument(help="Whose key: requests with it act as this tenant.")],
-    label: Annotated[str, typer.Option("--label", help="What the key is for (shown by `keys list`).")] = "",
-    name: NameOption = "agentpool",
-    address: AddressOption = None,
-) -> None:
-    """Creates a key for TENANT and prints it (only now: it cannot be shown again)."""
-    print(_connect(name, address).create_api_key(tenant, name=label))
-
-
-@keys_app.command("list")
-@friendly
-def keys_list(
-    tenant: Annotated[str, typer.Argument(help="Whose keys.")],
-    name: NameOption = "agentpool",
-    address: AddressOption = None,
-) -> None:
-    """Lists TENANT's keys: id, label and when each was made (never a key itself)."""
-    for key in _connect(name, address).api_keys(tenant):
-        made = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(key["created_unix"]))
-        print(f"{key['key_id']}  {made} UTC  {key['name']}")
-
-
-@keys_app.command("revoke")
-@friendly
-def keys_revoke(
-    key_id: Annotated[str, typer.Argument(help="The key's id (the part after `ap_`).")],
-    name: NameOption = "agentpool",
-    address: AddressOption = None,
-) -> None:
-    """Revokes a key: requests with it get 401 from now on."""
-    if not _connect(name, address).revoke_api_key(key_id):
-        stderr.print(f"[yellow]no key {key_id}[/]")
-        raise typer.Exit(1)
-    console.print(f"key {key_id} revoked")
-
-
-@app.command()
-@friendly
-def serve(
-    host: Annotated[str, typer.Option(help="Address Serve's HTTP proxy listens on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Its port.")] = 8000,
-    key: Annotated[
-        list[str] | None, typer.Option("--key", help="Create and print an API key for this tenant; repeatable.")
-    ] = None,
-    name: NameOption = "agentpool",
-    address: AddressOption = None,
-) -> None:
-    """Serves the HTTP API on Ray Serve until interrupted: for the pool NAME running on the
-    Ray cluster (RAY_ADDRESS, or one `ray start --head` runs here), or else for a local pool
-    this command starts (configured by AGENTPOOL_* variables) and stops when it ends."""
-    import signal
-
-    from agentpool import AgentPool, PoolConfig
-    from agentpool.errors import PoolNotRunning
-    from agentpool.http.serve import serve_http, stop_http
-
-    if not _debug["on"]:  # importing Serve set its logger to INFO again
-        logging.getLogger("ray.serve").setLevel(logging.ERROR)
-    try:
-        pool = AgentPool.connect(name, address=address)
-        origin = "running on the cluster"
-    except (PoolNotRunning, ConnectionError):
-        pool = AgentPool.start(PoolConfig(name=name))
-        origin = "started here (local Ray, stopped with this command)"
-    try:
-        http = pool.config.http.model_copy(update={"host": host, "port": port})
-        url = serve_http(pool.config.name, http)
-        console.print(f"pool [bold]{pool.config.name}[/] {origin}")
-        console.print(f"HTTP API at [bold]{url}[/]  (OpenAPI: {url}/docs, console: {url}/)")
-        for tenant in key or []:
-            console.print(f"API key for {tenant}: {pool.create_api_key(tenant, name='agentpool serve')}")
-        signal.signal(signal.SIGTERM, _interrupted)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            console.print("stopping")
-        stop_http(pool.config.name)
-    finally:
-        pool.shutdown()
+app.command()(serve)
 
 
 if __name__ == "__main__":

@@ -13,108 +13,46 @@ import contextlib
 import hashlib
 import json
 import re
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import ray
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import generate_latest
-from pydantic import BaseModel, Field, ValidationError
 from redis.exceptions import RedisError
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agentpool.cluster.api_keys import ApiKey
 from agentpool.cluster.front import IdemState, StoredResponse
 from agentpool.errors import AgentPoolError, InvalidTaskInput
 from agentpool.http.gateway import Gateway
+from agentpool.http.messages import (
+    ApprovalBody,
+    RequestMetrics,
+    WebhookBody,
+    batch_bodies,
+    body_as,
+    parse_json,
+    problem,
+    read_body,
+    run_reply,
+    stored_response,
+    task_from,
+)
 from agentpool.models import AgentResult, TaskState, validate_tasks
 from agentpool.protocol import new_trace_id, traceparent
 from agentpool.vocabulary import EventType, TaskPhase, TaskStatus
-from agentpool.webhooks import WebhookEvent, check_endpoint, new_secret
+from agentpool.webhooks import check_endpoint, new_secret
 
-_BodyT = TypeVar("_BodyT", bound=BaseModel)
 _ENTRY_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 _TASK_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 #: Tasks per `enqueue` call when a batch is sent to the scheduler.
 _CHUNK = 1000
-
-
-class WebhookBody(BaseModel):
-    url: str = Field(max_length=2048)
-    events: list[str] = Field(default_factory=lambda: [WebhookEvent.RUN_COMPLETED.value], max_length=10)
-    description: str = Field(default="", max_length=200)
-
-
-class ApprovalBody(BaseModel):
-    approved: bool
-    note: str = Field(default="", max_length=2000)
-
-
-def _problem(status: int, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, **extra}}, status_code=status)
-
-
-def _task_from(body: Any, tenant: str, index: int | None = None) -> dict[str, Any]:
-    """A task's fields from a request body, with the tenant of the key (a body naming
-    another tenant is refused: the key decides)."""
-    if not isinstance(body, dict):
-        where = "" if index is None else f" (task {index})"
-        raise HTTPException(422, f"a task is a JSON object{where}")
-    named = body.get("tenant")
-    if named is not None and named != tenant:
-        raise HTTPException(422, "the tenant comes from the API key; the body names another")
-    return {**body, "tenant": tenant}
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request's body, refused (413) past `limit` bytes without reading further."""
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        raise HTTPException(413, f"the body is larger than {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPException(413, f"the body is larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _body_as(model: type[_BodyT], raw: bytes) -> _BodyT:
-    """A small JSON body as `model` (whatever its Content-Type says), or 422 with the
-    problems (never the values)."""
-    try:
-        return model.model_validate(_json(raw))
-    except ValidationError as exc:
-        problems = [{"loc": e["loc"], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-        raise HTTPException(422, {"message": "the body is not valid", "problems": problems}) from None
-
-
-def _json(raw: bytes) -> Any:
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise HTTPException(400, f"the body is not JSON: {exc}"[:300]) from None
-
-
-def _run_reply(task_id: str, status: str, record: AgentResult | None) -> StoredResponse:
-    """The answer to a run's admission: 202 for an accepted run (or one that ended already),
-    429 with `Retry-After` if the pool shed it, 403 if it was refused for good."""
-    location = f"/v1/runs/{task_id}"
-    body: dict[str, Any] = {"task_id": task_id, "status": status, "url": location}
-    if status != TaskStatus.REJECTED or record is None:
-        return StoredResponse(202, body, location)
-    body["result"] = record.model_dump(mode="json")
-    if record.retry_after_s is not None:
-        return StoredResponse(429, body, location, str(max(1, round(record.retry_after_s))))
-    return StoredResponse(403, body, location)
 
 
 def build_app(connect: Callable[[], Awaitable[Gateway]]) -> FastAPI:
@@ -139,10 +77,10 @@ def build_app(connect: Callable[[], Awaitable[Gateway]]) -> FastAPI:
     def gw() -> Gateway:
         return holder["gw"]
 
-    app.add_middleware(_Metrics, gateway=lambda: holder.get("gw"))
+    app.add_middleware(RequestMetrics, gateway=lambda: holder.get("gw"))
 
     async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
-        response = _problem(503, f"the pool cannot answer now: {type(exc).__name__}", retryable=True)
+        response = problem(503, f"the pool cannot answer now: {type(exc).__name__}", retryable=True)
         response.headers["Retry-After"] = "1"
         return response
 
@@ -157,15 +95,15 @@ def build_app(connect: Callable[[], Awaitable[Gateway]]) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _malformed(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
-        return _problem(422, "the request is not valid", problems=problems[:50])
+        return problem(422, "the request is not valid", problems=problems[:50])
 
     @app.exception_handler(InvalidTaskInput)
     async def _invalid(request: Request, exc: InvalidTaskInput) -> JSONResponse:
-        return _problem(422, exc.message, problems=exc.problems[:50])
+        return problem(422, exc.message, problems=exc.problems[:50])
 
     @app.exception_handler(AgentPoolError)
     async def _refused(request: Request, exc: AgentPoolError) -> JSONResponse:
-        return _problem(422 if not exc.retryable else 503, exc.message, type=type(exc).__name__)
+        return problem(422 if not exc.retryable else 503, exc.message, type=type(exc).__name__)
 
     async def tenant_key(request: Request) -> ApiKey:
         """The caller's API key (401 without a valid one; 429 after too many failures from
@@ -203,14 +141,14 @@ def build_app(connect: Callable[[], Awaitable[Gateway]]) -> FastAPI:
         g = gw()
         idem = request.headers.get("idempotency-key")
         if idem is None:
-            return _stored(await handle())
+            return stored_response(await handle())
         if not 1 <= len(idem) <= 255:
             raise HTTPException(400, "Idempotency-Key must be 1 to 255 characters")
         fingerprint = hashlib.sha256(f"{request.method} {request.url.path}\n".encode() + raw).hexdigest()
         ttl = g.http.idempotency_ttl_s
         claim = await g.store.claim(key.tenant, idem, fingerprint, ttl)
         if isinstance(claim, StoredResponse):
-            response = _stored(claim)
+            response = stored_response(claim)
             response.headers["Idempotent-Replayed"] = "true"
             return response
         if claim == IdemState.BUSY:
@@ -226,7 +164,7 @@ def build_app(connect: Callable[[], Awaitable[Gateway]]) -> FastAPI:
             await g.store.remember(key.tenant, idem, fingerprint, stored, ttl)
         else:
             await g.store.release(key.tenant, idem)
-        return _stored(stored)
+        return stored_response(stored)
 
     async def record(tenant: str, task_id: str) -> AgentResult | None:
         raw = await gw().store.result_json(tenant, task_id)
@@ -238,13 +176,13 @@ def build_app(connect: Callable[[], Awaitable[Gateway]]) -> FastAPI:
     async def create_run(request: Request, key: Tenant) -> Response:
         """Starts a run (the body is an `AgentTask` without `tenant`): 202 with its id and
         `Location`; 429 with `Retry-After` if the pool shed it."""
-        raw = await _read_body(request, gw().http.max_run_bytes)
+        raw = await read_body(request, gw().http.max_run_bytes)
 
         async def handle() -> StoredResponse:
-            task = validate_tasks([_task_from(_json(raw), key.tenant)], tools=gw().tools)[0]
+            task = validate_tasks([task_from(parse_json(raw), key.tenant)], tools=gw().tools)[0]
             (reply,) = await gw().scheduler.enqueue.remote([task], [traceparent(new_trace_id())])
             ended = await record(key.tenant, task.task_id) if reply["status"] == TaskStatus.REJECTED else None
-            return _run_reply(task.task_id, reply["status"], ended)
+            return run_reply(task.task_id, reply["status"], ended)
 
         return await idempotent(request, key, raw, handle)
 
@@ -255,11 +193,11 @@ def build_app(connect: Callable[[], Awaitable[Gateway]]) -> FastAPI:
         """Starts a run and answers with its final record (200) when it ends within
         `wait_s`; else 202 with the URL to poll."""
         g = gw()
-        raw = await _read_body(request, g.http.max_run_bytes)
+        raw = await read_body(request, g.http.max_run_bytes)
         wait_s = min(wait_s, g.http.max_wait_s)
 
         async def handle() -> StoredResponse:
-            task = validate_tasks([_task_from(_json(raw), key.tenant)], tools=g.tools)[0]
+            task = validate_tasks([task_from(parse_json(raw), key.tenant)], tools=g.tools)[0]
             ref = g.scheduler.run.remote(task, traceparent(new_trace_id()))
             waiting = asyncio.ensure_future(asyncio.wrap_future(ref.future()))
             done, _ = await asyncio.wait({waiting}, timeout=wait_s)
@@ -269,7 +207,7 @@ def build_app(connect: Callable[[], Awaitable[Gateway]]) -> FastAPI:
                 return StoredResponse(202, body, location)
             ended: AgentResult = waiting.result()
             if ended.status == TaskStatus.REJECTED:
-                return _run_reply(task.task_id, ended.status, ended)
+                return run_reply(task.task_id, ended.status, ended)
             return StoredResponse(200, ended.model_dump(mode="json"), location)
 
         return await idempotent(request, key, raw, handle)
@@ -323,11 +261,11 @@ def build_app(connect: Callable[[], Awaitable[Gateway]]) -> FastAPI:
         JSONL (one task per line). Every task is checked first; one bad task refuses the
         batch (422, listing the problems by index) and nothing is enqueued."""
         g = gw()
-        raw = await _read_body(request, g.http.max_batch_bytes)
+        raw = await read_body(request, g.http.max_batch_bytes)
 
         async def handle() -> StoredResponse:
-            bodies = _batch_bodies(raw, request.headers.get("content-type", ""), g.http.max_batch_tasks)
-            tasks = validate_tasks([_task_from(b, key.tenant, i) for i, b in enumerate(bodies)], tools=g.tools)
+            bodies = batch_bodies(raw, request.headers.get("content-type", ""), g.http.max_batch_tasks)
+            tasks = validate_tasks([task_from(b, key.tenant, i) for i, b in enumerate(bodies)], tools=g.tools)
             batch_id = f"batch_{uuid.uuid4().hex}"
             await g.store.create_batch(key.tenant, batch_id, [t.task_id for t in tasks], g.http.batch_ttl_s)
             calls = [
@@ -387,7 +325,7 @@ def build_app(connect: Callable[[], Awaitable[Gateway]]) -> FastAPI:
     async def decide(request: Request, task_id: str, key: Tenant) -> Any:
         """Approves or denies a paused run's tool calls (`{"approved": true, "note": ...}`;
         the note reaches the model with a denial); 409 if it is not waiting for approval."""
-        decision = _body_as(ApprovalBody, await _read_body(request, 64 * 1024))
+        decision = body_as(ApprovalBody, await read_body(request, 64 * 1024))
         await owned(task_id, key)
         reply: dict[str, Any] = await gw().scheduler.approve.remote(task_id, decision.approved, decision.note)
         if reply["status"] != "decided":
@@ -402,7 +340,7 @@ def build_app(connect: Callable[[], Awaitable[Gateway]]) -> FastAPI:
         end from now on are POSTed to it, signed per Standard Webhooks. The answer holds
         its `secret`, shown only now."""
         g = gw()
-        body = _body_as(WebhookBody, await _read_body(request, 64 * 1024))
+        body = body_as(WebhookBody, await read_body(request, 64 * 1024))
         events = check_endpoint(g.config, key.tenant, body.url, body.events)
         if len(await g.webhooks.endpoints(key.tenant)) >= g.config.webhooks.max_endpoints:
             raise HTTPException(422, f"at most {g.config.webhooks.max_endpoints} webhook endpoints per tenant")
@@ -482,67 +420,6 @@ def build_app(connect: Callable[[], Awaitable[Gateway]]) -> FastAPI:
         }
 
     return app
-
-
-class _Metrics:
-    """Counts every response by method, route and status, and times it (a plain ASGI
-    middleware: Starlette's BaseHTTPMiddleware costs a task and a stream per request)."""
-
-    def __init__(self, app: ASGIApp, gateway: Callable[[], Gateway | None]) -> None:
-        self._app = app
-        self._gateway = gateway
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self._app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def sending(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                g = self._gateway()
-                if g is not None:
-                    route = getattr(scope.get("route"), "path", "unmatched")
-                    g.metrics.requests.labels(scope["method"], route, str(status)).inc()
-                    g.metrics.latency.labels(scope["method"], route).observe(time.perf_counter() - started)
-            await send(message)
-
-        await self._app(scope, receive, sending)
-
-
-def _stored(stored: StoredResponse) -> JSONResponse:
-    response = JSONResponse(stored.body, status_code=stored.status_code)
-    if stored.location:
-        response.headers["Location"] = stored.location
-    if stored.retry_after:
-        response.headers["Retry-After"] = stored.retry_after
-    return response
-
-
-def _batch_bodies(raw: bytes, content_type: str, limit: int) -> list[Any]:
-    """A batch body's tasks: JSON `{"tasks": [...]}` (or a bare list), or JSONL."""
-    bodies: list[Any] = []
-    if "jsonl" in content_type or "ndjson" in content_type:
-        for number, line in enumerate(raw.splitlines(), start=1):
-            if line.strip():
-                try:
-                    bodies.append(json.loads(line))
-                except (ValueError, UnicodeDecodeError):
-                    raise HTTPException(400, f"line {number} of the body is not JSON") from None
-    else:
-        parsed = _json(raw)
-        listed = parsed.get("tasks") if isinstance(parsed, dict) else parsed
-        if not isinstance(listed, list):
-            raise HTTPException(422, 'a batch is {"tasks": [...]} or JSONL')
-        bodies = listed
-    if not bodies:
-        raise HTTPException(422, "the batch has no tasks")
-    if len(bodies) > limit:
-        raise HTTPException(413, f"the batch has {len(bodies)} tasks; at most {limit}")
-    return bodies
 
 
 async def _sse(g: Gateway, tenant: str, task_id: str, after: str) -> AsyncIterator[dict[str, Any]]:
