@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
-from agentpool.events import EventEntry, progress
+from agentpool import events
 from agentpool.models import TaskState
 from agentpool.redact import redact
 from agentpool.scheduler.jobs import Job
@@ -27,7 +27,7 @@ class TaskLookup:
     _store: ResultStore
     _core: SchedulerCore[Job]
 
-    async def where(self, task_id: str, tenant: str | None = None) -> TaskState | None:
+    async def where(self, task_id: str, tenant: str | None = None, *, progress: bool = True) -> TaskState | None:
         """Where the task stands: queued (its place among its tenant's tasks, and when it
         should start), running or awaiting approval (the run's attempt, its LLM turns and
         usage so far, the approval asked for), or finished (its record). With `tenant`, only
@@ -40,7 +40,7 @@ class TaskLookup:
         """
         job = self._jobs.get(task_id) or self._deferred.get(task_id)
         if job is not None and tenant in (None, job.task.tenant):
-            return await self._state_of(job)
+            return await self._state_of(job, progress)
         tenants = [tenant] if tenant is not None else sorted(self._core.queue.backlogged())
         found = await self._store.find_admitted(tenants, task_id)
         if found is not None:
@@ -75,7 +75,7 @@ class TaskLookup:
                 break
         return out
 
-    async def _state_of(self, job: Job) -> TaskState:
+    async def _state_of(self, job: Job, progress: bool) -> TaskState:
         task = job.task
         state = TaskState(task_id=task.task_id, tenant=task.tenant, phase=TaskPhase.QUEUED)
         if job.state in ("admitting", "queued") and job.attempt == 1 and job.paused is None:
@@ -100,9 +100,11 @@ class TaskLookup:
                 "requested_unix": paused.requested_unix,
                 "deadline_unix": paused.deadline_unix,
             }
+        if not progress:
+            return state
         try:
             entries = await self._store.task_events(task.tenant, task.task_id)
         except (RedisError, OSError):  # the phase stands without its progress
             return state
-        state.iteration, state.usage = progress(EventEntry.from_stream(i, f) for i, f in entries)
+        state.iteration, state.usage = events.progress(events.EventEntry.from_stream(i, f) for i, f in entries)
         return state

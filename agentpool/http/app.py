@@ -123,12 +123,13 @@ def build_app(connect: Callable[[], Awaitable[Gateway]]) -> FastAPI:
 
     Tenant = Annotated[ApiKey, Depends(tenant_key)]
 
-    async def owned(task_id: str, key: ApiKey) -> TaskState:
+    async def owned(task_id: str, key: ApiKey, *, progress: bool = False) -> TaskState:
         """The task's state if it is the key's tenant's; 404 otherwise (another tenant's
-        task is indistinguishable from none)."""
+        task is indistinguishable from none). Its progress (read from its events by the
+        scheduler) only when asked: most callers need only where it is."""
         if not _TASK_ID.match(task_id):
             raise HTTPException(404, "no such run")
-        state: TaskState | None = await gw().scheduler.where.remote(task_id, key.tenant)
+        state: TaskState | None = await gw().scheduler.where.remote(task_id, key.tenant, progress=progress)
         if state is None:
             raise HTTPException(404, "no such run")
         return state
@@ -225,7 +226,7 @@ def build_app(connect: Callable[[], Awaitable[Gateway]]) -> FastAPI:
     async def get_run(task_id: str, key: Tenant) -> Any:
         """Where the run stands: `queued` (place, predicted start), `running` (iteration,
         usage so far), `awaiting_approval`, or `finished` with its record."""
-        return (await owned(task_id, key)).model_dump(mode="json")
+        return (await owned(task_id, key, progress=True)).model_dump(mode="json")
 
     @app.post("/v1/runs/{task_id}/cancel", tags=["runs"])
     async def cancel_run(task_id: str, key: Tenant) -> Any:
