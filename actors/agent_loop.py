@@ -13,6 +13,7 @@ import json
 import re
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from jsonschema import Draft202012Validator
@@ -21,6 +22,7 @@ from agentpool import events
 from agentpool import telemetry as tm
 from agentpool.actors.checkpoint import ApprovalRequest, LoopState
 from agentpool.actors.llm import LLMResponse
+from agentpool.conversation import compacted, estimate_tokens, summary_request, with_cache_mark
 from agentpool.errors import BudgetExceeded, ProviderError
 from agentpool.events import Emit
 from agentpool.guardrails import DATA_NOTICE, screen, wrap_tool_output
@@ -36,6 +38,16 @@ Checkpoint = Callable[[LoopState], None]
 
 class _ApprovalExpired(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class Compaction:
+    """Summarise the history's messages before `cut` with `model` before the first call."""
+
+    cut: int
+    model: str
+    max_tokens: int
+    chars_per_token: float
 
 
 class _AwaitingApproval(Exception):
@@ -68,6 +80,9 @@ class AgentLoop:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         guardrails: Guardrails | None = None,
+        history: list[dict[str, Any]] | None = None,
+        session_version: int | None = None,
+        compaction: Compaction | None = None,
     ) -> None:
         self.task = task
         self._guard = guardrails or Guardrails()
@@ -85,9 +100,17 @@ class AgentLoop:
         self._wall_clock = wall_clock
         self._inner: asyncio.Future[AgentResult] | None = None
         self._cancel_reason: str | None = None
+        self._cancel_why = ErrorReason.CANCELLED
         self._started = clock()
+        self._compaction = compaction
         if state is None:
-            state = LoopState(messages=[{"role": "user", "content": task.prompt}], models=models)
+            history = list(history or [])
+            state = LoopState(
+                messages=[*history, {"role": "user", "content": task.prompt}],
+                models=models,
+                history=len(history),
+                session_version=session_version,
+            )
         else:  # resuming: the turns it holds are not sent again
             state = state.model_copy(
                 update={"resumes": state.resumes + 1, "llm_calls_saved": state.llm_calls_saved + state.iterations}
@@ -113,12 +136,12 @@ class AgentLoop:
     def last_text(self) -> str | None:
         return self.state.last_text
 
-    def cancel(self, reason: str = "cancelled") -> bool:
+    def cancel(self, reason: str = "cancelled", why: ErrorReason = ErrorReason.CANCELLED) -> bool:
         """Stops the run at its next await (or before it starts); it ends with status
         `cancelled` and the work done so far. False if it has already ended."""
         if self._inner is not None and self._inner.done():
             return False
-        self._cancel_reason = reason
+        self._cancel_reason, self._cancel_why = reason, why
         if self._inner is not None:
             self._inner.cancel()
         return True
@@ -150,7 +173,7 @@ class AgentLoop:
                 raise
             return self._result(
                 TaskStatus.CANCELLED,
-                error=ErrorInfo(type="Cancelled", message=self._cancel_reason, reason=ErrorReason.CANCELLED),
+                error=ErrorInfo(type="Cancelled", message=self._cancel_reason, reason=self._cancel_why),
             )
         except TimeoutError:
             return self._result(
@@ -187,6 +210,8 @@ class AgentLoop:
 
     async def _run(self) -> AgentResult:
         validator = Draft202012Validator(self.task.output_schema) if self.task.output_schema else None
+        if self._compaction is not None and self.state.iterations == 0 and not self.state.compacted:
+            await self._compact(self._compaction)
         pending = self.state.pending_tool_uses()
         if pending:  # resumed in the middle of a tool turn
             await self._tools_turn(self.state.iterations, pending)
@@ -234,8 +259,47 @@ class AgentLoop:
             ),
         )
 
+    async def _compact(self, plan: Compaction) -> None:
+        """Summarises the history's older messages into one (a call of its own, whose cost is
+        the task's), keeping the newer ones as they are; saved before the first turn."""
+        st = self.state
+        history = st.messages[: st.history]
+        older, kept = history[: plan.cut], history[plan.cut :]
+        request = summary_request(older, max_tokens=plan.max_tokens)
+        async def quiet(event: events.Event) -> None:  # the summary's text is not the answer's
+            if not isinstance(event, events.TextDelta):
+                await self._emit(event)
+
+        response = await self._call_llm(request, [plan.model], quiet)
+        usage = self._prices.priced(response.model, Usage.from_api(response.message.get("usage")))
+        st.usage = st.usage + usage
+        st.llm_attempts += response.attempts
+        summary = "".join(
+            b.get("text", "") for b in response.message.get("content", []) if b.get("type") == "text"
+        )
+        shorter = compacted(summary, kept)
+        st.messages = [*shorter, *st.messages[st.history :]]
+        st.history, st.compacted = len(shorter), True
+        await self._emit(
+            events.SessionCompacted(
+                session_id=self.task.session_id or "",
+                model=response.model,
+                summarised=len(older),
+                kept=len(kept),
+                tokens_before=estimate_tokens(history, plan.chars_per_token),
+                tokens_after=estimate_tokens(shorter, plan.chars_per_token),
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+                cost_usd=usage.cost_usd,
+            )
+        )
+        self._save()
+
     def _request(self, max_tokens: int) -> dict[str, Any]:
-        request: dict[str, Any] = {"max_tokens": max_tokens, "messages": self.messages}
+        # The history the task started from is the stable prefix of every turn: its end is
+        # marked for the provider's prompt cache (after a compaction, the new history's end).
+        messages = with_cache_mark(self.messages, self.state.history)
+        request: dict[str, Any] = {"max_tokens": max_tokens, "messages": messages}
         system = self.task.system or ""
         if self.task.output_schema is not None:
             schema = json.dumps(self.task.output_schema, separators=(",", ":"))
@@ -444,6 +508,7 @@ class AgentLoop:
             stop_reason=self.state.stop_reason,
             resumes=self.state.resumes,
             llm_calls_saved=self.state.llm_calls_saved,
+            session_id=self.task.session_id,
         )
 
 

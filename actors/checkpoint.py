@@ -50,6 +50,13 @@ class LoopState(BaseModel):
     #: How many times the task resumed, and the LLM turns those resumes did not send again.
     resumes: int = 0
     llm_calls_saved: int = 0
+    #: How many of `messages` came before the task's prompt (its session's history, or the
+    #: caller's `messages`): the stable prefix, where the prompt-cache mark goes.
+    history: int = 0
+    #: The version of the session the history was read at (a session's task only).
+    session_version: int | None = None
+    #: The session's older turns were summarised into one message before the first call.
+    compacted: bool = False
 
     def pending_tool_uses(self) -> list[dict[str, Any]]:
         """The tool_use blocks of the last assistant turn if their results are not in yet."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,24 +24,26 @@ from redis.exceptions import RedisError
 
 from agentpool import events
 from agentpool import telemetry as tm
-from agentpool.actors.agent_loop import AgentLoop, CallLLM
+from agentpool.actors.agent_loop import AgentLoop, CallLLM, Compaction
 from agentpool.actors.backoff import Backoff
 from agentpool.actors.checkpoint import Checkpointer, LoopState
 from agentpool.actors.gate import TaskGate
 from agentpool.actors.llm import LLMClient, LLMResponse
 from agentpool.actors.tool_calls import ToolCalls
 from agentpool.cluster.budgets import BudgetLedger
+from agentpool.cluster.sessions import SessionWrite
 from agentpool.cluster.store import ResultStore, RunStart
 from agentpool.cluster.telemetry import Telemetered
 from agentpool.cluster.tool_records import ToolRecords
 from agentpool.config import PoolConfig
+from agentpool.conversation import compaction_cut, complete_part, estimate_tokens
 from agentpool.errors import ConfigError
 from agentpool.events import Emit, Event
-from agentpool.models import AgentResult, ErrorInfo, Timings
+from agentpool.models import AgentResult, AgentTask, ErrorInfo, SessionPolicy, Timings
 from agentpool.pricing import PriceTable
 from agentpool.protocol import ApprovalDecision, Dispatch, Outcome, Paused, RunFailed, provider_key_name
 from agentpool.secrets import Scrubber, forget_env_secrets, install_log_scrubber
-from agentpool.vocabulary import TaskStatus
+from agentpool.vocabulary import ErrorReason, OnBusy, TaskStatus
 
 #: How often a run waiting on another run's lease looks again.
 _LEASE_POLL_S = 0.5
@@ -55,6 +58,10 @@ def _loaded(raw: str | None, model: type[_M]) -> _M | None:
         return model.model_validate_json(raw)
     except ValidationError:
         return None
+
+
+class _SessionFull(Exception):
+    """The task's session is over the tenant's size limits and cannot be compacted."""
 
 
 class _Superseded(Exception):
@@ -126,6 +133,8 @@ class AgentWorker(Telemetered):
         )
         self._llm: LLMClient | None = None
         self._loops: dict[str, AgentLoop] = {}
+        #: Runs here that a later task of their session interrupted, and how (`OnBusy`).
+        self._interrupted: dict[str, OnBusy] = {}
         self.in_flight = 0
 
     def _client(self) -> LLMClient:
@@ -262,6 +271,14 @@ class AgentWorker(Telemetered):
             state = _loaded(begun.checkpoint, LoopState)
             allowed = self._allowed_tools(task.tenant, task.tools)
             policy = self.config.policy_for(task.tenant) or self.config.default_tenant_policy
+            history, version, compaction = task.messages, None, None
+            if state is None and task.session_id is not None:
+                record = await self._store.sessions.load(task.tenant, task.session_id)
+                history, version = (record.messages, record.version) if record else ([], 0)
+                compaction = self._compaction(task, policy.sessions, history)
+                full = self._session_full(policy.sessions, history) if compaction is None else None
+                if full is not None:
+                    raise _SessionFull(full)
             gate = TaskGate(
                 limiter=self._limiter,
                 ledger=self._ledger,
@@ -288,6 +305,9 @@ class AgentWorker(Telemetered):
                 approval=_loaded(begun.approval, ApprovalDecision),
                 approval_timeout_s=self.config.approval_timeout_s,
                 guardrails=policy.guardrails,
+                history=history,
+                session_version=version,
+                compaction=compaction,
             )
             if loop.resumed_from is not None:
                 await emit(events.TaskResumed(iteration=loop.resumed_from, attempt=dispatch.attempt))
@@ -298,17 +318,28 @@ class AgentWorker(Telemetered):
             await gate.drain()
         except _Superseded:
             outcome = None
+        except _SessionFull as full:
+            outcome = AgentResult(
+                task_id=task.task_id,
+                tenant=task.tenant,
+                status=TaskStatus.FAILED,
+                trace_id=dispatch.trace_id,
+                session_id=task.session_id,
+                error=ErrorInfo(type="SessionFull", message=str(full), reason=ErrorReason.SESSION_FULL),
+            )
         except Exception as exc:  # a bug of ours must cost this task, never the actor
             outcome = AgentResult(
                 task_id=task.task_id,
                 tenant=task.tenant,
                 status=TaskStatus.FAILED,
                 trace_id=dispatch.trace_id,
+                session_id=task.session_id,
                 error=ErrorInfo(type="InternalError", message=self._scrub(f"{type(exc).__name__}: {exc}")[:4000]),
             )
         finally:
             if self._loops.get(task.task_id) is loop:
                 del self._loops[task.task_id]
+            interrupted = self._interrupted.pop(task.task_id, None)
             if heartbeat is not None:
                 heartbeat.cancel()
         # Checked again for a loop that ended before its first answer (cancelled, say).
@@ -356,8 +387,57 @@ class AgentWorker(Telemetered):
         )
         taken = gate.unsettled() if gate is not None else None
         also = (taken.write,) if taken is not None else ()
-        stored, _ = await self._store.write_result(result, events=ending, also=also)
+        session = self._session_write(task, loop, result, interrupted)
+        stored, _ = await self._store.write_result(result, events=ending, also=also, session=session)
         return stored
+
+    def _compaction(self, task: AgentTask, policy: SessionPolicy, history: list[dict[str, Any]]) -> Compaction | None:
+        """How to compact the session's history before the task's first call, if it is over
+        the tenant's threshold and has older turns to summarise."""
+        threshold = policy.compact_above_tokens
+        per_token = self.config.input_chars_per_token
+        if threshold is None or estimate_tokens(history, per_token) <= threshold:
+            return None
+        cut = compaction_cut(history, policy.keep_recent_tokens, per_token)
+        if cut == 0:
+            return None
+        model = policy.compaction_model or self.config.models_for(task.tenant, task.model, task.fallback_models)[0]
+        return Compaction(cut=cut, model=model, max_tokens=policy.summary_max_tokens, chars_per_token=per_token)
+
+    @staticmethod
+    def _session_full(policy: SessionPolicy, history: list[dict[str, Any]]) -> str | None:
+        size = len(json.dumps(history, separators=(",", ":"), default=str))
+        if len(history) >= policy.max_messages or size >= policy.max_bytes:
+            return (
+                f"the session holds {len(history)} messages ({size} bytes); the tenant's limits are "
+                f"{policy.max_messages} messages and {policy.max_bytes} bytes: delete the session, or "
+                "let compaction (compact_above_tokens) shorten it"
+            )
+        return None
+
+    def _session_write(
+        self, task: AgentTask, loop: AgentLoop | None, result: AgentResult, interrupted: OnBusy | None
+    ) -> SessionWrite | None:
+        """What the final write stores of the task's session: the whole new history when the
+        task succeeded, the complete part of its turn when a later task interrupted it
+        (`interrupt`), else nothing (the history stays as it was)."""
+        if task.session_id is None:
+            return None
+        policy = self.config.policy_for(task.tenant) or self.config.default_tenant_policy
+        state = loop.state if loop is not None else None
+        messages: list[dict[str, Any]] | None = None
+        if state is not None and state.session_version is not None:
+            if result.status == TaskStatus.SUCCEEDED:
+                messages = state.messages
+            elif result.status == TaskStatus.CANCELLED and interrupted == OnBusy.INTERRUPT:
+                messages = complete_part(state.messages)
+        return SessionWrite(
+            session_id=task.session_id,
+            messages=json.dumps(messages, separators=(",", ":")) if messages is not None else None,
+            expected_version=state.session_version or 0 if state is not None else 0,
+            ttl_s=policy.sessions.ttl_s,
+            compactions=int(messages is not None and state is not None and state.compacted),
+        )
 
     async def _settle(self, tenant: str, gate: TaskGate | None) -> None:
         """Records the usage no write has recorded yet (a task that stops to wait for approval)."""
@@ -399,10 +479,17 @@ class AgentWorker(Telemetered):
         with contextlib.suppress(RedisError, OSError):
             await self._store.release_lease(dispatch.task.tenant, dispatch.task.task_id, dispatch.run_id)
 
-    def cancel(self, task_id: str, reason: str = "cancelled") -> bool:
-        """Stops the task's run here, if it runs here; it ends as `cancelled` with its work so far."""
+    def cancel(self, task_id: str, reason: str = "cancelled", interrupted: OnBusy | None = None) -> bool:
+        """Stops the task's run here, if it runs here; it ends as `cancelled` with its work so
+        far. `interrupted`: a later task of its session stops it (`OnBusy`), which decides
+        what of its turn the session keeps."""
         loop = self._loops.get(task_id)
-        return loop is not None and loop.cancel(reason)
+        if loop is None:
+            return False
+        if interrupted is not None:
+            self._interrupted[task_id] = interrupted
+            return loop.cancel(reason, ErrorReason.INTERRUPTED)
+        return loop.cancel(reason)
 
     def _allowed_tools(self, tenant: str, requested: list[str]) -> set[str]:
         policy = self.config.policy_for(tenant)

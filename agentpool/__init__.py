@@ -26,6 +26,7 @@ from agentpool.errors import (
     PoolNotRunning,
     ProviderError,
     RetryLater,
+    SessionBusy,
     StoreError,
     StoreUnavailable,
     ToolError,
@@ -38,6 +39,7 @@ from agentpool.models import (
     ErrorInfo,
     Guardrails,
     RateLimit,
+    SessionPolicy,
     TaskState,
     TenantPolicy,
     Timings,
@@ -46,7 +48,7 @@ from agentpool.models import (
 )
 from agentpool.simulator.config import SimulatorConfig
 from agentpool.tools import tool
-from agentpool.vocabulary import ErrorReason, EventType, TaskPhase, TaskStatus, ToolErrorKind
+from agentpool.vocabulary import ErrorReason, EventType, OnBusy, TaskPhase, TaskStatus, ToolErrorKind
 
 if TYPE_CHECKING:
     from agentpool.pool import AgentPool
@@ -79,6 +81,7 @@ __all__ = [
     "InvalidConfig",
     "InvalidTask",
     "InvalidTaskInput",
+    "OnBusy",
     "Overloaded",
     "PlacementConfig",
     "PoolConfig",
@@ -87,6 +90,8 @@ __all__ = [
     "RateLimit",
     "RetryLater",
     "RetryPolicy",
+    "SessionBusy",
+    "SessionPolicy",
     "SimulatorConfig",
     "StoreError",
     "StoreUnavailable",

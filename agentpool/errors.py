@@ -67,6 +67,10 @@ class BudgetExceeded(RetryLater):
     """Raised when a tenant's daily token or cost budget is spent; retry after the reset."""
 
 
+class SessionBusy(RetryLater):
+    """Raised when a task asks `on_busy="reject"` and its session is running another task."""
+
+
 # --- failures ----------------------------------------------------------------------------
 
 

@@ -68,10 +68,11 @@ class EventEntry(BaseModel):
 
 def progress(entries: Iterable[EventEntry]) -> tuple[int, Usage]:
     """A task's LLM turns so far and their usage, from its events (each `llm_call` is one
-    successful call: its iteration and what it cost)."""
+    successful call: its iteration and what it cost; a `session_compacted` adds the cost
+    of its summary)."""
     iteration, usage = 0, Usage()
     for entry in entries:
-        if entry.event == EventType.LLM_CALL:
+        if entry.event in (EventType.LLM_CALL, EventType.SESSION_COMPACTED):
             data = entry.data
             iteration = max(iteration, int(data.get("iteration") or 0))
             usage = usage + Usage(
@@ -245,3 +246,26 @@ class Alert(Event):
     state: str
     value: float
     threshold: float
+
+
+class SessionWait(Event):
+    TYPE = EventType.SESSION_WAIT
+    session_id: str
+    #: The task of the session that runs now.
+    behind: str
+
+
+class SessionCompacted(Event):
+    TYPE = EventType.SESSION_COMPACTED
+    session_id: str
+    model: str
+    #: Messages of the history summarised into one, and those kept as they were.
+    summarised: int
+    kept: int
+    #: The history's estimated input tokens before and after.
+    tokens_before: int
+    tokens_after: int
+    #: What the summary cost (counted in the task's usage, and against its limits).
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float

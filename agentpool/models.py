@@ -11,10 +11,11 @@ import uuid
 from collections.abc import Collection, Iterable
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 # Re-exported (`as`): the public models name them, and users import them from here too.
 from agentpool.vocabulary import ErrorReason as ErrorReason
+from agentpool.vocabulary import OnBusy as OnBusy
 from agentpool.vocabulary import TaskPhase as TaskPhase
 from agentpool.vocabulary import TaskStatus as TaskStatus
 from agentpool.vocabulary import ToolErrorKind as ToolErrorKind
@@ -28,6 +29,8 @@ PII_KINDS: tuple[PiiKind, ...] = ("email", "phone", "card", "national_id")
 # globs, colons or spaces, so one tenant's name can never address another tenant's keys.
 TenantName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 TaskId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")]
+#: A session's id names Redis keys too (`agentpool:{acme}:session:<id>`).
+SessionId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")]
 ToolName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 ModelName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:@/-]{1,128}$")]
 MetaValue = str | int | float | bool | None
@@ -41,6 +44,9 @@ MAX_SYSTEM_CHARS = 100_000
 MAX_SCHEMA_BYTES = 32_768
 MAX_SCHEMA_DEPTH = 12
 MAX_METADATA_ITEMS = 32
+#: Bounds on a history a caller sends with a task (`AgentTask.messages`).
+MAX_HISTORY_MESSAGES = 2_000
+MAX_HISTORY_BYTES = 4 * 1024 * 1024
 
 
 #: Bounds on the arguments a model passes to a tool, checked before the call leaves the worker.
@@ -115,6 +121,14 @@ class AgentTask(_Model):
     #: LLM calls use the streaming API, and their text reaches the task's events as it comes
     #: (`text_delta`, coalesced); the result and its usage are the same.
     stream: bool = False
+    #: Continues this session of the tenant: its history is loaded before the prompt, and
+    #: the new turns are stored with the final record (`pool.sessions`).
+    session_id: SessionId | None = None
+    #: What this task does if its session is running another task (`OnBusy`).
+    on_busy: OnBusy = OnBusy.ENQUEUE
+    #: The conversation so far, for callers who keep their own history (not with
+    #: `session_id`): Messages API messages, before the prompt, which is the next user turn.
+    messages: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_HISTORY_MESSAGES)
 
     def __init__(self, **data: Any) -> None:
         """Raises:
@@ -161,6 +175,29 @@ class AgentTask(_Model):
             if isinstance(value, str) and len(value) > 1024:
                 raise ValueError(f"metadata[{key!r}] is longer than 1024 characters")
         return meta
+
+    @field_validator("messages")
+    @classmethod
+    def _valid_history(cls, messages: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        if messages is None:
+            return None
+        from agentpool.conversation import history_problem
+
+        size = len(json.dumps(messages, separators=(",", ":"), default=str))
+        if size > MAX_HISTORY_BYTES:
+            raise ValueError(f"messages are {size} bytes of JSON; at most {MAX_HISTORY_BYTES}")
+        if _depth(messages) > MAX_TOOL_ARGS_DEPTH:
+            raise ValueError(f"messages nest deeper than {MAX_TOOL_ARGS_DEPTH} levels")
+        problem = history_problem(messages)
+        if problem is not None:
+            raise ValueError(problem)
+        return messages
+
+    @model_validator(mode="after")
+    def _one_history(self) -> AgentTask:
+        if self.session_id is not None and self.messages is not None:
+            raise ValueError("a task continues a session (session_id) or brings its history (messages), not both")
+        return self
 
     @field_validator("output_schema")
     @classmethod
@@ -275,6 +312,8 @@ class AgentResult(_Model):
     #: LLM turns those resumes did not have to send again.
     resumes: int = 0
     llm_calls_saved: int = 0
+    #: The session the task continued, if any.
+    session_id: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -348,6 +387,27 @@ class Guardrails(_Model):
         return list(self.pii_kinds) if self.redact_pii else []
 
 
+class SessionPolicy(_Model):
+    """Limits on a tenant's sessions (`AgentTask.session_id`), and their compaction.
+
+    A session lives `ttl_s` after its last turn. A task whose session is over `max_messages`
+    or `max_bytes` when it starts fails (`session_full`). With `compact_above_tokens`, a
+    task whose session's history is estimated above it first has the older turns summarised
+    into one message by `compaction_model` (the task's own model when None), keeping about
+    `keep_recent_tokens` of the latest turns as they are; the summary's cost is the task's.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ttl_s: int = Field(default=7 * 86_400, ge=60, le=366 * 86_400)
+    max_messages: int = Field(default=1_000, ge=2, le=MAX_HISTORY_MESSAGES)
+    max_bytes: int = Field(default=2 * 1024 * 1024, ge=1024, le=MAX_HISTORY_BYTES)
+    compact_above_tokens: int | None = Field(default=50_000, ge=100, le=10_000_000)
+    keep_recent_tokens: int = Field(default=8_000, ge=0, le=10_000_000)
+    compaction_model: ModelName | None = None
+    summary_max_tokens: int = Field(default=1_024, ge=16, le=16_000)
+
+
 class TenantPolicy(_Model):
     """What one tenant may do. Unknown tenants get `PoolConfig.default_tenant_policy`.
 
@@ -368,6 +428,7 @@ class TenantPolicy(_Model):
     #: Hosts the tenant's webhooks may be sent to (exact names, or patterns like
     #: `*.example.com`); None allows any public host.
     webhook_hosts: list[Annotated[str, StringConstraints(max_length=253)]] | None = Field(default=None, max_length=100)
+    sessions: SessionPolicy = Field(default_factory=SessionPolicy)
 
 
 def _invalid(error: ValidationError) -> Exception:

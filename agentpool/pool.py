@@ -30,6 +30,7 @@ from agentpool.launch import (
 from agentpool.launcher import Launcher
 from agentpool.models import AgentResult, AgentTask, TaskState, validate_tasks
 from agentpool.pool_front import PoolFrontDoor
+from agentpool.pool_sessions import Sessions
 from agentpool.pool_telemetry import PoolTelemetry
 from agentpool.preflight import check_redis
 from agentpool.protocol import new_trace_id, traceparent
@@ -45,6 +46,21 @@ def _unresolved(refs: list[ray.ObjectRef]) -> list[ray.ObjectRef]:
         return refs
     _, pending = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
     return list(pending)
+
+
+def _session_order(tasks: list[AgentTask]) -> list[tuple[str, ...]]:
+    """For each task, the task of its session just before it in `tasks`, as a tuple of at
+    most one id (a task of no session, or the first of its session here, has none)."""
+    last: dict[tuple[str, str], str] = {}
+    out: list[tuple[str, ...]] = []
+    for task in tasks:
+        if task.session_id is None:
+            out.append(())
+            continue
+        key = (task.tenant, task.session_id)
+        out.append((last[key],) if key in last else ())
+        last[key] = task.task_id
+    return out
 
 
 def _trace_context(task: AgentTask) -> str:
@@ -266,14 +282,23 @@ class AgentPool(PoolTelemetry, PoolFrontDoor):
         """
         self._check_running()
         validated = validate_tasks(tasks, tools=self.tools)
+        sent_before = _session_order(validated)
         if self._relay is None:
-            return [self._scheduler.run.remote(task, _trace_context(task)) for task in validated]
+            return [self._scheduler.run.remote(t, _trace_context(t), sent_before[i]) for i, t in enumerate(validated)]
         # A few calls at a time wait at the scheduler (one hop less); the rest in the relay.
+        # A session's tasks always go to the scheduler, each naming the one of its session
+        # sent before it: they take their places in the session's line in the order given.
         self._direct = _unresolved(self._direct)
         room = max(0, self.config.submit_direct_calls - len(self._direct))
-        direct = [self._scheduler.run.remote(task, _trace_context(task)) for task in validated[:room]]
-        self._direct += direct
-        return direct + [self._relay.run.remote(task, _trace_context(task)) for task in validated[room:]]
+        refs: list[ray.ObjectRef] = []
+        for i, task in enumerate(validated):
+            if i < room or task.session_id is not None:
+                ref = self._scheduler.run.remote(task, _trace_context(task), sent_before[i])
+                self._direct.append(ref)
+            else:
+                ref = self._relay.run.remote(task, _trace_context(task))
+            refs.append(ref)
+        return refs
 
     def _withdraw_calls(self, timeout_s: float = 5.0) -> None:
         """Has the relay and the scheduler answer every `run` call still waiting (the tasks
@@ -419,6 +444,11 @@ class AgentPool(PoolTelemetry, PoolFrontDoor):
     def run(self, tasks: Iterable[AgentTask | dict[str, Any]]) -> list[AgentResult]:
         """Submits tasks and waits for all their results (`ray.get(pool.submit(tasks))`)."""
         return list(ray.get(self.submit(tasks)))
+
+    @property
+    def sessions(self) -> Sessions:
+        """The tenants' sessions: `export`, `list`, `delete`, `delete_all` (`Sessions`)."""
+        return Sessions(self.config, self._redis_url, self._scheduler, self._check_running)
 
     def results(self, tenant: str) -> ResultsReader:
         """A reader over the tenant's results stream in Redis (`read()`, `follow()`, `get()`)."""

@@ -78,10 +78,37 @@ class ErrorReason(StrEnum):
     CANCELLED = "cancelled"
     #: A tool call waited for a human's approval past its deadline.
     APPROVAL_DEADLINE = "approval_deadline"
+    #: Rejected: its session was running another task and it asked `on_busy="reject"`.
+    SESSION_BUSY = "session_busy"
+    #: Cancelled: a later task of its session interrupted it (`on_busy="interrupt"` or
+    #: `"rollback"`).
+    INTERRUPTED = "interrupted"
+    #: Failed: its session's history is over the tenant's size limits (delete or compact it).
+    SESSION_FULL = "session_full"
 
 
 #: The reasons a tenant's daily budget gives.
 BudgetReason = Literal[ErrorReason.DAILY_TOKEN_BUDGET, ErrorReason.DAILY_COST_BUDGET]
+
+
+class OnBusy(StrEnum):
+    """What a task of a session does when the session is running another task:
+    `AgentTask.on_busy`. Whatever it chooses, one task of a session runs at a time."""
+
+    #: Rejected at once (`session_busy`, with `retry_after_s`).
+    REJECT = "reject"
+    #: Waits for the tasks before it, in order (the default).
+    ENQUEUE = "enqueue"
+    #: The running task is cancelled (`interrupted`), keeping the part of its turn that
+    #: completed (its prompt, and every answer or tool round that finished); this one runs next.
+    INTERRUPT = "interrupt"
+    #: As `interrupt`, and the interrupted task's turn is dropped from the history.
+    ROLLBACK = "rollback"
+
+    @property
+    def preempts(self) -> bool:
+        """It cancels the running task rather than wait for it."""
+        return self in (OnBusy.INTERRUPT, OnBusy.ROLLBACK)
 
 
 class TaskPhase(StrEnum):
@@ -122,6 +149,10 @@ class EventType(StrEnum):
     TASK_REJECTED = "task_rejected"
     TASK_END = "task_end"
     ALERT = "alert"
+    #: The task waits for the task of its session that runs now (`on_busy="enqueue"`).
+    SESSION_WAIT = "session_wait"
+    #: Older turns of the session's history were summarised into one message.
+    SESSION_COMPACTED = "session_compacted"
 
 
 class ToolErrorKind(StrEnum):

@@ -88,8 +88,13 @@ class StoreBase(ABC):
         task_events_ttl_s: int = 0,
         task_events_maxlen: int = 2000,
         pii: Callable[[str], list[str]] | None = None,
+        session_ttl: Callable[[str], int] | None = None,
     ) -> None:
         self.keys = keys
+        #: How long a tenant's sessions live after their last turn (its session policy).
+        self._session_ttl = session_ttl or (lambda tenant: 7 * 86_400)
+        #: What the next write of a session task's record stores of its session, by task_id.
+        self._session_writes: dict[str, Any] = {}
         #: The kinds of personal data to redact from a tenant's records (its guardrails).
         self._pii = pii or (lambda tenant: [])
         self.pool = pool

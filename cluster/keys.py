@@ -139,6 +139,20 @@ class Keys:
         """Stream: deliveries given up on (dead letters), with their last error."""
         return f"{self._tenant(tenant)}:whdead"
 
+    def session(self, tenant: str, session_id: str) -> str:
+        """Hash: a session's history (`messages`, JSON), `version` (one more per stored turn),
+        `turns`, `compactions`, `updated`, `last_task`; it lives the tenant's session TTL."""
+        return f"{self._tenant(tenant)}:session:{session_id}"
+
+    def session_tasks(self, tenant: str, session_id: str) -> str:
+        """Sorted set task_id -> when its record was written: the session's tasks (what a
+        deletion removes with it)."""
+        return f"{self._tenant(tenant)}:session:{session_id}:tasks"
+
+    def sessions(self, tenant: str) -> str:
+        """Sorted set session_id -> last use (unix seconds): the tenant's sessions."""
+        return f"{self._tenant(tenant)}:sessions"
+
     def tool_cache(self, tenant: str, tool: str, digest: str) -> str:
         """A cacheable tool's result for one set of arguments."""
         return f"{self._tenant(tenant)}:toolcache:{tool}:{digest}"

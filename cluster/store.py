@@ -14,6 +14,7 @@ from agentpool.cluster.journal import Journal
 from agentpool.cluster.keys import Keys
 from agentpool.cluster.records import FinalRecords
 from agentpool.cluster.runs import Runs, RunStart
+from agentpool.cluster.sessions import SessionStore
 from agentpool.config import PoolConfig
 
 __all__ = ["ResultStore", "RunStart"]
@@ -36,4 +37,10 @@ class ResultStore(FinalRecords, Journal, Runs, EventLog):
             task_events_ttl_s=config.task_events_ttl_s,
             task_events_maxlen=config.task_events_maxlen,
             pii=lambda tenant: (config.policy_for(tenant) or config.default_tenant_policy).guardrails.pii,
+            session_ttl=lambda tenant: (config.policy_for(tenant) or config.default_tenant_policy).sessions.ttl_s,
         )
+
+    @property
+    def sessions(self) -> SessionStore:
+        """Sessions' histories, exports and deletions, on this store's connection."""
+        return SessionStore(lambda: self.redis, self.keys, pool=self.pool)

@@ -135,8 +135,11 @@ class BacklogWindow:
     def _defer(self, job: Job, arrival: int) -> bool:
         """`_leave_in_redis` for a job being admitted. A deferred job leaves `_jobs`: with
         callers waiting it is kept in `_deferred` until it is read; without, nothing of it
-        stays in memory but its count."""
+        stays in memory but its count. A session's task is never deferred: it keeps its
+        place in its session's line in memory (one of a session runs at a time)."""
         task = job.task
+        if task.session_id is not None:  # it holds its place in its session's line, here
+            return False
         if not self._leave_in_redis(task, arrival, known=job.adopted, detached=not job.callers):
             return False
         if self._jobs.get(task.task_id) is job:
@@ -150,11 +153,13 @@ class BacklogWindow:
         """Whether `enqueue` may admit the task with others in one step (`_admit_batch`):
         batch work of a tenant with no budget and no injection screen, that passes the
         static checks, while the backlog has room (for it and the `ahead` tasks of the same
-        batch before it). Anything else takes a job's own path
+        batch before it), and not a session's (it takes its place in its session's line as
+        it arrives). Anything else takes a job's own path
         (which writes its rejection, its findings, its eviction)."""
         policy = self.config.policy_for(task.tenant)
         return (
             policy is not None
+            and task.session_id is None
             and not interactive(task.priority, task.deadline_s)
             and policy.guardrails.injection == "off"
             and not limits_of(policy)

@@ -22,6 +22,7 @@ from agentpool.protocol import ApprovalDecision, Paused
 from agentpool.redact import redact
 from agentpool.scheduler.jobs import Job, trace_context
 from agentpool.scheduler.records import failed_record
+from agentpool.vocabulary import OnBusy
 
 if TYPE_CHECKING:
     from agentpool.cluster.approvals import Approvals
@@ -58,7 +59,13 @@ class JobControl:
     if TYPE_CHECKING:  # Scheduler's; declared here for the type checker only
 
         def _start(
-            self, task: AgentTask, traceparent: str, *, adopted: bool = False, admitted_unix: float = 0.0
+            self,
+            task: AgentTask,
+            traceparent: str,
+            *,
+            adopted: bool = False,
+            admitted_unix: float = 0.0,
+            after: tuple[str, ...] = (),
         ) -> Job: ...
 
         def _spawn_write(self, result: AgentResult) -> None: ...
@@ -71,20 +78,22 @@ class JobControl:
 
         async def _cancelled(self, job: Job) -> AgentResult: ...
 
+        def _cancel_waiting(self, job: Job) -> bool: ...
+
         def _admits_in_batch(self, task: AgentTask, ahead: int) -> bool: ...
 
         async def _admit_batch(
             self, tasks: list[AgentTask], contexts: list[str], reply: bool
         ) -> list[AgentResult | None]: ...
 
-    def _job_for(self, task: AgentTask, context: str) -> Job:
+    def _job_for(self, task: AgentTask, context: str, after: tuple[str, ...] = ()) -> Job:
         """The task's job: the one already under way for its id, or a new one. Never raises:
         a job that cannot start (a bug of ours) comes back done, `failed`, saying why."""
         job = self._jobs.get(task.task_id) or self._deferred.get(task.task_id)
         if job is not None:
             return job
         try:
-            return self._start(task, context)
+            return self._start(task, context, after=after)
         except Exception as exc:
             self._jobs.pop(task.task_id, None)
             log.error("task %s could not start in the scheduler", task.task_id, exc_info=exc)
@@ -191,9 +200,13 @@ class JobControl:
     async def pending_approvals(self, tenant: str) -> list[dict[str, Any]]:
         return await self._approvals.pending(tenant)
 
-    async def cancel(self, task_id: str, reason: str = "cancelled by request") -> AgentResult | None:
+    async def cancel(
+        self, task_id: str, reason: str = "cancelled by request", interrupted: OnBusy | None = None
+    ) -> AgentResult | None:
         """Stops a queued, paused or running task; returns its final record (`cancelled`,
-        or how it ended if it ended first). None if this pool has no such task running."""
+        or how it ended if it ended first). None if this pool has no such task running.
+        `interrupted`: a later task of its session stops it (what its session keeps of its
+        turn depends on how, `OnBusy`)."""
         job = self._jobs.get(task_id)
         if job is None:
             return await self._cancel_backlogged(task_id, reason)
@@ -202,11 +215,13 @@ class JobControl:
         # For a run that starts or resumes later (or on another worker): it ends at once.
         with contextlib.suppress(RedisError, OSError):
             await self._store.mark_cancelled(task.tenant, task_id, reason)
-        if job.state == "queued" and not job.resumed and self._core.remove(job.ticket):
+        if job.state == "waiting":
+            self._cancel_waiting(job)
+        elif job.state == "queued" and not job.resumed and self._core.remove(job.ticket):
             if not job.slot.done():
                 job.slot.set_exception(CancelledInQueue())
         elif job.state == "running" and job.worker is not None:
-            self._fleet.handles[job.worker].cancel.remote(task_id, reason)
+            self._fleet.handles[job.worker].cancel.remote(task_id, reason, interrupted)
         elif job.state == "paused" and job.decision is not None and not job.decision.done():
             job.decision.set_result(None)  # it resumes only to end as cancelled, with its work so far
         return await asyncio.shield(job.done)

@@ -16,9 +16,11 @@ from typing import Any, Literal
 from agentpool.models import AgentResult, AgentTask
 from agentpool.protocol import ApprovalDecision, Paused, new_trace_id, traceparent
 from agentpool.scheduler.core import Ticket
+from agentpool.scheduler.turns import Arrival
 from agentpool.telemetry import trace_id_of
 
-JobState = Literal["admitting", "queued", "running", "paused"]
+#: `waiting`: for its session's turn (another task of the session runs), outside the queue.
+JobState = Literal["admitting", "waiting", "queued", "running", "paused"]
 
 
 def _future() -> asyncio.Future[Any]:
@@ -70,6 +72,17 @@ class Job:
     #: `injection_detected` events once the task is admitted (they follow `task_admitted`).
     findings: dict[str, list[str]] = field(default_factory=dict)
     cancel_reason: str | None = None
+    #: Its place in its session's line, taken as it arrived (`SessionGate`).
+    arrival: Arrival[Job] | None = None
+    #: Tasks of its session sent before it in one call: it takes its place after theirs.
+    after: tuple[str, ...] = ()
+    #: While it is held for them: the timer that stops the wait, and what it awaits.
+    held: asyncio.TimerHandle | None = None
+    placed: asyncio.Future[None] | None = None
+    #: While it waits for its session's turn: set when the turn is its (`SessionGate`).
+    turn: asyncio.Future[None] | None = None
+    #: How long it waited for its session's turn (counted in its queued time).
+    session_wait_s: float = 0.0
     #: The task's `invoke_agent` span, and its current `queue_wait` span (OpenTelemetry).
     span: Any = None
     queue_span: Any = None

@@ -27,6 +27,10 @@ class TaskLookup:
     _store: ResultStore
     _core: SchedulerCore[Job]
 
+    if TYPE_CHECKING:  # SessionGate's; declared here for the type checker only
+
+        def session_place(self, job: Job) -> int | None: ...
+
     async def where(self, task_id: str, tenant: str | None = None, *, progress: bool = True) -> TaskState | None:
         """Where the task stands: queued (its place among its tenant's tasks, and when it
         should start), running or awaiting approval (the run's attempt, its LLM turns and
@@ -78,6 +82,9 @@ class TaskLookup:
     async def _state_of(self, job: Job, progress: bool) -> TaskState:
         task = job.task
         state = TaskState(task_id=task.task_id, tenant=task.tenant, phase=TaskPhase.QUEUED)
+        if job.state == "waiting":  # for its session's turn: its place in the session's line
+            state.place = self.session_place(job)
+            return state
         if job.state in ("admitting", "queued") and job.attempt == 1 and job.paused is None:
             standing = self._core.standing(job.ticket)
             if standing is not None:

@@ -42,6 +42,7 @@ def failed_record(task: AgentTask, trace_id: str, exc: BaseException, queued_ms:
         tenant=task.tenant,
         status=TaskStatus.FAILED,
         trace_id=trace_id,
+        session_id=task.session_id,
         error=ErrorInfo(type=type(exc).__name__, message=(message or type(exc).__name__)[:4000], retryable=True),
         timings=Timings(queued_ms=queued_ms),
     )
@@ -71,11 +72,14 @@ class Records:
 
         def _note_ended(self, task_id: str) -> None: ...
 
+        def _release_turn(self, job: Job) -> None: ...
+
     def _ended(self, life: asyncio.Task[AgentResult | None], job: Job) -> None:
         """Resolves the job whatever its life did: every waiter (a `run` call, `enqueue`,
         `cancel`) gets a record, even when the life itself failed (a bug of ours)."""
         if self._jobs.get(job.task.task_id) is job:
             del self._jobs[job.task.task_id]
+        self._release_turn(job)
         if not job.accepted.done():
             job.accepted.set_result(None)
         result: AgentResult | None = None
@@ -138,6 +142,7 @@ class Records:
             tenant=task.tenant,
             status=TaskStatus.REJECTED,
             trace_id=trace_id,
+            session_id=task.session_id,
             error=ErrorInfo(
                 type=error.type_name,
                 message=error.message,
@@ -176,6 +181,7 @@ class Records:
             tenant=task.tenant,
             status=TaskStatus.CANCELLED,
             trace_id=job.trace_id,
+            session_id=task.session_id,
             error=ErrorInfo(type="Cancelled", message=job.cancel_reason or "cancelled", reason=ErrorReason.CANCELLED),
             attempts=0,
             timings=Timings(total_ms=round((time.time() - job.admitted_unix) * 1000, 3)),

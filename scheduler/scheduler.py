@@ -48,6 +48,7 @@ from agentpool.scheduler.jobs import Job, trace_context
 from agentpool.scheduler.lookup import TaskLookup
 from agentpool.scheduler.observe import TaskTelemetry
 from agentpool.scheduler.records import Records
+from agentpool.scheduler.session_gate import SessionGate
 from agentpool.scheduler.shedding import interactive
 from agentpool.scheduler.status import StatusView
 from agentpool.vocabulary import TaskStatus
@@ -61,7 +62,7 @@ log = logging.getLogger("agentpool.scheduler")
 
 
 @ray.remote
-class Scheduler(JobControl, BacklogWindow, Records, StatusView, TaskLookup, Telemetered):
+class Scheduler(JobControl, BacklogWindow, Records, SessionGate, StatusView, TaskLookup, Telemetered):
     """Named async actor; one per pool."""
 
     def __init__(
@@ -94,6 +95,7 @@ class Scheduler(JobControl, BacklogWindow, Records, StatusView, TaskLookup, Tele
         )
         self._jobs: dict[str, Job] = {}
         self._init_backlog()
+        self._init_sessions()
         #: Records on their way to the relay (`_reply`), and its handle once found.
         self._replies: list[AgentResult] = []
         self._relay: Any = None
@@ -128,18 +130,20 @@ class Scheduler(JobControl, BacklogWindow, Records, StatusView, TaskLookup, Tele
         """What `AgentPool.connect` needs to attach to this pool."""
         return {"config": self.config.model_dump(mode="json"), "redis_url": self.redis_url, **self._extra_info}
 
-    async def run(self, task: AgentTask, traceparent: str) -> AgentResult:
+    async def run(self, task: AgentTask, traceparent: str, after: tuple[str, ...] = ()) -> AgentResult:
         """Admits and runs one task; always returns its final record.
 
         The task_id is the idempotency key: a task already finished returns its record, and
         one submitted again while it runs shares the first run. Once accepted, a task is the
         scheduler's: if this call is cancelled, or its caller dies, the task still runs.
-        `traceparent` is the W3C trace context the task's trace continues from.
+        `traceparent` is the W3C trace context the task's trace continues from; `after`,
+        the tasks of its session sent before it in the same call of the client (it takes its
+        place in the session's line after theirs).
         """
         caller = asyncio.current_task()
         if caller is not None:
             self._callers.add(caller)
-        job = self._job_for(task, traceparent)
+        job = self._job_for(task, traceparent, after)
         job.callers += 1
         try:
             return await asyncio.shield(job.done)
@@ -155,12 +159,14 @@ class Scheduler(JobControl, BacklogWindow, Records, StatusView, TaskLookup, Tele
         adopted: bool = False,
         admitted_unix: float = 0.0,
         from_backlog: bool = False,
+        after: tuple[str, ...] = (),
     ) -> Job:
         # Registered before the first await, so a duplicate arriving meanwhile joins this job.
         job = Job(task, trace_context(context), admitted_unix or time.time())
         job.ticket = self._core.ticket(job, task)
-        job.adopted, job.from_backlog = adopted, from_backlog
+        job.adopted, job.from_backlog, job.after = adopted, from_backlog, after
         self._jobs[task.task_id] = job
+        self._arrive(job)
         try:
             self._telemetry.begin(job)
         except Exception:  # telemetry is never a reason for a task not to run
@@ -200,6 +206,9 @@ class Scheduler(JobControl, BacklogWindow, Records, StatusView, TaskLookup, Tele
                         return None
                     if not await self._wait_in_backlog(job):
                         return await self._cancelled(job)
+            ended = await self._session_turn(job)
+            if ended is not None:  # rejected (its session is busy), or cancelled as it waited
+                return ended
             self._enqueue(job)
             return await self._through(job)
         except Exception as exc:  # ray.get must never raise for a task: report it as a result
@@ -307,7 +316,7 @@ class Scheduler(JobControl, BacklogWindow, Records, StatusView, TaskLookup, Tele
                 trace_id=job.trace_id,
                 traceparent=self._telemetry.dispatch_traceparent(job),
                 admitted_at_unix=job.admitted_unix,
-                queued_ms=(started - job.ticket.enqueued_at) * 1000,
+                queued_ms=(started - job.ticket.enqueued_at + job.session_wait_s) * 1000,
                 attempt=job.attempt,
                 fresh=job.fresh,
             )

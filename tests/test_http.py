@@ -332,3 +332,27 @@ def test_serves_application_builder_finds_the_pool_by_name(api: Api) -> None:
     assert isinstance(build({"pool": api.pool.config.name}), Application)  # `serve run agentpool.http.serve:build`
     with pytest.raises(PoolNotRunning):
         build({"pool": "no-such-pool"})
+
+
+def test_sessions_over_http_continue_refuse_when_busy_export_and_delete(api: Api) -> None:
+    sid = f"s-{uuid.uuid4().hex[:8]}"
+    url = f"/v1/sessions/{sid}/runs"
+    first = api.client.post(url, params={"wait_s": 30}, json={"prompt": "sim: answer Hi Ada"}, headers=api.auth())
+    assert first.status_code == 200 and first.json()["session_id"] == sid and first.json()["answer"] == "Hi Ada"
+    busy = api.client.post(url, json=napping(1.0), headers=api.auth())
+    assert busy.status_code == 202
+    refused = api.client.post(url, json={"prompt": "hello?", "on_busy": "reject"}, headers=api.auth())
+    assert refused.status_code == 409 and refused.headers["retry-after"] == "1"
+    assert refused.json()["result"]["error"]["reason"] == "session_busy"
+    api.wait_finished(busy.json()["task_id"])
+    exported = api.client.get(f"/v1/sessions/{sid}", headers=api.auth())
+    assert exported.status_code == 200 and exported.json()["turns"] == 2
+    assert [m["role"] for m in exported.json()["messages"]][:2] == ["user", "assistant"]
+    assert api.client.get(f"/v1/sessions/{sid}", headers=api.auth("globex")).status_code == 404  # another tenant's
+    other = api.client.post(url, json={"prompt": "x", "session_id": "another"}, headers=api.auth())
+    assert other.status_code == 422
+    assert api.client.post("/v1/sessions/bad%20id/runs", json={"prompt": "x"}, headers=api.auth()).status_code == 404
+    assert sid in [s["session_id"] for s in api.client.get("/v1/sessions", headers=api.auth()).json()["sessions"]]
+    deleted = api.client.delete(f"/v1/sessions/{sid}", headers=api.auth())
+    assert deleted.status_code == 200 and deleted.json()["tasks"] == 3 and deleted.json()["messages_deleted"] == 6
+    assert api.client.get(f"/v1/sessions/{sid}", headers=api.auth()).status_code == 404

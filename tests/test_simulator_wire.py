@@ -185,3 +185,43 @@ def test_fault_injection_is_seeded_and_counted() -> None:
         with pytest.raises(anthropic.OverloadedError):
             c.messages.create(model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
         assert server.sim.stats_json()["responses"] == {"529": 1}
+
+
+async def test_an_orphaned_tool_result_or_an_unanswered_tool_use_is_refused(sim: SimulatorServer) -> None:
+    """As the real API: a tool_result must answer a tool_use of the message just before it,
+    and a tool_use must be answered by the message just after it."""
+    orphan = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_x", "content": "1"}]},
+    ]
+    with pytest.raises(anthropic.BadRequestError, match="tool_result"):
+        await client(sim).messages.create(model="claude-sonnet-4-5", max_tokens=10, messages=orphan)  # type: ignore[arg-type]
+    unanswered = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_y", "name": "calculator", "input": {}}]},
+        {"role": "user", "content": "never mind"},
+    ]
+    with pytest.raises(anthropic.BadRequestError, match="toolu_y"):
+        await client(sim).messages.create(model="claude-sonnet-4-5", max_tokens=10, messages=unanswered)  # type: ignore[arg-type]
+
+
+async def test_a_cache_mark_on_a_message_caches_the_conversation_so_far(sim: SimulatorServer) -> None:
+    """A longer conversation reads the prefix a shorter one cached (at a message boundary
+    before its own mark), and writes the rest up to its mark."""
+    said = [f"question {i} " * 50 if i % 2 == 0 else f"answer {i} " * 50 for i in range(5)]
+
+    def marked(upto: int) -> list[dict[str, object]]:
+        out: list[dict[str, object]] = []
+        for i, text in enumerate(said[:upto]):
+            block: dict[str, object] = {"type": "text", "text": text}
+            if i == upto - 2:
+                block["cache_control"] = {"type": "ephemeral"}
+            out.append({"role": "user" if i % 2 == 0 else "assistant", "content": [block]})
+        return out
+
+    first = await client(sim).messages.create(model="claude-sonnet-4-5", max_tokens=10, messages=marked(3))  # type: ignore[arg-type]
+    assert first.usage.cache_read_input_tokens == 0 and first.usage.cache_creation_input_tokens > 0
+    second = await client(sim).messages.create(model="claude-sonnet-4-5", max_tokens=10, messages=marked(5))  # type: ignore[arg-type]
+    assert second.usage.cache_read_input_tokens == first.usage.cache_creation_input_tokens
+    assert second.usage.cache_creation_input_tokens > 0 and second.usage.input_tokens > 0

@@ -31,6 +31,7 @@ from agentpool.cluster.api_keys import ApiKey
 from agentpool.cluster.front import IdemState, StoredResponse
 from agentpool.errors import AgentPoolError, InvalidTaskInput
 from agentpool.http.gateway import Gateway
+from agentpool.http.sessions import session_routes
 from agentpool.http.messages import (
     ApprovalBody,
     RequestMetrics,
@@ -44,7 +45,7 @@ from agentpool.http.messages import (
     stored_response,
     task_from,
 )
-from agentpool.models import AgentResult, TaskState, validate_tasks
+from agentpool.models import AgentResult, AgentTask, TaskState, validate_tasks
 from agentpool.protocol import new_trace_id, traceparent
 from agentpool.vocabulary import EventType, TaskPhase, TaskStatus
 from agentpool.webhooks import check_endpoint, new_secret
@@ -173,32 +174,32 @@ def build_app(connect: Callable[[], Awaitable[Gateway]]) -> FastAPI:
 
     # --- runs --------------------------------------------------------------------------
 
-    @app.post("/v1/runs", status_code=202, tags=["runs"])
-    async def create_run(request: Request, key: Tenant) -> Response:
-        """Starts a run (the body is an `AgentTask` without `tenant`): 202 with its id and
-        `Location`; 429 with `Retry-After` if the pool shed it."""
+    def run_body(raw: bytes, key: ApiKey, session_id: str | None) -> AgentTask:
+        body = task_from(parse_json(raw), key.tenant)
+        if session_id is not None:
+            if body.get("session_id") not in (None, session_id):
+                raise HTTPException(422, "the session comes from the URL; the body names another")
+            body["session_id"] = session_id
+        return validate_tasks([body], tools=gw().tools)[0]
+
+    async def start_run(request: Request, key: ApiKey, session_id: str | None = None) -> Response:
         raw = await read_body(request, gw().http.max_run_bytes)
 
         async def handle() -> StoredResponse:
-            task = validate_tasks([task_from(parse_json(raw), key.tenant)], tools=gw().tools)[0]
+            task = run_body(raw, key, session_id)
             (reply,) = await gw().scheduler.enqueue.remote([task], [traceparent(new_trace_id())])
             ended = await record(key.tenant, task.task_id) if reply["status"] == TaskStatus.REJECTED else None
             return run_reply(task.task_id, reply["status"], ended)
 
         return await idempotent(request, key, raw, handle)
 
-    @app.post("/v1/runs/wait", tags=["runs"])
-    async def create_run_and_wait(
-        request: Request, key: Tenant, wait_s: Annotated[float, Query(gt=0, le=3600)] = 60.0
-    ) -> Response:
-        """Starts a run and answers with its final record (200) when it ends within
-        `wait_s`; else 202 with the URL to poll."""
+    async def run_and_wait(request: Request, key: ApiKey, wait_s: float, session_id: str | None = None) -> Response:
         g = gw()
         raw = await read_body(request, g.http.max_run_bytes)
         wait_s = min(wait_s, g.http.max_wait_s)
 
         async def handle() -> StoredResponse:
-            task = validate_tasks([task_from(parse_json(raw), key.tenant)], tools=g.tools)[0]
+            task = run_body(raw, key, session_id)
             ref = g.scheduler.run.remote(task, traceparent(new_trace_id()))
             waiting = asyncio.ensure_future(asyncio.wrap_future(ref.future()))
             done, _ = await asyncio.wait({waiting}, timeout=wait_s)
@@ -212,6 +213,20 @@ def build_app(connect: Callable[[], Awaitable[Gateway]]) -> FastAPI:
             return StoredResponse(200, ended.model_dump(mode="json"), location)
 
         return await idempotent(request, key, raw, handle)
+
+    @app.post("/v1/runs", status_code=202, tags=["runs"])
+    async def create_run(request: Request, key: Tenant) -> Response:
+        """Starts a run (the body is an `AgentTask` without `tenant`): 202 with its id and
+        `Location`; 429 with `Retry-After` if the pool shed it."""
+        return await start_run(request, key)
+
+    @app.post("/v1/runs/wait", tags=["runs"])
+    async def create_run_and_wait(
+        request: Request, key: Tenant, wait_s: Annotated[float, Query(gt=0, le=3600)] = 60.0
+    ) -> Response:
+        """Starts a run and answers with its final record (200) when it ends within
+        `wait_s`; else 202 with the URL to poll."""
+        return await run_and_wait(request, key, wait_s)
 
     @app.get("/v1/runs", tags=["runs"])
     async def list_runs(key: Tenant, limit: Annotated[int, Query(ge=1, le=500)] = 50) -> Any:
@@ -314,6 +329,8 @@ def build_app(connect: Callable[[], Awaitable[Gateway]]) -> FastAPI:
         if members is None:
             raise HTTPException(404, "no such batch")
         return members, (await gw().store.results_json(key.tenant, members) if fetch else [])
+
+    app.include_router(session_routes(gw, Tenant, start_run, run_and_wait))
 
     # --- approvals ---------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from agentpool.cluster.api_keys import ApiKeys
 from agentpool.cluster.front import FrontStore
 from agentpool.cluster.keys import Keys
+from agentpool.cluster.sessions import SessionStore
 from agentpool.cluster.webhook_store import WebhookStore
 from agentpool.config import HttpConfig, PoolConfig
 from agentpool.errors import PoolNotRunning
@@ -57,6 +58,7 @@ class Gateway:
         self.store = FrontStore(self.redis, keys)
         self.api_keys = ApiKeys(self.redis, keys)
         self.webhooks = WebhookStore(self.redis, keys, config.name)
+        self.sessions = SessionStore(lambda: self.redis, keys, pool=config.name)
         self.metrics = Metrics()
         self.started = time.time()
 

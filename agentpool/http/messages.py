@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from agentpool.cluster.front import StoredResponse
 from agentpool.http.gateway import Gateway
 from agentpool.models import AgentResult
-from agentpool.vocabulary import TaskStatus
+from agentpool.vocabulary import ErrorReason, TaskStatus
 from agentpool.webhooks import WebhookEvent
 
 _BodyT = TypeVar("_BodyT", bound=BaseModel)
@@ -80,12 +80,15 @@ def parse_json(raw: bytes) -> Any:
 
 def run_reply(task_id: str, status: str, record: AgentResult | None) -> StoredResponse:
     """The answer to a run's admission: 202 for an accepted run (or one that ended already),
-    429 with `Retry-After` if the pool shed it, 403 if it was refused for good."""
+    429 with `Retry-After` if the pool shed it, 409 (with `Retry-After`) if its session is
+    running another task and it asked `on_busy="reject"`, 403 if it was refused for good."""
     location = f"/v1/runs/{task_id}"
     body: dict[str, Any] = {"task_id": task_id, "status": status, "url": location}
     if status != TaskStatus.REJECTED or record is None:
         return StoredResponse(202, body, location)
     body["result"] = record.model_dump(mode="json")
+    if record.error is not None and record.error.reason == ErrorReason.SESSION_BUSY:
+        return StoredResponse(409, body, location, str(max(1, round(record.retry_after_s or 1))))
     if record.retry_after_s is not None:
         return StoredResponse(429, body, location, str(max(1, round(record.retry_after_s))))
     return StoredResponse(403, body, location)

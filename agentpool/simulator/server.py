@@ -21,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
+from agentpool.conversation import blocks, pairing_problem
 from agentpool.simulator.config import SimulatorConfig
 from agentpool.simulator.limits import ModelLimits
 from agentpool.simulator.script import (
@@ -114,29 +115,54 @@ class Simulator:
                 raise _ApiError(400, f"messages.{i}.content: must be a string or a list")
         if messages[0]["role"] != "user":
             raise _ApiError(400, "messages: the first message must use the user role")
+        problem = pairing_problem(messages)
+        if problem is not None:  # as the real API: an orphaned tool_result is refused
+            raise _ApiError(400, problem)
         tools = body.get("tools", [])
         if not isinstance(tools, list) or any(not isinstance(t, dict) or "name" not in t for t in tools):
             raise _ApiError(400, "tools: each tool needs a name")
 
     def count_input(self, body: dict[str, Any]) -> tuple[int, int]:
-        """Returns (cacheable prefix tokens, other input tokens)."""
+        """Returns (tools and system tokens, message tokens)."""
         prefix = estimate_tokens(body.get("tools")) if body.get("tools") else 0
         prefix += estimate_tokens(system_text(body)) if body.get("system") else 0
-        rest = sum(estimate_tokens(m.get("content")) for m in body["messages"])
+        rest = sum(estimate_tokens(_unmarked(m.get("content"))) for m in body["messages"])
         return prefix, rest
 
     def usage_for(self, body: dict[str, Any]) -> dict[str, int]:
-        prefix, rest = self.count_input(body)
-        usage = {"input_tokens": rest, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
-        if prefix and _wants_cache(body):
-            key = hashlib.sha256(
-                (body["model"] + json.dumps([body.get("tools"), body.get("system")])).encode()
-            ).hexdigest()
-            hit = key in self._cache
-            self._cache.add(key)
-            usage["cache_read_input_tokens" if hit else "cache_creation_input_tokens"] = prefix
-        else:
-            usage["input_tokens"] += prefix
+        """Input tokens split as the prompt cache serves them: each cache mark (on the tools,
+        the system prompt, or a message's block) ends a prefix; the longest prefix cached
+        before (at a mark, or at a message boundary up to 20 messages before one) is read
+        from the cache, the rest up to the last mark is written to it, and what follows the
+        last mark is plain input."""
+        head, rest = self.count_input(body)
+        usage = {"input_tokens": head + rest, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+        messages = body["messages"]
+        ends = [0] if head and _wants_cache(body) else []
+        ends += [i + 1 for i, m in enumerate(messages) if _marked(m)]
+        if not ends:
+            return usage
+
+        def tokens(upto: int) -> int:
+            return head + sum(estimate_tokens(_unmarked(m.get("content"))) for m in messages[:upto])
+
+        def key(upto: int) -> str:
+            # A string content is one text block, as the API reads it.
+            shown = [{**m, "content": blocks(m)} for m in messages[:upto]]
+            prefix = _unmarked([body["model"], body.get("tools"), body.get("system"), shown])
+            return hashlib.sha256(json.dumps(prefix, default=str).encode()).hexdigest()
+
+        # As the real API: a mark also finds what was cached at an earlier boundary, up to
+        # 20 blocks back (here, messages), so a longer conversation reads the shorter one's.
+        looked = {j for end in ends for j in range(max(0, end - 20), end + 1)}
+        read = max((j for j in looked if key(j) in self._cache), default=None)
+        cached = tokens(ends[-1])
+        read_tokens = tokens(read) if read is not None else 0
+        for end in ends:
+            self._cache.add(key(end))
+        usage["cache_read_input_tokens"] = read_tokens
+        usage["cache_creation_input_tokens"] = cached - read_tokens
+        usage["input_tokens"] = head + rest - cached
         return usage
 
     def maybe_fail(self, body: dict[str, Any], directives: Any, *, api_key: str = "") -> None:
@@ -167,6 +193,20 @@ def _wants_cache(body: dict[str, Any]) -> bool:
     if isinstance(system, list):
         marked = marked or any(isinstance(b, dict) and "cache_control" in b for b in system)
     return marked
+
+
+def _marked(message: dict[str, Any]) -> bool:
+    content = message.get("content")
+    return isinstance(content, list) and any(isinstance(b, dict) and "cache_control" in b for b in content)
+
+
+def _unmarked(value: Any) -> Any:
+    """`value` without its cache marks (a mark does not change what is cached)."""
+    if isinstance(value, dict):
+        return {k: _unmarked(v) for k, v in value.items() if k != "cache_control"}
+    if isinstance(value, list):
+        return [_unmarked(v) for v in value]
+    return value
 
 
 def _retry_hdr(seconds: float) -> dict[str, str]:
