@@ -46,6 +46,7 @@ if ARGV[13] ~= '' then
   redis.call('ZADD', KEYS[14], now, ARGV[2])
   redis.call('EXPIRE', KEYS[14], ttl)
   redis.call('ZADD', KEYS[15], now, ARGV[13])
+  redis.call('ZREMRANGEBYSCORE', KEYS[15], '-inf', '(' .. (now - ttl))
   if ARGV[9] ~= '' then
     local version = tonumber(redis.call('HGET', KEYS[13], 'version') or '0')
     if version == tonumber(ARGV[10]) then

@@ -210,7 +210,7 @@ class JobControl:
         job = self._jobs.get(task_id)
         if job is None:
             return await self._cancel_backlogged(task_id, reason)
-        job.cancel_reason = reason
+        job.cancel_reason, job.interrupted = reason, interrupted
         task = job.task
         # For a run that starts or resumes later (or on another worker): it ends at once.
         with contextlib.suppress(RedisError, OSError):

@@ -17,6 +17,7 @@ from agentpool.models import AgentResult, AgentTask
 from agentpool.protocol import ApprovalDecision, Paused, new_trace_id, traceparent
 from agentpool.scheduler.core import Ticket
 from agentpool.scheduler.turns import Arrival
+from agentpool.vocabulary import OnBusy
 from agentpool.telemetry import trace_id_of
 
 #: `waiting`: for its session's turn (another task of the session runs), outside the queue.
@@ -72,6 +73,8 @@ class Job:
     #: `injection_detected` events once the task is admitted (they follow `task_admitted`).
     findings: dict[str, list[str]] = field(default_factory=dict)
     cancel_reason: str | None = None
+    #: Set when a later task of its session interrupts it (and how).
+    interrupted: OnBusy | None = None
     #: Its place in its session's line, taken as it arrived (`SessionGate`).
     arrival: Arrival[Job] | None = None
     #: Tasks of its session sent before it in one call: it takes its place after theirs.

@@ -182,7 +182,11 @@ class Records:
             status=TaskStatus.CANCELLED,
             trace_id=job.trace_id,
             session_id=task.session_id,
-            error=ErrorInfo(type="Cancelled", message=job.cancel_reason or "cancelled", reason=ErrorReason.CANCELLED),
+            error=ErrorInfo(
+                type="Cancelled",
+                message=job.cancel_reason or "cancelled",
+                reason=ErrorReason.INTERRUPTED if job.interrupted is not None else ErrorReason.CANCELLED,
+            ),
             attempts=0,
             timings=Timings(total_ms=round((time.time() - job.admitted_unix) * 1000, 3)),
         )

@@ -81,17 +81,16 @@ class SessionGate:
         if task.session_id is None:
             return
         missing = next((t for t in job.after if t not in self._arrived), None)
-        if missing is not None and job.held is None:
+        if missing is not None and job.held is None and not job.done.done():
             job.held = asyncio.get_running_loop().call_later(_HOLD_S, self._take_place, job)
             self._held.setdefault(missing, []).append(job)
             return
         self._take_place(job)
 
     def _take_place(self, job: Job) -> None:
-        if job.arrival is not None:
+        if job.arrival is not None or job.done.done():
             return
-        if job.held is not None:
-            job.held.cancel()
+        self._unhold(job)
         task = job.task
         job.arrival = self._turns.arrive((task.tenant, task.session_id or ""), job, task.on_busy)
         if job.placed is not None and not job.placed.done():
@@ -101,11 +100,20 @@ class SessionGate:
             del self._arrived[next(iter(self._arrived))]
         for follower in self._held.pop(task.task_id, []):
             if follower.arrival is None:
-                job_after = follower.held
-                follower.held = None
-                if job_after is not None:
-                    job_after.cancel()
+                self._unhold(follower)
                 self._arrive(follower)
+
+    def _unhold(self, job: Job) -> None:
+        """Stops holding the job for the tasks sent before it (its timer, its entry)."""
+        if job.held is not None:
+            job.held.cancel()
+            job.held = None
+        for predecessor in job.after:
+            held = self._held.get(predecessor)
+            if held is not None and job in held:
+                held.remove(job)
+                if not held:
+                    del self._held[predecessor]
 
     async def _session_turn(self, job: Job) -> AgentResult | None:
         """Waits until the job's session is its to run (None), or returns the record that
@@ -162,6 +170,7 @@ class SessionGate:
         task = job.task
         if task.session_id is None:
             return
+        self._unhold(job)
         following = self._turns.leave((task.tenant, task.session_id), job)
         if following is not None and following.turn is not None and not following.turn.done():
             following.turn.set_result(None)

@@ -356,3 +356,4 @@ def test_sessions_over_http_continue_refuse_when_busy_export_and_delete(api: Api
     deleted = api.client.delete(f"/v1/sessions/{sid}", headers=api.auth())
     assert deleted.status_code == 200 and deleted.json()["tasks"] == 3 and deleted.json()["messages_deleted"] == 6
     assert api.client.get(f"/v1/sessions/{sid}", headers=api.auth()).status_code == 404
+    assert api.client.delete(f"/v1/sessions/{sid}", headers=api.auth()).status_code == 404

@@ -13,6 +13,7 @@ import pytest
 import ray
 
 from agentpool import AgentPool, AgentResult, AgentTask, PoolConfig
+from agentpool.cluster import reader as reader_module
 from agentpool.cluster.keys import Keys
 from agentpool.cluster.reader import ResultsReader
 from agentpool.cluster.redis_server import EmbeddedRedis
@@ -90,10 +91,14 @@ def test_a_refused_credential_is_a_store_error() -> None:
     assert "wrong" not in str(info.value)
 
 
-def test_follow_idles_past_the_socket_timeout_and_then_yields(redis_url: str, key_prefix: str) -> None:
+def test_follow_idles_past_the_socket_timeout_and_then_yields(
+    redis_url: str, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """redis-py's socket timeout (5 s by default) used to end an idle follow() with a
-    TimeoutError. Now a read blocks at most 20 s (a longer `block_ms` is clamped) on a socket
-    that waits longer, so idling is a loop of empty reads, for minutes or for ever."""
+    TimeoutError. Now a read blocks at most `MAX_BLOCK_MS` (20 s; a longer `block_ms` is
+    clamped) on a socket that waits longer, so idling is a loop of empty reads, for minutes
+    or for ever. Here the clamp is 6 s, so that 8 s idle pass both 5 s and one whole block."""
+    monkeypatch.setattr(reader_module, "MAX_BLOCK_MS", 6_000)
     keys = Keys(key_prefix)
     reader = ResultsReader(redis_url, "acme", keys=keys)
     got: list[AgentResult] = []
@@ -109,7 +114,7 @@ def test_follow_idles_past_the_socket_timeout_and_then_yields(redis_url: str, ke
 
     consumer = threading.Thread(target=consume, daemon=True)
     consumer.start()
-    time.sleep(24)  # past redis-py's default socket timeout, and past one whole 20 s block, idle
+    time.sleep(8)  # past redis-py's default socket timeout, and past one whole (6 s) block, idle
     assert consumer.is_alive() and not failed, failed
 
     async def write() -> None:

@@ -62,7 +62,10 @@ def session_routes(gw: Callable[[], Gateway], tenant: Any, start_run: StartRun, 
     @router.delete("/v1/sessions/{session_id}")
     async def delete_session(session_id: str, key: tenant) -> Any:
         """Deletes the session and everything of its tasks (their runs still going are
-        cancelled first); answers with what went."""
-        return await gw().scheduler.delete_session.remote(key.tenant, _session(session_id))
+        cancelled first); answers with what went, or 404 if there was nothing."""
+        report: dict[str, Any] = await gw().scheduler.delete_session.remote(key.tenant, _session(session_id))
+        if not (report["tasks"] or report["keys_deleted"]):
+            raise HTTPException(404, "no such session")
+        return report
 
     return router
