@@ -11,7 +11,7 @@ from typing import Any
 import ray
 
 from agentpool.pool import NAMESPACE
-from bench import autoscale, batch, chaos, fairness, http, mutation, overhead, overload, ratelimit, scale, tools
+from bench import autoscale, batch, chaos, fairness, http, mutation, overhead, overload, ratelimit, scale, sessions, tools
 
 BENCHMARKS: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
     "batch": batch.run,
@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
     "autoscale": autoscale.run,
     "chaos": chaos.run,
     "http": http.run,
+    "sessions": sessions.run,
     "mutation": mutation.run,
 }
 #: Benchmarks of pure code, run without Ray (and left out of `all`, which measures the pool).

@@ -143,23 +143,24 @@ class Simulator:
         if not ends:
             return usage
 
-        def tokens(upto: int) -> int:
-            return head + sum(estimate_tokens(_unmarked(m.get("content"))) for m in messages[:upto])
-
-        def key(upto: int) -> str:
+        # One pass over the messages up to the last mark: each boundary's prefix digest (a
+        # running hash) and token count, so a long conversation costs O(its length).
+        running = hashlib.sha256(json.dumps(_unmarked([body["model"], body.get("tools"), body.get("system")])).encode())
+        keys, counts = [running.hexdigest()], [head]
+        for message in messages[: ends[-1]]:
             # A string content is one text block, as the API reads it.
-            shown = [{**m, "content": blocks(m)} for m in messages[:upto]]
-            prefix = _unmarked([body["model"], body.get("tools"), body.get("system"), shown])
-            return hashlib.sha256(json.dumps(prefix, default=str).encode()).hexdigest()
-
+            shown = _unmarked({**message, "content": blocks(message)})
+            running.update(b"\x1e" + json.dumps(shown, default=str).encode())
+            keys.append(running.copy().hexdigest())
+            counts.append(counts[-1] + estimate_tokens(_unmarked(message.get("content"))))
         # As the real API: a mark also finds what was cached at an earlier boundary, up to
         # 20 blocks back (here, messages), so a longer conversation reads the shorter one's.
         looked = {j for end in ends for j in range(max(0, end - 20), end + 1)}
-        read = max((j for j in looked if key(j) in self._cache), default=None)
-        cached = tokens(ends[-1])
-        read_tokens = tokens(read) if read is not None else 0
+        read = max((j for j in looked if keys[j] in self._cache), default=None)
+        cached = counts[ends[-1]]
+        read_tokens = counts[read] if read is not None else 0
         for end in ends:
-            self._cache.add(key(end))
+            self._cache.add(keys[end])
         usage["cache_read_input_tokens"] = read_tokens
         usage["cache_creation_input_tokens"] = cached - read_tokens
         usage["input_tokens"] = head + rest - cached
