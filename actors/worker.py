@@ -486,10 +486,12 @@ class AgentWorker(Telemetered):
         loop = self._loops.get(task_id)
         if loop is None:
             return False
-        if interrupted is not None:
+        if interrupted is None:
+            return loop.cancel(reason)
+        stopped = loop.cancel(reason, ErrorReason.INTERRUPTED)
+        if stopped:  # read (and dropped) as the run ends
             self._interrupted[task_id] = interrupted
-            return loop.cancel(reason, ErrorReason.INTERRUPTED)
-        return loop.cancel(reason)
+        return stopped
 
     def _allowed_tools(self, tenant: str, requested: list[str]) -> set[str]:
         policy = self.config.policy_for(tenant)

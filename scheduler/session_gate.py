@@ -24,7 +24,7 @@ from agentpool.errors import SessionBusy
 from agentpool.models import AgentResult
 from agentpool.scheduler.jobs import Job
 from agentpool.scheduler.turns import SessionTurns, Turn
-from agentpool.vocabulary import ErrorReason, OnBusy
+from agentpool.vocabulary import ErrorReason, OnBusy, TaskStatus
 
 if TYPE_CHECKING:
     from agentpool.background import Background
@@ -208,8 +208,8 @@ class SessionGate:
         cancelled = 0
         for task_id in live:
             with contextlib.suppress(RedisError, OSError):
-                if await self.cancel(task_id, reason) is not None:
-                    cancelled += 1
+                ended = await self.cancel(task_id, reason)
+                cancelled += ended is not None and ended.status == TaskStatus.CANCELLED
         erased = await self._store.sessions.erase(tenant, session_id)
         return {**erased.as_dict(), "cancelled": cancelled}
 
