@@ -33,6 +33,11 @@ def _ids(message: dict[str, Any], kind: str, field: str) -> list[str]:
     return [str(b.get(field)) for b in blocks(message) if b.get("type") == kind]
 
 
+def _has(message: dict[str, Any], kind: str) -> bool:
+    """Whether the message holds a block of that type."""
+    return any(b.get("type") == kind for b in blocks(message))
+
+
 def history_problem(messages: Any, *, final: bool = True) -> str | None:
     """Why `messages` is not a valid history for the Messages API, or None. With `final`,
     a trailing assistant message may not wait for tool results (a stored history)."""
@@ -91,7 +96,7 @@ def complete_part(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """`messages` up to its last complete exchange: a last assistant message that asks for
     tools whose results never came is dropped (what an interrupted turn keeps)."""
     out = list(messages)
-    if out and out[-1].get("role") == "assistant" and _ids(out[-1], "tool_use", "id"):
+    if out and out[-1].get("role") == "assistant" and _has(out[-1], "tool_use"):
         out.pop()
     return out
 
@@ -111,7 +116,7 @@ def compaction_cut(messages: list[dict[str, Any]], keep_tokens: int, chars_per_t
     starts = [
         i
         for i, m in enumerate(messages)
-        if i > 0 and m.get("role") == "user" and not _ids(m, "tool_result", "tool_use_id")
+        if i > 0 and m.get("role") == "user" and not _has(m, "tool_result")
     ]
     if not starts:
         return 0
@@ -135,9 +140,8 @@ def transcript(messages: list[dict[str, Any]], *, max_chars: int) -> str:
             elif kind == "tool_use":
                 args = json.dumps(block.get("input"), separators=(",", ":"), default=str)[:1000]
                 lines.append(f"Assistant called tool {block.get('name')} with {args}")
-            elif kind == "tool_result":
-                inner = block.get("content")
-                text = inner if isinstance(inner, str) else " ".join(b.get("text", "") for b in blocks(block))
+            elif kind == "tool_result":  # its content: a string, or text blocks
+                text = " ".join(b.get("text", "") for b in blocks(block))
                 status = "error" if block.get("is_error") else "result"
                 lines.append(f"Tool {status}: " + str(text)[:1000].replace("\n", "\n> "))
     text = "\n".join(lines)

@@ -46,9 +46,8 @@ class SessionTurns(Generic[K, T]):
     identity (a task's scheduler job), so equal values never stand for one another."""
 
     def __init__(self) -> None:
-        self._lines: dict[K, list[T]] = {}
-        #: Waiting items that arrived to interrupt (they go before the `enqueue` ones).
-        self._preempting: set[int] = set()
+        #: Each session's line: its items, each with whether it arrived to interrupt.
+        self._lines: dict[K, list[tuple[T, bool]]] = {}
 
     def __len__(self) -> int:
         return len(self._lines)
@@ -56,51 +55,44 @@ class SessionTurns(Generic[K, T]):
     def arrive(self, key: K, item: T, on_busy: OnBusy) -> Arrival[T]:
         line = self._lines.get(key)
         if not line:
-            self._lines[key] = [item]
+            self._lines[key] = [(item, False)]
             return Arrival(Turn.RUN)
-        holder = line[0]
-        if any(other is item for other in line):
+        holder = line[0][0]
+        if any(other is item for other, _ in line):  # again: it keeps its place
             return Arrival(Turn.RUN if holder is item else Turn.WAIT, holder)
         if on_busy == OnBusy.REJECT:
             return Arrival(Turn.REJECT, holder)
         if on_busy.preempts:
             at = 1
-            while at < len(line) and id(line[at]) in self._preempting:
+            while at < len(line) and line[at][1]:
                 at += 1
-            line.insert(at, item)
-            self._preempting.add(id(item))
+            line.insert(at, (item, True))
             return Arrival(Turn.PREEMPT, holder)
-        line.append(item)
+        line.append((item, False))
         return Arrival(Turn.WAIT, holder)
 
     def leave(self, key: K, item: T) -> T | None:
         """`item` leaves its session's line (its task ended, or gave up waiting). Returns
         the item that holds the turn now, if the turn passed to it; else None."""
         line = self._lines.get(key)
-        if not line:
-            return None
-        at = next((i for i, other in enumerate(line) if other is item), None)
-        if at is None:
+        at = self.place(key, item)
+        if line is None or at is None:
             return None
         del line[at]
-        self._preempting.discard(id(item))
         if not line:
             del self._lines[key]
             return None
-        if at != 0:
-            return None
-        self._preempting.discard(id(line[0]))
-        return line[0]
+        return line[0][0] if at == 0 else None
 
     def holder(self, key: K) -> T | None:
         line = self._lines.get(key)
-        return line[0] if line else None
+        return line[0][0] if line else None
 
     def line(self, key: K) -> list[T]:
         """The session's line: the holder first, then the waiting in the order they will run."""
-        return list(self._lines.get(key, ()))
+        return [item for item, _ in self._lines.get(key, ())]
 
     def place(self, key: K, item: T) -> int | None:
         """How many go before `item` in its session's line (0: it holds the turn); None if
         it is not in it."""
-        return next((i for i, other in enumerate(self._lines.get(key, ())) if other is item), None)
+        return next((i for i, (other, _) in enumerate(self._lines.get(key, ())) if other is item), None)

@@ -175,6 +175,24 @@ class TurnsMachine(RuleBasedStateMachine):
         assert following is (line[1] if was_head and len(line) > 1 else None)
         assert self.turns.leave(key, item) is None  # gone: leaving again changes nothing
 
+    @precondition(lambda self: any(self.present.values()))
+    @rule(data=st.data())
+    def arrive_again(self, data: st.DataObject) -> None:
+        """A job already in line that arrives again (a repeated call) keeps its place."""
+        key = data.draw(st.sampled_from(sorted(k for k, v in self.present.items() if v)))
+        line = self.turns.line(key)
+        item = data.draw(st.sampled_from(line))
+        arrival = self.turns.arrive(key, item, data.draw(st.sampled_from(list(OnBusy))))
+        assert arrival.holder is line[0]
+        assert arrival.turn == (Turn.RUN if item is line[0] else Turn.WAIT)
+        assert self.turns.line(key) == line
+
+    @rule(key=st.sampled_from(["a", "b"]))
+    def strangers_have_no_place(self, key: str) -> None:
+        stranger = Item(-1, key, OnBusy.ENQUEUE)
+        assert self.turns.place(key, stranger) is None and self.turns.place("nobody", stranger) is None
+        assert self.turns.leave(key, stranger) is None and self.turns.leave("nobody", stranger) is None
+
     @invariant()
     def lines_keep_their_order(self) -> None:
         for key, items in self.present.items():
@@ -189,6 +207,185 @@ class TurnsMachine(RuleBasedStateMachine):
             enqueued = [i for i in rest if not i.on_busy.preempts]
             assert rest == sorted(preempting, key=lambda i: i.n) + sorted(enqueued, key=lambda i: i.n)
             assert [self.turns.place(key, i) for i in line] == list(range(len(line)))
+        assert len(self.turns) == sum(1 for items in self.present.values() if items)
 
 
 TestTurns = TurnsMachine.TestCase
+
+
+# --- exact values (what mutation testing asks of each branch) ---------------------------------
+
+from agentpool.conversation import blocks, pairing_problem, transcript  # noqa: E402
+
+USE = {"type": "tool_use", "id": "toolu_1", "name": "calc", "input": {"n": 1}}
+RESULT = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "2"}
+
+
+def test_blocks_reads_a_string_as_one_text_block_and_skips_what_is_not_a_block() -> None:
+    assert blocks({"role": "user", "content": "hi"}) == [{"type": "text", "text": "hi"}]
+    assert blocks({"role": "user", "content": [{"type": "text", "text": "a"}, "junk", 3]}) == [
+        {"type": "text", "text": "a"}
+    ]
+    assert blocks({"role": "user"}) == []
+
+
+@pytest.mark.parametrize(
+    ("messages", "problem"),
+    [
+        ("not a list", "messages must be a list"),
+        ([{"role": "user", "content": "x"}, 1], "messages[1] must be an object with only `role` and `content`"),
+        ([{"role": "user", "content": "x", "name": "y"}], "messages[0] must be an object with only `role` and `content`"),
+        ([{"role": "system", "content": "x"}], "messages[0].role must be 'user' or 'assistant'"),
+        ([{"role": "user", "content": ""}], "messages[0].content is empty"),
+        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": []}],
+         "messages[1].content must be a non-empty string or list of blocks"),
+        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": 5}],
+         "messages[1].content must be a non-empty string or list of blocks"),
+        ([{"role": "user", "content": [{"type": "video"}]}],
+         "messages[0].content[0] is not a content block (document, image, redacted_thinking, text, thinking, "
+         "tool_result, tool_use)"),
+        ([{"role": "user", "content": [USE]}],
+         "messages[0].content[0]: a tool_use block belongs to an assistant message, with an id"),
+        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": [{**USE, "id": ""}]}],
+         "messages[1].content[0]: a tool_use block belongs to an assistant message, with an id"),
+        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": [RESULT]}],
+         "messages[1].content[0]: a tool_result block belongs to a user message, with a tool_use_id"),
+        ([{"role": "user", "content": [{**RESULT, "tool_use_id": ""}]}],
+         "messages[0].content[0]: a tool_result block belongs to a user message, with a tool_use_id"),
+        ([{"role": "assistant", "content": "x"}], "messages[0] must be a user message"),
+        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": [USE]}],
+         "messages[1] asks for tools and no message gives their results"),
+        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": [USE]}, {"role": "user", "content": "y"}],
+         "messages[2] lacks the tool_result for 'toolu_1'"),
+        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": [USE]},
+          {"role": "user", "content": [{**RESULT, "tool_use_id": "toolu_2"}]}],
+         "messages[2] lacks the tool_result for 'toolu_1'"),
+        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}, {"role": "user", "content": [RESULT]}],
+         "messages[2] has a tool_result for 'toolu_1', which the message before it did not ask for"),
+        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}, {"role": "assistant", "content": []}],
+         "messages[2].content must be a non-empty string or list of blocks"),  # checked past a string message
+        ([], None),
+        ([{"role": "user", "content": "x"}, {"role": "user", "content": "y"}], None),  # the API joins them
+    ],
+)
+def test_history_problems_are_named_exactly(messages: Any, problem: str | None) -> None:
+    assert history_problem(messages) == problem
+
+
+def test_pairing_allows_a_last_use_unless_final_and_never_pairs_across_the_start() -> None:
+    asking = [{"role": "user", "content": "x"}, {"role": "assistant", "content": [USE]}]
+    assert pairing_problem(asking) is None  # the loop is about to run the tools
+    assert pairing_problem(asking, final=True) == "messages[1] asks for tools and no message gives their results"
+    assert history_problem(asking, final=False) is None
+    wrapped = [{"role": "user", "content": [RESULT]}, {"role": "assistant", "content": [USE]}]
+    assert pairing_problem(wrapped) == (
+        "messages[0] has a tool_result for 'toolu_1', which the message before it did not ask for"
+    )
+    two = [{"role": "user", "content": "x"}, {"role": "assistant", "content": [USE, {**USE, "id": "toolu_0"}]},
+           {"role": "user", "content": [RESULT]}]
+    assert pairing_problem(two) == "messages[2] lacks the tool_result for 'toolu_0'"
+
+
+def test_complete_part_drops_only_a_last_unanswered_use() -> None:
+    prompt = {"role": "user", "content": "x"}
+    said = {"role": "assistant", "content": "y"}
+    asking = {"role": "assistant", "content": [USE]}
+    assert complete_part([prompt, said]) == [prompt, said]
+    assert complete_part([prompt, said, prompt, asking]) == [prompt, said, prompt]
+    assert complete_part([prompt, asking, {"role": "user", "content": [RESULT]}]) == [
+        prompt, asking, {"role": "user", "content": [RESULT]}
+    ]
+    assert complete_part([]) == []
+
+
+def test_estimates_and_the_cut_at_exact_bounds() -> None:
+    assert estimate_tokens([], 3.0) == 0
+    one = [{"role": "user", "content": "abcdef"}]  # 36 characters of JSON
+    assert estimate_tokens(one, 5.0) == 8 and estimate_tokens(one, 4.0) == 9 and estimate_tokens(one, 6.0) == 6
+    turn = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}]
+    later = [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
+    history = turn + later
+    exact = estimate_tokens(later, 1.0)
+    assert compaction_cut(history, exact, 1.0) == 2  # a tail of exactly the budget is kept
+    three = history + [{"role": "user", "content": "q3"}, {"role": "assistant", "content": "a3"}]
+    assert compaction_cut(three, estimate_tokens(three[2:], 1.0), 1.0) == 2
+    assert compaction_cut(three, estimate_tokens(three[2:], 1.0) - 1, 1.0) == 4
+    assert compaction_cut(history, exact - 1, 1.0) == 2  # none fits: the last turn
+    assert compaction_cut(history, 10_000, 1.0) == 2  # the whole history fits: still cut before the last turn
+    # The second message may start the kept part; one that carries tool results may not.
+    assert compaction_cut([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], 0, 1.0) == 1
+    results = [{"role": "user", "content": "x"}, {"role": "assistant", "content": [USE]},
+               {"role": "user", "content": [RESULT]}, {"role": "assistant", "content": "y"}]
+    assert compaction_cut(results, 0, 1.0) == 0
+
+
+def test_compacted_and_the_summary_request_are_exact() -> None:
+    kept = [{"role": "user", "content": "q"}]
+    assert compacted("  the gist \n", kept) == [
+        {"role": "user", "content": [{"type": "text", "text": f"{SUMMARY_HEADER}\nthe gist"}]}, *kept
+    ]
+    assert compacted("  ", [])[0]["content"][0]["text"] == f"{SUMMARY_HEADER}\n(nothing to keep)"
+    request = summary_request([{"role": "user", "content": "hi"}], max_tokens=77)
+    assert request == {
+        "max_tokens": 77,
+        "messages": [
+            {
+                "role": "user",
+                "content": (
+                    "Summarise the conversation below for the assistant who will continue it. Keep every "
+                    "fact, decision, name, number, open question and tool result that later turns may need; "
+                    "leave out greetings and repetition. Write plain prose or bullet points, no preamble.\n\n"
+                    "<conversation>\nUser: hi\n</conversation>"
+                ),
+            }
+        ],
+    }
+    big = [{"role": "user", "content": "w" * 4000}] * 51  # 204,000 characters of transcript
+    content = summary_request(big, max_tokens=1)["messages"][0]["content"]
+    assert content.split("<conversation>\n")[1] == "[...]\n" + transcript(big, max_chars=10**6)[-200_000:] + "\n</conversation>"
+    assert summary_request([{"role": "user", "content": "x" * 50}], max_tokens=1, max_chars=10)["messages"][0][
+        "content"
+    ].endswith("<conversation>\n[...]\n" + "x" * 10 + "\n</conversation>")
+
+
+def test_a_transcript_says_who_said_what_and_cuts_long_pieces() -> None:
+    messages = [
+        {"role": "user", "content": "line one\nsim: tool x {}"},
+        {"role": "assistant", "content": [{"type": "text", "text": "let me check"}, USE]},
+        {"role": "user", "content": [RESULT, {**RESULT, "tool_use_id": "t2", "is_error": True, "content": [
+            {"type": "text", "text": "bad\nnews"}, {"type": "image"}, {"type": "text", "text": "twice"}]}]},
+        {"role": "assistant", "content": [{**USE, "input": {"a": 1, "b": b"raw"}}]},
+        {"role": "assistant", "content": [{"type": "text", "text": ""}, {"type": "thinking", "thinking": "hm"}]},
+    ]
+    assert transcript(messages, max_chars=10_000) == (
+        "User: line one\n> sim: tool x {}\n"
+        "Assistant: let me check\n"
+        'Assistant called tool calc with {"n":1}\n'
+        "Tool result: 2\n"
+        "Tool error: bad\n> news  twice\n"
+        """Assistant called tool calc with {"a":1,"b":"b'raw'"}"""
+    )
+    whole = transcript(messages, max_chars=10_000)
+    assert transcript(messages, max_chars=len(whole)) == whole  # exactly at the bound: not cut
+    long = [{"role": "user", "content": "y" * 5000}, {"role": "assistant", "content": [{**USE, "input": {"k": "z" * 2000}}]},
+            {"role": "user", "content": [{**RESULT, "content": "r" * 2000}]}]
+    lines = transcript(long, max_chars=100_000).split("\n")
+    assert lines[0] == "User: " + "y" * 4000
+    assert lines[1] == "Assistant called tool calc with " + ('{"k":"' + "z" * 2000)[:1000]
+    assert lines[2] == "Tool result: " + "r" * 1000
+    assert transcript(long, max_chars=30) == "[...]\n" + "\n".join(lines)[-30:]
+
+
+def test_the_cache_mark_is_exact_and_turns_a_string_into_a_block() -> None:
+    history = [{"role": "user", "content": "q"}, {"role": "assistant", "content": [{"type": "text", "text": "a"}]}]
+    mark = {"type": "ephemeral"}
+    assert with_cache_mark(history, 2) == [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": [{"type": "text", "text": "a", "cache_control": mark}]},
+    ]
+    assert with_cache_mark(history, 1) == [
+        {"role": "user", "content": [{"type": "text", "text": "q", "cache_control": mark}]},
+        history[1],
+    ]
+    assert with_cache_mark(history, 3) is history and with_cache_mark(history, 0) is history
+    assert with_cache_mark([{"role": "user"}], 1) == [{"role": "user"}]
