@@ -25,7 +25,7 @@ from agentpool.pricing import PriceTable
 from agentpool.simulator import SimulatorConfig, SimulatorServer
 from bench.report import latency_cdf, percentile, write
 
-#: Words of each prompt and of each answer: a turn adds about 1,100 characters of history.
+#: Words of each prompt's text (twice in the prompt, once in the answer).
 _WORDS = 90
 _MODES = ("stateless", "caller", "session", "compacted")
 
@@ -35,6 +35,12 @@ def _prompt(turn: int, salt: str) -> str:
     simulator's prompt cache that another wrote)."""
     text = " ".join(f"{salt}w{turn}x{i}" for i in range(_WORDS))
     return f"sim: answer reply {turn}: {text}\nQuestion {turn}: {text}"
+
+
+def _turn_chars() -> int:
+    """About how many characters of history one turn adds (its prompt and its answer)."""
+    prompt = _prompt(0, "r0x123456")
+    return len(prompt) + len(prompt.splitlines()[0].removeprefix("sim: answer "))
 
 
 def _conversation(pool: AgentPool, mode: str, turns: int, tag: str) -> tuple[list[tuple[float, AgentResult]], int]:
@@ -80,7 +86,11 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
             anthropic_api_key="bench",
             num_workers=1,
             worker_concurrency=8,
-            tenants={"brief": TenantPolicy(sessions=compacting), "acme": TenantPolicy()},
+            # `acme` never compacts (the default would, above 50,000 tokens): the plain session.
+            tenants={
+                "brief": TenantPolicy(sessions=compacting),
+                "acme": TenantPolicy(sessions=SessionPolicy(compact_above_tokens=None)),
+            },
         )
         with AgentPool.start(config) as pool:
             _conversation(pool, "stateless", 10, "warmup")
@@ -127,7 +137,7 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
     plot = latency_cdf(out, "sessions", {m: late[m] for m in _MODES}, title="late turns: wall time per turn")
     notes = (
         f"One conversation of {turns} turns per mode and round ({rounds} rounds, modes interleaved), "
-        f"each turn adding about 1,100 characters; the last {measured} turns of each are compared. "
+        f"each turn adding about {_turn_chars()} characters; the last {measured} turns of each are compared. "
         "The simulator's latency does not grow with input, so latency ratios show what the pool "
         "itself adds for a long history (loading it, checkpointing it, storing it); token and cost "
         "ratios show what the prompt cache and compaction save."
