@@ -60,6 +60,19 @@ def _loaded(raw: str | None, model: type[_M]) -> _M | None:
         return None
 
 
+def _failed(dispatch: Dispatch, error: ErrorInfo) -> AgentResult:
+    """The `failed` record of a dispatched task that `error` stopped before its loop ended."""
+    task = dispatch.task
+    return AgentResult(
+        task_id=task.task_id,
+        tenant=task.tenant,
+        status=TaskStatus.FAILED,
+        trace_id=dispatch.trace_id,
+        session_id=task.session_id,
+        error=error,
+    )
+
+
 class _SessionFull(Exception):
     """The task's session is over the tenant's size limits and cannot be compacted."""
 
@@ -319,25 +332,13 @@ class AgentWorker(Telemetered):
         except _Superseded:
             outcome = None
         except _SessionFull as full:
-            outcome = AgentResult(
-                task_id=task.task_id,
-                tenant=task.tenant,
-                status=TaskStatus.FAILED,
-                trace_id=dispatch.trace_id,
-                session_id=task.session_id,
-                error=ErrorInfo(type="SessionFull", message=str(full), reason=ErrorReason.SESSION_FULL),
-            )
+            full_error = ErrorInfo(type="SessionFull", message=str(full), reason=ErrorReason.SESSION_FULL)
+            outcome = _failed(dispatch, full_error)
         except Exception as exc:  # a bug of ours must cost this task, never the actor
-            outcome = AgentResult(
-                task_id=task.task_id,
-                tenant=task.tenant,
-                status=TaskStatus.FAILED,
-                trace_id=dispatch.trace_id,
-                session_id=task.session_id,
-                error=ErrorInfo(type="InternalError", message=self._scrub(f"{type(exc).__name__}: {exc}")[:4000]),
-            )
+            message = self._scrub(f"{type(exc).__name__}: {exc}")[:4000]
+            outcome = _failed(dispatch, ErrorInfo(type="InternalError", message=message))
         finally:
-            if self._loops.get(task.task_id) is loop:
+            if loop is not None and self._loops.get(task.task_id) is loop:
                 del self._loops[task.task_id]
             interrupted = self._interrupted.pop(task.task_id, None)
             if heartbeat is not None:

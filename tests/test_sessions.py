@@ -42,7 +42,10 @@ def pool(redis_url: str) -> Iterator[AgentPool]:
         simulator=SimulatorConfig(latency_ms=2, latency_sigma=0),
         num_workers=2,
         worker_concurrency=8,
-        tenants={"brief": TenantPolicy(sessions=compacting)},
+        tenants={
+            "brief": TenantPolicy(sessions=compacting),
+            "tiny": TenantPolicy(sessions=SessionPolicy(max_messages=2, compact_above_tokens=None)),
+        },
     )
     with AgentPool.start(config) as p:
         yield p
@@ -95,6 +98,17 @@ def test_a_session_keeps_its_turns_and_the_history_prefix_is_read_from_the_cache
     assert results[1].usage.cache_creation_input_tokens > 0
     assert results[2].usage.cache_read_input_tokens >= results[1].usage.cache_creation_input_tokens
     assert pool.sessions.list("acme")[0]["session_id"] == session
+
+
+def test_a_session_over_its_limits_fails_and_keeps_its_history(pool: AgentPool) -> None:
+    session = sid()
+    first = pool.run([AgentTask(tenant="tiny", prompt="sim: answer one", session_id=session)])[0]
+    second = pool.run([AgentTask(tenant="tiny", prompt="sim: answer two", session_id=session)])[0]
+    assert first.status == "succeeded" and second.status == "failed" and second.error is not None
+    assert second.error.type == "SessionFull" and second.error.reason == "session_full"
+    assert "2 messages" in second.error.message and second.session_id == session
+    exported = pool.sessions.export("tiny", session)
+    assert exported is not None and exported["turns"] == 1 and exported["tasks"] == [first.task_id, second.task_id]
 
 
 def test_a_caller_brings_its_own_history(pool: AgentPool) -> None:
