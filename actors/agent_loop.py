@@ -13,7 +13,6 @@ import json
 import re
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from jsonschema import Draft202012Validator
@@ -22,7 +21,9 @@ from agentpool import events
 from agentpool import telemetry as tm
 from agentpool.actors.checkpoint import ApprovalRequest, LoopState
 from agentpool.actors.llm import LLMResponse
-from agentpool.conversation import compacted, estimate_tokens, summary_request, with_cache_mark
+from agentpool.actors.session_task import CallLLM as CallLLM
+from agentpool.actors.session_task import Compaction, compact
+from agentpool.conversation import with_cache_mark
 from agentpool.errors import BudgetExceeded, ProviderError
 from agentpool.events import Emit
 from agentpool.guardrails import DATA_NOTICE, screen, wrap_tool_output
@@ -31,23 +32,12 @@ from agentpool.pricing import PriceTable
 from agentpool.protocol import SCHEMA_MARKER, ApprovalDecision, Paused, ToolCall, ToolOutcome
 from agentpool.vocabulary import ErrorReason, ToolErrorKind
 
-CallLLM = Callable[[dict[str, Any], list[str], Emit], Awaitable[LLMResponse]]
 RunTool = Callable[[ToolCall], Awaitable[ToolOutcome]]
 Checkpoint = Callable[[LoopState], None]
 
 
 class _ApprovalExpired(Exception):
     pass
-
-
-@dataclass(frozen=True)
-class Compaction:
-    """Summarise the history's messages before `cut` with `model` before the first call."""
-
-    cut: int
-    model: str
-    max_tokens: int
-    chars_per_token: float
 
 
 class _AwaitingApproval(Exception):
@@ -260,38 +250,14 @@ class AgentLoop:
         )
 
     async def _compact(self, plan: Compaction) -> None:
-        """Summarises the history's older messages into one (a call of its own, whose cost is
-        the task's), keeping the newer ones as they are; saved before the first turn."""
-        st = self.state
-        history = st.messages[: st.history]
-        older, kept = history[: plan.cut], history[plan.cut :]
-        request = summary_request(older, max_tokens=plan.max_tokens)
-        async def quiet(event: events.Event) -> None:  # the summary's text is not the answer's
-            if not isinstance(event, events.TextDelta):
-                await self._emit(event)
-
-        response = await self._call_llm(request, [plan.model], quiet)
-        usage = self._prices.priced(response.model, Usage.from_api(response.message.get("usage")))
-        st.usage = st.usage + usage
-        st.llm_attempts += response.attempts
-        summary = "".join(
-            b.get("text", "") for b in response.message.get("content", []) if b.get("type") == "text"
-        )
-        shorter = compacted(summary, kept)
-        st.messages = [*shorter, *st.messages[st.history :]]
-        st.history, st.compacted = len(shorter), True
-        await self._emit(
-            events.SessionCompacted(
-                session_id=self.task.session_id or "",
-                model=response.model,
-                summarised=len(older),
-                kept=len(kept),
-                tokens_before=estimate_tokens(history, plan.chars_per_token),
-                tokens_after=estimate_tokens(shorter, plan.chars_per_token),
-                input_tokens=usage.input_tokens,
-                output_tokens=usage.output_tokens,
-                cost_usd=usage.cost_usd,
-            )
+        """The history's older turns summarised before the first turn (`compact`), saved."""
+        await compact(
+            self.state,
+            plan,
+            call_llm=self._call_llm,
+            prices=self._prices,
+            emit=self._emit,
+            session_id=self.task.session_id or "",
         )
         self._save()
 

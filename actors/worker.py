@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,22 +23,21 @@ from redis.exceptions import RedisError
 
 from agentpool import events
 from agentpool import telemetry as tm
-from agentpool.actors.agent_loop import AgentLoop, CallLLM, Compaction
+from agentpool.actors.agent_loop import AgentLoop, CallLLM
 from agentpool.actors.backoff import Backoff
 from agentpool.actors.checkpoint import Checkpointer, LoopState
 from agentpool.actors.gate import TaskGate
 from agentpool.actors.llm import LLMClient, LLMResponse
+from agentpool.actors.session_task import compaction_plan, session_full, session_write
 from agentpool.actors.tool_calls import ToolCalls
 from agentpool.cluster.budgets import BudgetLedger
-from agentpool.cluster.sessions import SessionWrite
 from agentpool.cluster.store import ResultStore, RunStart
 from agentpool.cluster.telemetry import Telemetered
 from agentpool.cluster.tool_records import ToolRecords
 from agentpool.config import PoolConfig
-from agentpool.conversation import compaction_cut, complete_part, estimate_tokens
 from agentpool.errors import ConfigError
 from agentpool.events import Emit, Event
-from agentpool.models import AgentResult, AgentTask, ErrorInfo, SessionPolicy, Timings
+from agentpool.models import AgentResult, ErrorInfo, Timings
 from agentpool.pricing import PriceTable
 from agentpool.protocol import ApprovalDecision, Dispatch, Outcome, Paused, RunFailed, provider_key_name
 from agentpool.secrets import Scrubber, forget_env_secrets, install_log_scrubber
@@ -288,8 +286,8 @@ class AgentWorker(Telemetered):
             if state is None and task.session_id is not None:
                 record = await self._store.sessions.load(task.tenant, task.session_id)
                 history, version = (record.messages, record.version) if record else ([], 0)
-                compaction = self._compaction(task, policy.sessions, history)
-                full = self._session_full(policy.sessions, history) if compaction is None else None
+                compaction = compaction_plan(self.config, task, policy.sessions, history)
+                full = session_full(policy.sessions, history) if compaction is None else None
                 if full is not None:
                     raise _SessionFull(full)
             gate = TaskGate(
@@ -388,57 +386,9 @@ class AgentWorker(Telemetered):
         )
         taken = gate.unsettled() if gate is not None else None
         also = (taken.write,) if taken is not None else ()
-        session = self._session_write(task, loop, result, interrupted)
+        session = session_write(self.config, task, loop.state if loop is not None else None, result, interrupted)
         stored, _ = await self._store.write_result(result, events=ending, also=also, session=session)
         return stored
-
-    def _compaction(self, task: AgentTask, policy: SessionPolicy, history: list[dict[str, Any]]) -> Compaction | None:
-        """How to compact the session's history before the task's first call, if it is over
-        the tenant's threshold and has older turns to summarise."""
-        threshold = policy.compact_above_tokens
-        per_token = self.config.input_chars_per_token
-        if threshold is None or estimate_tokens(history, per_token) <= threshold:
-            return None
-        cut = compaction_cut(history, policy.keep_recent_tokens, per_token)
-        if cut == 0:
-            return None
-        model = policy.compaction_model or self.config.models_for(task.tenant, task.model, task.fallback_models)[0]
-        return Compaction(cut=cut, model=model, max_tokens=policy.summary_max_tokens, chars_per_token=per_token)
-
-    @staticmethod
-    def _session_full(policy: SessionPolicy, history: list[dict[str, Any]]) -> str | None:
-        size = len(json.dumps(history, separators=(",", ":"), default=str))
-        if len(history) >= policy.max_messages or size >= policy.max_bytes:
-            return (
-                f"the session holds {len(history)} messages ({size} bytes); the tenant's limits are "
-                f"{policy.max_messages} messages and {policy.max_bytes} bytes: delete the session, or "
-                "let compaction (compact_above_tokens) shorten it"
-            )
-        return None
-
-    def _session_write(
-        self, task: AgentTask, loop: AgentLoop | None, result: AgentResult, interrupted: OnBusy | None
-    ) -> SessionWrite | None:
-        """What the final write stores of the task's session: the whole new history when the
-        task succeeded, the complete part of its turn when a later task interrupted it
-        (`interrupt`), else nothing (the history stays as it was)."""
-        if task.session_id is None:
-            return None
-        policy = self.config.policy_for(task.tenant) or self.config.default_tenant_policy
-        state = loop.state if loop is not None else None
-        messages: list[dict[str, Any]] | None = None
-        if state is not None and state.session_version is not None:
-            if result.status == TaskStatus.SUCCEEDED:
-                messages = state.messages
-            elif result.status == TaskStatus.CANCELLED and interrupted == OnBusy.INTERRUPT:
-                messages = complete_part(state.messages)
-        return SessionWrite(
-            session_id=task.session_id,
-            messages=json.dumps(messages, separators=(",", ":")) if messages is not None else None,
-            expected_version=state.session_version or 0 if state is not None else 0,
-            ttl_s=policy.sessions.ttl_s,
-            compactions=int(messages is not None and state is not None and state.compacted),
-        )
 
     async def _settle(self, tenant: str, gate: TaskGate | None) -> None:
         """Records the usage no write has recorded yet (a task that stops to wait for approval)."""

@@ -113,11 +113,7 @@ def compaction_cut(messages: list[dict[str, Any]], keep_tokens: int, chars_per_t
     (those before it are summarised), or 0 when nothing can be cut. The kept part starts at
     a user message that carries no tool result, so no tool_use is parted from its result;
     it is the longest such tail within `keep_tokens` (or the last one, if none fits)."""
-    starts = [
-        i
-        for i, m in enumerate(messages)
-        if i > 0 and m.get("role") == "user" and not _has(m, "tool_result")
-    ]
+    starts = [i for i, m in enumerate(messages) if i > 0 and m.get("role") == "user" and not _has(m, "tool_result")]
     if not starts:
         return 0
     for start in starts:

@@ -11,7 +11,20 @@ from typing import Any
 import ray
 
 from agentpool.pool import NAMESPACE
-from bench import autoscale, batch, chaos, fairness, http, mutation, overhead, overload, ratelimit, scale, sessions, tools
+from bench import (
+    autoscale,
+    batch,
+    chaos,
+    fairness,
+    http,
+    mutation,
+    overhead,
+    overload,
+    ratelimit,
+    scale,
+    sessions,
+    tools,
+)
 
 BENCHMARKS: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
     "batch": batch.run,

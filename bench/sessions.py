@@ -109,8 +109,12 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         return sum(values) / max(1, len(values))
 
     def input_tokens(m: str) -> float:
-        return mean([float(r.usage.input_tokens + r.usage.cache_read_input_tokens + r.usage.cache_creation_input_tokens)
-                     for r in late_results[m]])
+        return mean(
+            [
+                float(r.usage.input_tokens + r.usage.cache_read_input_tokens + r.usage.cache_creation_input_tokens)
+                for r in late_results[m]
+            ]
+        )
 
     cost = {m: mean([r.usage.cost_usd for r in late_results[m]]) for m in _MODES}
     uncached = mean([_uncached_cost(prices, r) for r in late_results["session"]])
@@ -148,7 +152,13 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         figures=figures,
         notes=notes,
         plots=[plot],
-        config={"turns": turns, "measured": measured, "rounds": rounds, "quick": quick,
-                "simulator": sim_config.model_dump(), "compaction": compacting.model_dump()},
+        config={
+            "turns": turns,
+            "measured": measured,
+            "rounds": rounds,
+            "quick": quick,
+            "simulator": sim_config.model_dump(),
+            "compaction": compacting.model_dump(),
+        },
     )
     return figures

@@ -155,7 +155,8 @@ class SessionStore:
             for backlog in k.backlogs(tenant, self.pool):
                 pipe.zrem(backlog, *ids)
         await pipe.execute()
-        for stream in (k.results(tenant), k.events(tenant), k.audit(tenant), k.approvals(tenant), k.webhook_dead(tenant)):
+        streams = (k.results(tenant), k.events(tenant), k.audit(tenant), k.approvals(tenant), k.webhook_dead(tenant))
+        for stream in streams:
             erased.stream_entries += await self._erase_entries(stream, ids)
         erased.keys += await self._erase_mentions(tenant, ids)
         return erased

@@ -17,8 +17,8 @@ from agentpool.models import AgentResult, AgentTask
 from agentpool.protocol import ApprovalDecision, Paused, new_trace_id, traceparent
 from agentpool.scheduler.core import Ticket
 from agentpool.scheduler.turns import Arrival
-from agentpool.vocabulary import OnBusy
 from agentpool.telemetry import trace_id_of
+from agentpool.vocabulary import OnBusy
 
 #: `waiting`: for its session's turn (another task of the session runs), outside the queue.
 JobState = Literal["admitting", "waiting", "queued", "running", "paused"]

@@ -40,7 +40,9 @@ def conversations(draw: Any, *, max_turns: int = 6) -> list[dict[str, Any]]:
             ids = [f"toolu_{turn}_{round_}_{i}" for i in range(draw(st.integers(1, 3)))]
             uses = [{"type": "tool_use", "id": i, "name": "calc", "input": {"n": turn}} for i in ids]
             messages.append({"role": "assistant", "content": uses})
-            results = [{"type": "tool_result", "tool_use_id": i, "content": f"r{i}"} for i in draw(st.permutations(ids))]
+            results = [
+                {"type": "tool_result", "tool_use_id": i, "content": f"r{i}"} for i in draw(st.permutations(ids))
+            ]
             messages.append({"role": "user", "content": results})
         messages.append({"role": "assistant", "content": [{"type": "text", "text": f"answer {turn}"}]})
     return messages
@@ -58,9 +60,7 @@ def test_a_valid_history_passes_and_a_broken_pairing_is_named(messages: list[dic
 
 
 @given(conversations(), st.integers(0, 40))
-def test_the_complete_part_of_an_interrupted_turn_is_a_valid_history(
-    messages: list[dict[str, Any]], stop: int
-) -> None:
+def test_the_complete_part_of_an_interrupted_turn_is_a_valid_history(messages: list[dict[str, Any]], stop: int) -> None:
     """Cut anywhere a run can stop (after a message of its own), what it keeps is valid."""
     cut = messages[: max(1, min(stop, len(messages)))]
     kept = complete_part(cut)
@@ -234,36 +234,78 @@ def test_blocks_reads_a_string_as_one_text_block_and_skips_what_is_not_a_block()
     [
         ("not a list", "messages must be a list"),
         ([{"role": "user", "content": "x"}, 1], "messages[1] must be an object with only `role` and `content`"),
-        ([{"role": "user", "content": "x", "name": "y"}], "messages[0] must be an object with only `role` and `content`"),
+        (
+            [{"role": "user", "content": "x", "name": "y"}],
+            "messages[0] must be an object with only `role` and `content`",
+        ),
         ([{"role": "system", "content": "x"}], "messages[0].role must be 'user' or 'assistant'"),
         ([{"role": "user", "content": ""}], "messages[0].content is empty"),
-        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": []}],
-         "messages[1].content must be a non-empty string or list of blocks"),
-        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": 5}],
-         "messages[1].content must be a non-empty string or list of blocks"),
-        ([{"role": "user", "content": [{"type": "video"}]}],
-         "messages[0].content[0] is not a content block (document, image, redacted_thinking, text, thinking, "
-         "tool_result, tool_use)"),
-        ([{"role": "user", "content": [USE]}],
-         "messages[0].content[0]: a tool_use block belongs to an assistant message, with an id"),
-        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": [{**USE, "id": ""}]}],
-         "messages[1].content[0]: a tool_use block belongs to an assistant message, with an id"),
-        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": [RESULT]}],
-         "messages[1].content[0]: a tool_result block belongs to a user message, with a tool_use_id"),
-        ([{"role": "user", "content": [{**RESULT, "tool_use_id": ""}]}],
-         "messages[0].content[0]: a tool_result block belongs to a user message, with a tool_use_id"),
+        (
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": []}],
+            "messages[1].content must be a non-empty string or list of blocks",
+        ),
+        (
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": 5}],
+            "messages[1].content must be a non-empty string or list of blocks",
+        ),
+        (
+            [{"role": "user", "content": [{"type": "video"}]}],
+            "messages[0].content[0] is not a content block (document, image, redacted_thinking, text, thinking, "
+            "tool_result, tool_use)",
+        ),
+        (
+            [{"role": "user", "content": [USE]}],
+            "messages[0].content[0]: a tool_use block belongs to an assistant message, with an id",
+        ),
+        (
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": [{**USE, "id": ""}]}],
+            "messages[1].content[0]: a tool_use block belongs to an assistant message, with an id",
+        ),
+        (
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": [RESULT]}],
+            "messages[1].content[0]: a tool_result block belongs to a user message, with a tool_use_id",
+        ),
+        (
+            [{"role": "user", "content": [{**RESULT, "tool_use_id": ""}]}],
+            "messages[0].content[0]: a tool_result block belongs to a user message, with a tool_use_id",
+        ),
         ([{"role": "assistant", "content": "x"}], "messages[0] must be a user message"),
-        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": [USE]}],
-         "messages[1] asks for tools and no message gives their results"),
-        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": [USE]}, {"role": "user", "content": "y"}],
-         "messages[2] lacks the tool_result for 'toolu_1'"),
-        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": [USE]},
-          {"role": "user", "content": [{**RESULT, "tool_use_id": "toolu_2"}]}],
-         "messages[2] lacks the tool_result for 'toolu_1'"),
-        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}, {"role": "user", "content": [RESULT]}],
-         "messages[2] has a tool_result for 'toolu_1', which the message before it did not ask for"),
-        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}, {"role": "assistant", "content": []}],
-         "messages[2].content must be a non-empty string or list of blocks"),  # checked past a string message
+        (
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": [USE]}],
+            "messages[1] asks for tools and no message gives their results",
+        ),
+        (
+            [
+                {"role": "user", "content": "x"},
+                {"role": "assistant", "content": [USE]},
+                {"role": "user", "content": "y"},
+            ],
+            "messages[2] lacks the tool_result for 'toolu_1'",
+        ),
+        (
+            [
+                {"role": "user", "content": "x"},
+                {"role": "assistant", "content": [USE]},
+                {"role": "user", "content": [{**RESULT, "tool_use_id": "toolu_2"}]},
+            ],
+            "messages[2] lacks the tool_result for 'toolu_1'",
+        ),
+        (
+            [
+                {"role": "user", "content": "x"},
+                {"role": "assistant", "content": "y"},
+                {"role": "user", "content": [RESULT]},
+            ],
+            "messages[2] has a tool_result for 'toolu_1', which the message before it did not ask for",
+        ),
+        (
+            [
+                {"role": "user", "content": "x"},
+                {"role": "assistant", "content": "y"},
+                {"role": "assistant", "content": []},
+            ],
+            "messages[2].content must be a non-empty string or list of blocks",
+        ),  # checked past a string message
         ([], None),
         ([{"role": "user", "content": "x"}, {"role": "user", "content": "y"}], None),  # the API joins them
     ],
@@ -281,8 +323,11 @@ def test_pairing_allows_a_last_use_unless_final_and_never_pairs_across_the_start
     assert pairing_problem(wrapped) == (
         "messages[0] has a tool_result for 'toolu_1', which the message before it did not ask for"
     )
-    two = [{"role": "user", "content": "x"}, {"role": "assistant", "content": [USE, {**USE, "id": "toolu_0"}]},
-           {"role": "user", "content": [RESULT]}]
+    two = [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": [USE, {**USE, "id": "toolu_0"}]},
+        {"role": "user", "content": [RESULT]},
+    ]
     assert pairing_problem(two) == "messages[2] lacks the tool_result for 'toolu_0'"
 
 
@@ -293,7 +338,9 @@ def test_complete_part_drops_only_a_last_unanswered_use() -> None:
     assert complete_part([prompt, said]) == [prompt, said]
     assert complete_part([prompt, said, prompt, asking]) == [prompt, said, prompt]
     assert complete_part([prompt, asking, {"role": "user", "content": [RESULT]}]) == [
-        prompt, asking, {"role": "user", "content": [RESULT]}
+        prompt,
+        asking,
+        {"role": "user", "content": [RESULT]},
     ]
     assert complete_part([]) == []
 
@@ -307,22 +354,27 @@ def test_estimates_and_the_cut_at_exact_bounds() -> None:
     history = turn + later
     exact = estimate_tokens(later, 1.0)
     assert compaction_cut(history, exact, 1.0) == 2  # a tail of exactly the budget is kept
-    three = history + [{"role": "user", "content": "q3"}, {"role": "assistant", "content": "a3"}]
+    three = [*history, {"role": "user", "content": "q3"}, {"role": "assistant", "content": "a3"}]
     assert compaction_cut(three, estimate_tokens(three[2:], 1.0), 1.0) == 2
     assert compaction_cut(three, estimate_tokens(three[2:], 1.0) - 1, 1.0) == 4
     assert compaction_cut(history, exact - 1, 1.0) == 2  # none fits: the last turn
     assert compaction_cut(history, 10_000, 1.0) == 2  # the whole history fits: still cut before the last turn
     # The second message may start the kept part; one that carries tool results may not.
     assert compaction_cut([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], 0, 1.0) == 1
-    results = [{"role": "user", "content": "x"}, {"role": "assistant", "content": [USE]},
-               {"role": "user", "content": [RESULT]}, {"role": "assistant", "content": "y"}]
+    results = [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": [USE]},
+        {"role": "user", "content": [RESULT]},
+        {"role": "assistant", "content": "y"},
+    ]
     assert compaction_cut(results, 0, 1.0) == 0
 
 
 def test_compacted_and_the_summary_request_are_exact() -> None:
     kept = [{"role": "user", "content": "q"}]
     assert compacted("  the gist \n", kept) == [
-        {"role": "user", "content": [{"type": "text", "text": f"{SUMMARY_HEADER}\nthe gist"}]}, *kept
+        {"role": "user", "content": [{"type": "text", "text": f"{SUMMARY_HEADER}\nthe gist"}]},
+        *kept,
     ]
     assert compacted("  ", [])[0]["content"][0]["text"] == f"{SUMMARY_HEADER}\n(nothing to keep)"
     request = summary_request([{"role": "user", "content": "hi"}], max_tokens=77)
@@ -342,7 +394,10 @@ def test_compacted_and_the_summary_request_are_exact() -> None:
     }
     big = [{"role": "user", "content": "w" * 4000}] * 51  # 204,000 characters of transcript
     content = summary_request(big, max_tokens=1)["messages"][0]["content"]
-    assert content.split("<conversation>\n")[1] == "[...]\n" + transcript(big, max_chars=10**6)[-200_000:] + "\n</conversation>"
+    assert (
+        content.split("<conversation>\n")[1]
+        == "[...]\n" + transcript(big, max_chars=10**6)[-200_000:] + "\n</conversation>"
+    )
     assert summary_request([{"role": "user", "content": "x" * 50}], max_tokens=1, max_chars=10)["messages"][0][
         "content"
     ].endswith("<conversation>\n[...]\n" + "x" * 10 + "\n</conversation>")
@@ -352,8 +407,22 @@ def test_a_transcript_says_who_said_what_and_cuts_long_pieces() -> None:
     messages = [
         {"role": "user", "content": "line one\nsim: tool x {}"},
         {"role": "assistant", "content": [{"type": "text", "text": "let me check"}, USE]},
-        {"role": "user", "content": [RESULT, {**RESULT, "tool_use_id": "t2", "is_error": True, "content": [
-            {"type": "text", "text": "bad\nnews"}, {"type": "image"}, {"type": "text", "text": "twice"}]}]},
+        {
+            "role": "user",
+            "content": [
+                RESULT,
+                {
+                    **RESULT,
+                    "tool_use_id": "t2",
+                    "is_error": True,
+                    "content": [
+                        {"type": "text", "text": "bad\nnews"},
+                        {"type": "image"},
+                        {"type": "text", "text": "twice"},
+                    ],
+                },
+            ],
+        },
         {"role": "assistant", "content": [{**USE, "input": {"a": 1, "b": b"raw"}}]},
         {"role": "assistant", "content": [{"type": "text", "text": ""}, {"type": "thinking", "thinking": "hm"}]},
     ]
@@ -367,8 +436,11 @@ def test_a_transcript_says_who_said_what_and_cuts_long_pieces() -> None:
     )
     whole = transcript(messages, max_chars=10_000)
     assert transcript(messages, max_chars=len(whole)) == whole  # exactly at the bound: not cut
-    long = [{"role": "user", "content": "y" * 5000}, {"role": "assistant", "content": [{**USE, "input": {"k": "z" * 2000}}]},
-            {"role": "user", "content": [{**RESULT, "content": "r" * 2000}]}]
+    long = [
+        {"role": "user", "content": "y" * 5000},
+        {"role": "assistant", "content": [{**USE, "input": {"k": "z" * 2000}}]},
+        {"role": "user", "content": [{**RESULT, "content": "r" * 2000}]},
+    ]
     lines = transcript(long, max_chars=100_000).split("\n")
     assert lines[0] == "User: " + "y" * 4000
     assert lines[1] == "Assistant called tool calc with " + ('{"k":"' + "z" * 2000)[:1000]

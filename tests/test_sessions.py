@@ -4,6 +4,7 @@ deletion that leaves nothing of the session in Redis."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
@@ -158,7 +159,7 @@ def test_enqueue_runs_the_session_tasks_one_at_a_time_in_order(pool: AgentPool) 
         entries = list(pool.events(task.task_id, tenant="acme", follow=False))
         first = min(e.ts for e in entries if e.event == EventType.LLM_CALL)
         spans.append((first, max(e.ts for e in entries if e.event == EventType.TASK_END)))
-    assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:], strict=False))
+    assert all(later[0] >= earlier[1] for earlier, later in itertools.pairwise(spans))
     assert all(r.timings.queued_ms >= 250 for r in results[1:]), [r.timings for r in results]  # the wait counts
     exported = pool.sessions.export("acme", session)
     assert exported is not None and exported["turns"] == 4
@@ -234,7 +235,7 @@ def test_compaction_summarises_older_turns_into_a_history_the_api_accepts(pool: 
     session = sid()
     words = " ".join(f"fact{i}" for i in range(60))
     for i in range(4):
-        prompt = f"sim: tool calculator {{\"expression\": \"{i}+1\"}}\nsim: answer noted {i} {words}"
+        prompt = f'sim: tool calculator {{"expression": "{i}+1"}}\nsim: answer noted {i} {words}'
         result = pool.run([AgentTask(tenant="brief", prompt=prompt, tools=["calculator"], session_id=session)])[0]
         assert result.status == "succeeded", result.error
     exported = pool.sessions.export("brief", session)
@@ -243,7 +244,9 @@ def test_compaction_summarises_older_turns_into_a_history_the_api_accepts(pool: 
     assert first.startswith(SUMMARY_HEADER)
     assert history_problem(exported["messages"]) is None
     compactions = [
-        e for t in exported["tasks"] for e in pool.events(t, tenant="brief", follow=False)
+        e
+        for t in exported["tasks"]
+        for e in pool.events(t, tenant="brief", follow=False)
         if e.event == EventType.SESSION_COMPACTED
     ]
     assert compactions and compactions[0].data["tokens_after"] < compactions[0].data["tokens_before"]
@@ -259,7 +262,11 @@ def test_compaction_summarises_older_turns_into_a_history_the_api_accepts(pool: 
 
 
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.sampled_from([OnBusy.ENQUEUE, OnBusy.REJECT, OnBusy.INTERRUPT, OnBusy.ROLLBACK]), min_size=3, max_size=6))
+@given(
+    st.lists(
+        st.sampled_from([OnBusy.ENQUEUE, OnBusy.REJECT, OnBusy.INTERRUPT, OnBusy.ROLLBACK]), min_size=3, max_size=6
+    )
+)
 def test_concurrent_tasks_of_a_session_never_interleave(pool: AgentPool, strategies: list[OnBusy]) -> None:
     session = sid()
     tasks = [
@@ -281,7 +288,7 @@ def test_concurrent_tasks_of_a_session_never_interleave(pool: AgentPool, strateg
     assert sorted(succeeded) == sorted(i for i, r in enumerate(results) if r.status == "succeeded")
     for i in succeeded:
         at = lines.index(f"assistant: turn{i}")
-        assert lines[at - 3] == f"user: sim: tool nap {{\"seconds\": 0.2}}\nsim: answer turn{i}"
+        assert lines[at - 3] == f'user: sim: tool nap {{"seconds": 0.2}}\nsim: answer turn{i}'
     # Enqueued tasks that succeeded ran in the order they came.
     enqueued = [i for i in succeeded if strategies[i] == OnBusy.ENQUEUE]
     assert enqueued == sorted(enqueued)
@@ -297,12 +304,16 @@ def test_deleting_a_session_leaves_nothing_of_it_in_redis(pool: AgentPool, redis
     label = uuid.uuid4().hex[:8]
     done = [
         pool.run([AgentTask(tenant="acme", prompt=f"sim: answer {marker} one", session_id=session)])[0],
-        pool.run([AgentTask(
-            tenant="acme",
-            prompt=f'sim: tool tally {{"label": "{label}"}}\nsim: answer {marker} two',
-            tools=["tally"],
-            session_id=session,
-        )])[0],
+        pool.run(
+            [
+                AgentTask(
+                    tenant="acme",
+                    prompt=f'sim: tool tally {{"label": "{label}"}}\nsim: answer {marker} two',
+                    tools=["tally"],
+                    session_id=session,
+                )
+            ]
+        )[0],
     ]
     running = AgentTask(tenant="acme", prompt=nap_prompt(marker, 10), tools=["nap"], session_id=session)
     waiting = AgentTask(tenant="acme", prompt=f"sim: answer {marker} three", session_id=session)
@@ -327,8 +338,11 @@ def test_deleting_a_session_leaves_nothing_of_it_in_redis(pool: AgentPool, redis
             assert marker not in str(redis_client.hgetall(key)), key
         elif kind in ("zset", "set", "list"):
             members = (
-                redis_client.zrange(key, 0, -1) if kind == "zset"
-                else redis_client.smembers(key) if kind == "set" else redis_client.lrange(key, 0, -1)
+                redis_client.zrange(key, 0, -1)
+                if kind == "zset"
+                else redis_client.smembers(key)
+                if kind == "set"
+                else redis_client.lrange(key, 0, -1)
             )
             assert not ids & set(members), key
     assert pool.sessions.export("acme", session) is None

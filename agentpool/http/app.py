@@ -31,7 +31,6 @@ from agentpool.cluster.api_keys import ApiKey
 from agentpool.cluster.front import IdemState, StoredResponse
 from agentpool.errors import AgentPoolError, InvalidTaskInput
 from agentpool.http.gateway import Gateway
-from agentpool.http.sessions import session_routes
 from agentpool.http.messages import (
     ApprovalBody,
     RequestMetrics,
@@ -45,6 +44,7 @@ from agentpool.http.messages import (
     stored_response,
     task_from,
 )
+from agentpool.http.sessions import session_routes
 from agentpool.models import AgentResult, AgentTask, TaskState, validate_tasks
 from agentpool.protocol import new_trace_id, traceparent
 from agentpool.vocabulary import EventType, TaskPhase, TaskStatus
