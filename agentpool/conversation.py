@@ -116,8 +116,14 @@ def compaction_cut(messages: list[dict[str, Any]], keep_tokens: int, chars_per_t
     starts = [i for i, m in enumerate(messages) if i > 0 and m.get("role") == "user" and not _has(m, "tool_result")]
     if not starts:
         return 0
-    for start in starts:
-        if estimate_tokens(messages[start:], chars_per_token) <= keep_tokens:
+    # Each message serialised once: a tail's JSON is "[" + its messages joined by "," + "]".
+    sizes = [len(json.dumps(m, separators=(",", ":"), default=str)) for m in messages]
+    tail = sum(sizes[starts[0] :]) + len(sizes) - starts[0] + 1
+    for at, start in enumerate(starts):
+        if at:
+            gone = starts[at - 1]
+            tail -= sum(sizes[gone:start]) + start - gone
+        if math.ceil(tail / chars_per_token) <= keep_tokens:
             return start
     return starts[-1]
 
