@@ -39,6 +39,21 @@ _DRAIN_GRACE_S = 5.0
 _QUIET_S = 1.0
 
 
+def raise_niceness(level: int) -> None:
+    """Lowers this process's CPU priority to niceness `level`, if it runs above it. Linux
+    keeps a niceness per thread: every thread running now is lowered, and threads started
+    later inherit it from theirs. Raising niceness needs no privilege; a failure leaves the
+    priority as it was."""
+    try:
+        threads = [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:  # not Linux: the calling process
+        threads = [0]
+    for tid in threads:
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            if os.getpriority(os.PRIO_PROCESS, tid) < level:
+                os.setpriority(os.PRIO_PROCESS, tid, level)
+
+
 @ray.remote
 class ToolExecutor(Telemetered):
     """Loads the configured tool modules and executes calls concurrently."""
@@ -53,7 +68,10 @@ class ToolExecutor(Telemetered):
         max_stuck_threads: int = 8,
         bulkhead_wait_s: float = 1.0,
         isolation: Isolation = "thread",
+        niceness: int | None = None,
     ) -> None:
+        if niceness is not None:
+            raise_niceness(niceness)  # before the sandbox and the tool threads start
         forget_env_secrets()  # tool code runs in this process and its children
         self._setup_telemetry("tool_executor")
         self.group = group

@@ -87,8 +87,8 @@ class ExecutorGroupConfig(BaseModel):
     executors: int = Field(default=1, ge=1, le=1024)
     concurrency: int = Field(default=64, ge=1, le=10_000)
     max_stuck_threads: int = Field(default=8, ge=1, le=10_000)
-    #: CPU priority of the group's processes (Unix niceness; Ray applies it once a process
-    #: has started, its first second importing Ray runs at 0). Tools default to 19, the
+    #: CPU priority of the group's processes (Unix niceness; an executor takes it as it
+    #: starts, its first second importing Ray runs at the cluster's). Tools default to 19, the
     #: lowest, below the pool's own actors (0), so that a tool burning CPU slows only tools,
     #: never the agent loops or the scheduler.
     niceness: int = Field(default=19, ge=0, le=19)

@@ -10,6 +10,7 @@ from typing import Any
 
 import ray
 
+from agentpool.launch import start_local_ray
 from agentpool.pool import NAMESPACE
 from bench import (
     autoscale,
@@ -54,7 +55,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     # One local Ray for every benchmark and phase: a pool started inside it leaves it running.
     if any(name not in WITHOUT_RAY for name in names):
-        ray.init(namespace=NAMESPACE, log_to_driver=False, include_dashboard=False, configure_logging=False)
+        start_local_ray(namespace=NAMESPACE, log_to_driver=False, include_dashboard=False, configure_logging=False)
     try:
         for name in names:
             figures = BENCHMARKS[name](args.out, args.quick)

@@ -13,6 +13,7 @@ import redis
 from hypothesis import Phase, settings
 
 from agentpool.cluster.redis_server import EmbeddedRedis
+from agentpool.launch import start_local_ray
 from agentpool.simulator import SimulatorConfig, SimulatorServer
 
 # `python -m bench mutation` judges mutants with this profile: the same examples every run,
@@ -33,7 +34,7 @@ if os.environ.get("HYPOTHESIS_PROFILE"):
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
     if not ray.is_initialized():
-        ray.init(
+        start_local_ray(
             num_cpus=2, namespace="agentpool", include_dashboard=False, log_to_driver=False, configure_logging=False
         )
     yield

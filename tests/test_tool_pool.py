@@ -4,6 +4,7 @@ tool board, real Redis, and agent tasks through the public API."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -21,6 +22,7 @@ from agentpool.actors.tool_calls import ToolCalls
 from agentpool.cli import app
 from agentpool.cluster.keys import Keys
 from agentpool.cluster.tool_records import ToolRecords
+from agentpool.launch import actor_env, base_niceness
 from agentpool.protocol import ToolCall
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -53,6 +55,22 @@ def _task(prompt: str, **kw: Any) -> AgentTask:
 
 def _executors(pool: AgentPool, group: str, n: int) -> list[Any]:
     return [ray.get_actor(f"{pool.config.name}-tools-{group}-{i}", namespace="agentpool") for i in range(n)]
+
+
+def _niceness_of_threads(actor: Any) -> set[int]:
+    pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+    return {os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="per-thread niceness is read from /proc")
+def test_tools_run_at_their_groups_niceness_and_the_control_plane_at_zero(pool: AgentPool) -> None:
+    """On a local Ray this package started, the pool's processes start without a runtime
+    env (they start twice as fast) and the executors lower their own priority, every thread."""
+    assert base_niceness() == 0 and actor_env(0) == {} and actor_env(19) == {}
+    assert _niceness_of_threads(_executors(pool, "chaos", 1)[0]) == {19}
+    assert _niceness_of_threads(_executors(pool, "default", 1)[0]) == {19}
+    scheduler = ray.get_actor(f"{pool.config.name}-scheduler", namespace="agentpool")
+    assert _niceness_of_threads(scheduler) == {0}
 
 
 def test_hanging_tools_cost_only_their_timeout(pool: AgentPool) -> None:
