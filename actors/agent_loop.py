@@ -20,10 +20,10 @@ from jsonschema import Draft202012Validator
 from agentpool import events
 from agentpool import telemetry as tm
 from agentpool.actors.checkpoint import ApprovalRequest, LoopState
-from agentpool.actors.llm import LLMResponse
+from agentpool.actors.llm import LLMResponse, priced_usage
 from agentpool.actors.session_task import CallLLM as CallLLM
 from agentpool.actors.session_task import Compaction, compact
-from agentpool.conversation import with_cache_mark
+from agentpool.conversation import estimate_input_tokens, with_cache_mark
 from agentpool.errors import BudgetExceeded, ProviderError
 from agentpool.events import Emit
 from agentpool.guardrails import DATA_NOTICE, screen, wrap_tool_output
@@ -38,6 +38,11 @@ Checkpoint = Callable[[LoopState], None]
 
 class _ApprovalExpired(Exception):
     pass
+
+
+class _CostCapReached(Exception):
+    def __init__(self, worst_usd: float) -> None:
+        self.worst_usd = worst_usd
 
 
 class _AwaitingApproval(Exception):
@@ -73,10 +78,12 @@ class AgentLoop:
         history: list[dict[str, Any]] | None = None,
         session_version: int | None = None,
         compaction: Compaction | None = None,
+        chars_per_token: float = 3.0,
     ) -> None:
         self.task = task
         self._guard = guardrails or Guardrails()
-        self._call_llm = call_llm
+        self._call_llm = call_llm if task.max_cost_usd is None else self._capped(call_llm)
+        self._chars_per_token = chars_per_token
         self._run_tool = run_tool
         self._tool_defs = tool_defs
         self._emit = emit
@@ -181,6 +188,18 @@ class AgentLoop:
             )
             result.retry_after_s = exc.fields.get("retry_after_s")
             return result
+        except _CostCapReached as cap:
+            return self._result(
+                TaskStatus.BUDGET_EXHAUSTED,
+                error=ErrorInfo(
+                    type="CostCapReached",
+                    message=(
+                        f"spent ${self.usage.cost_usd:.6f} of max_cost_usd={self.task.max_cost_usd}; the next "
+                        f"LLM call could cost up to ${cap.worst_usd:.6f}"
+                    ),
+                    reason=ErrorReason.TASK_COST_CAP,
+                ),
+            )
         except _ApprovalExpired:
             return self._result(
                 TaskStatus.TIMED_OUT,
@@ -287,7 +306,7 @@ class AgentLoop:
     def _record(self, iteration: int, response: LLMResponse) -> events.LlmCall:
         """Folds one response into the loop's state; returns its `llm_call` event."""
         message = response.message
-        usage = self._prices.priced(response.model, Usage.from_api(message.get("usage")))
+        usage = priced_usage(response, self._prices)
         st = self.state
         st.usage = st.usage + usage
         st.iterations = iteration
@@ -321,6 +340,7 @@ class AgentLoop:
             cost_usd=usage.cost_usd,
             latency_ms=round(response.latency_ms, 2),
             attempts=response.attempts,
+            cached=response.cached,
         )
 
     async def _tools_turn(self, iteration: int, blocks: list[dict[str, Any]]) -> None:
@@ -437,6 +457,21 @@ class AgentLoop:
             )
             for c in gated
         }
+
+    def _capped(self, call_llm: CallLLM) -> CallLLM:
+        """`call_llm` behind the task's `max_cost_usd`: a call whose worst case on its model
+        chain could take the task's spending over it is not sent (`_CostCapReached`)."""
+        cap = self.task.max_cost_usd
+        assert cap is not None
+
+        async def call(request: dict[str, Any], models: list[str], emit: Emit) -> LLMResponse:
+            input_tokens = estimate_input_tokens(request, self._chars_per_token)
+            worst = self._prices.worst_cost_usd(models, input_tokens, int(request["max_tokens"]))
+            if self.usage.cost_usd + worst > cap:
+                raise _CostCapReached(worst)
+            return await call_llm(request, models, emit)
+
+        return call
 
     def _save(self) -> None:
         if self._checkpoint is not None:

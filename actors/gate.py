@@ -8,8 +8,6 @@ and the reservation is replaced by the actual usage (or refunded when the attemp
 
 from __future__ import annotations
 
-import json
-import math
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Mapping
@@ -20,6 +18,7 @@ from agentpool import telemetry as tm
 from agentpool.background import Background
 from agentpool.cluster.budgets import BudgetLedger, Reservation, limits_of
 from agentpool.cluster.connection import Scripted
+from agentpool.conversation import estimate_input_tokens
 from agentpool.models import TenantPolicy, Usage
 from agentpool.pricing import PriceTable
 
@@ -29,13 +28,6 @@ _REMAINING_HEADERS = {
     "input_tokens": "anthropic-ratelimit-input-tokens-remaining",
     "output_tokens": "anthropic-ratelimit-output-tokens-remaining",
 }
-
-
-def estimate_input_tokens(request: Mapping[str, Any], chars_per_token: float) -> int:
-    """A deliberately generous count of a request's input tokens, before sending it."""
-    parts = [request.get("messages"), request.get("system"), request.get("tools")]
-    chars = sum(len(json.dumps(p, separators=(",", ":"))) for p in parts if p)
-    return max(1, math.ceil(chars / chars_per_token))
 
 
 def remaining_from_headers(headers: Mapping[str, str] | None) -> dict[str, float]:
@@ -117,7 +109,7 @@ class TaskGate:
             self._policy,
             lease_id,
             input_tokens + max_tokens,
-            self._worst_cost(model, input_tokens, max_tokens),
+            self._prices.worst_cost_usd([model], input_tokens, max_tokens),
         )
         if not limited:
             return Ticket(None, model, reservation)
@@ -190,12 +182,6 @@ class TaskGate:
         # already have been billed, so it turns into spending when it expires.
         if ticket.lease_id is not None:
             self._limiter.cancel.remote(ticket.lease_id)
-
-    def _worst_cost(self, model: str, input_tokens: int, output_tokens: int) -> float:
-        """The call's cost if its whole input were billed at the dearer of input and cache-write rates."""
-        as_input = Usage(input_tokens=input_tokens, output_tokens=output_tokens)
-        as_cache_write = Usage(cache_creation_input_tokens=input_tokens, output_tokens=output_tokens)
-        return max(self._prices.priced(model, u).cost_usd for u in (as_input, as_cache_write))
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         self._pending.spawn(coro)

@@ -19,6 +19,8 @@ from agentpool.actors.backoff import Backoff, classify
 from agentpool.actors.response import parse_message
 from agentpool.errors import MalformedResponse, ProviderError
 from agentpool.events import Emit
+from agentpool.models import Usage
+from agentpool.pricing import PriceTable
 from agentpool.secrets import Scrubber
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -55,6 +57,15 @@ class LLMResponse:
     model: str
     attempts: int
     latency_ms: float
+    #: Answered from the response cache: no provider call was made.
+    cached: bool = False
+
+
+def priced_usage(response: LLMResponse, prices: PriceTable) -> Usage:
+    """What a response cost the task: its usage at `prices`; for one answered from the
+    response cache, nothing spent and what it would have cost saved."""
+    usage = prices.priced(response.model, Usage.from_api(response.message.get("usage")))
+    return Usage(cached_responses=1, saved_usd=usage.cost_usd) if response.cached else usage
 
 
 class LLMClient:

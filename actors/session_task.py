@@ -11,12 +11,12 @@ from typing import Any
 
 from agentpool import events
 from agentpool.actors.checkpoint import LoopState
-from agentpool.actors.llm import LLMResponse
+from agentpool.actors.llm import LLMResponse, priced_usage
 from agentpool.cluster.sessions import SessionWrite
 from agentpool.config import PoolConfig
 from agentpool.conversation import compacted, compaction_cut, complete_part, estimate_tokens, summary_request
 from agentpool.events import Emit
-from agentpool.models import AgentResult, AgentTask, SessionPolicy, Usage
+from agentpool.models import AgentResult, AgentTask, SessionPolicy
 from agentpool.pricing import PriceTable
 from agentpool.vocabulary import OnBusy, TaskStatus
 
@@ -48,7 +48,7 @@ async def compact(
             await emit(event)
 
     response = await call_llm(request, [plan.model], quiet)
-    usage = prices.priced(response.model, Usage.from_api(response.message.get("usage")))
+    usage = priced_usage(response, prices)
     st.usage = st.usage + usage
     st.llm_attempts += response.attempts
     summary = "".join(b.get("text", "") for b in response.message.get("content", []) if b.get("type") == "text")

@@ -25,12 +25,14 @@ from agentpool import events
 from agentpool import telemetry as tm
 from agentpool.actors.agent_loop import AgentLoop, CallLLM
 from agentpool.actors.backoff import Backoff
+from agentpool.actors.cached_calls import through_cache
 from agentpool.actors.checkpoint import Checkpointer, LoopState
 from agentpool.actors.gate import TaskGate
 from agentpool.actors.llm import LLMClient, LLMResponse
 from agentpool.actors.session_task import compaction_plan, session_full, session_write
 from agentpool.actors.tool_calls import ToolCalls
 from agentpool.cluster.budgets import BudgetLedger
+from agentpool.cluster.responses import ResponseCache
 from agentpool.cluster.store import ResultStore, RunStart
 from agentpool.cluster.telemetry import Telemetered
 from agentpool.cluster.tool_records import ToolRecords
@@ -40,6 +42,7 @@ from agentpool.events import Emit, Event
 from agentpool.models import AgentResult, ErrorInfo, Timings
 from agentpool.pricing import PriceTable
 from agentpool.protocol import ApprovalDecision, Dispatch, Outcome, Paused, RunFailed, provider_key_name
+from agentpool.response_cache import cache_mode
 from agentpool.secrets import Scrubber, forget_env_secrets, install_log_scrubber
 from agentpool.vocabulary import ErrorReason, OnBusy, TaskStatus
 
@@ -131,6 +134,7 @@ class AgentWorker(Telemetered):
         self._ledger = BudgetLedger(
             lambda: self._store.redis, self._store.keys, reservation_ttl_s=config.lease_expiry_s
         )
+        self._responses = ResponseCache(lambda: self._store.redis, self._store.keys, wall_clock=time.time)
         self._holder = ray.get_runtime_context().get_actor_id() or "worker"
         # Looked up by name, not passed as handles: constructor arguments stay plain data,
         # so a restarted worker never depends on objects that may have left the store.
@@ -303,7 +307,17 @@ class AgentWorker(Telemetered):
             )
             loop = AgentLoop(
                 task,
-                call_llm=_confirmed(functools.partial(self._client().create, gate=gate, stream=task.stream), confirm),
+                call_llm=_confirmed(
+                    through_cache(
+                        functools.partial(self._client().create, gate=gate, stream=task.stream),
+                        self._responses,
+                        tenant=task.tenant,
+                        mode=cache_mode(task.cache, policy.cache),
+                        ttl_s=policy.cache_ttl_s,
+                        prices=self._prices,
+                    ),
+                    confirm,
+                ),
                 run_tool=lambda call: self._tools.run(call, allowed, emit),
                 tool_defs=[self._tool_defs[name] for name in task.tools if name in allowed],
                 models=self.config.models_for(task.tenant, task.model, task.fallback_models),
@@ -319,6 +333,7 @@ class AgentWorker(Telemetered):
                 history=history,
                 session_version=version,
                 compaction=compaction,
+                chars_per_token=self.config.input_chars_per_token,
             )
             if loop.resumed_from is not None:
                 await emit(events.TaskResumed(iteration=loop.resumed_from, attempt=dispatch.attempt))

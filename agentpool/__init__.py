@@ -48,7 +48,7 @@ from agentpool.models import (
 )
 from agentpool.simulator.config import SimulatorConfig
 from agentpool.tools import tool
-from agentpool.vocabulary import ErrorReason, EventType, OnBusy, TaskPhase, TaskStatus, ToolErrorKind
+from agentpool.vocabulary import CacheMode, ErrorReason, EventType, OnBusy, TaskPhase, TaskStatus, ToolErrorKind
 
 if TYPE_CHECKING:
     from agentpool.pool import AgentPool
@@ -72,6 +72,7 @@ __all__ = [
     "AutoscaleConfig",
     "BreakerConfig",
     "BudgetExceeded",
+    "CacheMode",
     "ConfigError",
     "ErrorInfo",
     "ErrorReason",

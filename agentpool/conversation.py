@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from typing import Any
 
 #: Content block types a history may hold.
@@ -106,6 +107,14 @@ def estimate_tokens(messages: list[dict[str, Any]], chars_per_token: float) -> i
     if not messages:
         return 0
     return math.ceil(len(json.dumps(messages, separators=(",", ":"), default=str)) / chars_per_token)
+
+
+def estimate_input_tokens(request: Mapping[str, Any], chars_per_token: float) -> int:
+    """A deliberately generous count of a Messages API request's input tokens, before
+    sending it: the JSON of its messages, system prompt and tools at `chars_per_token`."""
+    parts = [request.get("messages"), request.get("system"), request.get("tools")]
+    chars = sum(len(json.dumps(p, separators=(",", ":"), default=str)) for p in parts if p)
+    return max(1, math.ceil(chars / chars_per_token))
 
 
 def compaction_cut(messages: list[dict[str, Any]], keep_tokens: int, chars_per_token: float) -> int:

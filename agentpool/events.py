@@ -131,6 +131,8 @@ class LlmCall(Event):
     cost_usd: float
     latency_ms: float
     attempts: int
+    #: Answered from the response cache (no provider call; its tokens and cost are 0).
+    cached: bool = False
 
 
 class TextDelta(Event):

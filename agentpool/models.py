@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 # Re-exported (`as`): the public models name them, and users import them from here too.
+from agentpool.vocabulary import CacheMode as CacheMode
 from agentpool.vocabulary import ErrorReason as ErrorReason
 from agentpool.vocabulary import OnBusy as OnBusy
 from agentpool.vocabulary import TaskPhase as TaskPhase
@@ -111,6 +112,14 @@ class AgentTask(_Model):
     max_tokens: int = Field(default=1024, ge=1, le=64_000)
     max_iterations: int = Field(default=10, ge=1, le=100)
     token_budget: int | None = Field(default=None, ge=1, le=10_000_000)
+    #: Whether its LLM calls may be answered from the response cache (`CacheMode`); the
+    #: tenant's `TenantPolicy.cache` when None.
+    cache: CacheMode | None = None
+    #: The most this task may spend, in USD at the pool's price table: each LLM call's worst
+    #: case (its estimated input at the dearest input rate, plus `max_tokens` of output) is
+    #: checked before it is sent, and the task stops (`budget_exhausted`, `task_cost_cap`,
+    #: with the work done so far) rather than send a call that could cross it.
+    max_cost_usd: float | None = Field(default=None, gt=0, le=100_000)
     timeout_s: float = Field(default=120.0, gt=0, le=86_400)
     output_schema: dict[str, Any] | None = None
     priority: Priority = "standard"
@@ -227,6 +236,10 @@ class Usage(_Model):
     cache_read_input_tokens: int = 0
     cache_creation_input_tokens: int = 0
     cost_usd: float = 0.0
+    #: LLM calls answered from the response cache (no provider call: their tokens are not
+    #: counted above, they cost nothing), and what they cost when they were first made.
+    cached_responses: int = 0
+    saved_usd: float = 0.0
 
     @classmethod
     def from_api(cls, raw: dict[str, Any] | None) -> Usage:
@@ -251,6 +264,8 @@ class Usage(_Model):
             cache_read_input_tokens=self.cache_read_input_tokens + other.cache_read_input_tokens,
             cache_creation_input_tokens=self.cache_creation_input_tokens + other.cache_creation_input_tokens,
             cost_usd=round(self.cost_usd + other.cost_usd, 10),
+            cached_responses=self.cached_responses + other.cached_responses,
+            saved_usd=round(self.saved_usd + other.saved_usd, 10),
         )
 
 
@@ -429,6 +444,9 @@ class TenantPolicy(_Model):
     #: `*.example.com`); None allows any public host.
     webhook_hosts: list[Annotated[str, StringConstraints(max_length=253)]] | None = Field(default=None, max_length=100)
     sessions: SessionPolicy = Field(default_factory=SessionPolicy)
+    #: The tenant's default for `AgentTask.cache`, and how long a cached response lives.
+    cache: CacheMode = CacheMode.OFF
+    cache_ttl_s: int = Field(default=3600, ge=1, le=30 * 86_400)
 
 
 def _invalid(error: ValidationError) -> Exception:

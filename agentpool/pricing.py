@@ -20,16 +20,28 @@ class ModelPrice(BaseModel):
     cache_write: float | None = Field(default=None, ge=0)
     cache_read: float | None = Field(default=None, ge=0)
 
+    @property
+    def write_rate(self) -> float:
+        return self.cache_write if self.cache_write is not None else self.input * 1.25
+
+    @property
+    def read_rate(self) -> float:
+        return self.cache_read if self.cache_read is not None else self.input * 0.1
+
     def cost_usd(self, usage: Usage) -> float:
-        write = self.cache_write if self.cache_write is not None else self.input * 1.25
-        read = self.cache_read if self.cache_read is not None else self.input * 0.1
         total = (
             usage.input_tokens * self.input
             + usage.output_tokens * self.output
-            + usage.cache_creation_input_tokens * write
-            + usage.cache_read_input_tokens * read
+            + usage.cache_creation_input_tokens * self.write_rate
+            + usage.cache_read_input_tokens * self.read_rate
         )
         return round(total / 1_000_000, 10)
+
+    def worst_cost_usd(self, input_tokens: int, output_tokens: int) -> float:
+        """The most a call of at most these tokens can cost: every input token at the
+        dearest input rate (plain, cache write or cache read), every output token billed."""
+        dearest = max(self.input, self.write_rate, self.read_rate)
+        return round((input_tokens * dearest + output_tokens * self.output) / 1_000_000, 10)
 
 
 DEFAULT_PRICES: dict[str, ModelPrice] = {
@@ -61,3 +73,11 @@ class PriceTable:
         price = self.price(model)
         cost = price.cost_usd(usage) if price else 0.0
         return usage.model_copy(update={"cost_usd": cost})
+
+    def worst_cost_usd(self, models: list[str], input_tokens: int, output_tokens: int) -> float:
+        """The most one call of at most these tokens can cost on any model of a fallback
+        chain (the call may end on any of them)."""
+        return max(
+            (price.worst_cost_usd(input_tokens, output_tokens) for m in models if (price := self.price(m))),
+            default=0.0,
+        )

@@ -81,6 +81,9 @@ tokens = meter.create_counter(
     "agentpool.tokens", unit="{token}", description="Tokens used, by tenant, model and token type."
 )
 cost = meter.create_counter("agentpool.cost", unit="USD", description="Spend, by tenant and model.")
+response_cache = meter.create_counter(
+    "agentpool.response_cache", unit="{call}", description="Response-cache lookups, by tenant and result (hit, miss)."
+)
 tool_calls = meter.create_counter("agentpool.tool.calls", unit="{call}", description="Tool calls, by tool and outcome.")
 tool_duration = meter.create_histogram(
     "agentpool.tool.duration",

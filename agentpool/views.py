@@ -93,7 +93,7 @@ def status_tables(status: dict[str, Any]) -> list[Table]:
             )
     buckets.caption = f"leases outstanding {limits.get('outstanding')}, waiting {limits.get('waiting')}"
     budgets = Table(title="usage today (UTC)", show_header=True)
-    for column in ("tenant", "tokens", "cost USD", "reserved tokens", "calls"):
+    for column in ("tenant", "tokens", "cost USD", "reserved tokens", "calls", "cache hits", "saved USD"):
         budgets.add_column(column)
     for tenant, spent in (status.get("budgets_today") or {}).items():
         if not isinstance(spent, dict):  # {"error": ...} while Redis is away
@@ -104,6 +104,8 @@ def status_tables(status: dict[str, Any]) -> list[Table]:
             f"{spent.get('cost_usd', 0):.4f}",
             f"{spent.get('reserved_tokens', 0):.0f}",
             f"{spent.get('calls', 0):.0f}",
+            _hit_rate(spent),
+            f"{spent.get('cache_saved_usd', 0):.4f}",
         )
     tools = Table(title="tools", show_header=True)
     for column in ("tool", "breaker", "outcomes"):
@@ -213,3 +215,11 @@ def timeline_table(task_id: str, events: list[dict[str, Any]], result: AgentResu
     elif events:
         table.caption = f"still running; trace {events[0].get('trace_id', '')}"
     return table
+
+
+def _hit_rate(spent: dict[str, float]) -> str:
+    """The response cache's hits of its lookups today, e.g. `12/40 (30%)`; `-` if none."""
+    hits, misses = spent.get("cache_hits", 0), spent.get("cache_misses", 0)
+    if not hits + misses:
+        return "-"
+    return f"{hits:.0f}/{hits + misses:.0f} ({hits / (hits + misses):.0%})"

@@ -85,10 +85,26 @@ class ErrorReason(StrEnum):
     INTERRUPTED = "interrupted"
     #: Failed: its session's history is over the tenant's size limits (delete or compact it).
     SESSION_FULL = "session_full"
+    #: Stopped: its next LLM call could have taken it over its own `max_cost_usd`.
+    TASK_COST_CAP = "task_cost_cap"
 
 
 #: The reasons a tenant's daily budget gives.
 BudgetReason = Literal[ErrorReason.DAILY_TOKEN_BUDGET, ErrorReason.DAILY_COST_BUDGET]
+
+
+class CacheMode(StrEnum):
+    """Whether a task's LLM calls may be answered from the pool's response cache:
+    `AgentTask.cache`, or the tenant's default (`TenantPolicy.cache`)."""
+
+    #: Every call goes to the provider.
+    OFF = "off"
+    #: A call identical to one answered before (same model chain, system prompt, messages,
+    #: tools and parameters, same tenant, within the TTL) gets that answer again, with no
+    #: provider call. The Messages API takes no sampling parameters since its 2026-10-21
+    #: version (any `temperature` is a 400), so every answer is a sample: choosing this says
+    #: a repeat may have the first one.
+    EXACT = "exact"
 
 
 class OnBusy(StrEnum):

@@ -28,7 +28,7 @@ from agentpool.errors import BudgetExceeded
 from agentpool.models import TenantPolicy, Usage
 from agentpool.vocabulary import ErrorReason
 
-_DAY_KEY_TTL_S = 3 * 24 * 3600
+DAY_KEY_TTL_S = 3 * 24 * 3600
 # The scripts subtract as `0 - x`, never `-x`: Lua's -0 reaches Redis as "-0", which HINCRBY
 # refuses ("not an integer"), so settling a reservation of 0 tokens failed.
 
@@ -192,7 +192,7 @@ class BudgetLedger:
                 repr(float(limits.cost_usd)) if limits.cost_usd is not None else -1,
                 repr(now),
                 repr(now + self._ttl),
-                _DAY_KEY_TTL_S,
+                DAY_KEY_TTL_S,
             ],
         )
         if why:
@@ -215,14 +215,14 @@ class BudgetLedger:
             usage.cache_creation_input_tokens,
             repr(float(usage.cost_usd)),
             calls,
-            _DAY_KEY_TTL_S,
+            DAY_KEY_TTL_S,
         )
         return Scripted(_SETTLE, (key,), args)
 
     async def refund(self, reservation: Reservation | None) -> None:
         """Gives a failed or abandoned call's reservation back."""
         if reservation is not None:
-            await self._script("settle", _SETTLE)(keys=[reservation.key], args=[reservation.lease_id, _DAY_KEY_TTL_S])
+            await self._script("settle", _SETTLE)(keys=[reservation.key], args=[reservation.lease_id, DAY_KEY_TTL_S])
 
     async def spent(self, tenant: str) -> dict[str, float]:
         """Today's usage of `tenant`: tokens, cost and what is reserved by calls in flight."""

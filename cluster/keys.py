@@ -90,6 +90,10 @@ class Keys:
     def usage(self, tenant: str, day: str) -> str:
         return f"{self._tenant(tenant)}:usage:{day}"
 
+    def response(self, tenant: str, digest: str) -> str:
+        """A response kept in the tenant's response cache (`cluster.responses`), with its TTL."""
+        return f"{self._tenant(tenant)}:resp:{digest}"
+
     def tool_call(self, tenant: str, task_id: str, tool_use_id: str) -> str:
         """A side-effecting tool call's record: started, then its outcome."""
         return f"{self._tenant(tenant)}:toolcall:{task_id}:{tool_use_id}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -92,6 +93,30 @@ async def test_token_budget_stops_the_loop(sim: SimulatorServer) -> None:
     assert r.usage.total_tokens >= 300 and r.iterations >= 1
     # the overshoot is bounded by one call: the budget was checked before each request
     assert r.usage.total_tokens < 300 + 200
+
+
+@pytest.mark.parametrize("cap", [0.0005, 0.003, 0.006, 0.02, 0.2])
+async def test_a_dollar_cap_is_never_crossed(sim: SimulatorServer, cap: float) -> None:
+    """Each call's worst case is checked before it is sent: the task stops short of its cap
+    (with the work done so far) instead of crossing it, whatever the cap."""
+    h = Harness(sim)
+    prompt = "\n".join(['sim: tool shout {"text": "a"}'] * 12) + "\nsim: output_tokens 60"
+    r = await h.run(prompt=prompt, tools=["shout"], max_tokens=200, max_iterations=20, max_cost_usd=cap)
+    assert r.usage.cost_usd <= cap
+    assert r.usage.cost_usd == pytest.approx(sum(c["cost_usd"] for c in h.named("llm_call")))
+    if cap == 0.2:
+        assert r.status == "succeeded" and r.iterations == 13
+        return
+    assert r.status == "budget_exhausted" and r.error.reason == "task_cost_cap" and r.error.type == "CostCapReached"
+    assert len(r.tool_calls) == r.iterations  # the work done so far is in the record
+    # It stopped only because the next call's worst case did not fit.
+    worst = float(re.search(r"could cost up to \$([0-9.]+)", r.error.message).group(1))
+    assert r.usage.cost_usd + worst > cap
+    assert worst >= PriceTable().worst_cost_usd(["claude-sonnet-4-5"], 1, 200)
+    if cap < PriceTable().worst_cost_usd(["claude-sonnet-4-5"], 1, 200):
+        assert r.iterations == 0  # not even one call fits
+    else:
+        assert r.iterations >= 1
 
 
 async def test_timeout_returns_partial_work(sim: SimulatorServer) -> None:

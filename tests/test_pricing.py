@@ -1,0 +1,68 @@
+"""The price table's worst case, which per-task dollar caps (`max_cost_usd`) rely on: no call
+within a request's bounds costs more, on any model of its chain, cache pricing included;
+and the pool's input estimate bounds what the simulator bills."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agentpool.conversation import estimate_input_tokens
+from agentpool.models import Usage
+from agentpool.pricing import DEFAULT_PRICES, ModelPrice, PriceTable
+from agentpool.simulator import SimulatorConfig
+from agentpool.simulator.server import Simulator
+
+rates = st.floats(0, 100, allow_nan=False, allow_infinity=False)
+prices = st.builds(ModelPrice, input=rates, output=rates, cache_write=st.none() | rates, cache_read=st.none() | rates)
+
+
+@given(prices, st.integers(0, 200_000), st.integers(0, 64_000), st.data())
+def test_no_call_within_its_bounds_costs_more_than_the_worst_case(
+    price: ModelPrice, input_tokens: int, max_tokens: int, data: st.DataObject
+) -> None:
+    # Any split of the input between plain, cache-write and cache-read tokens, any output.
+    written = data.draw(st.integers(0, input_tokens))
+    read = data.draw(st.integers(0, input_tokens - written))
+    usage = Usage(
+        input_tokens=input_tokens - written - read,
+        cache_creation_input_tokens=written,
+        cache_read_input_tokens=read,
+        output_tokens=data.draw(st.integers(0, max_tokens)),
+    )
+    assert price.cost_usd(usage) <= price.worst_cost_usd(input_tokens, max_tokens) + 1e-9
+
+
+@given(st.lists(st.sampled_from([*DEFAULT_PRICES, "unknown-model"]), min_size=1, max_size=4), st.integers(0, 10**6))
+def test_a_chain_s_worst_case_is_its_dearest_model_s(models: list[str], tokens: int) -> None:
+    table = PriceTable()
+    worst = table.worst_cost_usd(models, tokens, tokens)
+    for model in models:
+        usage = Usage(cache_creation_input_tokens=tokens, output_tokens=tokens)
+        assert table.priced(model, usage).cost_usd <= worst + 1e-9
+    assert worst == max((table.worst_cost_usd([m], tokens, tokens) for m in models), default=0.0)
+
+
+texts = st.text(st.characters(codec="utf-8"), min_size=1, max_size=300)
+blocks = st.one_of(
+    texts,
+    st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": texts}), min_size=1, max_size=3),
+)
+
+
+@given(
+    st.lists(blocks, min_size=1, max_size=8),
+    st.none() | texts,
+    st.booleans(),
+)
+def test_the_input_estimate_bounds_what_the_simulator_bills(
+    contents: list[object], system: str | None, marked: bool
+) -> None:
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": c} for i, c in enumerate(contents)]
+    if marked and isinstance(messages[-1]["content"], list):
+        messages[-1]["content"][-1]["cache_control"] = {"type": "ephemeral"}
+    request: dict[str, object] = {"model": "claude-sonnet-4-5", "max_tokens": 10, "messages": messages}
+    if system is not None:
+        request["system"] = [{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}]
+    billed = Simulator(SimulatorConfig()).usage_for(request)
+    assert sum(billed.values()) <= estimate_input_tokens(request, 3.0)
