@@ -30,7 +30,8 @@ from agentpool.guardrails import DATA_NOTICE, screen, wrap_tool_output
 from agentpool.models import AgentResult, AgentTask, ErrorInfo, Guardrails, TaskStatus, ToolCallSummary, Usage
 from agentpool.pricing import PriceTable
 from agentpool.protocol import SCHEMA_MARKER, ApprovalDecision, Paused, ToolCall, ToolOutcome
-from agentpool.vocabulary import ErrorReason, ToolErrorKind
+from agentpool.routing import Routing
+from agentpool.vocabulary import ErrorReason, EscalationReason, ToolErrorKind
 
 RunTool = Callable[[ToolCall], Awaitable[ToolOutcome]]
 Checkpoint = Callable[[LoopState], None]
@@ -79,11 +80,14 @@ class AgentLoop:
         session_version: int | None = None,
         compaction: Compaction | None = None,
         chars_per_token: float = 3.0,
+        routing: Routing | None = None,
     ) -> None:
         self.task = task
         self._guard = guardrails or Guardrails()
         self._call_llm = call_llm if task.max_cost_usd is None else self._capped(call_llm)
         self._chars_per_token = chars_per_token
+        #: The routing rules of a routed task (`model="auto"`): its models are its ladder.
+        self._routing = routing
         self._run_tool = run_tool
         self._tool_defs = tool_defs
         self._emit = emit
@@ -231,11 +235,17 @@ class AgentLoop:
                 if remaining <= 0:
                     return self._budget_exhausted()
                 max_tokens = min(max_tokens, remaining)
+            asked = self._models[0]
             response = await self._call_llm(self._request(max_tokens), self._models, self._emit)
             await self._emit(self._record(iteration, response))
+            if self._routing is not None and response.model != asked:  # its model failed: the next one answered
+                await self._escalated(iteration, asked, response.model, EscalationReason.FAILURE)
             message = response.message
             content = message.get("content", [])
             self.messages.append({"role": "assistant", "content": content})
+            if self.state.stop_reason != "tool_use" and self._asks_for_stronger():
+                await self._escalate(iteration, EscalationReason.SIGNAL)
+                continue
             if self.state.stop_reason == "tool_use":
                 if self._over_budget():
                     return self._budget_exhausted()
@@ -249,6 +259,10 @@ class AgentLoop:
             answer, problem = _parse_structured(self.last_text or "", validator)
             if problem is None:
                 return self._result(TaskStatus.SUCCEEDED, answer=answer)
+            if self._routing is not None and self._routing.escalate_on_invalid_output and len(self._models) > 1:
+                await self._emit(events.OutputInvalid(iteration=iteration, problem=problem[:500]))
+                await self._escalate(iteration, EscalationReason.INVALID_OUTPUT)
+                continue
             # Tell the model what was wrong so that the next turn can fix it.
             self.messages.append(
                 {
@@ -266,6 +280,28 @@ class AgentLoop:
             error=ErrorInfo(
                 type="IterationCap", message=f"no final answer within max_iterations={self.task.max_iterations}"
             ),
+        )
+
+    # --- routing (model="auto") -------------------------------------------------------
+
+    def _asks_for_stronger(self) -> bool:
+        """The answer carries the routing's escalation phrase, and a stronger model is left."""
+        phrase = self._routing.escalate_when_answer_contains if self._routing is not None else None
+        return phrase is not None and phrase in (self.state.last_text or "") and len(self._models) > 1
+
+    async def _escalate(self, iteration: int, reason: EscalationReason) -> None:
+        """Drops the last answer and asks the next model up the ladder, for the rest of the run."""
+        self.messages.pop()
+        weaker, self._models = self._models[0], self._models[1:]
+        self.state.models = self._models
+        await self._escalated(iteration, weaker, self._models[0], reason)
+        self._save()
+
+    async def _escalated(self, iteration: int, weaker: str, stronger: str, reason: EscalationReason) -> None:
+        self.state.escalations += 1
+        tm.escalations.add(1, {"agentpool.tenant": self.task.tenant, "reason": reason.value})
+        await self._emit(
+            events.ModelEscalated(iteration=iteration, from_model=weaker, to_model=stronger, reason=reason)
         )
 
     async def _compact(self, plan: Compaction) -> None:
@@ -510,6 +546,7 @@ class AgentLoop:
             resumes=self.state.resumes,
             llm_calls_saved=self.state.llm_calls_saved,
             session_id=self.task.session_id,
+            escalations=self.state.escalations,
         )
 
 

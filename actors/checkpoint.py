@@ -57,6 +57,8 @@ class LoopState(BaseModel):
     session_version: int | None = None
     #: The session's older turns were summarised into one message before the first call.
     compacted: bool = False
+    #: Times a routed task moved up to a stronger model.
+    escalations: int = 0
 
     def pending_tool_uses(self) -> list[dict[str, Any]]:
         """The tool_use blocks of the last assistant turn if their results are not in yet."""

@@ -82,7 +82,7 @@ def compaction_plan(
     cut = compaction_cut(history, policy.keep_recent_tokens, per_token)
     if cut == 0:
         return None
-    model = policy.compaction_model or config.models_for(task.tenant, task.model, task.fallback_models)[0]
+    model = policy.compaction_model or config.task_models(task)[0]
     return Compaction(cut=cut, model=model, max_tokens=policy.summary_max_tokens, chars_per_token=per_token)
 
 

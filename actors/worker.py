@@ -320,7 +320,7 @@ class AgentWorker(Telemetered):
                 ),
                 run_tool=lambda call: self._tools.run(call, allowed, emit),
                 tool_defs=[self._tool_defs[name] for name in task.tools if name in allowed],
-                models=self.config.models_for(task.tenant, task.model, task.fallback_models),
+                models=self.config.task_models(task),
                 prices=self._prices,
                 emit=emit,
                 trace_id=dispatch.trace_id,
@@ -334,6 +334,7 @@ class AgentWorker(Telemetered):
                 session_version=version,
                 compaction=compaction,
                 chars_per_token=self.config.input_chars_per_token,
+                routing=self.config.routing_for(task),
             )
             if loop.resumed_from is not None:
                 await emit(events.TaskResumed(iteration=loop.resumed_from, attempt=dispatch.attempt))

@@ -21,8 +21,9 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
-from agentpool.models import ModelName, RateLimit, TenantName, TenantPolicy
-from agentpool.pricing import ModelPrice
+from agentpool.models import AgentTask, ModelName, RateLimit, TenantName, TenantPolicy
+from agentpool.pricing import ModelPrice, PriceTable
+from agentpool.routing import AUTO, Routing, route
 from agentpool.simulator.config import SimulatorConfig
 
 BUILTIN_TOOL_MODULE = "agentpool.builtin_tools"
@@ -313,6 +314,9 @@ class PoolConfig(BaseSettings):
     #: A rate permit not released within this many seconds is reclaimed (its holder is dead).
     lease_ttl_s: float | None = Field(default=None, gt=0, le=86_400)
     prices: dict[str, ModelPrice] = Field(default_factory=dict)
+    #: How tasks with `model="auto"` are routed (a tenant may have its own,
+    #: `TenantPolicy.routing`).
+    routing: Routing = Field(default_factory=Routing)
     # --- pool shape
     num_workers: int = Field(default=2, ge=1, le=1024)
     worker_concurrency: int = Field(default=64, ge=1, le=10_000)
@@ -490,6 +494,30 @@ class PoolConfig(BaseSettings):
         first = model or self.default_model
         rest = self.fallback_models if fallbacks is None else fallbacks
         return list(dict.fromkeys([first, *rest]))
+
+    def routing_for(self, task: AgentTask) -> Routing | None:
+        """How `task` is routed, if it asks for routing (`model="auto"`): its tenant's rules,
+        else the pool's."""
+        if (task.model or self.default_model) != AUTO:
+            return None
+        policy = self.policy_for(task.tenant)
+        return policy.routing if policy is not None and policy.routing is not None else self.routing
+
+    def task_models(self, task: AgentTask) -> list[str]:
+        """The models `task` will try, in order: its chain less what its tenant may not use;
+        for `model="auto"`, its route up the routing ladder (`agentpool.routing.route`)."""
+        routing = self.routing_for(task)
+        if routing is None:
+            return self.models_for(task.tenant, task.model, task.fallback_models)
+        policy = self.policy_for(task.tenant)
+        allowed = policy.allowed_models if policy is not None else None
+        table = PriceTable(self.prices)
+
+        def list_price(model: str) -> float:
+            price = table.price(model)
+            return price.input + price.output if price is not None else 0.0
+
+        return route(routing, task.tier or 1, allowed, list_price)
 
     def models_for(self, tenant: str, model: str | None, fallbacks: list[str] | None) -> list[str]:
         """The models a task of `tenant` will try, in order: its chain, less what the tenant may not use."""

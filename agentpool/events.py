@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from agentpool.models import ErrorInfo, Timings, Usage
-from agentpool.vocabulary import ErrorReason, EventType, TaskStatus, ToolErrorKind
+from agentpool.vocabulary import ErrorReason, EscalationReason, EventType, TaskStatus, ToolErrorKind
 
 #: Every event model, by its type (filled as they are defined).
 EVENTS: dict[EventType, type[Event]] = {}
@@ -158,6 +158,16 @@ class Fallback(Event):
     from_model: str
     to_model: str
     reason: str
+
+
+class ModelEscalated(Event):
+    """A routed task (`model="auto"`) moved up to a stronger model for the rest of its run."""
+
+    TYPE = EventType.MODEL_ESCALATED
+    iteration: int
+    from_model: str
+    to_model: str
+    reason: EscalationReason
 
 
 class ToolCallStarted(Event):

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 # Re-exported (`as`): the public models name them, and users import them from here too.
+from agentpool.routing import Routing
 from agentpool.vocabulary import CacheMode as CacheMode
 from agentpool.vocabulary import ErrorReason as ErrorReason
 from agentpool.vocabulary import OnBusy as OnBusy
@@ -107,8 +108,12 @@ class AgentTask(_Model):
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     system: str | None = Field(default=None, max_length=MAX_SYSTEM_CHARS)
     tools: list[ToolName] = Field(default_factory=list, max_length=64)
+    #: The model, or "auto": the pool's router picks the cheapest model capable enough
+    #: (`tier`) and moves up on failure (`PoolConfig.routing`, `TenantPolicy.routing`).
     model: ModelName | None = None
     fallback_models: list[ModelName] | None = Field(default=None, max_length=4)
+    #: With `model="auto"`: the least capability tier the task needs (1 when None).
+    tier: int | None = Field(default=None, ge=1, le=10)
     max_tokens: int = Field(default=1024, ge=1, le=64_000)
     max_iterations: int = Field(default=10, ge=1, le=100)
     token_budget: int | None = Field(default=None, ge=1, le=10_000_000)
@@ -329,6 +334,8 @@ class AgentResult(_Model):
     llm_calls_saved: int = 0
     #: The session the task continued, if any.
     session_id: str | None = None
+    #: Times a routed task (`model="auto"`) moved up to a stronger model.
+    escalations: int = 0
 
     @property
     def ok(self) -> bool:
@@ -447,6 +454,8 @@ class TenantPolicy(_Model):
     #: The tenant's default for `AgentTask.cache`, and how long a cached response lives.
     cache: CacheMode = CacheMode.OFF
     cache_ttl_s: int = Field(default=3600, ge=1, le=30 * 86_400)
+    #: How `model="auto"` routes this tenant's tasks, in place of `PoolConfig.routing`.
+    routing: Routing | None = None
 
 
 def _invalid(error: ValidationError) -> Exception:

@@ -81,6 +81,9 @@ tokens = meter.create_counter(
     "agentpool.tokens", unit="{token}", description="Tokens used, by tenant, model and token type."
 )
 cost = meter.create_counter("agentpool.cost", unit="USD", description="Spend, by tenant and model.")
+escalations = meter.create_counter(
+    "agentpool.escalations", unit="{escalation}", description="Routed tasks moved up to a stronger model, by reason."
+)
 response_cache = meter.create_counter(
     "agentpool.response_cache", unit="{call}", description="Response-cache lookups, by tenant and result (hit, miss)."
 )

@@ -107,6 +107,17 @@ class CacheMode(StrEnum):
     EXACT = "exact"
 
 
+class EscalationReason(StrEnum):
+    """Why a routed task (`model="auto"`) moved up to a stronger model."""
+
+    #: Its model failed after its retries (the next model took the call).
+    FAILURE = "failure"
+    #: Its answer did not match the task's output schema.
+    INVALID_OUTPUT = "invalid_output"
+    #: Its answer carried the routing's escalation phrase.
+    SIGNAL = "signal"
+
+
 class OnBusy(StrEnum):
     """What a task of a session does when the session is running another task:
     `AgentTask.on_busy`. Whatever it chooses, one task of a session runs at a time."""
@@ -169,6 +180,7 @@ class EventType(StrEnum):
     SESSION_WAIT = "session_wait"
     #: Older turns of the session's history were summarised into one message.
     SESSION_COMPACTED = "session_compacted"
+    MODEL_ESCALATED = "model_escalated"
 
 
 class ToolErrorKind(StrEnum):

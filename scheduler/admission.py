@@ -10,6 +10,7 @@ from agentpool.config import PoolConfig
 from agentpool.errors import AgentPoolError, InjectionDetected, InvalidTask, UnknownTenant, UnknownTool
 from agentpool.guardrails import screen
 from agentpool.models import AgentTask, Guardrails
+from agentpool.routing import AUTO
 from agentpool.vocabulary import ErrorReason
 
 
@@ -53,12 +54,16 @@ class Admission:
                 return UnknownTool(
                     f"tools {denied} are not allowed for tenant {task.tenant!r}", tenant=task.tenant, tools=denied
                 )
-        if policy.allowed_models is not None:
-            chain = self.config.model_chain(task.model, task.fallback_models)
-            if not [m for m in chain if m in policy.allowed_models]:
+        if not self.config.task_models(task):
+            if (task.model or self.config.default_model) == AUTO:
                 return InvalidTask(
-                    f"none of the models {chain} is allowed for tenant {task.tenant!r}",
+                    f"no model of the routing ladder allowed for tenant {task.tenant!r} has tier {task.tier or 1} "
+                    "or more",
                     tenant=task.tenant,
-                    models=chain,
+                    tier=task.tier or 1,
                 )
+            chain = self.config.model_chain(task.model, task.fallback_models)
+            return InvalidTask(
+                f"none of the models {chain} is allowed for tenant {task.tenant!r}", tenant=task.tenant, models=chain
+            )
         return None

@@ -276,7 +276,7 @@ class SchedulerCore(Generic[T]):
 
     def ticket(self, item: T, task: AgentTask) -> Ticket[T]:
         """A new task's ticket; it governs the task in the core until it ends."""
-        chain = self.config.models_for(task.tenant, task.model, task.fallback_models)
+        chain = self.config.task_models(task)
         return Ticket(item, task, self.config.limit_key(chain[0]) if chain else None)
 
     def weight(self, tenant: str) -> float:

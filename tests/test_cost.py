@@ -24,7 +24,11 @@ def pool(redis_url: str) -> Iterator[AgentPool]:
         simulator=SimulatorConfig(latency_ms=2, latency_sigma=0),
         num_workers=1,
         worker_concurrency=8,
-        tenants={"cached": TenantPolicy(cache=CacheMode.EXACT, cache_ttl_s=600)},
+        tenants={
+            "cached": TenantPolicy(cache=CacheMode.EXACT, cache_ttl_s=600),
+            "narrow": TenantPolicy(allowed_models=["claude-haiku-4-5"]),
+            "acme": TenantPolicy(),
+        },
     )
     with AgentPool.start(config) as p:
         yield p
@@ -96,3 +100,16 @@ def test_a_dollar_cap_stops_a_task_short_of_it(pool: AgentPool) -> None:
     assert len(capped.tool_calls) == capped.iterations  # the work done so far is in the record
     [uncapped] = pool.run([AgentTask(tenant="acme", prompt=prompt, tools=["shout"], max_iterations=30)])
     assert uncapped.ok and uncapped.usage.cost_usd > 0.05
+
+
+def test_a_routed_task_runs_on_the_cheapest_capable_model(pool: AgentPool) -> None:
+    cheap, capable = pool.run(
+        [
+            AgentTask(tenant="acme", model="auto", prompt="sim: answer a"),
+            AgentTask(tenant="acme", model="auto", tier=3, prompt="sim: answer b"),
+        ]
+    )
+    assert (cheap.model, capable.model) == ("claude-haiku-4-5", "claude-opus-4-5")
+    assert cheap.usage.cost_usd < capable.usage.cost_usd
+    [refused] = pool.run([AgentTask(tenant="narrow", model="auto", tier=3, prompt="x")])
+    assert refused.status == "rejected" and "routing ladder" in refused.error.message

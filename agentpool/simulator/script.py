@@ -13,6 +13,8 @@ task's prompt, or a follow-up such as a schema correction):
     sim: raw <base64>                answer 200 with exactly these bytes as the body (hostile
                                      and malformed responses, for the fuzz tests)
     sim: bloat <n>                   answer with a text block of n characters (huge payloads)
+    sim: unable <model>[,<model>...]  models whose id starts with one of these are not up to
+                                     the task: they answer only `UNABLE` (model routing tests)
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ class FailSpec:
     model: str | None
 
 
+#: What a model named by `sim: unable` answers.
+UNABLE = "I cannot do this task."
+
+
 @dataclass
 class Directives:
     tools: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
@@ -46,6 +52,7 @@ class Directives:
     output_tokens: int | None = None
     raw: bytes | None = None
     bloat: int = 0
+    unable: list[str] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -99,6 +106,8 @@ def parse_directives(text: str) -> Directives:
                 out.raw = base64.b64decode(rest, validate=True)
             except ValueError as exc:
                 raise DirectiveError(f"sim: raw needs base64: {exc}") from exc
+        elif verb == "unable":
+            out.unable += [p.strip() for p in rest.split(",") if p.strip()]
         elif verb == "bloat":
             out.bloat = min(int(rest), 64 * 1024 * 1024)
         else:
@@ -170,6 +179,8 @@ def plan_reply(body: dict[str, Any], directives: Directives, id_seed: str) -> Re
     anchor, turns, last_result = conversation_state(messages)
     schema = _requested_schema(system_text(body))
 
+    if any(str(body["model"]).startswith(prefix) for prefix in directives.unable):
+        return _text_reply(UNABLE, body, directives)
     if directives.tools and turns < len(directives.tools):
         name, args = directives.tools[turns]
         return _tool_reply(name, args, f"toolu_{id_seed}", directives)
