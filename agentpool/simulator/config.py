@@ -39,3 +39,8 @@ class SimulatorConfig(BaseModel):
     model_limits: dict[str, ModelLimitsConfig] = Field(default_factory=dict)
     #: Largest request body accepted before answering 413, like the real API's 32 MB.
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    #: Message Batches: how long after its creation a batch's requests are done (each
+    #: request's own `sim: delay` adds to it), and when an unfinished batch expires (the
+    #: real API: within 24 hours, most in under one).
+    batch_delay_ms: float = Field(default=1000.0, ge=0, le=86_400_000)
+    batch_expiry_s: float = Field(default=86_400.0, gt=0, le=86_400)

@@ -22,6 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from agentpool.conversation import blocks, pairing_problem
+from agentpool.simulator.batches import BatchDesk, add_batch_routes
 from agentpool.simulator.config import SimulatorConfig
 from agentpool.simulator.limits import ModelLimits
 from agentpool.simulator.script import (
@@ -60,6 +61,11 @@ class Simulator:
 
     def __init__(self, config: SimulatorConfig | None = None) -> None:
         self.configure(config or SimulatorConfig())
+        self.batches = BatchDesk(
+            lambda body: _batch_answer(self, body),
+            delay_s=lambda: self.config.batch_delay_ms / 1000,
+            expiry_s=lambda: self.config.batch_expiry_s,
+        )
 
     def configure(self, config: SimulatorConfig) -> None:
         self.config = config
@@ -87,6 +93,7 @@ class Simulator:
             "rate_limited_by": {
                 k.removeprefix("limited:"): v for k, v in self.stats.items() if k.startswith("limited:")
             },
+            **self.batches.stats,
         }
 
     def limits_for(self, model: str) -> ModelLimits:
@@ -341,7 +348,45 @@ def build_app(sim: Simulator) -> web.Application:
     app.router.add_get("/sim/stats", stats)
     app.router.add_post("/sim/reset", reset)
     app.router.add_put("/sim/config", configure)
+    add_batch_routes(app, sim.batches, read_json=_read_json, delay_of=_delay_of)
     return app
+
+
+def _batch_answer(sim: Simulator, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """One request of a batch: the message `/v1/messages` would answer (no rate limits, no
+    latency: a batch has its own), or the error it would have returned."""
+    try:
+        sim.validate(body)
+        directives = parse_directives(_anchor_text(body))
+        sim.maybe_fail(body, directives)
+    except _ApiError as err:
+        return "errored", {"type": ERROR_TYPES.get(err.status, "api_error"), "message": err.message}
+    except (DirectiveError, ValueError) as exc:
+        return "errored", {"type": "invalid_request_error", "message": str(exc)}
+    usage = sim.usage_for(body)
+    reply = plan_reply(body, directives, uuid.uuid4().hex[:24])
+    usage["output_tokens"] = reply.output_tokens
+    sim.stats["batch_input_tokens"] += usage["input_tokens"] + usage["cache_creation_input_tokens"]
+    sim.stats["batch_output_tokens"] += reply.output_tokens
+    message = {
+        "id": f"msg_sim_{uuid.uuid4().hex[:24]}",
+        "type": "message",
+        "role": "assistant",
+        "model": body["model"],
+        "content": reply.content,
+        "stop_reason": reply.stop_reason,
+        "stop_sequence": None,
+        "usage": usage,
+    }
+    return "succeeded", message
+
+
+def _delay_of(body: dict[str, Any]) -> float:
+    """A batch request's own `sim: delay`, in seconds (0 when it has none or is malformed)."""
+    try:
+        return parse_directives(_anchor_text(body)).delay_ms / 1000
+    except (DirectiveError, ValueError, KeyError, TypeError):
+        return 0.0
 
 
 def _anchor_text(body: dict[str, Any]) -> str:
