@@ -377,6 +377,7 @@ class AgentLoop:
             latency_ms=round(response.latency_ms, 2),
             attempts=response.attempts,
             cached=response.cached,
+            lane=response.lane,
         )
 
     async def _tools_turn(self, iteration: int, blocks: list[dict[str, Any]]) -> None:

@@ -59,6 +59,8 @@ class Ticket:
     lease_id: str | None  # None: no bucket governs this call, no lease was taken
     model: str
     reservation: Reservation | None
+    #: A call of the batch lane: priced at batch prices, and no rate permit taken.
+    batch: bool = False
 
 
 class TaskGate:
@@ -97,10 +99,13 @@ class TaskGate:
         #: Time this task's calls spent waiting for rate permits (the scheduler learns from it).
         self.permit_wait_s = 0.0
 
-    async def before(self, model: str, request: dict[str, Any]) -> Ticket:
-        limited = self._tenant_limited or self._limited(model)
+    async def before(self, model: str, request: dict[str, Any], *, batch: bool = False) -> Ticket:
+        """The call's budget reservation, then its rate permit. A batch-lane call (`batch`)
+        takes no permit: the Batches API has limits of its own, and a permit held while a
+        batch is processed would starve the real-time calls."""
+        limited = not batch and (self._tenant_limited or self._limited(model))
         if not (limited or self._budgeted):  # nothing to reserve or take: no estimate, no id
-            return Ticket(None, model, None)
+            return Ticket(None, model, None, batch)
         lease_id = uuid.uuid4().hex
         input_tokens = estimate_input_tokens(request, self._chars_per_token)
         max_tokens = int(request["max_tokens"])
@@ -112,7 +117,7 @@ class TaskGate:
             self._prices.worst_cost_usd([model], input_tokens, max_tokens),
         )
         if not limited:
-            return Ticket(None, model, reservation)
+            return Ticket(None, model, reservation, batch)
         asked = time.monotonic()
         try:
             await self._limiter.acquire.remote(
@@ -125,7 +130,7 @@ class TaskGate:
             self._limiter.cancel.remote(lease_id)
             self._spawn(self._ledger.refund(reservation))
             raise
-        return Ticket(lease_id, model, reservation)
+        return Ticket(lease_id, model, reservation, batch)
 
     async def after(
         self,
@@ -148,7 +153,7 @@ class TaskGate:
                 "output_tokens": usage.get("output_tokens") or 0,
             }
             self._limiter.release.remote(ticket.lease_id, counted, remaining or None, None, ticket.model)
-        priced = self._prices.priced(ticket.model, Usage.from_api(usage))
+        priced = self._prices.priced(ticket.model, Usage.from_api(usage), batch=ticket.batch)
         if ticket.reservation is None:
             # No budget to release: the usage goes to Redis with the task's next write (its
             # checkpoint or its record, see `unsettled`), in the same round trip.

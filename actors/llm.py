@@ -22,6 +22,7 @@ from agentpool.events import Emit
 from agentpool.models import Usage
 from agentpool.pricing import PriceTable
 from agentpool.secrets import Scrubber
+from agentpool.vocabulary import Lane
 
 Sleep = Callable[[float], Awaitable[None]]
 #: A streamed call's text reaches the events in pieces of at least this many characters, or
@@ -59,12 +60,16 @@ class LLMResponse:
     latency_ms: float
     #: Answered from the response cache: no provider call was made.
     cached: bool = False
+    #: Answered through the Message Batches API (priced at batch prices).
+    lane: Lane = Lane.REALTIME
 
 
 def priced_usage(response: LLMResponse, prices: PriceTable) -> Usage:
     """What a response cost the task: its usage at `prices`; for one answered from the
     response cache, nothing spent and what it would have cost saved."""
-    usage = prices.priced(response.model, Usage.from_api(response.message.get("usage")))
+    usage = prices.priced(
+        response.model, Usage.from_api(response.message.get("usage")), batch=response.lane == Lane.BATCH
+    )
     return Usage(cached_responses=1, saved_usd=usage.cost_usd) if response.cached else usage
 
 
@@ -88,6 +93,11 @@ class LLMClient:
         self._backoff = backoff
         self._clock = clock
         self._sleep = sleep
+
+    @property
+    def sdk(self) -> anthropic.AsyncAnthropic:
+        """The SDK client every attempt goes through (the batch lane shares it)."""
+        return self._client
 
     async def create(
         self,

@@ -25,9 +25,11 @@ from agentpool import events
 from agentpool import telemetry as tm
 from agentpool.actors.agent_loop import AgentLoop, CallLLM
 from agentpool.actors.backoff import Backoff
+from agentpool.actors.batch_lane import BatchLane
 from agentpool.actors.cached_calls import through_cache
 from agentpool.actors.checkpoint import Checkpointer, LoopState
 from agentpool.actors.gate import TaskGate
+from agentpool.actors.lane_calls import through_batch_lane
 from agentpool.actors.llm import LLMClient, LLMResponse
 from agentpool.actors.session_task import compaction_plan, session_full, session_write
 from agentpool.actors.tool_calls import ToolCalls
@@ -39,12 +41,13 @@ from agentpool.cluster.tool_records import ToolRecords
 from agentpool.config import PoolConfig
 from agentpool.errors import ConfigError
 from agentpool.events import Emit, Event
-from agentpool.models import AgentResult, ErrorInfo, Timings
+from agentpool.lanes import lane_of
+from agentpool.models import AgentResult, AgentTask, ErrorInfo, Timings
 from agentpool.pricing import PriceTable
 from agentpool.protocol import ApprovalDecision, Dispatch, Outcome, Paused, RunFailed, provider_key_name
 from agentpool.response_cache import cache_mode
 from agentpool.secrets import Scrubber, forget_env_secrets, install_log_scrubber
-from agentpool.vocabulary import ErrorReason, OnBusy, TaskStatus
+from agentpool.vocabulary import ErrorReason, Lane, OnBusy, TaskStatus
 
 #: How often a run waiting on another run's lease looks again.
 _LEASE_POLL_S = 0.5
@@ -151,6 +154,8 @@ class AgentWorker(Telemetered):
         #: Runs here that a later task of their session interrupted, and how (`OnBusy`).
         self._interrupted: dict[str, OnBusy] = {}
         self.in_flight = 0
+        #: This worker's batch lane, made when its first batch-lane task comes.
+        self._batches: BatchLane | None = None
 
     def _client(self) -> LLMClient:
         # Built on first use, inside the actor's event loop, and shared by all its loops:
@@ -175,6 +180,19 @@ class AgentWorker(Telemetered):
             )
             self._llm = LLMClient(client, Backoff(self.config.retry), clock=time.monotonic, scrub=self._scrub)
         return self._llm
+
+    def _lane_call(self, task: AgentTask, gate: TaskGate, state: LoopState | None) -> CallLLM:
+        """How the task's LLM calls reach the provider: on the real-time lane, or through
+        this worker's batch lane until the task's time for it runs out."""
+        realtime = functools.partial(self._client().create, gate=gate, stream=task.stream)
+        lanes = self.config.batch_lane
+        if lane_of(task, lanes) is not Lane.BATCH:
+            return realtime
+        if self._batches is None:
+            self._batches = BatchLane(lambda: self._client().sdk, lanes)
+        left_s = task.timeout_s - (state.elapsed_s if state is not None else 0.0)
+        give_up_at = time.monotonic() + left_s - lanes.realtime_reserve_s
+        return through_batch_lane(realtime, self._batches, gate, give_up_at=lambda: give_up_at)
 
     async def run(self, dispatch: Dispatch) -> AgentResult | Paused:
         """Runs one task to its final record, writes it to Redis once, and returns it; or,
@@ -309,7 +327,7 @@ class AgentWorker(Telemetered):
                 task,
                 call_llm=_confirmed(
                     through_cache(
-                        functools.partial(self._client().create, gate=gate, stream=task.stream),
+                        self._lane_call(task, gate, state),
                         self._responses,
                         tenant=task.tenant,
                         mode=cache_mode(task.cache, policy.cache),

@@ -21,6 +21,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
+from agentpool.lanes import BatchLaneConfig
 from agentpool.models import AgentTask, ModelName, RateLimit, TenantName, TenantPolicy
 from agentpool.pricing import ModelPrice, PriceTable
 from agentpool.routing import AUTO, Routing, route
@@ -370,6 +371,8 @@ class PoolConfig(BaseSettings):
     alerts: AlertConfig = Field(default_factory=AlertConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     webhooks: WebhookConfig = Field(default_factory=WebhookConfig)
+    #: The lane through the Message Batches API for work that can wait (off by default).
+    batch_lane: BatchLaneConfig = Field(default_factory=BatchLaneConfig)
     # --- security
     #: Refuse to run on a Ray cluster without token authentication (`RAY_AUTH_MODE=token`,
     #: Ray's default for a local cluster): anyone who reaches an unauthenticated cluster

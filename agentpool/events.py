@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from agentpool.models import ErrorInfo, Timings, Usage
-from agentpool.vocabulary import ErrorReason, EscalationReason, EventType, TaskStatus, ToolErrorKind
+from agentpool.vocabulary import ErrorReason, EscalationReason, EventType, Lane, TaskStatus, ToolErrorKind
 
 #: Every event model, by its type (filled as they are defined).
 EVENTS: dict[EventType, type[Event]] = {}
@@ -133,6 +133,8 @@ class LlmCall(Event):
     attempts: int
     #: Answered from the response cache (no provider call; its tokens and cost are 0).
     cached: bool = False
+    #: The lane that answered it (a batch-lane call is priced at batch prices).
+    lane: Lane = Lane.REALTIME
 
 
 class TextDelta(Event):
@@ -157,6 +159,15 @@ class Fallback(Event):
     TYPE = EventType.FALLBACK
     from_model: str
     to_model: str
+    reason: str
+
+
+class LaneFallback(Event):
+    """A batch-lane call went on the real-time lane: no answer from the batch lane in the
+    task's time, or its batch request errored, expired or was cancelled."""
+
+    TYPE = EventType.LANE_FALLBACK
+    model: str
     reason: str
 
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from agentpool.routing import Routing
 from agentpool.vocabulary import CacheMode as CacheMode
 from agentpool.vocabulary import ErrorReason as ErrorReason
+from agentpool.vocabulary import Lane as Lane
 from agentpool.vocabulary import OnBusy as OnBusy
 from agentpool.vocabulary import TaskPhase as TaskPhase
 from agentpool.vocabulary import TaskStatus as TaskStatus
@@ -114,6 +115,9 @@ class AgentTask(_Model):
     fallback_models: list[ModelName] | None = Field(default=None, max_length=4)
     #: With `model="auto"`: the least capability tier the task needs (1 when None).
     tier: int | None = Field(default=None, ge=1, le=10)
+    #: How its LLM calls reach the provider (`Lane`); when None, the batch lane if its
+    #: `deadline_s` is far enough and the pool has one (`PoolConfig.batch_lane`).
+    lane: Lane | None = None
     max_tokens: int = Field(default=1024, ge=1, le=64_000)
     max_iterations: int = Field(default=10, ge=1, le=100)
     token_budget: int | None = Field(default=None, ge=1, le=10_000_000)

@@ -19,6 +19,8 @@ class ModelPrice(BaseModel):
     output: float = Field(ge=0)
     cache_write: float | None = Field(default=None, ge=0)
     cache_read: float | None = Field(default=None, ge=0)
+    #: What the Message Batches API charges of these prices (Anthropic: half).
+    batch_factor: float = Field(default=0.5, gt=0, le=1)
 
     @property
     def write_rate(self) -> float:
@@ -28,14 +30,14 @@ class ModelPrice(BaseModel):
     def read_rate(self) -> float:
         return self.cache_read if self.cache_read is not None else self.input * 0.1
 
-    def cost_usd(self, usage: Usage) -> float:
+    def cost_usd(self, usage: Usage, *, batch: bool = False) -> float:
         total = (
             usage.input_tokens * self.input
             + usage.output_tokens * self.output
             + usage.cache_creation_input_tokens * self.write_rate
             + usage.cache_read_input_tokens * self.read_rate
         )
-        return round(total / 1_000_000, 10)
+        return round(total * (self.batch_factor if batch else 1.0) / 1_000_000, 10)
 
     def worst_cost_usd(self, input_tokens: int, output_tokens: int) -> float:
         """The most a call of at most these tokens can cost: every input token at the
@@ -68,10 +70,10 @@ class PriceTable:
                 return self._prices[prefix]
         return None
 
-    def priced(self, model: str, usage: Usage) -> Usage:
-        """Returns `usage` with `cost_usd` filled in for `model`."""
+    def priced(self, model: str, usage: Usage, *, batch: bool = False) -> Usage:
+        """Returns `usage` with `cost_usd` filled in for `model` (at batch prices with `batch`)."""
         price = self.price(model)
-        cost = price.cost_usd(usage) if price else 0.0
+        cost = price.cost_usd(usage, batch=batch) if price else 0.0
         return usage.model_copy(update={"cost_usd": cost})
 
     def worst_cost_usd(self, models: list[str], input_tokens: int, output_tokens: int) -> float:

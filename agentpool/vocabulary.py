@@ -118,6 +118,16 @@ class EscalationReason(StrEnum):
     SIGNAL = "signal"
 
 
+class Lane(StrEnum):
+    """How a task's LLM calls reach the provider: `AgentTask.lane`."""
+
+    #: The Messages API, call by call.
+    REALTIME = "realtime"
+    #: The Message Batches API: grouped with other calls that can wait, at half the price,
+    #: back on the real-time lane when the task's time runs short.
+    BATCH = "batch"
+
+
 class OnBusy(StrEnum):
     """What a task of a session does when the session is running another task:
     `AgentTask.on_busy`. Whatever it chooses, one task of a session runs at a time."""
@@ -181,6 +191,7 @@ class EventType(StrEnum):
     #: Older turns of the session's history were summarised into one message.
     SESSION_COMPACTED = "session_compacted"
     MODEL_ESCALATED = "model_escalated"
+    LANE_FALLBACK = "lane_fallback"
 
 
 class ToolErrorKind(StrEnum):

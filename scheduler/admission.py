@@ -11,7 +11,7 @@ from agentpool.errors import AgentPoolError, InjectionDetected, InvalidTask, Unk
 from agentpool.guardrails import screen
 from agentpool.models import AgentTask, Guardrails
 from agentpool.routing import AUTO
-from agentpool.vocabulary import ErrorReason
+from agentpool.vocabulary import ErrorReason, Lane
 
 
 def screen_task(task: AgentTask, guard: Guardrails) -> tuple[dict[str, list[str]], InjectionDetected | None]:
@@ -54,6 +54,11 @@ class Admission:
                 return UnknownTool(
                     f"tools {denied} are not allowed for tenant {task.tenant!r}", tenant=task.tenant, tools=denied
                 )
+        if task.lane is Lane.BATCH and not self.config.batch_lane.enabled:
+            return InvalidTask(
+                "this pool has no batch lane: start it with PoolConfig(batch_lane=BatchLaneConfig(enabled=True))",
+                tenant=task.tenant,
+            )
         if not self.config.task_models(task):
             if (task.model or self.config.default_model) == AUTO:
                 return InvalidTask(

@@ -1,15 +1,22 @@
-"""Spending less on a real pool: per-task dollar caps, and the response cache (hits answered
+"""Spending less on a real pool: per-task dollar caps, the response cache (hits answered
 without a provider call, scoped to their tenant, counted per tenant; nothing kept from a
-truncated or failed call)."""
+truncated or failed call), routing, and the batch lane through the simulator's Message
+Batches API."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 
+import anthropic
 import pytest
+import ray
 
 from agentpool import AgentPool, AgentTask, CacheMode, PoolConfig, SimulatorConfig, TenantPolicy
+from agentpool.lanes import BatchLaneConfig
+from agentpool.scheduler.admission import Admission
+from agentpool.vocabulary import Lane
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -21,7 +28,8 @@ def pool(redis_url: str) -> Iterator[AgentPool]:
         key_prefix=f"t{uuid.uuid4().hex[:8]}",
         redis_url=redis_url,
         tool_modules=["tests.toolkit"],
-        simulator=SimulatorConfig(latency_ms=2, latency_sigma=0),
+        simulator=SimulatorConfig(latency_ms=2, latency_sigma=0, batch_delay_ms=300),
+        batch_lane=BatchLaneConfig(enabled=True, window_s=0.3, poll_s=0.1, realtime_reserve_s=5),
         num_workers=1,
         worker_concurrency=8,
         tenants={
@@ -113,3 +121,69 @@ def test_a_routed_task_runs_on_the_cheapest_capable_model(pool: AgentPool) -> No
     assert cheap.usage.cost_usd < capable.usage.cost_usd
     [refused] = pool.run([AgentTask(tenant="narrow", model="auto", tier=3, prompt="x")])
     assert refused.status == "rejected" and "routing ladder" in refused.error.message
+
+
+def test_batch_lane_tasks_run_their_loops_through_batches_at_half_the_price(pool: AgentPool) -> None:
+    before = pool.simulator_stats()
+    assert before is not None
+    prompts = [f'sim: tool shout {{"text": "{i}"}}\nsim: answer {i}' for i in range(12)]
+    batched = pool.run([AgentTask(tenant="acme", prompt=p, tools=["shout"], lane=Lane.BATCH) for p in prompts])
+    after = pool.simulator_stats()
+    assert after is not None
+    assert [r.answer for r in batched] == [str(i) for i in range(12)] and all(r.ok for r in batched)
+    # Two rounds of batches (the tool request, then the answer), a few batches in all; no
+    # real-time call.
+    assert after["batch_requests"] - before["batch_requests"] == 24
+    assert after["batches"] - before["batches"] <= 6
+    assert after["requests"] == before["requests"]
+    calls = [e.data for e in pool.events(batched[0].task_id, follow=False) if e.event == "llm_call"]
+    assert [c["lane"] for c in calls] == ["batch", "batch"]
+    # The same tasks on the real-time lane cost twice as much.
+    realtime = pool.run([AgentTask(tenant="acme", prompt=p, tools=["shout"]) for p in prompts])
+    paid = sum(r.usage.cost_usd for r in batched)
+    assert paid == pytest.approx(sum(r.usage.cost_usd for r in realtime) / 2, rel=0.02)
+
+
+def test_a_batch_lane_call_goes_real_time_when_its_batch_cannot_answer(pool: AgentPool) -> None:
+    # An errored batch request (the first 529), and a task with no time for the batch lane.
+    errored, hurried = pool.run(
+        [
+            AgentTask(tenant="acme", prompt="sim: fail 529 x1\nsim: answer e", lane=Lane.BATCH),
+            AgentTask(tenant="acme", prompt="sim: answer h", lane=Lane.BATCH, timeout_s=4),
+        ]
+    )
+    assert (errored.answer, hurried.answer) == ("e", "h") and errored.ok and hurried.ok
+    for record in (errored, hurried):
+        kinds = [e.event for e in pool.events(record.task_id, follow=False)]
+        assert "lane_fallback" in kinds
+    lanes = [e.data["lane"] for e in pool.events(errored.task_id, follow=False) if e.event == "llm_call"]
+    assert lanes == ["realtime"]
+
+
+def test_a_cancelled_batch_lane_task_leaves_its_batch(pool: AgentPool) -> None:
+    task = AgentTask(tenant="acme", prompt="sim: delay 20000\nsim: answer never", lane=Lane.BATCH)
+    ref = pool.submit([task])[0]
+    sdk = anthropic.Anthropic(api_key="k", base_url=pool.provider_url, max_retries=0)
+    deadline = time.monotonic() + 20
+    while True:  # its batch is at the provider
+        batches = [b for b in sdk.messages.batches.list(limit=5) if b.processing_status == "in_progress"]
+        if batches:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    pool.cancel(task.task_id)
+    record = ray.get(ref, timeout=30)
+    assert record.status == "cancelled"
+    # Nobody waits for the batch any more: the worker cancelled it at the provider.
+    while sdk.messages.batches.retrieve(batches[0].id).cancel_initiated_at is None:
+        assert time.monotonic() < deadline + 10
+        time.sleep(0.05)
+    assert sdk.messages.batches.retrieve(batches[0].id).request_counts.canceled == 1
+
+
+def test_a_pool_without_a_batch_lane_refuses_batch_tasks() -> None:
+    admission = Admission(PoolConfig(), set())
+    refusal = admission.check(AgentTask(tenant="t", prompt="p", lane=Lane.BATCH))
+    assert refusal is not None and "no batch lane" in refusal.message
+    # Without the lane, a far deadline alone keeps a task real-time.
+    assert admission.check(AgentTask(tenant="t", prompt="p", deadline_s=86_400)) is None
