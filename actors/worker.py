@@ -33,8 +33,10 @@ from agentpool.actors.lane_calls import through_batch_lane
 from agentpool.actors.llm import LLMClient, LLMResponse
 from agentpool.actors.session_task import compaction_plan, session_full, session_write
 from agentpool.actors.tool_calls import ToolCalls
+from agentpool.background import Background
 from agentpool.cluster.budgets import BudgetLedger
 from agentpool.cluster.responses import ResponseCache
+from agentpool.cluster.spend import SpendLog
 from agentpool.cluster.store import ResultStore, RunStart
 from agentpool.cluster.telemetry import Telemetered
 from agentpool.cluster.tool_records import ToolRecords
@@ -138,6 +140,8 @@ class AgentWorker(Telemetered):
             lambda: self._store.redis, self._store.keys, reservation_ttl_s=config.lease_expiry_s
         )
         self._responses = ResponseCache(lambda: self._store.redis, self._store.keys, wall_clock=time.time)
+        self._spend = SpendLog(lambda: self._store.redis, self._store.keys, wall_clock=time.time)
+        self._spending = Background()
         self._holder = ray.get_runtime_context().get_actor_id() or "worker"
         # Looked up by name, not passed as handles: constructor arguments stay plain data,
         # so a restarted worker never depends on objects that may have left the store.
@@ -180,6 +184,16 @@ class AgentWorker(Telemetered):
             )
             self._llm = LLMClient(client, Backoff(self.config.retry), clock=time.monotonic, scrub=self._scrub)
         return self._llm
+
+    def _spent(self, tenant: str, call: events.LlmCall) -> None:
+        """Adds a provider call's spend to its tenant's day, by model and lane, off the loop's
+        path (`agentpool cost`); a write that fails loses only this report's line."""
+        price = self._prices.price(call.model)
+        factor = price.batch_factor if price is not None and call.lane is Lane.BATCH else 1.0
+        record = self._spend.record(
+            tenant, model=call.model, lane=call.lane, cost_usd=call.cost_usd, list_usd=call.cost_usd / factor
+        )
+        self._spending.spawn(record, then=lambda done: done.cancelled() or done.exception())
 
     def _lane_call(self, task: AgentTask, gate: TaskGate, state: LoopState | None) -> CallLLM:
         """How the task's LLM calls reach the provider: on the real-time lane, or through
@@ -244,6 +258,8 @@ class AgentWorker(Telemetered):
         task = dispatch.task
 
         async def emit(event: Event) -> None:
+            if isinstance(event, events.LlmCall) and not event.cached:
+                self._spent(task.tenant, event)
             await self._store.emit(task.tenant, event, task_id=task.task_id, trace_id=dispatch.trace_id)
 
         if dispatch.fresh:

@@ -387,6 +387,26 @@ def tenant_credentials(
     print(create_tenant_credentials(url, tenant, keys=Keys(prefix)))
 
 
+@app.command()
+@friendly
+def cost(
+    name: NameOption = "agentpool",
+    address: AddressOption = None,
+    days: Annotated[int, typer.Option("--days", min=1, max=35, help="UTC days back, today included.")] = 7,
+    tenant: Annotated[str | None, typer.Option("--tenant", help="One tenant only.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Shows what a running pool spent over a period: by tenant, model and lane, and what the
+    response cache and the batch lane saved against list prices."""
+    from agentpool.views import cost_view
+
+    report = _connect(name, address).cost(days=days, tenant=tenant)
+    if as_json:
+        console.print_json(json.dumps(report))
+        return
+    console.print(cost_view(report))
+
+
 @app.command("metrics-targets")
 @friendly
 def metrics_targets(name: NameOption = "agentpool", address: AddressOption = None) -> None:

@@ -1,5 +1,6 @@
-"""The pool handle's telemetry side: have every actor export now, and list where each
-serves Prometheus metrics (a mixin of `AgentPool`, kept apart for size)."""
+"""The pool handle's telemetry side: have every actor export now, list where each serves
+Prometheus metrics, and report what the pool spent (a mixin of `AgentPool`, kept apart for
+size)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ class PoolTelemetry:
     """`flush_telemetry` and `metrics_targets` over the pool's actors."""
 
     config: PoolConfig
+    _redis_url: str
 
     if TYPE_CHECKING:  # AgentPool's; declared here for the type checker only
 
@@ -56,3 +58,25 @@ class PoolTelemetry:
             {"targets": sorted(targets), "labels": {"agentpool_pool": self.config.name, "agentpool_role": role}}
             for role, targets in sorted(groups.items())
         ]
+
+    def cost(self, days: int = 7, tenant: str | None = None) -> dict[str, Any]:
+        """What the pool spent over the last `days` UTC days (today included), for one tenant
+        or all: totals, by tenant, model and lane, and what the response cache and the batch
+        lane saved against list prices (`agentpool.spend.summarise`; `agentpool cost`).
+
+        Raises:
+            redis.RedisError: If Redis cannot be reached.
+        """
+        import time
+
+        import redis
+
+        from agentpool.cluster.keys import Keys
+        from agentpool.cluster.spend import days_back, read_spend
+        from agentpool.spend import summarise
+
+        self._check_running()
+        period = days_back(max(1, min(days, 35)), time.time())
+        with redis.Redis.from_url(self._redis_url, decode_responses=True) as client:
+            raw = read_spend(client, Keys(self.config.key_prefix), period, [tenant] if tenant else None)
+        return {"days": period, "tenant": tenant, **summarise(raw)}

@@ -223,3 +223,26 @@ def _hit_rate(spent: dict[str, float]) -> str:
     if not hits + misses:
         return "-"
     return f"{hits:.0f}/{hits + misses:.0f} ({hits / (hits + misses):.0%})"
+
+
+def cost_view(report: dict[str, Any]) -> Group:
+    """`agentpool cost`: spend over the period by tenant, model and lane, and the savings."""
+    days = report["days"]
+    saved = report["saved"]
+    cache = report["cache"]
+    rate = f"{cache['hit_rate']:.0%}" if cache["hit_rate"] is not None else "-"
+    whose = f" for tenant {escape(report['tenant'])}" if report.get("tenant") else ""
+    head = (
+        f"spent ${report['total_usd']:.4f} on {report['calls']} LLM calls{whose}, {days[-1]} .. {days[0]} (UTC)\n"
+        f"saved ${saved['batch_lane_usd']:.4f} by the batch lane and ${saved['response_cache_usd']:.4f} by the "
+        f"response cache ({cache['hits']} hits of {cache['hits'] + cache['misses']} lookups, {rate})"
+    )
+    tables = []
+    for group, title in (("by_tenant", "tenant"), ("by_model", "model"), ("by_lane", "lane")):
+        table = Table(title=f"by {title}", show_header=True)
+        for column in (title, "spend USD", "list USD", "calls"):
+            table.add_column(column)
+        for key, row in report[group].items():
+            table.add_row(key, f"{row['spend_usd']:.4f}", f"{row['list_usd']:.4f}", str(row["calls"]))
+        tables.append(table)
+    return Group(head, *tables)

@@ -28,7 +28,8 @@ from agentpool.errors import BudgetExceeded
 from agentpool.models import TenantPolicy, Usage
 from agentpool.vocabulary import ErrorReason
 
-DAY_KEY_TTL_S = 3 * 24 * 3600
+#: Day hashes live 35 days: budgets need today's, `agentpool cost` a month of them.
+DAY_KEY_TTL_S = 35 * 24 * 3600
 # The scripts subtract as `0 - x`, never `-x`: Lua's -0 reaches Redis as "-0", which HINCRBY
 # refuses ("not an integer"), so settling a reservation of 0 tokens failed.
 

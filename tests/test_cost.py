@@ -187,3 +187,27 @@ def test_a_pool_without_a_batch_lane_refuses_batch_tasks() -> None:
     assert refusal is not None and "no batch lane" in refusal.message
     # Without the lane, a far deadline alone keeps a task real-time.
     assert admission.check(AgentTask(tenant="t", prompt="p", deadline_s=86_400)) is None
+
+
+def test_the_cost_report_shows_spend_by_tenant_model_and_lane_and_the_savings(pool: AgentPool) -> None:
+    tenant = f"report-{uuid.uuid4().hex[:6]}"
+    word = uuid.uuid4().hex[:8]
+    tasks = [
+        AgentTask(tenant=tenant, prompt=f"sim: answer {word}", cache=CacheMode.EXACT),
+        AgentTask(tenant=tenant, prompt=f"sim: answer {word}", cache=CacheMode.EXACT),  # a cache hit
+        AgentTask(tenant=tenant, prompt="sim: answer b", lane=Lane.BATCH, model="claude-haiku-4-5"),
+    ]
+    first = pool.run(tasks[:1])
+    records = first + pool.run(tasks[1:])
+    paid = sum(r.usage.cost_usd for r in records)
+    deadline = time.monotonic() + 10
+    while (report := pool.cost(days=1, tenant=tenant))["calls"] < 2:  # written off the loop's path
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert report["total_usd"] == pytest.approx(paid, rel=1e-6) and report["calls"] == 2
+    assert set(report["by_lane"]) == {"realtime", "batch"}
+    assert set(report["by_model"]) == {"claude-sonnet-4-5", "claude-haiku-4-5"}
+    assert report["saved"]["batch_lane_usd"] == pytest.approx(records[2].usage.cost_usd, rel=1e-6)
+    assert report["saved"]["response_cache_usd"] == pytest.approx(records[0].usage.cost_usd, rel=1e-6)
+    assert report["cache"] == {"hits": 1, "misses": 1, "hit_rate": 0.5}
+    assert report["by_tenant"][tenant]["calls"] == 2

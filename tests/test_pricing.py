@@ -4,6 +4,7 @@ and the pool's input estimate bounds what the simulator bills."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -12,6 +13,7 @@ from agentpool.models import Usage
 from agentpool.pricing import DEFAULT_PRICES, ModelPrice, PriceTable
 from agentpool.simulator import SimulatorConfig
 from agentpool.simulator.server import Simulator
+from agentpool.spend import summarise
 
 rates = st.floats(0, 100, allow_nan=False, allow_infinity=False)
 prices = st.builds(ModelPrice, input=rates, output=rates, cache_write=st.none() | rates, cache_read=st.none() | rates)
@@ -66,3 +68,35 @@ def test_the_input_estimate_bounds_what_the_simulator_bills(
         request["system"] = [{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}]
     billed = Simulator(SimulatorConfig()).usage_for(request)
     assert sum(billed.values()) <= estimate_input_tokens(request, 3.0)
+
+
+days_of_fields = st.dictionaries(
+    st.sampled_from(["t1", "t2"]),
+    st.dictionaries(
+        st.sampled_from(["2026-12-01", "2026-12-02"]),
+        st.fixed_dictionaries(
+            {},
+            optional={
+                f"{kind}|{lane}|{model}": st.floats(0, 10)
+                for kind in ("spend", "calls")
+                for lane in ("realtime", "batch")
+                for model in ("a", "b")
+            },
+        ),
+    ),
+)
+
+
+@given(days_of_fields)
+def test_the_cost_report_adds_up_whichever_way_it_is_cut(raw: dict[str, dict[str, dict[str, float]]]) -> None:
+    # What a call would have cost at list price: the same in real time, twice on the batch lane.
+    for days in raw.values():
+        for fields in days.values():
+            for name in [n for n in fields if n.startswith("spend|")]:
+                fields["list" + name.removeprefix("spend")] = fields[name] * (2 if "|batch|" in name else 1)
+    report = summarise(raw)
+    for group in ("by_tenant", "by_model", "by_lane"):
+        assert sum(r["spend_usd"] for r in report[group].values()) == pytest.approx(report["total_usd"], abs=1e-6)
+    batch = report["by_lane"].get("batch", {"spend_usd": 0.0})["spend_usd"]
+    assert report["saved"]["batch_lane_usd"] == pytest.approx(batch, abs=1e-6)
+    assert report["cache"]["hit_rate"] is None

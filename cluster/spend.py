@@ -1,0 +1,71 @@
+"""Spend by model and lane, per tenant and UTC day, in the tenant's usage hash of the day
+(`cluster.budgets`): every LLM call the provider answered adds what it cost and what it
+would have cost at list price (real-time) under `spend|<lane>|<model>`, `list|<lane>|<model>`
+and `calls|<lane>|<model>`. `agentpool cost` reads them back over a period (`read_spend`),
+with the response cache's counts that `cluster.responses` keeps in the same hashes."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Iterable
+from typing import Any, cast
+
+import redis
+import redis.asyncio as aioredis
+
+from agentpool.cluster.budgets import DAY_KEY_TTL_S, utc_day
+from agentpool.cluster.keys import Keys
+
+
+class SpendLog:
+    """Adds each LLM call's spend to its tenant's day (one pipeline, no reply awaited for)."""
+
+    def __init__(self, redis: Callable[[], aioredis.Redis], keys: Keys, *, wall_clock: Callable[[], float]) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._now = wall_clock
+
+    async def record(self, tenant: str, *, model: str, lane: str, cost_usd: float, list_usd: float) -> None:
+        day = self._keys.usage(tenant, utc_day(self._now()))
+        pipe = self._redis().pipeline(transaction=False)
+        pipe.hincrbyfloat(day, f"spend|{lane}|{model}", cost_usd)
+        pipe.hincrbyfloat(day, f"list|{lane}|{model}", list_usd)
+        pipe.hincrby(day, f"calls|{lane}|{model}", 1)
+        pipe.expire(day, DAY_KEY_TTL_S)
+        await pipe.execute()
+
+
+def days_back(days: int, now_unix: float) -> list[str]:
+    """The last `days` UTC days, today first."""
+    today = dt.datetime.fromtimestamp(now_unix, dt.UTC).date()
+    return [(today - dt.timedelta(days=n)).isoformat() for n in range(days)]
+
+
+def read_spend(
+    client: redis.Redis, keys: Keys, days: Iterable[str], tenants: Iterable[str] | None = None
+) -> dict[str, dict[str, dict[str, float]]]:
+    """tenant -> day -> the day's usage fields, for `days` (every tenant with a usage hash on
+    one of them when `tenants` is None, found with SCAN)."""
+    days = list(days)
+    if tenants is None:
+        found: set[str] = set()
+        for day in days:
+            pattern = keys.usage("*", day)
+            for key in client.scan_iter(match=pattern, count=1000):
+                name = key.decode() if isinstance(key, bytes) else str(key)
+                found.add(name[name.index("{") + 1 : name.index("}")])
+        tenants = sorted(found)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for tenant in tenants:
+        pipe = client.pipeline(transaction=False)
+        for day in days:
+            pipe.hgetall(keys.usage(tenant, day))
+        for day, raw in zip(days, cast(list[dict[Any, Any]], pipe.execute()), strict=True):
+            fields = {_text(k): float(v) for k, v in raw.items() if not _text(k).startswith("lease:")}
+            if fields:
+                out.setdefault(tenant, {})[day] = fields
+    return out
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
