@@ -16,6 +16,7 @@ from bench import (
     autoscale,
     batch,
     chaos,
+    cost,
     fairness,
     http,
     mutation,
@@ -39,6 +40,7 @@ BENCHMARKS: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
     "chaos": chaos.run,
     "http": http.run,
     "sessions": sessions.run,
+    "cost": cost.run,
     "mutation": mutation.run,
 }
 #: Benchmarks of pure code, run without Ray (and left out of `all`, which measures the pool).
