@@ -34,8 +34,10 @@ class BatchLaneConfig(BaseModel):
 
 def lane_of(task: AgentTask, config: BatchLaneConfig) -> Lane:
     """The task's lane: its own choice, else the batch lane for a task whose deadline is far
-    enough (when the pool has the lane), else real time."""
+    enough and whose `timeout_s` leaves time to wait for batches (more than
+    `realtime_reserve_s`), when the pool has the lane; else real time."""
     if task.lane is not None:
         return task.lane
     far = config.deadline_threshold_s is not None and (task.deadline_s or 0) >= config.deadline_threshold_s
-    return Lane.BATCH if config.enabled and far else Lane.REALTIME
+    room = task.timeout_s > config.realtime_reserve_s
+    return Lane.BATCH if config.enabled and far and room else Lane.REALTIME
