@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,9 +20,10 @@ from agentpool import events
 from agentpool import telemetry as tm
 from agentpool.actors.checkpoint import ApprovalRequest, LoopState
 from agentpool.actors.llm import LLMResponse, priced_usage
+from agentpool.actors.loop_choices import CostCapReached, RoutedModels, capped, parse_structured
 from agentpool.actors.session_task import CallLLM as CallLLM
 from agentpool.actors.session_task import Compaction, compact
-from agentpool.conversation import estimate_input_tokens, with_cache_mark
+from agentpool.conversation import with_cache_mark
 from agentpool.errors import BudgetExceeded, ProviderError
 from agentpool.events import Emit
 from agentpool.guardrails import DATA_NOTICE, screen, wrap_tool_output
@@ -41,20 +41,12 @@ class _ApprovalExpired(Exception):
     pass
 
 
-class _CostCapReached(Exception):
-    def __init__(self, worst_usd: float) -> None:
-        self.worst_usd = worst_usd
-
-
 class _AwaitingApproval(Exception):
     def __init__(self, request: ApprovalRequest) -> None:
         self.request = request
 
 
-_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
-
-
-class AgentLoop:
+class AgentLoop(RoutedModels):
     """Runs one task's conversation to an `AgentResult` (timings are the caller's to fill)."""
 
     def __init__(
@@ -84,8 +76,10 @@ class AgentLoop:
     ) -> None:
         self.task = task
         self._guard = guardrails or Guardrails()
-        self._call_llm = call_llm if task.max_cost_usd is None else self._capped(call_llm)
-        self._chars_per_token = chars_per_token
+        self._call_llm = call_llm
+        if task.max_cost_usd is not None:
+            cap, spent = task.max_cost_usd, lambda: self.usage.cost_usd
+            self._call_llm = capped(call_llm, cap, spent=spent, prices=prices, chars_per_token=chars_per_token)
         #: The routing rules of a routed task (`model="auto"`): its models are its ladder.
         self._routing = routing
         self._run_tool = run_tool
@@ -192,18 +186,8 @@ class AgentLoop:
             )
             result.retry_after_s = exc.fields.get("retry_after_s")
             return result
-        except _CostCapReached as cap:
-            return self._result(
-                TaskStatus.BUDGET_EXHAUSTED,
-                error=ErrorInfo(
-                    type="CostCapReached",
-                    message=(
-                        f"spent ${self.usage.cost_usd:.6f} of max_cost_usd={self.task.max_cost_usd}; the next "
-                        f"LLM call could cost up to ${cap.worst_usd:.6f}"
-                    ),
-                    reason=ErrorReason.TASK_COST_CAP,
-                ),
-            )
+        except CostCapReached as cap:
+            return self._result(TaskStatus.BUDGET_EXHAUSTED, error=cap.error(self.usage.cost_usd))
         except _ApprovalExpired:
             return self._result(
                 TaskStatus.TIMED_OUT,
@@ -256,7 +240,7 @@ class AgentLoop:
                 return self._result(TaskStatus.FAILED, error=ErrorInfo(type="Refusal", message="the model refused"))
             if validator is None:
                 return self._result(TaskStatus.SUCCEEDED, answer=self.last_text or "")
-            answer, problem = _parse_structured(self.last_text or "", validator)
+            answer, problem = parse_structured(self.last_text or "", validator)
             if problem is None:
                 return self._result(TaskStatus.SUCCEEDED, answer=answer)
             if self._routing is not None and self._routing.escalate_on_invalid_output and len(self._models) > 1:
@@ -280,28 +264,6 @@ class AgentLoop:
             error=ErrorInfo(
                 type="IterationCap", message=f"no final answer within max_iterations={self.task.max_iterations}"
             ),
-        )
-
-    # --- routing (model="auto") -------------------------------------------------------
-
-    def _asks_for_stronger(self) -> bool:
-        """The answer carries the routing's escalation phrase, and a stronger model is left."""
-        phrase = self._routing.escalate_when_answer_contains if self._routing is not None else None
-        return phrase is not None and phrase in (self.state.last_text or "") and len(self._models) > 1
-
-    async def _escalate(self, iteration: int, reason: EscalationReason) -> None:
-        """Drops the last answer and asks the next model up the ladder, for the rest of the run."""
-        self.messages.pop()
-        weaker, self._models = self._models[0], self._models[1:]
-        self.state.models = self._models
-        await self._escalated(iteration, weaker, self._models[0], reason)
-        self._save()
-
-    async def _escalated(self, iteration: int, weaker: str, stronger: str, reason: EscalationReason) -> None:
-        self.state.escalations += 1
-        tm.escalations.add(1, {"agentpool.tenant": self.task.tenant, "reason": reason.value})
-        await self._emit(
-            events.ModelEscalated(iteration=iteration, from_model=weaker, to_model=stronger, reason=reason)
         )
 
     async def _compact(self, plan: Compaction) -> None:
@@ -495,21 +457,6 @@ class AgentLoop:
             for c in gated
         }
 
-    def _capped(self, call_llm: CallLLM) -> CallLLM:
-        """`call_llm` behind the task's `max_cost_usd`: a call whose worst case on its model
-        chain could take the task's spending over it is not sent (`_CostCapReached`)."""
-        cap = self.task.max_cost_usd
-        assert cap is not None
-
-        async def call(request: dict[str, Any], models: list[str], emit: Emit) -> LLMResponse:
-            input_tokens = estimate_input_tokens(request, self._chars_per_token)
-            worst = self._prices.worst_cost_usd(models, input_tokens, int(request["max_tokens"]))
-            if self.usage.cost_usd + worst > cap:
-                raise _CostCapReached(worst)
-            return await call_llm(request, models, emit)
-
-        return call
-
     def _save(self) -> None:
         if self._checkpoint is not None:
             now = self._clock()
@@ -549,20 +496,3 @@ class AgentLoop:
             session_id=self.task.session_id,
             escalations=self.state.escalations,
         )
-
-
-def _parse_structured(text: str, validator: Draft202012Validator) -> tuple[Any, str | None]:
-    stripped = text.strip()
-    fenced = _FENCE.match(stripped)
-    if fenced:
-        stripped = fenced.group(1)
-    try:
-        value = json.loads(stripped)
-    except json.JSONDecodeError as exc:
-        return None, f"not valid JSON ({exc.msg} at position {exc.pos})"
-    errors = sorted(validator.iter_errors(value), key=lambda e: list(e.path))
-    if errors:
-        first = errors[0]
-        where = "/".join(str(p) for p in first.path) or "(root)"
-        return None, f"at {where}: {first.message}"[:1000]
-    return value, None

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-import anthropic
-import httpx2
 import ray
 from pydantic import BaseModel, SecretStr, ValidationError
 from redis.exceptions import RedisError
@@ -24,32 +21,24 @@ from redis.exceptions import RedisError
 from agentpool import events
 from agentpool import telemetry as tm
 from agentpool.actors.agent_loop import AgentLoop, CallLLM
-from agentpool.actors.backoff import Backoff
-from agentpool.actors.batch_lane import BatchLane
-from agentpool.actors.cached_calls import through_cache
 from agentpool.actors.checkpoint import Checkpointer, LoopState
 from agentpool.actors.gate import TaskGate
-from agentpool.actors.lane_calls import through_batch_lane
-from agentpool.actors.llm import LLMClient, LLMResponse
+from agentpool.actors.llm import LLMResponse
+from agentpool.actors.provider_calls import ProviderCalls
 from agentpool.actors.session_task import compaction_plan, session_full, session_write
 from agentpool.actors.tool_calls import ToolCalls
-from agentpool.background import Background
 from agentpool.cluster.budgets import BudgetLedger
-from agentpool.cluster.responses import ResponseCache
-from agentpool.cluster.spend import SpendLog
 from agentpool.cluster.store import ResultStore, RunStart
 from agentpool.cluster.telemetry import Telemetered
 from agentpool.cluster.tool_records import ToolRecords
 from agentpool.config import PoolConfig
 from agentpool.errors import ConfigError
 from agentpool.events import Emit, Event
-from agentpool.lanes import lane_of
-from agentpool.models import AgentResult, AgentTask, ErrorInfo, Timings
+from agentpool.models import AgentResult, ErrorInfo, Timings
 from agentpool.pricing import PriceTable
 from agentpool.protocol import ApprovalDecision, Dispatch, Outcome, Paused, RunFailed, provider_key_name
-from agentpool.response_cache import cache_mode
 from agentpool.secrets import Scrubber, forget_env_secrets, install_log_scrubber
-from agentpool.vocabulary import ErrorReason, Lane, OnBusy, TaskStatus
+from agentpool.vocabulary import ErrorReason, OnBusy, TaskStatus
 
 #: How often a run waiting on another run's lease looks again.
 _LEASE_POLL_S = 0.5
@@ -125,8 +114,7 @@ class AgentWorker(Telemetered):
     ) -> None:
         self._setup_telemetry("worker")
         self.config = config
-        self._base_url = base_url
-        self._api_key = api_key = _provider_key(config.name, namespace)
+        api_key = _provider_key(config.name, namespace)
         # Whatever this process logs or records passes the scrubber: the key never leaves it.
         self._scrub = Scrubber([api_key])
         forget_env_secrets()
@@ -139,9 +127,9 @@ class AgentWorker(Telemetered):
         self._ledger = BudgetLedger(
             lambda: self._store.redis, self._store.keys, reservation_ttl_s=config.lease_expiry_s
         )
-        self._responses = ResponseCache(lambda: self._store.redis, self._store.keys, wall_clock=time.time)
-        self._spend = SpendLog(lambda: self._store.redis, self._store.keys, wall_clock=time.time)
-        self._spending = Background()
+        self._calls = ProviderCalls(
+            config, api_key=api_key, base_url=base_url, scrub=self._scrub, prices=self._prices, store=self._store
+        )
         self._holder = ray.get_runtime_context().get_actor_id() or "worker"
         # Looked up by name, not passed as handles: constructor arguments stay plain data,
         # so a restarted worker never depends on objects that may have left the store.
@@ -153,60 +141,10 @@ class AgentWorker(Telemetered):
             bulkhead_wait_s=config.bulkhead_wait_s,
             audit=self._store.audit,
         )
-        self._llm: LLMClient | None = None
         self._loops: dict[str, AgentLoop] = {}
         #: Runs here that a later task of their session interrupted, and how (`OnBusy`).
         self._interrupted: dict[str, OnBusy] = {}
         self.in_flight = 0
-        #: This worker's batch lane, made when its first batch-lane task comes.
-        self._batches: BatchLane | None = None
-
-    def _client(self) -> LLMClient:
-        # Built on first use, inside the actor's event loop, and shared by all its loops:
-        # one connection pool per process rather than per task. The SDK's aiohttp transport:
-        # httpx's pool checks every connection on each request, which with 64 calls in
-        # flight cost the worker about a third of its CPU.
-        if self._llm is None:
-            limits = httpx2.Limits(
-                max_connections=self.config.worker_concurrency * 2,
-                max_keepalive_connections=self.config.worker_concurrency,
-            )
-            client = anthropic.AsyncAnthropic(
-                api_key=self._api_key.get_secret_value(),
-                base_url=self._base_url,
-                max_retries=0,
-                timeout=self.config.llm_request_timeout_s,
-                http_client=anthropic.DefaultAioHttpClient(limits=limits, timeout=self.config.llm_request_timeout_s),
-                # Our `chat {model}` span covers each attempt (the SDK's own span would be a
-                # second one per call, counting the same tokens again), and the trace context
-                # stays inside the pool rather than going out to the provider.
-                open_telemetry={"traces": {"enabled": False}, "propagation": False},
-            )
-            self._llm = LLMClient(client, Backoff(self.config.retry), clock=time.monotonic, scrub=self._scrub)
-        return self._llm
-
-    def _spent(self, tenant: str, call: events.LlmCall) -> None:
-        """Adds a provider call's spend to its tenant's day, by model and lane, off the loop's
-        path (`agentpool cost`); a write that fails loses only this report's line."""
-        price = self._prices.price(call.model)
-        factor = price.batch_factor if price is not None and call.lane is Lane.BATCH else 1.0
-        record = self._spend.record(
-            tenant, model=call.model, lane=call.lane, cost_usd=call.cost_usd, list_usd=call.cost_usd / factor
-        )
-        self._spending.spawn(record, then=lambda done: done.cancelled() or done.exception())
-
-    def _lane_call(self, task: AgentTask, gate: TaskGate, state: LoopState | None) -> CallLLM:
-        """How the task's LLM calls reach the provider: on the real-time lane, or through
-        this worker's batch lane until the task's time for it runs out."""
-        realtime = functools.partial(self._client().create, gate=gate, stream=task.stream)
-        lanes = self.config.batch_lane
-        if lane_of(task, lanes) is not Lane.BATCH:
-            return realtime
-        if self._batches is None:
-            self._batches = BatchLane(lambda: self._client().sdk, lanes)
-        left_s = task.timeout_s - (state.elapsed_s if state is not None else 0.0)
-        give_up_at = time.monotonic() + left_s - lanes.realtime_reserve_s
-        return through_batch_lane(realtime, self._batches, gate, give_up_at=lambda: give_up_at)
 
     async def run(self, dispatch: Dispatch) -> AgentResult | Paused:
         """Runs one task to its final record, writes it to Redis once, and returns it; or,
@@ -258,8 +196,8 @@ class AgentWorker(Telemetered):
         task = dispatch.task
 
         async def emit(event: Event) -> None:
-            if isinstance(event, events.LlmCall) and not event.cached:
-                self._spent(task.tenant, event)
+            if isinstance(event, events.LlmCall):
+                self._calls.spent(task.tenant, event)
             await self._store.emit(task.tenant, event, task_id=task.task_id, trace_id=dispatch.trace_id)
 
         if dispatch.fresh:
@@ -341,17 +279,7 @@ class AgentWorker(Telemetered):
             )
             loop = AgentLoop(
                 task,
-                call_llm=_confirmed(
-                    through_cache(
-                        self._lane_call(task, gate, state),
-                        self._responses,
-                        tenant=task.tenant,
-                        mode=cache_mode(task.cache, policy.cache),
-                        ttl_s=policy.cache_ttl_s,
-                        prices=self._prices,
-                    ),
-                    confirm,
-                ),
+                call_llm=_confirmed(self._calls.for_task(task, policy, gate, state), confirm),
                 run_tool=lambda call: self._tools.run(call, allowed, emit),
                 tool_defs=[self._tool_defs[name] for name in task.tools if name in allowed],
                 models=self.config.task_models(task),

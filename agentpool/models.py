@@ -15,6 +15,14 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 # Re-exported (`as`): the public models name them, and users import them from here too.
 from agentpool.routing import Routing
+from agentpool.tenant_parts import MAX_HISTORY_BYTES as MAX_HISTORY_BYTES
+from agentpool.tenant_parts import MAX_HISTORY_MESSAGES as MAX_HISTORY_MESSAGES
+from agentpool.tenant_parts import PII_KINDS as PII_KINDS
+from agentpool.tenant_parts import Guardrails as Guardrails
+from agentpool.tenant_parts import ModelName as ModelName
+from agentpool.tenant_parts import PiiKind as PiiKind
+from agentpool.tenant_parts import RateLimit as RateLimit
+from agentpool.tenant_parts import SessionPolicy as SessionPolicy
 from agentpool.vocabulary import CacheMode as CacheMode
 from agentpool.vocabulary import ErrorReason as ErrorReason
 from agentpool.vocabulary import Lane as Lane
@@ -23,11 +31,6 @@ from agentpool.vocabulary import TaskPhase as TaskPhase
 from agentpool.vocabulary import TaskStatus as TaskStatus
 from agentpool.vocabulary import ToolErrorKind as ToolErrorKind
 
-#: The kinds of personal data redaction knows (`agentpool.redact`).
-PiiKind = Literal["email", "phone", "card", "national_id"]
-PII_KINDS: tuple[PiiKind, ...] = ("email", "phone", "card", "national_id")
-
-
 # Tenant names end up inside Redis keys and ACL patterns (`agentpool:{acme}:*`): no braces,
 # globs, colons or spaces, so one tenant's name can never address another tenant's keys.
 TenantName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
@@ -35,7 +38,6 @@ TaskId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{
 #: A session's id names Redis keys too (`agentpool:{acme}:session:<id>`).
 SessionId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")]
 ToolName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
-ModelName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:@/-]{1,128}$")]
 MetaValue = str | int | float | bool | None
 
 Priority = Literal["critical", "standard", "sheddable"]
@@ -47,9 +49,6 @@ MAX_SYSTEM_CHARS = 100_000
 MAX_SCHEMA_BYTES = 32_768
 MAX_SCHEMA_DEPTH = 12
 MAX_METADATA_ITEMS = 32
-#: Bounds on a history a caller sends with a task (`AgentTask.messages`).
-MAX_HISTORY_MESSAGES = 2_000
-MAX_HISTORY_BYTES = 4 * 1024 * 1024
 
 
 #: Bounds on the arguments a model passes to a tool, checked before the call leaves the worker.
@@ -365,73 +364,6 @@ class TaskState(_Model):
     approval: dict[str, Any] | None = None
     #: Finished: the final record.
     result: AgentResult | None = None
-
-
-class RateLimit(_Model):
-    """Per-minute limits on the three dimensions Anthropic enforces; None means no limit.
-
-    Input tokens count `input_tokens + cache_creation_input_tokens`, never cache reads.
-    """
-
-    rpm: int | None = Field(default=None, ge=1, le=10**9)
-    itpm: int | None = Field(default=None, ge=1, le=10**12)
-    otpm: int | None = Field(default=None, ge=1, le=10**12)
-
-    def per_minute(self) -> dict[str, int]:
-        """The configured dimensions, by the names used in buckets and status."""
-        dims = {"requests": self.rpm, "input_tokens": self.itpm, "output_tokens": self.otpm}
-        return {dim: limit for dim, limit in dims.items() if limit is not None}
-
-
-class Guardrails(_Model):
-    """A tenant's input and output guardrails (all off by default).
-
-    `injection` screens the task's prompt and system prompt at admission, and every tool
-    result, for prompt injection (`agentpool.guardrails`): "flag" records an
-    `injection_detected` event and goes on; "block" also refuses a flagged task (failed,
-    `InjectionDetected`) and withholds a flagged tool result from the model (an error
-    result in its place). With screening on, tool output is wrapped in a `<tool_output>`
-    element the model is told holds data, never instructions (`wrap_tool_output` turns
-    that on alone). `redact_pii` replaces the `pii_kinds` of personal data in final
-    answers, events and the audit trail with markers (`[EMAIL]`, `[CARD]`, ...).
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    injection: Literal["off", "flag", "block"] = "off"
-    wrap_tool_output: bool = False
-    redact_pii: bool = False
-    pii_kinds: list[PiiKind] = Field(default_factory=lambda: list(PII_KINDS), max_length=len(PII_KINDS))
-
-    @property
-    def wraps_tool_output(self) -> bool:
-        return self.wrap_tool_output or self.injection != "off"
-
-    @property
-    def pii(self) -> list[str]:
-        """The kinds to redact: none unless `redact_pii`."""
-        return list(self.pii_kinds) if self.redact_pii else []
-
-
-class SessionPolicy(_Model):
-    """Limits on a tenant's sessions (`AgentTask.session_id`), and their compaction.
-
-    A session lives `ttl_s` after its last turn. A task whose session is over `max_messages`
-    or `max_bytes` when it starts fails (`session_full`). With `compact_above_tokens`, a
-    task whose session's history is estimated above it first has the older turns summarised
-    into one message by `compaction_model` (the task's own model when None), keeping about
-    `keep_recent_tokens` of the latest turns as they are; the summary's cost is the task's.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    ttl_s: int = Field(default=7 * 86_400, ge=60, le=366 * 86_400)
-    max_messages: int = Field(default=1_000, ge=2, le=MAX_HISTORY_MESSAGES)
-    max_bytes: int = Field(default=2 * 1024 * 1024, ge=1024, le=MAX_HISTORY_BYTES)
-    compact_above_tokens: int | None = Field(default=50_000, ge=100, le=10_000_000)
-    keep_recent_tokens: int = Field(default=8_000, ge=0, le=10_000_000)
-    compaction_model: ModelName | None = None
-    summary_max_tokens: int = Field(default=1_024, ge=16, le=16_000)
 
 
 class TenantPolicy(_Model):

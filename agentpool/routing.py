@@ -5,14 +5,13 @@ Pure: prices come in as a function, so this sits beside the models it configures
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from agentpool.tenant_parts import ModelName
 
 #: The model name that asks for routing.
 AUTO = "auto"
-
-_Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:@/-]{1,128}$")]
 
 
 class RoutedModel(BaseModel):
@@ -20,7 +19,7 @@ class RoutedModel(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: _Name
+    model: ModelName
     tier: int = Field(ge=1, le=10)
 
 
