@@ -33,6 +33,7 @@ from agentpool.errors import (
     UnknownTenant,
     UnknownTool,
 )
+from agentpool.lanes import BatchLaneConfig
 from agentpool.models import (
     AgentResult,
     AgentTask,
@@ -46,9 +47,21 @@ from agentpool.models import (
     ToolCallSummary,
     Usage,
 )
+from agentpool.pricing import ModelPrice
+from agentpool.routing import RoutedModel, Routing
 from agentpool.simulator.config import SimulatorConfig
 from agentpool.tools import tool
-from agentpool.vocabulary import CacheMode, ErrorReason, EventType, OnBusy, TaskPhase, TaskStatus, ToolErrorKind
+from agentpool.vocabulary import (
+    CacheMode,
+    ErrorReason,
+    EscalationReason,
+    EventType,
+    Lane,
+    OnBusy,
+    TaskPhase,
+    TaskStatus,
+    ToolErrorKind,
+)
 
 if TYPE_CHECKING:
     from agentpool.pool import AgentPool
@@ -70,18 +83,22 @@ __all__ = [
     "AgentResult",
     "AgentTask",
     "AutoscaleConfig",
+    "BatchLaneConfig",
     "BreakerConfig",
     "BudgetExceeded",
     "CacheMode",
     "ConfigError",
     "ErrorInfo",
     "ErrorReason",
+    "EscalationReason",
     "EventType",
     "ExecutorGroupConfig",
     "Guardrails",
     "InvalidConfig",
     "InvalidTask",
     "InvalidTaskInput",
+    "Lane",
+    "ModelPrice",
     "OnBusy",
     "Overloaded",
     "PlacementConfig",
@@ -91,6 +108,8 @@ __all__ = [
     "RateLimit",
     "RetryLater",
     "RetryPolicy",
+    "RoutedModel",
+    "Routing",
     "SessionBusy",
     "SessionPolicy",
     "SimulatorConfig",
