@@ -106,9 +106,10 @@ class ProviderCalls:
         give_up_at = time.monotonic() + left_s - lanes.realtime_reserve_s
         return through_batch_lane(realtime, self._batches, gate, give_up_at=lambda: give_up_at)
 
-    def spent(self, tenant: str, call: events.LlmCall) -> None:
-        """Adds a provider call's spend to its tenant's day, by model and lane, off the loop's
-        path (`agentpool cost`); a write that fails loses only this report's line."""
+    def spent(self, tenant: str, call: events.LlmCall | events.SessionCompacted) -> None:
+        """Adds a provider call's spend (an agent turn, or a session's summary) to its
+        tenant's day, by model and lane, off the loop's path (`agentpool cost`); a write that
+        fails loses only this report's line."""
         if call.cached:
             return
         price = self._prices.price(call.model)

@@ -66,6 +66,8 @@ async def compact(
             input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens,
             cost_usd=usage.cost_usd,
+            lane=response.lane,
+            cached=response.cached,
         )
     )
 

@@ -196,7 +196,7 @@ class AgentWorker(Telemetered):
         task = dispatch.task
 
         async def emit(event: Event) -> None:
-            if isinstance(event, events.LlmCall):
+            if isinstance(event, events.LlmCall | events.SessionCompacted):
                 self._calls.spent(task.tenant, event)
             await self._store.emit(task.tenant, event, task_id=task.task_id, trace_id=dispatch.trace_id)
 

@@ -292,3 +292,6 @@ class SessionCompacted(Event):
     input_tokens: int
     output_tokens: int
     cost_usd: float
+    #: The lane that answered the summary's call, and whether the response cache did.
+    lane: Lane = Lane.REALTIME
+    cached: bool = False

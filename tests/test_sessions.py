@@ -259,6 +259,15 @@ def test_compaction_summarises_older_turns_into_a_history_the_api_accepts(pool: 
         e.data["cost_usd"] for e in pool.events(task_id, tenant="brief", follow=False) if e.event == EventType.LLM_CALL
     )
     assert record.result.usage.cost_usd == pytest.approx(llm_cost + compactions[0].data["cost_usd"])
+    # The summaries are in the cost report too, under their model (haiku; the turns ran on sonnet).
+    summaries = sum(e.data["cost_usd"] for e in compactions)
+    deadline = time.monotonic() + 10
+    while (report := pool.cost(days=1, tenant="brief"))["by_model"].get("claude-haiku-4-5", {}).get("spend_usd", 0) < (
+        summaries - 1e-9
+    ):
+        assert time.monotonic() < deadline, report["by_model"]
+        time.sleep(0.05)
+    assert report["by_model"]["claude-haiku-4-5"]["spend_usd"] == pytest.approx(summaries)
 
 
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
