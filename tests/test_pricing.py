@@ -100,3 +100,47 @@ def test_the_cost_report_adds_up_whichever_way_it_is_cut(raw: dict[str, dict[str
     batch = report["by_lane"].get("batch", {"spend_usd": 0.0})["spend_usd"]
     assert report["saved"]["batch_lane_usd"] == pytest.approx(batch, abs=1e-6)
     assert report["cache"]["hit_rate"] is None
+
+
+def test_the_cost_report_of_two_tenants_exactly() -> None:
+    third = 1 / 3
+    raw = {
+        "acme": {
+            "2026-12-01": {
+                "tokens": 999.0,  # the budget's own fields are not spend
+                "spend|batch|claude-sonnet-4-5": 0.25,
+                "list|batch|claude-sonnet-4-5": 0.25 + third,
+                "calls|batch|claude-sonnet-4-5": 1.0,
+                "spend|realtime|claude-haiku-4-5": third,
+                "list|realtime|claude-haiku-4-5": third,
+                "calls|realtime|claude-haiku-4-5": 2.0,
+                "cache_hits": 3.0,
+                "cache_misses": 1.0,
+                "cache_saved_usd": third,
+                "cost_usd": 9.0,
+                "spend|realtime": 5.0,  # malformed: no model
+            },
+            "2026-12-02": {"spend|realtime|claude-haiku-4-5": 1.0, "list|realtime|claude-haiku-4-5": 1.0},
+        },
+        "globex": {"2026-12-02": {"cache_misses": 2.0, "cache_saved_usd": 0.5}},
+    }
+    report = summarise(raw)
+    haiku = {"spend_usd": round(third + 1, 10), "list_usd": round(third + 1, 10), "calls": 2}
+    sonnet = {"spend_usd": 0.25, "list_usd": round(0.25 + third, 10), "calls": 1}
+    assert report == {
+        "total_usd": round(third + 1.25, 10),
+        "list_usd": round(2 * third + 1.25, 10),
+        "saved": {"batch_lane_usd": round(third, 10), "response_cache_usd": round(third + 0.5, 10)},
+        "calls": 3,
+        "cache": {"hits": 3, "misses": 3, "hit_rate": 0.5},
+        "by_tenant": {
+            "acme": {"spend_usd": round(third + 1.25, 10), "list_usd": round(2 * third + 1.25, 10), "calls": 3}
+        },
+        "by_model": {"claude-haiku-4-5": haiku, "claude-sonnet-4-5": sonnet},
+        "by_lane": {"realtime": haiku, "batch": sonnet},
+    }
+    # The dearest first, whatever order the fields came in.
+    assert list(report["by_model"]) == ["claude-haiku-4-5", "claude-sonnet-4-5"]
+    assert list(report["by_lane"]) == ["realtime", "batch"]
+    assert summarise({"t": {"d": {"cache_hits": 1.0, "cache_misses": 2.0}}})["cache"]["hit_rate"] == 0.3333
+    assert summarise({})["cache"] == {"hits": 0, "misses": 0, "hit_rate": None}

@@ -53,3 +53,14 @@ def test_only_complete_answers_are_kept() -> None:
     assert not keepable({"stop_reason": "max_tokens", "content": text})  # truncated
     assert not keepable({"stop_reason": "refusal", "content": text})
     assert not keepable({"stop_reason": "end_turn", "content": []})
+
+
+def test_a_call_s_key_is_stable_across_versions() -> None:
+    """Entries one version of the pool keeps are found by the next (a rolling upgrade keeps
+    its cache): the canonical form is pinned, values JSON cannot hold included (as `str`)."""
+    request = {"max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+    assert (
+        cache_key(request, ["claude-haiku-4-5"]) == "93e4d0d2524c1c2e50bb0ae6bc78694855f09699d8f90e9163bda149aac439f5"
+    )
+    odd = {**request, "extra": b"x"}
+    assert cache_key(odd, ["claude-haiku-4-5"]) == "408b3ba0dbd112b966a4516fb120fb0eb64e43af922e4ec75cb15e659d5d5042"
