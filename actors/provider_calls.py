@@ -21,8 +21,6 @@ from agentpool.actors.lane_calls import through_batch_lane
 from agentpool.actors.llm import LLMClient
 from agentpool.actors.session_task import CallLLM
 from agentpool.background import Background
-from agentpool.cluster.responses import ResponseCache
-from agentpool.cluster.spend import SpendLog
 from agentpool.cluster.store import ResultStore
 from agentpool.config import PoolConfig
 from agentpool.lanes import lane_of
@@ -52,8 +50,8 @@ class ProviderCalls:
         self._scrub = scrub
         self._prices = prices
         self._llm: LLMClient | None = None
-        self._responses = ResponseCache(lambda: store.redis, store.keys, wall_clock=time.time)
-        self._spend = SpendLog(lambda: store.redis, store.keys, wall_clock=time.time)
+        self._responses = store.responses
+        self._spend = store.spend
         self._spending = Background()
         #: This worker's batch lane, made when its first batch-lane task comes.
         self._batches: BatchLane | None = None

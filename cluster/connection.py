@@ -15,7 +15,7 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -41,6 +41,10 @@ _RETRY_FIRST_S, _RETRY_GROWTH, _RETRY_MAX_S = 0.05, 2.0, 2.0
 REDIS_DOWN = (RedisError, OSError)
 #: Events sent in one pipeline, at most.
 _EVENT_BATCH = 500
+
+
+#: `StoreBase._pipelined`, as the store's parts that share its batches take it.
+Pipelined = Callable[[Callable[[Any], int]], Awaitable[list[Any]]]
 
 
 def raised(value: Any) -> Any:

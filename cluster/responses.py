@@ -10,9 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-import redis.asyncio as aioredis
-
 from agentpool.cluster.budgets import DAY_KEY_TTL_S, utc_day
+from agentpool.cluster.connection import Pipelined, Scripted, raised
 from agentpool.cluster.keys import Keys
 
 #: A kept response is bounded like a provider's (a 64k-token answer is about 256 KB).
@@ -29,33 +28,62 @@ class Kept:
     cost_usd: float
 
 
-class ResponseCache:
-    """Finds and keeps one pool's cached responses."""
+#: KEYS[1] the response, KEYS[2] the tenant's usage hash of the day; ARGV[1] its TTL. The
+#: lookup and its count in one step: a hit (a kept response with its cost) adds to
+#: `cache_hits` and `cache_saved_usd`, anything else to `cache_misses` and reads as nothing.
+_FIND = """
+local raw = redis.call('GET', KEYS[1])
+local cost = nil
+if raw then
+  local ok, kept = pcall(cjson.decode, raw)
+  if ok and type(kept) == 'table' and kept['message'] and kept['model'] then cost = tonumber(kept['cost_usd']) end
+end
+if cost then
+  redis.call('HINCRBY', KEYS[2], 'cache_hits', 1)
+  redis.call('HINCRBYFLOAT', KEYS[2], 'cache_saved_usd', tostring(cost))
+else
+  redis.call('HINCRBY', KEYS[2], 'cache_misses', 1)
+  raw = false
+end
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return raw
+"""
 
-    def __init__(self, redis: Callable[[], aioredis.Redis], keys: Keys, *, wall_clock: Callable[[], float]) -> None:
-        self._redis = redis
+
+class ResponseCache:
+    """Finds and keeps one pool's cached responses. Each lookup or write goes with the
+    process's next batch of Redis writes (`pipelined`: `StoreBase._pipelined`)."""
+
+    def __init__(self, pipelined: Pipelined, keys: Keys, *, wall_clock: Callable[[], float]) -> None:
+        self._pipelined = pipelined
         self._keys = keys
         self._now = wall_clock
 
     async def find(self, tenant: str, digest: str) -> Kept | None:
         """The kept response under `digest`, counting the lookup as a hit or a miss."""
-        raw = await self._redis().get(self._keys.response(tenant, digest))
-        kept = _parse(raw)
-        pipe = self._redis().pipeline(transaction=False)
         day = self._keys.usage(tenant, utc_day(self._now()))
-        pipe.hincrby(day, "cache_hits" if kept else "cache_misses", 1)
-        if kept is not None:
-            pipe.hincrbyfloat(day, "cache_saved_usd", kept.cost_usd)
-        pipe.expire(day, DAY_KEY_TTL_S)
-        await pipe.execute()
-        return kept
+        script = Scripted(_FIND, (self._keys.response(tenant, digest), day), (DAY_KEY_TTL_S,))
+
+        def add(pipe: Any) -> int:
+            script.add_to(pipe)
+            return 1
+
+        [raw] = await self._pipelined(add)
+        return _parse(raised(raw))
 
     async def keep(self, tenant: str, digest: str, kept: Kept, ttl_s: int) -> bool:
         """Keeps a response for `ttl_s` (never one over `MAX_ENTRY_BYTES`); False if not kept."""
         body = json.dumps({"message": kept.message, "model": kept.model, "cost_usd": kept.cost_usd})
         if len(body) > MAX_ENTRY_BYTES:
             return False
-        await self._redis().set(self._keys.response(tenant, digest), body, ex=ttl_s)
+        key = self._keys.response(tenant, digest)
+
+        def add(pipe: Any) -> int:
+            pipe.set(key, body, ex=ttl_s)
+            return 1
+
+        [done] = await self._pipelined(add)
+        raised(done)
         return True
 
 

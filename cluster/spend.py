@@ -11,28 +11,33 @@ from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import redis
-import redis.asyncio as aioredis
 
 from agentpool.cluster.budgets import DAY_KEY_TTL_S, utc_day
+from agentpool.cluster.connection import Pipelined, raised
 from agentpool.cluster.keys import Keys
 
 
 class SpendLog:
-    """Adds each LLM call's spend to its tenant's day (one pipeline, no reply awaited for)."""
+    """Adds each LLM call's spend to its tenant's day, with the process's next batch of Redis
+    writes (`pipelined`: `StoreBase._pipelined`)."""
 
-    def __init__(self, redis: Callable[[], aioredis.Redis], keys: Keys, *, wall_clock: Callable[[], float]) -> None:
-        self._redis = redis
+    def __init__(self, pipelined: Pipelined, keys: Keys, *, wall_clock: Callable[[], float]) -> None:
+        self._pipelined = pipelined
         self._keys = keys
         self._now = wall_clock
 
     async def record(self, tenant: str, *, model: str, lane: str, cost_usd: float, list_usd: float) -> None:
         day = self._keys.usage(tenant, utc_day(self._now()))
-        pipe = self._redis().pipeline(transaction=False)
-        pipe.hincrbyfloat(day, f"spend|{lane}|{model}", cost_usd)
-        pipe.hincrbyfloat(day, f"list|{lane}|{model}", list_usd)
-        pipe.hincrby(day, f"calls|{lane}|{model}", 1)
-        pipe.expire(day, DAY_KEY_TTL_S)
-        await pipe.execute()
+
+        def add(pipe: Any) -> int:
+            pipe.hincrbyfloat(day, f"spend|{lane}|{model}", cost_usd)
+            pipe.hincrbyfloat(day, f"list|{lane}|{model}", list_usd)
+            pipe.hincrby(day, f"calls|{lane}|{model}", 1)
+            pipe.expire(day, DAY_KEY_TTL_S)
+            return 4
+
+        for result in await self._pipelined(add):
+            raised(result)
 
 
 def days_back(days: int, now_unix: float) -> list[str]:

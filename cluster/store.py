@@ -9,12 +9,16 @@ reads results with.
 
 from __future__ import annotations
 
+import time
+
 from agentpool.cluster.event_log import EventLog
 from agentpool.cluster.journal import Journal
 from agentpool.cluster.keys import Keys
 from agentpool.cluster.records import FinalRecords
+from agentpool.cluster.responses import ResponseCache
 from agentpool.cluster.runs import Runs, RunStart
 from agentpool.cluster.sessions import SessionStore
+from agentpool.cluster.spend import SpendLog
 from agentpool.config import PoolConfig
 
 __all__ = ["ResultStore", "RunStart"]
@@ -39,6 +43,16 @@ class ResultStore(FinalRecords, Journal, Runs, EventLog):
             pii=lambda tenant: (config.policy_for(tenant) or config.default_tenant_policy).guardrails.pii,
             session_ttl=lambda tenant: (config.policy_for(tenant) or config.default_tenant_policy).sessions.ttl_s,
         )
+
+    @property
+    def responses(self) -> ResponseCache:
+        """The response cache, its lookups and writes in this store's batches."""
+        return ResponseCache(self._pipelined, self.keys, wall_clock=time.time)
+
+    @property
+    def spend(self) -> SpendLog:
+        """Spend by lane and model per tenant and day, written in this store's batches."""
+        return SpendLog(self._pipelined, self.keys, wall_clock=time.time)
 
     @property
     def sessions(self) -> SessionStore:

@@ -10,7 +10,6 @@ from agentpool.config import PoolConfig
 from agentpool.errors import AgentPoolError, InjectionDetected, InvalidTask, UnknownTenant, UnknownTool
 from agentpool.guardrails import screen
 from agentpool.models import AgentTask, Guardrails
-from agentpool.routing import AUTO
 from agentpool.vocabulary import ErrorReason, Lane
 
 
@@ -59,8 +58,10 @@ class Admission:
                 "this pool has no batch lane: start it with PoolConfig(batch_lane=BatchLaneConfig(enabled=True))",
                 tenant=task.tenant,
             )
-        if not self.config.task_models(task):
-            if (task.model or self.config.default_model) == AUTO:
+        routed = self.config.routing_for(task) is not None
+        # A chain is never empty unless the tenant's allowed models, or the ladder's tiers, leave nothing.
+        if (routed or policy.allowed_models is not None) and not self.config.task_models(task):
+            if routed:
                 return InvalidTask(
                     f"no model of the routing ladder allowed for tenant {task.tenant!r} has tier {task.tier or 1} "
                     "or more",

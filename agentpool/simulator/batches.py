@@ -157,17 +157,22 @@ def batch_json(batch: _Batch, base_url: str) -> dict[str, Any]:
 def add_batch_routes(app: web.Application, desk: BatchDesk, *, read_json: Any, delay_of: Any) -> None:
     """The batch endpoints, on the simulator's app (`read_json` checks the key and the body)."""
 
+    def payload(kind: str, message: str) -> dict[str, Any]:
+        return {"type": "error", "error": {"type": kind, "message": message}, "request_id": "req_sim_batch"}
+
     def error(status: int, kind: str, message: str) -> web.Response:
-        payload = {"type": "error", "error": {"type": kind, "message": message}, "request_id": "req_sim_batch"}
-        return web.json_response(payload, status=status)
+        return web.json_response(payload(kind, message), status=status)
 
     def base(request: web.Request) -> str:
         return f"{request.scheme}://{request.host}"
 
-    def found(request: web.Request) -> _Batch | web.Response:
+    def found(request: web.Request) -> _Batch:
+        """The batch the path names, brought up to date; a 404 as the API answers it if none."""
         batch = desk.get(request.match_info["batch_id"])
         if batch is None:
-            return error(404, "not_found_error", f"message batch {request.match_info['batch_id']!r} not found")
+            message = f"message batch {request.match_info['batch_id']!r} not found"
+            body = json.dumps(payload("not_found_error", message))
+            raise web.HTTPNotFound(text=body, content_type="application/json")
         desk.advance(batch, time.time())
         return batch
 
@@ -184,13 +189,10 @@ def add_batch_routes(app: web.Application, desk: BatchDesk, *, read_json: Any, d
         return web.json_response(batch_json(batch, base(request)))
 
     async def retrieve(request: web.Request) -> web.Response:
-        batch = found(request)
-        return batch if isinstance(batch, web.Response) else web.json_response(batch_json(batch, base(request)))
+        return web.json_response(batch_json(found(request), base(request)))
 
     async def results(request: web.Request) -> web.StreamResponse:
         batch = found(request)
-        if isinstance(batch, web.Response):
-            return batch
         if batch.ended is None:
             return error(400, "invalid_request_error", "the batch has not ended: its results are not ready")
         lines = (json.dumps({"custom_id": r.custom_id, "result": r.result}) for r in batch.requests)
@@ -198,16 +200,12 @@ def add_batch_routes(app: web.Application, desk: BatchDesk, *, read_json: Any, d
 
     async def cancel(request: web.Request) -> web.Response:
         batch = found(request)
-        if isinstance(batch, web.Response):
-            return batch
         desk.cancel(batch, time.time())
         desk.advance(batch, time.time())
         return web.json_response(batch_json(batch, base(request)))
 
     async def delete(request: web.Request) -> web.Response:
         batch = found(request)
-        if isinstance(batch, web.Response):
-            return batch
         if batch.ended is None:
             return error(400, "invalid_request_error", "a batch can be deleted only once it has ended")
         desk.delete(batch)
@@ -215,9 +213,10 @@ def add_batch_routes(app: web.Application, desk: BatchDesk, *, read_json: Any, d
 
     async def listing(request: web.Request) -> web.Response:
         limit = min(max(int(request.query.get("limit", "20")), 1), 1000)
-        for batch in desk.listed(limit):
+        batches = desk.listed(limit)
+        for batch in batches:
             desk.advance(batch, time.time())
-        data = [batch_json(b, base(request)) for b in desk.listed(limit)]
+        data = [batch_json(b, base(request)) for b in batches]
         first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
         return web.json_response({"data": data, "has_more": False, "first_id": first, "last_id": last})
 

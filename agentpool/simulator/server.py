@@ -300,16 +300,7 @@ def build_app(sim: Simulator) -> web.Application:
         admitted = sim.admitted.setdefault(body["model"], Counter())
         admitted.update(requests=1, input_tokens=billable_input, output_tokens=reply.output_tokens)
         await asyncio.sleep(sim.latency_s(reply.output_tokens, directives.delay_ms))
-        message = {
-            "id": f"msg_sim_{uuid.uuid4().hex[:24]}",
-            "type": "message",
-            "role": "assistant",
-            "model": body["model"],
-            "content": reply.content,
-            "stop_reason": reply.stop_reason,
-            "stop_sequence": None,
-            "usage": usage,
-        }
+        message = _message(body, reply, usage)
         headers = {"request-id": request_id, **limits.headers(time.time())}
         if body.get("stream"):
             return await stream(request, message, reply, headers)
@@ -369,7 +360,12 @@ def _batch_answer(sim: Simulator, body: dict[str, Any]) -> tuple[str, dict[str, 
     usage["output_tokens"] = reply.output_tokens
     sim.stats["batch_input_tokens"] += usage["input_tokens"] + usage["cache_creation_input_tokens"]
     sim.stats["batch_output_tokens"] += reply.output_tokens
-    message = {
+    return "succeeded", _message(body, reply, usage)
+
+
+def _message(body: dict[str, Any], reply: Reply, usage: dict[str, int]) -> dict[str, Any]:
+    """The assistant message a request is answered with, as the Messages API returns it."""
+    return {
         "id": f"msg_sim_{uuid.uuid4().hex[:24]}",
         "type": "message",
         "role": "assistant",
@@ -379,7 +375,6 @@ def _batch_answer(sim: Simulator, body: dict[str, Any]) -> tuple[str, dict[str, 
         "stop_sequence": None,
         "usage": usage,
     }
-    return "succeeded", message
 
 
 def _delay_of(body: dict[str, Any]) -> float:
