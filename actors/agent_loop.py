@@ -17,17 +17,32 @@ from typing import Any
 from jsonschema import Draft202012Validator
 
 from agentpool import events
-from agentpool import telemetry as tm
 from agentpool.actors.checkpoint import ApprovalRequest, LoopState
 from agentpool.actors.llm import LLMResponse, priced_usage
-from agentpool.actors.loop_choices import CostCapReached, RoutedModels, capped, parse_structured
+from agentpool.actors.loop_choices import (
+    CostCapReached,
+    RoutedModels,
+    call_event,
+    capped,
+    parse_structured,
+    shown_arguments,
+)
 from agentpool.actors.session_task import CallLLM as CallLLM
 from agentpool.actors.session_task import Compaction, compact
 from agentpool.conversation import with_cache_mark
 from agentpool.errors import BudgetExceeded, ProviderError
 from agentpool.events import Emit
 from agentpool.guardrails import DATA_NOTICE, screen, wrap_tool_output
-from agentpool.models import AgentResult, AgentTask, ErrorInfo, Guardrails, TaskStatus, ToolCallSummary, Usage
+from agentpool.models import (
+    AgentResult,
+    AgentTask,
+    ErrorInfo,
+    Guardrails,
+    TaskStatus,
+    ToolCallSummary,
+    Usage,
+    agent_fields,
+)
 from agentpool.pricing import PriceTable
 from agentpool.protocol import SCHEMA_MARKER, ApprovalDecision, Paused, ToolCall, ToolOutcome
 from agentpool.routing import Routing
@@ -286,9 +301,8 @@ class AgentLoop(RoutedModels):
         system = self.task.system or ""
         if self.task.output_schema is not None:
             schema = json.dumps(self.task.output_schema, separators=(",", ":"))
-            system += (
-                f"\n\nRespond with a single JSON value that {SCHEMA_MARKER}, and nothing else:\n{schema}"
-            ).lstrip()
+            system = f"{system}\n\nRespond with a single JSON value that {SCHEMA_MARKER}, and nothing else:\n{schema}"
+            system = system.lstrip()
         if self._tool_defs and self._guard.wraps_tool_output:
             system = f"{system}\n\n{DATA_NOTICE}".lstrip()
         if system:
@@ -317,30 +331,7 @@ class AgentLoop(RoutedModels):
         text = "".join(b.get("text", "") for b in message.get("content", []) if b.get("type") == "text")
         if text:
             st.last_text = text
-        labels = {"agentpool.tenant": self.task.tenant, "gen_ai.request.model": response.model}
-        for kind, count in (
-            ("input", usage.input_tokens),
-            ("output", usage.output_tokens),
-            ("cache_read", usage.cache_read_input_tokens),
-            ("cache_creation", usage.cache_creation_input_tokens),
-        ):
-            if count:
-                tm.tokens.add(count, {**labels, "gen_ai.token.type": kind})
-        tm.cost.add(usage.cost_usd, labels)
-        return events.LlmCall(
-            iteration=iteration,
-            model=response.model,
-            stop_reason=st.stop_reason,
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
-            cache_read_input_tokens=usage.cache_read_input_tokens,
-            cache_creation_input_tokens=usage.cache_creation_input_tokens,
-            cost_usd=usage.cost_usd,
-            latency_ms=round(response.latency_ms, 2),
-            attempts=response.attempts,
-            cached=response.cached,
-            lane=response.lane,
-        )
+        return call_event(self.task.tenant, iteration, response, usage, st.stop_reason)
 
     async def _tools_turn(self, iteration: int, blocks: list[dict[str, Any]]) -> None:
         calls = [
@@ -358,7 +349,14 @@ class AgentLoop(RoutedModels):
         todo = [c for c in calls if c.tool_use_id not in done]
         denied = self._gate(todo)
         for call in todo:
-            await self._emit(events.ToolCallStarted(iteration=iteration, tool=call.name, tool_use_id=call.tool_use_id))
+            await self._emit(
+                events.ToolCallStarted(
+                    iteration=iteration,
+                    tool=call.name,
+                    tool_use_id=call.tool_use_id,
+                    arguments=shown_arguments(call.arguments),
+                )
+            )
 
         async def one(call: ToolCall) -> None:
             outcome = denied.get(call.tool_use_id) or await self._screened(iteration, await self._run_tool(call))
@@ -480,6 +478,7 @@ class AgentLoop(RoutedModels):
     def _result(self, status: TaskStatus, *, answer: Any = None, error: ErrorInfo | None = None) -> AgentResult:
         return AgentResult(
             task_id=self.task.task_id,
+            **agent_fields(self.task),
             tenant=self.task.tenant,
             status=status,
             answer=answer if status == "succeeded" else self.last_text,

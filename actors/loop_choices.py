@@ -17,8 +17,9 @@ from agentpool.actors.llm import LLMResponse
 from agentpool.actors.session_task import CallLLM
 from agentpool.conversation import estimate_input_tokens
 from agentpool.events import Emit
-from agentpool.models import ErrorInfo
+from agentpool.models import ErrorInfo, Usage
 from agentpool.pricing import PriceTable
+from agentpool.redact import redact
 from agentpool.routing import Routing
 from agentpool.vocabulary import ErrorReason, EscalationReason
 
@@ -116,3 +117,44 @@ def parse_structured(text: str, validator: Draft202012Validator) -> tuple[Any, s
         where = "/".join(str(p) for p in first.path) or "(root)"
         return None, f"at {where}: {first.message}"[:1000]
     return value, None
+
+
+def call_event(
+    tenant: str, iteration: int, response: LLMResponse, usage: Usage, stop_reason: str | None
+) -> events.LlmCall:
+    """Counts one successful call's tokens and cost in the metrics; returns its `llm_call` event."""
+    labels = {"agentpool.tenant": tenant, "gen_ai.request.model": response.model}
+    for kind, count in (
+        ("input", usage.input_tokens),
+        ("output", usage.output_tokens),
+        ("cache_read", usage.cache_read_input_tokens),
+        ("cache_creation", usage.cache_creation_input_tokens),
+    ):
+        if count:
+            tm.tokens.add(count, {**labels, "gen_ai.token.type": kind})
+    tm.cost.add(usage.cost_usd, labels)
+    return events.LlmCall(
+        iteration=iteration,
+        model=response.model,
+        stop_reason=stop_reason,
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cache_read_input_tokens=usage.cache_read_input_tokens,
+        cache_creation_input_tokens=usage.cache_creation_input_tokens,
+        cost_usd=usage.cost_usd,
+        latency_ms=round(response.latency_ms, 2),
+        attempts=response.attempts,
+        cached=response.cached,
+        lane=response.lane,
+    )
+
+
+def shown_arguments(arguments: Any) -> dict[str, Any] | None:
+    """A tool call's arguments as its `tool_call` event shows them: credential-named keys
+    redacted, left out when large."""
+    if not isinstance(arguments, dict):
+        return None
+    shown = redact(arguments, pii=False, numbers=False)
+    if len(json.dumps(shown, default=str, separators=(",", ":"))) > events.MAX_EVENT_ARGS_BYTES:
+        return None
+    return shown

@@ -33,7 +33,7 @@ from redis.exceptions import RedisError
 from agentpool.background import withdraw_calls
 from agentpool.cluster.completions import PAGE, CompletionBook
 from agentpool.cluster.keys import Keys
-from agentpool.models import AgentResult, AgentTask, ErrorInfo
+from agentpool.models import AgentResult, AgentTask, ErrorInfo, agent_fields
 from agentpool.vocabulary import TaskStatus
 
 log = logging.getLogger("agentpool.relay")
@@ -49,6 +49,7 @@ _SWEEP_ROUND_S = 30.0
 def _failed(task: AgentTask, why: str) -> AgentResult:
     return AgentResult(
         task_id=task.task_id,
+        **agent_fields(task),
         tenant=task.tenant,
         status=TaskStatus.FAILED,
         error=ErrorInfo(type="RelayError", message=why[:4000], retryable=True),

@@ -34,7 +34,7 @@ from agentpool.cluster.tool_records import ToolRecords
 from agentpool.config import PoolConfig
 from agentpool.errors import ConfigError
 from agentpool.events import Emit, Event
-from agentpool.models import AgentResult, ErrorInfo, Timings
+from agentpool.models import AgentResult, ErrorInfo, Timings, agent_fields
 from agentpool.pricing import PriceTable
 from agentpool.protocol import ApprovalDecision, Dispatch, Outcome, Paused, RunFailed, provider_key_name
 from agentpool.secrets import Scrubber, forget_env_secrets, install_log_scrubber
@@ -60,6 +60,7 @@ def _failed(dispatch: Dispatch, error: ErrorInfo) -> AgentResult:
     task = dispatch.task
     return AgentResult(
         task_id=task.task_id,
+        **agent_fields(task),
         tenant=task.tenant,
         status=TaskStatus.FAILED,
         trace_id=dispatch.trace_id,
@@ -195,10 +196,12 @@ class AgentWorker(Telemetered):
         started = time.monotonic()
         task = dispatch.task
 
+        tag = (task.agent, task.agent_version)
+
         async def emit(event: Event) -> None:
             if isinstance(event, events.LlmCall | events.SessionCompacted):
                 self._calls.spent(task.tenant, event)
-            await self._store.emit(task.tenant, event, task_id=task.task_id, trace_id=dispatch.trace_id)
+            await self._store.emit(task.tenant, event, task_id=task.task_id, trace_id=dispatch.trace_id, agent=tag)
 
         if dispatch.fresh:
             # A task its scheduler has just accepted has never run: its begin can only take

@@ -1,5 +1,5 @@
 """The `agentpool` command: demo, start/stop, serve (HTTP), keys, submit, cancel/approve,
-results, status, trace, simulator."""
+results, status, trace, simulator; agents, eval and rollout (`cli_agents`)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from agentpool.batch_view import demo_tasks, redis_cli_command, summary_table
+from agentpool.cli_agents import agents_app, eval_command, rollout_app
 from agentpool.cli_common import (
     AddressOption,
     NameOption,
@@ -443,6 +444,9 @@ def simulator(
 
 app.add_typer(keys_app, name="keys")
 app.command()(serve)
+app.add_typer(agents_app, name="agents")
+app.add_typer(rollout_app, name="rollout")
+app.command("eval")(friendly(eval_command))
 
 
 if __name__ == "__main__":

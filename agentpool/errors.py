@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_core import InitErrorDetails
 
-from agentpool.vocabulary import ToolErrorKind
+from agentpool.vocabulary import ErrorReason, ToolErrorKind
 
 
 class AgentPoolError(Exception):
@@ -190,6 +190,19 @@ class UnknownTenant(InvalidTask):
 
 class UnknownTool(InvalidTask):
     """Raised when a task or a model asks for a tool that is not registered or not allowed."""
+
+
+class UnknownAgent(InvalidTask):
+    """Raised when a task or a command names an agent, version or label that is not registered."""
+
+    def __init__(self, message: str, **fields: Any) -> None:
+        fields.setdefault("reason", ErrorReason.UNKNOWN_AGENT)
+        super().__init__(message, **fields)
+
+
+class AgentConflict(InvalidTask):
+    """Raised when a registration would change what a name or label already means (a label
+    names one version for ever)."""
 
 
 class PoolNotRunning(AgentPoolError):

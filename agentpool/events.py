@@ -21,6 +21,8 @@ from agentpool.vocabulary import ErrorReason, EscalationReason, EventType, Lane,
 EVENTS: dict[EventType, type[Event]] = {}
 #: Sends one event of the task at hand (a worker binds its tenant, task and trace).
 Emit = Callable[["Event"], Awaitable[None]]
+#: A task's agent and its version's tag (`AgentResult.agent`, `.agent_version`), or Nones.
+AgentTag = tuple[str | None, str | None]
 
 
 class Event(BaseModel):
@@ -53,6 +55,9 @@ class EventEntry(BaseModel):
     trace_id: str = ""
     ts: float = 0.0
     data: dict[str, Any] = Field(default_factory=dict)
+    #: The task's agent and version tag, for a task that runs a registered agent.
+    agent: str = ""
+    agent_version: str = ""
 
     @classmethod
     def from_stream(cls, entry_id: str, fields: dict[str, str]) -> EventEntry:
@@ -63,6 +68,8 @@ class EventEntry(BaseModel):
             trace_id=fields.get("trace_id", ""),
             ts=float(fields.get("ts") or 0.0),
             data=json.loads(fields.get("data") or "{}"),
+            agent=fields.get("agent", ""),
+            agent_version=fields.get("agent_version", ""),
         )
 
 
@@ -186,6 +193,13 @@ class ToolCallStarted(Event):
     iteration: int
     tool: str
     tool_use_id: str
+    #: The call's arguments with credential-named keys redacted, when their JSON is at most
+    #: `MAX_EVENT_ARGS_BYTES` (what an eval's `tool_called` checks).
+    arguments: dict[str, Any] | None = None
+
+
+#: Arguments larger than this (as JSON) are left out of a `tool_call` event.
+MAX_EVENT_ARGS_BYTES = 4096
 
 
 class ToolResult(Event):

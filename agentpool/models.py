@@ -14,6 +14,12 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 # Re-exported (`as`): the public models name them, and users import them from here too.
+from agentpool.results import AgentResult as AgentResult
+from agentpool.results import ErrorInfo as ErrorInfo
+from agentpool.results import TaskState as TaskState
+from agentpool.results import Timings as Timings
+from agentpool.results import ToolCallSummary as ToolCallSummary
+from agentpool.results import Usage as Usage
 from agentpool.routing import Routing
 from agentpool.tenant_parts import MAX_HISTORY_BYTES as MAX_HISTORY_BYTES
 from agentpool.tenant_parts import MAX_HISTORY_MESSAGES as MAX_HISTORY_MESSAGES
@@ -30,6 +36,7 @@ from agentpool.vocabulary import OnBusy as OnBusy
 from agentpool.vocabulary import TaskPhase as TaskPhase
 from agentpool.vocabulary import TaskStatus as TaskStatus
 from agentpool.vocabulary import ToolErrorKind as ToolErrorKind
+from agentpool.vocabulary import Variant as Variant
 
 # Tenant names end up inside Redis keys and ACL patterns (`agentpool:{acme}:*`): no braces,
 # globs, colons or spaces, so one tenant's name can never address another tenant's keys.
@@ -38,6 +45,17 @@ TaskId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{
 #: A session's id names Redis keys too (`agentpool:{acme}:session:<id>`).
 SessionId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")]
 ToolName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+#: A registered agent, by name (`support`), label (`support@v3`) or hash (`support@sha:1f2e3d`).
+AgentRefText = Annotated[
+    str,
+    StringConstraints(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}(@(sha:[0-9a-f]{6,64}|[A-Za-z0-9][A-Za-z0-9_.-]{0,31}))?$"
+    ),
+]
+#: The task fields an agent's spec decides: a task that names an agent leaves them unset.
+SPEC_FIELDS = ("system", "model", "fallback_models", "tier", "tools", "output_schema")
+#: Limits its spec decides too: a task that names an agent leaves them at their defaults.
+SPEC_LIMITS = ("max_tokens", "max_iterations", "token_budget", "timeout_s")
 MetaValue = str | int | float | bool | None
 
 Priority = Literal["critical", "standard", "sheddable"]
@@ -146,6 +164,19 @@ class AgentTask(_Model):
     #: The conversation so far, for callers who keep their own history (not with
     #: `session_id`): Messages API messages, before the prompt, which is the next user turn.
     messages: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_HISTORY_MESSAGES)
+    #: Runs a registered agent (`pool.agents`): its spec gives the system prompt, models,
+    #: tools, limits and output schema, so the task spells none of them. A bare name runs
+    #: the agent's current version, or the one its rollout assigns; `name@label` or
+    #: `name@sha:<hex>` pins one. When None, the tenant's `TenantPolicy.agent` if it has one
+    #: and the task spells none of those fields.
+    agent: AgentRefText | None = None
+    #: Set by the pool as it resolves `agent`: the version's tag (`v3+1f2e3d4c5b6a`). A task
+    #: that has one keeps it (re-delivered after a crash, it runs on the same version).
+    agent_version: str | None = Field(default=None, max_length=80)
+    #: Set by the pool: the side of the agent's rollout the task runs on.
+    variant: Variant | None = None
+    #: Set by the pool on a shadow copy: the live task it copies.
+    shadow_of: TaskId | None = None
 
     def __init__(self, **data: Any) -> None:
         """Raises:
@@ -214,7 +245,27 @@ class AgentTask(_Model):
     def _one_history(self) -> AgentTask:
         if self.session_id is not None and self.messages is not None:
             raise ValueError("a task continues a session (session_id) or brings its history (messages), not both")
+        problem = self.spec_conflict()
+        if problem is not None:
+            raise ValueError(problem)
         return self
+
+    def spec_conflict(self) -> str | None:
+        """Why this task cannot take its agent's spec (it names an agent, is not resolved
+        yet, and spells a field the spec decides), or None."""
+        if self.agent is None or self.agent_version is not None:
+            return None
+        spelled = [f for f in SPEC_FIELDS if getattr(self, f) not in (None, [])]
+        spelled += [f for f in SPEC_LIMITS if getattr(self, f) != type(self).model_fields[f].default]
+        if not spelled:
+            return None
+        return f"a task that names an agent takes {', '.join(spelled)} from the agent's spec: leave them unset"
+
+    @property
+    def spells_an_agent(self) -> bool:
+        """It spells its own system prompt, models, tools or schema (a tenant's default agent
+        is not applied to it)."""
+        return any(getattr(self, f) not in (None, []) for f in SPEC_FIELDS)
 
     @field_validator("output_schema")
     @classmethod
@@ -236,134 +287,12 @@ class AgentTask(_Model):
         return schema
 
 
-class Usage(_Model):
-    """Tokens and money spent; input/cache fields follow Anthropic's `usage` object."""
-
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_read_input_tokens: int = 0
-    cache_creation_input_tokens: int = 0
-    cost_usd: float = 0.0
-    #: LLM calls answered from the response cache (no provider call: their tokens are not
-    #: counted above, they cost nothing), and what they cost when they were first made.
-    cached_responses: int = 0
-    saved_usd: float = 0.0
-
-    @classmethod
-    def from_api(cls, raw: dict[str, Any] | None) -> Usage:
-        """From a Messages API `usage` object (missing or null counts are 0; cost unpriced)."""
-        raw = raw or {}
-        return cls(
-            input_tokens=raw.get("input_tokens") or 0,
-            output_tokens=raw.get("output_tokens") or 0,
-            cache_read_input_tokens=raw.get("cache_read_input_tokens") or 0,
-            cache_creation_input_tokens=raw.get("cache_creation_input_tokens") or 0,
-        )
-
-    @property
-    def total_tokens(self) -> int:
-        """All tokens processed: every input kind (cached or not) plus output."""
-        return self.input_tokens + self.cache_read_input_tokens + self.cache_creation_input_tokens + self.output_tokens
-
-    def __add__(self, other: Usage) -> Usage:
-        return Usage(
-            input_tokens=self.input_tokens + other.input_tokens,
-            output_tokens=self.output_tokens + other.output_tokens,
-            cache_read_input_tokens=self.cache_read_input_tokens + other.cache_read_input_tokens,
-            cache_creation_input_tokens=self.cache_creation_input_tokens + other.cache_creation_input_tokens,
-            cost_usd=round(self.cost_usd + other.cost_usd, 10),
-            cached_responses=self.cached_responses + other.cached_responses,
-            saved_usd=round(self.saved_usd + other.saved_usd, 10),
-        )
-
-
-class ErrorInfo(_Model):
-    """Why a task did not succeed, in a form a program can branch on."""
-
-    type: str
-    message: str = Field(max_length=4096)
-    retryable: bool = False
-    #: Why, where a program can act on it (`ErrorReason`): for rejections `overload`,
-    #: `predicted_wait`, `queue_full`, `queue_timeout`, `evicted`, `prompt_injection`,
-    #: `daily_token_budget` or `daily_cost_budget`; else `cancelled`, `approval_deadline`,
-    #: a daily budget, or None.
-    reason: ErrorReason | None = None
-
-
-class ToolCallSummary(_Model):
-    """One tool call the agent made, without its (possibly large or sensitive) payloads."""
-
-    tool_use_id: str
-    name: str
-    ok: bool
-    error_kind: ToolErrorKind | None = None
-    duration_ms: float = 0.0
-    iteration: int = 0
-
-
-class Timings(_Model):
-    """Where the time went, in milliseconds: waiting in the queue, running (of which waiting
-    for rate-limit permits), end to end."""
-
-    queued_ms: float = 0.0
-    run_ms: float = 0.0
-    permit_wait_ms: float = 0.0
-    total_ms: float = 0.0
-
-
-class AgentResult(_Model):
-    """The final record of one task; `ray.get` on a submitted ref returns one of these."""
-
-    task_id: str
-    tenant: str
-    status: TaskStatus
-    answer: Any = None
-    error: ErrorInfo | None = None
-    usage: Usage = Field(default_factory=Usage)
-    iterations: int = 0
-    tool_calls: list[ToolCallSummary] = Field(default_factory=list)
-    timings: Timings = Field(default_factory=Timings)
-    #: How many times the task was run (more than 1 after a crash and re-delivery).
-    attempts: int = 1
-    #: LLM requests sent, retries and fallbacks included (iterations counts only successes).
-    llm_attempts: int = 0
-    trace_id: str = ""
-    model: str | None = None
-    stop_reason: str | None = None
-    retry_after_s: float | None = None
-    #: Times the task resumed from its checkpoint (after a crash, or an approval), and the
-    #: LLM turns those resumes did not have to send again.
-    resumes: int = 0
-    llm_calls_saved: int = 0
-    #: The session the task continued, if any.
-    session_id: str | None = None
-    #: Times a routed task (`model="auto"`) moved up to a stronger model.
-    escalations: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "succeeded"
-
-
-class TaskState(_Model):
-    """Where one task stands now (`pool.get`, `GET /v1/runs/{id}`)."""
-
-    task_id: str
-    tenant: str
-    phase: TaskPhase
-    #: Queued: the tasks of its tenant that go before it (0: it is next).
-    place: int | None = None
-    #: Queued in the scheduler: when it should start, by the scheduler's wait forecast.
-    predicted_start_unix: float | None = None
-    #: Running or paused: which run of it this is (more than 1 after a crash).
-    attempt: int | None = None
-    #: Running or paused: LLM turns done and what they cost, from its events so far.
-    iteration: int = 0
-    usage: Usage = Field(default_factory=Usage)
-    #: Awaiting approval: the tools, their arguments (credentials redacted) and the deadline.
-    approval: dict[str, Any] | None = None
-    #: Finished: the final record.
-    result: AgentResult | None = None
+def agent_fields(task: AgentTask) -> dict[str, Any]:
+    """What a task's record says of its agent (`AgentResult.agent`, ...): nothing for a
+    task that names none."""
+    if task.agent is None:
+        return {}
+    return {"agent": task.agent.split("@")[0], "agent_version": task.agent_version, "variant": task.variant}
 
 
 class TenantPolicy(_Model):
@@ -392,6 +321,9 @@ class TenantPolicy(_Model):
     cache_ttl_s: int = Field(default=3600, ge=1, le=30 * 86_400)
     #: How `model="auto"` routes this tenant's tasks, in place of `PoolConfig.routing`.
     routing: Routing | None = None
+    #: The agent (`pool.agents`) a task of this tenant runs when it names none and spells
+    #: no system prompt, model, tools or schema of its own.
+    agent: AgentRefText | None = None
 
 
 def _invalid(error: ValidationError) -> Exception:

@@ -12,7 +12,7 @@ from typing import Any, TypeVar, cast
 import ray
 
 from agentpool import telemetry as tm
-from agentpool.cluster.acl import create_tenant_credentials, display_url, revoke_tenant_credentials
+from agentpool.cluster.acl import display_url
 from agentpool.cluster.completions import Completions
 from agentpool.cluster.keys import Keys
 from agentpool.cluster.reader import ResultsReader, find_tenant
@@ -29,6 +29,7 @@ from agentpool.launch import (
 )
 from agentpool.launcher import Launcher
 from agentpool.models import AgentResult, AgentTask, TaskState, validate_tasks
+from agentpool.pool_agents import PoolAgents
 from agentpool.pool_front import PoolFrontDoor
 from agentpool.pool_sessions import Sessions
 from agentpool.pool_telemetry import PoolTelemetry
@@ -83,7 +84,7 @@ def _read_events(reader: ResultsReader, task_id: str, after: str, follow: bool) 
         reader.close()
 
 
-class AgentPool(PoolTelemetry, PoolFrontDoor):
+class AgentPool(PoolTelemetry, PoolFrontDoor, PoolAgents):
     """A running pool: a scheduler, agent workers, tool executors, Redis and a provider.
 
     Use `AgentPool.start(config)` to create one and `pool.shutdown()` to stop it.
@@ -453,21 +454,6 @@ class AgentPool(PoolTelemetry, PoolFrontDoor):
     def results(self, tenant: str) -> ResultsReader:
         """A reader over the tenant's results stream in Redis (`read()`, `follow()`, `get()`)."""
         return ResultsReader(self._redis_url, tenant, keys=Keys(self.config.key_prefix))
-
-    def tenant_credentials(self, tenant: str) -> str:
-        """A Redis URL for `tenant`'s consumers: an ACL user that can read only the tenant's
-        keys (`<prefix>:{tenant}:*`) with the commands `ResultsReader` uses, and gets `NOPERM`
-        on any other key. Calling it again rotates the password (earlier URLs stop working).
-
-        Raises:
-            InvalidTask: If the tenant name is not valid.
-            ConfigError: If the Redis server refuses to create ACL users.
-        """
-        return create_tenant_credentials(self._redis_url, tenant, keys=Keys(self.config.key_prefix))
-
-    def revoke_tenant_credentials(self, tenant: str) -> bool:
-        """Deletes `tenant`'s ACL user; returns whether it existed."""
-        return revoke_tenant_credentials(self._redis_url, tenant, keys=Keys(self.config.key_prefix))
 
     def status(self) -> dict[str, Any]:
         """The pool's live state, from the scheduler and the rate limiter.

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis.asyncio as aioredis
 
+from agentpool.cluster.acl import create_tenant_credentials, revoke_tenant_credentials
 from agentpool.cluster.api_keys import ApiKeys
 from agentpool.cluster.keys import Keys
 from agentpool.cluster.webhook_store import WebhookStore
@@ -128,3 +129,18 @@ class PoolFrontDoor:
         """The tenant's deliveries given up on (newest first), with their last error."""
         self._check_running()
         return _blocking(self._redis_url, lambda r: self._webhook_store(r).dead_letters(tenant, count))
+
+    def tenant_credentials(self, tenant: str) -> str:
+        """A Redis URL for `tenant`'s consumers: an ACL user that can read only the tenant's
+        keys (`<prefix>:{tenant}:*`) with the commands `ResultsReader` uses, and gets `NOPERM`
+        on any other key. Calling it again rotates the password (earlier URLs stop working).
+
+        Raises:
+            InvalidTask: If the tenant name is not valid.
+            ConfigError: If the Redis server refuses to create ACL users.
+        """
+        return create_tenant_credentials(self._redis_url, tenant, keys=Keys(self.config.key_prefix))
+
+    def revoke_tenant_credentials(self, tenant: str) -> bool:
+        """Deletes `tenant`'s ACL user; returns whether it existed."""
+        return revoke_tenant_credentials(self._redis_url, tenant, keys=Keys(self.config.key_prefix))

@@ -95,6 +95,14 @@ tool_duration = meter.create_histogram(
     explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
 )
 alerts = meter.create_counter("agentpool.alerts", unit="{alert}", description="Alerts raised, by tenant and kind.")
+rollout_tasks = meter.create_counter(
+    "agentpool.rollout.tasks",
+    unit="{task}",
+    description="Tasks of a live rollout that ended, by agent, version, side (stable, canary, shadow) and status.",
+)
+rollout_transitions = meter.create_counter(
+    "agentpool.rollout.transitions", unit="{transition}", description="Rollout changes, by agent and phase."
+)
 
 
 # --- trace context -----------------------------------------------------------------------

@@ -87,6 +87,9 @@ class ErrorReason(StrEnum):
     SESSION_FULL = "session_full"
     #: Stopped: its next LLM call could have taken it over its own `max_cost_usd`.
     TASK_COST_CAP = "task_cost_cap"
+    #: Rejected: the agent it names (`AgentTask.agent`) is not registered, or has no such
+    #: version or label.
+    UNKNOWN_AGENT = "unknown_agent"
 
 
 #: The reasons a tenant's daily budget gives.
@@ -192,6 +195,44 @@ class EventType(StrEnum):
     SESSION_COMPACTED = "session_compacted"
     MODEL_ESCALATED = "model_escalated"
     LANE_FALLBACK = "lane_fallback"
+
+
+class RolloutPhase(StrEnum):
+    """Where a rollout of a new version of an agent stands (`Rollout`, `agentpool rollout`)."""
+
+    #: The candidate gets a sampled copy of live tasks; callers see only the stable answer.
+    SHADOW = "shadow"
+    #: The candidate answers a sticky share of live tasks, raised step by step.
+    CANARY = "canary"
+    #: The candidate took all traffic: it is the agent's current version now.
+    PROMOTED = "promoted"
+    #: The candidate was withdrawn (by its rule or by hand): the stable version takes all.
+    ROLLED_BACK = "rolled_back"
+
+    @property
+    def live(self) -> bool:
+        """Whether the rollout still routes or copies traffic."""
+        return self in (RolloutPhase.SHADOW, RolloutPhase.CANARY)
+
+
+class Variant(StrEnum):
+    """Which side of a rollout a task ran on (`AgentResult.variant`)."""
+
+    STABLE = "stable"
+    CANARY = "canary"
+    #: A copy of a live task run on the candidate, never returned to its caller.
+    SHADOW = "shadow"
+
+
+class Verdict(StrEnum):
+    """What a rollout's rule says of the candidate after a look at the figures."""
+
+    #: Not enough evidence either way yet (or the step's hold time is not over).
+    HOLD = "hold"
+    #: Evidence that it is no worse than stable on every measure: take the next step.
+    PROMOTE = "promote"
+    #: Evidence that it is worse than stable beyond a threshold: withdraw it.
+    ROLLBACK = "rollback"
 
 
 class ToolErrorKind(StrEnum):

@@ -10,7 +10,7 @@ from typing import Any
 
 from agentpool.cluster.connection import MAX_PENDING_EVENTS, REDIS_DOWN, StoreBase
 from agentpool.cluster.keys import Entry, stream_entries
-from agentpool.events import Event
+from agentpool.events import AgentTag, Event
 from agentpool.redact import redact_fields
 
 #: One JSON line per structured event, when `PoolConfig.event_log` is on.
@@ -29,11 +29,13 @@ def log_events_to_stderr() -> None:
 
 
 class EventLog(StoreBase):
-    async def emit(self, tenant: str, event: Event, *, task_id: str, trace_id: str) -> None:
+    async def emit(
+        self, tenant: str, event: Event, *, task_id: str, trace_id: str, agent: AgentTag = (None, None)
+    ) -> None:
         """Queues one structured event (see `post`)."""
-        self.post(tenant, event, task_id=task_id, trace_id=trace_id)
+        self.post(tenant, event, task_id=task_id, trace_id=trace_id, agent=agent)
 
-    def post(self, tenant: str, event: Event, *, task_id: str, trace_id: str) -> None:
+    def post(self, tenant: str, event: Event, *, task_id: str, trace_id: str, agent: AgentTag = (None, None)) -> None:
         """Queues one structured event for the tenant's events stream.
 
         Events leave in pipelined batches, in order: those emitted in one turn of the event
@@ -41,8 +43,10 @@ class EventLog(StoreBase):
         calls it before returning a task's result, so a result's events are in Redis by then).
         While Redis is unreachable they wait here, up to `MAX_PENDING_EVENTS`, and the outbox
         retries them; beyond that the oldest are dropped and counted in `events_dropped`.
+        `agent` is the task's agent and version tag (`AgentResult.agent`, `.agent_version`),
+        written as the entry's `agent` and `agent_version` when it has one.
         """
-        entry = self._entry(tenant, event, task_id=task_id, trace_id=trace_id)
+        entry = self._entry(tenant, event, task_id=task_id, trace_id=trace_id, agent=agent)
         self._logged(tenant, entry)
         self._queue((self.keys.events(tenant), entry, self._maxlen, 0))
         if self._task_events_ttl:  # the task's own stream, for `pool.events` and SSE
@@ -50,16 +54,21 @@ class EventLog(StoreBase):
                 (self.keys.task_events(tenant, task_id), entry, self._task_events_maxlen, self._task_events_ttl)
             )
 
-    def _entry(self, tenant: str, event: Event, *, task_id: str, trace_id: str) -> dict[str, str]:
+    def _entry(
+        self, tenant: str, event: Event, *, task_id: str, trace_id: str, agent: AgentTag = (None, None)
+    ) -> dict[str, str]:
         """An event's entry in its tenant's stream, with the tenant's PII redaction applied."""
         fields = redact_fields(event.data(), self._pii(tenant))
-        return {
+        entry = {
             "event": event.TYPE.value,
             "task_id": task_id,
             "trace_id": trace_id,
             "ts": f"{time.time():.6f}",
             "data": json.dumps(fields, default=str, separators=(",", ":")),
         }
+        if agent[0]:
+            entry["agent"], entry["agent_version"] = agent[0], agent[1] or ""
+        return entry
 
     async def task_events(self, tenant: str, task_id: str, *, after: str = "-", count: int = 10_000) -> list[Entry]:
         """The entries of the task's own events stream after id `after` (`-`: from its

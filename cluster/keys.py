@@ -157,6 +157,40 @@ class Keys:
         """Sorted set session_id -> last use (unix seconds): the tenant's sessions."""
         return f"{self._tenant(tenant)}:sessions"
 
+    # The agent registry, rollouts and eval reports: pool-wide, in one hash slot (`{agents}`).
+
+    def agent_names(self) -> str:
+        """Set: the names of the registered agents."""
+        return f"{self.prefix}:{{agents}}:names"
+
+    def agent_versions(self, name: str) -> str:
+        """Hash sha256 -> `AgentVersion` JSON: an agent's versions, written once each."""
+        return f"{self.prefix}:{{agents}}:{name}:versions"
+
+    def agent_labels(self, name: str) -> str:
+        """Hash label -> sha256: an agent's labels, each set once."""
+        return f"{self.prefix}:{{agents}}:{name}:labels"
+
+    def agent_current(self) -> str:
+        """Hash name -> sha256: the version a task naming just the agent runs (no rollout)."""
+        return f"{self.prefix}:{{agents}}:current"
+
+    def rollouts(self, pool: str) -> str:
+        """Hash agent -> `RolloutState` JSON: one pool's rollouts, live or ended."""
+        return f"{self.prefix}:{{agents}}:rollouts:{pool}"
+
+    def rollout_sides(self, pool: str) -> str:
+        """Hash agent -> JSON of both sides' figures (`rollouts.Side`), for a restart."""
+        return f"{self.prefix}:{{agents}}:rollout_sides:{pool}"
+
+    def rollout_events(self, pool: str) -> str:
+        """Stream: every transition of one pool's rollouts (`agent`, `phase`, `weight`, `reason`)."""
+        return f"{self.prefix}:{{agents}}:rollout_events:{pool}"
+
+    def eval_reports(self, suite: str) -> str:
+        """Hash agent version tag -> `EvalReport` JSON: a suite's latest report per version."""
+        return f"{self.prefix}:{{agents}}:eval:{suite}"
+
     def tool_cache(self, tenant: str, tool: str, digest: str) -> str:
         """A cacheable tool's result for one set of arguments."""
         return f"{self._tenant(tenant)}:toolcache:{tool}:{digest}"

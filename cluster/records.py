@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from agentpool.cluster.connection import REDIS_DOWN, Scripted, StoreBase, raised
 from agentpool.cluster.sessions import SessionWrite
-from agentpool.events import Event
+from agentpool.events import AgentTag, Event
 from agentpool.models import AgentResult
 from agentpool.redact import redact_record
 
@@ -61,19 +61,22 @@ if ARGV[13] ~= '' then
   if redis.call('EXISTS', KEYS[13]) == 1 then redis.call('EXPIRE', KEYS[13], ttl) end
 end
 local task_ttl = tonumber(ARGV[8])
-for i = 15, #ARGV, 5 do
-  redis.call('XADD', KEYS[11], 'MAXLEN', '~', ARGV[6], '*', 'event', ARGV[i], 'task_id', ARGV[i + 1],
-    'trace_id', ARGV[i + 2], 'ts', ARGV[i + 3], 'data', ARGV[i + 4])
+for i = 15, #ARGV, 7 do
+  local entry = {'event', ARGV[i], 'task_id', ARGV[i + 1], 'trace_id', ARGV[i + 2], 'ts', ARGV[i + 3],
+    'data', ARGV[i + 4]}
+  if ARGV[i + 5] ~= '' then
+    entry[11], entry[12], entry[13], entry[14] = 'agent', ARGV[i + 5], 'agent_version', ARGV[i + 6]
+  end
+  redis.call('XADD', KEYS[11], 'MAXLEN', '~', ARGV[6], '*', unpack(entry))
   if task_ttl > 0 then
-    redis.call('XADD', KEYS[12], 'MAXLEN', '~', ARGV[7], '*', 'event', ARGV[i], 'task_id', ARGV[i + 1],
-      'trace_id', ARGV[i + 2], 'ts', ARGV[i + 3], 'data', ARGV[i + 4])
+    redis.call('XADD', KEYS[12], 'MAXLEN', '~', ARGV[7], '*', unpack(entry))
     redis.call('EXPIRE', KEYS[12], task_ttl)
   end
 end
 return {1, ARGV[1], conflict}
 """
 #: The fields of an event's stream entry, in the order `_WRITE_ONCE` takes them.
-_EVENT_FIELDS = ("event", "task_id", "trace_id", "ts", "data")
+_EVENT_FIELDS = ("event", "task_id", "trace_id", "ts", "data", "agent", "agent_version")
 
 
 class FinalRecords(StoreBase):
@@ -109,7 +112,10 @@ class FinalRecords(StoreBase):
             )
         if self._outbox:  # keep order behind what is already waiting
             return self._wait_for_redis(result, events)
-        entries = [self._entry(result.tenant, e, task_id=result.task_id, trace_id=result.trace_id) for e in events]
+        tag = (result.agent, result.agent_version)
+        entries = [
+            self._entry(result.tenant, e, task_id=result.task_id, trace_id=result.trace_id, agent=tag) for e in events
+        ]
 
         def add(pipe: Any) -> int:
             for write in also:
@@ -141,7 +147,8 @@ class FinalRecords(StoreBase):
 
     def _wait_for_redis(self, result: AgentResult, events: Sequence[Event]) -> tuple[AgentResult, bool]:
         for event in events:
-            self.post(result.tenant, event, task_id=result.task_id, trace_id=result.trace_id)
+            tag = (result.agent, result.agent_version)
+            self.post(result.tenant, event, task_id=result.task_id, trace_id=result.trace_id, agent=tag)
         self._buffer(result)
         return result, True
 
@@ -179,7 +186,7 @@ class FinalRecords(StoreBase):
                 time.time(),
                 sid or "",
                 session.compactions if session is not None else 0,
-                *(entry[field] for entry in entries for field in _EVENT_FIELDS),
+                *(entry.get(field, "") for entry in entries for field in _EVENT_FIELDS),
             ),
         ).add_to(pipe)
 
@@ -194,8 +201,12 @@ class FinalRecords(StoreBase):
 
     if TYPE_CHECKING:  # EventLog's; declared here for the type checker only
 
-        def _entry(self, tenant: str, event: Event, *, task_id: str, trace_id: str) -> dict[str, str]: ...
+        def _entry(
+            self, tenant: str, event: Event, *, task_id: str, trace_id: str, agent: AgentTag = (None, None)
+        ) -> dict[str, str]: ...
 
         def _logged(self, tenant: str, entry: dict[str, str]) -> None: ...
 
-        def post(self, tenant: str, event: Event, *, task_id: str, trace_id: str) -> None: ...
+        def post(
+            self, tenant: str, event: Event, *, task_id: str, trace_id: str, agent: AgentTag = (None, None)
+        ) -> None: ...

@@ -35,6 +35,7 @@ from agentpool.telemetry import trace_id_of
 if TYPE_CHECKING:
     from agentpool.cluster.store import ResultStore
     from agentpool.config import PoolConfig
+    from agentpool.errors import UnknownAgent
     from agentpool.scheduler.core import SchedulerCore
 
 log = logging.getLogger("agentpool.scheduler")
@@ -65,6 +66,7 @@ class BacklogWindow:
     #: Tasks whose jobs ended while a read of the backlog was in flight; None when none is.
     _ended_in_read: set[str] | None
     _admission: Admission
+    _agent_refusals: dict[str, UnknownAgent]
 
     if TYPE_CHECKING:  # Scheduler's; declared here for the type checker only
 
@@ -160,6 +162,8 @@ class BacklogWindow:
         return (
             policy is not None
             and task.session_id is None
+            and (task.agent is None or task.agent_version is not None)
+            and task.task_id not in self._agent_refusals
             and not interactive(task.priority, task.deadline_s)
             and policy.guardrails.injection == "off"
             and not limits_of(policy)

@@ -70,6 +70,8 @@ class JobControl:
 
         def _spawn_write(self, result: AgentResult) -> None: ...
 
+        async def _with_agents(self, tasks: list[AgentTask]) -> list[AgentTask]: ...
+
         async def _count_backlog(self) -> int: ...
 
         async def _find_backlogged(self, task_id: str) -> Job | None: ...
@@ -128,6 +130,7 @@ class JobControl:
         task, `accepted` or the final status it already has (a rejection, say). Their results
         land in Redis. With `reply` (the relay's calls), each record is also sent to the
         relay when its task ends, and one that exists already comes back as `record`."""
+        tasks = await self._with_agents(tasks)
         batch: list[int] = []
         for i, t in enumerate(tasks):
             if t.task_id not in self._jobs and t.task_id not in self._deferred and self._admits_in_batch(t, len(batch)):

@@ -17,7 +17,7 @@ from opentelemetry import trace
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from agentpool import telemetry as tm
-from agentpool.models import AgentResult
+from agentpool.models import AgentResult, AgentTask
 from agentpool.scheduler.jobs import Job
 from agentpool.vocabulary import TaskStatus
 
@@ -91,6 +91,7 @@ class TaskTelemetry:
         )
         if task.model:
             job.span.set_attribute("gen_ai.request.model", task.model)
+        job.span.set_attributes(_agent_attributes(task))
 
     def dispatch_traceparent(self, job: Job) -> str:
         """The `traceparent` a worker continues the task's trace from."""
@@ -132,7 +133,7 @@ class TaskTelemetry:
         tenant = job.task.tenant
         status = result.status if result is not None else TaskStatus.FAILED
         took_s = max(0.0, time.time() - job.admitted_unix)
-        labels = {"agentpool.tenant": tenant, "agentpool.status": status}
+        labels = {"agentpool.tenant": tenant, "agentpool.status": status, **_agent_attributes(job.task)}
         tm.tasks_ended.add(1, labels)
         tm.task_duration.record(took_s, labels)
         if job.queue_span is not None:  # it never left the queue (rejected, cancelled)
@@ -156,3 +157,14 @@ class TaskTelemetry:
             span.set_status(trace.Status(trace.StatusCode.ERROR, message))
         span.end()
         job.span = None
+
+
+def _agent_attributes(task: AgentTask) -> dict[str, str]:
+    """`agent.name`, `agent.version` and `agentpool.variant` of a task that runs a
+    registered agent (its root span's attributes, and labels of its task metrics)."""
+    if task.agent is None:
+        return {}
+    out = {"agent.name": task.agent.split("@")[0], "agent.version": task.agent_version or ""}
+    if task.variant is not None:
+        out["agentpool.variant"] = task.variant.value
+    return out

@@ -14,7 +14,7 @@ import ray
 from agentpool import events
 from agentpool.background import Background
 from agentpool.errors import AgentPoolError, BudgetExceeded
-from agentpool.models import AgentResult, AgentTask, ErrorInfo, Timings
+from agentpool.models import AgentResult, AgentTask, ErrorInfo, Timings, agent_fields
 from agentpool.scheduler.jobs import Job
 from agentpool.vocabulary import ErrorReason, TaskStatus
 
@@ -39,6 +39,7 @@ def failed_record(task: AgentTask, trace_id: str, exc: BaseException, queued_ms:
     message = exc.message if isinstance(exc, AgentPoolError) else str(exc)
     return AgentResult(
         task_id=task.task_id,
+        **agent_fields(task),
         tenant=task.tenant,
         status=TaskStatus.FAILED,
         trace_id=trace_id,
@@ -70,6 +71,8 @@ class Records:
 
         def _observe_end(self, job: Job, result: AgentResult | None) -> None: ...
 
+        def _observe_agent(self, task: AgentTask, result: AgentResult) -> None: ...
+
         def _note_ended(self, task_id: str) -> None: ...
 
         def _release_turn(self, job: Job) -> None: ...
@@ -97,6 +100,8 @@ class Records:
             self._note_ended(job.task.task_id)
         try:
             self._observe_end(job, result)
+            if result is not None:
+                self._observe_agent(job.task, result)
         except Exception:  # counting an end must never keep its waiters waiting
             log.exception("observing the end of task %s failed", job.task.task_id)
         if job.reply and result is not None:
@@ -139,6 +144,7 @@ class Records:
         took_ms = round((time.time() - arrived_unix) * 1000, 3)
         result = AgentResult(
             task_id=task.task_id,
+            **agent_fields(task),
             tenant=task.tenant,
             status=TaskStatus.REJECTED,
             trace_id=trace_id,
@@ -178,6 +184,7 @@ class Records:
         task = job.task
         result = AgentResult(
             task_id=task.task_id,
+            **agent_fields(task),
             tenant=task.tenant,
             status=TaskStatus.CANCELLED,
             trace_id=job.trace_id,

@@ -38,6 +38,7 @@ from agentpool.errors import AgentPoolError, RetryLater, WorkerFailed
 from agentpool.models import AgentResult, AgentTask
 from agentpool.protocol import Admitted, Dispatch, Paused, RunFailed, WorkerSpawn
 from agentpool.scheduler.admission import Admission, screen_task
+from agentpool.scheduler.agent_control import AgentControl
 from agentpool.scheduler.alerts import AlertMonitor
 from agentpool.scheduler.backlog import BacklogWindow
 from agentpool.scheduler.calls import WorkerCalls
@@ -62,7 +63,7 @@ log = logging.getLogger("agentpool.scheduler")
 
 
 @ray.remote
-class Scheduler(JobControl, BacklogWindow, Records, SessionGate, StatusView, TaskLookup, Telemetered):
+class Scheduler(AgentControl, JobControl, BacklogWindow, Records, SessionGate, StatusView, TaskLookup, Telemetered):
     """Named async actor; one per pool."""
 
     def __init__(
@@ -119,6 +120,7 @@ class Scheduler(JobControl, BacklogWindow, Records, SessionGate, StatusView, Tas
         self._ticker: asyncio.Task[None] | None = None
         self._loop_lag_s = 0.0
         self._approvals = Approvals(self._store, config.checkpoint_ttl_s)
+        self._init_agents()
         self._booted = False
         # Take up what this pool accepted before (a restart): a call to ourselves, which runs
         # as soon as this constructor returns.
@@ -143,6 +145,8 @@ class Scheduler(JobControl, BacklogWindow, Records, SessionGate, StatusView, Tas
         caller = asyncio.current_task()
         if caller is not None:
             self._callers.add(caller)
+        if self._names_agent(task):
+            (task,) = await self._with_agents([task])
         job = self._job_for(task, traceparent, after)
         job.callers += 1
         try:
@@ -230,7 +234,7 @@ class Scheduler(JobControl, BacklogWindow, Records, SessionGate, StatusView, Tas
         task = job.task
         self._start_ticker()
         self._note_tenant(task.tenant)
-        rejection = self._admission.check(task)
+        rejection = self._agent_refusal(task) or self._admission.check(task)
         if rejection is None and interactive(task.priority, task.deadline_s):
             refused = self._core.refusal(job.ticket, self._clock())
             rejection = refused.error(task.tenant) if refused is not None else None
@@ -275,7 +279,8 @@ class Scheduler(JobControl, BacklogWindow, Records, SessionGate, StatusView, Tas
             job.accepted.set_result(None)
         self._telemetry.queued(job)
         admitted = events.TaskAdmitted(priority=task.priority, queued=len(self._core.queue), adopted=job.adopted)
-        self._store.post(task.tenant, admitted, task_id=task.task_id, trace_id=job.trace_id)
+        tag = (task.agent, task.agent_version)
+        self._store.post(task.tenant, admitted, task_id=task.task_id, trace_id=job.trace_id, agent=tag)
         self._report_findings(job, "flagged")
         self._pump()
 
@@ -365,6 +370,7 @@ class Scheduler(JobControl, BacklogWindow, Records, SessionGate, StatusView, Tas
             self._fleet.observe(now, core.slots.in_flight + core.waiting)
             if core.models:
                 await self._watch_limiter()
+            await self._tick_agents()
 
     async def _watch_limiter(self) -> None:
         """Which rate-limited models have calls waiting for permits. Only those are capped:

@@ -122,6 +122,8 @@ class StatusView:
             "limits": limits,
             "tools": tools,
             "budgets_today": await self._budgets_today(tenants),
+            # Rollouts of agents' versions in this pool (live or ended): see `pool.rollouts`.
+            "rollouts": self._agents.status(),
         }
 
     async def ready(self: Any) -> dict[str, Any]:

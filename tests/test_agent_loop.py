@@ -203,6 +203,14 @@ async def test_structured_output_errors_are_fed_back(sim: SimulatorServer) -> No
     assert len(h.named("output_invalid")) == 1 and "population" in h.named("output_invalid")[0]["problem"]
 
 
+async def test_the_system_prompt_and_the_schema_instruction_stay_apart(sim: SimulatorServer) -> None:
+    # A system prompt's last line (here a simulator directive, as an agent's spec may carry)
+    # is not run together with the instruction that follows it.
+    verdict = {"type": "object", "properties": {"pass": {"type": "boolean"}}, "required": ["pass"]}
+    r = await Harness(sim).run(prompt="The answer is 42.", system="sim: judge 42", output_schema=verdict)
+    assert r.answer == {"pass": True, "score": 1.0, "reason": "scripted judge"}
+
+
 async def test_structured_output_that_never_validates_hits_the_cap(sim: SimulatorServer) -> None:
     h = Harness(sim)
     r = await h.run(prompt="sim: answer not json", output_schema=SCHEMA, max_iterations=1)

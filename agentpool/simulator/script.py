@@ -15,11 +15,22 @@ task's prompt, or a follow-up such as a schema correction):
     sim: bloat <n>                   answer with a text block of n characters (huge payloads)
     sim: unable <model>[,<model>...]  models whose id starts with one of these are not up to
                                      the task: they answer only `UNABLE` (model routing tests)
+    sim: fail_share <fraction> <status>  fail that share of tasks, always, with that status: a
+                                     task is picked by a hash of its first prompt (so the
+                                     same tasks fail on every attempt and every run)
+    sim: judge <regex>               a scripted judge: answers the JSON verdict
+                                     {"pass", "score", "reason"}, passing when the regex is
+                                     found in the prompt (the answer under judgement)
+
+Directives may also stand in the system prompt, so that an agent's version (its spec) can
+decide how the simulated model behaves: the prompt's directives of a kind replace the
+system prompt's of the same kind.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 import re
@@ -53,6 +64,9 @@ class Directives:
     raw: bytes | None = None
     bloat: int = 0
     unable: list[str] = field(default_factory=list)
+    #: (share of tasks, status) for `sim: fail_share`.
+    fail_share: tuple[float, int] | None = None
+    judge: re.Pattern[str] | None = None
 
     @property
     def empty(self) -> bool:
@@ -110,9 +124,56 @@ def parse_directives(text: str) -> Directives:
             out.unable += [p.strip() for p in rest.split(",") if p.strip()]
         elif verb == "bloat":
             out.bloat = min(int(rest), 64 * 1024 * 1024)
+        elif verb == "fail_share":
+            out.fail_share = _parse_share(rest)
+        elif verb == "judge":
+            try:
+                out.judge = re.compile(rest)
+            except re.error as exc:
+                raise DirectiveError(f"sim: judge needs a regular expression: {exc}") from exc
         else:
             raise DirectiveError(f"unknown simulator directive 'sim: {verb}'")
     return out
+
+
+def _parse_share(rest: str) -> tuple[float, int]:
+    parts = rest.split()
+    try:
+        share, status = float(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        raise DirectiveError("sim: fail_share needs a fraction and a status, e.g. 'sim: fail_share 0.2 500'") from None
+    if not 0 <= share <= 1:
+        raise DirectiveError("sim: fail_share: the fraction is between 0 and 1")
+    return share, status
+
+
+def merged_directives(system: str, prompt: str) -> Directives:
+    """The directives of a request: the system prompt's, each kind replaced by the prompt's
+    when the prompt has that kind."""
+    base, own = parse_directives(system), parse_directives(prompt)
+    defaults = Directives()
+    for name in base.__dataclass_fields__:
+        mine = getattr(own, name)
+        if mine != getattr(defaults, name):
+            setattr(base, name, mine)
+    return base
+
+
+def first_prompt(body: dict[str, Any]) -> str:
+    """The text of the conversation's first user message (the task's prompt)."""
+    for msg in body.get("messages", []):
+        if msg.get("role") == "user":
+            text = _text_of(msg.get("content", ""))
+            if text.strip():
+                return text
+    return ""
+
+
+def in_share(text: str, share: float) -> bool:
+    """Whether a task whose prompt is `text` falls in the first `share` of all prompts (a
+    stable hash, the same in every process and run)."""
+    digest = hashlib.sha256(text.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < share
 
 
 def _parse_fail(rest: str) -> FailSpec:
@@ -181,6 +242,10 @@ def plan_reply(body: dict[str, Any], directives: Directives, id_seed: str) -> Re
 
     if any(str(body["model"]).startswith(prefix) for prefix in directives.unable):
         return _text_reply(UNABLE, body, directives)
+    if directives.judge is not None:
+        found = directives.judge.search(anchor) is not None
+        verdict = {"pass": found, "score": 1.0 if found else 0.0, "reason": "scripted judge"}
+        return _text_reply(json.dumps(verdict), body, directives)
     if directives.tools and turns < len(directives.tools):
         name, args = directives.tools[turns]
         return _tool_reply(name, args, f"toolu_{id_seed}", directives)

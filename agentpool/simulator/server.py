@@ -27,10 +27,14 @@ from agentpool.simulator.config import SimulatorConfig
 from agentpool.simulator.limits import ModelLimits
 from agentpool.simulator.script import (
     DirectiveError,
+    Directives,
     Reply,
+    conversation_state,
     estimate_tokens,
     fail_key,
-    parse_directives,
+    first_prompt,
+    in_share,
+    merged_directives,
     plan_reply,
     system_text,
 )
@@ -185,6 +189,10 @@ class Simulator:
                 if spec.status == 401:  # echoes the key, as careless gateways do: the pool must scrub it
                     message = f"invalid x-api-key: {api_key}"
                 raise _ApiError(spec.status, message, _retry_hdr(1))
+        if directives.fail_share is not None:
+            share, status = directives.fail_share
+            if in_share(first_prompt(body), share):
+                raise _ApiError(status, f"simulated failure of this task ({status})")
         for status, rate in sorted(self.config.fault_rates.items()):
             if self._rng.random() < rate:
                 raise _ApiError(status, f"injected fault ({status})", _retry_hdr(1))
@@ -272,8 +280,7 @@ def build_app(sim: Simulator) -> web.Application:
     async def _messages(request: web.Request, request_id: str) -> web.StreamResponse:
         body = await _read_body(request)
         try:
-            anchor = _anchor_text(body)
-            directives = parse_directives(anchor)
+            directives = _directives(body)
         except (DirectiveError, ValueError) as exc:
             raise _ApiError(400, str(exc)) from exc
         presented = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
@@ -349,7 +356,7 @@ def _batch_answer(sim: Simulator, body: dict[str, Any]) -> tuple[str, dict[str, 
     latency: a batch has its own), or the error it would have returned."""
     try:
         sim.validate(body)
-        directives = parse_directives(_anchor_text(body))
+        directives = _directives(body)
         sim.maybe_fail(body, directives)
     except _ApiError as err:
         return "errored", {"type": ERROR_TYPES.get(err.status, "api_error"), "message": err.message}
@@ -380,15 +387,14 @@ def _message(body: dict[str, Any], reply: Reply, usage: dict[str, int]) -> dict[
 def _delay_of(body: dict[str, Any]) -> float:
     """A batch request's own `sim: delay`, in seconds (0 when it has none or is malformed)."""
     try:
-        return parse_directives(_anchor_text(body)).delay_ms / 1000
+        return _directives(body).delay_ms / 1000
     except (DirectiveError, ValueError, KeyError, TypeError):
         return 0.0
 
 
-def _anchor_text(body: dict[str, Any]) -> str:
-    from agentpool.simulator.script import conversation_state
-
-    return conversation_state(body["messages"])[0]
+def _directives(body: dict[str, Any]) -> Directives:
+    """The request's directives: its system prompt's and its latest prompt's."""
+    return merged_directives(system_text(body), conversation_state(body["messages"])[0])
 
 
 class SimulatorServer:
