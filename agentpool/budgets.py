@@ -24,6 +24,12 @@ from agentpool.models import Usage
 from agentpool.vocabulary import BudgetReason, ErrorReason
 
 
+#: Dollar sums are floats here and in Redis (HINCRBYFLOAT rounds each to 17 digits), and
+#: can differ in the last bits: a sum that reaches a budget exactly crosses it only by more
+#: than a nano-dollar, in both places, so the two never disagree at the boundary.
+COST_SLACK_USD = 1e-9
+
+
 @dataclass(frozen=True)
 class Limits:
     """A tenant's daily limits; None: no limit on that dimension."""
@@ -65,7 +71,8 @@ class Day:
         reserved, would cross; None when they fit."""
         if limits.tokens is not None and self.tokens + self.reserved_tokens + tokens > limits.tokens:
             return ErrorReason.DAILY_TOKEN_BUDGET
-        if limits.cost_usd is not None and self.cost_usd + self.reserved_cost_usd + cost_usd > limits.cost_usd:
+        total = self.cost_usd + self.reserved_cost_usd + cost_usd
+        if limits.cost_usd is not None and total > limits.cost_usd + COST_SLACK_USD:
             return ErrorReason.DAILY_COST_BUDGET
         return None
 

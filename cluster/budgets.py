@@ -21,7 +21,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from agentpool.budgets import Limits, admission_check
+from agentpool.budgets import COST_SLACK_USD, Limits, admission_check
 from agentpool.cluster.connection import Scripted
 from agentpool.cluster.keys import Keys
 from agentpool.errors import BudgetExceeded
@@ -39,10 +39,10 @@ local function over(key, tb, cb, t, c)
   local tokens = (tonumber(v[1]) or 0) + (tonumber(v[2]) or 0)
   local cost = (tonumber(v[3]) or 0) + (tonumber(v[4]) or 0)
   if tb >= 0 and tokens + t > tb then return 'daily_token_budget' end
-  if cb >= 0 and cost + c > cb then return 'daily_cost_budget' end
+  if cb >= 0 and cost + c > cb + SLACK then return 'daily_cost_budget' end
   return false
 end
-"""
+""".replace("SLACK", repr(COST_SLACK_USD))
 
 # KEYS[1] usage hash. ARGV: lease id, tokens, cost, token budget (-1: none), cost budget
 # (-1: none), now (unix s), lease expiry (unix s), key TTL (s).

@@ -247,3 +247,21 @@ def test_the_redis_scripts_do_what_the_arithmetic_says(redis_url: str) -> None:
 
     Machine.TestCase.settings = settings(max_examples=30, stateful_step_count=30, deadline=None)
     Machine.TestCase().runTest()
+
+
+def test_a_budget_reached_exactly_is_not_crossed_here_or_in_redis(redis_url: str) -> None:
+    # 1.05 + 0.30 + 1.05 + 0.10 is 2.5000000000000004 in Python floats and 2.5 in Redis's
+    # HINCRBYFLOAT: both must take the last reservation (a budget is crossed only by more
+    # than a nano-dollar).
+    async def scenario() -> None:
+        client = connect(redis_url)
+        book = ledger(client, f"t{uuid.uuid4().hex[:10]}", Clock())
+        policy, day = TenantPolicy(daily_cost_budget_usd=2.5), Day()
+        for i, cents in enumerate((105, 30, 105, 10)):
+            await book.reserve("acme", policy, f"l{i}", 0, cents / 100)
+            assert day.reserve(Limits(cost_usd=2.5), f"l{i}", 0, cents / 100, now=0.0, expires_at=60.0) is None
+        with pytest.raises(BudgetExceeded):
+            await book.reserve("acme", policy, "l9", 0, 0.01)
+        await client.aclose()
+
+    asyncio.run(scenario())
