@@ -16,6 +16,7 @@ from agentpool.config import (
     RetryPolicy,
 )
 from agentpool.errors import (
+    AgentConflict,
     AgentPoolError,
     BudgetExceeded,
     ConfigError,
@@ -30,6 +31,7 @@ from agentpool.errors import (
     StoreError,
     StoreUnavailable,
     ToolError,
+    UnknownAgent,
     UnknownTenant,
     UnknownTool,
 )
@@ -58,30 +60,51 @@ from agentpool.vocabulary import (
     EventType,
     Lane,
     OnBusy,
+    RolloutPhase,
     TaskPhase,
     TaskStatus,
     ToolErrorKind,
+    Variant,
+    Verdict,
 )
 
 if TYPE_CHECKING:
+    from agentpool.agents import AgentSpec, AgentVersion
+    from agentpool.evals import EvalSuite, Expect, Gate
     from agentpool.pool import AgentPool
+    from agentpool.rollouts import Rollout, RolloutRule
+
+#: Names imported on first use: `AgentPool` (and with it Ray and Redis), and the agents',
+#: evals' and rollouts' models (YAML and JSON Schema), so that a module of tools
+#: (`from agentpool import tool`) stays light, as in a tool sandbox's zygote.
+_LAZY = {
+    "AgentPool": "agentpool.pool",
+    "AgentSpec": "agentpool.agents",
+    "AgentVersion": "agentpool.agents",
+    "EvalSuite": "agentpool.evals",
+    "Expect": "agentpool.evals",
+    "Gate": "agentpool.evals",
+    "Rollout": "agentpool.rollouts",
+    "RolloutRule": "agentpool.rollouts",
+}
 
 
 def __getattr__(name: str) -> Any:
-    """`AgentPool` (and with it Ray and Redis) is imported on first use, so that a module of
-    tools (`from agentpool import tool`) stays light, as in a tool sandbox's zygote."""
-    if name == "AgentPool":
-        from agentpool.pool import AgentPool
+    if name in _LAZY:
+        import importlib
 
-        return AgentPool
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'agentpool' has no attribute {name!r}")
 
 
 __all__ = [
+    "AgentConflict",
     "AgentPool",
     "AgentPoolError",
     "AgentResult",
+    "AgentSpec",
     "AgentTask",
+    "AgentVersion",
     "AutoscaleConfig",
     "BatchLaneConfig",
     "BreakerConfig",
@@ -91,8 +114,11 @@ __all__ = [
     "ErrorInfo",
     "ErrorReason",
     "EscalationReason",
+    "EvalSuite",
     "EventType",
     "ExecutorGroupConfig",
+    "Expect",
+    "Gate",
     "Guardrails",
     "InvalidConfig",
     "InvalidTask",
@@ -108,6 +134,9 @@ __all__ = [
     "RateLimit",
     "RetryLater",
     "RetryPolicy",
+    "Rollout",
+    "RolloutPhase",
+    "RolloutRule",
     "RoutedModel",
     "Routing",
     "SessionBusy",
@@ -123,8 +152,11 @@ __all__ = [
     "ToolCallSummary",
     "ToolError",
     "ToolErrorKind",
+    "UnknownAgent",
     "UnknownTenant",
     "UnknownTool",
     "Usage",
+    "Variant",
+    "Verdict",
     "tool",
 ]

@@ -86,6 +86,10 @@ class Rollout(BaseModel):
     fraction: float = Field(default=0.1, gt=0, le=1)
     #: Shadow: what the copies may spend in all, in USD (no more copies once spent).
     shadow_budget_usd: float = Field(default=10.0, gt=0, le=1_000_000)
+    #: Shadow: the most one copy may spend (its `max_cost_usd`). A copy is made only while
+    #: what the copies spent plus the caps of those still running leave room for one more
+    #: cap, so the copies never spend more than `shadow_budget_usd` in all.
+    shadow_task_cap_usd: float = Field(default=0.05, gt=0, le=1000)
     #: Shadow: the tenant the copies run as: its policy, daily budgets and quotas apply, and
     #: their records land in its results stream, never in the live tenant's. None: the live
     #: task's own tenant (its consumers then see the copies, `variant="shadow"`).
@@ -308,12 +312,14 @@ class RolloutState(BaseModel):
         hit = pick([("canary", self.weight)], self.rollout.agent, key)
         return Variant.CANARY if hit is not None else Variant.STABLE
 
-    def shadows(self, task_id: str, spent_usd: float) -> bool:
-        """Whether a live task is copied to the shadow candidate."""
+    def shadows(self, task_id: str, committed_usd: float) -> bool:
+        """Whether a live task is copied to the shadow candidate, given what the copies have
+        spent and the caps of those still running (`committed_usd`)."""
+        rollout = self.rollout
         return (
             self.phase is RolloutPhase.SHADOW
-            and spent_usd < self.rollout.shadow_budget_usd
-            and bucket(f"shadow:{self.rollout.agent}", task_id) < self.rollout.fraction
+            and committed_usd + rollout.shadow_task_cap_usd <= rollout.shadow_budget_usd + 1e-12
+            and bucket(f"shadow:{rollout.agent}", task_id) < rollout.fraction
         )
 
     def advance(self, stable: Side, candidate: Side, now: float) -> Transition | None:

@@ -23,6 +23,7 @@ from bench import (
     overhead,
     overload,
     ratelimit,
+    rollout,
     scale,
     sessions,
     tools,
@@ -41,6 +42,7 @@ BENCHMARKS: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
     "http": http.run,
     "sessions": sessions.run,
     "cost": cost.run,
+    "rollout": rollout.run,
     "mutation": mutation.run,
 }
 #: Benchmarks of pure code, run without Ray (and left out of `all`, which measures the pool).

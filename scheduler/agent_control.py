@@ -41,6 +41,15 @@ class AgentControl:
         self._agents_lock = asyncio.Lock()
         self._agents_looked = 0.0
 
+    async def _load_agents(self) -> None:
+        """Reads the registry and this pool's rollouts (at boot: a restarted scheduler goes
+        on with its live rollouts). Redis away: the first task naming an agent tries again."""
+        try:
+            async with self._agents_lock:
+                await self._agents.reload()
+        except Exception as exc:
+            log.warning("could not read the agent registry at boot: %s", exc)
+
     def _names_agent(self, task: AgentTask) -> bool:
         """Whether the task is to be resolved against the registry (it, or its tenant's
         default, names an agent, and it was not resolved before)."""

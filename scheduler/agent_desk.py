@@ -44,6 +44,9 @@ class AgentDesk:
         #: live task id -> {"stable": result, "shadow": result} until both are in.
         self._pairs: OrderedDict[str, dict[str, AgentResult]] = OrderedDict()
         self.compared: dict[str, dict[str, int]] = {}
+        #: Shadow copies running: task id -> (agent, its cap); and the caps held per agent.
+        self._in_flight: dict[str, tuple[str, float]] = {}
+        self._reserved: dict[str, float] = {}
         self._dirty: set[str] = set()
         self.loaded = False
 
@@ -98,12 +101,12 @@ class AgentDesk:
         if state is None or state.phase is not RolloutPhase.SHADOW:
             return None
         sides = self.sides.setdefault(task.agent, _fresh_sides())
-        if not state.shadows(task.task_id, sides["shadow"].cost_usd):
+        committed = sides["shadow"].cost_usd + self._reserved.get(task.agent, 0.0)
+        if not state.shadows(task.task_id, committed):
             return None
         rollout = state.rollout
         state.shadow_copies += 1
         self._dirty.add(task.agent)
-        left = rollout.shadow_budget_usd - sides["shadow"].cost_usd
         copy = apply_spec(
             task.model_copy(update={"agent_version": None, "max_cost_usd": None}),
             self._by_tag(task.agent, state.candidate_tag),
@@ -118,7 +121,10 @@ class AgentDesk:
         self._pairs[task.task_id] = {}
         while len(self._pairs) > MAX_PAIRS:
             self._pairs.popitem(last=False)
-        return copy.model_copy(update={"max_cost_usd": min(copy.max_cost_usd or left, left)})
+        cap = min(copy.max_cost_usd or rollout.shadow_task_cap_usd, rollout.shadow_task_cap_usd)
+        self._in_flight[copy.task_id] = (task.agent, cap)
+        self._reserved[task.agent] = self._reserved.get(task.agent, 0.0) + cap
+        return copy.model_copy(update={"max_cost_usd": cap})
 
     # --- ends ----------------------------------------------------------------------------
 
@@ -126,6 +132,9 @@ class AgentDesk:
         """Counts a rollout task's end on its side (and its shadow pair, when both are in)."""
         if task.agent is None or task.variant is None:
             return
+        held = self._in_flight.pop(task.task_id, None)
+        if held is not None:  # a copy's end gives back its cap (what it spent is counted below)
+            self._reserved[held[0]] = max(0.0, self._reserved.get(held[0], 0.0) - held[1])
         state = self.states.get(task.agent)
         if state is None or not state.phase.live:
             return

@@ -72,6 +72,8 @@ class JobControl:
 
         async def _with_agents(self, tasks: list[AgentTask]) -> list[AgentTask]: ...
 
+        async def _load_agents(self) -> None: ...
+
         async def _count_backlog(self) -> int: ...
 
         async def _find_backlogged(self, task_id: str) -> Job | None: ...
@@ -119,6 +121,7 @@ class JobControl:
         if self._booted:
             return 0
         self._booted = True
+        await self._load_agents()
         waiting = await self._count_backlog()
         self._durable["recovered"] += waiting
         return waiting

@@ -6,6 +6,8 @@ rolled back by its rule."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 import uuid
 from collections import Counter
@@ -13,10 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import ray
 from typer.testing import CliRunner
 
 from agentpool import AgentPool, AgentTask, PoolConfig, SimulatorConfig, TenantPolicy
-from agentpool.agents import AgentSpec
 from agentpool.cli import app
 from agentpool.errors import AgentConflict, InvalidTaskInput, UnknownTool
 from agentpool.evals import VERDICT_SCHEMA, EvalSuite, Gate
@@ -197,3 +199,23 @@ def test_a_healthy_canary_is_promoted_by_hand_and_by_its_rule(pool: AgentPool) -
     assert after.variant is None and after.agent_version == better.tag
     pool.agents.use("calc@v1")
     assert pool.agents.get("calc").label == "v1"
+
+
+def test_a_live_canary_survives_a_scheduler_restart(pool: AgentPool) -> None:
+    rule = RolloutRule(steps=[30, 100], hold_s=3600, min_tasks=10)
+    pool.rollouts.start(Rollout(agent="calc", stable="v1", canary="v3", rule=rule))
+    users = [f"sticky-{i}" for i in range(40)]
+
+    def sides() -> list[Variant | None]:
+        tasks = [AgentTask(tenant="acme", prompt="6*7", agent="calc", metadata={"user_id": u}) for u in users]
+        return [r.variant for r in pool.run(tasks)]
+
+    before = sides()
+    assert Variant.CANARY in before and Variant.STABLE in before
+    time.sleep(1.2)  # the figures are saved with the rule's look
+    scheduler = ray.get_actor(f"{pool.config.name}-scheduler", namespace="agentpool")
+    os.kill(ray.get(scheduler.pid.remote()), signal.SIGKILL)
+    status = pool.rollouts.status("calc")["calc"]  # answered by the restarted scheduler
+    assert (status["phase"], status["weight"]) == ("canary", 30)
+    assert status["sides"]["candidate"]["tasks"] == before.count(Variant.CANARY)
+    assert sides() == before  # each user on the same side as before
