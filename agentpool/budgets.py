@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from agentpool.models import Usage
 from agentpool.vocabulary import BudgetReason, ErrorReason
 
-
 #: Dollar sums are floats here and in Redis (HINCRBYFLOAT rounds each to 17 digits), and
 #: can differ in the last bits: a sum that reaches a budget exactly crosses it only by more
 #: than a nano-dollar, in both places, so the two never disagree at the boundary.

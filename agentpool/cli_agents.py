@@ -197,12 +197,20 @@ def rollout_start(
     hold_s: Annotated[float, typer.Option("--hold-s", help="Canary: least time at each step.")] = 300.0,
     min_tasks: Annotated[int, typer.Option("--min-tasks", help="Canary: least tasks before a decision.")] = 50,
     sticky_key: Annotated[str, typer.Option("--sticky-key", help="Canary: the metadata key of a user.")] = "user_id",
+    online: Annotated[
+        str | None,
+        typer.Option(
+            "--online", help='Checks of live answers, as an eval\'s expect (JSON): \'{"contains": "total"}\'.'
+        ),
+    ] = None,
     name: NameOption = "agentpool",
     address: AddressOption = None,
 ) -> None:
     """Starts a shadow (--shadow) or a canary (--canary) of a new version against --stable."""
+    from agentpool.evals import Expect
     from agentpool.rollouts import Rollout, RolloutRule
 
+    checks = Expect.model_validate_json(online) if online else None
     rule = RolloutRule(steps=[float(s) for s in steps.split(",") if s.strip()], hold_s=hold_s, min_tasks=min_tasks)
     rollout = Rollout(
         agent=agent,
@@ -213,6 +221,7 @@ def rollout_start(
         shadow_budget_usd=budget_usd,
         sticky_key=sticky_key,
         rule=rule,
+        online=checks,
     )
     _print_rollout(agent, _connect(name, address).rollouts.start(rollout))
 

@@ -8,14 +8,16 @@
    and prompts each).
 2. A healthy candidate (a reworded system prompt) under the same rule: is it promoted to
    100%, after how many canary tasks and seconds.
-3. A shadow at 10% against none, in alternating blocks of the same open-loop load (300
-   tasks/s): the stable tasks' p99 and p50 time from admission to record with the shadow
-   over without. Then a shadow whose copies cost ~$0.003 each under a $0.03 budget: what
-   the copies spent against the budget.
+3. A shadow at 10% against none, in alternating blocks of the same open-loop load (100
+   tasks/s, about half of what this pool sustains on two cores): the stable tasks' p99 and
+   p50 time from admission to record with the shadow over without. Then a shadow whose
+   copies cost ~$0.003 each (a cap of $0.025 a copy) under a $0.2 budget: what the copies
+   spent against the budget.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ import ray
 
 from agentpool import AgentPool, AgentResult, AgentTask, PoolConfig, TenantPolicy
 from agentpool.rollouts import Rollout, RolloutRule
-from agentpool.simulator import SimulatorConfig, SimulatorServer
+from agentpool.simulator import SimulatorConfig
 from agentpool.vocabulary import TaskStatus, Variant
 from bench.report import _pyplot, write
 
@@ -32,8 +34,8 @@ SYSTEM = "You are the support agent."
 USERS = 2000
 WAVE = 100
 RULE = RolloutRule(steps=[5, 25, 50, 100], hold_s=2.0, min_tasks=20)
-RATE_PER_S = 300
-BLOCK_S = 3.0
+RATE_PER_S = 100
+BLOCK_S = 2.0
 
 
 def _wave(pool: AgentPool, trial: str, wave: int) -> list[tuple[str, AgentResult]]:
@@ -102,54 +104,67 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def run(out: Path, quick: bool) -> dict[str, Any]:
-    trials_bad, trials_good, pairs = (2, 1, 3) if quick else (10, 4, 10)
+    trials_bad, trials_good, pairs = (2, 1, 8) if quick else (10, 4, 20)
     sim_config = SimulatorConfig(latency_ms=20, latency_sigma=0.25, seed=11)
     salt = f"r{time.time_ns() % 10**6}"
-    with SimulatorServer(sim_config) as sim:
-        config = PoolConfig(
-            name="bench-rollout",
-            anthropic_base_url=sim.url,
-            anthropic_api_key="bench",
-            num_workers=2,
-            worker_concurrency=64,
-            max_queued=20_000,
-            tenants={"live": TenantPolicy(), "shadow": TenantPolicy()},
-        )
-        with AgentPool.start(config) as pool:
-            spec = {"system": SYSTEM, "model": "claude-sonnet-4-5", "max_tokens": 256}
-            pool.agents.register("support", spec, label="v1")
-            pool.agents.register("support", {**spec, "system": SYSTEM + "\nsim: fail_share 0.2 400"}, label="v2")
-            pool.agents.register("support", {**spec, "system": SYSTEM + " Be brief."}, label="v3")
-            pool.agents.register("support", {**spec, "system": SYSTEM + "\nsim: output_tokens 200"}, label="v4")
-            bad = [_canary(pool, "v2", f"{salt}b{t}", 40) for t in range(trials_bad)]
-            good = [_canary(pool, "v3", f"{salt}g{t}", 60) for t in range(trials_good)]
-            pool.agents.use("support@v1")
-            # Shadow at 10% against none, alternating blocks of the same load.
-            plain: list[AgentResult] = []
-            shadowed: list[AgentResult] = []
-            copies = 0
-            for p in range(pairs):
+    config = PoolConfig(
+        name="bench-rollout",
+        # The pool's own simulator actor: the provider in a process of its own, not in this
+        # driver, where it would share the interpreter with the load generator.
+        simulator=sim_config,
+        num_workers=2,
+        worker_concurrency=64,
+        max_queued=20_000,
+        tenants={"live": TenantPolicy(), "shadow": TenantPolicy()},
+    )
+    with AgentPool.start(config) as pool:
+        spec = {"system": SYSTEM, "model": "claude-sonnet-4-5", "max_tokens": 256}
+        pool.agents.register("support", spec, label="v1")
+        pool.agents.register("support", {**spec, "system": SYSTEM + "\nsim: fail_share 0.2 400"}, label="v2")
+        pool.agents.register("support", {**spec, "system": SYSTEM + " Be brief."}, label="v3")
+        dear = {**spec, "system": SYSTEM + "\nsim: output_tokens 200", "fallback_models": []}
+        pool.agents.register("support", dear, label="v4")
+        bad = [_canary(pool, "v2", f"{salt}b{t}", 40) for t in range(trials_bad)]
+        good = [_canary(pool, "v3", f"{salt}g{t}", 60) for t in range(trials_good)]
+        pool.agents.use("support@v1")
+        # Shadow at 10% against none, alternating blocks of the same load.
+        plain: list[AgentResult] = []
+        shadowed: list[AgentResult] = []
+        #: Each block's p99 (ms), by arm: a block's hiccup (a pause of this shared machine)
+        #: shows in one block, not in the median of them.
+        block_p99: dict[bool, list[float]] = {True: [], False: []}
+        copies = 0
+        for p in range(pairs):  # which comes first alternates: no drift favours either
+            for shadow_on in (p % 2 == 0, p % 2 == 1):
+                if not shadow_on:
+                    block = _open_loop(pool, BLOCK_S, f"{salt}p{p}")
+                    block_p99[False].append(_pct([r.timings.total_ms for r in block], 0.99))
+                    plain += block
+                    continue
                 pool.rollouts.start(Rollout(agent="support", stable="v1", shadow="v3", fraction=0.1))
-                shadowed += _open_loop(pool, BLOCK_S, f"{salt}s{p}")
-                copies += pool.rollouts.status("support")["support"]["shadow"]["copies"]
+                block = _open_loop(pool, BLOCK_S, f"{salt}s{p}")
+                block_p99[True].append(_pct([r.timings.total_ms for r in block], 0.99))
+                shadowed += block
+                time.sleep(0.5)  # the last copies end
+                copies += pool.rollouts.status("support")["support"]["sides"].get("shadow", {}).get("tasks", 0)
                 pool.rollouts.rollback("support", reason="block over")
-                plain += _open_loop(pool, BLOCK_S, f"{salt}p{p}")
-            # A shadow whose copies are dear, under a small budget.
-            budget, cap = 0.03, 0.004
-            pool.rollouts.start(
-                Rollout(
-                    agent="support",
-                    stable="v1",
-                    shadow="v4",
-                    fraction=1.0,
-                    shadow_budget_usd=budget,
-                    shadow_task_cap_usd=cap,
-                )
+        # A shadow whose copies are dear, under a small budget.
+        budget, cap = 0.2, 0.025
+        pool.rollouts.start(
+            Rollout(
+                agent="support",
+                stable="v1",
+                shadow="v4",
+                fraction=1.0,
+                shadow_budget_usd=budget,
+                shadow_task_cap_usd=cap,
             )
-            _open_loop(pool, 2.0, f"{salt}budget")
-            time.sleep(2.0)
-            spent_status = pool.rollouts.status("support")["support"]["shadow"]
-            pool.rollouts.rollback("support", reason="bench over")
+        )
+        _open_loop(pool, 3.0, f"{salt}budget")
+        time.sleep(2.0)
+        budget_status = pool.rollouts.status("support")["support"]
+        spent_status = budget_status["shadow"]
+        pool.rollouts.rollback("support", reason="bench over")
     bad_tasks = [t["canary_tasks"] for t in bad]
     failures_seen = [t["users_who_saw_a_failure"] for t in bad]
     figures: dict[str, Any] = {
@@ -164,7 +179,10 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         "healthy_canary_promoted_share": round(sum(t["phase"] == "promoted" for t in good) / len(good), 4),
         "healthy_canary_tasks_to_promotion_mean": round(sum(t["canary_tasks"] for t in good) / len(good), 1),
         "healthy_canary_seconds_to_promotion_mean": round(sum(t["seconds"] for t in good) / len(good), 2),
-        "shadow_stable_p99_ratio": round(
+        # The median over blocks of each block's p99, with the shadow over without.
+        "shadow_stable_p99_ratio": round(statistics.median(block_p99[True]) / statistics.median(block_p99[False]), 4),
+        # The p99 of all of an arm's tasks together (one slow block moves it).
+        "shadow_stable_pooled_p99_ratio": round(
             _pct([r.timings.total_ms for r in shadowed], 0.99) / _pct([r.timings.total_ms for r in plain], 0.99), 4
         ),
         "shadow_stable_p50_ratio": round(
@@ -172,6 +190,7 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         ),
         "stable_p99_ms_without_shadow": round(_pct([r.timings.total_ms for r in plain], 0.99), 2),
         "stable_p99_ms_with_shadow": round(_pct([r.timings.total_ms for r in shadowed], 0.99), 2),
+        # Copies that ran (not shed) per stable task of the shadow blocks.
         "shadow_copy_share": round(copies / max(1, len(shadowed)), 4),
         "shadow_results_returned_to_callers": sum(r.variant is Variant.SHADOW for r in shadowed + plain),
         "stable_failures_during_shadow": sum(r.status != TaskStatus.SUCCEEDED for r in shadowed),
@@ -179,6 +198,8 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         "shadow_spent_usd": round(float(spent_status["spent_usd"]), 6),
         "shadow_spent_over_budget": round(float(spent_status["spent_usd"]) / budget, 4),
         "shadow_copies_under_budget": spent_status["copies"],
+        "shadow_copies_that_ran_under_budget": budget_status["sides"].get("shadow", {}).get("tasks", 0),
+        "shadow_copy_failure_rate_under_budget": budget_status["sides"].get("shadow", {}).get("failure_rate"),
     }
     out.mkdir(parents=True, exist_ok=True)
     plot = _plot(out, bad[0]["shares"], plain, shadowed)
@@ -190,7 +211,10 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         f"Shadow: {pairs} pairs of {BLOCK_S} s blocks at {RATE_PER_S} tasks/s, shadow at 10% then none; "
         f"time from admission to record. Budget: copies costing ~$0.003 each, cap ${cap}, budget ${budget}. "
         f"Simulator latency {sim_config.latency_ms} ms (sigma {sim_config.latency_sigma}). "
-        f"Bad canary ends: {[t['reason'] for t in bad][:3]}."
+        f"Bad canary ends: {[t['reason'] for t in bad][:3]}. "
+        f"Healthy canary ends: {[(t['phase'], t['canary_tasks'], t['reason']) for t in good]}. "
+        f"Shadow blocks' p99 (ms), with: {[round(x, 1) for x in block_p99[True]]}; "
+        f"without: {[round(x, 1) for x in block_p99[False]]}."
     )
     write(
         out,

@@ -69,7 +69,7 @@ class AgentControl:
             async with self._agents_lock:
                 if not self._agents.loaded:
                     await self._agents.reload()
-        out = []
+        out, copies = [], []
         for task in tasks:
             if not self._names_agent(task):
                 out.append(task)
@@ -84,12 +84,18 @@ class AgentControl:
                 continue
             out.append(resolved)
             copy = self._agents.shadow_copy(resolved)
-            if copy is not None:  # in a trace of its own
-                try:
-                    self._job_for(copy, "")
-                except Exception:  # a shadow copy never stands in the live task's way
-                    log.exception("could not start the shadow copy of task %s", task.task_id)
+            if copy is not None:
+                copies.append(copy)
+        if copies:  # after the live tasks: their jobs start as soon as this returns
+            asyncio.get_running_loop().call_soon(self._start_copies, copies)
         return out
+
+    def _start_copies(self, copies: list[AgentTask]) -> None:
+        for copy in copies:
+            try:
+                self._job_for(copy, "")  # in a trace of its own
+            except Exception:  # a shadow copy never stands in the live task's way
+                log.exception("could not start the shadow copy %s", copy.task_id)
 
     def _agent_refusal(self, task: AgentTask) -> AgentPoolError | None:
         return self._agent_refusals.pop(task.task_id, None)

@@ -29,6 +29,9 @@ log = logging.getLogger("agentpool.scheduler")
 
 #: Live tasks whose shadow comparison waits for the other side's end (the oldest are dropped).
 MAX_PAIRS = 10_000
+#: How often the sides' figures are written (and on every transition): a restarted
+#: scheduler loses at most this much of them.
+FIGURES_SAVE_S = 10.0
 
 
 class AgentDesk:
@@ -47,7 +50,10 @@ class AgentDesk:
         #: Shadow copies running: task id -> (agent, its cap); and the caps held per agent.
         self._in_flight: dict[str, tuple[str, float]] = {}
         self._reserved: dict[str, float] = {}
+        #: Rollouts whose state, or whose figures, changed since they were last written.
         self._dirty: set[str] = set()
+        self._figures_dirty: set[str] = set()
+        self._figures_saved = 0.0
         self.loaded = False
 
     @property
@@ -146,7 +152,7 @@ class AgentDesk:
         tm.rollout_tasks.add(1, {**labels, "agentpool.status": result.status.value})
         name = {Variant.STABLE: "stable", Variant.CANARY: "candidate", Variant.SHADOW: "shadow"}[task.variant]
         sides[name].observe(result, self._online(state.rollout, task, result))
-        self._dirty.add(task.agent)
+        self._figures_dirty.add(task.agent)
         if state.phase is RolloutPhase.SHADOW:
             self._pair(task, result)
 
@@ -183,7 +189,7 @@ class AgentDesk:
             if step is not None:
                 moved.append((agent, step))
                 await self._settle(agent, state, step)
-        await self.save()
+        await self.save(figures=bool(moved) or now_unix - self._figures_saved >= FIGURES_SAVE_S)
         return moved
 
     async def _settle(self, agent: str, state: RolloutState, step: Transition) -> None:
@@ -197,11 +203,17 @@ class AgentDesk:
         self._dirty.add(agent)
         log.info("rollout of %s: %s", agent, step.reason)
 
-    async def save(self) -> None:
+    async def save(self, *, figures: bool = True) -> None:
+        """Writes the rollouts that changed; with `figures`, their sides' figures too (up to
+        2,000 samples a side: JSON of tens of kilobytes, so not at every look)."""
         registry = self.registry
-        for agent in sorted(self._dirty):
-            await registry.save_rollout(self._pool, self.states[agent], self.sides.get(agent))
+        for agent in sorted(self._dirty | (self._figures_dirty if figures else set())):
+            with_figures = figures and agent in self._figures_dirty
+            await registry.save_rollout(self._pool, self.states[agent], self.sides.get(agent) if with_figures else None)
         self._dirty.clear()
+        if figures:
+            self._figures_dirty.clear()
+            self._figures_saved = time.time()
 
     async def start(self, rollout: Rollout) -> RolloutState:
         """Begins a rollout (ending the agent's live one, if any, as replaced).
@@ -222,6 +234,7 @@ class AgentDesk:
         state = RolloutState.begin(rollout, stable.tag, candidate.tag, now)
         self.states[rollout.agent] = state
         self.sides[rollout.agent] = _fresh_sides()
+        self._figures_dirty.add(rollout.agent)  # a new rollout's figures start empty, in Redis too
         self.compared.pop(rollout.agent, None)
         await self._settle(rollout.agent, state, state.transitions[-1])
         await self.save()
@@ -254,7 +267,9 @@ class AgentDesk:
         out: dict[str, Any] = {}
         for agent, state in self.states.items():
             sides = self.sides.get(agent) or _fresh_sides()
-            looks = judge(sides["stable"], sides["candidate"], state.rollout.rule) if state.phase.live else {}
+            # A shadow is judged as a canary would be: what the rule would say of it.
+            other = sides["shadow"] if state.phase is RolloutPhase.SHADOW else sides["candidate"]
+            looks = judge(sides["stable"], other, state.rollout.rule) if state.phase.live else {}
             out[agent] = {
                 "phase": state.phase.value,
                 "stable": state.stable_tag,

@@ -71,6 +71,7 @@ def test_the_setup_block_is_what_ci_runs() -> None:
 def test_the_simulator_directives_parse() -> None:
     (block,) = [b for b in blocks() if b.lang == "text" and b.code.startswith("sim: ")]
     fill = {"<name>": "calculator", "<json args>": "{}", "<text>": "hello", "<status>": "529", "<base64>": "aGk="}
+    fill |= {"<fraction>": "0.2", "<regex>": "ok"}
     for raw in block.code.splitlines():
         directive = raw.split("  ")[0].strip()
         for placeholder, value in fill.items():
