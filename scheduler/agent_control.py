@@ -9,7 +9,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from agentpool.errors import AgentPoolError, UnknownAgent
+from agentpool.errors import AgentPoolError, RetryLater
 from agentpool.models import AgentTask
 from agentpool.rollouts import Rollout
 from agentpool.scheduler.agent_desk import AgentDesk
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("agentpool.scheduler")
 
-#: How often the rollout rule looks at the figures, and saves them.
+#: How often the rollout rule looks at the figures.
 ROLLOUT_TICK_S = 1.0
 #: Refusals of tasks whose agent did not resolve, kept until their admission reads them.
 _MAX_REFUSALS = 10_000
@@ -37,7 +37,7 @@ class AgentControl:
 
     def _init_agents(self) -> None:
         self._agents = AgentDesk(lambda: self._store.redis, self._store.keys, self.config.name)
-        self._agent_refusals: dict[str, UnknownAgent] = {}
+        self._agent_refusals: dict[str, AgentPoolError] = {}
         self._agents_lock = asyncio.Lock()
         self._agents_looked = 0.0
 
@@ -65,18 +65,23 @@ class AgentControl:
         as it is, and refused at admission), each sampled live task's shadow copy started."""
         if not any(self._names_agent(t) for t in tasks):
             return tasks
+        unread: AgentPoolError | None = None
         if not self._agents.loaded:
-            async with self._agents_lock:
-                if not self._agents.loaded:
-                    await self._agents.reload()
+            try:
+                async with self._agents_lock:
+                    if not self._agents.loaded:
+                        await self._agents.reload()
+            except Exception as exc:  # Redis away: these tasks are refused, to be sent again
+                log.warning("could not read the agent registry: %s", exc)
+                unread = RetryLater("the agent registry cannot be read now", retry_after_s=1.0)
         out, copies = [], []
         for task in tasks:
             if not self._names_agent(task):
                 out.append(task)
                 continue
             policy = self.config.policy_for(task.tenant)
-            resolved = self._agents.resolve(task, policy.agent if policy is not None else None)
-            if isinstance(resolved, UnknownAgent):
+            resolved = unread or self._agents.resolve(task, policy.agent if policy is not None else None)
+            if isinstance(resolved, AgentPoolError):
                 self._agent_refusals[task.task_id] = resolved
                 while len(self._agent_refusals) > _MAX_REFUSALS:
                     self._agent_refusals.pop(next(iter(self._agent_refusals)))

@@ -35,7 +35,7 @@ from agentpool.telemetry import trace_id_of
 if TYPE_CHECKING:
     from agentpool.cluster.store import ResultStore
     from agentpool.config import PoolConfig
-    from agentpool.errors import UnknownAgent
+    from agentpool.errors import AgentPoolError
     from agentpool.scheduler.core import SchedulerCore
 
 log = logging.getLogger("agentpool.scheduler")
@@ -66,7 +66,7 @@ class BacklogWindow:
     #: Tasks whose jobs ended while a read of the backlog was in flight; None when none is.
     _ended_in_read: set[str] | None
     _admission: Admission
-    _agent_refusals: dict[str, UnknownAgent]
+    _agent_refusals: dict[str, AgentPoolError]
 
     if TYPE_CHECKING:  # Scheduler's; declared here for the type checker only
 

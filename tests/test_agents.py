@@ -114,3 +114,78 @@ def test_two_versions_diff_line_by_line() -> None:
     assert text.startswith("--- support@v1\n+++ support@v2\n")
     assert '-  "system": "You answer support questions.",' in text and '+  "system": "Be brief.",' in text
     assert spec_diff(v1, v1) == ""
+
+
+def test_what_the_catalog_says_when_it_finds_nothing() -> None:
+    catalog = AgentCatalog.empty()
+    with pytest.raises(UnknownAgent) as none:
+        catalog.find("support")
+    assert none.value.message == "no agent 'support' is registered (registered: none)"
+    one = version("support", SPEC, "v1")
+    two = version("support", SPEC.model_copy(update={"max_tokens": 7}), "v2")
+    catalog.add(one)
+    catalog.add(two)
+    catalog.add(version("billing", SPEC, None))
+    with pytest.raises(UnknownAgent) as other:
+        catalog.find("other")
+    assert other.value.message == "no agent 'other' is registered (registered: billing, support)"
+    assert other.value.fields == {"agent": "other", "reason": ErrorReason.UNKNOWN_AGENT}
+    with pytest.raises(UnknownAgent) as label:
+        catalog.find("support@v9")
+    assert label.value.message == "agent 'support' has no label 'v9' (labels: v1, v2)"
+    with pytest.raises(UnknownAgent) as unlabelled:
+        catalog.find("billing@v1")
+    assert unlabelled.value.message == "agent 'billing' has no label 'v1' (labels: none)"
+    with pytest.raises(UnknownAgent) as missing:
+        catalog.find("support@sha:ffffff")
+    assert missing.value.message == "agent 'support' has no version whose hash starts 'ffffff'"
+    common = min(len(one.sha), len(two.sha))
+    shared = next(i for i in range(common) if one.sha[i] != two.sha[i])
+    if shared >= 6:  # the two hashes share a 6-digit prefix: it names both
+        with pytest.raises(UnknownAgent, match="has 2 versions whose hash starts"):
+            catalog.find(f"support@sha:{one.sha[:6]}")
+    bad = "x" * 200
+    with pytest.raises(UnknownAgent) as parsed:
+        AgentRef.parse(bad)
+    assert parsed.value.message == f"{bad!r} is not an agent reference: name, name@label or name@sha:<hex>"
+    assert parsed.value.fields["agent"] == "x" * 140
+
+
+def test_history_is_by_registration_then_hash() -> None:
+    catalog = AgentCatalog.empty()
+    late, early = version("a", SPEC, "v2", 5.0), version("a", SPEC.model_copy(update={"max_tokens": 9}), "v1", 1.0)
+    same = version("a", SPEC.model_copy(update={"max_tokens": 11}), "v3", 5.0)
+    for v in (late, same, early):
+        catalog.add(v)
+    assert catalog.history("a") == [early, *sorted([late, same], key=lambda v: v.sha)]
+    assert catalog.history("nobody") == []
+
+
+def test_the_caps_and_lists_a_task_takes() -> None:
+    spec = SPEC.model_copy(update={"max_cost_usd": 0.5, "fallback_models": ["claude-haiku-4-5"]})
+    v = version("support", spec, "v1")
+    cheap = apply_spec(AgentTask(tenant="a", prompt="p", agent="support", max_cost_usd=0.9), v)
+    assert cheap.max_cost_usd == 0.5  # a task's cap above the spec's does not raise it
+    free = apply_spec(AgentTask(tenant="a", prompt="p", agent="support", max_cost_usd=0.3), version("s", SPEC, "v1"))
+    assert free.max_cost_usd == 0.3 and free.fallback_models is None
+    assert cheap.fallback_models == ["claude-haiku-4-5"] and cheap.fallback_models is not spec.fallback_models
+    assert cheap.tools == ["calculator"] and cheap.tools is not spec.tools
+    assert (cheap.agent, cheap.agent_version) == ("support", v.tag)
+    assert set(cheap.model_dump()) == set(AgentTask.model_fields)  # no stray fields
+
+
+def test_a_canonical_form_keeps_text_as_it_is() -> None:
+    spec = AgentSpec(system="Réponds en français — 日本語 too.", metadata={"b": 1, "a": 2.5})
+    assert '"system":"Réponds en français — 日本語 too."' in spec.canonical()
+    assert spec.canonical().index('"a":2.5') < spec.canonical().index('"b":1')
+
+
+def test_a_diff_is_exact() -> None:
+    old = version("s", AgentSpec(max_tokens=10), "v1")
+    new = version("s", AgentSpec(max_tokens=20), "v2")
+    assert spec_diff(old, new) == (
+        "--- s@v1\n+++ s@v2\n@@ -2,7 +2,7 @@\n"
+        '   "fallback_models": null,\n   "max_cost_usd": null,\n   "max_iterations": 10,\n'
+        '-  "max_tokens": 10,\n+  "max_tokens": 20,\n'
+        '   "metadata": {},\n   "model": null,\n   "output_schema": null,\n'
+    )

@@ -144,13 +144,3 @@ def test_tool_summaries_stand_in_for_calls_without_arguments() -> None:
     calls = [(c.name, None) for c in result.tool_calls]
     assert passed(score_run(case(tool_called="calculator"), result, tool_calls=calls))
 
-
-def test_the_examples_load() -> None:
-    from agentpool.pool_agents import read_spec_file
-
-    root = Path(__file__).resolve().parent.parent / "examples"
-    specs = {path.stem: read_spec_file(path) for path in sorted((root / "agents").glob("*.yaml"))}
-    assert {name for name, _, _ in specs.values()} == {"support", "judge"}
-    assert [label for _, label, _ in specs.values()] == ["v1", "v1", "v2", "v3"]
-    suite = EvalSuite.load(root / "evals" / "support.jsonl")
-    assert suite.name == "support" and len(suite.cases) == 4
