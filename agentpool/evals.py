@@ -224,12 +224,13 @@ def score_run(
 def _fits(answer: Any, schema: dict[str, Any]) -> bool:
     from jsonschema import Draft202012Validator
 
-    if isinstance(answer, str):
+    validator = Draft202012Validator(schema)
+    if isinstance(answer, str):  # a JSON text is checked as its value, any other text as a string
         try:
-            answer = json.loads(answer)
+            return validator.is_valid(json.loads(answer))
         except json.JSONDecodeError:
-            return False
-    return Draft202012Validator(schema).is_valid(answer)
+            pass
+    return validator.is_valid(answer)
 
 
 class CaseReport(BaseModel):

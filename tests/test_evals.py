@@ -54,6 +54,7 @@ def test_json_schema_accepts_a_structured_answer_or_its_text() -> None:
     assert passed(score_run(case(json_schema=schema), run({"n": 42})))
     assert passed(score_run(case(json_schema=schema), run('{"n": 42}')))
     assert not passed(score_run(case(json_schema=schema), run("n is 42")))
+    assert passed(score_run(case(json_schema={"type": "string"}), run("n is 42")))
 
 
 def test_tool_scorers_check_names_arguments_and_order() -> None:
@@ -144,3 +145,51 @@ def test_tool_summaries_stand_in_for_calls_without_arguments() -> None:
     calls = [(c.name, None) for c in result.tool_calls]
     assert passed(score_run(case(tool_called="calculator"), result, tool_calls=calls))
 
+
+def test_a_report_is_exact() -> None:
+    times = [100.0, 300.0, 200.0, 400.0]
+    cases = [
+        case_report(
+            f"c{i}",
+            [({"status": 1.0, "x": float(i % 2)}, run(usage=Usage(cost_usd=0.001234567), timings=Timings(run_ms=t)))],
+        )
+        for i, t in enumerate(times)
+    ]
+    report = EvalReport.of("s", "support", "v1+abc", 1, 12.34567, cases, judge_cost_usd=0.00123456789)
+    assert report.model_dump() == {
+        "suite": "s",
+        "agent": "support",
+        "version": "v1+abc",
+        "reps": 1,
+        "started_unix": 12.346,
+        "cases": [c.model_dump() for c in cases],
+        "pass_rate": 0.5,
+        "mean_score": 0.75,
+        "cost_usd": 0.00494,  # each case rounded to 0.001235 first
+        "judge_cost_usd": 0.001235,
+        "p50_run_ms": 200.0,
+        "p95_run_ms": 400.0,
+    }
+    assert [c.failed_checks for c in cases] == [{"x": 1}, {}, {"x": 1}, {}]
+
+
+def test_every_check_has_its_name() -> None:
+    full = case(
+        exact="The answer is 42.",
+        contains="42",
+        regex="42",
+        json_schema={"type": "string"},
+        tool_called="calculator",
+        tool_sequence=["calculator"],
+        max_cost_usd=1,
+        max_latency_s=1,
+        max_iterations=3,
+        judge={"agent": "j@v1", "rubric": "r"},
+    )
+    checks = score_run(full, run(), tool_calls=[("calculator", {})], verdict={"pass": True, "score": 1})
+    assert checks == dict.fromkeys(
+        ["status", "exact", "contains", "regex", "json_schema", "tool_called", "tool_sequence", "max_cost",
+         "max_latency", "max_iterations", "judge"], 1.0,
+    )  # fmt: skip
+    assert score_run(case(), run(None))["status"] == 1.0 and score_run(case(contains="x"), run(None))["contains"] == 0.0
+    assert score_run(case(exact='{"a": 1}'), run({"a": 1}))["exact"] == 1.0  # a structured answer as sorted JSON

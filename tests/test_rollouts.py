@@ -205,3 +205,23 @@ class RolloutMachine(RuleBasedStateMachine):
 
 TestRolloutMachine = RolloutMachine.TestCase
 TestRolloutMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+
+
+def test_a_sides_summary_is_exact() -> None:
+    side = Side()
+    assert side.summary() == {
+        "tasks": 0,
+        "failure_rate": None,
+        "p95_run_ms": None,
+        "mean_cost_usd": None,
+        "score_pass_rate": None,
+    }
+    for i in range(1, 42):  # 40 succeed (run 10..400 ms), the 41st fails; 3 of the first 6 fail their checks
+        side.observe(result(i != 41, 10.0 * i, 0.0001 * 1.23456), passed=(i % 2 == 0) if i <= 6 else None)
+    assert side.summary() == {
+        "tasks": 41,
+        "failure_rate": 0.0244,
+        "p95_run_ms": 380.0,  # the nearest rank: the 38th of 40
+        "mean_cost_usd": 0.000123,
+        "score_pass_rate": 0.5,
+    }
