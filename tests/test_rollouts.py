@@ -5,6 +5,7 @@ within a stated number of canary tasks."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -225,3 +226,40 @@ def test_a_sides_summary_is_exact() -> None:
         "mean_cost_usd": 0.000123,
         "score_pass_rate": 0.5,
     }
+
+
+def test_walds_test_exactly() -> None:
+    rule = RolloutRule(min_tasks=20)
+    look = sprt(3, 30, 0.02, 0.07, rule)
+    assert look.llr == pytest.approx(round(3 * math.log(0.07 / 0.02) + 27 * math.log(0.93 / 0.98), 4))
+    assert (look.hits, look.n, look.p0, look.p1, look.verdict) == (3, 30, 0.02, 0.07, Verdict.HOLD)
+    upper, lower = math.log(0.95 / 0.01), math.log(0.05 / 0.99)  # Wald's bounds at alpha 1%, beta 5%
+    assert sprt(4, 20, 0.02, 0.07, rule).llr < upper  # 4.17: not yet past the upper bound
+    assert sprt(5, 20, 0.02, 0.07, rule).llr >= upper and sprt(5, 20, 0.02, 0.07, rule).verdict is Verdict.ROLLBACK
+    assert sprt(5, 19, 0.02, 0.07, rule).verdict is Verdict.HOLD  # one task short of the minimum
+    assert sprt(0, 60, 0.02, 0.07, rule).llr <= lower and sprt(0, 60, 0.02, 0.07, rule).verdict is Verdict.PROMOTE
+    assert sprt(0, 56, 0.02, 0.07, rule).verdict is Verdict.HOLD  # -2.94: not yet past the lower bound
+    # The rates are kept off 0 and 1, and the alternative above the null.
+    assert (sprt(0, 1, 0.0, 0.05, rule).p0, sprt(0, 1, 0.5, 0.4, rule).p1) == (0.0001, 0.501)
+    assert (sprt(0, 1, 0.99, 1.0, rule).p0, sprt(0, 1, 0.99, 1.0, rule).p1) == (0.98, 0.99)
+
+
+def test_the_measures_references_exactly() -> None:
+    rule = RolloutRule(min_tasks=50, latency_margin=0.25, cost_margin=0.25)
+    stable, canary = Side(), Side()
+    for i in range(1, 101):
+        stable.observe(result(i % 10 != 0, float(i), 1.0), passed=i % 5 != 0)  # 10 failures; 20 checks failed
+    for ms, cost in ((118.0, 1.25), (119.0, 1.26), (200.0, 1.0)):
+        canary.observe(result(True, ms, cost), passed=False)
+    canary.observe(result(False, 1.0, 9.0), passed=True)
+    looks = judge(stable, canary, rule)
+    assert looks["errors"].p0 == round(11 / 102, 5) and (looks["errors"].hits, looks["errors"].n) == (1, 4)
+    # Latency: over stable's p95 (the nearest rank of its 90 succeeded runs) times 1.25.
+    ref = sorted(float(i) for i in range(1, 101) if i % 10)[math.ceil(0.95 * 90) - 1] * 1.25
+    assert (looks["latency"].hits, looks["latency"].n) == (sum(x > ref for x in (118.0, 119.0, 200.0)), 3)
+    assert (looks["cost"].hits, looks["cost"].n, looks["cost"].p0) == (1, 3, 0.5)  # only 1.26 is over 1.25
+    assert (looks["score"].hits, looks["score"].n, looks["score"].p0) == (3, 4, round(21 / 102, 5))
+    few = Side()
+    for _ in range(49):
+        few.observe(result(True, 10.0, 1.0), passed=True)
+    assert set(judge(few, canary, rule)) == {"errors"}  # under 50 samples: the other references are not drawn
