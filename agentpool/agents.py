@@ -19,16 +19,22 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from agentpool.errors import InvalidTaskInput, UnknownAgent
-from agentpool.models import MAX_SYSTEM_CHARS, SPEC_FIELDS, SPEC_LIMITS, AgentTask, MetaValue, ModelName, ToolName
+from agentpool.models import (
+    AGENT_REF_PATTERN,
+    MAX_SYSTEM_CHARS,
+    SPEC_FIELDS,
+    SPEC_LIMITS,
+    AgentTask,
+    MetaValue,
+    ModelName,
+    ToolName,
+)
 
 AgentName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
 #: A label has no colon: `sha:` starts a hash reference.
 AgentLabel = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")]
 #: `name`, `name@label` or `name@sha:<hex>`.
-AGENT_REF = re.compile(
-    r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_-]{0,63})"
-    r"(?:@(?:sha:(?P<sha>[0-9a-f]{6,64})|(?P<label>[A-Za-z0-9][A-Za-z0-9_.-]{0,31})))?$"
-)
+AGENT_REF = re.compile(AGENT_REF_PATTERN)
 #: Digits of the hash a version is shown with (`support@sha:1f2e3d4c5b6a`).
 SHORT_SHA = 12
 

@@ -45,13 +45,13 @@ TaskId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{
 #: A session's id names Redis keys too (`agentpool:{acme}:session:<id>`).
 SessionId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")]
 ToolName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
-#: A registered agent, by name (`support`), label (`support@v3`) or hash (`support@sha:1f2e3d`).
-AgentRefText = Annotated[
-    str,
-    StringConstraints(
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}(@(sha:[0-9a-f]{6,64}|[A-Za-z0-9][A-Za-z0-9_.-]{0,31}))?$"
-    ),
-]
+#: A registered agent, by name (`support`), label (`support@v3`) or hash (`support@sha:1f2e3d`):
+#: the one pattern of a reference (`agentpool.agents.AgentRef` parses with its groups).
+AGENT_REF_PATTERN = (
+    r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_-]{0,63})"
+    r"(?:@(?:sha:(?P<sha>[0-9a-f]{6,64})|(?P<label>[A-Za-z0-9][A-Za-z0-9_.-]{0,31})))?$"
+)
+AgentRefText = Annotated[str, StringConstraints(pattern=AGENT_REF_PATTERN)]
 #: The task fields an agent's spec decides: a task that names an agent leaves them unset.
 SPEC_FIELDS = ("system", "model", "fallback_models", "tier", "tools", "output_schema")
 #: Limits its spec decides too: a task that names an agent leaves them at their defaults.

@@ -22,7 +22,7 @@ from agentpool.cluster.keys import Keys
 from agentpool.errors import AgentConflict, UnknownAgent
 from agentpool.evals import EvalCase, score_run
 from agentpool.models import AgentResult, AgentTask
-from agentpool.rollouts import Rollout, RolloutState, Side, Transition
+from agentpool.rollouts import Rollout, RolloutState, Side, Transition, judge
 from agentpool.vocabulary import RolloutPhase, TaskStatus, Variant
 
 log = logging.getLogger("agentpool.scheduler")
@@ -262,8 +262,6 @@ class AgentDesk:
     def status(self) -> dict[str, Any]:
         """Every rollout of the pool: its phase, share, both sides' figures and the rule's
         latest look (`pool.status()["rollouts"]`, `agentpool rollout status`)."""
-        from agentpool.rollouts import judge
-
         out: dict[str, Any] = {}
         for agent, state in self.states.items():
             sides = self.sides.get(agent) or _fresh_sides()
