@@ -20,6 +20,7 @@ from agentpool.errors import (
     AgentPoolError,
     BudgetExceeded,
     ConfigError,
+    Draining,
     InvalidConfig,
     InvalidTask,
     InvalidTaskInput,
@@ -50,6 +51,7 @@ from agentpool.models import (
     Usage,
 )
 from agentpool.pricing import ModelPrice
+from agentpool.results import DrainReport
 from agentpool.routing import RoutedModel, Routing
 from agentpool.simulator.config import SimulatorConfig
 from agentpool.tools import tool
@@ -111,6 +113,8 @@ __all__ = [
     "BudgetExceeded",
     "CacheMode",
     "ConfigError",
+    "DrainReport",
+    "Draining",
     "ErrorInfo",
     "ErrorReason",
     "EscalationReason",

@@ -1,4 +1,4 @@
-"""The `agentpool` command: demo, start/stop, serve (HTTP), keys, submit, cancel/approve,
+"""The `agentpool` command: demo, start/stop/drain (`cli_life`), serve (HTTP), keys, submit, cancel/approve,
 results, status, trace, simulator; agents, eval and rollout (`cli_agents`)."""
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from agentpool.cli_common import (
     stderr,
 )
 from agentpool.cli_http import keys_app, serve
+from agentpool.cli_life import drain, start, stop
 from agentpool.cluster.acl import display_url
 from agentpool.models import AgentResult, AgentTask
 
@@ -123,36 +124,6 @@ def demo(
         example = next((r for r in results if r.tool_calls), results[0])
         console.print(f"example: [cyan]{example.task_id}[/] {example.status}: {str(example.answer)[:100]!r}")
         _where_in_redis(pool, names, embedded=config.redis_url is None)
-
-
-@app.command()
-@friendly
-def start(
-    detach: Annotated[bool, typer.Option("--detach", help="Required: the pool outlives this command.")] = False,
-) -> None:
-    """Starts a detached pool on the Ray cluster at RAY_ADDRESS, or the one `ray start --head`
-    runs on this machine (configured by AGENTPOOL_* variables)."""
-    from agentpool import AgentPool, PoolConfig
-
-    if not detach:
-        stderr.print("[red]error:[/] a pool started from the command line must be detached: pass --detach")
-        raise typer.Exit(2)
-    config = PoolConfig()
-    pool = AgentPool.start(config, detached=True)
-    console.print(f"pool [bold]{config.name}[/] running, detached; Redis at {display_url(pool.redis_url)}")
-    console.print("submit with `agentpool submit FILE --detach`; stop with `agentpool stop`")
-    import ray
-
-    ray.shutdown()  # lets go of the cluster; the detached pool stays
-
-
-@app.command()
-@friendly
-def stop(name: NameOption = "agentpool", address: AddressOption = None) -> None:
-    """Stops a running (detached) pool: its actors and its embedded Redis, if any."""
-    pool = _connect(name, address)
-    pool.terminate()
-    console.print(f"pool [bold]{name}[/] stopped")
 
 
 @app.command()
@@ -442,6 +413,9 @@ def simulator(
         server.stop()
 
 
+app.command()(start)
+app.command()(stop)
+app.command()(drain)
 app.add_typer(keys_app, name="keys")
 app.command()(serve)
 app.add_typer(agents_app, name="agents")

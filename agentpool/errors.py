@@ -63,6 +63,10 @@ class Overloaded(RetryLater):
     """Raised when the pool sheds a task because its queue is full or too slow."""
 
 
+class Draining(RetryLater):
+    """Raised when the pool is draining (stopping or being upgraded) and takes no new work."""
+
+
 class BudgetExceeded(RetryLater):
     """Raised when a tenant's daily token or cost budget is spent; retry after the reset."""
 
@@ -265,6 +269,7 @@ ALL_ERRORS: tuple[type[AgentPoolError], ...] = (
     AgentPoolError,
     RetryLater,
     Overloaded,
+    Draining,
     BudgetExceeded,
     ConfigError,
     InvalidConfig,

@@ -31,10 +31,12 @@ from agentpool.launcher import Launcher
 from agentpool.models import AgentResult, AgentTask, TaskState, validate_tasks
 from agentpool.pool_agents import PoolAgents
 from agentpool.pool_front import PoolFrontDoor
+from agentpool.pool_life import PoolLife
 from agentpool.pool_sessions import Sessions
 from agentpool.pool_telemetry import PoolTelemetry
 from agentpool.preflight import check_redis
 from agentpool.protocol import new_trace_id, traceparent
+from agentpool.results import DrainReport
 from agentpool.views import redis_trouble
 
 log = logging.getLogger("agentpool")
@@ -84,7 +86,7 @@ def _read_events(reader: ResultsReader, task_id: str, after: str, follow: bool) 
         reader.close()
 
 
-class AgentPool(PoolTelemetry, PoolFrontDoor, PoolAgents):
+class AgentPool(PoolTelemetry, PoolFrontDoor, PoolAgents, PoolLife):
     """A running pool: a scheduler, agent workers, tool executors, Redis and a provider.
 
     Use `AgentPool.start(config)` to create one and `pool.shutdown()` to stop it.
@@ -195,27 +197,29 @@ class AgentPool(PoolTelemetry, PoolFrontDoor, PoolAgents):
             relay=relay,
         )
 
-    def terminate(self) -> None:
+    def terminate(self, grace_s: float | None = None) -> DrainReport | None:
         """Stops the pool's actors wherever they run (also a pool this handle only connected
-        to), then lets go of it as `shutdown()` does."""
+        to), then lets go of it as `shutdown()` does (draining first, with `grace_s`)."""
         if not self._running:
-            return
+            return None
         self._owned = True  # its actors are found by name
-        self.shutdown()
+        return self.shutdown(grace_s)
 
-    def shutdown(self) -> None:
+    def shutdown(self, grace_s: float | None = None) -> DrainReport | None:
         """Stops the actors this pool started, its embedded Redis, and Ray if it started it.
         A handle from `connect()` only lets go of the pool (see `terminate`).
 
-        Tasks still running stay accepted (in Redis, with their checkpoints) for the next
-        pool of this name on the same Redis; their refs raise a `ray.exceptions.RayError`
-        (the call was cancelled).
+        With `grace_s`, drains first (`drain(grace_s)`: no new work, the running tasks given
+        up to `grace_s` seconds to end) and returns its report. Tasks still running stay
+        accepted (in Redis, with their checkpoints) for the next pool of this name on the
+        same Redis; their refs raise a `ray.exceptions.RayError` (the call was cancelled).
         """
         if not self._running:
-            return
+            return None
+        report = self._drain_before_stop(grace_s) if grace_s is not None and self._owned else None
         self._running = False
         if not self._owned:
-            return
+            return None
         self.flush_telemetry()
         self._withdraw_calls()
         # Callers before what they call: the scheduler (then it cannot start another worker),
@@ -237,6 +241,7 @@ class AgentPool(PoolTelemetry, PoolFrontDoor, PoolAgents):
             self._embedded_redis.stop()
         if self._started_ray:
             ray.shutdown()
+        return report
 
     def _by_name(self) -> dict[str, Any]:
         """The pool's named actors that can still be found, by name."""

@@ -147,3 +147,26 @@ class TaskState(_Model):
     approval: dict[str, Any] | None = None
     #: Finished: the final record.
     result: AgentResult | None = None
+
+
+class DrainReport(_Model):
+    """What a drain (`pool.drain`, `agentpool drain`, `shutdown(grace_s=...)`) did and left.
+
+    Nothing it leaves is lost: queued work waits in the Redis backlog and tasks still
+    running resume from their last checkpoint, both taken up by the next pool of this name
+    on the same Redis (`AgentPool.start`)."""
+
+    #: Every task that was running when the drain began has ended.
+    drained: bool
+    grace_s: float
+    elapsed_s: float
+    #: Tasks that ended while the pool drained.
+    finished: int = 0
+    #: Tasks still running when the grace period ended (they resume from their checkpoints).
+    running: list[str] = Field(default_factory=list)
+    #: Accepted tasks that had not started: they wait in the Redis backlog.
+    queued: int = 0
+    #: Tasks waiting for a human's approval (their checkpoints keep them).
+    paused: int = 0
+    #: Arrivals refused while the pool drained (`ErrorReason.DRAINING`).
+    refused: int = 0

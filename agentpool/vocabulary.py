@@ -90,6 +90,9 @@ class ErrorReason(StrEnum):
     #: Rejected: the agent it names (`AgentTask.agent`) is not registered, or has no such
     #: version or label.
     UNKNOWN_AGENT = "unknown_agent"
+    #: Rejected: the pool is draining (`pool.drain`, `agentpool drain`, a shutdown with a
+    #: grace period) and takes no new work; retry on the pool that replaces it.
+    DRAINING = "draining"
 
 
 #: The reasons a tenant's daily budget gives.

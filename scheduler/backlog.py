@@ -117,11 +117,14 @@ class BacklogWindow:
         Never a task a read of the backlog has gone past (the read skipped it as in memory,
         while it was being admitted): nothing would read it again. Nor a task with no
         arrival number (Redis is away: its admission waits in the outbox). `placing`: tasks
-        on their way into the queue that it does not count yet."""
+        on their way into the queue that it does not count yet. While the pool drains,
+        detached batch work always waits in Redis."""
         key = (task.tenant, task.priority)
         if interactive(task.priority, task.deadline_s) or arrival <= max(0.0, float(self._cursors.get(key, "-inf"))):
             return False
-        if known:
+        if self._core.draining is not None and detached and not known:  # for whoever takes work next
+            self._set_waiting(key, self._waiting[key] + 1)
+        elif known:
             if not detached:
                 return False
             if not self._waiting[key]:  # counted already or not: a read happens, and corrects it
@@ -223,6 +226,8 @@ class BacklogWindow:
         return True
 
     def _kick_pull(self) -> None:
+        if self._core.draining is not None:  # it stays in Redis for the next pool
+            return
         if self._core.outside and (self._puller is None or self._puller.done()):
             if len(self._core.queue) < self.config.queue_window // 2 + 1:
                 self._puller = asyncio.get_running_loop().create_task(self._pull())

@@ -11,19 +11,20 @@ closes and retires workers), per-model dispatch caps (`ModelDispatch`), tenant c
 caps, the overload detector and the wait calibration, and the cost estimates that charge a
 tenant for a task until its real usage is known.
 
-Events (methods): `admit` (an arrival), `enqueue` (accepted now, adopted, or queued again
-after its worker died or its approval came), `dispatch` (slots free and work waiting),
-`finish` (a run ended or was given up: its slot back, and what it taught), `remove`
-(cancelled while queued), `tick` (deadlines, and the standing-queue watch), `limiter_backlog`
-(which models have calls waiting for permits).
+Events (methods): `drain`/`undrain` (stop and start taking work), `admit` (an arrival),
+`enqueue` (accepted now, adopted, or queued again after its worker died or its approval
+came), `dispatch` (slots free and work waiting), `finish` (a run ended or was given up: its
+slot back, and what it taught), `remove` (cancelled while queued), `tick` (deadlines, and
+the standing-queue watch), `limiter_backlog` (which models have calls waiting for permits).
 
 Decisions: `Admit` (with the queued tasks it evicted to make room), `Reject` (a reason and
 a retry hint), `Start` (a task and its worker), `Drop` (a queued task ends: evicted, or it
 waited longer than it may).
 
-Admission is a list of rules tried in order (`DEFAULT_RULES`): a rule is a small object
-that looks at the arrival and the core and answers a `Reject`, a `Drop` (it made room by
-evicting someone; the arrival goes on) or None. A new rule is one class and one line.
+Admission is a list of rules tried in order (`DEFAULT_RULES`, in rules.py): a rule is a
+small object that looks at the arrival and the core and answers a `Reject`, a `Drop` (it
+made room by evicting someone; the arrival goes on) or None. A new rule is one class and
+one line. The tickets and decisions are in decisions.py.
 """
 
 from __future__ import annotations
@@ -32,202 +33,63 @@ import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, TypeVar
 
 from agentpool.config import PoolConfig
-from agentpool.errors import Overloaded
 from agentpool.models import AgentResult, AgentTask
 from agentpool.scheduler.capacity import ModelDispatch
+from agentpool.scheduler.decisions import Admit, Drop, Place, Reject, Start, Ticket
 from agentpool.scheduler.dispatch import LeastLoaded
 from agentpool.scheduler.fair import FairQueue, token_cost
-from agentpool.scheduler.shedding import (
-    ClassCalibration,
-    DispatchRate,
-    OverloadDetector,
-    WaitForecast,
-    interactive,
-    sheds,
+from agentpool.scheduler.rules import (
+    DEFAULT_RULES,
+    DRAIN_RETRY_EXTRA_S,
+    MAX_RETRY_S,
+    MIN_RETRY_S,
+    UNKNOWN_WAIT_RETRY_S,
+    QueueBound,
+    RefuseWhileDraining,
+    Rule,
+    ShedOnOverload,
+    WaitWithinDeadline,
 )
+from agentpool.scheduler.shedding import ClassCalibration, DispatchRate, OverloadDetector, WaitForecast
 from agentpool.vocabulary import ErrorReason
+
+__all__ = [
+    "DEFAULT_RULES",
+    "DRAIN_RETRY_EXTRA_S",
+    "MAX_RETRY_S",
+    "MIN_RETRY_S",
+    "UNKNOWN_WAIT_RETRY_S",
+    "Admit",
+    "Drain",
+    "Drop",
+    "Place",
+    "QueueBound",
+    "RefuseWhileDraining",
+    "Reject",
+    "Rule",
+    "SchedulerCore",
+    "ShedOnOverload",
+    "Start",
+    "Ticket",
+    "WaitForecast",
+    "WaitWithinDeadline",
+]
 
 T = TypeVar("T")
 
 #: Tenants whose cost per task is remembered (least recently finished forgotten first).
 MAX_COSTED_TENANTS = 1000
-#: The retry hint of a rejection whose wait cannot be forecast (no rate measured yet).
-UNKNOWN_WAIT_RETRY_S = 60.0
-#: Retry hints are at least a tenth of a second and at most an hour.
-MIN_RETRY_S, MAX_RETRY_S = 0.1, 3600.0
-
-
-class Place(StrEnum):
-    """Where a ticket is, as far as the core knows."""
-
-    NEW = "new"  # not yet queued
-    QUEUED = "queued"
-    RUNNING = "running"  # holds a worker slot
-    OUT = "out"  # ended, dropped, cancelled, paused or waiting in Redis: nothing of the core's
-
-
-@dataclass(eq=False)
-class Ticket(Generic[T]):
-    """The core's view of one task: what it needs to queue, dispatch and charge it.
-
-    `item` is the shell's own handle on the task (the scheduler's `Job`), handed back in
-    decisions."""
-
-    item: T
-    task: AgentTask
-    #: The limits entry of the first model the task will call (None: not rate limited).
-    limit_key: str | None
-    place: Place = Place.NEW
-    #: Ran before (adopted at a restart, its worker died, its approval came): queued first,
-    #: as `critical`, and never dropped for waiting.
-    resumed: bool = False
-    enqueued_at: float = 0.0
-    max_wait_s: float = math.inf
-    #: The wait forecast at admission, until the wait it got is reported.
-    predicted_wait_s: float | None = None
-    #: Service charged at dispatch until the task's real usage is known (VTC units).
-    estimate: float = 0.0
-    #: The worker slot it holds (Place.RUNNING).
-    worker: int | None = None
-
-    @property
-    def tenant(self) -> str:
-        return self.task.tenant
-
-    @property
-    def watched(self) -> bool:
-        """Interactive work waiting its first turn: its waits are what tells an overload."""
-        return not self.resumed and interactive(self.task.priority, self.task.deadline_s)
 
 
 @dataclass(frozen=True)
-class Reject:
-    """An arrival refused: why, and when trying again may succeed."""
+class Drain:
+    """A drain in progress: since when, and the end of its grace period (monotonic s)."""
 
-    reason: ErrorReason
-    message: str
-    retry_after_s: float
-
-    def error(self, tenant: str) -> Overloaded:
-        return Overloaded(self.message, tenant=tenant, reason=self.reason, retry_after_s=self.retry_after_s)
-
-
-@dataclass(frozen=True)
-class Drop(Generic[T]):
-    """A queued task that ends without running: out of the queue already."""
-
-    ticket: Ticket[T]
-    reason: ErrorReason
-    message: str
-    retry_after_s: float
-
-    def error(self) -> Overloaded:
-        return Overloaded(
-            f"dropped from the queue: {self.message}",
-            tenant=self.ticket.tenant,
-            reason=self.reason,
-            retry_after_s=self.retry_after_s,
-        )
-
-
-@dataclass(frozen=True)
-class Admit(Generic[T]):
-    """An arrival accepted (not queued yet: the shell queues it, or leaves it in Redis)."""
-
-    ticket: Ticket[T]
-    evicted: tuple[Drop[T], ...] = ()
-
-
-@dataclass(frozen=True)
-class Start(Generic[T]):
-    """A queued task goes to a worker slot, after waiting `waited_s`."""
-
-    ticket: Ticket[T]
-    worker: int
-    waited_s: float
-
-
-class Rule(Protocol):
-    """One admission rule: a refusal, an eviction that made room, or None (no objection)."""
-
-    def __call__(self, core: SchedulerCore[T], ticket: Ticket[T], now: float) -> Reject | Drop[T] | None: ...
-
-
-class ShedOnOverload:
-    """A standing queue of interactive work sheds interactive arrivals by class (CoDel)."""
-
-    def __call__(self, core: SchedulerCore[T], ticket: Ticket[T], now: float) -> Reject | None:
-        task = ticket.task
-        if not sheds(task.priority, core.detector.level(now), task.deadline_s):
-            return None
-        return Reject(
-            ErrorReason.OVERLOAD,
-            f"the pool is overloaded: {task.priority} work is shed until the queue drains",
-            core.config.admission.interval_s,
-        )
-
-
-class WaitWithinDeadline:
-    """An arrival that must queue is refused when its predicted wait, scaled by how far recent
-    forecasts fell short, exceeds what it may wait. A forecast task keeps its forecast, so the
-    wait it gets calibrates the next ones."""
-
-    def __call__(self, core: SchedulerCore[T], ticket: Ticket[T], now: float) -> Reject | None:
-        task = ticket.task
-        limit = core.max_wait_s(task)
-        if not math.isfinite(limit):  # a batch task: it waits its turn, however long
-            return None
-        must_queue = (
-            core.slots.in_flight >= core.slots.capacity
-            or not core.tenant_has_room(task.tenant)
-            or not core.models.has_room(ticket.limit_key)
-        )
-        if not must_queue and not core.queue.length(task.tenant):
-            return None
-        forecast = core.forecast(ticket).seconds()
-        ticket.predicted_wait_s = forecast
-        wait = forecast * core.calibration.factor(task.priority, now)
-        if wait <= limit:
-            return None
-        return Reject(
-            ErrorReason.PREDICTED_WAIT,
-            f"predicted queue wait {wait:.1f}s exceeds the {limit:.1f}s this task may wait",
-            _retry_hint(wait - limit) if math.isfinite(wait) else UNKNOWN_WAIT_RETRY_S,
-        )
-
-
-class QueueBound:
-    """The backlog (in memory and in Redis) holds at most `max_queued` tasks: a full one makes
-    room by evicting less important work (or a hog's newest), or refuses the arrival."""
-
-    #: It changes the queue when it admits: `SchedulerCore.refusal` leaves it to `admit`.
-    evicts = True
-
-    def __call__(self, core: SchedulerCore[T], ticket: Ticket[T], now: float) -> Reject | Drop[T] | None:
-        task = ticket.task
-        if core.waiting < core.config.max_queued:
-            return None
-        victim = core.queue.evict_for(task.tenant, task.priority)
-        if victim is None:
-            wait = core.forecast(ticket).seconds()
-            return Reject(
-                ErrorReason.QUEUE_FULL,
-                f"queue is full ({core.waiting} tasks waiting)",
-                _retry_hint(wait) if math.isfinite(wait) else UNKNOWN_WAIT_RETRY_S,
-            )
-        return core.dropped(victim[1], ErrorReason.EVICTED, f"made room for {task.priority} work of another tenant")
-
-
-def _retry_hint(seconds: float) -> float:
-    return round(min(max(MIN_RETRY_S, seconds), MAX_RETRY_S), 3)
-
-
-#: Admission from live state, in order.
-DEFAULT_RULES: tuple[Rule, ...] = (ShedOnOverload(), WaitWithinDeadline(), QueueBound())
+    since: float
+    until: float
 
 
 @dataclass
@@ -265,6 +127,8 @@ class SchedulerCore(Generic[T]):
         #: Accepted tasks waiting outside memory (the Redis backlog): they count against
         #: `max_queued` like the queue's own.
         self.outside = 0
+        #: A drain in progress: no arrival is admitted and no queued task starts.
+        self.draining: Drain | None = None
         self._costs = _Costs()
 
     # --- views ---------------------------------------------------------------------------
@@ -370,11 +234,22 @@ class SchedulerCore(Generic[T]):
             self.queue.push(ticket.tenant, ticket.task.priority, ticket)
         ticket.place = Place.QUEUED
 
+    def drain(self, now: float, grace_s: float) -> None:
+        """Stops taking work: from now on every arrival is refused (`RefuseWhileDraining`)
+        and no queued task starts, until `undrain`. Running tasks go on to their end."""
+        self.draining = Drain(now, now + max(0.0, grace_s))
+
+    def undrain(self) -> None:
+        """Takes work again after a drain (the shell dispatches what waited)."""
+        self.draining = None
+
     def dispatch(self, now: float) -> list[Start[T] | Drop[T]]:
         """Hands free slots to waiting tasks in fair order, skipping tenants at their
         concurrency cap and models at their dispatch cap, and dropping tasks that waited
-        longer than they may."""
+        longer than they may. A draining core starts nothing (`tick` still drops)."""
         out: list[Start[T] | Drop[T]] = []
+        if self.draining is not None:
+            return out
         while len(self.queue):
             worker = self.slots.acquire()
             if worker is None:

@@ -44,6 +44,7 @@ from agentpool.scheduler.backlog import BacklogWindow
 from agentpool.scheduler.calls import WorkerCalls
 from agentpool.scheduler.control import CancelledInQueue, JobControl
 from agentpool.scheduler.core import Drop, Reject, SchedulerCore
+from agentpool.scheduler.drain import DrainControl
 from agentpool.scheduler.fleet import WorkerFleet
 from agentpool.scheduler.jobs import Job, trace_context
 from agentpool.scheduler.lookup import TaskLookup
@@ -63,7 +64,9 @@ log = logging.getLogger("agentpool.scheduler")
 
 
 @ray.remote
-class Scheduler(AgentControl, JobControl, BacklogWindow, Records, SessionGate, StatusView, TaskLookup, Telemetered):
+class Scheduler(
+    AgentControl, JobControl, BacklogWindow, DrainControl, Records, SessionGate, StatusView, TaskLookup, Telemetered
+):
     """Named async actor; one per pool."""
 
     def __init__(
@@ -121,6 +124,7 @@ class Scheduler(AgentControl, JobControl, BacklogWindow, Records, SessionGate, S
         self._loop_lag_s = 0.0
         self._approvals = Approvals(self._store, config.checkpoint_ttl_s)
         self._init_agents()
+        self._init_drain()
         self._booted = False
         # Take up what this pool accepted before (a restart): a call to ourselves, which runs
         # as soon as this constructor returns.
@@ -255,6 +259,8 @@ class Scheduler(AgentControl, JobControl, BacklogWindow, Records, SessionGate, S
             rejection = await self._ledger.check(task.tenant, policy, first_call + task.max_tokens)
         if rejection is not None:
             return rejection
+        if self._core.draining is not None and not job.callers and not interactive(task.priority, task.deadline_s):
+            return None  # detached batch work waits in the Redis backlog for whoever takes work next
         # No await between the core's decision and the enqueue: concurrent arrivals must
         # not all pass the check before any of them is counted.
         verdict = self._core.admit(job.ticket, self._clock())
@@ -367,7 +373,8 @@ class Scheduler(AgentControl, JobControl, BacklogWindow, Records, SessionGate, S
             for expired in self._core.tick(now):
                 self._drop(expired)
             core = self._core
-            self._fleet.observe(now, core.slots.in_flight + core.waiting)
+            # A draining pool wants no worker for the work it will not start.
+            self._fleet.observe(now, core.slots.in_flight + (0 if core.draining else core.waiting))
             if core.models:
                 await self._watch_limiter()
             await self._tick_agents()
@@ -409,6 +416,7 @@ class Scheduler(AgentControl, JobControl, BacklogWindow, Records, SessionGate, S
                 self._telemetry.dequeued(job, decision.waited_s, decision.worker)
                 job.slot.set_result(decision.worker)
         self._kick_pull()
+        self._note_idle()
 
     def _drop(self, drop: Drop[Job]) -> None:
         """Ends a task the core took out of the queue with a rejection (its life writes the record)."""

@@ -96,6 +96,8 @@ class StatusView:
             "workers": self._fleet.snapshot(),
             "finished_by_status": dict(self._counts),
             "awaiting_approval": self._awaiting(),
+            # A drain in progress (`pool.drain`): since how long, and the grace left; else None.
+            "draining": self._drain_status(),
             "durability": {**self._durable, "jobs": len(self._jobs), **backlog},
             "redis": {
                 "reachable": reachable,

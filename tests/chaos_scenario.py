@@ -9,6 +9,10 @@ on its last line.
   --detach` (returns before the tasks end), results in Redis, `agentpool stop`.
 - `node`: agent workers on two worker nodes; one node is removed without grace mid-batch;
   every ref resolves and every task has exactly one final record.
+- `supervise`: `agentpool start --supervise` gets SIGTERM mid-batch: it drains (tasks still
+  running at the end of the grace period keep their checkpoints, queued ones stay in the
+  Redis backlog), stops the pool and exits 0; a new pool of that name on the same Redis
+  finishes every task, each with one final record.
 """
 
 from __future__ import annotations
@@ -202,11 +206,69 @@ def node(cluster: Cluster, redis_url: str) -> dict[str, Any]:
     }
 
 
+def supervise(cluster: Cluster, redis_url: str) -> dict[str, Any]:
+    name = f"sv{uuid.uuid4().hex[:6]}"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    settings = {"NAME": name, "KEY_PREFIX": name, "TOOL_MODULES": "tests.toolkit", "REDIS_URL": redis_url}
+    env.update({f"AGENTPOOL_{k}": v for k, v in {**settings, "NUM_WORKERS": "1", "WORKER_CONCURRENCY": "4"}.items()})
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, "-m", "agentpool.cli", "start", "--supervise", "--grace", "3"]
+    proc = subprocess.Popen(command, env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    assert "supervised" in first, (first, proc.stderr.read() if proc.poll() is not None else "")
+    ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
+    pool = AgentPool.connect(name)
+    long, short = nap_tasks(4, 8.0), nap_tasks(8, 0.2)
+    pool.enqueue(long)
+    deadline = time.monotonic() + 60
+    while pool.status()["in_flight"] < 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    pool.enqueue(short)
+    pool.shutdown()  # lets go of the handle; the supervised pool runs on
+    time.sleep(1.0)  # the long naps are under way
+    os.kill(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    try:
+        AgentPool.connect(name)
+        gone = False
+    except Exception:
+        gone = True
+    config = PoolConfig(
+        name=name,
+        key_prefix=name,
+        redis_url=redis_url,
+        tool_modules=["tests.toolkit"],
+        num_workers=1,
+        worker_concurrency=4,
+    )
+    tasks = long + short
+    with AgentPool.start(config) as again:
+        deadline = time.monotonic() + 120
+        while len(_records(redis_url, name, "acme")) < len(tasks) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        counts = _records(redis_url, name, "acme")
+        records = {r.task_id: r for r in again.results("acme").read()}
+    return {
+        "exit_code": proc.returncode,
+        "output": first + out,
+        "errors": err[-2000:],
+        "pool_gone": gone,
+        "submitted": len(tasks),
+        "lost": sum(1 for t in tasks if t.task_id not in counts),
+        "duplicates": sum(n - 1 for n in counts.values()),
+        "statuses": sorted({r.status for r in records.values()}),
+        "long_resumed": sorted(records[t.task_id].resumes for t in long if t.task_id in records),
+    }
+
+
 def main(scenario: str, redis_url: str) -> dict[str, Any]:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"agentpool_head": 1}})
     try:
         if scenario == "cli":
             return cli(cluster)
+        if scenario == "supervise":
+            return supervise(cluster, redis_url)
         return driver(cluster) if scenario == "driver" else node(cluster, redis_url)
     finally:
         ray.shutdown()

@@ -1,6 +1,7 @@
 """Chaos on a cluster of its own: the driver of a detached pool, and a whole node, each
-SIGKILLed mid-batch (`tests/chaos_scenario.py`, run in a subprocess: one process holds one
-Ray, and the rest of the suite shares a single-node one)."""
+SIGKILLed mid-batch, and a supervised pool stopped by SIGTERM (`tests/chaos_scenario.py`,
+run in a subprocess: one process holds one Ray, and the rest of the suite shares a
+single-node one)."""
 
 from __future__ import annotations
 
@@ -45,3 +46,15 @@ def test_submit_detach_returns_at_once_and_the_results_land_in_redis(redis_url: 
     assert report["finished_when_submit_returned"] < report["submitted"]  # it did not wait for them
     assert report["lost"] == 0 and report["duplicates"] == 0, report
     assert report["stopped"]
+
+
+def test_sigterm_on_a_supervised_pool_drains_it_and_a_new_pool_finishes_every_task(redis_url: str) -> None:
+    report = scenario("supervise", redis_url)
+    assert report["exit_code"] == 0, report["errors"]
+    output = report["output"]
+    assert "grace period (3s) over" in output and "4 still running" in output, output
+    assert "8 queued (kept in the Redis backlog)" in output and "stopped" in output, output
+    assert report["pool_gone"]
+    assert report["lost"] == 0 and report["duplicates"] == 0, report
+    assert report["statuses"] == ["succeeded"]
+    assert report["long_resumed"] == [1, 1, 1, 1]  # from the checkpoints the drain left

@@ -10,10 +10,11 @@ from collections import Counter
 import pytest
 
 from agentpool.config import AdmissionConfig
-from agentpool.errors import Overloaded
+from agentpool.errors import Draining, Overloaded
 from agentpool.models import TenantPolicy
 from agentpool.scheduler.core import (
     DEFAULT_RULES,
+    DRAIN_RETRY_EXTRA_S,
     MAX_COSTED_TENANTS,
     MAX_RETRY_S,
     MIN_RETRY_S,
@@ -22,6 +23,7 @@ from agentpool.scheduler.core import (
     Drop,
     Place,
     QueueBound,
+    RefuseWhileDraining,
     Reject,
     SchedulerCore,
     ShedOnOverload,
@@ -348,7 +350,7 @@ def test_a_result_with_no_iteration_teaches_no_cost() -> None:
 
 
 def test_the_default_rules_and_a_new_one() -> None:
-    assert [type(r) for r in DEFAULT_RULES] == [ShedOnOverload, WaitWithinDeadline, QueueBound]
+    assert [type(r) for r in DEFAULT_RULES] == [RefuseWhileDraining, ShedOnOverload, WaitWithinDeadline, QueueBound]
 
     class NoFridays:
         def __call__(self, core: SchedulerCore[str], ticket: Ticket[str], now: float) -> Reject | None:
@@ -388,3 +390,53 @@ def test_a_queued_tasks_standing_is_its_place_and_the_wait_forecast_from_there()
     core.dispatch(1.0)  # the critical one starts
     assert core.standing(urgent) is None and core.standing(first) is not None
     assert core.standing(first)[0] == 0  # type: ignore[index]
+
+
+# --- drain -----------------------------------------------------------------------------------
+
+
+def test_a_draining_core_refuses_every_arrival_and_starts_nothing_until_undrained() -> None:
+    core = core_of(workers=1, slots=2)
+    running = queued(core, task("a", 1))
+    waiting = queued(core, task("a", 2))
+    later = queued(core, task("b", 3))
+    assert starts(core.dispatch(0.0)) == [("a-1", 0), ("b-3", 0)]
+    core.drain(10.0, grace_s=30.0)
+    assert core.draining is not None and (core.draining.since, core.draining.until) == (10.0, 40.0)
+    for tenant, priority in (("a", "critical"), ("c", "standard"), ("b", "sheddable")):
+        verdict = arrive(core, task(tenant, 9, priority=priority), now=12.0)
+        assert verdict == Reject(
+            ErrorReason.DRAINING,
+            "the pool is draining (stopping or being upgraded) and takes no new work",
+            28.0 + DRAIN_RETRY_EXTRA_S,
+            kind=Draining,
+        )
+    error = verdict.error("b")  # type: ignore[union-attr]
+    assert type(error) is Draining and error.retryable and error.reason is ErrorReason.DRAINING
+    assert core.refusal(core.ticket("x", task("a", 10)), 12.0) is not None  # asked before recording too
+    core.finish(running, result(running.task), 1.0)  # a slot frees: still nothing starts
+    assert core.dispatch(13.0) == [] and waiting.place is Place.QUEUED
+    assert core.waiting == 1 and later.place is Place.RUNNING
+    core.undrain()
+    assert core.draining is None
+    assert starts(core.dispatch(14.0)) == [("a-2", 0)]
+    assert isinstance(arrive(core, task("c", 11), now=14.0), Ticket)
+
+
+def test_a_drain_past_its_grace_period_still_hints_a_short_retry() -> None:
+    core = core_of()
+    core.drain(0.0, grace_s=-5.0)  # a negative grace is none
+    assert core.draining is not None and core.draining.until == 0.0
+    verdict = arrive(core, task(), now=100.0)
+    assert isinstance(verdict, Reject) and verdict.retry_after_s == MIN_RETRY_S
+
+
+def test_a_draining_core_still_drops_what_waited_past_its_deadline() -> None:
+    core = core_of(workers=1, slots=1)
+    first = queued(core, task("a", 1))
+    core.dispatch(0.0)
+    late = queued(core, task("a", 2, deadline_s=2.0))
+    core.drain(0.5, grace_s=60.0)
+    drops = core.tick(3.0)
+    assert [d.ticket for d in drops] == [late] and drops[0].reason is ErrorReason.QUEUE_TIMEOUT
+    assert first.place is Place.RUNNING

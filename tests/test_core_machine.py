@@ -1,6 +1,7 @@
 """The scheduler's pure core under random events: shares under contention, and a state machine
 that checks after every step what must always hold (every task in one place, no cap
-exceeded, work-conserving dispatch, every refusal with a reason and a retry hint)."""
+exceeded, work-conserving dispatch, every refusal with a reason and a retry hint, nothing
+admitted or started while draining)."""
 
 from __future__ import annotations
 
@@ -112,8 +113,10 @@ class CoreMachine(RuleBasedStateMachine):
         if isinstance(verdict, Reject):
             assert isinstance(verdict.reason, ErrorReason) and verdict.message
             assert 0 < verdict.retry_after_s <= MAX_RETRY_S, verdict
+            assert (verdict.reason is ErrorReason.DRAINING) == (self.core.draining is not None)
             self.ended.add(t.task_id)
             return
+        assert self.core.draining is None  # a draining core admits nothing
         for evicted in verdict.evicted:
             assert evicted.ticket.item in self.queued
             self.queued.discard(evicted.ticket.item)
@@ -128,6 +131,7 @@ class CoreMachine(RuleBasedStateMachine):
     @rule()
     def dispatch(self) -> None:
         before = Counter(self.tickets[i].limit_key for i in self.running)
+        before_running = set(self.running)
         self._apply(self.core.dispatch(self.now))
         after = Counter(self.tickets[i].limit_key for i in self.running)
         capacity = self.core.models.capacity[LIMITED]
@@ -138,7 +142,9 @@ class CoreMachine(RuleBasedStateMachine):
         free = any(
             core.slots.open[i] and core.slots.load[i] < core.slots.slots_per_worker for i in range(len(core.slots.load))
         )
-        if free:
+        if core.draining is not None:  # a draining core starts nothing
+            assert self.running <= set(before_running)
+        elif free:
             assert all(not core._eligible(tenant, t) for tenant, t in core.queue.heads())
 
     @precondition(lambda self: bool(self.running))
@@ -181,6 +187,14 @@ class CoreMachine(RuleBasedStateMachine):
             assert d.ticket.item in self.queued
             self.queued.discard(d.ticket.item)
             self._ended_by(d)
+
+    @rule(grace=st.floats(0.0, 30.0))
+    def drain(self, grace: float) -> None:
+        self.core.drain(self.now, grace)
+
+    @rule()
+    def undrain(self) -> None:
+        self.core.undrain()
 
     @rule(waiting=st.booleans())
     def limiter(self, waiting: bool) -> None:

@@ -1,0 +1,79 @@
+"""The pool handle's life-cycle side: draining before a stop or an upgrade (a mixin of
+`AgentPool`, kept apart for size)."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import ray
+
+from agentpool.results import DrainReport
+
+if TYPE_CHECKING:
+    from agentpool.config import PoolConfig
+
+log = logging.getLogger("agentpool")
+
+#: How long past its grace period a drain's answer may take before the call gives up.
+_DRAIN_SLACK_S = 30.0
+
+
+class PoolLife:
+    """`drain` and `undrain`; `shutdown(grace_s=...)` drains first (`_drain_before_stop`)."""
+
+    config: PoolConfig
+    _scheduler: Any
+
+    if TYPE_CHECKING:
+
+        def _check_running(self) -> None: ...
+
+    def drain(self, grace_s: float = 30.0) -> DrainReport:
+        """Stops the pool taking work and waits up to `grace_s` seconds for the running tasks
+        to end. From now on every new task is rejected at once (`status="rejected"`, reason
+        `draining`, with `retry_after_s` past the grace period) and no queued task starts,
+        until `undrain()` or the pool stops. Nothing is lost: queued work stays in the Redis
+        backlog and a task still running at the end resumes from its last checkpoint, both
+        taken up by the next pool of this name on the same Redis.
+
+        Returns:
+            What ended during the drain and what is left (`DrainReport`).
+        """
+        if grace_s < 0:
+            raise ValueError(f"grace_s must be at least 0, not {grace_s}")
+        self._check_running()
+        answer = ray.get(self._scheduler.drain.remote(float(grace_s)), timeout=grace_s + _DRAIN_SLACK_S)
+        report = DrainReport.model_validate(answer)
+        log.info(
+            "pool %s drained in %.1fs: %d ended, %d still running, %d queued",
+            self.config.name,
+            report.elapsed_s,
+            report.finished,
+            len(report.running),
+            report.queued,
+        )
+        return report
+
+    def undrain(self) -> bool:
+        """Takes work again after `drain()` (queued work starts); False if it was not draining."""
+        self._check_running()
+        return bool(ray.get(self._scheduler.undrain.remote()))
+
+    def _drain_before_stop(self, grace_s: float) -> DrainReport | None:
+        """`drain(grace_s)` before a stop, which goes on whatever happens to the drain. Work
+        left in an embedded Redis (it stops with the pool) is lost: said in a warning."""
+        try:
+            report = self.drain(grace_s)
+        except (ray.exceptions.RayError, TimeoutError) as exc:
+            log.warning("pool %s: the drain before stopping failed (%s)", self.config.name, exc)
+            return None
+        if self.config.redis_url is None and (report.queued or report.running):
+            log.warning(
+                "pool %s: %d queued and %d running task(s) are left in its embedded Redis, which stops "
+                "with it: they are lost (a pool on a Redis of its own, AGENTPOOL_REDIS_URL, keeps them)",
+                self.config.name,
+                report.queued,
+                len(report.running),
+            )
+        return report

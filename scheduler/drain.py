@@ -1,0 +1,102 @@
+"""Draining the scheduler before a stop or an upgrade (a mixin of `Scheduler`).
+
+A drain makes the core refuse every arrival (`ErrorReason.DRAINING`, with a retry hint past
+the grace period) and start nothing more; the tasks running go on to their end while the
+drain waits for them, at most its grace period. Nothing is handed anywhere: every accepted
+task is in the Redis backlog from its admission, and every running one checkpoints after
+each step, so what the drain leaves is what the next pool of this name takes up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from agentpool.results import DrainReport
+from agentpool.vocabulary import ErrorReason
+
+if TYPE_CHECKING:
+    from agentpool.scheduler.core import SchedulerCore
+    from agentpool.scheduler.jobs import Job
+
+log = logging.getLogger("agentpool.scheduler")
+
+
+class DrainControl:
+    """`drain`, `undrain`, and what `status()` says of a drain."""
+
+    _jobs: dict[str, Job]
+    _core: SchedulerCore[Job]
+    _shed: Counter[str]
+    _clock: Callable[[], float]
+
+    if TYPE_CHECKING:  # Scheduler's; declared here for the type checker only
+
+        def _pump(self) -> None: ...
+        def _awaiting(self) -> dict[str, list[str]]: ...
+
+    def _init_drain(self) -> None:
+        #: Refusals for draining counted before the current drain began.
+        self._refused_before = 0
+        #: Set once no task runs, while a drain waits for that.
+        self._idle: asyncio.Event | None = None
+
+    def _note_idle(self) -> None:
+        """Called as slots free (`_pump`): wakes a drain waiting for the last run to end."""
+        if self._idle is not None and not self._core.slots.in_flight:
+            self._idle.set()
+
+    async def drain(self, grace_s: float) -> dict[str, Any]:
+        """Stops admitting and starting work, waits up to `grace_s` for the running tasks to
+        end, and reports what is left (a `DrainReport` as a dict). Called again while
+        draining, it waits again (the first call's grace period sets the retry hint)."""
+        began = self._clock()
+        if self._core.draining is None:
+            self._refused_before = self._shed[ErrorReason.DRAINING]
+            self._core.drain(began, grace_s)
+            log.warning("draining: no new work; up to %.0fs for %d running", grace_s, self._core.slots.in_flight)
+        running = [job for job in self._jobs.values() if job.state == "running"]
+        idle = self._idle = asyncio.Event()
+        self._note_idle()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(idle.wait(), max(0.0, grace_s))
+        if self._idle is idle:
+            self._idle = None
+        report = DrainReport(
+            drained=not self._core.slots.in_flight,
+            grace_s=grace_s,
+            elapsed_s=round(self._clock() - began, 3),
+            finished=sum(job.done.done() for job in running),
+            running=sorted(job.task.task_id for job in self._jobs.values() if job.state == "running"),
+            queued=self._core.waiting,
+            paused=sum(len(ids) for ids in self._awaiting().values()),
+            refused=self._shed[ErrorReason.DRAINING] - self._refused_before,
+        )
+        log.warning(
+            "drained: %d ended, %d still running, %d queued in the backlog",
+            report.finished,
+            len(report.running),
+            report.queued,
+        )
+        return report.model_dump(mode="json")
+
+    def undrain(self) -> bool:
+        """Takes work again after a drain; False if the pool was not draining."""
+        if self._core.draining is None:
+            return False
+        self._core.undrain()
+        log.warning("drain undone: taking work again")
+        self._pump()
+        return True
+
+    def _drain_status(self) -> dict[str, float] | None:
+        """The drain in progress, for `status()`: since how long, and the grace left (s)."""
+        drain = self._core.draining
+        if drain is None:
+            return None
+        now = self._clock()
+        return {"for_s": round(now - drain.since, 3), "grace_left_s": round(max(0.0, drain.until - now), 3)}

@@ -1,0 +1,155 @@
+"""Draining a pool before a stop or an upgrade (`pool.drain`, `undrain`, `shutdown(grace_s)`,
+`agentpool drain`) on a real pool and a real Redis: new work is refused with a reason and a
+retry hint, nothing queued starts, running tasks get the grace period, and whatever is left
+is finished by the next pool of the same name on the same Redis, once each. SIGTERM on a
+supervised pool is in `test_chaos_cluster.py` (it needs a Ray cluster of its own)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+
+import pytest
+import ray
+import redis
+from typer.testing import CliRunner
+
+from agentpool import AgentPool, AgentTask, DrainReport, ErrorReason, PoolConfig
+from agentpool.cli import app
+from tests.pools import small_config
+from tests.toolkit import nap_tasks
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def config(redis_url: str, **overrides: object) -> PoolConfig:
+    return small_config(
+        redis_url, tag="dr", **{"tool_modules": ["tests.toolkit"], "worker_concurrency": 4, **overrides}
+    )
+
+
+def records(client: redis.Redis, pool_config: PoolConfig, tenant: str = "acme") -> Counter[str]:
+    """Final records per task_id in the tenant's results stream."""
+    stream = f"{pool_config.key_prefix}:{{{tenant}}}:results"
+    return Counter(fields["task_id"] for _, fields in client.xrange(stream))
+
+
+def wait_for(check: object, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check() and time.monotonic() < deadline:  # type: ignore[operator]
+        time.sleep(0.05)
+    assert check(), "timed out"  # type: ignore[operator]
+
+
+def test_a_drained_pool_refuses_new_work_and_the_next_pool_finishes_what_it_left(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    cfg = config(redis_url)
+    long, short, queued = nap_tasks(2, 6.0), nap_tasks(2, 0.3), nap_tasks(6, 0.2)
+    pool = AgentPool.start(cfg)
+    try:
+        pool.enqueue(long + short)
+        wait_for(lambda: pool.status()["in_flight"] == 4)
+        pool.enqueue(queued)  # no slot free: they wait
+        report = pool.drain(grace_s=2.5)
+        assert isinstance(report, DrainReport)
+        assert not report.drained and report.grace_s == 2.5 and 2.4 <= report.elapsed_s < 10
+        assert report.finished == 2  # the short ones ended in the grace period
+        assert report.running == sorted(t.task_id for t in long)
+        assert report.queued == 6 and report.paused == 0 and report.refused == 0
+        status = pool.status()
+        assert status["draining"]["grace_left_s"] == 0.0 and status["draining"]["for_s"] >= 2.5
+        assert status["in_flight"] == 2 and status["queued"] == 6
+        # New work, whichever way it comes: refused at once, with a reason and a hint.
+        (late,) = pool.run([AgentTask(tenant="acme", prompt="hello", deadline_s=30)])
+        assert late.status == "rejected" and late.error is not None
+        assert (late.error.type, late.error.reason, late.error.retryable) == ("Draining", ErrorReason.DRAINING, True)
+        assert late.retry_after_s is not None and 0 < late.retry_after_s <= 10.0
+        (batch,) = pool.run(nap_tasks(1, 0.1))  # its caller waits: refused too
+        assert batch.status == "rejected" and batch.error is not None and batch.error.reason is ErrorReason.DRAINING
+        # Batch work handed over without waiting (enqueue) waits in the Redis backlog instead.
+        detached = nap_tasks(1, 0.1)
+        answers = pool.enqueue([*detached, AgentTask(tenant="acme", prompt="hello", priority="sheddable")])
+        assert [a["status"] for a in answers] == ["accepted", "rejected"]
+        queued += detached
+        again = pool.drain(grace_s=0.0)  # a second call reports again, at once
+        assert again.refused == 3 and again.queued == 7 and again.running == report.running
+        time.sleep(0.5)
+        assert pool.status()["queued"] == 7  # nothing queued started
+    finally:
+        left = pool.shutdown()
+    assert left is None  # drained by hand: the stop itself had no grace period
+    done = records(redis_client, cfg)
+    assert all(done[t.task_id] == 1 for t in short)
+    assert not any(t.task_id in done for t in long + queued)  # left for the next pool
+    with AgentPool.start(cfg) as successor:
+        wait_for(lambda: all(records(redis_client, cfg)[t.task_id] for t in long + queued), 90)
+        results = {r.task_id: r for r in successor.results("acme").read()}
+    done = records(redis_client, cfg)
+    assert all(done[t.task_id] == 1 for t in long + short + queued), done
+    assert {results[t.task_id].status for t in long + short + queued} == {"succeeded"}
+    assert [results[t.task_id].resumes for t in long] == [1, 1]  # from their checkpoints
+
+
+def test_undrain_takes_work_again_and_starts_what_waited(redis_url: str) -> None:
+    with AgentPool.start(config(redis_url, worker_concurrency=1)) as pool:
+        first = pool.submit(nap_tasks(1, 1.0))
+        wait_for(lambda: pool.status()["in_flight"] == 1)
+        waiting = pool.submit(nap_tasks(3, 0.1))
+        wait_for(lambda: pool.status()["queued"] == 3)  # accepted before the drain
+        report = pool.drain(grace_s=5.0)
+        assert report.drained and report.finished == 1 and report.running == [] and report.queued == 3
+        assert ray.get(first)[0].status == "succeeded"
+        ready, _ = ray.wait(waiting, num_returns=3, timeout=1.0)
+        assert ready == []  # nothing starts while draining
+        assert pool.undrain() is True and pool.undrain() is False
+        assert pool.status()["draining"] is None
+        assert [r.status for r in ray.get(waiting, timeout=60)] == ["succeeded"] * 3
+        (after,) = pool.run(nap_tasks(1, 0.1))
+        assert after.status == "succeeded"
+
+
+def test_shutdown_with_a_grace_period_lets_running_tasks_end(
+    redis_url: str, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = config(redis_url)
+    pool = AgentPool.start(cfg)
+    tasks = nap_tasks(3, 1.0)
+    pool.enqueue(tasks)
+    wait_for(lambda: pool.status()["in_flight"] == 3)
+    with caplog.at_level(logging.WARNING, logger="agentpool"):
+        report = pool.shutdown(grace_s=30.0)
+    assert report is not None and report.drained and report.finished == 3 and report.elapsed_s < 30
+    assert "lost" not in caplog.text  # its Redis is its own: nothing would be lost anyway
+    assert all(records(redis_client, cfg)[t.task_id] == 1 for t in tasks)
+    with pytest.raises(ValueError, match="grace_s"):
+        AgentPool.drain(pool, -1.0)  # type: ignore[arg-type]
+
+
+def test_work_left_in_an_embedded_redis_is_said_to_be_lost(caplog: pytest.LogCaptureFixture) -> None:
+    cfg = config("redis://unused").model_copy(update={"redis_url": None})
+    pool = AgentPool.start(cfg)
+    pool.enqueue(nap_tasks(2, 30.0))
+    wait_for(lambda: pool.status()["in_flight"] == 2)
+    with caplog.at_level(logging.WARNING, logger="agentpool"):
+        report = pool.shutdown(grace_s=0.5)
+    assert report is not None and len(report.running) == 2
+    assert "2 running task(s) are left in its embedded Redis" in caplog.text and "AGENTPOOL_REDIS_URL" in caplog.text
+
+
+def test_agentpool_drain_prints_the_report_and_undo_takes_work_again(redis_url: str) -> None:
+    cfg = config(redis_url)
+    with AgentPool.start(cfg, detached=True) as pool:
+        pool.enqueue(nap_tasks(1, 20.0))
+        wait_for(lambda: pool.status()["in_flight"] == 1)
+        runner = CliRunner()
+        drained = runner.invoke(app, ["drain", "--grace", "0.5", "--name", cfg.name])
+        assert drained.exit_code == 0, drained.output
+        assert "grace period (0.5s) over" in drained.output and "1 still running" in drained.output
+        assert "0 queued (kept in the Redis backlog)" in drained.output
+        undone = runner.invoke(app, ["drain", "--undo", "--name", cfg.name])
+        assert undone.exit_code == 0 and "takes work again" in undone.output
+        bad = runner.invoke(app, ["drain", "--grace", "-1", "--name", cfg.name])
+        assert bad.exit_code == 2  # a usage error, before any call
+        pool.terminate()
