@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from agentpool.models import ToolCallSummary, Usage
 from agentpool.protocol import ToolOutcome
@@ -29,10 +30,18 @@ class ApprovalRequest(BaseModel):
     deadline_unix: float
 
 
+#: The checkpoint format this version of agentpool writes. Bump it when a change to
+#: `LoopState` would make an older reader misread a new checkpoint (or the reverse), and
+#: list in `READABLE_FORMATS` the older formats this version still reads right.
+CHECKPOINT_FORMAT = 1
+READABLE_FORMATS = frozenset({CHECKPOINT_FORMAT})
+
+
 class LoopState(BaseModel):
     """Everything an `AgentLoop` needs to go on from where it stopped."""
 
-    version: int = 1
+    #: The checkpoint format (`CHECKPOINT_FORMAT`) it was written in.
+    version: int = CHECKPOINT_FORMAT
     messages: list[dict[str, Any]]
     usage: Usage = Field(default_factory=Usage)
     iterations: int = 0
@@ -66,6 +75,29 @@ class LoopState(BaseModel):
             return []
         content = self.messages[-1].get("content") or []
         return [b for b in content if isinstance(b, dict) and b.get("type") == "tool_use"]
+
+
+def load_checkpoint(raw: str | None) -> tuple[LoopState | None, str | None]:
+    """A checkpoint read back from Redis, checked: the state to resume from, or None and why
+    it cannot be (a format this version does not read, written by another version of
+    agentpool during an upgrade, or a payload that does not parse). A task whose checkpoint
+    is refused runs again from its first turn, and its record says why."""
+    if raw is None:
+        return None, None
+    try:
+        found = json.loads(raw)
+    except ValueError:
+        return None, "the checkpoint is not JSON"
+    version = found.get("version") if isinstance(found, dict) else None
+    if version not in READABLE_FORMATS:
+        readable = ", ".join(str(v) for v in sorted(READABLE_FORMATS))
+        return None, f"checkpoint format {version!r} is not one this version reads ({readable})"
+    try:
+        return LoopState.model_validate(found), None
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"])
+        return None, f"checkpoint format {version} does not validate: {where}: {first['msg']}"
 
 
 Save = Callable[[str], Awaitable[None]]

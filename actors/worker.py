@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,7 +22,7 @@ from redis.exceptions import RedisError
 from agentpool import events
 from agentpool import telemetry as tm
 from agentpool.actors.agent_loop import AgentLoop, CallLLM
-from agentpool.actors.checkpoint import Checkpointer, LoopState
+from agentpool.actors.checkpoint import Checkpointer, load_checkpoint
 from agentpool.actors.gate import TaskGate
 from agentpool.actors.llm import LLMResponse
 from agentpool.actors.provider_calls import ProviderCalls
@@ -39,6 +40,8 @@ from agentpool.pricing import PriceTable
 from agentpool.protocol import ApprovalDecision, Dispatch, Outcome, Paused, RunFailed, provider_key_name
 from agentpool.secrets import Scrubber, forget_env_secrets, install_log_scrubber
 from agentpool.vocabulary import ErrorReason, OnBusy, TaskStatus
+
+log = logging.getLogger("agentpool.worker")
 
 #: How often a run waiting on another run's lease looks again.
 _LEASE_POLL_S = 0.5
@@ -243,6 +246,7 @@ class AgentWorker(Telemetered):
         # A paused task's checkpoint must outlive its wait for approval.
         ttl_s = max(self.config.checkpoint_ttl_s, int(self.config.approval_timeout_s) + 3600)
         gate: TaskGate | None = None
+        discarded: str | None = None  # why a checkpoint found was not resumed from
 
         async def save(payload: str) -> None:
             # The usage of the turns this state holds goes with it, in the same round trip.
@@ -258,7 +262,9 @@ class AgentWorker(Telemetered):
         checkpoints = Checkpointer(save)
         loop: AgentLoop | None = None
         try:
-            state = _loaded(begun.checkpoint, LoopState)
+            state, discarded = load_checkpoint(begun.checkpoint)
+            if discarded is not None:
+                log.warning("task %s runs again from its first turn: %s", task.task_id, discarded)
             allowed = self._allowed_tools(task.tenant, task.tools)
             policy = self.config.policy_for(task.tenant) or self.config.default_tenant_policy
             history, version, compaction = task.messages, None, None
@@ -339,6 +345,7 @@ class AgentWorker(Telemetered):
         await checkpoints.flush()  # no checkpoint write may land after the final record
         result = outcome
         result.attempts = dispatch.attempt
+        result.checkpoint_discarded = discarded
         run_ms = (time.monotonic() - started) * 1000
         total_ms = max(run_ms, (time.time() - dispatch.admitted_at_unix) * 1000)
         result.timings = Timings(

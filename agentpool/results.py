@@ -122,6 +122,9 @@ class AgentResult(_Model):
     agent: str | None = None
     agent_version: str | None = None
     variant: Variant | None = None
+    #: Why the task ran again from its first turn though a checkpoint of it was found: one
+    #: written in a checkpoint format this version of agentpool does not read (an upgrade).
+    checkpoint_discarded: str | None = None
 
     @property
     def ok(self) -> bool:
