@@ -34,6 +34,7 @@ from redis.exceptions import RedisError
 
 from agentpool.background import Background
 from agentpool.cluster.keys import Keys
+from agentpool.cluster.live_config import LiveConfig
 from agentpool.cluster.webhook_store import WebhookStore
 from agentpool.config import PoolConfig
 from agentpool.webhooks import EVENT_SOURCES, WebhookEvent, address_allowed, host_allowed, retry_delay_s, sign
@@ -88,6 +89,9 @@ class WebhookDeliverer:
         self._hooks = config.webhooks
         self._redis = aioredis.Redis.from_url(redis_url, decode_responses=True, socket_connect_timeout=5)
         self._store = WebhookStore(self._redis, Keys(config.key_prefix), config.name)
+        self._live = LiveConfig(lambda: self._redis, Keys(config.key_prefix), config.name)
+        #: The live configuration's version applied (`pool.update_config`), and when read.
+        self._config_version, self._config_read = 0, 0.0
         self._consumer = f"deliverer-{index}"
         self._background = Background()
         self._slots = asyncio.Semaphore(self._hooks.concurrency)
@@ -185,6 +189,15 @@ class WebhookDeliverer:
             return found
         return cached[1]
 
+    async def _read_config(self) -> None:
+        """The tenants' policies as `pool.update_config` last set them, read at most every 2 s."""
+        if time.monotonic() - self._config_read < 2.0:
+            return
+        self._config_read = time.monotonic()
+        if await self._live.version() > self._config_version:
+            version, live = await self._live.load()
+            self._config, self._config_version = self._config.with_live(live), version
+
     # --- dispatch ----------------------------------------------------------------------
 
     async def _dispatch(self) -> None:
@@ -231,6 +244,7 @@ class WebhookDeliverer:
             await self._settle(tenant, job, attempt, retry_at=None, dead=False)
             return
         attempt["url"] = _shown(endpoint["url"])
+        await self._read_config()
         policy = self._config.policy_for(tenant) or self._config.default_tenant_policy
         if not host_allowed(endpoint["url"], policy.webhook_hosts):
             attempt["error"] = "the host is not on the tenant's webhook allowlist"

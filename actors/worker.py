@@ -126,7 +126,9 @@ class AgentWorker(Telemetered):
         self._tool_defs = {name: entry["definition"] for name, entry in tool_catalog.items()}
         self._catalog = tool_catalog
         self._prices = PriceTable(config.prices)
-        self._store = ResultStore.for_pool(redis_url, config)
+        self._store = ResultStore.for_pool(redis_url, config, current=lambda: self.config)
+        #: The live configuration's version applied (`pool.update_config`); 0: as started.
+        self._config_version = 0
         self._limiter = ray.get_actor(limiter_name, namespace=namespace)
         self._ledger = BudgetLedger(
             lambda: self._store.redis, self._store.keys, reservation_ttl_s=config.lease_expiry_s
@@ -195,9 +197,28 @@ class AgentWorker(Telemetered):
                     out.append((index, RunFailed(type(error).__name__, self._scrub(str(error))[:4000])))
             yield out
 
+    def update_config(self, live: dict[str, Any], version: int) -> int:
+        """Applies the live configuration `version` (tenants' policies, limits) to the tasks
+        that start from now on; an older one is ignored. Returns the version applied."""
+        if version > self._config_version:
+            self.config, self._config_version = self.config.with_live(live), version
+        return self._config_version
+
+    async def _catch_up(self, version: int) -> None:
+        """A dispatch carries a newer live configuration than this worker's (it restarted, or
+        missed the push): read it from Redis. Failing that, the task runs on what is here."""
+        try:
+            stored, live = await self._store.live_config.load()
+        except (RedisError, OSError) as exc:
+            log.warning("could not read configuration %d (%s); running on %d", version, exc, self._config_version)
+            return
+        self.update_config(live, stored)
+
     async def _run(self, dispatch: Dispatch) -> AgentResult | Paused:
         started = time.monotonic()
         task = dispatch.task
+        if dispatch.config_version > self._config_version:
+            await self._catch_up(dispatch.config_version)
 
         tag = (task.agent, task.agent_version)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -12,6 +13,7 @@ from pydantic import (
     AliasChoices,
     Field,
     SecretStr,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -36,6 +38,8 @@ from agentpool.routing import AUTO, Routing, route
 from agentpool.simulator.config import SimulatorConfig
 
 BUILTIN_TOOL_MODULE = "agentpool.builtin_tools"
+#: The fields `pool.update_config` changes while the pool runs; any other needs a restart.
+LIVE_FIELDS: tuple[str, ...] = ("tenants", "default_tenant_policy", "strict_tenants", "limits", "max_queued")
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
@@ -231,6 +235,36 @@ class PoolConfig(BaseSettings):
                 raise ValueError("set the Anthropic key or a file holding it, not both")
             self.anthropic_api_key = read_secret_file(self.anthropic_api_key_file)
         return self
+
+    def with_live(self, changes: Mapping[str, Any]) -> PoolConfig:
+        """This configuration with `changes` to its live fields (`LIVE_FIELDS`), each value
+        validated as the field is (a model or its JSON-ready dict alike).
+
+        Raises:
+            InvalidConfig: If a field is not a live one, or a value is not valid for it.
+        """
+        from agentpool.errors import InvalidConfig
+
+        others = sorted(set(changes) - set(LIVE_FIELDS))
+        if others:
+            line = f"{', '.join(others)}: not changeable while the pool runs (only {', '.join(LIVE_FIELDS)})"
+            raise InvalidConfig(line, problems=[line])
+        update: dict[str, Any] = {}
+        for name, value in changes.items():
+            field = type(self).model_fields[name]
+            try:
+                kind: Any = Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation
+                update[name] = TypeAdapter(kind).validate_python(value)
+            except ValidationError as exc:
+                first = exc.errors(include_url=False)[0]
+                where = ".".join(str(p) for p in (name, *first["loc"]))
+                line = f"{where}: {first['msg']}"
+                raise InvalidConfig(f"invalid live configuration: {line}", problems=[line]) from None
+        return self.model_copy(update=update)
+
+    def live_fields(self) -> dict[str, Any]:
+        """The live fields' values, JSON-ready (what Redis keeps of `update_config`)."""
+        return self.model_dump(mode="json", include=set(LIVE_FIELDS))
 
     def for_actors(self) -> PoolConfig:
         """This configuration without the provider key, as the pool's actors get it: only the

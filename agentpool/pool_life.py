@@ -1,5 +1,5 @@
-"""The pool handle's life-cycle side: draining before a stop or an upgrade (a mixin of
-`AgentPool`, kept apart for size)."""
+"""The pool handle's life-cycle side: draining before a stop or an upgrade, and changing the
+configuration of a running pool (a mixin of `AgentPool`, kept apart for size)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ _DRAIN_SLACK_S = 30.0
 
 
 class PoolLife:
-    """`drain` and `undrain`; `shutdown(grace_s=...)` drains first (`_drain_before_stop`)."""
+    """`drain`, `undrain` and `update_config`; `shutdown(grace_s=...)` drains first
+    (`_drain_before_stop`)."""
 
     config: PoolConfig
     _scheduler: Any
@@ -54,6 +55,28 @@ class PoolLife:
             report.queued,
         )
         return report
+
+    def update_config(self, **changes: Any) -> dict[str, Any]:
+        """Changes the running pool's tenant policies and limits without a restart: any of
+        `LIVE_FIELDS` (`tenants`, `default_tenant_policy`, `strict_tenants`, `limits`,
+        `max_queued`), each replacing the field's whole value. Admission, fair shares and
+        caps apply it from the next decision, the rate limits' buckets keep their levels,
+        tasks that start from now on run on it, and Redis keeps it, so a process that
+        restarts (or a new worker) takes it up too.
+
+        Returns:
+            `{"version", "changed", "limiter", "workers"}`: the change's version, the fields
+            it changed, whether the limiter confirmed it, and how many workers did.
+
+        Raises:
+            InvalidConfig: If a field is not a live one or a value is not valid (nothing changes).
+        """
+        self._check_running()
+        config = self.config.with_live(changes)
+        live = config.live_fields()
+        answer: dict[str, Any] = ray.get(self._scheduler.update_config.remote({k: live[k] for k in changes}))
+        self.config = config
+        return answer
 
     def undrain(self) -> bool:
         """Takes work again after `drain()` (queued work starts); False if it was not draining."""

@@ -45,6 +45,9 @@ class Dispatch(BaseModel):
     #: The scheduler accepted the task as new and this is its first dispatch: no run of it
     #: can exist, so the worker makes its first LLM call while its begin is in flight.
     fresh: bool = False
+    #: The live configuration's version the scheduler applies (`pool.update_config`): a
+    #: worker behind it reads the newer one from Redis before it runs the task.
+    config_version: int = 0
 
 
 @dataclass(frozen=True)

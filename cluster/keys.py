@@ -187,6 +187,11 @@ class Keys:
         """Stream: every transition of one pool's rollouts (`agent`, `phase`, `weight`, `reason`)."""
         return f"{self.prefix}:{{agents}}:rollout_events:{pool}"
 
+    def live_config(self, pool: str) -> str:
+        """Hash `version`, `fields`: a pool's live configuration (`pool.update_config`), which
+        every process of the pool applies over the configuration it started with."""
+        return f"{self.prefix}:{{pools}}:config:{pool}"
+
     def eval_reports(self, suite: str) -> str:
         """Hash agent version tag -> `EvalReport` JSON: a suite's latest report per version."""
         return f"{self.prefix}:{{agents}}:eval:{suite}"

@@ -10,16 +10,19 @@ reads results with.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from agentpool.cluster.event_log import EventLog
 from agentpool.cluster.journal import Journal
 from agentpool.cluster.keys import Keys
+from agentpool.cluster.live_config import LiveConfig
 from agentpool.cluster.records import FinalRecords
 from agentpool.cluster.responses import ResponseCache
 from agentpool.cluster.runs import Runs, RunStart
 from agentpool.cluster.sessions import SessionStore
 from agentpool.cluster.spend import SpendLog
 from agentpool.config import PoolConfig
+from agentpool.models import TenantPolicy
 
 __all__ = ["ResultStore", "RunStart"]
 
@@ -28,8 +31,16 @@ class ResultStore(FinalRecords, Journal, Runs, EventLog):
     """Async access to one pool's keys, for the scheduler and the workers."""
 
     @classmethod
-    def for_pool(cls, url: str, config: PoolConfig) -> ResultStore:
-        """The store as a pool's actors use it: layout, TTL, stream bounds and event log from `config`."""
+    def for_pool(cls, url: str, config: PoolConfig, current: Callable[[], PoolConfig] | None = None) -> ResultStore:
+        """The store as a pool's actors use it: layout, TTL, stream bounds and event log from
+        `config`; the tenants' policies from `current()` when given (a process whose
+        configuration changes live), else from `config`."""
+        now = current or (lambda: config)
+
+        def policy(tenant: str) -> TenantPolicy:
+            live = now()
+            return live.policy_for(tenant) or live.default_tenant_policy
+
         return cls(
             url,
             keys=Keys(config.key_prefix),
@@ -40,9 +51,14 @@ class ResultStore(FinalRecords, Journal, Runs, EventLog):
             audit_maxlen=config.audit_maxlen,
             task_events_ttl_s=config.task_events_ttl_s,
             task_events_maxlen=config.task_events_maxlen,
-            pii=lambda tenant: (config.policy_for(tenant) or config.default_tenant_policy).guardrails.pii,
-            session_ttl=lambda tenant: (config.policy_for(tenant) or config.default_tenant_policy).sessions.ttl_s,
+            pii=lambda tenant: policy(tenant).guardrails.pii,
+            session_ttl=lambda tenant: policy(tenant).sessions.ttl_s,
         )
+
+    @property
+    def live_config(self) -> LiveConfig:
+        """The pool's live configuration (`pool.update_config`), on this store's connection."""
+        return LiveConfig(lambda: self.redis, self.keys, self.pool)
 
     @property
     def responses(self) -> ResponseCache:

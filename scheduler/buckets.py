@@ -26,9 +26,21 @@ class TokenBucket:
         self.rate = self.capacity / 60.0
         # Our grant happens before the provider counts the request (the request is still on
         # its way), so the provider's bucket may be up to `margin_s` of refill behind ours.
+        self.margin_s = margin_s
         self.margin = self.rate * margin_s
         self._level = self.capacity if full else 0.0
         self._at = now
+
+    def retune(self, per_minute: float, now: float) -> None:
+        """New limits for the same bucket: its level is kept (at most the new capacity), so
+        a change neither grants a burst nor takes back what has refilled."""
+        if per_minute <= 0:
+            raise ValueError("per_minute must be positive")
+        level = self.level(now)
+        self.capacity = float(per_minute)
+        self.rate = self.capacity / 60.0
+        self.margin = self.rate * self.margin_s
+        self._level = min(level, self.capacity)
 
     def level(self, now: float) -> float:
         if now > self._at:
@@ -80,6 +92,17 @@ class BucketSet:
         cls, per_minute: Mapping[str, int], now: float, *, full: bool = True, margin_s: float = 0.0
     ) -> BucketSet:
         return cls({dim: TokenBucket(limit, now, full=full, margin_s=margin_s) for dim, limit in per_minute.items()})
+
+    def retune(self, per_minute: Mapping[str, int], now: float, *, margin_s: float = 0.0) -> None:
+        """New limits: a dimension kept is retuned (`TokenBucket.retune`), a new one starts
+        full, a dropped one goes; a pause and what was granted stay."""
+        for dim in [d for d in self.buckets if d not in per_minute]:
+            del self.buckets[dim]
+        for dim, limit in per_minute.items():
+            if dim in self.buckets:
+                self.buckets[dim].retune(limit, now)
+            else:
+                self.buckets[dim] = TokenBucket(limit, now, margin_s=margin_s)
 
     def wait_s(self, amounts: Mapping[str, float], now: float) -> float:
         """Seconds until every dimension covers its amount (and any pause is over)."""

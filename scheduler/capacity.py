@@ -48,6 +48,10 @@ class ModelCapacity:
         self._output_per_call = _Ewma()
         self._service_s = _Ewma()
 
+    def retune(self, limit: RateLimit) -> None:
+        """The key's new per-minute limits; what it learnt of its tasks stays."""
+        self._per_minute = limit.per_minute()
+
     def observe(self, *, calls: int, input_tokens: int, output_tokens: int, run_s: float, permit_wait_s: float) -> None:
         """A finished task of this key: its LLM calls, tokens, run time and time spent waiting for permits."""
         if calls <= 0:
@@ -99,6 +103,18 @@ class ModelDispatch:
     def __bool__(self) -> bool:
         return bool(self.capacity)
 
+    def retune(self, limits: Mapping[str, RateLimit]) -> None:
+        """New limits: a key kept keeps what it learnt (`ModelCapacity.retune`), a new one
+        starts afresh, a key no longer limited is no longer capped."""
+        for key in [k for k in self.capacity if k not in limits]:
+            del self.capacity[key]
+            self._backlogged.discard(key)
+        for key, limit in limits.items():
+            if key in self.capacity:
+                self.capacity[key].retune(limit)
+            else:
+                self.capacity[key] = ModelCapacity(limit)
+
     def has_room(self, key: str | None) -> bool:
         if key is None or key not in self._backlogged:
             return True
@@ -106,7 +122,8 @@ class ModelDispatch:
         return cap is None or self._running[key] < cap
 
     def tasks_per_s(self, key: str | None) -> float | None:
-        return self.capacity[key].tasks_per_s() if key is not None else None
+        capacity = self.capacity.get(key) if key is not None else None  # a key unlimited since
+        return capacity.tasks_per_s() if capacity is not None else None
 
     def started(self, key: str | None) -> None:
         if key is not None:
@@ -118,7 +135,7 @@ class ModelDispatch:
 
     def learn(self, key: str | None, result: AgentResult, run_s: float) -> None:
         """What a finished task of `key` shows about the rate its limits sustain."""
-        if key is None:
+        if key is None or key not in self.capacity:  # not limited (any more)
             return
         u = result.usage
         self.capacity[key].observe(

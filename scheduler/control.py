@@ -73,6 +73,7 @@ class JobControl:
         async def _with_agents(self, tasks: list[AgentTask]) -> list[AgentTask]: ...
 
         async def _load_agents(self) -> None: ...
+        async def _load_live(self) -> None: ...
 
         async def _count_backlog(self) -> int: ...
 
@@ -122,6 +123,10 @@ class JobControl:
             return 0
         self._booted = True
         await self._load_agents()
+        try:
+            await self._load_live()
+        except (RedisError, OSError) as exc:  # it runs on its first configuration meanwhile
+            log.error("could not read the live configuration back (%s)", exc)
         waiting = await self._count_backlog()
         self._durable["recovered"] += waiting
         return waiting

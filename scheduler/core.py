@@ -234,6 +234,13 @@ class SchedulerCore(Generic[T]):
             self.queue.push(ticket.tenant, ticket.task.priority, ticket)
         ticket.place = Place.QUEUED
 
+    def reconfigure(self, config: PoolConfig) -> None:
+        """A new configuration while the pool runs (`pool.update_config`): tenants' weights,
+        caps and the queue bound apply from the next decision, limits keep what was learnt
+        of each model kept (`ModelDispatch.retune`)."""
+        self.config = config
+        self.models.retune(config.limits)
+
     def drain(self, now: float, grace_s: float) -> None:
         """Stops taking work: from now on every arrival is refused (`RefuseWhileDraining`)
         and no queued task starts, until `undrain`. Running tasks go on to their end."""

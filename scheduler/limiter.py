@@ -20,7 +20,10 @@ from agentpool.config import PoolConfig
 from agentpool.scheduler.permits import PermitBroker, PermitRequest
 
 
-def broker_for(config: PoolConfig, now: float, *, full: bool) -> PermitBroker:
+def _policies(config: PoolConfig) -> dict[str, Any]:
+    """What the broker reads of a configuration's limits and tenants (`PermitBroker` and
+    `PermitBroker.retune` take these as keywords)."""
+
     def tenant_limits(tenant: str) -> dict[str, int]:
         policy = config.policy_for(tenant)
         return policy.limits.per_minute() if policy is not None else {}
@@ -29,11 +32,17 @@ def broker_for(config: PoolConfig, now: float, *, full: bool) -> PermitBroker:
         policy = config.policy_for(tenant)
         return policy.weight if policy is not None else 1.0
 
+    return {
+        "model_limits": {key: limit.per_minute() for key, limit in config.limits.items()},
+        "limit_key": config.limit_key,
+        "tenant_limits": tenant_limits,
+        "tenant_weight": tenant_weight,
+    }
+
+
+def broker_for(config: PoolConfig, now: float, *, full: bool) -> PermitBroker:
     return PermitBroker(
-        model_limits={key: limit.per_minute() for key, limit in config.limits.items()},
-        limit_key=config.limit_key,
-        tenant_limits=tenant_limits,
-        tenant_weight=tenant_weight,
+        **_policies(config),
         lease_ttl_s=config.lease_expiry_s,
         now=now,
         full=full,
@@ -106,6 +115,10 @@ class PermitService:
     def status(self) -> dict[str, Any]:
         return self.broker.snapshot(self._clock())
 
+    def wake(self) -> None:
+        """Grants what fits now (after the buckets changed)."""
+        self._pump()
+
 
 @ray.remote
 class RateLimiter(Telemetered):
@@ -118,6 +131,24 @@ class RateLimiter(Telemetered):
         restarted = ray.get_runtime_context().was_current_actor_reconstructed
         self._service = PermitService(broker_for(config, time.monotonic(), full=not restarted))
         self.restarted = restarted
+        self._config = config
+        #: The live configuration's version applied (`pool.update_config`); 0: as started.
+        self._version = 0
+
+    def config_version(self) -> int:
+        """The live configuration's version applied (what the scheduler's tick checks)."""
+        return self._version
+
+    def update_config(self, live: dict[str, Any], version: int) -> int:
+        """Applies the live configuration `version` (limits and tenants' policies) to the
+        buckets, keeping their levels and every lease and waiter; an older one is ignored.
+        Returns the version now applied."""
+        if version > self._version:
+            self._config = self._config.with_live(live)
+            self._service.broker.retune(**_policies(self._config), now=time.monotonic())
+            self._service.wake()
+            self._version = version
+        return self._version
 
     async def acquire(
         self,
@@ -148,7 +179,7 @@ class RateLimiter(Telemetered):
         return self._service.cancel(lease_id)
 
     def status(self) -> dict[str, Any]:
-        return {**self._service.status(), "restarted": self.restarted}
+        return {**self._service.status(), "restarted": self.restarted, "config_version": self._version}
 
     def backlog(self) -> dict[str, int]:
         """Calls waiting for a permit per limit key: what the scheduler polls, without a full snapshot."""

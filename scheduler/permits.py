@@ -126,6 +126,7 @@ class PermitBroker:
         self._tenant_limits = tenant_limits
         self._weight = tenant_weight
         self._ttl = lease_ttl_s
+        self._margin_s = margin_s
         self._full = full
         self._output_mode = output_reservation
         self.models: dict[str, BucketSet] = {
@@ -140,6 +141,38 @@ class PermitBroker:
         self._estimates: dict[str, _OutputEstimate] = {}
         self._wake_s: float | None = None
         self.stats = BrokerStats()
+
+    def retune(
+        self,
+        *,
+        model_limits: Mapping[str, Mapping[str, int]],
+        limit_key: Callable[[str], str | None],
+        tenant_limits: Callable[[str], Mapping[str, int]],
+        tenant_weight: Callable[[str], float],
+        now: float,
+    ) -> None:
+        """New limits and tenant policies while leases and waiters stay: each model's and
+        tenant's buckets keep their levels (`BucketSet.retune`); a model no longer limited
+        keeps only its pause; new ones start as they would have."""
+        self._limit_key, self._tenant_limits, self._weight = limit_key, tenant_limits, tenant_weight
+        for key, limits in model_limits.items():
+            if key in self.models:
+                self.models[key].retune(limits, now, margin_s=self._margin_s)
+            else:
+                self.models[key] = BucketSet.from_limits(limits, now, full=self._full, margin_s=self._margin_s)
+        for key in set(self.models) - set(model_limits):
+            self.models[key].retune({}, now)
+        for tenant, own in list(self.tenants.items()):
+            limits = tenant_limits(tenant)
+            if not limits:
+                self.tenants[tenant] = None
+            elif own is None:
+                self.tenants[tenant] = BucketSet.from_limits(limits, now, full=self._full)
+            else:
+                own.retune(limits, now)
+
+    def _tenant_weight(self, tenant: str) -> float:
+        return self._weight(tenant)
 
     # --- queries -------------------------------------------------------------------------
 
@@ -176,7 +209,7 @@ class PermitBroker:
         amounts = {"requests": 1.0, "input_tokens": float(req.input_tokens), "output_tokens": float(output)}
         waiting = _Waiting(req, amounts, key, now)
         self._waiting[req.lease_id] = waiting
-        queue = self._queues.setdefault(key, FairQueue(self._weight))
+        queue = self._queues.setdefault(key, FairQueue(self._tenant_weight))
         queue.push(req.tenant, req.priority, waiting)
 
     def grant_ready(self, now: float) -> list[Lease]:

@@ -47,6 +47,7 @@ from agentpool.scheduler.core import Drop, Reject, SchedulerCore
 from agentpool.scheduler.drain import DrainControl
 from agentpool.scheduler.fleet import WorkerFleet
 from agentpool.scheduler.jobs import Job, trace_context
+from agentpool.scheduler.live import LiveControl
 from agentpool.scheduler.lookup import TaskLookup
 from agentpool.scheduler.observe import TaskTelemetry
 from agentpool.scheduler.records import Records
@@ -65,7 +66,16 @@ log = logging.getLogger("agentpool.scheduler")
 
 @ray.remote
 class Scheduler(
-    AgentControl, JobControl, BacklogWindow, DrainControl, Records, SessionGate, StatusView, TaskLookup, Telemetered
+    AgentControl,
+    JobControl,
+    BacklogWindow,
+    DrainControl,
+    LiveControl,
+    Records,
+    SessionGate,
+    StatusView,
+    TaskLookup,
+    Telemetered,
 ):
     """Named async actor; one per pool."""
 
@@ -109,7 +119,7 @@ class Scheduler(
         #: The `run` calls waiting for their task's record (the ones `withdraw` ends).
         self._callers: set[asyncio.Task[Any]] = set()
         self._extra_info = dict(extra_info or {})
-        self._store = ResultStore.for_pool(redis_url, config)
+        self._store = ResultStore.for_pool(redis_url, config, current=lambda: self.config)
         self._ledger = BudgetLedger(
             lambda: self._store.redis, self._store.keys, reservation_ttl_s=config.lease_expiry_s
         )
@@ -125,6 +135,7 @@ class Scheduler(
         self._approvals = Approvals(self._store, config.checkpoint_ttl_s)
         self._init_agents()
         self._init_drain()
+        self._init_live()
         self._booted = False
         # Take up what this pool accepted before (a restart): a call to ourselves, which runs
         # as soon as this constructor returns.
@@ -330,6 +341,7 @@ class Scheduler(
                 queued_ms=(started - job.ticket.enqueued_at + job.session_wait_s) * 1000,
                 attempt=job.attempt,
                 fresh=job.fresh,
+                config_version=self._config_version,
             )
             job.fresh = False  # a later dispatch (a retry, after a pause) may find this one's run
             job.state, job.worker = "running", worker
@@ -378,6 +390,7 @@ class Scheduler(
             if core.models:
                 await self._watch_limiter()
             await self._tick_agents()
+            await self._tick_live()
 
     async def _watch_limiter(self) -> None:
         """Which rate-limited models have calls waiting for permits. Only those are capped:

@@ -98,6 +98,8 @@ class StatusView:
             "awaiting_approval": self._awaiting(),
             # A drain in progress (`pool.drain`): since how long, and the grace left; else None.
             "draining": self._drain_status(),
+            # The live configuration's version applied (`pool.update_config`; 0: as started).
+            "config_version": self._config_version,
             "durability": {**self._durable, "jobs": len(self._jobs), **backlog},
             "redis": {
                 "reachable": reachable,

@@ -1,0 +1,46 @@
+"""A pool's live configuration in Redis (`pool.update_config`): the live fields' values
+(`PoolConfig.LIVE_FIELDS`) and a version that grows by one with each change. Every process
+of the pool applies it over the configuration it started with: the scheduler at boot and
+when it is changed, a worker when a dispatch carries a newer version, the limiter when the
+scheduler sees it behind, so a process Ray restarts with its first configuration catches up."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from agentpool.cluster.keys import Keys
+
+#: What a pool that was never reconfigured reads: version 0, no change.
+UNCHANGED: tuple[int, dict[str, Any]] = (0, {})
+
+
+class LiveConfig:
+    """Reads and writes one pool's live configuration."""
+
+    def __init__(self, redis: Callable[[], aioredis.Redis], keys: Keys, pool: str) -> None:
+        self._redis = redis
+        self._key = keys.live_config(pool)
+
+    async def save(self, fields: dict[str, Any]) -> int:
+        """Stores `fields` (JSON-ready) as the new live configuration; its version."""
+        async with self._redis().pipeline(transaction=True) as pipe:
+            pipe.hincrby(self._key, "version", 1)
+            pipe.hset(self._key, "fields", json.dumps(fields, sort_keys=True))
+            version, _ = await pipe.execute()
+        return int(version)
+
+    async def load(self) -> tuple[int, dict[str, Any]]:
+        """The version and fields stored (`UNCHANGED` when none are)."""
+        found = await self._redis().hmget(self._key, ["version", "fields"])
+        if found[0] is None or found[1] is None:
+            return UNCHANGED
+        return int(found[0]), json.loads(found[1])
+
+    async def version(self) -> int:
+        """The stored version alone (0 when never changed)."""
+        found = await self._redis().hget(self._key, "version")
+        return int(found) if found is not None else 0
