@@ -13,6 +13,7 @@ process restarts.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -180,6 +181,10 @@ class ToolBoard(Telemetered):
 
     def count(self, tool: str, kind: ToolTally) -> None:
         self._board.count(tool, kind)
+
+    def pid(self) -> int:
+        """This actor's process id (an upgrade checks its restart by it)."""
+        return os.getpid()
 
     def status(self) -> dict[str, Any]:
         return self._board.status()

@@ -129,13 +129,27 @@ class ToolExecutor(Telemetered):
                 self._last_refused = time.monotonic()  # and this call's reply must get out first
                 asyncio.get_running_loop().create_task(self._replace())
 
-    async def _replace(self) -> None:
-        log.warning(
-            "tool executor %s (group %s): %d threads stuck in tools that ignored their timeout; replacing it",
-            os.getpid(),
-            self.group,
-            self._runner.stuck,
-        )
+    async def replace(self) -> int:
+        """Replaces this executor's process gracefully (an upgrade): from now on it refuses
+        calls (callers send them to another executor, or wait for its successor), lets its
+        running ones end within their tools' timeouts, then exits and Ray starts a new
+        process, which imports the tool modules installed now. Returns this process's pid."""
+        if not self._draining:
+            self._draining = True
+            self._last_refused = time.monotonic()
+            asyncio.get_running_loop().create_task(self._replace(upgrade=True))
+        return os.getpid()
+
+    async def _replace(self, *, upgrade: bool = False) -> None:
+        if upgrade:
+            log.warning("tool executor %s (group %s): replaced for an upgrade", os.getpid(), self.group)
+        else:
+            log.warning(
+                "tool executor %s (group %s): %d threads stuck in tools that ignored their timeout; replacing it",
+                os.getpid(),
+                self.group,
+                self._runner.stuck,
+            )
         grace = max((s.timeout_s for s in self._runner.tools.values()), default=0.0) + _DRAIN_GRACE_S
         if self.in_flight:
             with contextlib.suppress(TimeoutError):
@@ -146,6 +160,10 @@ class ToolExecutor(Telemetered):
             await asyncio.sleep(quiet_left)
         # Threads stuck in C code or in sleep cannot be stopped: only a new process frees them.
         os._exit(1)
+
+    def pid(self) -> int:
+        """This actor's process id (an upgrade checks its replacement by it)."""
+        return os.getpid()
 
     def ping(self) -> dict[str, object]:
         return {

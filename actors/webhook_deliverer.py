@@ -19,6 +19,7 @@ import datetime as dt
 import ipaddress
 import json
 import logging
+import os
 import socket
 import time
 from collections import Counter
@@ -106,6 +107,10 @@ class WebhookDeliverer:
     async def start(self) -> None:
         if not self._loops:
             self._loops = [asyncio.ensure_future(self._intake()), asyncio.ensure_future(self._dispatch())]
+
+    def pid(self) -> int:
+        """This actor's process id (an upgrade checks its restart by it)."""
+        return os.getpid()
 
     def stats(self) -> dict[str, Any]:
         """Deliveries made, attempts that failed, dead letters, and deliveries in flight."""

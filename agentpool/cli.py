@@ -31,7 +31,7 @@ from agentpool.cli_common import (
     stderr,
 )
 from agentpool.cli_http import keys_app, serve
-from agentpool.cli_life import drain, start, stop
+from agentpool.cli_life import drain, start, stop, upgrade
 from agentpool.cluster.acl import display_url
 from agentpool.models import AgentResult, AgentTask
 
@@ -416,6 +416,7 @@ def simulator(
 app.command()(start)
 app.command()(stop)
 app.command()(drain)
+app.command()(upgrade)
 app.add_typer(keys_app, name="keys")
 app.command()(serve)
 app.add_typer(agents_app, name="agents")

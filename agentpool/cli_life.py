@@ -1,4 +1,4 @@
-"""A pool's life from the command line: `agentpool start`, `stop` and `drain`."""
+"""A pool's life from the command line: `agentpool start`, `stop`, `drain` and `upgrade`."""
 
 from __future__ import annotations
 
@@ -120,3 +120,23 @@ def drain(
         console.print(f"pool [bold]{name}[/] " + ("takes work again" if taken else "was not draining"))
         return
     print_report(pool.drain(grace))
+
+
+@friendly
+def upgrade(
+    grace: Annotated[
+        float, typer.Option("--grace", min=0.0, help="Seconds each worker's running tasks get to end.")
+    ] = 30.0,
+    name: NameOption = "agentpool",
+    address: AddressOption = None,
+) -> None:
+    """Restarts every process of a running pool in turn, without stopping it, so that it runs
+    the code installed now: the agent workers one at a time (each drained first), the tool
+    executors, then the control plane, the scheduler last. No accepted task is lost."""
+    report = _connect(name, address).upgrade(grace)
+    for worker in report["workers"]:
+        cut = f", {worker['cut_short']} task(s) resumed elsewhere" if worker["cut_short"] else ""
+        console.print(f"{worker['name']}: pid {worker['pid']} (drained and restarted in {worker['took_s']:.1f}s{cut})")
+    for part in (*report["executors"], *report["control"]):
+        console.print(f"{part['name']}: pid {part['pid']}")
+    console.print(f"pool [bold]{name}[/] upgraded in {report['elapsed_s']:.1f}s")

@@ -4,6 +4,7 @@ configuration of a running pool (a mixin of `AgentPool`, kept apart for size).""
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -17,6 +18,8 @@ log = logging.getLogger("agentpool")
 
 #: How long past its grace period a drain's answer may take before the call gives up.
 _DRAIN_SLACK_S = 30.0
+#: How long a restarted actor may take to answer from its new process.
+_RESTART_S = 60.0
 
 
 class PoolLife:
@@ -29,6 +32,7 @@ class PoolLife:
     if TYPE_CHECKING:
 
         def _check_running(self) -> None: ...
+        def _by_name(self) -> dict[str, Any]: ...
 
     def drain(self, grace_s: float = 30.0) -> DrainReport:
         """Stops the pool taking work and waits up to `grace_s` seconds for the running tasks
@@ -78,6 +82,47 @@ class PoolLife:
         self.config = config
         return answer
 
+    def upgrade(self, grace_s: float = 30.0) -> dict[str, Any]:
+        """Restarts every process of the running pool in turn, without stopping it, so that
+        it runs the code and tool modules installed now (a new release on every node):
+
+        1. the agent workers, one at a time: each takes no new task, its running ones get up
+           to `grace_s` to end, then its process starts again (a task that outlasts the
+           grace period is sent to another worker and resumes from its checkpoint);
+        2. the tool executors, one at a time: each refuses new calls (they go to another
+           executor, or wait for its successor) and finishes the running ones;
+        3. the control plane: the limiter, the tool board, the webhook deliverers, the relay,
+           and the scheduler last (it takes up its backlog from Redis again).
+
+        No accepted task is lost or gets two records. Tenant policies and limits change with
+        `update_config`, no upgrade needed; other configuration changes need a new pool
+        (`shutdown(grace_s=...)`, then `AgentPool.start` on the same Redis).
+
+        Returns:
+            `{"workers", "executors", "control", "elapsed_s"}`: per process, its name and
+            new pid (and, for a worker, how long its drain and restart took and the tasks
+            that outlasted its grace period).
+        """
+        self._check_running()
+        began = time.monotonic()
+        workers = ray.get(self._scheduler.restart_workers.remote(float(grace_s)))
+        by_name = self._by_name()
+        prefix = f"{self.config.name}-"
+        executors = [
+            {"name": name, "pid": _restarted(handle, handle.replace.remote(), grace_s)}
+            for name, handle in sorted(by_name.items())
+            if name.removeprefix(prefix).startswith("tools-")
+        ]
+        control = []
+        for role in ("limiter", "tools", "webhooks-", "relay", "scheduler"):
+            for name, handle in sorted(by_name.items()):
+                own = name.removeprefix(prefix)
+                if own == role or (role.endswith("-") and own.startswith(role)):
+                    control.append({"name": name, "pid": _restarted(handle, None, grace_s)})
+        report = {"workers": workers, "executors": executors, "control": control}
+        log.info("pool %s upgraded in %.1fs", self.config.name, time.monotonic() - began)
+        return {**report, "elapsed_s": round(time.monotonic() - began, 3)}
+
     def undrain(self) -> bool:
         """Takes work again after `drain()` (queued work starts); False if it was not draining."""
         self._check_running()
@@ -100,3 +145,24 @@ class PoolLife:
                 len(report.running),
             )
         return report
+
+
+def _restarted(handle: Any, leaving: Any, grace_s: float) -> int:
+    """Restarts one actor of the pool and waits for its new process; its pid. `leaving` is
+    the call that has it leave by itself (an executor's `replace`); without one, it is
+    killed and Ray starts it again (calls on their way to it are sent again)."""
+    before = int(ray.get(handle.pid.remote(), timeout=_RESTART_S))
+    if leaving is not None:
+        ray.get(leaving, timeout=_RESTART_S)
+    else:
+        ray.kill(handle, no_restart=False)
+    deadline = time.monotonic() + grace_s + _RESTART_S
+    while time.monotonic() < deadline:
+        try:
+            pid = int(ray.get(handle.pid.remote(), timeout=5.0))
+        except (ray.exceptions.RayError, TimeoutError):
+            pid = before
+        if pid != before:
+            return pid
+        time.sleep(0.2)
+    raise TimeoutError(f"an actor of the pool did not come back within {grace_s + _RESTART_S:.0f}s of its restart")

@@ -1,4 +1,5 @@
-"""Draining the scheduler before a stop or an upgrade (a mixin of `Scheduler`).
+"""Draining the scheduler before a stop, and restarting its workers in an upgrade (a mixin
+of `Scheduler`).
 
 A drain makes the core refuse every arrival (`ErrorReason.DRAINING`, with a retry hint past
 the grace period) and start nothing more; the tasks running go on to their end while the
@@ -21,6 +22,7 @@ from agentpool.vocabulary import ErrorReason
 
 if TYPE_CHECKING:
     from agentpool.scheduler.core import SchedulerCore
+    from agentpool.scheduler.fleet import WorkerFleet
     from agentpool.scheduler.jobs import Job
 
 log = logging.getLogger("agentpool.scheduler")
@@ -31,6 +33,7 @@ class DrainControl:
 
     _jobs: dict[str, Job]
     _core: SchedulerCore[Job]
+    _fleet: WorkerFleet
     _shed: Counter[str]
     _clock: Callable[[], float]
 
@@ -83,6 +86,13 @@ class DrainControl:
             report.queued,
         )
         return report.model_dump(mode="json")
+
+    async def restart_workers(self, grace_s: float) -> list[dict[str, Any]]:
+        """Restarts the agent workers' processes one at a time (`WorkerFleet.restart_in_turn`):
+        an upgrade's first step. Per worker: its name, new pid, how long it took, and how
+        many of its tasks outlasted `grace_s` (they resume elsewhere from their checkpoints)."""
+        log.warning("restarting the agent workers in turn (grace %.0fs each)", grace_s)
+        return await self._fleet.restart_in_turn(grace_s)
 
     def undrain(self) -> bool:
         """Takes work again after a drain; False if the pool was not draining."""

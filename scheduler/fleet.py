@@ -97,6 +97,8 @@ class WorkerFleet:
         )
         self.starting = 0
         self.draining: set[int] = set()
+        #: Workers whose process is being restarted in turn (`restart_in_turn`, an upgrade).
+        self.restarting: set[int] = set()
         self.suspects: set[int] = set()
         self.desired = len(self.handles)
         self.history: deque[tuple[float, int]] = deque([(time.time(), len(self.handles))], maxlen=_HISTORY)
@@ -190,9 +192,39 @@ class WorkerFleet:
             await asyncio.sleep(delay)
             delay = min(delay * 2, _PROBE_MAX_S)
         self.suspects.discard(index)
-        if index not in self.draining and not self.slots.open[index]:
+        if index not in self.draining and index not in self.restarting and not self.slots.open[index]:
             self.slots.reopen(index)
             self._on_capacity()
+
+    async def restart_in_turn(self, grace_s: float) -> list[dict[str, Any]]:
+        """Restarts each worker's process in turn, so that it runs the code installed now
+        (an upgrade): its slots close (no new task), its running tasks get up to `grace_s`
+        to end, Ray starts its process again (same name, same arguments; a task still
+        running is sent elsewhere and resumes from its checkpoint), and its slots open once
+        the new process answers. One at a time: the others take the work meanwhile."""
+        done: list[dict[str, Any]] = []
+        for index, name in enumerate(list(self.names)):
+            if name is None or not self.slots.open[index] or index in self.draining or index in self.suspects:
+                continue
+            handle, began = self.handles[index], time.monotonic()
+            self.slots.close(index)
+            self.restarting.add(index)
+            try:
+                while self.slots.load[index] and time.monotonic() - began < grace_s:  # noqa: ASYNC110 (plain state)
+                    await asyncio.sleep(_DRAIN_POLL_S)
+                cut_short = self.slots.load[index]
+                before = await asyncio.wait_for(handle.pid.remote(), _PROBE_TIMEOUT_S)
+                ray.kill(handle, no_restart=False)
+                pid = await _new_process(handle, before)
+            finally:
+                self.restarting.discard(index)
+                if index not in self.draining and index not in self.suspects and not self.slots.open[index]:
+                    self.slots.reopen(index)
+                    self._on_capacity()
+            done.append(
+                {"name": name, "pid": pid, "took_s": round(time.monotonic() - began, 3), "cut_short": cut_short}
+            )
+        return done
 
     def _note(self) -> None:
         self.history.append((time.time(), self.count))
@@ -207,3 +239,16 @@ class WorkerFleet:
             "names": [n for i, n in enumerate(self.names) if n is not None and self.slots.open[i]],
             "history": [[round(t, 3), n] for t, n in list(self.history)[-120:]],
         }
+
+
+async def _new_process(handle: Any, before: int) -> int:
+    """Waits for a restarted actor to answer from a new process; its pid."""
+    deadline = time.monotonic() + _PROBE_TIMEOUT_S * 4
+    while True:
+        with contextlib.suppress(ray.exceptions.RayError, TimeoutError):
+            pid = int(await asyncio.wait_for(handle.pid.remote(), _PROBE_TIMEOUT_S))
+            if pid != before:
+                return pid
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the actor did not come back from a restart in {_PROBE_TIMEOUT_S * 4:.0f}s")
+        await asyncio.sleep(_PROBE_FIRST_S)

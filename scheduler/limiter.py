@@ -9,6 +9,7 @@ every LLM attempt (retries included) and `release` after it without waiting for 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -134,6 +135,10 @@ class RateLimiter(Telemetered):
         self._config = config
         #: The live configuration's version applied (`pool.update_config`); 0: as started.
         self._version = 0
+
+    def pid(self) -> int:
+        """This actor's process id (an upgrade checks its restart by it)."""
+        return os.getpid()
 
     def config_version(self) -> int:
         """The live configuration's version applied (what the scheduler's tick checks)."""
