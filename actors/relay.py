@@ -31,6 +31,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from agentpool.background import withdraw_calls
+from agentpool.cluster.clients import async_client
 from agentpool.cluster.completions import PAGE, CompletionBook
 from agentpool.cluster.keys import Keys
 from agentpool.models import AgentResult, AgentTask, ErrorInfo, agent_fields
@@ -78,7 +79,7 @@ class Relay:
     @property
     def redis(self) -> aioredis.Redis:
         if self._redis is None:
-            self._redis = aioredis.Redis.from_url(self._url, decode_responses=True, health_check_interval=30)
+            self._redis = async_client(self._url, decode_responses=True, health_check_interval=30)
         return self._redis
 
     async def run(self, task: AgentTask, traceparent: str) -> AgentResult:

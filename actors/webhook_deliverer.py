@@ -28,12 +28,12 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import ray
-import redis.asyncio as aioredis
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from redis.exceptions import RedisError
 
 from agentpool.background import Background
+from agentpool.cluster.clients import async_client
 from agentpool.cluster.keys import Keys
 from agentpool.cluster.live_config import LiveConfig
 from agentpool.cluster.webhook_store import WebhookStore
@@ -88,7 +88,7 @@ class WebhookDeliverer:
     def __init__(self, config: PoolConfig, redis_url: str, index: int = 0) -> None:
         self._config = config
         self._hooks = config.webhooks
-        self._redis = aioredis.Redis.from_url(redis_url, decode_responses=True, socket_connect_timeout=5)
+        self._redis = async_client(redis_url, decode_responses=True, socket_connect_timeout=5)
         self._store = WebhookStore(self._redis, Keys(config.key_prefix), config.name)
         self._live = LiveConfig(lambda: self._redis, Keys(config.key_prefix), config.name)
         #: The live configuration's version applied (`pool.update_config`), and when read.

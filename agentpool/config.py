@@ -40,7 +40,7 @@ from agentpool.simulator.config import SimulatorConfig
 BUILTIN_TOOL_MODULE = "agentpool.builtin_tools"
 #: The fields `pool.update_config` changes while the pool runs; any other needs a restart.
 LIVE_FIELDS: tuple[str, ...] = ("tenants", "default_tenant_policy", "strict_tenants", "limits", "max_queued")
-REDIS_SCHEMES = ("redis", "rediss", "unix")
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
 
 
 class PoolConfig(BaseSettings):
@@ -121,6 +121,13 @@ class PoolConfig(BaseSettings):
     num_tool_executors: int = Field(default=1, ge=1, le=1024)
     executor_concurrency: int = Field(default=64, ge=1, le=10_000)
     #: Accepted tasks waiting for a worker, at most: in memory and in the Redis backlog.
+    #: Replicas that must hold each admission and final record before the write counts
+    #: (Redis WAIT; 0: none). With a primary that Sentinel fails over, 1 keeps every accepted
+    #: task and record through a failover (see README, "Redis beyond one server").
+    redis_wait_replicas: int = Field(default=0, ge=0, le=16)
+    #: How long such a write waits for its replicas (ms); past it the write counts anyway,
+    #: and `status()["redis"]["unreplicated"]` counts it.
+    redis_wait_timeout_ms: int = Field(default=1000, ge=1, le=60_000)
     max_queued: int = Field(default=1_000_000, ge=1, le=100_000_000)
     #: Batch tasks (no deadline) queued in the scheduler's memory at most; the rest wait in
     #: the Redis backlog and are read back as the queue drains (interactive work is always
@@ -215,14 +222,19 @@ class PoolConfig(BaseSettings):
         if url is None:
             return None
         parts = urlsplit(url)
+        if parts.scheme.endswith("+sentinel"):
+            from agentpool.redis_url import sentinel_target
+
+            sentinel_target(url)  # a bad one raises ValueError, saying why
+            return url
         try:
             _ = parts.port  # out of range or not a number raises
         except ValueError:
             raise ValueError("the port must be a number from 1 to 65535") from None
         if parts.scheme not in REDIS_SCHEMES or not (parts.hostname or parts.path):
             raise ValueError(
-                "expected a redis://, rediss:// or unix:// URL, e.g. redis://localhost:6379/0 "
-                "or redis://:PASSWORD@host:6379/0"
+                "expected a redis://, rediss://, unix:// or redis+sentinel:// URL, e.g. redis://localhost:6379/0, "
+                "redis://:PASSWORD@host:6379/0 or redis+sentinel://:PASSWORD@s1:26379,s2:26379,s3:26379/mymaster"
             )
         return url
 

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 
 from agentpool.cluster.acl import create_tenant_credentials, revoke_tenant_credentials
 from agentpool.cluster.api_keys import ApiKeys
+from agentpool.cluster.clients import async_client
 from agentpool.cluster.keys import Keys
 from agentpool.cluster.webhook_store import WebhookStore
 from agentpool.errors import InvalidWebhook
@@ -30,7 +31,7 @@ def _blocking(redis_url: str, call: Callable[[aioredis.Redis], Awaitable[T]]) ->
     notebook)."""
 
     async def once() -> T:
-        client = aioredis.Redis.from_url(redis_url, decode_responses=True, socket_connect_timeout=5)
+        client = async_client(redis_url, decode_responses=True, socket_connect_timeout=5)
         try:
             return await call(client)
         finally:

@@ -69,14 +69,13 @@ class PoolTelemetry:
         """
         import time
 
-        import redis
-
+        from agentpool.cluster.clients import sync_client
         from agentpool.cluster.keys import Keys
         from agentpool.cluster.spend import days_back, read_spend
         from agentpool.spend import summarise
 
         self._check_running()
         period = days_back(max(1, min(days, 35)), time.time())
-        with redis.Redis.from_url(self._redis_url, decode_responses=True) as client:
+        with sync_client(self._redis_url, decode_responses=True) as client:
             raw = read_spend(client, Keys(self.config.key_prefix), period, [tenant] if tenant else None)
         return {"days": period, "tenant": tenant, **summarise(raw)}

@@ -20,6 +20,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import redis
 from pydantic import TypeAdapter, ValidationError
 
+from agentpool.cluster.clients import sync_client
 from agentpool.cluster.keys import Keys
 from agentpool.errors import ConfigError, InvalidTask
 from agentpool.models import TenantName
@@ -108,7 +109,7 @@ def create_tenant_credentials(admin_url: str, tenant: str, *, keys: Keys | None 
     tenant = checked_tenant(tenant)
     keys = keys or Keys()
     user, password = tenant_user(keys, tenant), secrets.token_urlsafe(32)
-    client = redis.Redis.from_url(admin_url)
+    client = sync_client(admin_url)
     try:
         client.execute_command("ACL", "SETUSER", user, *tenant_rules(keys, tenant, password))
     except redis.ResponseError as exc:
@@ -116,16 +117,17 @@ def create_tenant_credentials(admin_url: str, tenant: str, *, keys: Keys | None 
     finally:
         client.close()
     parts = urlsplit(admin_url)
-    host = parts.hostname or "127.0.0.1"
-    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path or "/0", "", ""))
+    hosts = parts.netloc.rpartition("@")[2] or "127.0.0.1"  # host:port, or a Sentinel URL's list
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{hosts}"
+    query = parts.query if parts.scheme.endswith("+sentinel") else ""  # the sentinels' own credentials
+    return urlunsplit((parts.scheme, netloc, parts.path or "/0", query, ""))
 
 
 def revoke_tenant_credentials(admin_url: str, tenant: str, *, keys: Keys | None = None) -> bool:
     """Deletes `tenant`'s ACL user (connections logged in as it are closed). Returns whether
     there was one."""
     tenant = checked_tenant(tenant)
-    client = redis.Redis.from_url(admin_url)
+    client = sync_client(admin_url)
     try:
         return bool(client.execute_command("ACL", "DELUSER", tenant_user(keys or Keys(), tenant)))
     finally:
@@ -133,11 +135,13 @@ def revoke_tenant_credentials(admin_url: str, tenant: str, *, keys: Keys | None 
 
 
 def display_url(url: str) -> str:
-    """`url` with its password masked, for printing."""
+    """`url` with its passwords masked, for printing (a Sentinel URL's hosts kept as they are)."""
     parts = urlsplit(url)
-    if not parts.password:
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    pairs = (p.partition("=") for p in parts.query.split("&") if p)
+    query = "&".join(f"{k}=***" if k.endswith("password") else f"{k}={v}" for k, _, v in pairs)
+    if not (at and colon and password) and query == parts.query:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    netloc = f"{user}:***@{hosts}" if at and colon and password else parts.netloc
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

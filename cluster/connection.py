@@ -27,6 +27,7 @@ from redis.typing import EncodableT, FieldT
 
 from agentpool.background import Background
 from agentpool.cluster.acl import display_url
+from agentpool.cluster.clients import async_pool
 from agentpool.cluster.keys import Keys
 from agentpool.models import AgentResult, AgentTask
 
@@ -93,8 +94,15 @@ class StoreBase(ABC):
         task_events_maxlen: int = 2000,
         pii: Callable[[str], list[str]] | None = None,
         session_ttl: Callable[[str], int] | None = None,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
     ) -> None:
         self.keys = keys
+        #: Replicas each admission and record must reach before it counts (Redis WAIT).
+        self._wait_replicas, self._wait_timeout_ms = wait_replicas, wait_timeout_ms
+        #: Writes whose replicas did not all confirm within the timeout.
+        self.unreplicated = 0
+        self._wait_warned = float("-inf")
         #: How long a tenant's sessions live after their last turn (its session policy).
         self._session_ttl = session_ttl or (lambda tenant: 7 * 86_400)
         #: What the next write of a session task's record stores of its session, by task_id.
@@ -136,18 +144,41 @@ class StoreBase(ABC):
         # a free connection instead of failing with "Too many connections". A dropped
         # connection is retried briefly; a longer outage is the outbox's to ride out.
         if self._redis is None:
-            pool = aioredis.BlockingConnectionPool.from_url(
+            self._redis = async_pool(
                 self._url,
-                decode_responses=True,
                 max_connections=64,
-                timeout=60,
+                timeout_s=60,
+                decode_responses=True,
                 socket_connect_timeout=2,
                 socket_timeout=30,
                 retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
             )
-            self._redis = aioredis.Redis(connection_pool=pool)
             self._scripts = {}
         return self._redis
+
+    def _add_wait(self, pipe: Any) -> bool:
+        """Ends a pipeline of writes that must reach the replicas with WAIT, when configured;
+        whether it did (its reply is then the pipeline's last)."""
+        if not self._wait_replicas:
+            return False
+        pipe.execute_command("WAIT", self._wait_replicas, self._wait_timeout_ms)
+        return True
+
+    def _check_wait(self, reply: Any) -> None:
+        """Counts (and logs, at most once a minute) writes fewer replicas confirmed than asked."""
+        if isinstance(reply, int) and reply >= self._wait_replicas:
+            return
+        self.unreplicated += 1
+        now = time.monotonic()
+        if now - self._wait_warned > 60:
+            self._wait_warned = now
+            log.warning(
+                "Redis WAIT: %s of %d replicas confirmed a write within %d ms (%d such writes so far)",
+                reply,
+                self._wait_replicas,
+                self._wait_timeout_ms,
+                self.unreplicated,
+            )
 
     def _script(self, name: str, source: str) -> Any:
         """The Lua script `source`, registered once on this process's client."""
@@ -248,7 +279,10 @@ class StoreBase(ABC):
                             pipe.expire(key, ttl)
                         sent += 2 if ttl else 1
                     counts = [add(pipe) for add, _ in ops]
+                    waited = self._add_wait(pipe) if ops else False
                     results = await pipe.execute(raise_on_error=False)
+                    if waited:
+                        self._check_wait(results[-1])
                 except BaseException as exc:
                     for _, future in ops:
                         if future.done():
@@ -277,6 +311,7 @@ class StoreBase(ABC):
             "pending_events": len(self._events),
             "writes_dropped": self.writes_dropped,
             "events_dropped": self.events_dropped,
+            "unreplicated": self.unreplicated,
         }
 
     async def reachable(self, timeout_s: float = 1.0) -> tuple[bool, str | None]:

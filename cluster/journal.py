@@ -121,7 +121,10 @@ class Journal(StoreBase):
             for pending, _ in batch:
                 keys = self._admit_keys(pending.task)
                 Scripted(_ADMIT, tuple(keys), (pending.task.task_id, pending.entry)).add_to(pipe)
+            waited = self._add_wait(pipe)
             values = await pipe.execute()
+            if waited:
+                self._check_wait(values.pop())
         except REDIS_DOWN as exc:
             self._down(exc)
             for pending, future in batch:

@@ -14,6 +14,7 @@ import redis
 from redis.exceptions import AuthenticationError, NoPermissionError, RedisError
 
 from agentpool.cluster.acl import display_url
+from agentpool.cluster.clients import sync_client
 from agentpool.cluster.keys import Keys, stream_entries
 from agentpool.errors import StoreError, StoreUnavailable
 from agentpool.events import EventEntry
@@ -31,7 +32,7 @@ _FOLLOW_RECONNECT_S = 30.0
 def client(url: str) -> redis.Redis:
     """A blocking client for a user's process: connects within 5 s, and waits on a read
     longer than any blocking read the readers make."""
-    return redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5, socket_timeout=_SOCKET_TIMEOUT_S)
+    return sync_client(url, decode_responses=True, socket_connect_timeout=5, socket_timeout=_SOCKET_TIMEOUT_S)
 
 
 @contextlib.contextmanager
@@ -60,7 +61,7 @@ def ping(url: str, *, timeout_s: float = 3.0) -> None:
         StoreError: If the URL is not one redis-py can use, or the server refuses it.
     """
     try:
-        probe = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+        probe = sync_client(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
     except ValueError as exc:
         raise StoreError(f"not a Redis URL ({exc})", url=display_url(url)) from None
     try:

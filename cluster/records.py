@@ -193,7 +193,11 @@ class FinalRecords(StoreBase):
     async def _write(self, result: AgentResult) -> tuple[AgentResult, bool]:
         pipe = self.redis.pipeline(transaction=False)
         self._add_write(pipe, result)
-        ((created, stored, _),) = await pipe.execute()
+        waited = self._add_wait(pipe)
+        replies = await pipe.execute()
+        if waited:
+            self._check_wait(replies.pop())
+        ((created, stored, _),) = replies
         self._session_writes.pop(result.task_id, None)
         if created:
             return result, True

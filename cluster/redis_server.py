@@ -73,12 +73,15 @@ class EmbeddedRedis:
         appendonly: bool = True,
         die_with_parent: bool = False,
         password: str | None = None,
+        config: tuple[str, ...] = (),
     ) -> None:
         self.port = port or _free_port()
         self._password = password or secrets.token_urlsafe(24)
         self._timeout_s = startup_timeout_s
         self._appendonly = appendonly
         self._die_with_parent = die_with_parent
+        #: More lines of redis.conf (a replica's `replicaof`, `masterauth`, ...).
+        self._config = config
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
 
@@ -95,6 +98,7 @@ class EmbeddedRedis:
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(f"requirepass {self._password}\n")
+            f.writelines(f"{line}\n" for line in self._config)
         args = [
             binary,
             str(conf),
@@ -149,6 +153,17 @@ class EmbeddedRedis:
             self._proc = None
         time.sleep(down_s)
         self.start()
+
+    @property
+    def password(self) -> str:
+        return self._password
+
+    def kill(self) -> None:
+        """SIGKILLs the server (a crash: nothing written out), keeping its data directory."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait(timeout=30)
+            self._proc = None
 
     def stop(self) -> None:
         if self._proc is not None:

@@ -51,6 +51,8 @@ class ResultStore(FinalRecords, Journal, Runs, EventLog):
             audit_maxlen=config.audit_maxlen,
             task_events_ttl_s=config.task_events_ttl_s,
             task_events_maxlen=config.task_events_maxlen,
+            wait_replicas=config.redis_wait_replicas,
+            wait_timeout_ms=config.redis_wait_timeout_ms,
             pii=lambda tenant: policy(tenant).guardrails.pii,
             session_ttl=lambda tenant: policy(tenant).sessions.ttl_s,
         )

@@ -106,6 +106,8 @@ class StatusView:
                 "error": error,
                 "pending_writes": backlog["pending_writes"],
                 "pending_events": backlog["pending_events"],
+                # Admissions and records fewer replicas confirmed than `redis_wait_replicas`.
+                "unreplicated": backlog["unreplicated"],
                 "unreachable_since_unix": self._store.unreachable_since,
             },
             "shed_by_reason": dict(self._shed),

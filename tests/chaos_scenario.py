@@ -206,6 +206,11 @@ def node(cluster: Cluster, redis_url: str) -> dict[str, Any]:
     }
 
 
+def _past_first_turn(pool: AgentPool, task_id: str) -> bool:
+    state = pool.get(task_id, tenant="acme")
+    return state is not None and state.iteration >= 1
+
+
 def supervise(cluster: Cluster, redis_url: str) -> dict[str, Any]:
     name = f"sv{uuid.uuid4().hex[:6]}"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -224,9 +229,12 @@ def supervise(cluster: Cluster, redis_url: str) -> dict[str, Any]:
     deadline = time.monotonic() + 60
     while pool.status()["in_flight"] < 4 and time.monotonic() < deadline:
         time.sleep(0.1)
+    deadline = time.monotonic() + 60  # each long one past its first turn: its checkpoint is in Redis
+    while not all(_past_first_turn(pool, t.task_id) for t in long):
+        assert time.monotonic() < deadline, "the long tasks did not start"
+        time.sleep(0.1)
     pool.enqueue(short)
     pool.shutdown()  # lets go of the handle; the supervised pool runs on
-    time.sleep(1.0)  # the long naps are under way
     os.kill(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     try:

@@ -35,6 +35,12 @@ def records(client: redis.Redis, pool_config: PoolConfig, tenant: str = "acme") 
     return Counter(fields["task_id"] for _, fields in client.xrange(stream))
 
 
+def started(pool: AgentPool, task_id: str) -> bool:
+    """Whether the task's first LLM turn is done (so a checkpoint of it is in Redis)."""
+    state = pool.get(task_id, tenant="acme")
+    return state is not None and state.iteration >= 1
+
+
 def wait_for(check: object, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not check() and time.monotonic() < deadline:  # type: ignore[operator]
@@ -51,6 +57,7 @@ def test_a_drained_pool_refuses_new_work_and_the_next_pool_finishes_what_it_left
     try:
         pool.enqueue(long + short)
         wait_for(lambda: pool.status()["in_flight"] == 4)
+        wait_for(lambda: all(started(pool, t.task_id) for t in long))  # napping, past a checkpoint
         pool.enqueue(queued)  # no slot free: they wait
         report = pool.drain(grace_s=2.5)
         assert isinstance(report, DrainReport)

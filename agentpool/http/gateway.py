@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from agentpool.cluster.api_keys import ApiKeys
+from agentpool.cluster.clients import async_pool
 from agentpool.cluster.front import FrontStore
 from agentpool.cluster.keys import Keys
 from agentpool.cluster.sessions import SessionStore
@@ -50,10 +51,9 @@ class Gateway:
         self.tools = tools
         # A bounded pool that makes a request wait for a connection (the default pool refuses
         # past 100): a thousand SSE streams and their requests share a few dozen connections.
-        connections = aioredis.BlockingConnectionPool.from_url(
-            redis_url, decode_responses=True, socket_connect_timeout=5, max_connections=64, timeout=30
+        self.redis = async_pool(
+            redis_url, max_connections=64, timeout_s=30, decode_responses=True, socket_connect_timeout=5
         )
-        self.redis = aioredis.Redis(connection_pool=connections)
         keys = Keys(config.key_prefix)
         self.store = FrontStore(self.redis, keys)
         self.api_keys = ApiKeys(self.redis, keys)
