@@ -109,7 +109,7 @@ class PoolLife:
         by_name = self._by_name()
         prefix = f"{self.config.name}-"
         executors = [
-            {"name": name, "pid": _restarted(handle, handle.replace.remote(), grace_s)}
+            {"name": name, "pid": _restarted(handle, handle.replace.remote, grace_s)}
             for name, handle in sorted(by_name.items())
             if name.removeprefix(prefix).startswith("tools-")
         ]
@@ -147,13 +147,13 @@ class PoolLife:
         return report
 
 
-def _restarted(handle: Any, leaving: Any, grace_s: float) -> int:
-    """Restarts one actor of the pool and waits for its new process; its pid. `leaving` is
+def _restarted(handle: Any, leave: Any, grace_s: float) -> int:
+    """Restarts one actor of the pool and waits for its new process; its pid. `leave` sends
     the call that has it leave by itself (an executor's `replace`); without one, it is
     killed and Ray starts it again (calls on their way to it are sent again)."""
     before = int(ray.get(handle.pid.remote(), timeout=_RESTART_S))
-    if leaving is not None:
-        ray.get(leaving, timeout=_RESTART_S)
+    if leave is not None:
+        ray.get(leave(), timeout=_RESTART_S)
     else:
         ray.kill(handle, no_restart=False)
     deadline = time.monotonic() + grace_s + _RESTART_S

@@ -52,15 +52,18 @@ class LiveControl:
         #: The live configuration's version this scheduler applies (0: as it started).
         self._config_version = 0
         self._limiter_checked = 0.0
+        #: One change at a time: each builds on the one before (no lost update).
+        self._changing = asyncio.Lock()
 
     async def update_config(self, changes: dict[str, Any]) -> dict[str, Any]:
         """Applies `changes` to the live fields (`PoolConfig.with_live` validates them) across
         the pool. Returns the new version and who confirmed it: the limiter, and how many of
         the workers (the others catch up at their next dispatch)."""
-        config = self.config.with_live(changes)
-        version = await self._store.live_config.save(config.live_fields())
-        self._apply_live(config, version)
-        limiter, workers = await asyncio.gather(self._push_limiter(), self._push_workers())
+        async with self._changing:
+            config = self.config.with_live(changes)
+            version = await self._store.live_config.save(config.live_fields())
+            self._apply_live(config, version)
+            limiter, workers = await asyncio.gather(self._push_limiter(), self._push_workers())
         log.warning("configuration version %d applied (%s)", version, ", ".join(sorted(changes)))
         return {"version": version, "changed": sorted(changes), "limiter": limiter, "workers": workers}
 
@@ -92,7 +95,8 @@ class LiveControl:
     async def _push_workers(self) -> dict[str, int]:
         """Hands the live configuration to every worker: how many confirmed it, of how many."""
         live, version = self.config.live_fields(), self._config_version
-        calls = [handle.update_config.remote(live, version) for handle in self._fleet.handles]
+        fleet = self._fleet
+        calls = [h.update_config.remote(live, version) for h, n in zip(fleet.handles, fleet.names, strict=True) if n]
         answers = await asyncio.gather(
             *(asyncio.wait_for(call, _PUSH_WAIT_S) for call in calls), return_exceptions=True
         )

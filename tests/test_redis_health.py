@@ -57,6 +57,7 @@ def test_an_outage_is_reported_and_readers_raise_typed_errors(caplog: pytest.Log
                 "error": None,
                 "pending_writes": 0,
                 "pending_events": 0,
+                "unreplicated": 0,  # no replica was asked for (`redis_wait_replicas`)
                 "unreachable_since_unix": None,
             }
             server.stop()
