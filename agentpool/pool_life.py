@@ -36,11 +36,12 @@ class PoolLife:
 
     def drain(self, grace_s: float = 30.0) -> DrainReport:
         """Stops the pool taking work and waits up to `grace_s` seconds for the running tasks
-        to end. From now on every new task is rejected at once (`status="rejected"`, reason
-        `draining`, with `retry_after_s` past the grace period) and no queued task starts,
-        until `undrain()` or the pool stops. Nothing is lost: queued work stays in the Redis
-        backlog and a task still running at the end resumes from its last checkpoint, both
-        taken up by the next pool of this name on the same Redis.
+        to end. From now on no queued task starts, and new work is rejected at once
+        (`status="rejected"`, reason `draining`, with `retry_after_s` past the grace period),
+        except batch work handed over without a ref (`enqueue`, `map`), which waits in the
+        Redis backlog; until `undrain()` or the pool stops. Nothing is lost: queued work
+        stays in the Redis backlog and a task still running at the end resumes from its
+        last checkpoint, both taken up by the next pool of this name on the same Redis.
 
         Returns:
             What ended during the drain and what is left (`DrainReport`).
