@@ -12,6 +12,7 @@ from agentpool.cli_common import AddressOption, NameOption, _connect, console, f
 from agentpool.cluster.acl import display_url
 
 if TYPE_CHECKING:
+    from agentpool.pool import AgentPool
     from agentpool.results import DrainReport
 
 GraceOption = Annotated[
@@ -37,6 +38,14 @@ def print_report(report: DrainReport) -> None:
     console.print(f"{report.queued} queued (kept in the Redis backlog), {report.paused} awaiting approval")
     if report.refused:
         console.print(f"{report.refused} new task(s) refused while draining (reason `draining`)")
+
+
+def _terminate(pool: AgentPool, name: str, grace: float | None) -> None:
+    """Stops the pool (draining it first for `grace` seconds, if given) and says what is left."""
+    report = pool.terminate(grace_s=grace)
+    if report is not None:
+        print_report(report)
+    console.print(f"pool [bold]{name}[/] stopped")
 
 
 @friendly
@@ -79,10 +88,7 @@ def start(
         for sig, handler in previous.items():  # a second signal stops at once
             signal.signal(sig, handler)
         console.print("stopping: draining")
-        report = pool.terminate(grace_s=grace)
-        if report is not None:
-            print_report(report)
-        console.print(f"pool [bold]{config.name}[/] stopped")
+        _terminate(pool, config.name, grace)
 
 
 @friendly
@@ -96,11 +102,7 @@ def stop(
 ) -> None:
     """Stops a running (detached) pool: its actors and its embedded Redis, if any. With
     --grace, it drains first (no new work; running tasks get that long to end)."""
-    pool = _connect(name, address)
-    report = pool.terminate(grace_s=grace)
-    if report is not None:
-        print_report(report)
-    console.print(f"pool [bold]{name}[/] stopped")
+    _terminate(_connect(name, address), name, grace)
 
 
 @friendly

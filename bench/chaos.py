@@ -106,14 +106,12 @@ class Killer(threading.Thread):
     def _pid(self, kind: str) -> int:
         c = self._config
         if kind == "worker":
-            actor = ray.get_actor(c.worker_name(self._rng.randrange(c.num_workers)), namespace=NAMESPACE)
-            return int(ray.get(actor.pid.remote(), timeout=60))
-        if kind == "executor":
+            name = c.worker_name(self._rng.randrange(c.num_workers))
+        elif kind == "executor":
             name = f"{c.name}-tools-default-{self._rng.randrange(c.num_tool_executors)}"
-            actor = ray.get_actor(name, namespace=NAMESPACE)
-            return int(ray.get(actor.ping.remote(), timeout=60)["pid"])
-        actor = ray.get_actor(f"{c.name}-scheduler", namespace=NAMESPACE)
-        return int(ray.get(actor.pid.remote(), timeout=60))
+        else:
+            name = f"{c.name}-scheduler"
+        return int(ray.get(ray.get_actor(name, namespace=NAMESPACE).pid.remote(), timeout=60))
 
     def run(self) -> None:
         order = ["worker", "executor", "scheduler", "redis"]
@@ -185,6 +183,39 @@ def _recover_s(kill_at: float, until: float, done_at: list[float], rate: float) 
             slow_until = start + _WINDOW_S
         start += 0.05
     return round(slow_until - kill_at, 3)
+
+
+#: A kind of kill's colour in the plots.
+_COLOURS = {"worker": "tab:red", "executor": "tab:orange", "scheduler": "tab:purple", "redis": "tab:green"}
+
+
+def _plot(
+    path: Path,
+    title: str,
+    curves: dict[str, list[float]],
+    kills: list[tuple[float, str]],
+    recoveries: dict[str, float] | None = None,
+) -> None:
+    """Tasks ended over time, one curve per run, with a dotted line at each kill (and, given
+    `recoveries`, the time until recovered shaded after it)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for label, done_at in curves.items():
+        ax.plot(sorted(done_at), range(1, len(done_at) + 1), label=label)
+    for t, kind in kills:
+        ax.axvline(t, color=_COLOURS[kind], linestyle=":", alpha=0.8)
+        if recoveries is not None:
+            ax.axvspan(t, t + recoveries[kind], color=_COLOURS[kind], alpha=0.15)
+    shaded = " (shaded: until recovered)" if recoveries is not None else ""
+    for kind, colour in _COLOURS.items():
+        ax.plot([], [], color=colour, linestyle=":", label=f"SIGKILL {kind}{shaded}")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("tasks with their final result")
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def run(out: Path, quick: bool) -> dict[str, Any]:
@@ -259,36 +290,19 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         "isolated_succeeded_fraction": round(sum(r.ok for r in isolated_results) / len(isolated), 4),
         "unreplicated_writes": status["redis"].get("unreplicated", 0),
     }
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9, 4))
-    ax.plot(sorted(clean_done), range(1, len(clean_done) + 1), label="baseline (no kills)")
-    ax.plot(sorted(chaos_done), range(1, len(chaos_done) + 1), label="under kills")
-    colours = {"worker": "tab:red", "executor": "tab:orange", "scheduler": "tab:purple", "redis": "tab:green"}
-    for t, kind in killer.kills:
-        ax.axvline(t, color=colours[kind], linestyle=":", alpha=0.8)
-    for kind, colour in colours.items():
-        ax.plot([], [], color=colour, linestyle=":", label=f"SIGKILL {kind}")
-    ax.set_xlabel("seconds")
-    ax.set_ylabel("tasks with their final result")
-    ax.legend()
-    ax.set_title(f"{n} tasks under random kills")
-    fig.tight_layout()
-    fig.savefig(out / "chaos_completions.png", dpi=110)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(9, 4))
-    ax.plot(sorted(isolated_done), range(1, len(isolated_done) + 1), label="one kill of each kind")
-    for t, kind in lone.kills:
-        ax.axvline(t, color=colours[kind], linestyle=":", alpha=0.8)
-        ax.axvspan(t, t + recoveries[kind], color=colours[kind], alpha=0.15)
-    for kind, colour in colours.items():
-        ax.plot([], [], color=colour, linestyle=":", label=f"SIGKILL {kind} (shaded: until recovered)")
-    ax.set_xlabel("seconds")
-    ax.set_ylabel("tasks with their final result")
-    ax.legend()
-    ax.set_title(f"{len(isolated)} tasks, one kill of each kind {spacing:g} s apart")
-    fig.tight_layout()
-    fig.savefig(out / "chaos_recovery.png", dpi=110)
-    plt.close(fig)
+    _plot(
+        out / "chaos_completions.png",
+        f"{n} tasks under random kills",
+        {"baseline (no kills)": clean_done, "under kills": chaos_done},
+        killer.kills,
+    )
+    _plot(
+        out / "chaos_recovery.png",
+        f"{len(isolated)} tasks, one kill of each kind {spacing:g} s apart",
+        {"one kill of each kind": isolated_done},
+        lone.kills,
+        recoveries,
+    )
     notes = (
         f"{n} tasks of four turns (two calculator calls and a 0.4 s nap between), 3 workers x 16 loops, "
         "2 tool executors, simulated provider at ~30 ms, Redis a primary and two replicas under three "
