@@ -224,7 +224,7 @@ def supervise(cluster: Cluster, redis_url: str) -> dict[str, Any]:
     assert "supervised" in first, (first, proc.stderr.read() if proc.poll() is not None else "")
     ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
     pool = AgentPool.connect(name)
-    long, short = nap_tasks(4, 8.0), nap_tasks(8, 0.2)
+    long, short = nap_tasks(4, 12.0), nap_tasks(8, 0.2)  # far past the 3 s grace, however slow the set-up
     pool.enqueue(long)
     deadline = time.monotonic() + 60
     while pool.status()["in_flight"] < 4 and time.monotonic() < deadline:
