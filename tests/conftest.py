@@ -15,6 +15,7 @@ from hypothesis import Phase, settings
 from agentpool.cluster.redis_server import EmbeddedRedis
 from agentpool.launch import start_local_ray
 from agentpool.simulator import SimulatorConfig, SimulatorServer
+from tests.scenarios import cancel_background, start_in_background
 
 # `python -m bench mutation` judges mutants with this profile: the same examples every run,
 # and no example database, so a verdict depends on the code and the tests alone; no
@@ -29,6 +30,32 @@ settings.register_profile(
 )
 if os.environ.get("HYPOTHESIS_PROFILE"):
     settings.load_profile(os.environ["HYPOTHESIS_PROFILE"])
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The tests of modules with `SCENARIOS` run last, so that the rest of the suite runs
+    while their scenarios run in the background (and their reports are ready when they come)."""
+    if os.environ.get("AGENTPOOL_TEST_SCENARIOS_INLINE"):
+        return
+    items.sort(key=lambda item: bool(getattr(getattr(item, "module", None), "SCENARIOS", None)))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def scenarios_in_background(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Starts the scenarios the selected test modules list in `SCENARIOS` (clusters of their
+    own, in subprocesses) in a background thread, so that their waiting overlaps the rest of
+    the suite (`tests/scenarios.py`)."""
+    runs: list[tuple[str, ...]] = []
+    seen: set[str] = set()
+    for item in request.session.items:
+        module = item.module
+        if module is not None and module.__name__ not in seen:
+            seen.add(module.__name__)
+            runs += getattr(module, "SCENARIOS", [])
+    if runs and not os.environ.get("AGENTPOOL_TEST_SCENARIOS_INLINE"):
+        start_in_background(runs, request.getfixturevalue("redis_url"))
+    yield
+    cancel_background()
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from tests.scenarios import run_scenario
+from tests.scenarios import REDIS, run_scenario
+
+SCENARIOS = [("tests.chaos_scenario", name, REDIS) for name in ("driver", "node", "cli", "supervise")]
 
 
 def scenario(name: str, redis_url: str) -> dict[str, Any]:

@@ -6,7 +6,9 @@ and the rest of the suite shares a single-node one."""
 
 from __future__ import annotations
 
-from tests.scenarios import run_scenario
+from tests.scenarios import REDIS, run_scenario
+
+SCENARIOS = [("tests.multinode_scenario", REDIS)]
 
 
 def test_a_pool_spreads_over_nodes_and_scales_with_load(redis_url: str) -> None:

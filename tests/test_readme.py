@@ -15,6 +15,8 @@ from agentpool.simulator.script import parse_directives
 from tests.readme_blocks import README, blocks, commands_in, shell_lines
 from tests.scenarios import run_scenario
 
+SCENARIOS = [("tests.readme_scenario",)]
+
 ROOT = README.parent
 _KINDS = {("python", None), ("bash", None), ("bash", "cloud"), ("bash", "ci"), ("text", None)}
 
