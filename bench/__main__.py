@@ -20,6 +20,7 @@ from bench import (
     fairness,
     http,
     mutation,
+    nodes,
     overhead,
     overload,
     ratelimit,
@@ -39,6 +40,7 @@ BENCHMARKS: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
     "scale": scale.run,
     "autoscale": autoscale.run,
     "chaos": chaos.run,
+    "nodes": nodes.run,
     "http": http.run,
     "sessions": sessions.run,
     "cost": cost.run,
@@ -47,6 +49,8 @@ BENCHMARKS: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
 }
 #: Benchmarks of pure code, run without Ray (and left out of `all`, which measures the pool).
 WITHOUT_RAY = {"mutation"}
+#: Benchmarks that start a Ray cluster of their own (in a subprocess).
+OWN_CLUSTER = {"nodes"}
 
 
 def main() -> None:
@@ -58,7 +62,7 @@ def main() -> None:
     names = [n for n in BENCHMARKS if n not in WITHOUT_RAY] if args.name == "all" else [args.name]
     args.out.mkdir(parents=True, exist_ok=True)
     # One local Ray for every benchmark and phase: a pool started inside it leaves it running.
-    if any(name not in WITHOUT_RAY for name in names):
+    if any(name not in WITHOUT_RAY | OWN_CLUSTER for name in names):
         start_local_ray(namespace=NAMESPACE, log_to_driver=False, include_dashboard=False, configure_logging=False)
     try:
         for name in names:
