@@ -264,7 +264,9 @@ class Launcher:
 
         config = self.config
         name = f"{config.name}-scheduler"
-        self.names += [name, f"{config.name}-relay"]  # the relay starts next (`relay`)
+        # The relay and the webhook deliverers start next: named here, since the scheduler
+        # takes the list now (what `connect` hands to `terminate`, which stops them by name).
+        self.names += [name, f"{config.name}-relay", *_deliverer_names(config)]
         # Room for every `run` call waiting on its task: a call beyond it waits in Ray's queue.
         concurrency = max(1000, min(config.max_queued, 100_000) + config.worker_concurrency * config.max_workers + 100)
         options = {**control(config), "name": name, "namespace": NAMESPACE, "max_concurrency": concurrency}
@@ -318,13 +320,12 @@ class Launcher:
 
         config = self.config
         started = []
-        for index in range(config.webhooks.deliverers):
-            name = f"{config.name}-webhooks-{index}"
+        for index, name in enumerate(_deliverer_names(config)):  # named already (`scheduler`)
             options = {**control(config), "name": name, "namespace": NAMESPACE, "max_concurrency": 1000}
             deliverer = (
                 actor_class(WebhookDeliverer).options(**options, **self.lifetime).remote(config, redis_url, index)
             )
-            self._started(deliverer, name)
+            self.actors.append(deliverer)
             started.append(deliverer)
         return started
 
@@ -343,3 +344,7 @@ class Launcher:
     def _started(self, actor: Any, name: str) -> None:
         self.actors.append(actor)
         self.names.append(name)
+
+
+def _deliverer_names(config: PoolConfig) -> list[str]:
+    return [f"{config.name}-webhooks-{index}" for index in range(config.webhooks.deliverers)]

@@ -162,3 +162,22 @@ def test_agentpool_drain_prints_the_report_and_undo_takes_work_again(redis_url: 
         bad = runner.invoke(app, ["drain", "--grace", "-1", "--name", cfg.name])
         assert bad.exit_code == 2  # a usage error, before any call
         pool.terminate()
+
+
+def test_agentpool_stop_stops_every_actor_and_the_name_can_start_again_at_once(redis_url: str) -> None:
+    """`stop` finds the pool's actors by the names its scheduler was given; the webhook
+    deliverers start after it and were once missing from that list (they outlived `stop`)."""
+    cfg = config(redis_url)
+
+    def left() -> list[str]:
+        named = ray.util.list_named_actors(all_namespaces=True)
+        return sorted(a["name"] for a in named if a["name"].startswith(f"{cfg.name}-"))
+
+    pool = AgentPool.start(cfg, detached=True)
+    assert f"{cfg.name}-webhooks-0" in left()
+    stopped = CliRunner().invoke(app, ["stop", "--name", cfg.name])
+    assert stopped.exit_code == 0, stopped.output
+    wait_for(lambda: not left())
+    with AgentPool.start(cfg, detached=True) as again:  # the same name, at once
+        assert again.run([AgentTask(tenant="acme", prompt="sim: answer back")])[0].answer == "back"
+    pool.shutdown()  # the first handle: nothing left to stop
