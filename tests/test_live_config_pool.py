@@ -65,6 +65,9 @@ def test_a_tenants_cap_changes_live_and_every_process_keeps_the_change(redis_url
         limiter = ray.get_actor(f"{cfg.name}-limiter", namespace="agentpool")
         ray.kill(limiter, no_restart=False)
         wait_for(lambda: pool.status()["limits"]["config_version"] == 1, 30)  # the tick caught it up
+        # Nothing left to dispatch: the restarted worker hears of the change only from the
+        # next dispatch (a task still queued here could reach it first, carrying version 1).
+        wait_for(lambda: (s := pool.status())["in_flight"] == 0 and s["queued"] == 0)
         worker = ray.get_actor(cfg.worker_name(0), namespace="agentpool")
         os.kill(ray.get(worker.pid.remote()), signal.SIGKILL)
         wait_for(lambda: ray.get(worker.update_config.remote({}, 0)) == 0)  # restarted as it started
