@@ -180,8 +180,12 @@ class Relay:
             page = self._book.lookups(task_ids[start : start + PAGE])
             if not page:
                 continue
-            # A client with decode_responses=True: str or None (its stubs also allow bytes).
-            raws = cast(list[str | None], await self.redis.mget([key for _, key in page]))
+            # GETs in a pipeline, not MGET: the tasks' tenants may be in several slots of a
+            # Redis Cluster (one round trip per node). decode_responses=True: str or None.
+            pipe = self.redis.pipeline(transaction=False)
+            for _, key in page:
+                pipe.get(key)
+            raws = cast(list[str | None], await pipe.execute())
             out += self._book.found([t for t, _ in page], raws)
         return out
 

@@ -222,10 +222,11 @@ class PoolConfig(BaseSettings):
         if url is None:
             return None
         parts = urlsplit(url)
-        if parts.scheme.endswith("+sentinel"):
-            from agentpool.redis_url import sentinel_target
+        if parts.scheme.endswith(("+sentinel", "+cluster")):
+            from agentpool.redis_url import cluster_target, sentinel_target
 
             sentinel_target(url)  # a bad one raises ValueError, saying why
+            cluster_target(url)
             return url
         try:
             _ = parts.port  # out of range or not a number raises
@@ -233,8 +234,9 @@ class PoolConfig(BaseSettings):
             raise ValueError("the port must be a number from 1 to 65535") from None
         if parts.scheme not in REDIS_SCHEMES or not (parts.hostname or parts.path):
             raise ValueError(
-                "expected a redis://, rediss://, unix:// or redis+sentinel:// URL, e.g. redis://localhost:6379/0, "
-                "redis://:PASSWORD@host:6379/0 or redis+sentinel://:PASSWORD@s1:26379,s2:26379,s3:26379/mymaster"
+                "expected a redis://, rediss://, unix://, redis+sentinel:// or redis+cluster:// URL, "
+                "e.g. redis://localhost:6379/0, redis://:PASSWORD@host:6379/0, "
+                "redis+sentinel://:PASSWORD@s1:26379,s2:26379,s3:26379/mymaster or redis+cluster://:PASSWORD@n1:6379,n2:6379"
             )
         return url
 

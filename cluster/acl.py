@@ -15,12 +15,14 @@ ACL configuration does (an ACL file, or `ACL SAVE`).
 from __future__ import annotations
 
 import secrets
+from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis
 from pydantic import TypeAdapter, ValidationError
+from redis.cluster import RedisCluster
 
-from agentpool.cluster.clients import sync_client
+from agentpool.cluster.clients import is_cluster, sync_client
 from agentpool.cluster.keys import Keys
 from agentpool.errors import ConfigError, InvalidTask
 from agentpool.models import TenantName
@@ -66,6 +68,8 @@ TENANT_COMMANDS = (
     "client|getname",
     "client|id",
 )
+#: What a Redis Cluster client runs besides: it learns the slots' nodes.
+CLUSTER_COMMANDS = ("cluster|slots", "cluster|shards", "cluster|nodes", "cluster|info", "readonly", "command")
 
 _TENANT = TypeAdapter(TenantName)
 
@@ -75,8 +79,9 @@ def tenant_user(keys: Keys, tenant: str) -> str:
     return f"{keys.prefix}.tenant.{tenant}"
 
 
-def tenant_rules(keys: Keys, tenant: str, password: str) -> list[str]:
-    """The `ACL SETUSER` rules: everything reset, then one key pattern and the allowed commands."""
+def tenant_rules(keys: Keys, tenant: str, password: str, *, cluster: bool = False) -> list[str]:
+    """The `ACL SETUSER` rules: everything reset, then one key pattern and the allowed
+    commands (on a Redis Cluster, also those its client learns the slots with)."""
     return [
         "reset",
         "on",
@@ -84,7 +89,7 @@ def tenant_rules(keys: Keys, tenant: str, password: str) -> list[str]:
         f"~{keys.prefix}:{{{tenant}}}:*",
         "resetchannels",
         "-@all",
-        *(f"+{command}" for command in TENANT_COMMANDS),
+        *(f"+{command}" for command in (*TENANT_COMMANDS, *(CLUSTER_COMMANDS if cluster else ()))),
     ]
 
 
@@ -110,8 +115,11 @@ def create_tenant_credentials(admin_url: str, tenant: str, *, keys: Keys | None 
     keys = keys or Keys()
     user, password = tenant_user(keys, tenant), secrets.token_urlsafe(32)
     client = sync_client(admin_url)
+    cluster = is_cluster(client)
+    # ACL users live per server: on a cluster, every node (primaries and replicas) gets it.
+    where: dict[str, Any] = {"target_nodes": RedisCluster.ALL_NODES} if cluster else {}
     try:
-        client.execute_command("ACL", "SETUSER", user, *tenant_rules(keys, tenant, password))
+        client.execute_command("ACL", "SETUSER", user, *tenant_rules(keys, tenant, password, cluster=cluster), **where)
     except redis.ResponseError as exc:
         raise ConfigError(f"Redis refused to create ACL user {user}: {exc}") from None
     finally:
@@ -128,8 +136,10 @@ def revoke_tenant_credentials(admin_url: str, tenant: str, *, keys: Keys | None 
     there was one."""
     tenant = checked_tenant(tenant)
     client = sync_client(admin_url)
+    where: dict[str, Any] = {"target_nodes": RedisCluster.ALL_NODES} if is_cluster(client) else {}
     try:
-        return bool(client.execute_command("ACL", "DELUSER", tenant_user(keys or Keys(), tenant)))
+        found = client.execute_command("ACL", "DELUSER", tenant_user(keys or Keys(), tenant), **where)
+        return bool(max(found.values()) if isinstance(found, dict) else found)
     finally:
         client.close()
 

@@ -22,6 +22,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from agentpool.cluster.acl import checked_tenant
+from agentpool.cluster.clients import is_cluster
 from agentpool.cluster.keys import Keys
 
 _KEY = re.compile(r"^ap_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
@@ -56,9 +57,11 @@ class ApiKeys:
         key_id, secret, salt = secrets.token_hex(8), secrets.token_urlsafe(32), secrets.token_hex(16)
         record = ApiKey(key_id=key_id, tenant=tenant, name=name[:100], created_unix=round(time.time(), 3))
         stored = {**record.__dict__, "salt": salt, "hash": _digest(salt, secret)}
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.hset(self._keys.api_keys(), key_id, json.dumps(stored))
+        # The tenant's list first: on a Redis Cluster the two keys are in different slots and
+        # cannot share a transaction, and an id listed without its record is skipped.
+        pipe = self._redis.pipeline(transaction=not is_cluster(self._redis))
         pipe.sadd(self._keys.tenant_api_keys(tenant), key_id)
+        pipe.hset(self._keys.api_keys(), key_id, json.dumps(stored))
         await pipe.execute()
         return f"ap_{key_id}_{secret}", record
 
@@ -95,7 +98,8 @@ class ApiKeys:
         raw = await self._redis.hget(self._keys.api_keys(), key_id)
         if raw is None:
             return False
-        pipe = self._redis.pipeline(transaction=True)
+        # The record first (the key stops working), then the listing (see `create`).
+        pipe = self._redis.pipeline(transaction=not is_cluster(self._redis))
         pipe.hdel(self._keys.api_keys(), key_id)
         pipe.srem(self._keys.tenant_api_keys(json.loads(raw)["tenant"]), key_id)
         await pipe.execute()

@@ -17,6 +17,7 @@ from typing import Any
 
 from agentpool.cluster.keys import Keys, stream_entries
 from agentpool.cluster.reader import client, store_errors
+from agentpool.cluster.slots import xread
 from agentpool.models import AgentResult, AgentTask
 
 #: Records read from the streams per call, and ids looked up per round trip.
@@ -127,7 +128,7 @@ class Completions:
         if not streams:
             return []
         with store_errors(self._url):
-            out = self._book.read(self._redis.xread(streams, count=PAGE, block=block_ms))
+            out = self._book.read(xread(self._redis, streams, count=PAGE, block_ms=block_ms))
         return out or self.fetch(self._book.awaited())
 
     def fetch(self, task_ids: Sequence[str]) -> list[AgentResult]:

@@ -15,19 +15,20 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, SlotNotCoveredError
 from redis.typing import EncodableT, FieldT
 
 from agentpool.background import Background
 from agentpool.cluster.acl import display_url
-from agentpool.cluster.clients import async_pool
+from agentpool.cluster.clients import async_pool, cluster_away_as_connection_error, is_cluster
 from agentpool.cluster.keys import Keys
 from agentpool.models import AgentResult, AgentTask
 
@@ -67,6 +68,27 @@ class Scripted:
 
     def add_to(self, pipe: Any) -> None:
         pipe.eval(self.source, len(self.keys), *self.keys, *self.args)
+
+
+class _KeysNoted:
+    """A pipeline that notes the keys of the commands put on it (the first argument, or an
+    EVAL's keys): a cluster's WAIT goes to the nodes they live on."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+        self.keys: list[Any] = []
+
+    def __getattr__(self, name: str) -> Any:
+        command = getattr(self.pipe, name)
+
+        def noted(*args: Any, **kwargs: Any) -> Any:
+            if name == "eval":
+                self.keys += args[2 : 2 + int(args[1])]
+            elif args:
+                self.keys.append(args[0])
+            return command(*args, **kwargs)
+
+        return noted
 
 
 @dataclass(frozen=True)
@@ -156,16 +178,35 @@ class StoreBase(ABC):
             self._scripts = {}
         return self._redis
 
-    def _add_wait(self, pipe: Any) -> bool:
+    def _add_wait(self, pipe: Any, keys: Iterable[Any] = ()) -> int:
         """Ends a pipeline of writes that must reach the replicas with WAIT, when configured;
-        whether it did (its reply is then the pipeline's last)."""
+        how many WAITs it added (their replies are then the pipeline's last). One server
+        takes one; on a Redis Cluster, each primary that `keys` (the keys written) live on
+        takes one, on the connection the pipeline wrote to it with (WAIT counts its own
+        connection's writes), so a shard short of replicas delays only its own writes."""
         if not self._wait_replicas:
-            return False
-        pipe.execute_command("WAIT", self._wait_replicas, self._wait_timeout_ms)
-        return True
+            return 0
+        if not is_cluster(self.redis):
+            pipe.execute_command("WAIT", self._wait_replicas, self._wait_timeout_ms)
+            return 1
+        cluster = cast(RedisCluster, self.redis)  # `redis` is typed as a one-server client
+        nodes = {}
+        with cluster_away_as_connection_error():  # a shard without its primary for now
+            for key in keys:
+                node = cluster.get_node_from_key(key)
+                if node is None:
+                    raise SlotNotCoveredError(f"no node serves {key!r}")
+                nodes[node.name] = node
+        for node in nodes.values():
+            pipe.execute_command("WAIT", self._wait_replicas, self._wait_timeout_ms, target_nodes=node)
+        return len(nodes)
 
-    def _check_wait(self, reply: Any) -> None:
+    def _check_wait(self, replies: list[Any]) -> None:
         """Counts (and logs, at most once a minute) writes fewer replicas confirmed than asked."""
+        for reply in replies:
+            self._check_one_wait(reply)
+
+    def _check_one_wait(self, reply: Any) -> None:
         if isinstance(reply, int) and reply >= self._wait_replicas:
             return
         self.unreplicated += 1
@@ -278,11 +319,12 @@ class StoreBase(ABC):
                         if ttl:
                             pipe.expire(key, ttl)
                         sent += 2 if ttl else 1
-                    counts = [add(pipe) for add, _ in ops]
-                    waited = self._add_wait(pipe) if ops else False
+                    noted = _KeysNoted(pipe)
+                    counts = [add(noted) for add, _ in ops]
+                    waits = self._add_wait(pipe, noted.keys) if ops else 0
                     results = await pipe.execute(raise_on_error=False)
-                    if waited:
-                        self._check_wait(results[-1])
+                    if waits:
+                        self._check_wait(results[-waits:])
                 except BaseException as exc:
                     for _, future in ops:
                         if future.done():

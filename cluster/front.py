@@ -13,6 +13,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from agentpool.cluster.keys import Keys, stream_entries
+from agentpool.cluster.slots import axread
 from agentpool.events import EventEntry
 from agentpool.vocabulary import EventType
 
@@ -104,7 +105,7 @@ class EventHub:
         while self._subs:
             streams: dict[Any, Any] = {key: self._seen.get(key, "0-0") for key in self._subs}
             try:
-                reply: Any = await self._redis.xread(streams, count=1, block=self._block_ms)
+                reply: Any = await axread(self._redis, streams, count=1, block_ms=self._block_ms)
             except (aioredis.RedisError, OSError):
                 await asyncio.sleep(0.5)  # the followers read, and fail, themselves
                 continue

@@ -118,13 +118,16 @@ class Journal(StoreBase):
     async def _lookup(self, batch: list[tuple[PendingAdmission, asyncio.Future[Admission]]]) -> None:
         try:
             pipe = self.redis.pipeline(transaction=False)
+            written: list[str] = []
             for pending, _ in batch:
                 keys = self._admit_keys(pending.task)
                 Scripted(_ADMIT, tuple(keys), (pending.task.task_id, pending.entry)).add_to(pipe)
-            waited = self._add_wait(pipe)
+                written.append(keys[0])
+            waits = self._add_wait(pipe, written)
             values = await pipe.execute()
-            if waited:
-                self._check_wait(values.pop())
+            if waits:
+                self._check_wait(values[-waits:])
+                del values[-waits:]
         except REDIS_DOWN as exc:
             self._down(exc)
             for pending, future in batch:

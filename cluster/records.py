@@ -193,10 +193,11 @@ class FinalRecords(StoreBase):
     async def _write(self, result: AgentResult) -> tuple[AgentResult, bool]:
         pipe = self.redis.pipeline(transaction=False)
         self._add_write(pipe, result)
-        waited = self._add_wait(pipe)
+        waits = self._add_wait(pipe, [self.keys.result(result.tenant, result.task_id)])
         replies = await pipe.execute()
-        if waited:
-            self._check_wait(replies.pop())
+        if waits:
+            self._check_wait(replies[-waits:])
+            del replies[-waits:]
         ((created, stored, _),) = replies
         self._session_writes.pop(result.task_id, None)
         if created:

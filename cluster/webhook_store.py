@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from agentpool.cluster.keys import Keys, stream_entries
+from agentpool.cluster.slots import axreadgroup
 
 # Claims up to ARGV[3] jobs due by ARGV[1]: their due time moves to ARGV[2] (the lease).
 _CLAIM = """
@@ -108,7 +109,7 @@ class WebhookStore:
             return []
         wanted: dict[Any, Any] = {key: "0" if pending else ">" for key in streams}
         try:
-            reply: Any = await self.redis.xreadgroup(self.group, consumer, wanted, count=count, block=block_ms)
+            reply: Any = await axreadgroup(self.redis, self.group, consumer, wanted, count=count, block_ms=block_ms)
         except ResponseError as exc:  # a group is missing (the stream was deleted): made again
             if "NOGROUP" not in str(exc):
                 raise
