@@ -27,22 +27,12 @@ import uuid
 from typing import Any
 
 import ray
-import redis
 from ray.cluster_utils import Cluster
 
 from agentpool import AgentPool, PlacementConfig, PoolConfig, SimulatorConfig
 from agentpool.pool import NAMESPACE
+from tests.scenarios import record_counts
 from tests.toolkit import nap_tasks
-
-
-def _records(url: str, prefix: str, tenant: str) -> dict[str, int]:
-    client = redis.Redis.from_url(url, decode_responses=True)
-    counts: dict[str, int] = {}
-    for _, fields in client.xrange(f"{prefix}:{{{tenant}}}:results"):
-        counts[fields["task_id"]] = counts.get(fields["task_id"], 0) + 1
-    client.close()
-    return counts
-
 
 _DRIVER = """
 import sys, time
@@ -74,17 +64,17 @@ def driver(cluster: Cluster) -> dict[str, Any]:
     assert line and line[0] == "READY", line
     url, task_ids = line[1], line[2].split(",")
     deadline = time.monotonic() + 60
-    while len(_records(url, name, "acme")) < 5 and time.monotonic() < deadline:
+    while len(record_counts(url, name, "acme")) < 5 and time.monotonic() < deadline:
         time.sleep(0.05)
-    done_before = len(_records(url, name, "acme"))
+    done_before = len(record_counts(url, name, "acme"))
     os.kill(proc.pid, signal.SIGKILL)  # mid-batch
     proc.wait()
     ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
     pool = AgentPool.connect(name)
     deadline = time.monotonic() + 120
-    while len(_records(url, name, "acme")) < len(task_ids) and time.monotonic() < deadline:
+    while len(record_counts(url, name, "acme")) < len(task_ids) and time.monotonic() < deadline:
         time.sleep(0.2)
-    counts = _records(url, name, "acme")
+    counts = record_counts(url, name, "acme")
     statuses = sorted({r.status for r in pool.results("acme").read()})
     pool.terminate()
     return {
@@ -127,7 +117,7 @@ def cli(cluster: Cluster) -> dict[str, Any]:
         os.unlink(path)
     assert sent.returncode == 0, (sent.stdout[-3000:], sent.stderr[-2000:])
     assert "results land in Redis at " in sent.stdout
-    finished_at_return = len(_records(url, name, "acme"))
+    finished_at_return = len(record_counts(url, name, "acme"))
     shown = subprocess.run([*command, "status"], env=env, cwd=root, capture_output=True, text=True)
     # A pool by the same name, not detached, while this one runs: one line saying so.
     clash = subprocess.run(
@@ -139,9 +129,9 @@ def cli(cluster: Cluster) -> dict[str, Any]:
         input=(tasks[0].model_copy(update={"task_id": "clash"}).model_dump_json() + "\n"),
     )
     deadline = time.monotonic() + 60
-    while len(_records(url, name, "acme")) < len(tasks) and time.monotonic() < deadline:
+    while len(record_counts(url, name, "acme")) < len(tasks) and time.monotonic() < deadline:
         time.sleep(0.2)
-    counts = _records(url, name, "acme")
+    counts = record_counts(url, name, "acme")
     listed = subprocess.run([*command, "results", "acme"], env=env, cwd=root, capture_output=True, text=True)
     down = subprocess.run([*command, "stop"], env=env, cwd=root, capture_output=True, text=True, check=False)
     return {
@@ -191,7 +181,7 @@ def node(cluster: Cluster, redis_url: str) -> dict[str, Any]:
         victim = nodes[0]
         cluster.remove_node(victim, allow_graceful=False)  # the whole node, mid-batch
         results = ray.get(refs, timeout=180)
-        counts = _records(redis_url, name, "acme")
+        counts = record_counts(redis_url, name, "acme")
         status = pool.status()
     return {
         "submitted": len(tasks),
@@ -253,9 +243,9 @@ def supervise(cluster: Cluster, redis_url: str) -> dict[str, Any]:
     tasks = long + short
     with AgentPool.start(config) as again:
         deadline = time.monotonic() + 120
-        while len(_records(redis_url, name, "acme")) < len(tasks) and time.monotonic() < deadline:
+        while len(record_counts(redis_url, name, "acme")) < len(tasks) and time.monotonic() < deadline:
             time.sleep(0.2)
-        counts = _records(redis_url, name, "acme")
+        counts = record_counts(redis_url, name, "acme")
         records = {r.task_id: r for r in again.results("acme").read()}
     return {
         "exit_code": proc.returncode,

@@ -22,12 +22,12 @@ import uuid
 from typing import Any
 
 import ray
-import redis
 
 from agentpool import AgentPool, AgentTask, AutoscaleConfig, PlacementConfig, PoolConfig, SimulatorConfig
 from agentpool.cluster.redis_server import EmbeddedRedis
 from agentpool.pool import NAMESPACE
 from tests.fake_cluster import FakeAutoscalingCluster
+from tests.scenarios import record_counts
 
 WORKERS_PER_NODE = 2
 CONCURRENCY = 4
@@ -100,15 +100,6 @@ def _sample(pool: AgentPool, load: _Load, where: dict[str, str]) -> dict[str, An
     }
 
 
-def _records(url: str, prefix: str) -> dict[str, int]:
-    client = redis.Redis.from_url(url, decode_responses=True)
-    counts: dict[str, int] = {}
-    for _, fields in client.xrange(f"{prefix}:{{acme}}:results"):
-        counts[fields["task_id"]] = counts.get(fields["task_id"], 0) + 1
-    client.close()
-    return counts
-
-
 def main(redis_url: str, profile: str) -> dict[str, Any]:
     steps = PROFILES[profile]
     cluster = FakeAutoscalingCluster(max_nodes={"agent_worker": 4}, idle_timeout_s=6)
@@ -163,7 +154,7 @@ def main(redis_url: str, profile: str) -> dict[str, Any]:
                 samples.append(_sample(pool, load, where))
                 time.sleep(0.25)
             samples.append(_sample(pool, load, where))
-            records = _records(redis_url, prefix)
+            records = record_counts(redis_url, prefix, "acme")
             results = load.results
             report["submitted"] = load.submitted
             report["finished"] = len(results)

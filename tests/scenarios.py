@@ -20,6 +20,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import redis
+
 ROOT = Path(__file__).resolve().parent.parent
 #: In a module's `SCENARIOS`, stands for the session's Redis URL.
 REDIS = "{redis_url}"
@@ -78,3 +80,14 @@ def _run(module: str, args: tuple[str, ...], timeout_s: float) -> dict[str, Any]
     assert done.returncode == 0, done.stderr[-4000:]
     report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return report
+
+
+def record_counts(url: str, prefix: str, tenant: str) -> dict[str, int]:
+    """How many final records each task has in the tenant's results stream (a scenario's
+    check for lost and duplicated tasks)."""
+    client = redis.Redis.from_url(url, decode_responses=True)
+    counts: dict[str, int] = {}
+    for _, fields in client.xrange(f"{prefix}:{{{tenant}}}:results"):
+        counts[fields["task_id"]] = counts.get(fields["task_id"], 0) + 1
+    client.close()
+    return counts
