@@ -4,6 +4,7 @@ a worker, the scheduler, a tool executor; plus cancellation and approval gates."
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -93,7 +94,13 @@ def test_a_worker_killed_mid_task_resumes_on_another_from_its_checkpoint(
     ref = pool.submit([task])[0]
     # Killed once the first tool turn is checkpointed and the nap of the second is running.
     wait_for(lambda: tally_count(f"{label}-1") == 1)
-    wait_for(lambda: redis_client.exists(f"{pool.config.key_prefix}:{{acme}}:checkpoint:{task.task_id}"))
+    checkpoint = f"{pool.config.key_prefix}:{{acme}}:checkpoint:{task.task_id}"
+
+    def turns_saved() -> int:  # the checkpoint is written beside the tool's start, not before it
+        raw = redis_client.get(checkpoint)
+        return sum(m["role"] == "assistant" for m in json.loads(raw)["messages"]) if raw else 0
+
+    wait_for(lambda: turns_saved() >= 2)
     wait_for(lambda: tools_in_flight(pool) > 0)
     worker = ray.get_actor(pool.config.worker_name(0), namespace="agentpool")
     os.kill(ray.get(worker.pid.remote()), signal.SIGKILL)
