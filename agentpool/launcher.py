@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -284,6 +285,8 @@ class Launcher:
                 board_name=tools.board_name,
                 extra_info={
                     "actors": self.names,
+                    # This start of the pool (a drain noted in Redis holds within it only).
+                    "launch": uuid.uuid4().hex,
                     "detached": self.detached,
                     "provider_url": provider_url,
                     "tools": list(tools.catalog),

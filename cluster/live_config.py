@@ -40,6 +40,28 @@ class LiveConfig:
             return UNCHANGED
         return int(found[0]), json.loads(found[1])
 
+    async def save_drain(self, launch: str, until_unix: float) -> None:
+        """Notes that this launch of the pool is draining, its grace period ending at
+        `until_unix`: a scheduler Ray restarts reads it back and goes on draining."""
+        drain = json.dumps({"launch": launch, "until_unix": until_unix})
+        await self._redis().hset(self._key, "drain", drain)
+
+    async def clear_drain(self) -> None:
+        await self._redis().hdel(self._key, "drain")
+
+    async def load_drain(self, launch: str) -> float | None:
+        """When the grace period of this launch's drain ends (unix s); None if it is not
+        draining. A drain noted by an earlier launch of the pool (a pool stopped after its
+        drain, and this one started in its place) is dropped."""
+        raw = await self._redis().hget(self._key, "drain")
+        if raw is None:
+            return None
+        drain = json.loads(raw)
+        if drain.get("launch") != launch:
+            await self.clear_drain()
+            return None
+        return float(drain["until_unix"])
+
     async def version(self) -> int:
         """The stored version alone (0 when never changed)."""
         found = await self._redis().hget(self._key, "version")

@@ -74,6 +74,7 @@ class JobControl:
 
         async def _load_agents(self) -> None: ...
         async def _load_live(self) -> None: ...
+        async def _load_drain(self) -> None: ...
 
         async def _count_backlog(self) -> int: ...
 
@@ -125,8 +126,9 @@ class JobControl:
         await self._load_agents()
         try:
             await self._load_live()
+            await self._load_drain()
         except (RedisError, OSError) as exc:  # it runs on its first configuration meanwhile
-            log.error("could not read the live configuration back (%s)", exc)
+            log.error("could not read the live configuration or a drain back (%s)", exc)
         waiting = await self._count_backlog()
         self._durable["recovered"] += waiting
         return waiting

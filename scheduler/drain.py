@@ -13,14 +13,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import RedisError
 
 from agentpool.results import DrainReport
 from agentpool.vocabulary import ErrorReason
 
 if TYPE_CHECKING:
+    from agentpool.cluster.store import ResultStore
     from agentpool.scheduler.core import SchedulerCore
     from agentpool.scheduler.fleet import WorkerFleet
     from agentpool.scheduler.jobs import Job
@@ -36,6 +40,8 @@ class DrainControl:
     _fleet: WorkerFleet
     _shed: Counter[str]
     _clock: Callable[[], float]
+    _store: ResultStore
+    _extra_info: dict[str, Any]
 
     if TYPE_CHECKING:  # Scheduler's; declared here for the type checker only
 
@@ -47,6 +53,33 @@ class DrainControl:
         self._refused_before = 0
         #: Set once no task runs, while a drain waits for that.
         self._idle: asyncio.Event | None = None
+
+    @property
+    def _launch(self) -> str:
+        """Which start of the pool this scheduler belongs to: the same across restarts by
+        Ray (the same constructor arguments), another for a pool started again."""
+        return str(self._extra_info.get("launch", ""))
+
+    async def _note_drain(self, until: float | None) -> None:
+        """Keeps the drain (or its end) in Redis, so that a restarted scheduler goes on
+        draining; if Redis is away, a restart in the meantime forgets it (logged)."""
+        try:
+            if until is None:
+                await self._store.live_config.clear_drain()
+            else:
+                await self._store.live_config.save_drain(self._launch, time.time() + (until - self._clock()))
+        except (RedisError, OSError) as exc:
+            log.error("could not note the drain in Redis (%s): a restarted scheduler would not know of it", exc)
+
+    async def _load_drain(self) -> None:
+        """At boot: goes on with the drain this launch noted before a restart."""
+        until_unix = await self._store.live_config.load_drain(self._launch)
+        if until_unix is None:
+            return
+        now = self._clock()
+        self._refused_before = self._shed[ErrorReason.DRAINING]
+        self._core.drain(now, until_unix - time.time())
+        log.warning("still draining after a restart: no new work (grace period: %.0fs left)", until_unix - time.time())
 
     def _note_idle(self) -> None:
         """Called as slots free (`_pump`): wakes a drain waiting for the last run to end."""
@@ -62,6 +95,7 @@ class DrainControl:
             self._refused_before = self._shed[ErrorReason.DRAINING]
             self._core.drain(began, grace_s)
             log.warning("draining: no new work; up to %.0fs for %d running", grace_s, self._core.slots.in_flight)
+            await self._note_drain(began + grace_s)
         running = [job for job in self._jobs.values() if job.state == "running"]
         idle = self._idle = asyncio.Event()
         self._note_idle()
@@ -94,12 +128,13 @@ class DrainControl:
         log.warning("restarting the agent workers in turn (grace %.0fs each)", grace_s)
         return await self._fleet.restart_in_turn(grace_s)
 
-    def undrain(self) -> bool:
+    async def undrain(self) -> bool:
         """Takes work again after a drain; False if the pool was not draining."""
         if self._core.draining is None:
             return False
         self._core.undrain()
         log.warning("drain undone: taking work again")
+        await self._note_drain(None)
         self._pump()
         return True
 

@@ -7,6 +7,8 @@ supervised pool is in `test_chaos_cluster.py` (it needs a Ray cluster of its own
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from collections import Counter
 
@@ -181,3 +183,31 @@ def test_agentpool_stop_stops_every_actor_and_the_name_can_start_again_at_once(r
     with AgentPool.start(cfg, detached=True) as again:  # the same name, at once
         assert again.run([AgentTask(tenant="acme", prompt="sim: answer back")])[0].answer == "back"
     pool.shutdown()  # the first handle: nothing left to stop
+
+
+def test_a_scheduler_restarted_while_draining_goes_on_draining(redis_url: str) -> None:
+    """The drain is noted in Redis with this start of the pool: a scheduler Ray restarts
+    reads it back at boot; undrain clears it; a pool started again under the name does
+    not inherit it."""
+    cfg = config(redis_url)
+
+    def restart_scheduler(pool: AgentPool) -> None:
+        scheduler = ray.get_actor(f"{cfg.name}-scheduler", namespace="agentpool")
+        os.kill(ray.get(scheduler.pid.remote()), signal.SIGKILL)
+        wait_for(lambda: ray.get(scheduler.pid.remote(), timeout=5) > 0)
+
+    with AgentPool.start(cfg) as pool:
+        pool.drain(grace_s=0.5)
+        restart_scheduler(pool)
+        assert pool.status()["draining"] is not None
+        (refused,) = pool.run([AgentTask(tenant="acme", prompt="sim: answer no")])
+        assert refused.status == "rejected" and refused.error is not None
+        assert refused.error.reason == ErrorReason.DRAINING
+        assert pool.undrain()
+        restart_scheduler(pool)
+        assert pool.status()["draining"] is None
+        assert pool.run([AgentTask(tenant="acme", prompt="sim: answer yes")])[0].answer == "yes"
+        pool.drain(grace_s=0.5)
+    with AgentPool.start(cfg) as again:  # the same name on the same Redis, started anew
+        assert again.status()["draining"] is None
+        assert again.run([AgentTask(tenant="acme", prompt="sim: answer anew")])[0].answer == "anew"
