@@ -60,6 +60,9 @@ def test_a_drained_pool_refuses_new_work_and_the_next_pool_finishes_what_it_left
         pool.enqueue(long + short)
         wait_for(lambda: pool.status()["in_flight"] == 4)
         wait_for(lambda: all(started(pool, t.task_id) for t in long))  # napping, past a checkpoint
+        # The checkpoint is written beside the nap's start: in Redis too before the stop.
+        kept = [f"{cfg.key_prefix}:{{acme}}:checkpoint:{t.task_id}" for t in long]
+        wait_for(lambda: all(redis_client.exists(key) for key in kept))
         pool.enqueue(queued)  # no slot free: they wait
         report = pool.drain(grace_s=2.5)
         assert isinstance(report, DrainReport)
@@ -193,8 +196,16 @@ def test_a_scheduler_restarted_while_draining_goes_on_draining(redis_url: str) -
 
     def restart_scheduler(pool: AgentPool) -> None:
         scheduler = ray.get_actor(f"{cfg.name}-scheduler", namespace="agentpool")
-        os.kill(ray.get(scheduler.pid.remote()), signal.SIGKILL)
-        wait_for(lambda: ray.get(scheduler.pid.remote(), timeout=5) > 0)
+        before = ray.get(scheduler.pid.remote())
+        os.kill(before, signal.SIGKILL)
+
+        def answers() -> bool:  # from a new process (Ray restarts it; on a loaded machine, slowly)
+            try:
+                return bool(ray.get(scheduler.pid.remote(), timeout=5) != before)
+            except ray.exceptions.RayError:
+                return False
+
+        wait_for(answers)
 
     with AgentPool.start(cfg) as pool:
         pool.drain(grace_s=0.5)
