@@ -189,7 +189,8 @@ class Keys:
 
     def live_config(self, pool: str) -> str:
         """Hash `version`, `fields`: a pool's live configuration (`pool.update_config`), which
-        every process of the pool applies over the configuration it started with."""
+        every process of the pool applies over the configuration it started with; `drain`
+        while this start of the pool drains (`LiveConfig.save_drain`)."""
         return f"{self.prefix}:{{pools}}:config:{pool}"
 
     def eval_reports(self, suite: str) -> str:
