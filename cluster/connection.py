@@ -319,9 +319,11 @@ class StoreBase(ABC):
                         if ttl:
                             pipe.expire(key, ttl)
                         sent += 2 if ttl else 1
-                    noted = _KeysNoted(pipe)
-                    counts = [add(noted) for add, _ in ops]
-                    waits = self._add_wait(pipe, noted.keys) if ops else 0
+                    # Only a cluster's WAIT needs the keys written (`_add_wait`): one server's
+                    # ops go on the pipeline itself, with nothing between.
+                    noted = _KeysNoted(pipe) if self._wait_replicas and is_cluster(self.redis) else None
+                    counts = [add(noted or pipe) for add, _ in ops]
+                    waits = self._add_wait(pipe, noted.keys if noted else ()) if ops else 0
                     results = await pipe.execute(raise_on_error=False)
                     if waits:
                         self._check_wait(results[-waits:])

@@ -59,7 +59,7 @@ def xread(client: Any, streams: Mapping[Any, Any], *, count: int, block_ms: int 
     """XREAD of `streams` with a blocking client (see the module docstring)."""
     groups = _groups(client, streams)
     if len(groups) == 1:
-        return list(_merge([client.xread(groups[0], count=count, block=block_ms)]))
+        return _merge([client.xread(groups[0], count=count, block=block_ms)])
     deadline = _deadline(block_ms)
     while True:
         pipe = client.pipeline(transaction=False)

@@ -142,10 +142,6 @@ class FakeAutoscalingCluster:
         )
         return str(self._cluster.address)
 
-    @property
-    def started_at(self) -> float:
-        return self._monitor().create_time()
-
     def events(self) -> list[AutoscalerEvent]:
         """The autoscaler's event summary so far, from its log."""
         assert self._cluster is not None
