@@ -135,12 +135,14 @@ class AdmissionConfig(BaseModel):
 
     Interactive work, a task with a `deadline_s` or of `sheddable` priority, is rejected at
     once when its predicted queue wait exceeds its deadline (or `max_queue_wait_s`, if set),
-    and dropped if it waits longer. Overload is detected CoDel-style on the waits of
-    interactive work: when even the shortest wait seen over `interval_s` stays above
-    `target_wait_s`, a standing queue has formed; new interactive `sheddable` tasks are
-    then rejected, and after `escalate_intervals` such intervals in a row `standard` ones
-    too. `critical` tasks are refused only when the queue is full, and then a queued task of
-    a lower class makes room for them.
+    or when the chance that it waits longer is over `late_chance` (the dispatches ahead of
+    it taken as a Poisson process at the measured rate), and dropped if it waits longer.
+    A lower `late_chance` refuses more at arrival and drops fewer after a wait. Overload
+    is detected CoDel-style on the waits of interactive work: when even the shortest wait
+    seen over `interval_s` stays above `target_wait_s`, a standing queue has formed; new
+    interactive `sheddable` tasks are then rejected, and after `escalate_intervals` such
+    intervals in a row `standard` ones too. `critical` tasks are refused only when the queue
+    is full, and then a queued task of a lower class makes room for them.
 
     A task with no deadline that is not `sheddable` is a batch: it waits its turn however
     long the backlog is (in Redis), bounded only by `PoolConfig.max_queued`, and is never shed for
@@ -152,6 +154,7 @@ class AdmissionConfig(BaseModel):
     target_wait_s: float = Field(default=0.5, gt=0, le=3600)
     interval_s: float = Field(default=2.0, gt=0, le=3600)
     escalate_intervals: int = Field(default=3, ge=1, le=1000)
+    late_chance: float = Field(default=0.05, gt=0, le=1)
 
 
 class AlertConfig(BaseModel):

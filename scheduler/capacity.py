@@ -6,8 +6,11 @@ fair queue and shedding. So dispatch is capped per limit key at what the limits 
 by Little's law: tasks per second the limits allow (from the configured rates and the
 usage tasks of that model have shown) times the time a task takes when it does not wait
 for permits, plus headroom. Tasks beyond the cap wait in the scheduler's queue, where
-fairness, deadlines and shedding apply. The scheduler applies the cap only while the
-model has calls waiting for permits: a burst the buckets can grant goes out at once.
+fairness, deadlines and shedding apply. While the model has no calls waiting for permits,
+as many more may start as its buckets can grant at once (`ModelCapacity.burst`, from what
+they hold at the limiter's report): a burst goes out at once, but a bucket that is empty
+only for a moment between two calls does not lift the cap (every task queued would be
+dispatched to wait inside the workers, and the queue's own deadlines would pass behind them).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from agentpool.models import AgentResult, RateLimit
@@ -23,15 +26,22 @@ from agentpool.models import AgentResult, RateLimit
 #: Extra concurrency over the Little's-law figure, so the limiter always has work waiting.
 HEADROOM = 1.1
 SPARE = 1
-_ALPHA = 0.2
+#: The weight of a new sample in the learnt averages, once there are 1 / _ALPHA of them (the
+#: mean of the samples until then). Small, so that the cap does not follow each task's time:
+#: service times spread widely (a lognormal sigma of 0.5 is common), and a cap that falls by
+#: a few tasks at once stops dispatch until that many running tasks have ended.
+_ALPHA = 0.05
 
 
 @dataclass
 class _Ewma:
     value: float | None = None
+    samples: int = 0
 
     def add(self, sample: float) -> None:
-        self.value = sample if self.value is None else (1 - _ALPHA) * self.value + _ALPHA * sample
+        self.samples += 1
+        alpha = max(_ALPHA, 1 / self.samples)
+        self.value = sample if self.value is None else (1 - alpha) * self.value + alpha * sample
 
 
 class ModelCapacity:
@@ -82,6 +92,25 @@ class ModelCapacity:
             return None
         return math.ceil(rate * service * HEADROOM) + SPARE
 
+    def burst(self, levels: Mapping[str, float]) -> float:
+        """Tasks of this key the buckets' `levels` (per dimension) could start at once: the
+        least of what each dimension holds over what a task of this key uses of it. Unbounded
+        when nothing of its use is known yet."""
+        calls = self._calls_per_task.value
+        if calls is None:
+            return math.inf
+        per_call = {
+            "requests": 1.0,
+            "input_tokens": self._input_per_call.value,
+            "output_tokens": self._output_per_call.value,
+        }
+        calls_held = math.inf
+        for dim, level in levels.items():
+            use = per_call.get(dim)
+            if use is not None:
+                calls_held = min(calls_held, max(0.0, level) / max(1.0, use))
+        return calls_held if math.isinf(calls_held) else math.floor(calls_held / max(1.0, calls))
+
     def snapshot(self) -> dict[str, float | int | None]:
         rate = self.tasks_per_s()
         return {
@@ -89,6 +118,16 @@ class ModelCapacity:
             "service_s": round(self._service_s.value, 4) if self._service_s.value is not None else None,
             "cap": self.cap(),
         }
+
+
+@dataclass(frozen=True)
+class LimiterBacklog:
+    """What the limiter tells the scheduler at each tick, per limit key: the calls waiting for
+    a permit (keys with none left out), and what each of its buckets holds now (0 while the
+    provider's pause lasts)."""
+
+    waiting: Mapping[str, int]
+    levels: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
 
 class ModelDispatch:
@@ -99,6 +138,10 @@ class ModelDispatch:
         self.capacity = {key: ModelCapacity(limit) for key, limit in limits.items()}
         self._running: Counter[str] = Counter()
         self._backlogged: set[str] = set()
+        #: What each key's buckets held at the limiter's last report (unknown: not there), and
+        #: its tasks running then.
+        self._levels: dict[str, Mapping[str, float]] = {}
+        self._base: dict[str, int] = {}
 
     def __bool__(self) -> bool:
         return bool(self.capacity)
@@ -116,10 +159,30 @@ class ModelDispatch:
                 self.capacity[key] = ModelCapacity(limit)
 
     def has_room(self, key: str | None) -> bool:
-        if key is None or key not in self._backlogged:
-            return True
-        cap = self.capacity[key].cap()
-        return cap is None or self._running[key] < cap
+        """Whether one more task of `key` may start: under its cap, raised by the burst its
+        buckets can grant while none of its calls waits for a permit."""
+        return key is None or self._running[key] < self._allowance(key)
+
+    def excess(self, key: str | None) -> int:
+        """Tasks of `key` running over what it may start now: they wait inside the workers
+        for permits, and a task queued for the key starts only after that many have ended."""
+        if key is None:
+            return 0
+        allowance = self._allowance(key)
+        return 0 if math.isinf(allowance) else max(0, self._running[key] - int(allowance))
+
+    def _allowance(self, key: str) -> float:
+        """Tasks of `key` that may run at once now (unbounded: not capped): its cap while its
+        calls wait for permits; else also the tasks that ran at the limiter's last report plus
+        the burst its buckets held then, if that is more."""
+        capacity = self.capacity.get(key)
+        cap = capacity.cap() if capacity is not None else None
+        if capacity is None or cap is None:
+            return math.inf
+        if key in self._backlogged:
+            return cap
+        levels = self._levels.get(key)
+        return math.inf if levels is None else max(cap, self._base[key] + capacity.burst(levels))
 
     def tasks_per_s(self, key: str | None) -> float | None:
         capacity = self.capacity.get(key) if key is not None else None  # a key unlimited since
@@ -146,12 +209,13 @@ class ModelDispatch:
             permit_wait_s=result.timings.permit_wait_ms / 1000,
         )
 
-    def backlog(self, waiting: Mapping[str, int]) -> bool:
-        """Takes the limiter's waiting calls per key; True when some key stopped being capped."""
-        now = {key for key in self.capacity if waiting.get(key, 0)}
-        freed = bool(self._backlogged - now)
-        self._backlogged = now
-        return freed
+    def backlog(self, report: LimiterBacklog) -> bool:
+        """Takes the limiter's report; True when some key may start more tasks than before."""
+        before = {key: self._allowance(key) for key in self.capacity}
+        self._backlogged = {key for key in self.capacity if report.waiting.get(key, 0)}
+        self._levels = {key: levels for key, levels in report.levels.items() if key in self.capacity}
+        self._base = {key: self._running[key] for key in self._levels}
+        return any(self._allowance(key) > allowed for key, allowed in before.items())
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         return {

@@ -15,7 +15,8 @@ Events (methods): `drain`/`undrain` (stop and start taking work), `admit` (an ar
 `enqueue` (accepted now, adopted, or queued again after its worker died or its approval
 came), `dispatch` (slots free and work waiting), `finish` (a run ended or was given up: its
 slot back, and what it taught), `remove` (cancelled while queued), `tick` (deadlines, and
-the standing-queue watch), `limiter_backlog` (which models have calls waiting for permits).
+the standing-queue watch), `limiter_backlog` (which models have calls waiting for permits,
+and what their buckets hold).
 
 Decisions: `Admit` (with the queued tasks it evicted to make room), `Reject` (a reason and
 a retry hint), `Start` (a task and its worker), `Drop` (a queued task ends: evicted, or it
@@ -29,15 +30,17 @@ one line. The tickets and decisions are in decisions.py.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from agentpool.config import PoolConfig
 from agentpool.models import AgentResult, AgentTask
-from agentpool.scheduler.capacity import ModelDispatch
+from agentpool.scheduler.capacity import LimiterBacklog, ModelDispatch
 from agentpool.scheduler.decisions import Admit, Drop, Place, Reject, Start, Ticket
 from agentpool.scheduler.dispatch import LeastLoaded
 from agentpool.scheduler.fair import FairQueue, token_cost
@@ -82,6 +85,9 @@ T = TypeVar("T")
 
 #: Tenants whose cost per task is remembered (least recently finished forgotten first).
 MAX_COSTED_TENANTS = 1000
+#: A queued task whose deadline falls within this many dispatch intervals of its model
+#: starts at the next free slot, ahead of fair order (see `SchedulerCore.dispatch`).
+RESCUE_DISPATCHES = 1.0
 
 
 @dataclass(frozen=True)
@@ -130,6 +136,10 @@ class SchedulerCore(Generic[T]):
         #: A drain in progress: no arrival is admitted and no queued task starts.
         self.draining: Drain | None = None
         self._costs = _Costs()
+        #: (deadline, order, ticket) of every queued task that may wait only so long, and
+        #: stale entries (started, dropped, queued again), dropped when met.
+        self._deadlines: list[tuple[float, int, Ticket[T]]] = []
+        self._order = itertools.count()
 
     # --- views ---------------------------------------------------------------------------
 
@@ -170,10 +180,15 @@ class SchedulerCore(Generic[T]):
         if policy is not None and policy.max_concurrency is not None:
             # A tenant at its concurrency cap is served no faster than its cap allows.
             share = min(share, policy.max_concurrency / max(self.mean_run_s, 1e-3) / rate)
+        ahead = self.queue.length(tenant, at_least=task.priority)
+        return WaitForecast(ahead, share, self.service_rate(ticket), self.models.excess(ticket.limit_key))
+
+    def service_rate(self, ticket: Ticket[T]) -> float:
+        """Tasks per second the pool can start for the ticket's model: its slots' turnover, and
+        no faster than the model's rate limits allow."""
+        rate = self.slots.capacity / max(self.mean_run_s, 1e-3)
         key_rate = self.models.tasks_per_s(ticket.limit_key)
-        if key_rate is not None:
-            rate = min(rate, key_rate)  # a rate-limited model is served no faster than its limits allow
-        return WaitForecast(self.queue.length(tenant, at_least=task.priority), share, rate)
+        return rate if key_rate is None else min(rate, key_rate)
 
     def standing(self, ticket: Ticket[T]) -> tuple[int, float] | None:
         """A queued ticket's place (its tenant's items ahead of it) and the wait forecast
@@ -182,7 +197,7 @@ class SchedulerCore(Generic[T]):
         if ahead is None:
             return None
         whole = self.forecast(ticket)
-        return ahead, WaitForecast(ahead, whole.share, whole.rate_per_s).seconds()
+        return ahead, WaitForecast(ahead, whole.share, whole.rate_per_s, whole.behind).seconds()
 
     def estimate(self, task: AgentTask) -> float:
         """Service a task will receive, in VTC units, until its real usage is known: what its
@@ -232,6 +247,8 @@ class SchedulerCore(Generic[T]):
         else:
             ticket.max_wait_s = self.max_wait_s(ticket.task)
             self.queue.push(ticket.tenant, ticket.task.priority, ticket)
+            if math.isfinite(ticket.max_wait_s):
+                self._file_deadline(ticket)
         ticket.place = Place.QUEUED
 
     def reconfigure(self, config: PoolConfig) -> None:
@@ -253,7 +270,14 @@ class SchedulerCore(Generic[T]):
     def dispatch(self, now: float) -> list[Start[T] | Drop[T]]:
         """Hands free slots to waiting tasks in fair order, skipping tenants at their
         concurrency cap and models at their dispatch cap, and dropping tasks that waited
-        longer than they may. A draining core starts nothing (`tick` still drops)."""
+        longer than they may. A draining core starts nothing (`tick` still drops).
+
+        One exception to fair order: a task whose deadline falls before its model's next
+        dispatch is expected (`RESCUE_DISPATCHES` intervals of `service_rate`) starts first,
+        earliest deadline first, since waiting for its fair turn would drop it. Its tenant is
+        charged as usual, so the shares even out over the next turns; admission already
+        decided that it fits, and later arrivals of a higher class or a tenant further
+        behind, which go ahead of it in fair order, are what would have made it late."""
         out: list[Start[T] | Drop[T]] = []
         if self.draining is not None:
             return out
@@ -261,7 +285,7 @@ class SchedulerCore(Generic[T]):
             worker = self.slots.acquire()
             if worker is None:
                 return out
-            popped = self.queue.pop(self._eligible)
+            popped = self._due(now) or self.queue.pop(self._eligible)
             if popped is None:
                 self.slots.release(worker)
                 return out
@@ -330,10 +354,10 @@ class SchedulerCore(Generic[T]):
             self.detector.idle()
         return drops
 
-    def limiter_backlog(self, waiting: Mapping[str, int]) -> bool:
-        """The limiter's calls waiting per limit key (only those keys are capped); True when
-        some key stopped being capped (dispatch may go on)."""
-        return self.models.backlog(waiting)
+    def limiter_backlog(self, report: LimiterBacklog) -> bool:
+        """The limiter's calls waiting per limit key and what its buckets hold (see
+        `ModelDispatch`); True when some key may start more than before (dispatch may go on)."""
+        return self.models.backlog(report)
 
     def dropped(self, ticket: Ticket[T], reason: ErrorReason, why: str) -> Drop[T]:
         """Ends a ticket already out of the queue without running it (retry after an interval)."""
@@ -347,6 +371,43 @@ class SchedulerCore(Generic[T]):
             ticket.predicted_wait_s = None
 
     # --- inside ----------------------------------------------------------------------------
+
+    def _file_deadline(self, ticket: Ticket[T]) -> None:
+        heap = self._deadlines
+        heapq.heappush(heap, (ticket.enqueued_at + ticket.max_wait_s, next(self._order), ticket))
+        if len(heap) > 2 * len(self.queue) + 64:  # mostly stale: rebuild it
+            self._deadlines = [entry for entry in heap if self._filed(entry)]
+            heapq.heapify(self._deadlines)
+
+    @staticmethod
+    def _filed(entry: tuple[float, int, Ticket[T]]) -> bool:
+        """Whether a deadline entry is its ticket's current one (still queued, same turn)."""
+        deadline, _, ticket = entry
+        return ticket.place is Place.QUEUED and ticket.enqueued_at + ticket.max_wait_s == deadline
+
+    def _due(self, now: float) -> tuple[str, Ticket[T]] | None:
+        """The eligible queued task with the earliest deadline, taken out of the queue, if that
+        deadline comes before its model's next dispatch is expected (see `dispatch`)."""
+        heap, passed = self._deadlines, []
+        found: Ticket[T] | None = None
+        while heap:
+            entry = heap[0]
+            deadline, _, ticket = entry
+            if not self._filed(entry):
+                heapq.heappop(heap)
+                continue
+            if deadline > now + RESCUE_DISPATCHES / max(self.service_rate(ticket), 1e-9):
+                break
+            passed.append(heapq.heappop(heap))
+            if self._eligible(ticket.tenant, ticket):
+                found = ticket
+                break
+        for entry in passed[: -1 if found is not None else None]:
+            heapq.heappush(heap, entry)
+        if found is None:
+            return None
+        self.queue.remove(found.tenant, found)
+        return found.tenant, found
 
     def _eligible(self, tenant: str, ticket: Ticket[T]) -> bool:
         """Whether a tenant's next task may start now: its tenant and its model have room."""

@@ -18,6 +18,7 @@ import ray
 
 from agentpool.cluster.telemetry import Telemetered
 from agentpool.config import PoolConfig
+from agentpool.scheduler.capacity import LimiterBacklog
 from agentpool.scheduler.permits import PermitBroker, PermitRequest
 
 
@@ -116,6 +117,9 @@ class PermitService:
     def status(self) -> dict[str, Any]:
         return self.broker.snapshot(self._clock())
 
+    def backlog(self) -> LimiterBacklog:
+        return LimiterBacklog(self.broker.waiting_by_key(), self.broker.levels(self._clock()))
+
     def wake(self) -> None:
         """Grants what fits now (after the buckets changed)."""
         self._pump()
@@ -186,6 +190,7 @@ class RateLimiter(Telemetered):
     def status(self) -> dict[str, Any]:
         return {**self._service.status(), "restarted": self.restarted, "config_version": self._version}
 
-    def backlog(self) -> dict[str, int]:
-        """Calls waiting for a permit per limit key: what the scheduler polls, without a full snapshot."""
-        return self._service.broker.waiting_by_key()
+    def backlog(self) -> LimiterBacklog:
+        """Calls waiting for a permit and the buckets' levels per limit key: what the scheduler
+        polls at each tick, without a full snapshot."""
+        return self._service.backlog()

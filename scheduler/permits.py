@@ -342,6 +342,15 @@ class PermitBroker:
             counts[waiting.key] = counts.get(waiting.key, 0) + 1
         return counts
 
+    def levels(self, now: float) -> dict[str, dict[str, float]]:
+        """What each limit's buckets could grant now, per dimension: their level less the margin
+        kept for the provider's lag (0 while the provider's pause lasts)."""
+        out: dict[str, dict[str, float]] = {}
+        for key, limit in self.models.items():
+            paused = limit.paused_until > now
+            out[key] = {dim: 0.0 if paused else b.level(now) - b.margin for dim, b in limit.buckets.items()}
+        return out
+
     def snapshot(self, now: float) -> dict[str, object]:
         waiting_by_key = self.waiting_by_key()
         return {

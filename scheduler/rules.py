@@ -65,8 +65,10 @@ class ShedOnOverload:
 
 class WaitWithinDeadline:
     """An arrival that must queue is refused when its predicted wait, scaled by how far recent
-    forecasts fell short, exceeds what it may wait. A forecast task keeps its forecast, so the
-    wait it gets calibrates the next ones."""
+    forecasts fell short, exceeds what it may wait, or when the chance that it waits longer
+    than that is over `admission.late_chance` (the dispatches it waits for taken as a Poisson
+    process at the forecast's rate). A forecast task keeps its forecast, so the wait it gets
+    calibrates the next ones."""
 
     def __call__(self, core: SchedulerCore[T], ticket: Ticket[T], now: float) -> Reject | None:
         task = ticket.task
@@ -80,15 +82,25 @@ class WaitWithinDeadline:
         )
         if not must_queue and not core.queue.length(task.tenant):
             return None
-        forecast = core.forecast(ticket).seconds()
+        whole = core.forecast(ticket)
+        forecast = whole.seconds()
         ticket.predicted_wait_s = forecast
-        wait = forecast * core.calibration.factor(task.priority, now)
-        if wait <= limit:
+        factor = core.calibration.factor(task.priority, now)
+        wait = forecast * factor
+        if wait > limit:
+            return Reject(
+                ErrorReason.PREDICTED_WAIT,
+                f"predicted queue wait {wait:.1f}s exceeds the {limit:.1f}s this task may wait",
+                retry_hint(wait - limit) if math.isfinite(wait) else UNKNOWN_WAIT_RETRY_S,
+            )
+        chance = whole.late_chance(limit, factor)
+        if chance <= core.config.admission.late_chance:
             return None
         return Reject(
             ErrorReason.PREDICTED_WAIT,
-            f"predicted queue wait {wait:.1f}s exceeds the {limit:.1f}s this task may wait",
-            retry_hint(wait - limit) if math.isfinite(wait) else UNKNOWN_WAIT_RETRY_S,
+            f"predicted queue wait {wait:.2f}s, with a {chance:.0%} chance of more than the {limit:.1f}s "
+            "this task may wait",
+            retry_hint(wait),  # once the work ahead of it has gone
         )
 
 

@@ -42,6 +42,7 @@ from agentpool.scheduler.agent_control import AgentControl
 from agentpool.scheduler.alerts import AlertMonitor
 from agentpool.scheduler.backlog import BacklogWindow
 from agentpool.scheduler.calls import WorkerCalls
+from agentpool.scheduler.capacity import LimiterBacklog
 from agentpool.scheduler.control import CancelledInQueue, JobControl
 from agentpool.scheduler.core import Drop, Reject, SchedulerCore
 from agentpool.scheduler.drain import DrainControl
@@ -394,13 +395,13 @@ class Scheduler(
             await self._tick_live()
 
     async def _watch_limiter(self) -> None:
-        """Which rate-limited models have calls waiting for permits. Only those are capped:
-        while a model's buckets still hold a burst, its tasks are dispatched as fast as they come."""
+        """Which rate-limited models have calls waiting for permits, and what their buckets hold:
+        a model whose calls wait is capped; one whose buckets hold a burst may start that much more."""
         try:  # bounded: a limiter that is restarting must not hold up the deadline sweep
-            waiting: dict[str, int] = await asyncio.wait_for(self._limiter.backlog.remote(), _TICK_S * 4)
+            report: LimiterBacklog = await asyncio.wait_for(self._limiter.backlog.remote(), _TICK_S * 4)
         except (ray.exceptions.RayError, TimeoutError):
             return
-        if self._core.limiter_backlog(waiting):
+        if self._core.limiter_backlog(report):
             self._pump()
 
     def _note_tenant(self, tenant: str) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from agentpool.models import AgentResult, RateLimit, Timings, Usage
 from agentpool.scheduler.buckets import BucketSet, TokenBucket
-from agentpool.scheduler.capacity import HEADROOM, SPARE, ModelCapacity, ModelDispatch
+from agentpool.scheduler.capacity import HEADROOM, SPARE, LimiterBacklog, ModelCapacity, ModelDispatch
 from agentpool.scheduler.fair import MAX_REMEMBERED_TENANTS, FairQueue, token_cost
 from agentpool.scheduler.shedding import DispatchRate, OverloadDetector, WaitForecast
 
@@ -299,8 +299,8 @@ def test_capacity_learns_by_moving_average_and_snapshots_rounded() -> None:
     rate = 10 / 3
     assert capacity.snapshot() == {
         "tasks_per_s": round(rate, 3),
-        "service_s": 1.2,  # 0.8 * 1.0 + 0.2 * 2.0
-        "cap": math.ceil(rate * 1.2 * HEADROOM) + SPARE,
+        "service_s": 1.5,  # the mean of the first samples: (1.0 + 2.0) / 2
+        "cap": math.ceil(rate * 1.5 * HEADROOM) + SPARE,
     }
 
 
@@ -344,7 +344,7 @@ def test_model_dispatch_caps_a_key_only_while_its_calls_wait_for_permits() -> No
     dispatch = ModelDispatch({"m": RateLimit(rpm=60, itpm=6_000), "other": RateLimit(rpm=60)})
     assert bool(dispatch) and not ModelDispatch({})
     assert dispatch.has_room(None) and dispatch.tasks_per_s(None) is None
-    assert dispatch.backlog({"m": 2}) is False
+    assert dispatch.backlog(LimiterBacklog({"m": 2})) is False
     assert dispatch.has_room("m")  # backlogged, but nothing learnt yet: no cap
     # One call a task, 50 + 50 input tokens a call (cache writes count), 2 s of run of which 1 s waiting.
     dispatch.learn("m", _result(1, 50, 50, 10, 1000.0), run_s=2.0)
@@ -366,9 +366,9 @@ def test_model_dispatch_caps_a_key_only_while_its_calls_wait_for_permits() -> No
     dispatch.finished("m")
     assert dispatch.has_room("m")
     dispatch.started("m")
-    assert dispatch.backlog({"m": 0, "other": 1}) is True  # m stopped waiting: freed
+    assert dispatch.backlog(LimiterBacklog({"m": 0, "other": 1})) is True  # m stopped waiting: freed
     assert dispatch.has_room("m")
-    assert dispatch.backlog({"other": 1}) is False
+    assert dispatch.backlog(LimiterBacklog({"other": 1})) is False
 
 
 # --- what the first pass of mutation testing left -----------------------------------------------

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from agentpool.models import TenantPolicy
+from agentpool.scheduler.capacity import LimiterBacklog
 from agentpool.scheduler.core import (
     MAX_RETRY_S,
     Drop,
@@ -198,7 +199,7 @@ class CoreMachine(RuleBasedStateMachine):
 
     @rule(waiting=st.booleans())
     def limiter(self, waiting: bool) -> None:
-        self.core.limiter_backlog({LIMITED: 2} if waiting else {})
+        self.core.limiter_backlog(LimiterBacklog({LIMITED: 2} if waiting else {}))
 
     @rule()
     def add_worker(self) -> None:

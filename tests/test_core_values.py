@@ -8,6 +8,7 @@ import pytest
 
 from agentpool.config import AdmissionConfig
 from agentpool.models import TenantPolicy, Usage
+from agentpool.scheduler.capacity import LimiterBacklog
 from agentpool.scheduler.core import (
     Drop,
     Place,
@@ -126,7 +127,7 @@ def test_an_arrival_must_queue_behind_its_tenant_cap_its_model_cap_or_its_own_qu
     core.finish(learnt, result(learnt.task), run_s=1.0)  # cap: 1/s x 1 s x 1.1 + 1 = 3
     for i in range(3):
         queued(core, task("a", 10 + i, model=LIMITED))
-    core.limiter_backlog({LIMITED: 1})
+    core.limiter_backlog(LimiterBacklog({LIMITED: 1}))
     core.dispatch(1.0)
     at_cap = queued(core, task("c", 6, model=LIMITED, deadline_s=30.0))
     assert at_cap.predicted_wait_s is not None

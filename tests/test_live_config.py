@@ -11,7 +11,7 @@ import pytest
 from agentpool import InvalidConfig, PoolConfig, RateLimit, TenantPolicy
 from agentpool.config import LIVE_FIELDS
 from agentpool.scheduler.buckets import BucketSet, TokenBucket
-from agentpool.scheduler.capacity import ModelDispatch
+from agentpool.scheduler.capacity import LimiterBacklog, ModelDispatch
 from agentpool.scheduler.core import Start
 from tests.core_cases import config, core_of, queued, result, task
 from tests.test_permits_exact import ask, broker
@@ -115,7 +115,7 @@ def test_a_broker_retuned_grants_what_waited_for_the_old_limits_and_keeps_its_le
 def test_model_dispatch_retuned_keeps_what_it_learnt_and_forgets_dropped_keys() -> None:
     dispatch = ModelDispatch({"a": RateLimit(rpm=60), "b": RateLimit(rpm=60)})
     learnt = dispatch.capacity["a"]
-    dispatch.backlog({"a": 1, "b": 1})
+    dispatch.backlog(LimiterBacklog({"a": 1, "b": 1}))
     dispatch.retune({"a": RateLimit(rpm=120), "c": RateLimit(otpm=1000)})
     assert dispatch.capacity["a"] is learnt and learnt._per_minute == {"requests": 120}
     assert set(dispatch.capacity) == {"a", "c"} and dispatch.has_room("b") and dispatch.tasks_per_s("b") is None

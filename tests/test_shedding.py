@@ -16,6 +16,7 @@ from agentpool.scheduler.shedding import (
     WaitCalibration,
     WaitForecast,
     interactive,
+    poisson_below,
     sheds,
 )
 
@@ -178,3 +179,37 @@ def test_the_scheduler_calibration_defaults() -> None:
     for wrong in (0.0, 1.5):
         with pytest.raises(ValueError, match="quantile"):
             WaitCalibration(quantile=wrong)
+
+
+# --- the chance of waiting past the deadline ---------------------------------------------------
+
+
+def test_poisson_below_is_the_sum_of_the_first_terms() -> None:
+    assert poisson_below(1, 5.0) == pytest.approx(math.exp(-5.0))
+    assert poisson_below(2, 5.0) == pytest.approx(6 * math.exp(-5.0))
+    assert poisson_below(3, 2.0) == pytest.approx((1 + 2 + 2) * math.exp(-2.0))
+    assert poisson_below(0, 5.0) == 0.0 and poisson_below(-1, 5.0) == 0.0
+    assert poisson_below(1, 0.0) == 1.0
+    assert poisson_below(10_001, 10_000.0) == pytest.approx(0.5, abs=0.01)  # the normal approximation
+    assert poisson_below(10_001, 9_000.0) == pytest.approx(1.0) and poisson_below(10_001, 11_000.0) < 1e-15
+    assert poisson_below(900, 1_000.0) == pytest.approx(0.00066, abs=0.00005)  # far terms, in logs
+
+
+@given(st.integers(1, 400), st.floats(0.01, 500.0))
+def test_poisson_below_is_a_probability_that_grows_with_k(k: int, mean: float) -> None:
+    below, next_below = poisson_below(k, mean), poisson_below(k + 1, mean)
+    assert 0.0 <= below <= next_below <= 1.0
+
+
+def test_the_late_chance_counts_every_dispatch_the_item_waits_for() -> None:
+    # Two dispatches (one over the cap, then its own) at 10/s within 0.5 s: P(N < 2), N ~ Poisson(5).
+    assert WaitForecast(ahead=0, share=1.0, rate_per_s=10.0, behind=1).late_chance(0.5) == pytest.approx(
+        6 * math.exp(-5.0)
+    )
+    # At a share of 5/8, its own turn is 1.6 dispatches away: 2 whole ones.
+    assert WaitForecast(0, 0.625, 10.0).late_chance(0.5) == pytest.approx(6 * math.exp(-5.0))
+    # A calibration of 2 halves the rate: P(N < 1), N ~ Poisson(2.5).
+    assert WaitForecast(0, 1.0, 10.0).late_chance(0.5, stretch=2.0) == pytest.approx(math.exp(-2.5))
+    assert WaitForecast(0, 1.0, 0.0).late_chance(0.5) == 0.0  # nothing ahead, nothing measured
+    assert WaitForecast(1, 1.0, 0.0).late_chance(0.5) == 1.0
+    assert WaitForecast(0, 0.0, 10.0).late_chance(0.5) == 0.0
