@@ -247,9 +247,9 @@ class SchedulerCore(Generic[T]):
         else:
             ticket.max_wait_s = self.max_wait_s(ticket.task)
             self.queue.push(ticket.tenant, ticket.task.priority, ticket)
-            if math.isfinite(ticket.max_wait_s):
-                self._file_deadline(ticket)
         ticket.place = Place.QUEUED
+        if math.isfinite(ticket.max_wait_s):
+            self._file_deadline(ticket)  # queued first: a rebuild of the heap keeps it
 
     def reconfigure(self, config: PoolConfig) -> None:
         """A new configuration while the pool runs (`pool.update_config`): tenants' weights,

@@ -446,3 +446,29 @@ def test_a_draining_core_still_drops_what_waited_past_its_deadline() -> None:
     drops = core.tick(5.0)
     assert [d.ticket for d in drops] == [late] and drops[0].reason is ErrorReason.QUEUE_TIMEOUT
     assert first.place is Place.RUNNING
+
+
+def test_a_wait_forecast_at_the_deadline_is_judged_by_its_chance_of_lateness() -> None:
+    core = core_of()
+    queued(core, task(n=0))
+    core.dispatch(0.0)  # busy: one a second
+    refused = arrive(core, task(n=1, deadline_s=1.0))  # 1 s on average: at the limit, not over
+    message = "predicted queue wait 1.00s, with a 37% chance of more than the 1.0s this task may wait"
+    assert refused == Reject(ErrorReason.PREDICTED_WAIT, message, 1.0)
+
+
+def test_the_chance_of_lateness_is_taken_at_the_calibrated_rate() -> None:
+    core = core_of()
+    for i in range(20):  # waits ran twice their forecasts
+        core.calibration.observe("standard", 1.0, 2.05, float(i) / 100)
+    queued(core, task(n=0))
+    core.dispatch(0.0)
+    refused = arrive(core, task(n=1, deadline_s=4.0), now=0.5)  # 2 s calibrated; e^-2 late, not e^-4
+    assert isinstance(refused, Reject) and "14% chance" in refused.message
+
+
+def test_a_chance_of_lateness_at_the_accepted_level_is_admitted() -> None:
+    core = core_of(config(admission=AdmissionConfig(late_chance=math.exp(-3.0))))
+    queued(core, task(n=0))
+    core.dispatch(0.0)
+    assert isinstance(arrive(core, task(n=1, deadline_s=3.0)), Ticket)  # late e^-3 of the time

@@ -93,3 +93,63 @@ def test_the_deadline_heap_stays_bounded_by_the_queue() -> None:
         core.finish(ticket)
     assert len(core._deadlines) <= 2 * len(core.queue) + 64 + 1
     assert RESCUE_DISPATCHES > 0
+
+
+def test_the_next_dispatch_is_expected_one_service_interval_away() -> None:
+    core, busy = busy_core()
+    queued(core, task("a", 1), now=0.0)
+    queued(core, task("c", 2, deadline_s=1.0), now=0.0)  # due at 1.0
+    core.mean_run_s = 0.5  # two tasks a second: the next dispatch half a second away
+    core.finish(busy)
+    assert starts(core.dispatch(0.25)) == [("a-1", 0)]  # 1.0 > 0.75
+
+
+def test_a_passed_over_task_is_rescued_once_its_tenant_has_room() -> None:
+    core = core_of(workers=2, slots=1)
+    core.mean_run_s = 0.001
+    busy, held = queued(core, task("c", 99)), queued(core, task("b", 0))
+    core.dispatch(0.0)
+    queued(core, task("a", 1), now=0.0)
+    queued(core, task("b", 3, deadline_s=1.0), now=0.0)  # due at 1.0, b at its cap
+    queued(core, task("b", 4, deadline_s=1.1), now=0.0)  # due at 1.1, behind b-3
+    queued(core, task("a", 6, deadline_s=1.2), now=0.0)  # due at 1.2, behind a-1
+    gone = queued(core, task("c", 5, deadline_s=0.6), now=0.0)
+    assert core.remove(gone)  # cancelled: its entry, first in the heap, is stale
+    slow(core)
+    worker = busy.worker
+    core.finish(busy)
+    assert starts(core.dispatch(0.5)) == [("a-6", worker)]  # b-3 and b-4 passed over
+    assert sorted(t.item for _, _, t in core._deadlines) == ["b-3", "b-4"]  # kept; the stale one gone
+    core.finish(held)
+    assert [item for item, _ in starts(core.dispatch(0.55))] == ["b-3"]
+
+
+def test_the_heap_is_rebuilt_once_stale_entries_outnumber_the_queue() -> None:
+    core = core_of(workers=2, slots=1)
+    core.mean_run_s = 0.001  # a dispatch every millisecond: nothing is due
+    queued(core, task("b", 0))
+    core.dispatch(0.0)
+    queued(core, task("b", 1, deadline_s=10.0))  # b is at its cap: its entry stays on top
+    for n in range(1, 68):  # each starts at once and its entry goes stale under b-1's
+        ticket = queued(core, task("a", n, deadline_s=60.0))
+        assert starts(core.dispatch(0.0)) == [(f"a-{n}", 1)]
+        core.finish(ticket)
+    assert len(core._deadlines) == 68  # b-1 and 67 stale: not more than 2 x 2 queued + 64
+    queued(core, task("a", 68, deadline_s=60.0))
+    assert len(core._deadlines) == 2  # b-1 and a-68: the stale ones went
+
+
+def test_a_due_task_without_room_keeps_its_entry_when_nothing_is_rescued() -> None:
+    core = core_of(workers=2, slots=1)
+    core.mean_run_s = 0.001
+    busy = queued(core, task("c", 99))
+    queued(core, task("b", 0))
+    core.dispatch(0.0)
+    queued(core, task("a", 1), now=0.0)
+    queued(core, task("b", 3, deadline_s=1.0), now=0.0)  # due at 1.0, b at its cap
+    queued(core, task("a", 7, deadline_s=60.0), now=0.0)  # not due: the search stops there
+    slow(core)
+    worker = busy.worker
+    core.finish(busy)
+    assert starts(core.dispatch(0.5)) == [("a-1", worker)]
+    assert sorted(t.item for _, _, t in core._deadlines) == ["a-7", "b-3"]

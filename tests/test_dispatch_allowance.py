@@ -105,3 +105,28 @@ def test_the_learnt_service_time_is_a_mean_at_first_then_moves_a_twentieth_per_t
         capacity.observe(calls=1, input_tokens=1, output_tokens=1, run_s=2.0, permit_wait_s=0.0)
     capacity.observe(calls=1, input_tokens=1, output_tokens=1, run_s=4.0, permit_wait_s=0.0)  # the 21st
     assert capacity.snapshot()["service_s"] == pytest.approx(0.95 * 2.0 + 0.05 * 4.0)
+
+
+def test_output_tokens_can_be_the_scarcest_dimension() -> None:
+    capacity = learnt(ModelCapacity(RateLimit(rpm=60, otpm=6_000)))
+    assert capacity.burst({"requests": 100.0, "output_tokens": 100.0}) == 2  # 5 calls of 20 tokens, 2 a task
+
+
+def test_a_key_without_limits_is_never_capped_and_learns_nothing() -> None:
+    dispatch = ModelDispatch({"m": RateLimit(rpm=60)})
+    dispatch.learn("unlisted", result(task()), run_s=1.0)  # not limited: nothing to learn
+    dispatch.started("unlisted")
+    assert dispatch.has_room("unlisted") and dispatch.excess("unlisted") == 0
+    assert dispatch.tasks_per_s("unlisted") is None and "unlisted" not in dispatch.capacity
+
+
+def test_new_limits_keep_what_a_kept_model_learnt_and_forget_a_dropped_one() -> None:
+    dispatch = ModelDispatch({"m": RateLimit(rpm=60), "gone": RateLimit(rpm=60)})
+    dispatch.learn("m", result(task()), run_s=2.0)  # one call a task: 1 task/s
+    dispatch.backlog(LimiterBacklog({"m": 1, "gone": 1}))
+    dispatch.retune({"m": RateLimit(rpm=120), "new": RateLimit(rpm=60)})
+    assert set(dispatch.capacity) == {"m", "new"}
+    assert dispatch.tasks_per_s("m") == 2.0 and dispatch.tasks_per_s("new") is None
+    assert dispatch.snapshot()["m"]["backlogged"] is True and dispatch.has_room("gone")
+    dispatch.backlog(LimiterBacklog({"gone": 1}))
+    assert dispatch.snapshot()["m"]["backlogged"] is False

@@ -213,3 +213,20 @@ def test_the_late_chance_counts_every_dispatch_the_item_waits_for() -> None:
     assert WaitForecast(0, 1.0, 0.0).late_chance(0.5) == 0.0  # nothing ahead, nothing measured
     assert WaitForecast(1, 1.0, 0.0).late_chance(0.5) == 1.0
     assert WaitForecast(0, 0.0, 10.0).late_chance(0.5) == 0.0
+
+
+def _exact_poisson_below(k: int, mean: float) -> float:
+    return sum(math.exp(n * math.log(mean) - mean - math.lgamma(n + 1)) for n in range(k))
+
+
+def test_poisson_below_sums_up_to_ten_thousand_terms_and_approximates_beyond() -> None:
+    assert poisson_below(10_000, 10_000.0) == pytest.approx(_exact_poisson_below(10_000, 10_000.0), abs=1e-9)
+    normal = 0.5 * math.erfc(-0.5 / math.sqrt(2 * 10_000.0))  # continuity-corrected, at k - 0.5
+    assert poisson_below(10_001, 10_000.0) == pytest.approx(normal, rel=1e-12)
+    assert abs(poisson_below(10_001, 10_000.0) - _exact_poisson_below(10_001, 10_000.0)) < 0.001
+    assert poisson_below(1, 0.5) == pytest.approx(math.exp(-0.5))
+
+
+def test_a_forecast_without_a_share_is_never_reached() -> None:
+    assert WaitForecast(0, 0.0, 10.0).dispatches() == math.inf
+    assert WaitForecast(0, 1.0, 0.0, behind=1).late_chance(0.5) == 1.0
