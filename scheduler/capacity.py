@@ -132,7 +132,8 @@ class LimiterBacklog:
 
 class ModelDispatch:
     """The scheduler's per-model dispatch state: for each limit key, its learnt capacity, the
-    tasks of it running, and whether its calls are waiting for permits (only then is it capped)."""
+    tasks of it running, whether its calls are waiting for permits (then it runs at most its
+    cap) and what its buckets held at the limiter's last report (else it may run that much more)."""
 
     def __init__(self, limits: Mapping[str, RateLimit]) -> None:
         self.capacity = {key: ModelCapacity(limit) for key, limit in limits.items()}

@@ -120,14 +120,23 @@ class WaitForecast:
         return poisson_below(math.ceil(self.dispatches() - 1e-9), self.rate_per_s * limit_s / stretch)
 
 
+#: `poisson_below` sums at most this many terms; beyond, it approximates (within 1e-4).
+EXACT_TERMS = 100
+
+
 def poisson_below(k: int, mean: float) -> float:
-    """P(N < k) for N Poisson with `mean`; a normal approximation beyond 10,000 terms."""
+    """P(N < k) for N Poisson with `mean`: the chance that the k-th event of a unit-rate
+    Poisson process comes after `mean`. Summed term by term up to `EXACT_TERMS`; beyond, the
+    Wilson-Hilferty approximation of that Gamma(k) waiting time (the cube root of a Gamma is
+    close to normal), so an arrival with thousands of dispatches ahead costs no more."""
     if k <= 0:
         return 0.0
     if mean <= 0:
         return 1.0
-    if k > 10_000:
-        return 0.5 * math.erfc(-(k - 0.5 - mean) / math.sqrt(2 * mean))
+    if k > EXACT_TERMS:
+        spread = 1 / (9 * k)
+        z = ((mean / k) ** (1 / 3) - (1 - spread)) / math.sqrt(spread)
+        return 0.5 * math.erfc(z / math.sqrt(2))
     log_mean, total = math.log(mean), 0.0
     for n in range(k):
         total += math.exp(n * log_mean - mean - math.lgamma(n + 1))

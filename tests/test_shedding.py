@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from agentpool.scheduler.fair import PRIORITIES
 from agentpool.scheduler.shedding import (
+    EXACT_TERMS,
     ClassCalibration,
     OverloadDetector,
     WaitCalibration,
@@ -190,9 +191,7 @@ def test_poisson_below_is_the_sum_of_the_first_terms() -> None:
     assert poisson_below(3, 2.0) == pytest.approx((1 + 2 + 2) * math.exp(-2.0))
     assert poisson_below(0, 5.0) == 0.0 and poisson_below(-1, 5.0) == 0.0
     assert poisson_below(1, 0.0) == 1.0
-    assert poisson_below(10_001, 10_000.0) == pytest.approx(0.5, abs=0.01)  # the normal approximation
-    assert poisson_below(10_001, 9_000.0) == pytest.approx(1.0) and poisson_below(10_001, 11_000.0) < 1e-15
-    assert poisson_below(900, 1_000.0) == pytest.approx(0.00066, abs=0.00005)  # far terms, in logs
+    assert poisson_below(100, 120.0) == pytest.approx(0.02786, abs=0.00001)  # far terms, in logs
 
 
 @given(st.integers(1, 400), st.floats(0.01, 500.0))
@@ -219,11 +218,14 @@ def _exact_poisson_below(k: int, mean: float) -> float:
     return sum(math.exp(n * math.log(mean) - mean - math.lgamma(n + 1)) for n in range(k))
 
 
-def test_poisson_below_sums_up_to_ten_thousand_terms_and_approximates_beyond() -> None:
-    assert poisson_below(10_000, 10_000.0) == pytest.approx(_exact_poisson_below(10_000, 10_000.0), abs=1e-9)
-    normal = 0.5 * math.erfc(-0.5 / math.sqrt(2 * 10_000.0))  # continuity-corrected, at k - 0.5
-    assert poisson_below(10_001, 10_000.0) == pytest.approx(normal, rel=1e-12)
-    assert abs(poisson_below(10_001, 10_000.0) - _exact_poisson_below(10_001, 10_000.0)) < 0.001
+def test_poisson_below_sums_up_to_a_hundred_terms_and_approximates_beyond() -> None:
+    assert poisson_below(EXACT_TERMS, 90.0) == pytest.approx(_exact_poisson_below(EXACT_TERMS, 90.0), abs=1e-12)
+    # Wilson-Hilferty at k = 101: ((mean / k)^(1/3) - (1 - 1/(9k))) / sqrt(1/(9k)), standard normal.
+    z = ((120.0 / 101) ** (1 / 3) - (1 - 1 / 909)) / math.sqrt(1 / 909)
+    assert poisson_below(101, 120.0) == pytest.approx(0.5 * math.erfc(z / math.sqrt(2)), rel=1e-12)
+    for k in (101, 300, 5_000):
+        for ratio in (0.7, 0.9, 1.0, 1.1, 1.4):
+            assert abs(poisson_below(k, k * ratio) - _exact_poisson_below(k, k * ratio)) < 1e-4
     assert poisson_below(1, 0.5) == pytest.approx(math.exp(-0.5))
 
 
