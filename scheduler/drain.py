@@ -76,10 +76,10 @@ class DrainControl:
         until_unix = await self._store.live_config.load_drain(self._launch)
         if until_unix is None:
             return
-        now = self._clock()
+        left_s = until_unix - time.time()
         self._refused_before = self._shed[ErrorReason.DRAINING]
-        self._core.drain(now, until_unix - time.time())
-        log.warning("still draining after a restart: no new work (grace period: %.0fs left)", until_unix - time.time())
+        self._core.drain(self._clock(), left_s)
+        log.warning("still draining after a restart: no new work (grace period: %.0fs left)", left_s)
 
     def _note_idle(self) -> None:
         """Called as slots free (`_pump`): wakes a drain waiting for the last run to end."""

@@ -26,6 +26,7 @@ from agentpool.vocabulary import EventType
 from agentpool.webhooks import verify
 from tests.redis_cluster import ClusterGroup
 from tests.test_webhooks import Receiver, wait_for
+from tests.toolkit import nap_tasks
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -33,14 +34,8 @@ TENANTS = [f"tenant{i}" for i in range(6)]
 
 
 def _tasks(n: int, nap_s: float) -> list[AgentTask]:
-    return [
-        AgentTask(
-            tenant=TENANTS[i % len(TENANTS)],
-            prompt=f'sim: tool nap {{"seconds": {nap_s}}}\nsim: answer ok {i}',
-            tools=["nap"],
-        )
-        for i in range(n)
-    ]
+    """`nap_tasks`, their tenants taken in turn."""
+    return [t.model_copy(update={"tenant": TENANTS[i % len(TENANTS)]}) for i, t in enumerate(nap_tasks(n, nap_s))]
 
 
 def test_a_primary_lost_mid_batch_on_a_redis_cluster_loses_and_duplicates_no_task() -> None:
