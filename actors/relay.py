@@ -30,6 +30,7 @@ import ray
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from agentpool import heap
 from agentpool.background import withdraw_calls
 from agentpool.cluster.clients import async_client
 from agentpool.cluster.completions import PAGE, CompletionBook
@@ -75,6 +76,7 @@ class Relay:
         self._sweeper: asyncio.Task[None] | None = None
         self._sender: asyncio.Task[None] | None = None
         self._callers: set[asyncio.Task[Any]] = set()
+        heap.settle()
 
     @property
     def redis(self) -> aioredis.Redis:

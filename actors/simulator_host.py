@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ray
 
+from agentpool import heap
 from agentpool.simulator import SimulatorConfig, SimulatorServer
 
 
@@ -13,6 +14,7 @@ class SimulatorHost:
 
     def __init__(self, config: SimulatorConfig) -> None:
         self._server = SimulatorServer(config)
+        heap.settle()
 
     async def start(self) -> str:
         return await self._server.start_async()

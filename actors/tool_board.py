@@ -22,6 +22,7 @@ from typing import Any
 import ray
 from opentelemetry.metrics import CallbackOptions, Observation
 
+from agentpool import heap
 from agentpool import telemetry as tm
 from agentpool.actors.breaker import CircuitBreaker, CrashLoop, Denied, Permit, Suspended, Transition
 from agentpool.cluster.telemetry import Telemetered
@@ -161,6 +162,7 @@ class ToolBoard(Telemetered):
             unit="1",
             description="Each tool's circuit breaker: 1 for the state it is in, 0 for the others.",
         )
+        heap.settle()
 
     def _observe_breakers(self, options: CallbackOptions) -> list[Observation]:
         # Called on the metrics exporter's thread: read a copy, never the live dict.

@@ -21,6 +21,7 @@ import time
 import ray
 from opentelemetry import trace
 
+from agentpool import heap
 from agentpool import telemetry as tm
 from agentpool.actors.tool_runtime import ToolRunner
 from agentpool.actors.tool_sandbox import Sandbox
@@ -90,6 +91,7 @@ class ToolExecutor(Telemetered):
         self._last_refused = 0.0
         self._idle = asyncio.Event()
         self.in_flight = 0
+        heap.settle()
 
     def definitions(self) -> dict[str, dict[str, object]]:
         return self._runner.definitions()

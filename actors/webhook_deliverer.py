@@ -32,6 +32,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from redis.exceptions import RedisError
 
+from agentpool import heap
 from agentpool.background import Background
 from agentpool.cluster.clients import async_client
 from agentpool.cluster.keys import Keys
@@ -103,6 +104,7 @@ class WebhookDeliverer:
         self._loops: list[asyncio.Task[None]] = []
         # Starts its loops in a call to itself, which runs once this constructor returns.
         self._boot = ray.get_runtime_context().current_actor.start.remote()
+        heap.settle()
 
     async def start(self) -> None:
         if not self._loops:

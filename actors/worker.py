@@ -19,7 +19,7 @@ import ray
 from pydantic import BaseModel, SecretStr, ValidationError
 from redis.exceptions import RedisError
 
-from agentpool import events
+from agentpool import events, heap
 from agentpool import telemetry as tm
 from agentpool.actors.agent_loop import AgentLoop, CallLLM
 from agentpool.actors.checkpoint import Checkpointer, load_checkpoint
@@ -151,6 +151,7 @@ class AgentWorker(Telemetered):
         #: Runs here that a later task of their session interrupted, and how (`OnBusy`).
         self._interrupted: dict[str, OnBusy] = {}
         self.in_flight = 0
+        heap.settle()
 
     async def run(self, dispatch: Dispatch) -> AgentResult | Paused:
         """Runs one task to its final record, writes it to Redis once, and returns it; or,

@@ -16,6 +16,7 @@ from typing import Any
 
 import ray
 
+from agentpool import heap
 from agentpool.cluster.telemetry import Telemetered
 from agentpool.config import PoolConfig
 from agentpool.scheduler.capacity import LimiterBacklog
@@ -139,6 +140,7 @@ class RateLimiter(Telemetered):
         self._config = config
         #: The live configuration's version applied (`pool.update_config`); 0: as started.
         self._version = 0
+        heap.settle()
 
     def pid(self) -> int:
         """This actor's process id (an upgrade checks its restart by it)."""

@@ -27,7 +27,7 @@ from typing import Any
 import ray
 from redis.exceptions import RedisError
 
-from agentpool import events
+from agentpool import events, heap
 from agentpool.background import Background
 from agentpool.cluster.approvals import Approvals
 from agentpool.cluster.budgets import BudgetLedger
@@ -143,6 +143,7 @@ class Scheduler(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self._boot = ray.get_runtime_context().current_actor.boot.remote()
+        heap.settle()
 
     def info(self) -> dict[str, Any]:
         """What `AgentPool.connect` needs to attach to this pool."""
