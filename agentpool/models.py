@@ -356,7 +356,9 @@ def validate_tasks(
             # A task built earlier and changed since (`task.prompt = ...`) is checked again, from
             # its fields: the bounds hold for what is sent, not for what was first constructed.
             # Only here, at the edge: models that carry a task inside the pool take it as it is.
-            checked = AgentTask.model_validate(dict(task) if isinstance(task, AgentTask) else task)
+            # (`dict(iter(task))`: `dict(task)` first looks for a `keys` attribute, which
+            # pydantic's `__getattr__` answers slowly with an AttributeError.)
+            checked = AgentTask.model_validate(dict(iter(task)) if isinstance(task, AgentTask) else task)
         except ValidationError as exc:
             bad += 1
             errors += task_problems(exc, index)[: _MAX_LISTED_ERRORS - len(errors)]
