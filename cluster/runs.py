@@ -16,6 +16,15 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if tonumber(ARGV[2]) > 0 then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return redis.call('DEL', KEYS[1])
 """
+# Takes a run's lease (KEYS[2]) unless another run holds it, and reads what an earlier run
+# left, in one step: the lease's holder, the checkpoint (KEYS[1]), a cancel mark (KEYS[3]),
+# an approval decision (KEYS[4]) and the final record (KEYS[5]). A missing value comes back
+# false (RESP3) or nil (RESP2).
+_BEGIN = """
+local leased = redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
+return {leased, redis.call('GET', KEYS[2]), redis.call('GET', KEYS[1]), redis.call('EXISTS', KEYS[3]),
+  redis.call('GET', KEYS[4]), redis.call('GET', KEYS[5])}
+"""
 
 
 @dataclass
@@ -35,17 +44,17 @@ class Runs(StoreBase):
         """Takes the task's lease (unless another run holds it) and reads what an earlier run
         left: its checkpoint, a cancel request, an approval decision, or its final record."""
         checkpoint, lease, cancel, approval = self.keys.task_keys(tenant, task_id)
+        # One script, not six commands: a task's begin is on every run's path.
+        begin = Scripted(
+            _BEGIN, (checkpoint, lease, cancel, approval, self.keys.result(tenant, task_id)), (run_id, lease_ms)
+        )
 
         def add(pipe: Any) -> int:
-            pipe.set(lease, run_id, nx=True, px=lease_ms)
-            pipe.get(lease)
-            pipe.get(checkpoint)
-            pipe.exists(cancel)
-            pipe.get(approval)
-            pipe.get(self.keys.result(tenant, task_id))
-            return 6
+            begin.add_to(pipe)
+            return 1
 
-        leased, holder, saved, cancelled, decision, raw = map(raised, await self._pipelined(add))
+        (found,) = await self._pipelined(add)
+        leased, holder, saved, cancelled, decision, raw = (value or None for value in raised(found))
         return RunStart(
             leased=bool(leased),
             holder=holder,
