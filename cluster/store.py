@@ -70,7 +70,7 @@ class ResultStore(FinalRecords, Journal, Runs, EventLog):
     @property
     def spend(self) -> SpendLog:
         """Spend by lane and model per tenant and day, written in this store's batches."""
-        return SpendLog(self._pipelined, self.keys, wall_clock=time.time)
+        return SpendLog(self._lingering, self.keys, wall_clock=time.time)
 
     @property
     def sessions(self) -> SessionStore:
