@@ -1,4 +1,4 @@
-"""`heap.settle`: once per process, start-up garbage collected and the survivors frozen.
+"""`heap.settle`: once per process, young start-up garbage collected and the survivors frozen.
 
 Run in a child interpreter: freezing is process-wide and would change the test process's
 own collector for every test after this one.
