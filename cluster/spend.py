@@ -13,8 +13,17 @@ from typing import Any, cast
 import redis
 
 from agentpool.cluster.budgets import DAY_KEY_TTL_S, utc_day
-from agentpool.cluster.connection import Pipelined, raised
+from agentpool.cluster.connection import Pipelined, Scripted, raised
 from agentpool.cluster.keys import Keys
+
+# One call's spend added to its tenant's day (KEYS[1]) under `<kind>|<lane>|<model>`
+# (ARGV[1] is `<lane>|<model>`), the hash kept for its TTL: one command, not four.
+_RECORD = """
+redis.call('HINCRBYFLOAT', KEYS[1], 'spend|' .. ARGV[1], ARGV[2])
+redis.call('HINCRBYFLOAT', KEYS[1], 'list|' .. ARGV[1], ARGV[3])
+redis.call('HINCRBY', KEYS[1], 'calls|' .. ARGV[1], 1)
+return redis.call('EXPIRE', KEYS[1], ARGV[4])
+"""
 
 
 class SpendLog:
@@ -28,13 +37,11 @@ class SpendLog:
 
     async def record(self, tenant: str, *, model: str, lane: str, cost_usd: float, list_usd: float) -> None:
         day = self._keys.usage(tenant, utc_day(self._now()))
+        write = Scripted(_RECORD, (day,), (f"{lane}|{model}", cost_usd, list_usd, DAY_KEY_TTL_S))
 
         def add(pipe: Any) -> int:
-            pipe.hincrbyfloat(day, f"spend|{lane}|{model}", cost_usd)
-            pipe.hincrbyfloat(day, f"list|{lane}|{model}", list_usd)
-            pipe.hincrby(day, f"calls|{lane}|{model}", 1)
-            pipe.expire(day, DAY_KEY_TTL_S)
-            return 4
+            write.add_to(pipe)
+            return 1
 
         for result in await self._pipelined(add):
             raised(result)
