@@ -29,7 +29,9 @@ Phase 2, `map` (the same size): `pool.map` over a generator, window 10,000.
 
 Phase 3, `submit` (100,000; 3,000 with `--quick`): one `pool.submit`, one ref per task.
 - `submit_100k_s`: until the pool has accepted every task; `complete_100k_s` and
-  `tasks_per_s`: until every result is back.
+  `tasks_per_s`: until every result is back. `completion_ratio`: `tasks_per_s` over the
+  bare Ray client -> actor -> actor echo of `bench overhead`, 5,000 calls before the pool
+  starts and after it stops, the mean (`bare_ray_calls_per_s`; goal: 0.5).
 - `relay_bytes_per_held_ref`: the relay's resident memory over before, per waiting call,
   with the same number of `submit` calls all waiting (behind an hour-long provider call,
   none through the direct lane); `ray_bytes_per_pending_call` is the same for a bare async
@@ -71,6 +73,7 @@ import redis
 from agentpool import AgentPool, AgentResult, AgentTask, PoolConfig, SimulatorConfig
 from agentpool.cluster.keys import Keys
 from bench.load import require_succeeded
+from bench.overhead import _bare_ray_tps
 from bench.report import write
 
 SLOW_CALL_MS = 15_000
@@ -355,6 +358,7 @@ def _set_bytes(ids: set[str]) -> int:
 
 
 def _submit(n: int) -> dict[str, Any]:
+    bare_before = _bare_ray_tps(5_000)
     with AgentPool.start(_config("bench-scale", max_queued=n + 1000)) as pool:
         pool.run([_task(i) for i in range(200)])  # warm up
         scheduler, relay = _process("Scheduler"), _process("Relay")
@@ -381,10 +385,13 @@ def _submit(n: int) -> dict[str, Any]:
         results = ray.get(refs)
         complete_s = time.monotonic() - started
     require_succeeded(results, "scale batch")
+    bare = (bare_before + _bare_ray_tps(5_000)) / 2
     return {
         "submit_100k_s": round((admitted_s or complete_s) * 100_000 / n, 2),
         "complete_100k_s": round(complete_s * 100_000 / n, 1),
         "tasks_per_s": round(n / complete_s, 1),
+        "completion_ratio": round(n / complete_s / bare, 4),
+        "bare_ray_calls_per_s": round(bare, 1),
         "relay_bytes_per_pending_ref": round((relay_at_peak - relay_before) / max(1, peak_waiting)),
         "relay_peak_waiting": peak_waiting,
         "submit_scheduler_rss_growth_mib": round((peak_rss - rss_before) / 2**20, 1),
