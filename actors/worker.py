@@ -126,7 +126,7 @@ class AgentWorker(Telemetered):
         self._tool_defs = {name: entry["definition"] for name, entry in tool_catalog.items()}
         self._catalog = tool_catalog
         self._prices = PriceTable(config.prices)
-        self._store = ResultStore.for_pool(redis_url, config, current=lambda: self.config)
+        self._store = ResultStore.for_pool(redis_url, config, current=lambda: self.config, linger_events=True)
         #: The live configuration's version applied (`pool.update_config`); 0: as started.
         self._config_version = 0
         self._limiter = ray.get_actor(limiter_name, namespace=namespace)

@@ -123,8 +123,13 @@ class StoreBase(ABC):
         session_ttl: Callable[[str], int] | None = None,
         wait_replicas: int = 0,
         wait_timeout_ms: int = 1000,
+        linger_events: bool = False,
     ) -> None:
         self.keys = keys
+        #: Whether events linger (`LINGER_S`). A task's stream takes events from two processes:
+        #: only the worker, whose final write follows its events through this same queue, may
+        #: hold them back; the scheduler's `task_admitted` must not land after the worker's.
+        self._linger_events = linger_events
         #: Replicas each admission and record must reach before it counts (Redis WAIT).
         self._wait_replicas, self._wait_timeout_ms = wait_replicas, wait_timeout_ms
         #: Writes whose replicas did not all confirm within the timeout.

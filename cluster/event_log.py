@@ -38,9 +38,10 @@ class EventLog(StoreBase):
     def post(self, tenant: str, event: Event, *, task_id: str, trace_id: str, agent: AgentTag = (None, None)) -> None:
         """Queues one structured event for the tenant's events stream.
 
-        Events leave in pipelined batches, in order: within `LINGER_S` (2 ms) of the first
-        one queued, or sooner with a write a caller awaits (a task's final record, say), and
-        `flush` sends the rest at once (the worker calls it before returning a task's result,
+        Events leave in pipelined batches, in order: those emitted in one turn of the event
+        loop right after it (in a worker, within `LINGER_S`, 2 ms, of the first one queued,
+        or sooner with a write a caller awaits, a task's final record say), and `flush`
+        sends the rest at once (the worker calls it before returning a task's result,
         so a result's events are in Redis by then).
         While Redis is unreachable they wait here, up to `MAX_PENDING_EVENTS`, and the outbox
         retries them; beyond that the oldest are dropped and counted in `events_dropped`.
@@ -97,7 +98,7 @@ class EventLog(StoreBase):
         if len(self._events) > MAX_PENDING_EVENTS:
             del self._events[0]
             self.events_dropped += 1
-        self._kick_flush(linger=True)
+        self._kick_flush(linger=self._linger_events)
 
     @property
     def pending_events(self) -> int:

@@ -31,10 +31,18 @@ class ResultStore(FinalRecords, Journal, Runs, EventLog):
     """Async access to one pool's keys, for the scheduler and the workers."""
 
     @classmethod
-    def for_pool(cls, url: str, config: PoolConfig, current: Callable[[], PoolConfig] | None = None) -> ResultStore:
+    def for_pool(
+        cls,
+        url: str,
+        config: PoolConfig,
+        current: Callable[[], PoolConfig] | None = None,
+        *,
+        linger_events: bool = False,
+    ) -> ResultStore:
         """The store as a pool's actors use it: layout, TTL, stream bounds and event log from
         `config`; the tenants' policies from `current()` when given (a process whose
-        configuration changes live), else from `config`."""
+        configuration changes live), else from `config`. `linger_events`: a worker's events
+        wait up to `LINGER_S` for its next write (`StoreBase`)."""
         now = current or (lambda: config)
 
         def policy(tenant: str) -> TenantPolicy:
@@ -55,6 +63,7 @@ class ResultStore(FinalRecords, Journal, Runs, EventLog):
             wait_timeout_ms=config.redis_wait_timeout_ms,
             pii=lambda tenant: policy(tenant).guardrails.pii,
             session_ttl=lambda tenant: policy(tenant).sessions.ttl_s,
+            linger_events=linger_events,
         )
 
     @property

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from agentpool import events
 from agentpool.cluster.budgets import BudgetLedger
+from agentpool.cluster.connection import LINGER_S
 from agentpool.cluster.keys import Keys
 from agentpool.cluster.reader import ResultsReader
 from agentpool.cluster.store import ResultStore
@@ -176,3 +177,43 @@ async def test_an_admission_the_store_cannot_make_raises_instead_of_hanging() ->
     task = AgentTask(tenant="acme", prompt="hi")
     with pytest.raises(StoreError, match="admission could not be recorded"):
         await asyncio.wait_for(store.admit(task, "{}"), 5)
+
+
+async def test_a_workers_events_linger_for_its_record_and_a_schedulers_do_not(
+    redis_url: str, key_prefix: str, redis_client: redis.Redis
+) -> None:
+    """With `linger_events` (a worker's store) an event waits up to `LINGER_S` and goes with a
+    write that comes meanwhile, in the same pipeline and before it; without (the scheduler's,
+    whose `task_admitted` must reach a task's stream before the worker's events) it leaves
+    in the next turn of the loop."""
+    keys = Keys(key_prefix)
+    stream = keys.events("acme")
+    sent: list[int] = []
+
+    class Counted(ResultStore):
+        async def _send_queued(self) -> None:
+            sent.append(len(self._events))
+            await super()._send_queued()
+
+    worker = Counted(redis_url, keys=keys, linger_events=True)
+    worker.post("acme", events.LeaseWait(holder=None), task_id="t1", trace_id="x")
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert sent == [] and redis_client.xlen(stream) == 0, "lingering: nothing sent yet"
+    await worker.write_result(result("t1"), events=[events.TaskEnd(status=TaskStatus.SUCCEEDED)])
+    assert sent == [1], "the event went with the record, in one pipeline"
+    assert [f["event"] for _, f in redis_client.xrange(stream)] == ["lease_wait", "task_end"]
+    worker.post("acme", events.LeaseWait(holder=None), task_id="t2", trace_id="x")
+    await asyncio.sleep(LINGER_S * 5)
+    assert sent == [1, 1] and redis_client.xlen(stream) == 3, "alone, it leaves after LINGER_S"
+    await worker.close()
+
+    sent.clear()
+    scheduler = Counted(redis_url, keys=keys)
+    scheduler.post("acme", events.LeaseWait(holder=None), task_id="t3", trace_id="x")
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert sent == [1], "not lingering: sent in the next turns of the loop"
+    await scheduler.flush()
+    assert redis_client.xlen(stream) == 4
+    await scheduler.close()
