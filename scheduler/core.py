@@ -35,7 +35,7 @@ import itertools
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
 from agentpool.config import PoolConfig
@@ -196,8 +196,7 @@ class SchedulerCore(Generic[T]):
         ahead = self.queue.ahead(ticket.tenant, ticket)
         if ahead is None:
             return None
-        whole = self.forecast(ticket)
-        return ahead, WaitForecast(ahead, whole.share, whole.rate_per_s, whole.behind).seconds()
+        return ahead, replace(self.forecast(ticket), ahead=ahead).seconds()
 
     def estimate(self, task: AgentTask) -> float:
         """Service a task will receive, in VTC units, until its real usage is known: what its
