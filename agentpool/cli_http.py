@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from agentpool.cli_common import AddressOption, NameOption, _connect, _debug, console, friendly, stderr
+from agentpool.vocabulary import Ingress
 
 
 def _interrupted(*_: object) -> None:
@@ -60,8 +61,12 @@ def keys_revoke(
 
 @friendly
 def serve(
-    host: Annotated[str, typer.Option(help="Address Serve's HTTP proxy listens on.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Address the API listens on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Its port.")] = 8000,
+    ingress: Annotated[
+        Ingress | None,
+        typer.Option(help="What takes connections: HAProxy where found (auto), or Serve's Python proxy."),
+    ] = None,
     key: Annotated[
         list[str] | None, typer.Option("--key", help="Create and print an API key for this tenant; repeatable.")
     ] = None,
@@ -86,7 +91,10 @@ def serve(
         pool = AgentPool.start(PoolConfig(name=name))
         origin = "started here (local Ray, stopped with this command)"
     try:
-        http = pool.config.http.model_copy(update={"host": host, "port": port})
+        update: dict[str, object] = {"host": host, "port": port}
+        if ingress is not None:
+            update["ingress"] = ingress
+        http = pool.config.http.model_copy(update=update)
         url = serve_http(pool.config.name, http)
         console.print(f"pool [bold]{pool.config.name}[/] {origin}")
         console.print(f"HTTP API at [bold]{url}[/]  (OpenAPI: {url}/docs, console: {url}/)")

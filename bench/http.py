@@ -6,11 +6,12 @@ The simulator answers at once (zero latency), so what is measured is the front d
   interleaved), `POST /v1/runs/wait` minus `pool.run` of the same one-call task (goal: p50
   at most 5 ms more).
 - `serve_floor_p50_ms`, `serve_floor_per_s`: Serve's own cost on this machine, measured in
-  the same run: `GET /healthz` (proxy, replica, an endpoint that does nothing) one at a time
+  the same run: `GET /healthz` (ingress, replica, an endpoint that does nothing) one at a time
   and from `concurrency` clients; `runs_over_serve_floor` is `runs_per_s` over the latter.
 - `runs_per_s`: `POST /v1/runs` (202, the async path) sustained by `concurrency` clients;
-  `runs_per_http_cpu_s`: the same per CPU second spent by Serve's proxy and the API's
-  replica (the processes the front door adds), `runs_per_s_per_core` over the machine's cores.
+  `runs_per_http_cpu_s`: the same per CPU second spent by the ingress (HAProxy, or Serve's
+  Python proxy: the JSON's `config.ingress`) and the API's replica (the processes the front
+  door adds), `runs_per_s_per_core` over the machine's cores.
 - `sse_streams_held`: of `streams` SSE streams opened at once on one run (paused for an
   approval that does not come), those still
   open after `hold_s` with a heartbeat every `heartbeat_s`; `sse_heartbeats_min`: the
@@ -64,13 +65,19 @@ def _free_port() -> int:
 
 
 def _serve_processes() -> list[psutil.Process]:
-    """Serve's proxy and the API's replicas (Ray names its worker processes after the actor)."""
+    """What takes requests in front of the app (HAProxy, or Serve's Python proxy) and the
+    API's replicas (Ray names its worker processes after the actor)."""
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
+    for proc in psutil.process_iter(["name", "cmdline"]):
         line = " ".join(proc.info["cmdline"] or [])
-        if "ProxyActor" in line or "ServeReplica" in line:
+        if "ProxyActor" in line or "ServeReplica" in line or proc.info["name"] == "haproxy":
             found.append(proc)
     return found
+
+
+def _ingress() -> str:
+    """Which ingress Serve runs: `haproxy` or `proxy` (`HttpConfig.ingress`)."""
+    return "haproxy" if any(p.name() == "haproxy" for p in _serve_processes()) else "proxy"
 
 
 def _cpu_s(processes: list[psutil.Process]) -> float:
@@ -311,6 +318,7 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
             cpu_before = _cpu_s(http_procs)
             accepted, wall = asyncio.run(_sustained(url, key, concurrency, seconds))
             http_cpu = _cpu_s(http_procs) - cpu_before
+            ingress = _ingress()
             print("  batch", flush=True)
             batch = _batch(url, key, batch_size)
         finally:
@@ -349,11 +357,12 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
     notes = (
         f"Zero-latency simulator, one LLM call per task, one API replica. Latency: {sequential} tasks one at a time "
         f"through pool.run and through POST /v1/runs/wait (interleaved, keep-alive client). Rate: {concurrency} "
-        f"clients posting /v1/runs for {seconds:.0f} s; CPU of Serve's proxy and replica processes. Streams: "
+        f"clients posting /v1/runs for {seconds:.0f} s; CPU of the ingress ({ingress}) and replica processes. "
+        "Streams: "
         f"{streams} SSE streams on one run paused for approval held {hold_s:.0f} s with a heartbeat every "
         f"{heartbeat_s:.0f} s, "
         f"then the task is cancelled. Webhooks: {hooks} runs to a receiver on this machine. Batch: {batch_size} tasks "
         "as JSONL, last."
     )
-    write(out, "http", figures=figures, notes=notes, config={"quick": quick}, plots=[plot])
+    write(out, "http", figures=figures, notes=notes, config={"quick": quick, "ingress": ingress}, plots=[plot])
     return figures

