@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any, cast
 
@@ -264,10 +265,31 @@ def stop_order(pool: str, name: str) -> int:
     return 4  # the simulator and Redis hosts
 
 
-def kill_all(actors: Iterable[Any]) -> None:
-    """Stops each actor for good (one already gone is skipped)."""
+#: How long `kill_all` waits for the actors it stops to be gone.
+KILL_WAIT_S = 10.0
+
+
+def kill_all(actors: Iterable[Any], wait_s: float = KILL_WAIT_S) -> None:
+    """Stops each actor for good (one already gone is skipped), and returns once Ray has
+    them dead, or after `wait_s`. `ray.kill` only asks: a worker still running a task for
+    a moment after it returned could end that task after the pool said it stopped (and a
+    drained pool's next one would find the task done by the old one, not resumed)."""
     import ray
 
+    stopping = []
     for actor in actors:
         with contextlib.suppress(Exception):  # already gone: nothing left to stop
             ray.kill(actor, no_restart=True)
+            stopping.append(actor)
+    deadline = time.monotonic() + wait_s
+    for actor in stopping:
+        while time.monotonic() < deadline:
+            try:
+                # Not re-sent (the control actors' calls are, forever): a dead actor fails it.
+                probe = actor.__ray_ready__.options(max_task_retries=0).remote()
+                ray.get(probe, timeout=max(0.01, deadline - time.monotonic()))
+            except ray.exceptions.GetTimeoutError:
+                break  # it answers no more, and is not yet dead: no longer this call's to wait for
+            except Exception:  # ActorDiedError, once Ray has it dead
+                break
+            time.sleep(0.01)
