@@ -208,6 +208,13 @@ def test_sse_cut_mid_run_resumes_with_last_event_id_losing_and_repeating_nothing
     stream = redis_client.xrange(f"{api.pool.config.key_prefix}:{{acme}}:events:{task_id}")
     assert got[:-1] == [(entry_id, fields["event"]) for entry_id, fields in stream]
     assert [e for _, e in got].count("tool_result") == 3
+    # Lines end in LF alone: an id cut from the raw stream line by line, as `grep '^id:'`
+    # does, resumes (with CRLF it kept a CR, which HAProxy refuses in a header with a 400).
+    whole = api.client.get(url, headers=api.auth()).content
+    assert b"\r" not in whole
+    second = [line.removeprefix(b"id: ") for line in whole.split(b"\n") if line.startswith(b"id:")][1]
+    resumed = api.client.get(url, headers={**api.auth(), "Last-Event-ID": second.decode()})
+    assert resumed.status_code == 200 and resumed.text.count("\nevent:") + 1 == len(stream)
     bad = api.client.get(url, headers={**api.auth(), "Last-Event-ID": "yesterday"})
     assert bad.status_code == 422
 

@@ -267,8 +267,14 @@ def build_app(connect: Callable[[], Awaitable[Gateway]]) -> FastAPI:
         if not _ENTRY_ID.match(start):
             raise HTTPException(422, "Last-Event-ID (or after) must be an event id such as 1700000000000-0")
         await owned(task_id, key)
+        # Lines end in LF alone (sse-starlette's default is CRLF; the spec allows both): an id
+        # cut from the stream by a line-based tool (`grep '^id:'`) then carries no CR into a
+        # `Last-Event-ID` header, which HAProxy rightly refuses (400).
         return EventSourceResponse(
-            _sse(g, key.tenant, task_id, start), ping=g.http.sse_heartbeat_s, headers={"Cache-Control": "no-store"}
+            _sse(g, key.tenant, task_id, start),
+            ping=g.http.sse_heartbeat_s,
+            headers={"Cache-Control": "no-store"},
+            sep="\n",
         )
 
     # --- batches -----------------------------------------------------------------------
