@@ -289,7 +289,7 @@ def kill_all(actors: Iterable[Any], wait_s: float = KILL_WAIT_S) -> None:
                 probe = actor.__ray_ready__.options(max_task_retries=0).remote()
                 ray.get(probe, timeout=max(0.01, deadline - time.monotonic()))
             except ray.exceptions.GetTimeoutError:
-                break  # it answers no more, and is not yet dead: no longer this call's to wait for
+                break  # no answer, and not dead, within the wait: it has had its time
             except Exception:  # ActorDiedError, once Ray has it dead
                 break
             time.sleep(0.01)
