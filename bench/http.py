@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -45,6 +44,7 @@ import psutil
 import redis
 
 from agentpool import AgentPool, AgentTask, PoolConfig, SimulatorConfig
+from agentpool.cluster.redis_server import free_port
 from agentpool.config import AdmissionConfig, HttpConfig, WebhookConfig
 from agentpool.http.serve import serve_http, stop_http
 from bench.load import require_succeeded
@@ -56,12 +56,6 @@ class _Backlogged(ThreadingHTTPServer):
     connections past it wait a second for TCP to try again)."""
 
     request_queue_size = 1024
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _serve_processes() -> list[psutil.Process]:
@@ -225,7 +219,7 @@ class _Receiver:
     """Records when each webhook arrives (task id -> unix time)."""
 
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.arrived: dict[str, float] = {}
         receiver = self
 
@@ -259,7 +253,7 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         admission=AdmissionConfig(max_queue_wait_s=3600, target_wait_s=3600),
         # One replica, held there: what one replica holds and serves is the figure.
         http=HttpConfig(
-            port=_free_port(), sse_heartbeat_s=heartbeat_s, max_ongoing_requests=4000, min_replicas=1, max_replicas=1
+            port=free_port(), sse_heartbeat_s=heartbeat_s, max_ongoing_requests=4000, min_replicas=1, max_replicas=1
         ),
         webhooks=WebhookConfig(allow_private_addresses=True),
     )

@@ -77,7 +77,7 @@ def _floor_latencies(redis_url: str, n: int) -> list[float]:
     return out
 
 
-def _bare_ray_tps(n: int) -> float:
+def bare_ray_tps(n: int) -> float:
     back = _Back.options(num_cpus=0, max_concurrency=1000).remote()
     front = _Front.options(num_cpus=0, max_concurrency=1000).remote(back)
     ray.get(front.run.remote({"warm": True}))
@@ -148,7 +148,7 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
     )
     # The bare echo brackets the pool's runs (before it starts, after it stops): on a shared
     # machine one measurement of it moved by a fifth between runs.
-    bare_before = _bare_ray_tps(batch)
+    bare_before = bare_ray_tps(batch)
     with AgentPool.start(config) as pool:
         # Warm up every process, and every connection a worker holds to the provider at its
         # full concurrency; the batches follow at once (a worker closes a connection idle for
@@ -161,7 +161,7 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         direct = asyncio.run(_direct_latencies(url, sequential))
         ours = _pool_latencies(pool, sequential)
         floor = _floor_latencies(pool.redis_url, sequential)
-    bare_after = _bare_ray_tps(batch)
+    bare_after = bare_ray_tps(batch)
     bare_tps = (bare_before + bare_after) / 2
     added_p50 = percentile(ours, 0.5) - percentile(direct, 0.5)
     figures: dict[str, Any] = {

@@ -309,10 +309,6 @@ class StoreBase(ABC):
         self._kick_flush(linger=linger)
         return await future
 
-    def _lingering(self, add: Callable[[Any], int]) -> Awaitable[list[Any]]:
-        """`_pipelined` with `linger`, as the parts whose writes nobody waits on take it."""
-        return self._pipelined(add, linger=True)
-
     def _kick_flush(self, *, linger: bool = False) -> None:
         """Has what is queued sent: in the next turn of the loop, or with `linger`, within
         `LINGER_S` (sooner if a write that may not linger comes meanwhile)."""

@@ -56,7 +56,8 @@ def _die_with_parent() -> None:
         pass
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nothing listens on now (bound and released on 127.0.0.1)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -75,7 +76,7 @@ class EmbeddedRedis:
         password: str | None = None,
         config: tuple[str, ...] = (),
     ) -> None:
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self._password = password or secrets.token_urlsafe(24)
         self._timeout_s = startup_timeout_s
         self._appendonly = appendonly

@@ -9,6 +9,7 @@ reads results with.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 
@@ -79,7 +80,7 @@ class ResultStore(FinalRecords, Journal, Runs, EventLog):
     @property
     def spend(self) -> SpendLog:
         """Spend by lane and model per tenant and day, written in this store's batches."""
-        return SpendLog(self._lingering, self.keys, wall_clock=time.time)
+        return SpendLog(functools.partial(self._pipelined, linger=True), self.keys, wall_clock=time.time)
 
     @property
     def sessions(self) -> SessionStore:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
 import uuid
 from collections.abc import Callable
 from typing import Any, cast
@@ -21,6 +20,7 @@ from ray import serve
 from ray.serve import Application
 from starlette.types import ASGIApp
 
+from agentpool.cluster.redis_server import free_port
 from agentpool.config import HttpConfig, PoolConfig
 from agentpool.errors import ConfigError, PoolNotRunning
 from agentpool.http.app import build_app
@@ -126,15 +126,9 @@ def ingress_env(http: HttpConfig, find: Callable[[], str | None] = haproxy_binar
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": place,
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": os.path.join(place, "server-state"),
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": os.path.join(place, "metrics.sock"),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
     }
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("", 0))
-        return int(probe.getsockname()[1])
 
 
 def serve_http(pool: str, http: HttpConfig | None = None) -> str:
