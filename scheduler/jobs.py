@@ -10,6 +10,7 @@ approval request and decision; the job itself is only the in-memory handle on it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -98,6 +99,13 @@ class Job:
     def resumed(self) -> bool:
         """It ran before: queued again, it goes first and is never dropped for waiting."""
         return self.adopted or self.attempt > 1 or self.paused is not None
+
+    def close(self) -> None:
+        """Its life in the scheduler is over: it lets go of its ticket, which holds it as the
+        ticket's `item`, so that reference counting frees both (and all they hold) at once.
+        Left as a cycle, every ended task waited for the garbage collector (`heap`)."""
+        with contextlib.suppress(AttributeError):  # a job that never got a ticket
+            del self.ticket
 
     def requeue(self) -> None:
         """Queued again (its worker died, its approval came): a new wait for a slot."""

@@ -79,7 +79,14 @@ class Records:
 
     def _ended(self, life: asyncio.Task[AgentResult | None], job: Job) -> None:
         """Resolves the job whatever its life did: every waiter (a `run` call, `enqueue`,
-        `cancel`) gets a record, even when the life itself failed (a bug of ours)."""
+        `cancel`) gets a record, even when the life itself failed (a bug of ours). Then the
+        job is closed: nothing of the scheduler holds it any more."""
+        try:
+            self._resolve(life, job)
+        finally:
+            job.close()
+
+    def _resolve(self, life: asyncio.Task[AgentResult | None], job: Job) -> None:
         if self._jobs.get(job.task.task_id) is job:
             del self._jobs[job.task.task_id]
         self._release_turn(job)

@@ -1,14 +1,24 @@
-"""`heap.settle`: once per process, young start-up garbage collected and the survivors frozen.
+"""`heap.settle`: once per process, young start-up garbage collected, the survivors frozen
+and the collector's thresholds raised; and the scheduler's jobs, which the raised thresholds
+rely on, leave no cycle behind when they end (`Job.close`).
 
-Run in a child interpreter: freezing is process-wide and would change the test process's
-own collector for every test after this one.
+`settle` runs in a child interpreter: freezing is process-wide and would change the test
+process's own collector for every test after this one.
 """
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import subprocess
 import sys
 import textwrap
+import time
+import weakref
+
+from agentpool import AgentTask
+from agentpool.scheduler.decisions import Ticket
+from agentpool.scheduler.jobs import Job
 
 _CHILD = textwrap.dedent(
     """
@@ -26,12 +36,11 @@ _CHILD = textwrap.dedent(
     kept = Node()
     kept.me = kept
     assert dead() is not None
-    thresholds = gc.get_threshold()
 
     assert heap.settle() is True
     assert dead() is None, "start-up garbage is collected before freezing"
     assert gc.get_freeze_count() > 0
-    assert gc.get_threshold() == thresholds, "CPython's thresholds stay"
+    assert gc.get_threshold() == heap.THRESHOLDS == (50_000, 10, 10)
     assert not any(o is kept for o in gc.get_objects()), "what survived is frozen, out of every generation"
 
     frozen = gc.get_freeze_count()
@@ -46,3 +55,30 @@ def test_settle_collects_then_freezes_once() -> None:
     done = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+async def test_a_closed_job_is_freed_by_reference_counting() -> None:
+    """A job and its ticket hold each other until the job ends; closed, the two go as soon
+    as nothing else holds the job, with the collector off."""
+    task = AgentTask(tenant="t", prompt="hello")
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        open_job = Job(task, "", time.time())
+        open_job.ticket = Ticket(open_job, task, None)
+        still_open = weakref.ref(open_job)
+        del open_job
+        assert still_open() is not None, "an open job and its ticket make a cycle"
+
+        job = Job(task, "", time.time())
+        job.ticket = Ticket(job, task, None)
+        job.close()
+        closed = weakref.ref(job)
+        del job
+        assert closed() is None
+        Job(task, "", time.time()).close()  # a job that never had a ticket closes too
+    finally:
+        if enabled:
+            gc.enable()
+        gc.collect()
+    await asyncio.sleep(0)
