@@ -53,6 +53,10 @@ class JobControl:
     _counts: Counter[str]
     _durable: Counter[str]
     _booted: bool
+    #: Set once boot has read back the live configuration and a drain in progress: until
+    #: then a restarted scheduler takes no work and reports no state (`run`, `enqueue`,
+    #: `status` wait for it), so a drain outlives a restart without a gap.
+    _loaded: asyncio.Event
     _deferred: dict[str, Job]
     _callers: set[asyncio.Task[Any]]
 
@@ -123,12 +127,14 @@ class JobControl:
         if self._booted:
             return 0
         self._booted = True
-        await self._load_agents()
         try:
+            await self._load_agents()
             await self._load_live()
             await self._load_drain()
         except (RedisError, OSError) as exc:  # it runs on its first configuration meanwhile
             log.error("could not read the live configuration or a drain back (%s)", exc)
+        finally:
+            self._loaded.set()
         waiting = await self._count_backlog()
         self._durable["recovered"] += waiting
         return waiting
@@ -140,6 +146,7 @@ class JobControl:
         task, `accepted` or the final status it already has (a rejection, say). Their results
         land in Redis. With `reply` (the relay's calls), each record is also sent to the
         relay when its task ends, and one that exists already comes back as `record`."""
+        await self._loaded.wait()
         tasks = await self._with_agents(tasks)
         batch: list[int] = []
         for i, t in enumerate(tasks):

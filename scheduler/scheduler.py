@@ -138,6 +138,7 @@ class Scheduler(
         self._init_drain()
         self._init_live()
         self._booted = False
+        self._loaded = asyncio.Event()
         # Take up what this pool accepted before (a restart): a call to ourselves, which runs
         # as soon as this constructor returns.
         with warnings.catch_warnings():
@@ -159,6 +160,7 @@ class Scheduler(
         the tasks of its session sent before it in the same call of the client (it takes its
         place in the session's line after theirs).
         """
+        await self._loaded.wait()
         caller = asyncio.current_task()
         if caller is not None:
             self._callers.add(caller)

@@ -70,6 +70,7 @@ class StatusView:
     async def status(self: Any) -> dict[str, Any]:
         """Queues, in-flight work, shedding, errors and alerts, the global buckets, the tools'
         breakers and today's spend per tenant."""
+        await self._loaded.wait()
         now, core = self._clock(), self._core
         try:
             limits = await self._limiter.status.remote()
