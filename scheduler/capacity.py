@@ -140,7 +140,10 @@ class ModelDispatch:
         self._running: Counter[str] = Counter()
         self._backlogged: set[str] = set()
         #: What each key's buckets held at the limiter's last report (unknown: not there), and
-        #: its tasks running then.
+        #: its tasks running then less those that ended since: what the buckets held is for
+        #: the tasks started beyond these. (A task that ends gives no token back: were it
+        #: left in, each task ending between two reports would let one more start, to wait
+        #: for a permit inside a worker.)
         self._levels: dict[str, Mapping[str, float]] = {}
         self._base: dict[str, int] = {}
 
@@ -174,8 +177,8 @@ class ModelDispatch:
 
     def _allowance(self, key: str) -> float:
         """Tasks of `key` that may run at once now (unbounded: not capped): its cap while its
-        calls wait for permits; else also the tasks that ran at the limiter's last report plus
-        the burst its buckets held then, if that is more."""
+        calls wait for permits; else also the tasks that ran at the limiter's last report and
+        still run, plus the burst its buckets held then, if that is more."""
         capacity = self.capacity.get(key)
         cap = capacity.cap() if capacity is not None else None
         if capacity is None or cap is None:
@@ -196,6 +199,8 @@ class ModelDispatch:
     def finished(self, key: str | None) -> None:
         if key is not None:
             self._running[key] -= 1
+            if key in self._base:
+                self._base[key] -= 1
 
     def learn(self, key: str | None, result: AgentResult, run_s: float) -> None:
         """What a finished task of `key` shows about the rate its limits sustain."""

@@ -62,6 +62,25 @@ def test_a_model_whose_calls_wait_runs_its_cap_and_one_that_holds_a_burst_runs_m
     assert dispatch.has_room("m") and dispatch.excess("m") == 0 and dispatch.excess(None) == 0
 
 
+def test_a_task_that_ends_after_the_report_gives_no_token_back() -> None:
+    dispatch = ModelDispatch({"m": RateLimit(rpm=60)})
+    dispatch.learn("m", result(task(), input_tokens=10, output_tokens=20, calls=1), run_s=2.0)  # cap 4
+    for _ in range(10):
+        dispatch.started("m")
+    dispatch.backlog(LimiterBacklog({}, {"m": {"requests": 2.0}}))  # room for 2 more: 12
+    for _ in range(5):
+        dispatch.finished("m")  # 5 running: the buckets still hold 2 tasks' worth, not 7
+    assert dispatch.has_room("m") and dispatch.excess("m") == 0
+    dispatch.started("m")
+    dispatch.started("m")
+    assert not dispatch.has_room("m")  # 7 running, both tokens taken
+    for _ in range(3):
+        dispatch.finished("m")  # 4 running: the cap, whatever the buckets held
+    assert not dispatch.has_room("m") and dispatch.excess("m") == 0
+    dispatch.finished("m")
+    assert dispatch.has_room("m")
+
+
 def test_the_forecast_counts_the_model_s_excess_first() -> None:
     assert WaitForecast(ahead=1, share=0.5, rate_per_s=2.0, behind=3).seconds() == 3.5  # (3 + 2 / 0.5) / 2
     assert WaitForecast(ahead=0, share=1.0, rate_per_s=0.0, behind=1).seconds() == math.inf
