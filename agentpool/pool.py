@@ -12,6 +12,7 @@ from typing import Any, TypeVar, cast
 import ray
 
 from agentpool import telemetry as tm
+from agentpool.actors.relay import CHUNK as RELAY_CHUNK
 from agentpool.cluster.acl import display_url
 from agentpool.cluster.completions import Completions
 from agentpool.cluster.keys import Keys
@@ -294,17 +295,24 @@ class AgentPool(PoolTelemetry, PoolFrontDoor, PoolAgents, PoolLife):
         # A few calls at a time wait at the scheduler (one hop less); the rest in the relay.
         # A session's tasks always go to the scheduler, each naming the one of its session
         # sent before it: they take their places in the session's line in the order given.
+        # The relay's tasks go a chunk per call, and each ref is a call that names its task.
         self._direct = _unresolved(self._direct)
         room = max(0, self.config.submit_direct_calls - len(self._direct))
-        refs: list[ray.ObjectRef] = []
+        refs: list[ray.ObjectRef | None] = [None] * len(validated)
+        relayed: list[int] = []
         for i, task in enumerate(validated):
             if i < room or task.session_id is not None:
-                ref = self._scheduler.run.remote(task, _trace_context(task), sent_before[i])
-                self._direct.append(ref)
+                direct = self._scheduler.run.remote(task, _trace_context(task), sent_before[i])
+                self._direct.append(direct)
+                refs[i] = direct
             else:
-                ref = self._relay.run.remote(task, _trace_context(task))
-            refs.append(ref)
-        return refs
+                relayed.append(i)
+        for start in range(0, len(relayed), RELAY_CHUNK):
+            part = [validated[i] for i in relayed[start : start + RELAY_CHUNK]]
+            self._relay.accept.remote(part, [_trace_context(t) for t in part])
+            for i, task in zip(relayed[start : start + RELAY_CHUNK], part, strict=True):
+                refs[i] = self._relay.run.remote(task.task_id, task.tenant)
+        return cast(list[ray.ObjectRef], refs)
 
     def _withdraw_calls(self, timeout_s: float = 5.0) -> None:
         """Has the relay and the scheduler answer every `run` call still waiting (the tasks

@@ -51,9 +51,9 @@ class CompletionBook:
         entries = stream_entries(last)
         self.cursors.setdefault(stream, entries[0][0] if entries else "0-0")
 
-    def watch(self, task: AgentTask) -> None:
-        tenant, times = self._awaited.get(task.task_id, (task.tenant, 0))
-        self._awaited[task.task_id] = (tenant, times + 1)
+    def watch(self, task_id: str, tenant: str) -> None:
+        tenant, times = self._awaited.get(task_id, (tenant, 0))
+        self._awaited[task_id] = (tenant, times + 1)
         self._tenants[tenant] += 1
 
     def streams(self) -> dict[Any, Any]:
@@ -119,7 +119,7 @@ class Completions:
             for stream in self._book.unread_streams(tasks):
                 self._book.start_at(stream, self._redis.xrevrange(stream, count=1))
         for task in tasks:
-            self._book.watch(task)
+            self._book.watch(task.task_id, task.tenant)
 
     def take(self, block_ms: int) -> list[AgentResult]:
         """Records of watched tasks written since the last call, waiting up to `block_ms`

@@ -125,6 +125,22 @@ def test_a_client_keeps_only_a_few_calls_waiting_at_the_scheduler(redis_url: str
         assert {r.status for r in ray.get(again, timeout=60)} == {"succeeded"}
 
 
+def test_records_that_come_before_their_calls_reach_them(redis_url: str) -> None:
+    """Through the relay, a chunk's tasks go in one call and each ref is a call naming its
+    task: tasks that ran before (submitted again) have their records back from the scheduler
+    at once, before most of their calls have come. Each call still gets its record, a task
+    given twice in a batch gets it twice, and nothing is left waiting."""
+    cfg = small_config(redis_url, tag="bl", worker_concurrency=8, submit_direct_calls=0)
+    with AgentPool.start(cfg) as pool:
+        relay = ray.get_actor(f"{cfg.name}-relay", namespace="agentpool")
+        tasks = _batch(2500, delay_ms=0)
+        first = ray.get(pool.submit(tasks), timeout=120)
+        assert {r.status for r in first} == {"succeeded"}
+        again = ray.get(pool.submit([*tasks, tasks[7]]), timeout=120)
+        assert again == [*first, first[7]]
+        assert ray.get(relay.waiting.remote()) == 0
+
+
 def test_later_critical_work_goes_before_a_standard_backlog(redis_url: str) -> None:
     cfg = small_config(redis_url, tag="bl", worker_concurrency=2, queue_window=10)
     with AgentPool.start(cfg) as pool:
