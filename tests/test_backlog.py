@@ -133,7 +133,7 @@ def test_records_that_come_before_their_calls_reach_them(redis_url: str) -> None
     cfg = small_config(redis_url, tag="bl", worker_concurrency=8, submit_direct_calls=0)
     with AgentPool.start(cfg) as pool:
         relay = ray.get_actor(f"{cfg.name}-relay", namespace="agentpool")
-        tasks = _batch(2500, delay_ms=0)
+        tasks = _batch(1500, delay_ms=0)  # two chunks
         first = ray.get(pool.submit(tasks), timeout=120)
         assert {r.status for r in first} == {"succeeded"}
         again = ray.get(pool.submit([*tasks, tasks[7]]), timeout=120)
