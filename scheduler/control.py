@@ -148,9 +148,17 @@ class JobControl:
         relay when its task ends, and one that exists already comes back as `record`."""
         await self._loaded.wait()
         tasks = await self._with_agents(tasks)
+        # While the pool drains, batch work waits in Redis for the next pool, but not the
+        # relay's: its callers wait on refs, which are refused at once like `run`'s.
+        batchable = not (reply and self._core.draining is not None)
         batch: list[int] = []
         for i, t in enumerate(tasks):
-            if t.task_id not in self._jobs and t.task_id not in self._deferred and self._admits_in_batch(t, len(batch)):
+            if (
+                batchable
+                and t.task_id not in self._jobs
+                and t.task_id not in self._deferred
+                and self._admits_in_batch(t, len(batch))
+            ):
                 batch.append(i)
         quick = set(batch)
         jobs = {i: self._job_for(t, traceparents[i]) for i, t in enumerate(tasks) if i not in quick}

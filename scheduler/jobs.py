@@ -100,6 +100,11 @@ class Job:
         """It ran before: queued again, it goes first and is never dropped for waiting."""
         return self.adopted or self.attempt > 1 or self.paused is not None
 
+    @property
+    def detached(self) -> bool:
+        """No one waits for its record: no `run` call, and not the relay (a `submit`'s)."""
+        return not self.callers and not self.reply
+
     def close(self) -> None:
         """Its life in the scheduler is over: it lets go of its ticket, which holds it as the
         ticket's `item`, so that reference counting frees both (and all they hold) at once.

@@ -274,7 +274,7 @@ class Scheduler(
             rejection = await self._ledger.check(task.tenant, policy, first_call + task.max_tokens)
         if rejection is not None:
             return rejection
-        detached_batch = not job.callers and not interactive(task.priority, task.deadline_s)
+        detached_batch = job.detached and not interactive(task.priority, task.deadline_s)
         if self._core.draining is not None and detached_batch and self._core.waiting < self.config.max_queued:
             return None  # it waits in the Redis backlog for whoever takes work next
         # No await between the core's decision and the enqueue: concurrent arrivals must

@@ -106,6 +106,18 @@ def test_a_drained_pool_refuses_new_work_and_the_next_pool_finishes_what_it_left
     assert [r.resumes for r in resumed] == [1, 1], seen
 
 
+def test_a_draining_pool_refuses_every_task_of_a_submit_at_once(redis_url: str) -> None:
+    """Batch work handed over without a ref waits in Redis for the next pool; a `submit`'s
+    tasks have refs: those that wait in the relay are refused at once, as are the few that
+    go straight to the scheduler, not left in the backlog with their callers waiting."""
+    with AgentPool.start(config(redis_url, submit_direct_calls=4)) as pool:
+        assert pool.drain(grace_s=1.0).drained
+        results = ray.get(pool.submit(nap_tasks(40, 0.01)), timeout=60)
+        assert {(r.status, r.error.reason if r.error else None) for r in results} == {("rejected", "draining")}
+        assert all(r.retry_after_s for r in results)
+        assert pool.status()["queued"] == 0
+
+
 def test_undrain_takes_work_again_and_starts_what_waited(redis_url: str) -> None:
     with AgentPool.start(config(redis_url, worker_concurrency=1)) as pool:
         first = pool.submit(nap_tasks(1, 1.0))
