@@ -145,7 +145,7 @@ class BacklogWindow:
         task = job.task
         if task.session_id is not None:  # it holds its place in its session's line, here
             return False
-        if not self._leave_in_redis(task, arrival, known=job.adopted, detached=job.detached):
+        if not self._leave_in_redis(task, arrival, known=job.adopted, detached=not job.callers):
             return False
         if self._jobs.get(task.task_id) is job:
             del self._jobs[task.task_id]
