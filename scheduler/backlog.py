@@ -145,6 +145,8 @@ class BacklogWindow:
         task = job.task
         if task.session_id is not None:  # it holds its place in its session's line, here
             return False
+        # No caller waits in memory (a relay's task too: its record reaches the relay from
+        # its admission entry, once the task is read back and ends).
         if not self._leave_in_redis(task, arrival, known=job.adopted, detached=not job.callers):
             return False
         if self._jobs.get(task.task_id) is job:
@@ -154,16 +156,19 @@ class BacklogWindow:
             self._deferred[task.task_id] = job
         return True
 
-    def _admits_in_batch(self, task: AgentTask, ahead: int) -> bool:
+    def _admits_in_batch(self, task: AgentTask, ahead: int, *, reply: bool) -> bool:
         """Whether `enqueue` may admit the task with others in one step (`_admit_batch`):
         batch work of a tenant with no budget and no injection screen, that passes the
         static checks, while the backlog has room (for it and the `ahead` tasks of the same
         batch before it), and not a session's (it takes its place in its session's line as
-        it arrives). Anything else takes a job's own path
+        it arrives), nor the relay's (`reply`) while the pool drains (its callers wait on
+        refs: the drain refuses it, where detached batch work waits in Redis for the next
+        pool). Anything else takes a job's own path
         (which writes its rejection, its findings, its eviction)."""
         policy = self.config.policy_for(task.tenant)
         return (
             policy is not None
+            and not (reply and self._core.draining is not None)
             and task.session_id is None
             and (task.agent is None or task.agent_version is not None)
             and task.task_id not in self._agent_refusals

@@ -90,7 +90,7 @@ class JobControl:
 
         def _cancel_waiting(self, job: Job) -> bool: ...
 
-        def _admits_in_batch(self, task: AgentTask, ahead: int) -> bool: ...
+        def _admits_in_batch(self, task: AgentTask, ahead: int, *, reply: bool) -> bool: ...
 
         async def _admit_batch(
             self, tasks: list[AgentTask], contexts: list[str], reply: bool
@@ -148,16 +148,12 @@ class JobControl:
         relay when its task ends, and one that exists already comes back as `record`."""
         await self._loaded.wait()
         tasks = await self._with_agents(tasks)
-        # While the pool drains, batch work waits in Redis for the next pool, but not the
-        # relay's: its callers wait on refs, which are refused at once like `run`'s.
-        batchable = not (reply and self._core.draining is not None)
         batch: list[int] = []
         for i, t in enumerate(tasks):
             if (
-                batchable
-                and t.task_id not in self._jobs
+                t.task_id not in self._jobs
                 and t.task_id not in self._deferred
-                and self._admits_in_batch(t, len(batch))
+                and self._admits_in_batch(t, len(batch), reply=reply)
             ):
                 batch.append(i)
         quick = set(batch)

@@ -55,12 +55,12 @@ class FaultyScheduler(Base):  # type: ignore[misc]
         self._store.admit = faulty_admit
         self._store.write_result = faulty_write
 
-    def _admits_in_batch(self, task: AgentTask, ahead: int) -> bool:
+    def _admits_in_batch(self, task: AgentTask, ahead: int, *, reply: bool) -> bool:
         # A task naming a stage takes a job's own path, where the stages are; a task naming
         # `batch` fails at the one-step admission of `enqueue`, whose tasks then take it too.
         if "batch" in str(task.metadata.get("fault", "")):
             return True
-        return not task.metadata.get("fault") and super()._admits_in_batch(task, ahead)
+        return not task.metadata.get("fault") and super()._admits_in_batch(task, ahead, reply=reply)
 
     async def _admit_batch(self, tasks: list[AgentTask], *args: Any) -> Any:
         for task in tasks:
