@@ -48,7 +48,7 @@ from agentpool.cluster.redis_server import free_port
 from agentpool.config import AdmissionConfig, HttpConfig, WebhookConfig
 from agentpool.http.serve import serve_http, stop_http
 from bench.load import require_succeeded
-from bench.report import latency_cdf, percentile, write
+from bench.report import cpu_seconds, latency_cdf, percentile, write
 
 
 class _Backlogged(ThreadingHTTPServer):
@@ -72,17 +72,6 @@ def _serve_processes() -> list[psutil.Process]:
 def _ingress() -> str:
     """Which ingress Serve runs: `haproxy` or `proxy` (`HttpConfig.ingress`)."""
     return "haproxy" if any(p.name() == "haproxy" for p in _serve_processes()) else "proxy"
-
-
-def _cpu_s(processes: list[psutil.Process]) -> float:
-    total = 0.0
-    for proc in processes:
-        try:
-            times = proc.cpu_times()
-            total += times.user + times.system
-        except psutil.Error:
-            pass
-    return total
 
 
 def _latencies(pool: AgentPool, client: httpx.Client, key: str, n: int) -> tuple[list[float], list[float]]:
@@ -309,9 +298,9 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
             # Last: the sustained rate leaves thousands of runs behind it.
             print("  sustained rate", flush=True)
             http_procs = _serve_processes()
-            cpu_before = _cpu_s(http_procs)
+            cpu_before = cpu_seconds(http_procs)
             accepted, wall = asyncio.run(_sustained(url, key, concurrency, seconds))
-            http_cpu = _cpu_s(http_procs) - cpu_before
+            http_cpu = cpu_seconds(http_procs) - cpu_before
             ingress = _ingress()
             print("  batch", flush=True)
             batch = _batch(url, key, batch_size)

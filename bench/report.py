@@ -34,6 +34,20 @@ def machine() -> dict[str, Any]:
     return facts
 
 
+def cpu_seconds(processes: list[Any]) -> float:
+    """User plus system CPU time of these `psutil.Process`es; one that has exited counts 0."""
+    import psutil
+
+    total = 0.0
+    for proc in processes:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            pass
+    return total
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     if not ordered:
