@@ -358,7 +358,7 @@ def _set_bytes(ids: set[str]) -> int:
 
 
 def _submit(n: int) -> dict[str, Any]:
-    bare_before = bare_ray_tps(5_000)
+    bare_before, _ = bare_ray_tps(5_000)
     with AgentPool.start(_config("bench-scale", max_queued=n + 1000)) as pool:
         pool.run([_task(i) for i in range(200)])  # warm up
         scheduler, relay = _process("Scheduler"), _process("Relay")
@@ -385,7 +385,7 @@ def _submit(n: int) -> dict[str, Any]:
         results = ray.get(refs)
         complete_s = time.monotonic() - started
     require_succeeded(results, "scale batch")
-    bare = (bare_before + bare_ray_tps(5_000)) / 2
+    bare = (bare_before + bare_ray_tps(5_000)[0]) / 2
     return {
         "submit_100k_s": round((admitted_s or complete_s) * 100_000 / n, 2),
         "complete_100k_s": round(complete_s * 100_000 / n, 1),
