@@ -107,7 +107,9 @@ def _until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
 def test_a_client_keeps_only_a_few_calls_waiting_at_the_scheduler(redis_url: str) -> None:
     """`submit_direct_calls` of a client's calls wait at the scheduler (one hop less); the
     rest wait in the relay, and a direct call that resolved makes room for another."""
-    cfg = small_config(redis_url, tag="bl", worker_concurrency=2, submit_direct_calls=4)
+    # All ten slow tasks run at once: the first four calls stay unresolved for as long as
+    # the checks below take, without the batch running in rounds.
+    cfg = small_config(redis_url, tag="bl", worker_concurrency=10, submit_direct_calls=4)
     with AgentPool.start(cfg) as pool:
         relay = ray.get_actor(f"{cfg.name}-relay", namespace="agentpool")
         slow = _batch(10, delay_ms=3000)
