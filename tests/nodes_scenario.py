@@ -148,8 +148,10 @@ def main(redis_url: str, profile: str) -> dict[str, Any]:
             load.stop = True
             runner.join(timeout=60)
             report["batch_end"] = time.time()
-            # The idle nodes' removal, once the batch is over (the autoscaler keeps one).
-            end = time.monotonic() + 30
+            # The idle nodes' removal, once the batch is over (the autoscaler keeps one): the
+            # pool's own downscale, then the node's idle timeout, then the autoscaler's next
+            # pass. It took longer than 30 s once with the whole suite running on 2 cores.
+            end = time.monotonic() + 60
             while time.monotonic() < end and len(samples[-1]["nodes"]) > 1:
                 samples.append(_sample(pool, load, where))
                 time.sleep(0.25)
