@@ -308,9 +308,10 @@ class AgentPool(PoolTelemetry, PoolFrontDoor, PoolAgents, PoolLife):
             else:
                 relayed.append(i)
         for start in range(0, len(relayed), RELAY_CHUNK):
-            part = [validated[i] for i in relayed[start : start + RELAY_CHUNK]]
+            indexes = relayed[start : start + RELAY_CHUNK]
+            part = [validated[i] for i in indexes]
             self._relay.accept.remote(part, [_trace_context(t) for t in part])
-            for i, task in zip(relayed[start : start + RELAY_CHUNK], part, strict=True):
+            for i, task in zip(indexes, part, strict=True):
                 refs[i] = self._relay.run.remote(task.task_id, task.tenant)
         return cast(list[ray.ObjectRef], refs)
 
