@@ -37,7 +37,7 @@ from agentpool.errors import ConfigError
 from agentpool.events import Emit, Event
 from agentpool.models import AgentResult, ErrorInfo, Timings, agent_fields
 from agentpool.pricing import PriceTable
-from agentpool.protocol import ApprovalDecision, Dispatch, Outcome, Paused, RunFailed, provider_key_name
+from agentpool.protocol import ApprovalDecision, Dispatch, Outcome, Paused, RunFailed, pack, provider_key_name, unpack
 from agentpool.secrets import Scrubber, forget_env_secrets, install_log_scrubber
 from agentpool.vocabulary import ErrorReason, OnBusy, TaskStatus
 
@@ -153,14 +153,19 @@ class AgentWorker(Telemetered):
         self.in_flight = 0
         heap.settle()
 
-    async def run(self, dispatch: Dispatch) -> AgentResult | Paused:
-        """Runs one task to its final record, writes it to Redis once, and returns it; or,
-        for a task that stops to wait for approval, returns `Paused` (checkpoint saved).
+    async def run(self, dispatch: bytes) -> bytes:
+        """Runs one task (a `Dispatch`, `protocol.pack`ed) to its final record, writes it to
+        Redis once, and returns it; or, for a task that stops to wait for approval, returns
+        `Paused` (checkpoint saved). The outcome comes back packed as `[(0, outcome)]`, as
+        `run_batch` streams its outcomes (`protocol.unpack_outcomes` reads both).
 
         A task that ran before (crash, re-dispatch, approval) resumes from its checkpoint.
         If another run still holds the task, this one waits for that run's record instead
         of running it twice.
         """
+        return pack([(0, await self._run_traced(unpack(dispatch, Dispatch)))])
+
+    async def _run_traced(self, dispatch: Dispatch) -> AgentResult | Paused:
         self.in_flight += 1
         task = dispatch.task
         attributes: dict[str, str | int] = {
@@ -180,12 +185,16 @@ class AgentWorker(Telemetered):
                 span.set_attribute("agentpool.resumes", outcome.resumes)
             return outcome
 
-    async def run_batch(self, dispatches: list[Dispatch]) -> AsyncIterator[list[tuple[int, Outcome]]]:
-        """Runs several dispatches at once and streams their outcomes as they end, each with
-        its index in `dispatches`: one Ray call for all the tasks a scheduler hands this
-        worker in one turn of its event loop (call it with `num_returns="streaming"`). The
-        outcomes that end in one turn of this worker's loop come back together."""
-        running = {asyncio.ensure_future(self.run(d)): i for i, d in enumerate(dispatches)}
+    async def run_batch(self, dispatches: bytes) -> AsyncIterator[bytes]:
+        """Runs several dispatches at once (a `protocol.pack`ed list) and streams their
+        outcomes as they end, each with its index in the list: one Ray call for all the tasks
+        a scheduler hands this worker in one turn of its event loop (call it with
+        `num_returns="streaming"`). The outcomes that end in one turn of this worker's loop
+        come back together, packed."""
+        batch = unpack(dispatches, list)
+        if not all(isinstance(d, Dispatch) for d in batch):
+            raise TypeError("run_batch takes a packed list of Dispatch")
+        running = {asyncio.ensure_future(self._run_traced(d)): i for i, d in enumerate(batch)}
         while running:
             done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
             out: list[tuple[int, Outcome]] = []
@@ -196,7 +205,7 @@ class AgentWorker(Telemetered):
                     out.append((index, run.result()))
                 else:  # run() reports failures as records: this is a bug of ours
                     out.append((index, RunFailed(type(error).__name__, self._scrub(str(error))[:4000])))
-            yield out
+            yield pack(out)
 
     def update_config(self, live: dict[str, Any], version: int) -> int:
         """Applies the live configuration `version` (tenants' policies, limits) to the tasks

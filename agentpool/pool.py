@@ -36,7 +36,7 @@ from agentpool.pool_life import PoolLife
 from agentpool.pool_sessions import Sessions
 from agentpool.pool_telemetry import PoolTelemetry
 from agentpool.preflight import check_redis
-from agentpool.protocol import new_trace_id, traceparent
+from agentpool.protocol import new_trace_id, pack, traceparent
 from agentpool.results import DrainReport
 from agentpool.views import redis_trouble
 
@@ -291,7 +291,9 @@ class AgentPool(PoolTelemetry, PoolFrontDoor, PoolAgents, PoolLife):
         validated = validate_tasks(tasks, tools=self.tools)
         sent_before = _session_order(validated)
         if self._relay is None:
-            return [self._scheduler.run.remote(t, _trace_context(t), sent_before[i]) for i, t in enumerate(validated)]
+            return [
+                self._scheduler.run.remote(pack(t), _trace_context(t), sent_before[i]) for i, t in enumerate(validated)
+            ]
         # A few calls at a time wait at the scheduler (one hop less); the rest in the relay.
         # A session's tasks always go to the scheduler, each naming the one of its session
         # sent before it: they take their places in the session's line in the order given.
@@ -302,7 +304,7 @@ class AgentPool(PoolTelemetry, PoolFrontDoor, PoolAgents, PoolLife):
         relayed: list[int] = []
         for i, task in enumerate(validated):
             if i < room or task.session_id is not None:
-                direct = self._scheduler.run.remote(task, _trace_context(task), sent_before[i])
+                direct = self._scheduler.run.remote(pack(task), _trace_context(task), sent_before[i])
                 self._direct.append(direct)
                 refs[i] = direct
             else:

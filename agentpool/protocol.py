@@ -2,19 +2,45 @@
 
 Not part of the public API, but as strictly typed as it: each one must pickle, and each one
 carries the trace context so one task is one trace across processes.
+
+The hot hops carry them `pack`ed: Ray sends `bytes` on its cheap path, while any other
+object goes through its cloudpickle path, which costs far more than pickling it ourselves.
+Measured on the 2-core machine, a client -> actor -> actor round trip carrying a `Dispatch`
+one way and an `AgentResult` back took 2.9-3.2 ms as objects and 2.3-2.4 ms packed (each
+side pickling and unpickling them itself); a plain dict took 2.2-2.3 ms.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
 
 from agentpool.models import AgentResult, AgentTask
 from agentpool.vocabulary import ToolErrorKind, ToolSource
+
+_T = TypeVar("_T")
+
+
+def pack(value: object) -> bytes:
+    """`value` as the bytes an internal actor call carries (see the module's docstring)."""
+    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def unpack(blob: bytes, kind: type[_T]) -> _T:
+    """What `pack` made of a value of `kind`.
+
+    Raises:
+        TypeError: When the bytes hold something else (a peer of another version, say).
+    """
+    value = pickle.loads(blob)
+    if not isinstance(value, kind):
+        raise TypeError(f"an internal message held {type(value).__name__} where {kind.__name__} was expected")
+    return value
 
 
 def new_trace_id() -> str:
@@ -139,6 +165,19 @@ class Paused(BaseModel):
 
 #: What a worker sends back for one dispatch.
 Outcome = AgentResult | Paused | RunFailed
+
+
+def unpack_outcomes(blob: bytes) -> list[tuple[int, Outcome]]:
+    """A worker's packed outcomes: each with the index of its dispatch in the call.
+
+    Raises:
+        TypeError: When the bytes hold anything else.
+    """
+    out = unpack(blob, list)
+    for item in out:
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], AgentResult | Paused | RunFailed)):
+            raise TypeError(f"an internal message held {item!r:.80} where an outcome was expected")
+    return out
 
 
 class ApprovalDecision(BaseModel):

@@ -36,7 +36,7 @@ from agentpool.cluster.telemetry import Telemetered
 from agentpool.config import PoolConfig
 from agentpool.errors import AgentPoolError, RetryLater, WorkerFailed
 from agentpool.models import AgentResult, AgentTask
-from agentpool.protocol import Admitted, Dispatch, Paused, RunFailed, WorkerSpawn
+from agentpool.protocol import Admitted, Dispatch, Paused, RunFailed, WorkerSpawn, unpack
 from agentpool.scheduler.admission import Admission, screen_task
 from agentpool.scheduler.agent_control import AgentControl
 from agentpool.scheduler.alerts import AlertMonitor
@@ -150,8 +150,9 @@ class Scheduler(
         """What `AgentPool.connect` needs to attach to this pool."""
         return {"config": self.config.model_dump(mode="json"), "redis_url": self.redis_url, **self._extra_info}
 
-    async def run(self, task: AgentTask, traceparent: str, after: tuple[str, ...] = ()) -> AgentResult:
-        """Admits and runs one task; always returns its final record.
+    async def run(self, task: bytes, traceparent: str, after: tuple[str, ...] = ()) -> AgentResult:
+        """Admits and runs one task (an `AgentTask`, `protocol.pack`ed: Ray's own pickling
+        of it costs more); always returns its final record.
 
         The task_id is the idempotency key: a task already finished returns its record, and
         one submitted again while it runs shares the first run. Once accepted, a task is the
@@ -164,9 +165,10 @@ class Scheduler(
         caller = asyncio.current_task()
         if caller is not None:
             self._callers.add(caller)
-        if self._names_agent(task):
-            (task,) = await self._with_agents([task])
-        job = self._job_for(task, traceparent, after)
+        submitted = unpack(task, AgentTask)
+        if self._names_agent(submitted):
+            (submitted,) = await self._with_agents([submitted])
+        job = self._job_for(submitted, traceparent, after)
         job.callers += 1
         try:
             return await asyncio.shield(job.done)

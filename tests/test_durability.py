@@ -19,7 +19,7 @@ from agentpool import AgentPool, AgentResult, AgentTask, PoolConfig, SimulatorCo
 from agentpool.cluster.keys import Keys
 from agentpool.cluster.redis_server import EmbeddedRedis
 from agentpool.cluster.store import ResultStore
-from agentpool.protocol import Dispatch
+from agentpool.protocol import Dispatch, pack, unpack_outcomes
 from agentpool.vocabulary import TaskStatus
 from tests.toolkit import nap_tasks, tally_count
 
@@ -207,13 +207,13 @@ def test_a_fresh_dispatch_acts_on_nothing_before_its_begin_and_yields_to_a_run_i
     keys = Keys(pool.config.key_prefix)
     redis_client.set(keys.lease(task.tenant, task.task_id), "another-run", px=60_000)
     worker = ray.get_actor(pool.config.worker_name(0), namespace="agentpool")
-    ref = worker.run.remote(_fresh(task))
+    ref = worker.run.remote(pack(_fresh(task)))
     ready, _ = ray.wait([ref], timeout=1.5)
     assert not ready and tally_count(label) == 0  # waiting for the other run; its tool call not made
 
     theirs = AgentResult(task_id=task.task_id, tenant=task.tenant, status=TaskStatus.SUCCEEDED, answer="theirs")
     asyncio.run(ResultStore.for_pool(pool.redis_url, pool.config).write_result(theirs))
-    result = ray.get(ref, timeout=30)
+    ((_, result),) = unpack_outcomes(ray.get(ref, timeout=30))
     assert (result.answer, tally_count(label)) == ("theirs", 0)
     assert final_records(redis_client, pool, task.tenant)[task.task_id] == 1
 
@@ -229,7 +229,7 @@ def test_a_fresh_dispatch_whose_begin_finds_a_record_or_a_cancel_request_follows
     else:
         redis_client.set(Keys(pool.config.key_prefix).cancel(task.tenant, task.task_id), "stop", ex=60)
     worker = ray.get_actor(pool.config.worker_name(0), namespace="agentpool")
-    result = ray.get(worker.run.remote(_fresh(task)), timeout=30)
+    ((_, result),) = unpack_outcomes(ray.get(worker.run.remote(pack(_fresh(task))), timeout=30))
     expected = TaskStatus.FAILED if found == "record" else TaskStatus.CANCELLED
     assert (result.status, tally_count(label)) == (expected, 0)
     assert final_records(redis_client, pool, task.tenant)[task.task_id] == 1
@@ -238,7 +238,7 @@ def test_a_fresh_dispatch_whose_begin_finds_a_record_or_a_cancel_request_follows
 def test_a_fresh_dispatch_runs_its_task_once_holding_the_lease(pool: AgentPool, redis_client: redis.Redis) -> None:
     label, task = _tallying()
     worker = ray.get_actor(pool.config.worker_name(0), namespace="agentpool")
-    result = ray.get(worker.run.remote(_fresh(task)), timeout=30)
+    ((_, result),) = unpack_outcomes(ray.get(worker.run.remote(pack(_fresh(task))), timeout=30))
     assert (result.status, result.answer, tally_count(label)) == (TaskStatus.SUCCEEDED, "mine", 1), result
     assert redis_client.exists(Keys(pool.config.key_prefix).lease(task.tenant, task.task_id)) == 0
 

@@ -10,7 +10,7 @@ import ray.cloudpickle
 from agentpool.config import PoolConfig
 from agentpool.errors import ALL_ERRORS, AgentPoolError, InvalidTaskInput, ProviderError, RetryLater
 from agentpool.models import AgentResult, AgentTask, ErrorInfo, TenantPolicy, ToolCallSummary, Usage
-from agentpool.protocol import Dispatch, ToolCall, ToolOutcome
+from agentpool.protocol import Dispatch, Paused, RunFailed, ToolCall, ToolOutcome, pack, unpack, unpack_outcomes
 
 
 def make_error(cls: type[AgentPoolError]) -> AgentPoolError:
@@ -61,6 +61,22 @@ MODELS = [
 def test_models_round_trip(model) -> None:  # type: ignore[no-untyped-def]
     back = pickle.loads(ray.cloudpickle.dumps(model))
     assert back == model
+
+
+def test_packed_messages_come_back_as_they_were_and_only_as_the_kind_expected() -> None:
+    dispatch = next(m for m in MODELS if isinstance(m, Dispatch))
+    assert unpack(pack(dispatch), Dispatch) == dispatch
+    with pytest.raises(TypeError, match="held AgentTask where Dispatch was expected"):
+        unpack(pack(TASK), Dispatch)
+    result = next(m for m in MODELS if isinstance(m, AgentResult))
+    paused = Paused(
+        task_id="t", tenant="acme", tool_use_ids=["u"], tools=["calc"], requested_unix=1.0, deadline_unix=5.0
+    )
+    outcomes = [(0, result), (2, paused), (1, RunFailed("ValueError", "a bug"))]
+    assert unpack_outcomes(pack(outcomes)) == outcomes
+    for wrong in ([(0, TASK)], [result], (0, result), [(0, result, 1)]):
+        with pytest.raises(TypeError):
+            unpack_outcomes(pack(wrong))
 
 
 def test_api_key_is_not_in_the_repr_of_the_config() -> None:

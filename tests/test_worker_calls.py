@@ -13,7 +13,7 @@ import pytest
 import ray
 
 from agentpool.models import AgentResult, AgentTask
-from agentpool.protocol import Dispatch, RunFailed
+from agentpool.protocol import Dispatch, RunFailed, pack, unpack
 from agentpool.scheduler.calls import WorkerCalls
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -27,11 +27,12 @@ class EchoWorker:
     def __init__(self) -> None:
         self.calls: list[int] = []
 
-    async def run(self, dispatch: Dispatch) -> AgentResult:
+    async def run(self, dispatch: bytes) -> bytes:
         self.calls.append(1)
-        return await self._run(dispatch)
+        return pack([(0, await self._run(unpack(dispatch, Dispatch)))])
 
-    async def run_batch(self, dispatches: list[Dispatch]) -> AsyncIterator[list[tuple[int, Any]]]:
+    async def run_batch(self, packed: bytes) -> AsyncIterator[bytes]:
+        dispatches = unpack(packed, list)
         self.calls.append(len(dispatches))
         running = {asyncio.ensure_future(self._run(d)): i for i, d in enumerate(dispatches)}
         while running:
@@ -41,7 +42,7 @@ class EchoWorker:
                 index = running.pop(run)
                 error = run.exception()
                 out.append((index, run.result() if error is None else RunFailed(type(error).__name__, str(error))))
-            yield out
+            yield pack(out)
 
     async def _run(self, dispatch: Dispatch) -> AgentResult:
         word, _, delay = dispatch.task.prompt.partition(" ")

@@ -46,7 +46,7 @@ from agentpool.http.messages import (
 )
 from agentpool.http.sessions import session_routes
 from agentpool.models import AgentResult, AgentTask, TaskState, validate_tasks
-from agentpool.protocol import new_trace_id, traceparent
+from agentpool.protocol import new_trace_id, pack, traceparent
 from agentpool.vocabulary import EventType, TaskPhase, TaskStatus
 from agentpool.webhooks import check_endpoint, new_secret
 
@@ -202,7 +202,7 @@ def build_app(connect: Callable[[], Awaitable[Gateway]]) -> FastAPI:
 
         async def handle() -> StoredResponse:
             task = run_body(raw, key, session_id)
-            ref = g.scheduler.run.remote(task, traceparent(new_trace_id()))
+            ref = g.scheduler.run.remote(pack(task), traceparent(new_trace_id()))
             waiting = asyncio.ensure_future(asyncio.wrap_future(ref.future()))
             done, _ = await asyncio.wait({waiting}, timeout=wait_s)
             location = f"/v1/runs/{task.task_id}"
