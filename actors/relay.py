@@ -200,16 +200,15 @@ class Relay:
     async def _lookup(self, task_ids: list[str]) -> list[AgentResult]:
         out: list[AgentResult] = []
         for start in range(0, len(task_ids), PAGE):
-            page = self._book.lookups(task_ids[start : start + PAGE])
-            if not page:
+            lookups = self._book.lookups(task_ids[start : start + PAGE])
+            if not lookups:
                 continue
-            # GETs in a pipeline, not MGET: the tasks' tenants may be in several slots of a
-            # Redis Cluster (one round trip per node). decode_responses=True: str or None.
+            # One MGET per tenant (its keys share a slot), in a pipeline: the tenants may be
+            # in several slots of a Redis Cluster (one round trip per node).
             pipe = self.redis.pipeline(transaction=False)
-            for _, key in page:
-                pipe.get(key)
-            raws = cast(list[str | None], await pipe.execute())
-            out += self._book.found([t for t, _ in page], raws)
+            for lookup in lookups:
+                pipe.mget(lookup.keys)
+            out += self._book.found(lookups, cast(list[list[str | None]], await pipe.execute()))
         return out
 
     def pid(self) -> int:

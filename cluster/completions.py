@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from agentpool.cluster.keys import Keys, stream_entries
@@ -22,6 +23,14 @@ from agentpool.models import AgentResult, AgentTask
 
 #: Records read from the streams per call, and ids looked up per round trip.
 PAGE = 1000
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """Awaited tasks of one tenant and their record keys, for one MGET."""
+
+    task_ids: list[str]
+    keys: list[str]
 
 
 class CompletionBook:
@@ -70,19 +79,29 @@ class CompletionBook:
                     out += self._done(AgentResult.model_validate_json(fields["result"]))
         return out
 
-    def lookups(self, task_ids: Sequence[str]) -> list[tuple[str, str]]:
-        """(task_id, record key) of those of `task_ids` still awaited."""
-        return [(t, self.keys.result(self._awaited[t][0], t)) for t in task_ids if t in self._awaited]
+    def lookups(self, task_ids: Sequence[str]) -> list[Lookup]:
+        """Those of `task_ids` still awaited, with their record keys, grouped by tenant: one
+        MGET each (a tenant's keys share a Redis Cluster slot). A GET per id cost the caller
+        ten times the CPU of its place in an MGET."""
+        groups: dict[str, Lookup] = {}
+        for task_id in task_ids:
+            if task_id in self._awaited:
+                tenant = self._awaited[task_id][0]
+                group = groups.setdefault(tenant, Lookup([], []))
+                group.task_ids.append(task_id)
+                group.keys.append(self.keys.result(tenant, task_id))
+        return list(groups.values())
 
     def awaited(self) -> list[str]:
         return list(self._awaited)
 
-    def found(self, task_ids: Sequence[str], raws: Sequence[str | None]) -> list[AgentResult]:
-        """The records a lookup of `task_ids` returned (None: not written yet)."""
+    def found(self, lookups: Sequence[Lookup], replies: Sequence[Sequence[str | bytes | None]]) -> list[AgentResult]:
+        """The records the MGETs of `lookups` returned (None: not written yet)."""
         out: list[AgentResult] = []
-        for task_id, raw in zip(task_ids, raws, strict=True):
-            if raw and task_id in self._awaited:
-                out += self._done(AgentResult.model_validate_json(raw))
+        for lookup, raws in zip(lookups, replies, strict=True):
+            for task_id, raw in zip(lookup.task_ids, raws, strict=True):
+                if raw and task_id in self._awaited:
+                    out += self._done(AgentResult.model_validate_json(raw))
         return out
 
     def forget(self, task_id: str) -> None:
@@ -135,13 +154,15 @@ class Completions:
         """The records these watched tasks have already, by id."""
         out: list[AgentResult] = []
         for start in range(0, len(task_ids), PAGE):
-            page = self._book.lookups(task_ids[start : start + PAGE])
+            lookups = self._book.lookups(task_ids[start : start + PAGE])
+            if not lookups:
+                continue
             with store_errors(self._url):
                 pipe = self._redis.pipeline(transaction=False)
-                for _, key in page:
-                    pipe.get(key)
-                raws = pipe.execute()
-            out += self._book.found([t for t, _ in page], raws)
+                for lookup in lookups:
+                    pipe.mget(lookup.keys)
+                replies = pipe.execute()
+            out += self._book.found(lookups, replies)
         return out
 
     def close(self) -> None:
