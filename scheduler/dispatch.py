@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
+
 
 class LeastLoaded:
     """Tracks in-flight tasks per worker; `acquire` picks the least-loaded open worker with room.
@@ -74,6 +77,20 @@ class LeastLoaded:
             raise ValueError(f"worker {index} is open, busy or already retired")
         self._retired.append(index)
 
-    def drain_order(self) -> list[int]:
-        """Open workers, the least loaded (then the newest) first: the cheapest to close."""
-        return sorted((i for i, o in enumerate(self.open) if o), key=lambda i: (self.load[i], -i))
+    def drain_order(self, node_of: Callable[[int], str | None] | None = None) -> list[int]:
+        """Open workers in the order to close them: the least loaded first (the cheapest to
+        close); among equally loaded ones, those on the nodes with the fewest open workers
+        left (`node_of`; a worker whose node is unknown, None, counts as alone on its node,
+        after the known ones), so that closing a few empties whole nodes an autoscaler can
+        then remove; then the newest."""
+        left = [i for i, o in enumerate(self.open) if o]
+        where = {i: node_of(i) if node_of is not None else None for i in left}
+        on_node: Counter[str | None] = Counter(n for n in where.values() if n is not None)
+        order: list[int] = []
+        while left:
+            index = min(left, key=lambda i: (self.load[i], on_node[where[i]] or 1, where[i] is None, -i))
+            left.remove(index)
+            order.append(index)
+            if where[index] is not None:
+                on_node[where[index]] -= 1
+        return order

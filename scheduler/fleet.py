@@ -97,6 +97,9 @@ class WorkerFleet:
         )
         self.starting = 0
         self.draining: set[int] = set()
+        #: The Ray node each worker runs on, as it said (`_learn_nodes`); what drains first.
+        self.nodes: dict[int, str] = {}
+        self._learning = False
         #: Workers whose process is being restarted in turn (`restart_in_turn`, an upgrade).
         self.restarting: set[int] = set()
         self.suspects: set[int] = set()
@@ -120,9 +123,12 @@ class WorkerFleet:
         self.desired = self._scaler.decide(now, demand, current)
         for _ in range(self.desired - current):
             self._run(self._start_one(a.start_timeout_s))
+        if any(i not in self.nodes for i, o in enumerate(self.slots.open) if o) and not self._learning:
+            self._learning = True
+            self._run(self._learn_nodes())
         if self.desired < current:
             drop = current - self.desired
-            for index in self.slots.drain_order()[:drop]:
+            for index in self.slots.drain_order(self.nodes.get)[:drop]:
                 self.slots.close(index)
                 self.draining.add(index)
                 self._run(self._drain(index))
@@ -130,6 +136,20 @@ class WorkerFleet:
 
     def _run(self, coro: Coroutine[Any, Any, None]) -> None:
         self._tasks.spawn(coro)
+
+    async def _learn_nodes(self) -> None:
+        """Asks the open workers whose node is not known yet where they run (a worker that
+        does not answer is asked again at the next `observe`)."""
+        try:
+            for index, is_open in enumerate(list(self.slots.open)):
+                if is_open and index not in self.nodes:
+                    handle = self.handles[index]
+                    with contextlib.suppress(ray.exceptions.RayError, TimeoutError):
+                        node = await asyncio.wait_for(handle.node.remote(), _PROBE_TIMEOUT_S)
+                        if self.handles[index] is handle:  # not replaced meanwhile
+                            self.nodes[index] = node
+        finally:
+            self._learning = False
 
     async def _start_one(self, timeout_s: float) -> None:
         assert self._spawn_spec is not None
@@ -164,6 +184,7 @@ class WorkerFleet:
         self.slots.retire(index)
         self.draining.discard(index)
         self.names[index] = None
+        self.nodes.pop(index, None)
         with contextlib.suppress(Exception):
             ray.kill(handle, no_restart=True)
 
@@ -174,6 +195,7 @@ class WorkerFleet:
             return
         self.suspects.add(index)
         self.slots.close(index)
+        self.nodes.pop(index, None)  # Ray may start it again on another node
         self._run(self._probe(index))
 
     async def _probe(self, index: int) -> None:
@@ -214,6 +236,7 @@ class WorkerFleet:
                     await asyncio.sleep(_DRAIN_POLL_S)
                 cut_short = self.slots.load[index]
                 before = await asyncio.wait_for(handle.pid.remote(), _PROBE_TIMEOUT_S)
+                self.nodes.pop(index, None)  # its new process may start on another node
                 ray.kill(handle, no_restart=False)
                 pid = await _new_process(handle, before)
             finally:

@@ -116,3 +116,37 @@ def test_retry_after_headers() -> None:
     assert retry_after_s({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) is None
     assert retry_after_s({"retry-after": "-5"}) is None
     assert retry_after_s({}) is None
+
+
+def test_idle_workers_drain_node_by_node_so_that_whole_nodes_empty() -> None:
+    # Nodes a: {0, 3}, b: {1}, c: {2, 4}, and 5 somewhere unknown; all idle but 4.
+    slots = LeastLoaded(6, 2)
+    where = {0: "a", 1: "b", 2: "c", 3: "a", 4: "c"}
+    assert [slots.acquire() for _ in range(6)] == [0, 1, 2, 3, 4, 5]
+    for index in (0, 1, 2, 3, 5):
+        slots.release(index)
+    # b's only worker first (its node empties), then the unknown one (alone, as far as we
+    # know), then a's two (the newest first), c's idle one, and c's busy worker 4 last.
+    assert slots.drain_order(where.get) == [1, 5, 3, 0, 2, 4]
+    assert slots.drain_order() == [5, 3, 2, 1, 0, 4]  # no nodes known: as before
+
+
+@given(
+    loads=st.lists(st.integers(0, 3), min_size=1, max_size=12),
+    nodes=st.lists(st.sampled_from(["a", "b", "c", None]), min_size=12, max_size=12),
+)
+def test_the_drain_order_takes_every_open_worker_once_the_least_loaded_first(
+    loads: list[int], nodes: list[str | None]
+) -> None:
+    slots = LeastLoaded(len(loads), 3)
+    slots.load = list(loads)
+    order = slots.drain_order(lambda i: nodes[i])
+    assert sorted(order) == list(range(len(loads)))
+    assert [loads[i] for i in order] == sorted(loads)
+
+
+def test_workers_of_unknown_nodes_count_as_alone_however_many_drain_before_them() -> None:
+    slots = LeastLoaded(4, 2)
+    slots.load = [1, 2, 0, 1]  # 0 alone on a, 1 on b; 2 and 3 on nodes not known
+    # 2 first (idle); then, at one task each, a's only worker before the unknown 3.
+    assert slots.drain_order({0: "a", 1: "b"}.get) == [2, 0, 3, 1]
