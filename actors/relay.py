@@ -97,12 +97,14 @@ class Relay:
             self._redis = async_client(self._url, decode_responses=True, health_check_interval=30)
         return self._redis
 
+    @ray.method(enable_task_events=False)  # see `Scheduler.run`
     async def accept(self, tasks: list[AgentTask], traceparents: list[str]) -> None:
         """Takes a chunk of submitted tasks, whose callers wait with `run`; returns once the
         scheduler has them, so that a relay that dies before then is sent them again."""
         async with self._sending:
             await self._submit(tasks, traceparents)
 
+    @ray.method(enable_task_events=False)  # see `Scheduler.run`
     async def run(self, task_id: str, tenant: str) -> AgentResult:
         """Returns the record of a task sent with `accept`, once it has one."""
         early = self._early.pop(task_id, None)
@@ -154,16 +156,20 @@ class Relay:
             except (ray.exceptions.RayError, ValueError) as exc:
                 self._scheduler = None
                 if time.monotonic() > gave_up:
-                    self.deliver([_failed(t, f"the scheduler could not be reached: {exc}") for t in tasks])
+                    self._deliver([_failed(t, f"the scheduler could not be reached: {exc}") for t in tasks])
                     return
                 log.warning("submitting %d tasks failed (%s); trying again", len(tasks), exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX_S)
         # A record that exists already (a rejection, or a task that ran before) comes back now.
-        self.deliver([r["record"] for r in replies if "record" in r])
+        self._deliver([r["record"] for r in replies if "record" in r])
 
+    @ray.method(enable_task_events=False)  # see `Scheduler.run`
     def deliver(self, results: list[AgentResult]) -> None:
         """Records of ended tasks (from the scheduler): the calls waiting for them return."""
+        self._deliver(results)
+
+    def _deliver(self, results: list[AgentResult]) -> None:
         now = time.monotonic()
         for result in results:
             waiters = self._waiters.pop(result.task_id, None)
@@ -190,7 +196,7 @@ class Relay:
             for start in range(0, len(awaited), PAGE):
                 await asyncio.sleep(min(1.0, _SWEEP_ROUND_S / pages))
                 try:
-                    self.deliver(await self._lookup(awaited[start : start + PAGE]))
+                    self._deliver(await self._lookup(awaited[start : start + PAGE]))
                     delay = _RETRY_FIRST_S
                 except (RedisError, OSError) as exc:
                     log.warning("looking up records failed (%s); trying again", exc)

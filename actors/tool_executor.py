@@ -99,6 +99,7 @@ class ToolExecutor(Telemetered):
     def catalog(self) -> dict[str, dict[str, object]]:
         return self._runner.catalog()
 
+    @ray.method(enable_task_events=False)  # see `Scheduler.run`
     async def execute(self, call: ToolCall) -> ToolOutcome:
         if self._draining:  # never started here: the caller sends it to another executor
             self._last_refused = time.monotonic()

@@ -153,6 +153,7 @@ class AgentWorker(Telemetered):
         self.in_flight = 0
         heap.settle()
 
+    @ray.method(enable_task_events=False)  # see `Scheduler.run`
     async def run(self, dispatch: bytes) -> bytes:
         """Runs one task (a `Dispatch`, `protocol.pack`ed) to its final record, writes it to
         Redis once, and returns it; or, for a task that stops to wait for approval, returns
@@ -185,6 +186,7 @@ class AgentWorker(Telemetered):
                 span.set_attribute("agentpool.resumes", outcome.resumes)
             return outcome
 
+    @ray.method(enable_task_events=False)  # see `Scheduler.run`
     async def run_batch(self, dispatches: bytes) -> AsyncIterator[bytes]:
         """Runs several dispatches at once (a `protocol.pack`ed list) and streams their
         outcomes as they end, each with its index in the list: one Ray call for all the tasks

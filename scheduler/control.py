@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+import ray
 from redis.exceptions import RedisError
 
 from agentpool import events
@@ -139,6 +140,7 @@ class JobControl:
         self._durable["recovered"] += waiting
         return waiting
 
+    @ray.method(enable_task_events=False)  # see `Scheduler.run`
     async def enqueue(
         self, tasks: list[AgentTask], traceparents: list[str], *, reply: bool = False
     ) -> list[dict[str, Any]]:

@@ -161,6 +161,7 @@ class RateLimiter(Telemetered):
             self._version = version
         return self._version
 
+    @ray.method(enable_task_events=False)  # see `Scheduler.run`
     async def acquire(
         self,
         lease_id: str,
@@ -174,6 +175,7 @@ class RateLimiter(Telemetered):
         request = PermitRequest(lease_id, tenant, model, input_tokens, max_tokens, holder, priority)
         return await self._service.acquire(request)
 
+    @ray.method(enable_task_events=False)  # see `Scheduler.run`
     def release(
         self,
         lease_id: str,
@@ -186,6 +188,7 @@ class RateLimiter(Telemetered):
             lease_id, usage=usage, remaining=remaining, retry_after_s=retry_after_s, model=model
         )
 
+    @ray.method(enable_task_events=False)  # see `Scheduler.run`
     def cancel(self, lease_id: str) -> bool:
         return self._service.cancel(lease_id)
 

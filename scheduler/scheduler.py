@@ -150,9 +150,16 @@ class Scheduler(
         """What `AgentPool.connect` needs to attach to this pool."""
         return {"config": self.config.model_dump(mode="json"), "redis_url": self.redis_url, **self._extra_info}
 
+    @ray.method(enable_task_events=False)
     async def run(self, task: bytes, traceparent: str, after: tuple[str, ...] = ()) -> AgentResult:
         """Admits and runs one task (an `AgentTask`, `protocol.pack`ed: Ray's own pickling
         of it costs more); always returns its final record.
+
+        Like every call the pool makes per task, per dispatch or per tool call (the relay's,
+        the workers', the tool executors', the limiter's), it reports no task events to Ray
+        (`enable_task_events=False`): they would fill Ray's store of task events (100,000
+        by default) with the pool's own traffic, and they cost a bare echo 5-20% of its CPU
+        per call. The pool's own events, metrics and traces cover these calls.
 
         The task_id is the idempotency key: a task already finished returns its record, and
         one submitted again while it runs shares the first run. Once accepted, a task is the
