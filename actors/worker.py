@@ -154,16 +154,20 @@ class AgentWorker(Telemetered):
         heap.settle()
 
     @ray.method(enable_task_events=False)  # see `Scheduler.run`
-    async def run(self, dispatch: bytes) -> bytes:
+    async def run(self, dispatch: bytes | Dispatch) -> bytes | AgentResult | Paused:
         """Runs one task (a `Dispatch`, `protocol.pack`ed) to its final record, writes it to
         Redis once, and returns it; or, for a task that stops to wait for approval, returns
         `Paused` (checkpoint saved). The outcome comes back packed as `[(0, outcome)]`, as
-        `run_batch` streams its outcomes (`protocol.unpack_outcomes` reads both).
+        `run_batch` streams its outcomes (`protocol.unpack_outcomes` reads both). A
+        `Dispatch` sent as an object (a scheduler of the release before, during an upgrade,
+        which restarts the workers first) gets its outcome back as an object.
 
         A task that ran before (crash, re-dispatch, approval) resumes from its checkpoint.
         If another run still holds the task, this one waits for that run's record instead
         of running it twice.
         """
+        if isinstance(dispatch, Dispatch):
+            return await self._run_traced(dispatch)
         return pack([(0, await self._run_traced(unpack(dispatch, Dispatch)))])
 
     async def _run_traced(self, dispatch: Dispatch) -> AgentResult | Paused:
@@ -187,15 +191,16 @@ class AgentWorker(Telemetered):
             return outcome
 
     @ray.method(enable_task_events=False)  # see `Scheduler.run`
-    async def run_batch(self, dispatches: bytes) -> AsyncIterator[bytes]:
+    async def run_batch(self, dispatches: bytes | list[Dispatch]) -> AsyncIterator[bytes | list[tuple[int, Outcome]]]:
         """Runs several dispatches at once (a `protocol.pack`ed list) and streams their
         outcomes as they end, each with its index in the list: one Ray call for all the tasks
         a scheduler hands this worker in one turn of its event loop (call it with
         `num_returns="streaming"`). The outcomes that end in one turn of this worker's loop
-        come back together, packed."""
-        batch = unpack(dispatches, list)
+        come back together, packed; as objects to a list sent as objects (see `run`)."""
+        packed = isinstance(dispatches, bytes)
+        batch = unpack(dispatches, list) if isinstance(dispatches, bytes) else dispatches
         if not all(isinstance(d, Dispatch) for d in batch):
-            raise TypeError("run_batch takes a packed list of Dispatch")
+            raise TypeError("run_batch takes a list of Dispatch")
         running = {asyncio.ensure_future(self._run_traced(d)): i for i, d in enumerate(batch)}
         while running:
             done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
@@ -207,7 +212,7 @@ class AgentWorker(Telemetered):
                     out.append((index, run.result()))
                 else:  # run() reports failures as records: this is a bug of ours
                     out.append((index, RunFailed(type(error).__name__, self._scrub(str(error))[:4000])))
-            yield pack(out)
+            yield pack(out) if packed else out
 
     def update_config(self, live: dict[str, Any], version: int) -> int:
         """Applies the live configuration `version` (tenants' policies, limits) to the tasks

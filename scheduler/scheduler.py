@@ -151,9 +151,10 @@ class Scheduler(
         return {"config": self.config.model_dump(mode="json"), "redis_url": self.redis_url, **self._extra_info}
 
     @ray.method(enable_task_events=False)
-    async def run(self, task: bytes, traceparent: str, after: tuple[str, ...] = ()) -> AgentResult:
+    async def run(self, task: bytes | AgentTask, traceparent: str, after: tuple[str, ...] = ()) -> AgentResult:
         """Admits and runs one task (an `AgentTask`, `protocol.pack`ed: Ray's own pickling
-        of it costs more); always returns its final record.
+        of it costs more; a client of the release before sends it as an object, which is
+        taken too); always returns its final record.
 
         Like every call the pool makes per task, per dispatch or per tool call (the relay's,
         the workers', the tool executors', the limiter's), it reports no task events to Ray
@@ -172,7 +173,7 @@ class Scheduler(
         caller = asyncio.current_task()
         if caller is not None:
             self._callers.add(caller)
-        submitted = unpack(task, AgentTask)
+        submitted = task if isinstance(task, AgentTask) else unpack(task, AgentTask)
         if self._names_agent(submitted):
             (submitted,) = await self._with_agents([submitted])
         job = self._job_for(submitted, traceparent, after)

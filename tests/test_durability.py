@@ -19,7 +19,7 @@ from agentpool import AgentPool, AgentResult, AgentTask, PoolConfig, SimulatorCo
 from agentpool.cluster.keys import Keys
 from agentpool.cluster.redis_server import EmbeddedRedis
 from agentpool.cluster.store import ResultStore
-from agentpool.protocol import Dispatch, pack, unpack_outcomes
+from agentpool.protocol import Dispatch, new_trace_id, pack, traceparent, unpack_outcomes
 from agentpool.vocabulary import TaskStatus
 from tests.toolkit import nap_tasks, tally_count
 
@@ -275,3 +275,20 @@ def test_a_redis_restart_mid_batch_loses_and_duplicates_nothing() -> None:
         backlog = pool.status()["durability"]
         assert backlog["pending_writes"] == 0 and backlog["writes_dropped"] == 0
         client.close()
+
+
+def test_messages_of_the_release_before_get_answers_as_that_release_reads_them(pool: AgentPool) -> None:
+    """During an upgrade, a scheduler of the release before sends its workers `Dispatch`
+    objects (the workers restart first), and clients started before it send the scheduler
+    `AgentTask` objects: both are taken, and answered with objects, not packed bytes."""
+    label, task = _tallying()
+    worker = ray.get_actor(pool.config.worker_name(0), namespace="agentpool")
+    result = ray.get(worker.run.remote(_fresh(task)), timeout=30)
+    assert isinstance(result, AgentResult) and result.answer == "mine" and tally_count(label) == 1
+    batch = [_fresh(_tallying()[1]) for _ in range(2)]
+    streamed = [ray.get(ref) for ref in worker.run_batch.options(num_returns="streaming").remote(batch)]
+    outcomes = dict(pair for part in streamed for pair in part)
+    assert sorted(outcomes) == [0, 1] and all(o.status == TaskStatus.SUCCEEDED for o in outcomes.values())
+    other = AgentTask(tenant="t", prompt="sim: answer old client")
+    answered = ray.get(pool._scheduler.run.remote(other, traceparent(new_trace_id())), timeout=30)
+    assert (answered.task_id, answered.status, answered.answer) == (other.task_id, TaskStatus.SUCCEEDED, "old client")
