@@ -78,17 +78,18 @@ class LeastLoaded:
         self._retired.append(index)
 
     def drain_order(self, node_of: Callable[[int], str | None] | None = None) -> list[int]:
-        """Open workers in the order to close them: the least loaded first (the cheapest to
-        close); among equally loaded ones, those on the nodes with the fewest open workers
-        left (`node_of`; a worker whose node is unknown, None, counts as alone on its node,
-        after the known ones), so that closing a few empties whole nodes an autoscaler can
-        then remove; then the newest."""
+        """Open workers in the order to close them: those on the nodes with the fewest open
+        workers left first (`node_of`; a worker whose node is unknown, None, counts as alone
+        on its node, after the known ones), so that closing a few empties whole nodes an
+        autoscaler can then remove, even if a worker there still has tasks to finish; then
+        the least loaded (the quickest to close); then the newest. Without `node_of`, the
+        least loaded first."""
         left = [i for i, o in enumerate(self.open) if o]
         where = {i: node_of(i) if node_of is not None else None for i in left}
         on_node: Counter[str | None] = Counter(n for n in where.values() if n is not None)
         order: list[int] = []
         while left:
-            index = min(left, key=lambda i: (self.load[i], on_node[where[i]] or 1, where[i] is None, -i))
+            index = min(left, key=lambda i: (on_node[where[i]] or 1, where[i] is None, self.load[i], -i))
             left.remove(index)
             order.append(index)
             if where[index] is not None:

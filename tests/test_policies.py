@@ -135,18 +135,30 @@ def test_idle_workers_drain_node_by_node_so_that_whole_nodes_empty() -> None:
     loads=st.lists(st.integers(0, 3), min_size=1, max_size=12),
     nodes=st.lists(st.sampled_from(["a", "b", "c", None]), min_size=12, max_size=12),
 )
-def test_the_drain_order_takes_every_open_worker_once_the_least_loaded_first(
+def test_the_drain_order_takes_every_open_worker_once_emptying_one_node_at_a_time(
     loads: list[int], nodes: list[str | None]
 ) -> None:
     slots = LeastLoaded(len(loads), 3)
     slots.load = list(loads)
+    assert [loads[i] for i in slots.drain_order()] == sorted(loads)  # no nodes known: least loaded first
     order = slots.drain_order(lambda i: nodes[i])
     assert sorted(order) == list(range(len(loads)))
-    assert [loads[i] for i in order] == sorted(loads)
+    on = {n: {i for i in range(len(loads)) if nodes[i] == n} for n in set(nodes[: len(loads)]) - {None}}
+    for k in range(len(order) + 1):  # at any point, at most one known node is part-drained
+        gone = set(order[:k])
+        assert sum(1 for members in on.values() if gone & members and members - gone) <= 1
+
+
+def test_a_busy_worker_alone_on_its_node_drains_before_idle_ones_that_share_theirs() -> None:
+    slots = LeastLoaded(3, 4)
+    slots.load = [0, 0, 3]
+    assert slots.drain_order({0: "a", 1: "a", 2: "b"}.get) == [2, 1, 0]  # b empties; a's worker stays
+    assert slots.drain_order() == [1, 0, 2]
 
 
 def test_workers_of_unknown_nodes_count_as_alone_however_many_drain_before_them() -> None:
     slots = LeastLoaded(4, 2)
     slots.load = [1, 2, 0, 1]  # 0 alone on a, 1 on b; 2 and 3 on nodes not known
-    # 2 first (idle); then, at one task each, a's only worker before the unknown 3.
-    assert slots.drain_order({0: "a", 1: "b"}.get) == [2, 0, 3, 1]
+    # The known lone workers first (a's, then b's: their nodes empty), then the unknown
+    # ones, the idle one first.
+    assert slots.drain_order({0: "a", 1: "b"}.get) == [0, 1, 2, 3]
