@@ -21,11 +21,11 @@ from redis.exceptions import RedisError
 
 from agentpool import events, heap
 from agentpool import telemetry as tm
-from agentpool.actors.agent_loop import AgentLoop, CallLLM
+from agentpool.actors.agent_loop import AgentLoop
 from agentpool.actors.checkpoint import Checkpointer, load_checkpoint
 from agentpool.actors.gate import TaskGate
-from agentpool.actors.llm import LLMResponse
 from agentpool.actors.provider_calls import ProviderCalls
+from agentpool.actors.run_lease import RunLease, Superseded, confirmed, nothing_before
 from agentpool.actors.session_task import compaction_plan, session_full, session_write
 from agentpool.actors.tool_calls import ToolCalls
 from agentpool.cluster.budgets import BudgetLedger
@@ -34,7 +34,7 @@ from agentpool.cluster.telemetry import Telemetered
 from agentpool.cluster.tool_records import ToolRecords
 from agentpool.config import PoolConfig
 from agentpool.errors import ConfigError
-from agentpool.events import Emit, Event
+from agentpool.events import Event
 from agentpool.models import AgentResult, ErrorInfo, Timings, agent_fields
 from agentpool.pricing import PriceTable
 from agentpool.protocol import ApprovalDecision, Dispatch, Outcome, Paused, RunFailed, pack, provider_key_name, unpack
@@ -43,8 +43,6 @@ from agentpool.vocabulary import ErrorReason, OnBusy, TaskStatus
 
 log = logging.getLogger("agentpool.worker")
 
-#: How often a run waiting on another run's lease looks again.
-_LEASE_POLL_S = 0.5
 _M = TypeVar("_M", bound=BaseModel)
 
 
@@ -76,32 +74,8 @@ class _SessionFull(Exception):
     """The task's session is over the tenant's size limits and cannot be compacted."""
 
 
-class _Superseded(Exception):
-    """A fresh task's begin found what an earlier run left (or another run holding it)."""
-
-
-def _nothing_before(begun: RunStart | AgentResult) -> bool:
-    """Whether a begin found what a task that never ran finds: a free lease (or Redis away),
-    no checkpoint, cancel request, approval or record."""
-    if isinstance(begun, AgentResult):
-        return False
-    free = begun.leased or begun.holder is None
-    return free and begun.checkpoint is None and not begun.cancelled and begun.approval is None
-
-
-def _confirmed(call: CallLLM, confirm: Callable[[], Awaitable[None]]) -> CallLLM:
-    """`call`, each answer returned only once `confirm` has passed."""
-
-    async def call_llm(request: dict[str, Any], models: list[str], emit: Emit) -> LLMResponse:
-        response = await call(request, models, emit)
-        await confirm()
-        return response
-
-    return call_llm
-
-
 @ray.remote
-class AgentWorker(Telemetered):
+class AgentWorker(RunLease, Telemetered):
     """Runs agent loops; tool calls go to the tool-executor actors."""
 
     def __init__(
@@ -253,7 +227,7 @@ class AgentWorker(Telemetered):
             pending = asyncio.ensure_future(self._begin(dispatch, emit))
             try:
                 return await self._execute(dispatch, RunStart(leased=True), emit, started, pending)
-            except _Superseded:
+            except Superseded:
                 begun = pending.result()
         else:
             begun = await self._begin(dispatch, emit)
@@ -270,15 +244,15 @@ class AgentWorker(Telemetered):
         pending: asyncio.Future[RunStart | AgentResult] | None,
     ) -> AgentResult | Paused:
         """Runs the loop from what the run's begin found; with `pending` (a fresh task's begin
-        still in flight), raises `_Superseded` once it turns out to have found more."""
+        still in flight), raises `Superseded` once it turns out to have found more."""
         task = dispatch.task
 
         async def found_more() -> bool:
-            return pending is not None and not _nothing_before(await pending)
+            return pending is not None and not nothing_before(await pending)
 
         async def confirm() -> None:
             if await found_more():
-                raise _Superseded
+                raise Superseded
 
         heartbeat = asyncio.ensure_future(self._renew(dispatch)) if begun.leased else None
         # A paused task's checkpoint must outlive its wait for approval.
@@ -326,7 +300,7 @@ class AgentWorker(Telemetered):
             )
             loop = AgentLoop(
                 task,
-                call_llm=_confirmed(self._calls.for_task(task, policy, gate, state), confirm),
+                call_llm=confirmed(self._calls.for_task(task, policy, gate, state), confirm),
                 run_tool=lambda call: self._tools.run(call, allowed, emit),
                 tool_defs=[self._tool_defs[name] for name in task.tools if name in allowed],
                 models=self.config.task_models(task),
@@ -352,7 +326,7 @@ class AgentWorker(Telemetered):
                 loop.cancel("cancel requested before the run started")
             outcome: AgentResult | Paused | None = await loop.run()
             await gate.drain()
-        except _Superseded:
+        except Superseded:
             outcome = None
         except _SessionFull as full:
             full_error = ErrorInfo(type="SessionFull", message=str(full), reason=ErrorReason.SESSION_FULL)
@@ -371,7 +345,7 @@ class AgentWorker(Telemetered):
             if gate is not None:
                 await gate.drain()
             await self._settle(task.tenant, gate)
-            raise _Superseded
+            raise Superseded
         if isinstance(outcome, Paused):
             await checkpoints.flush()  # the pause is in Redis before the slot is given back
             await self._settle(task.tenant, gate)
@@ -422,39 +396,6 @@ class AgentWorker(Telemetered):
         if taken is not None:
             with contextlib.suppress(RedisError, OSError):
                 await self._ledger.settle(tenant, None, taken.usage, taken.calls)
-
-    async def _begin(self, dispatch: Dispatch, emit: Any) -> RunStart | AgentResult:
-        """Takes the task's lease, or waits while another live run holds it: for that run's
-        record, or for its lease to lapse (its process died). With Redis away, the task runs
-        without lease or checkpoint rather than not at all."""
-        task = dispatch.task
-        lease_ms = int(self.config.run_lease_s * 1000)
-        waited = False
-        while True:
-            try:
-                begun = await self._store.begin(task.tenant, task.task_id, dispatch.run_id, lease_ms)
-            except (RedisError, OSError):
-                return RunStart()
-            if begun.result is not None:
-                return begun.result
-            if begun.leased or begun.holder in (None, dispatch.run_id):
-                return begun
-            if not waited:
-                waited = True
-                await emit(events.LeaseWait(holder=begun.holder))
-            await asyncio.sleep(_LEASE_POLL_S)
-
-    async def _renew(self, dispatch: Dispatch) -> None:
-        lease_ms = int(self.config.run_lease_s * 1000)
-        task = dispatch.task
-        while True:
-            await asyncio.sleep(self.config.run_lease_s / 3)
-            with contextlib.suppress(RedisError, OSError):
-                await self._store.renew_lease(task.tenant, task.task_id, dispatch.run_id, lease_ms)
-
-    async def _release(self, dispatch: Dispatch) -> None:
-        with contextlib.suppress(RedisError, OSError):
-            await self._store.release_lease(dispatch.task.tenant, dispatch.task.task_id, dispatch.run_id)
 
     def cancel(self, task_id: str, reason: str = "cancelled", interrupted: OnBusy | None = None) -> bool:
         """Stops the task's run here, if it runs here; it ends as `cancelled` with its work so

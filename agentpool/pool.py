@@ -11,7 +11,6 @@ from typing import Any, TypeVar, cast
 
 import ray
 
-from agentpool import telemetry as tm
 from agentpool.actors.relay import CHUNK as RELAY_CHUNK
 from agentpool.cluster.acl import display_url
 from agentpool.cluster.completions import Completions
@@ -36,48 +35,13 @@ from agentpool.pool_life import PoolLife
 from agentpool.pool_sessions import Sessions
 from agentpool.pool_telemetry import PoolTelemetry
 from agentpool.preflight import check_redis
-from agentpool.protocol import new_trace_id, pack, traceparent
+from agentpool.protocol import pack
 from agentpool.results import DrainReport
+from agentpool.submission import session_order, trace_context, unresolved
 from agentpool.views import redis_trouble
 
 log = logging.getLogger("agentpool")
 T = TypeVar("T")
-
-
-def _unresolved(refs: list[ray.ObjectRef]) -> list[ray.ObjectRef]:
-    """The refs not resolved yet (none is fetched, none waited for)."""
-    if not refs:
-        return refs
-    _, pending = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
-    return list(pending)
-
-
-def _session_order(tasks: list[AgentTask]) -> list[tuple[str, ...]]:
-    """For each task, the task of its session just before it in `tasks`, as a tuple of at
-    most one id (a task of no session, or the first of its session here, has none)."""
-    last: dict[tuple[str, str], str] = {}
-    out: list[tuple[str, ...]] = []
-    for task in tasks:
-        if task.session_id is None:
-            out.append(())
-            continue
-        key = (task.tenant, task.session_id)
-        out.append((last[key],) if key in last else ())
-        last[key] = task.task_id
-    return out
-
-
-def _trace_context(task: AgentTask) -> str:
-    """The `traceparent` a task's trace starts from: a `submit_task` span of this process
-    (a child of the caller's current span, if any), when this process records traces; else
-    the caller's current span; else a fresh trace id."""
-    span = tm.tracer.start_span(
-        "submit_task",
-        kind=tm.trace.SpanKind.PRODUCER,
-        attributes={"agentpool.task_id": task.task_id, "agentpool.tenant": task.tenant},
-    )
-    span.end()
-    return tm.span_traceparent(span) or tm.current_traceparent() or traceparent(new_trace_id())
 
 
 def _read_events(reader: ResultsReader, task_id: str, after: str, follow: bool) -> Iterator[EventEntry]:
@@ -289,22 +253,22 @@ class AgentPool(PoolTelemetry, PoolFrontDoor, PoolAgents, PoolLife):
         """
         self._check_running()
         validated = validate_tasks(tasks, tools=self.tools)
-        sent_before = _session_order(validated)
+        sent_before = session_order(validated)
         if self._relay is None:
             return [
-                self._scheduler.run.remote(pack(t), _trace_context(t), sent_before[i]) for i, t in enumerate(validated)
+                self._scheduler.run.remote(pack(t), trace_context(t), sent_before[i]) for i, t in enumerate(validated)
             ]
         # A few calls at a time wait at the scheduler (one hop less); the rest in the relay.
         # A session's tasks always go to the scheduler, each naming the one of its session
         # sent before it: they take their places in the session's line in the order given.
         # The relay's tasks go a chunk per call, and each ref is a call that names its task.
-        self._direct = _unresolved(self._direct)
+        self._direct = unresolved(self._direct)
         room = max(0, self.config.submit_direct_calls - len(self._direct))
         refs: list[ray.ObjectRef | None] = [None] * len(validated)
         relayed: list[int] = []
         for i, task in enumerate(validated):
             if i < room or task.session_id is not None:
-                direct = self._scheduler.run.remote(pack(task), _trace_context(task), sent_before[i])
+                direct = self._scheduler.run.remote(pack(task), trace_context(task), sent_before[i])
                 self._direct.append(direct)
                 refs[i] = direct
             else:
@@ -312,7 +276,7 @@ class AgentPool(PoolTelemetry, PoolFrontDoor, PoolAgents, PoolLife):
         for start in range(0, len(relayed), RELAY_CHUNK):
             indexes = relayed[start : start + RELAY_CHUNK]
             part = [validated[i] for i in indexes]
-            self._relay.accept.remote(part, [_trace_context(t) for t in part])
+            self._relay.accept.remote(part, [trace_context(t) for t in part])
             for i, task in zip(indexes, part, strict=True):
                 refs[i] = self._relay.run.remote(task.task_id, task.tenant)
         return cast(list[ray.ObjectRef], refs)
@@ -340,7 +304,7 @@ class AgentPool(PoolTelemetry, PoolFrontDoor, PoolAgents, PoolLife):
         validated = validate_tasks(tasks, tools=self.tools)
         # Every chunk's call at once: the scheduler admits them side by side.
         refs = [
-            self._scheduler.enqueue.remote(part, [_trace_context(t) for t in part])
+            self._scheduler.enqueue.remote(part, [trace_context(t) for t in part])
             for part in (validated[i : i + chunk] for i in range(0, len(validated), chunk))
         ]
         return [reply for replies in ray.get(refs) for reply in replies]
@@ -378,7 +342,7 @@ class AgentPool(PoolTelemetry, PoolFrontDoor, PoolAgents, PoolLife):
                         break
                     validated = validate_tasks(part, tools=self.tools)
                     completions.watch(validated)
-                    replies = ray.get(self._scheduler.enqueue.remote(validated, [_trace_context(t) for t in validated]))
+                    replies = ray.get(self._scheduler.enqueue.remote(validated, [trace_context(t) for t in validated]))
                     yield from completions.fetch([r["task_id"] for r in replies if r["status"] != "accepted"])
                 if exhausted and not len(completions):
                     return
