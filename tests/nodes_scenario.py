@@ -35,10 +35,15 @@ TARGET = 3.0
 #: Tasks in flight that one node's workers hold at their target load.
 ONE_NODE = int(WORKERS_PER_NODE * TARGET)
 TASK_S = 1.0
+#: How much longer a step up holds, at most, until the pool has spread onto the nodes added
+#: for it: new nodes and the workers on them start slower on a machine that is busy with
+#: other work (the suite runs this beside its other tests), and the step is there to see it.
+SPREAD_WAIT_S = 60
 PROFILES = {
     # (seconds, tasks in flight as a multiple of one node's load)
     # A cycle: one node's load, four nodes' load, one node's again (the idle nodes removed
-    # while it runs). The full run repeats it; each step up is measured on its own.
+    # while it runs). The full run repeats it; each step up is measured on its own, and
+    # holds longer, up to `SPREAD_WAIT_S`, until the pool has spread onto the new nodes.
     "quick": [(6, 1), (24, 4), (18, 1), (2, 0)],
     "full": [(10, 1), (30, 4), (25, 1)] * 3 + [(2, 0)],
 }
@@ -72,6 +77,11 @@ class _Load:
         return len(self._refs)
 
 
+def _spread(sample: dict[str, Any]) -> bool:
+    """Whether the pool has the workers it wants, each up and located on its node."""
+    return sample["starting"] == 0 and sample["workers"] >= sample["desired"] and sample["located"] >= sample["workers"]
+
+
 def _sample(pool: AgentPool, load: _Load, where: dict[str, str]) -> dict[str, Any]:
     workers = pool.status()["workers"]
     for name in workers["names"]:
@@ -97,6 +107,7 @@ def _sample(pool: AgentPool, load: _Load, where: dict[str, str]) -> dict[str, An
             if free.get(n["NodeID"], {}).get("agent_worker", 0) < n["Resources"]["agent_worker"]
         ),
         "taking": sorted({where[n] for n in workers["names"] if n in where}),
+        "located": sum(1 for n in workers["names"] if n in where),
     }
 
 
@@ -138,11 +149,13 @@ def main(redis_url: str, profile: str) -> dict[str, Any]:
             runner = threading.Thread(target=load.run, daemon=True)
             runner.start()
             report["step_starts"] = []
-            for seconds, multiple in steps:
+            for i, (seconds, multiple) in enumerate(steps):
                 load.level = multiple * ONE_NODE
                 report["step_starts"].append(time.time())
+                rising = i > 0 and multiple > steps[i - 1][1]
                 end = time.monotonic() + seconds
-                while time.monotonic() < end:
+                latest = end + (SPREAD_WAIT_S if rising else 0)
+                while time.monotonic() < end or (time.monotonic() < latest and not _spread(samples[-1])):
                     samples.append(_sample(pool, load, where))
                     time.sleep(0.25)
             load.stop = True
