@@ -27,7 +27,7 @@ def ask(text: str) -> dict[str, object]:
 
 async def test_calls_in_one_window_share_batches_of_at_most_max_requests(sim: SimulatorServer) -> None:
     sim.sim.configure(SimulatorConfig(batch_delay_ms=100))
-    batches, sdk = lane(sim, max_requests=4)
+    batches, _sdk = lane(sim, max_requests=4)
     far = time.monotonic() + 30
     answers = await asyncio.gather(
         *(batches.call(ask(f"sim: answer {i}"), "claude-haiku-4-5", give_up_at=far) for i in range(10))

@@ -26,9 +26,10 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 def config(redis_url: str, **overrides: object) -> PoolConfig:
-    return small_config(
-        redis_url, tag="dr", **{"tool_modules": ["tests.toolkit"], "worker_concurrency": 4, **overrides}
-    )
+    # A run cut short holds its lease until it lapses: a short one, so that the next pool
+    # resumes it sooner (the default is 15 s).
+    base: dict[str, object] = {"tool_modules": ["tests.toolkit"], "worker_concurrency": 4, "run_lease_s": 5}
+    return small_config(redis_url, tag="dr", **{**base, **overrides})
 
 
 def records(client: redis.Redis, pool_config: PoolConfig, tenant: str = "acme") -> Counter[str]:

@@ -36,6 +36,9 @@ def config(redis_url: str, **overrides: object) -> PoolConfig:
         "num_workers": 2,
         "worker_concurrency": 16,
         "approval_timeout_s": 3.0,
+        # A run killed with its worker holds its lease until it lapses: a short one, so that
+        # the resumes these tests wait for come sooner (the default is 15 s).
+        "run_lease_s": 5,
     }
     return PoolConfig(**{**base, **overrides})
 

@@ -4,6 +4,7 @@ model, an answer that breaks the output schema, or the routing's escalation phra
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -40,7 +41,7 @@ def test_the_route_starts_at_the_cheapest_capable_model_and_only_goes_up(
         return
     assert set(chain) <= set(fit) and len(set(chain)) == len(chain)
     assert prices[chain[0]] == min(prices[m] for m in fit)  # the cheapest capable model first
-    assert all(tiers[a] < tiers[b] for a, b in zip(chain, chain[1:], strict=False))  # then only up
+    assert all(tiers[a] < tiers[b] for a, b in itertools.pairwise(chain))  # then only up
     # Every tier above the first that has a capable model is on the way up, at its cheapest.
     above = {tiers[m] for m in fit if tiers[m] > tiers[chain[0]]}
     assert {tiers[m] for m in chain[1:]} == above

@@ -43,6 +43,7 @@ def pool(redis_url: str) -> Iterator[AgentPool]:
         simulator=SimulatorConfig(latency_ms=2, latency_sigma=0),
         num_workers=2,
         worker_concurrency=8,
+        run_lease_s=5,  # a killed worker's turn resumes once its lease lapses
         tenants={
             "brief": TenantPolicy(sessions=compacting),
             "tiny": TenantPolicy(sessions=SessionPolicy(max_messages=2, compact_above_tokens=None)),

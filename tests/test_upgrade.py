@@ -72,6 +72,7 @@ def test_an_upgrade_mid_batch_restarts_every_process_onto_the_new_release_and_lo
         num_workers=2,
         worker_concurrency=4,
         num_tool_executors=2,
+        run_lease_s=5,  # a run cut short holds its lease until it lapses
     )
     try:
         with AgentPool.start(cfg) as pool:
@@ -104,7 +105,9 @@ def test_an_upgrade_mid_batch_restarts_every_process_onto_the_new_release_and_lo
 def test_a_task_that_outlasts_its_workers_grace_period_resumes_elsewhere_from_its_checkpoint(
     redis_url: str, redis_client: redis.Redis
 ) -> None:
-    cfg = small_config(redis_url, tag="ug", tool_modules=["tests.toolkit"], num_workers=2, worker_concurrency=2)
+    cfg = small_config(
+        redis_url, tag="ug", tool_modules=["tests.toolkit"], num_workers=2, worker_concurrency=2, run_lease_s=5
+    )
     with AgentPool.start(cfg) as pool:
         tasks = nap_tasks(4, 6.0)
         refs = pool.submit(tasks)
