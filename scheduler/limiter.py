@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -126,6 +127,14 @@ class PermitService:
         self._pump()
 
 
+def _restarted() -> bool:
+    """Whether Ray restarted this actor. (Ray's own property reads the deprecated
+    `actor_id` and warns: a line in the driver's output at every pool start.)"""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="(?s).*Use get_actor_id", category=DeprecationWarning)
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+
+
 @ray.remote
 class RateLimiter(Telemetered):
     """Named async actor holding the pool's global buckets and its lease table."""
@@ -134,7 +143,7 @@ class RateLimiter(Telemetered):
         self._setup_telemetry("limiter")
         # After a restart our view of the provider's buckets is gone: start them empty rather
         # than full, so a crash can never grant a burst the provider has already served.
-        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        restarted = _restarted()
         self._service = PermitService(broker_for(config, time.monotonic(), full=not restarted))
         self.restarted = restarted
         self._config = config

@@ -1,9 +1,11 @@
 """A pool shut down with work in flight, in a process of its own: what it prints is what a
-user would see on their terminal (`tests/test_rough_edges.py` reads it)."""
+user would see on their terminal (`tests/test_rough_edges.py` reads it). With `own-ray`,
+the user started Ray first, with its defaults: the actors' output comes to this terminal."""
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import ray
@@ -12,6 +14,8 @@ from agentpool import AgentPool, AgentTask, PoolConfig, SimulatorConfig
 
 
 def main() -> dict[str, object]:
+    if "own-ray" in sys.argv[1:]:
+        ray.init(namespace="agentpool")
     pool = AgentPool.start(
         PoolConfig(tool_modules=["tests.toolkit"], num_workers=1, simulator=SimulatorConfig(latency_ms=1))
     )
