@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,6 +29,8 @@ import yaml
 from ray._private import ray_constants
 from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID, FAKE_HEAD_NODE_TYPE
 from ray.cluster_utils import Cluster
+
+from agentpool.cluster.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RAY_CLUSTER_YAML = ROOT / "ray-cluster.yaml"
@@ -99,12 +100,6 @@ def fake_config(gcs_address: str, *, max_nodes: dict[str, int], idle_timeout_s: 
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class FakeAutoscalingCluster:
     """The head node (the control plane's resources, as in `ray-cluster.yaml`) and Ray's
     autoscaler; worker nodes come and go as the autoscaler decides."""
@@ -122,7 +117,7 @@ class FakeAutoscalingCluster:
         # run without the first.
         os.environ["RAY_FAKE_CLUSTER"] = "1"
         os.environ["AUTOSCALER_UPDATE_INTERVAL_S"] = str(UPDATE_INTERVAL_S)
-        port = _free_port()
+        port = free_port()
         address = f"{ray.util.get_node_ip_address()}:{port}"
         self.config = fake_config(address, max_nodes=self.max_nodes, idle_timeout_s=self.idle_timeout_s)
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="agentpool-fake-", delete=False) as f:

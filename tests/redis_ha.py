@@ -5,7 +5,6 @@ process, with a kill of the primary and a wait for the sentinels' failover."""
 from __future__ import annotations
 
 import secrets
-import socket
 import subprocess
 import tempfile
 import time
@@ -13,15 +12,9 @@ from pathlib import Path
 
 import redis
 
-from agentpool.cluster.redis_server import EmbeddedRedis, find_redis_server
+from agentpool.cluster.redis_server import EmbeddedRedis, find_redis_server, free_port
 
 SERVICE = "mymaster"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class SentinelGroup:
@@ -53,7 +46,7 @@ class SentinelGroup:
             self._until(lambda r=replica: self._info(r.port, "master_link_status") == "up", "a replica to sync")
         binary = find_redis_server()
         for i in range(3):
-            port = _free_port()
+            port = free_port()
             conf = Path(self._dir.name) / f"sentinel-{i}.conf"
             conf.write_text(
                 f"port {port}\nbind 127.0.0.1\ndir {self._dir.name}\n"

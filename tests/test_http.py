@@ -6,7 +6,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agentpool import AgentPool, PoolConfig, SimulatorConfig
+from agentpool.cluster.redis_server import free_port
 from agentpool.config import HttpConfig, WebhookConfig
 from agentpool.errors import ConfigError
 from agentpool.http.serve import ingress_env, serve_http, stop_http
@@ -28,12 +28,6 @@ from agentpool.vocabulary import Ingress
 from agentpool.webhooks import verify
 
 pytestmark = pytest.mark.usefixtures("ray_session")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class Api:
