@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -48,6 +48,45 @@ _EVENT_BATCH = 500
 #: own round trip (one instead of two after each one-call task), and under load they go
 #: in fewer, fuller pipelines. A write a caller awaits goes at once, with all that waits.
 LINGER_S = 0.002
+
+
+#: An event posted to its tenant's stream and its task's (`Posting.task_stream`): one
+#: command instead of two XADDs and an EXPIRE. In a worker's pipeline of a loop turn's
+#: writes, redis-py's client spends about 16 µs per command, so this halves an event's cost
+#: (47-50 against 23-27 µs, measured over pipelines of 100 events). The two keys share the
+#: tenant's hash tag: one slot on a Redis Cluster. ARGV: the first stream's MAXLEN ('' for
+#: none), the task stream's MAXLEN, its TTL, then the entry's fields and values.
+POST_TWICE = """
+local function add(key, maxlen)
+  if maxlen == '' then return redis.call('XADD', key, '*', unpack(ARGV, 4)) end
+  return redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', unpack(ARGV, 4))
+end
+local id = add(KEYS[1], ARGV[1])
+add(KEYS[2], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return id
+"""
+
+
+class Posting(NamedTuple):
+    """An entry queued for its stream (trimmed to about `maxlen`; None: not trimmed) and,
+    with `task_stream`, for its task's stream too (trimmed to `task_maxlen`, its TTL reset
+    to `ttl_s`)."""
+
+    stream: str
+    entry: dict[str, str]
+    maxlen: int | None
+    task_stream: str | None = None
+    task_maxlen: int = 0
+    ttl_s: int = 0
+
+    def add_to(self, pipe: Any) -> None:
+        if self.task_stream is None:
+            pipe.xadd(self.stream, cast("dict[FieldT, EncodableT]", self.entry), maxlen=self.maxlen, approximate=True)
+            return
+        fields = [part for pair in self.entry.items() for part in pair]
+        maxlen = "" if self.maxlen is None else self.maxlen
+        pipe.eval(POST_TWICE, 2, self.stream, self.task_stream, maxlen, self.task_maxlen, self.ttl_s, *fields)
 
 
 #: `StoreBase._pipelined`, as the store's parts that share its batches take it.
@@ -151,9 +190,8 @@ class StoreBase(ABC):
         self._task_events_maxlen = task_events_maxlen
         self._redis: aioredis.Redis | None = None
         self._scripts: dict[str, Any] = {}
-        #: (stream, entry, MAXLEN or None, TTL in s or 0) in order: events (each in its
-        #: tenant's stream and its task's), and audit entries.
-        self._events: list[tuple[str, dict[str, str], int | None, int]] = []
+        #: Events (each for its tenant's stream and its task's) and audit entries, in order.
+        self._events: list[Posting] = []
         self._lookups: list[tuple[PendingAdmission, asyncio.Future[Any]]] = []
         self._background = Background()
         self._kick: asyncio.Task[None] | None = None
@@ -339,12 +377,9 @@ class StoreBase(ABC):
                     ops, self._ops = self._ops, []
                 try:
                     pipe = self.redis.pipeline(transaction=False)
-                    sent = 0
-                    for key, entry, maxlen, ttl in batch:
-                        pipe.xadd(key, cast("dict[FieldT, EncodableT]", entry), maxlen=maxlen, approximate=True)
-                        if ttl:
-                            pipe.expire(key, ttl)
-                        sent += 2 if ttl else 1
+                    for posting in batch:
+                        posting.add_to(pipe)
+                    sent = len(batch)
                     # Only a cluster's WAIT needs the keys written (`_add_wait`): one server's
                     # ops go on the pipeline itself, with nothing between.
                     noted = _KeysNoted(pipe) if self._wait_replicas and is_cluster(self.redis) else None

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from agentpool.cluster.connection import MAX_PENDING_EVENTS, REDIS_DOWN, StoreBase
+from agentpool.cluster.connection import MAX_PENDING_EVENTS, REDIS_DOWN, Posting, StoreBase
 from agentpool.cluster.keys import Entry, stream_entries
 from agentpool.events import AgentTag, Event
 from agentpool.redact import redact_fields
@@ -50,11 +50,11 @@ class EventLog(StoreBase):
         """
         entry = self._entry(tenant, event, task_id=task_id, trace_id=trace_id, agent=agent)
         self._logged(tenant, entry)
-        self._queue((self.keys.events(tenant), entry, self._maxlen, 0))
-        if self._task_events_ttl:  # the task's own stream, for `pool.events` and SSE
-            self._queue(
-                (self.keys.task_events(tenant, task_id), entry, self._task_events_maxlen, self._task_events_ttl)
-            )
+        posting = Posting(self.keys.events(tenant), entry, self._maxlen)
+        if self._task_events_ttl:  # the task's own stream too, for `pool.events` and SSE
+            task_stream = self.keys.task_events(tenant, task_id)
+            posting = Posting(*posting[:3], task_stream, self._task_events_maxlen, self._task_events_ttl)
+        self._queue(posting)
 
     def _entry(
         self, tenant: str, event: Event, *, task_id: str, trace_id: str, agent: AgentTag = (None, None)
@@ -91,9 +91,9 @@ class EventLog(StoreBase):
         fields = redact_fields(fields, self._pii(tenant))
         entry = {k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in fields.items()}
         entry["ts"] = f"{time.time():.6f}"
-        self._queue((self.keys.audit(tenant), entry, self._audit_maxlen, 0))
+        self._queue(Posting(self.keys.audit(tenant), entry, self._audit_maxlen))
 
-    def _queue(self, item: tuple[str, dict[str, str], int | None, int]) -> None:
+    def _queue(self, item: Posting) -> None:
         self._events.append(item)
         if len(self._events) > MAX_PENDING_EVENTS:
             del self._events[0]

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from agentpool import events
 from agentpool.cluster.budgets import BudgetLedger
-from agentpool.cluster.connection import LINGER_S
+from agentpool.cluster.connection import LINGER_S, Posting
 from agentpool.cluster.keys import Keys
 from agentpool.cluster.reader import ResultsReader
 from agentpool.cluster.store import ResultStore
@@ -43,6 +43,33 @@ async def test_same_task_twice_gives_one_record_and_one_entry(
     assert redis_client.xlen(Keys(key_prefix).results("acme")) == 1
     assert 0 < redis_client.ttl(Keys(key_prefix).result("acme", "t1")) <= 60
     await store.close()
+
+
+async def test_an_event_goes_to_its_tenants_stream_and_its_tasks_in_one_command(
+    redis_url: str, key_prefix: str, redis_client: redis.Redis
+) -> None:
+    """Each event is one EVAL (`POST_TWICE`), not two XADDs and an EXPIRE: the same entry in
+    both streams, in order; the task's stream trimmed to about its own length and given its
+    TTL; and a stream without a MAXLEN is not trimmed."""
+    keys = Keys(key_prefix)
+    store = ResultStore(redis_url, keys=keys, stream_maxlen=100_000, task_events_ttl_s=600, task_events_maxlen=100)
+    for i in range(1000):
+        store.post("acme", events.LeaseWait(holder=f"run {i}"), task_id="t1", trace_id="x")
+    await store.flush()
+    tenant = [fields for _, fields in redis_client.xrange(keys.events("acme"))]
+    task = [fields for _, fields in redis_client.xrange(keys.task_events("acme", "t1"))]
+    assert len(tenant) == 1000 and [json.loads(f["data"])["holder"] for f in tenant[:2]] == ["run 0", "run 1"]
+    assert 100 <= len(task) < 1000 and task == tenant[-len(task) :]  # trimmed by whole nodes: about 100
+    assert 0 < redis_client.ttl(keys.task_events("acme", "t1")) <= 600
+    assert store.events_dropped == 0
+    await store.close()
+    # Untrimmed (a stream without a MAXLEN): every entry stays.
+    untrimmed, other = f"{key_prefix}:{{acme}}:a", f"{key_prefix}:{{acme}}:b"
+    pipe = redis_client.pipeline(transaction=False)
+    for i in range(300):
+        Posting(untrimmed, {"i": str(i)}, None, other, 100, 60).add_to(pipe)
+    pipe.execute()
+    assert redis_client.xlen(untrimmed) == 300 and redis_client.xlen(other) < 300
 
 
 async def test_a_record_goes_with_its_events_and_usage_in_one_step(
