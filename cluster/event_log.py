@@ -50,11 +50,10 @@ class EventLog(StoreBase):
         """
         entry = self._entry(tenant, event, task_id=task_id, trace_id=trace_id, agent=agent)
         self._logged(tenant, entry)
-        posting = Posting(self.keys.events(tenant), entry, self._maxlen)
-        if self._task_events_ttl:  # the task's own stream too, for `pool.events` and SSE
-            task_stream = self.keys.task_events(tenant, task_id)
-            posting = Posting(*posting[:3], task_stream, self._task_events_maxlen, self._task_events_ttl)
-        self._queue(posting)
+        # The task's own stream too, for `pool.events` and SSE (when they are kept at all).
+        task_stream = self.keys.task_events(tenant, task_id) if self._task_events_ttl else None
+        stream, maxlen = self.keys.events(tenant), self._maxlen
+        self._queue(Posting(stream, entry, maxlen, task_stream, self._task_events_maxlen, self._task_events_ttl))
 
     def _entry(
         self, tenant: str, event: Event, *, task_id: str, trace_id: str, agent: AgentTag = (None, None)
